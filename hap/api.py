@@ -1,0 +1,125 @@
+"""``hap.synthesize``: capture → cost → solve, returning a Plan."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from hap.capture import capture
+from hap.cluster import Cluster, load_cluster
+from hap.cost import CostModel
+from hap.errors import InfeasiblePlan
+from hap.graph import Graph
+from hap.placement import Splitter
+from hap.plan import Plan
+from hap.rules import RuleContext, has_rule, view_units
+from hap.solve import (
+    Evaluation,
+    all_candidates,
+    evaluate,
+    even_shares,
+    lower_bound_s,
+    refit_shares,
+    solve_placements,
+    speed_shares,
+)
+
+log = logging.getLogger(__name__)
+
+
+def synthesize(model: torch.nn.Module, example_batch: Sequence[torch.Tensor], cluster: str | Cluster | None = None,
+               *, optimizer: str = "sgd", strict: bool = False, time_limit_s: float = 20.0, spec: str | None = None,
+               progress: Callable[[str], None] | None = None) -> Plan:
+    """Plan ``model`` (whose ``forward(*example_batch)`` returns the loss) for ``cluster``.
+
+    ``cluster`` is a cluster TOML path, a loaded ``Cluster`` or None for the embedded default.
+    The global batch is dim 0 of the example batch.
+    """
+    say = progress or (lambda msg: None)
+    say("capturing the model with torch.export")
+    graph = capture(model, example_batch)
+    cl = cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
+    return plan_graph(graph, cl, optimizer=optimizer, strict=strict, time_limit_s=time_limit_s, spec=spec,
+                      progress=say)
+
+
+def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bool = False,
+               time_limit_s: float = 20.0, spec: str | None = None,
+               progress: Callable[[str], None] | None = None) -> Plan:
+    say = progress or (lambda msg: None)
+    t0 = time.perf_counter()
+    n = cluster.num_ranks
+    inputs = [x for x in graph if x.kind == "input"]
+    total = inputs[0].meta.shape[0] if inputs and inputs[0].meta.shape else n
+    if total < 1:
+        raise InfeasiblePlan("the global batch is empty; give batch() a batch_size of at least 1")
+    warnings = [f"{x.target} has no sharding rule; it runs replicated ({x.source or x.name})"
+                for x in graph.ops() if not has_rule(x.target)]
+    for w in dict.fromkeys(warnings):
+        log.warning(w)
+    prop, even = speed_shares(cluster, total), even_shares(n, total)
+    ctx = RuleContext(graph, Splitter(prop), view_units(graph))
+    say(f"enumerating candidates for {len(graph)} nodes")
+    cands = all_candidates(graph, ctx, strict=strict)
+
+    def dp_pin(node, c) -> bool:
+        if node.kind == "param":
+            return c.output.kind == "R"
+        if node.kind == "input":
+            return c.output.kind == "S" or len(cands[node.name]) == 1
+        return True
+
+    results: dict[str, tuple[tuple[int, ...], dict, Evaluation, str]] = {}
+
+    def run(tag: str, shares: tuple[int, ...], pin=None) -> tuple[dict, Evaluation, str]:
+        cm = CostModel(graph, cluster, Splitter(shares), optimizer)
+        res = solve_placements(graph, cm, cands, pin=pin, time_limit_s=time_limit_s)
+        ev = evaluate(graph, cm, res.choice)
+        results[tag] = (shares, res.choice, ev, res.status)
+        return res.choice, ev, res.status
+
+    say("solving data-parallel baselines")
+    run("dp_even", even, dp_pin)
+    run("dp_proportional", prop, dp_pin)
+    say("solving placements (MILP)")
+    choice, ev, status = run("hap", prop)
+    shares = prop
+    for it in range(3):
+        cm = CostModel(graph, cluster, Splitter(shares), optimizer)
+        new = refit_shares(graph, cm, choice, total)
+        if new == shares:
+            break
+        say(f"re-fitting shares, round {it + 1}")
+        c2, ev2, st2 = run(f"hap_refit{it}", new)
+        if ev2.step_s >= ev.step_s * (1 - 1e-6):
+            break
+        shares, choice, ev, status = new, c2, ev2, st2
+    if n > 1 and prop != even:
+        run("hap_even", even)
+    best_tag = min(results, key=lambda k: results[k][2].step_s)
+    shares, choice, ev, status = results[best_tag]
+    strategy = "hap" if best_tag.startswith("hap") else best_tag
+    cm = CostModel(graph, cluster, Splitter(shares), optimizer)
+    lb = lower_bound_s(graph, cm)
+    baselines = {k: {"predicted_step_s": results[k][2].step_s, "shares": list(results[k][0]),
+                     "comm_s": results[k][2].comm_s + results[k][2].grad_sync_s}
+                 for k in ("dp_even", "dp_proportional")}
+    for r, (used, cap) in enumerate(zip(ev.memory_bytes, (cluster.memory_bytes(i) for i in range(n)))):
+        if used > cap:
+            raise InfeasiblePlan(f"rank {r} ({cluster.ranks[r].device}) needs {used / 1e9:.2f} GB, has "
+                                 f"{cap / 1e9:.2f} GB; try a smaller batch or a cluster with more memory")
+    nodes = {}
+    for node in graph:
+        c = choice[node.name]
+        nodes[node.name] = {"candidate": c.name, "inputs": [str(p) for p in c.inputs], "output": str(c.output),
+                            "target": node.target, "source": node.source, "module": node.module}
+    moves = [{"producer": m.producer, "src": str(m.src), "dst": str(m.dst), "kind": m.conversion.kind,
+              "form": m.conversion.form, "seconds": m.conversion.seconds} for m in ev.moves]
+    predicted = {"step_s": ev.step_s, "compute_s": list(ev.compute_s), "critical_compute_s": ev.critical_compute_s,
+                 "comm_s": ev.comm_s, "grad_sync_s": ev.grad_sync_s, "memory_bytes": list(ev.memory_bytes)}
+    plan = Plan(graph, cluster, tuple(shares), nodes, moves, ev.grad_synced, predicted, baselines, lb,
+                time.perf_counter() - t0, status, optimizer, strategy, spec, list(dict.fromkeys(warnings)))
+    plan.lint()
+    return plan

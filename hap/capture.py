@@ -1,0 +1,284 @@
+"""Capture: a single-device model and its loss → an ATen ``Graph``.
+
+``torch.export`` traces ``loss = model(*batch)`` into its training IR (high-level ATen
+ops such as ``aten.linear``, ``aten.layer_norm``, ``aten.scaled_dot_product_attention``
+that autograd can differentiate eagerly). Every node gets its shape, dtype, forward
+FLOPs and bytes, an op class for the cost model, and the model source line it came
+from. Plain ``torch.fx.symbolic_trace`` cannot trace HuggingFace models; export can.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import os
+import re
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from hap.errors import CaptureError
+from hap.graph import Graph, Node, TensorMeta
+
+log = logging.getLogger(__name__)
+
+MATMUL_OPS = {"aten.linear.default", "aten.mm.default", "aten.bmm.default", "aten.matmul.default",
+              "aten.addmm.default", "aten.baddbmm.default", "aten.einsum.default", "aten.addbmm.default"}
+CONV_OPS = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.convolution.default",
+            "aten.conv_transpose2d.input"}
+ATTENTION_OPS = {"aten.scaled_dot_product_attention.default"}
+VIEW_OPS = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.permute.default",
+            "aten.transpose.int", "aten.t.default", "aten.expand.default", "aten.unsqueeze.default",
+            "aten.squeeze.dim", "aten.squeeze.default", "aten.squeeze.dims", "aten.flatten.using_ints",
+            "aten.unflatten.int", "aten.slice.Tensor", "aten.select.int", "aten.split.Tensor",
+            "aten.split_with_sizes.default", "aten.chunk.default", "aten.unbind.int", "getitem",
+            "aten.alias.default", "aten.detach.default", "aten.contiguous.default", "aten.view_as.default",
+            "aten.expand_as.default", "aten.broadcast_tensors.default", "aten.unsqueeze_.default",
+            "aten.lift_fresh_copy.default", "aten.movedim.int", "aten.swapaxes.default"}
+CREATION_OPS = {"aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.zeros.default",
+                "aten.ones.default", "aten.full.default", "aten.empty.memory_format", "aten.scalar_tensor.default",
+                "aten.zeros_like.default", "aten.ones_like.default", "aten.full_like.default",
+                "aten.tril.default", "aten.triu.default"}
+NORM_OPS = {"aten.layer_norm.default", "aten.batch_norm.default", "aten.group_norm.default",
+            "aten.rms_norm.default", "aten.native_layer_norm.default", "aten.instance_norm.default"}
+REDUCTION_WORDS = ("sum", "mean", "amax", "amin", "max", "min", "softmax", "log_softmax", "loss", "norm",
+                   "var", "std", "logsumexp", "cumsum", "topk", "argmax", "argmin", "prod", "any", "all")
+
+
+def op_class(target: str) -> str:
+    if target in MATMUL_OPS:
+        return "matmul"
+    if target in CONV_OPS:
+        return "conv"
+    if target in ATTENTION_OPS:
+        return "attention"
+    if target in VIEW_OPS:
+        return "view"
+    if target in CREATION_OPS:
+        return "creation"
+    if target in NORM_OPS:
+        return "norm"
+    base = target.split(".")[1] if target.startswith("aten.") else target
+    if any(w in base for w in REDUCTION_WORDS):
+        return "reduction"
+    return "pointwise"
+
+
+def _meta_of(val: Any) -> TensorMeta | list[TensorMeta] | None:
+    if isinstance(val, torch.Tensor):
+        return TensorMeta(tuple(int(s) for s in val.shape), str(val.dtype).removeprefix("torch."))
+    if isinstance(val, (list, tuple)) and val and all(isinstance(v, torch.Tensor) for v in val):
+        return [TensorMeta(tuple(int(s) for s in v.shape), str(v.dtype).removeprefix("torch.")) for v in val]
+    return None
+
+
+def _encode(a: Any, where: str) -> Any:
+    if isinstance(a, torch.fx.Node):
+        return {"node": a.name}
+    if isinstance(a, (list, tuple)):
+        return [_encode(x, where) for x in a]
+    if isinstance(a, torch.dtype):
+        return {"dtype": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.device):
+        return {"device": str(a)}
+    if isinstance(a, torch.memory_format):
+        return {"memory_format": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.layout):
+        return {"layout": str(a).removeprefix("torch.")}
+    if a is None or isinstance(a, (bool, int, float, str)):
+        if isinstance(a, float) and not math.isfinite(a):
+            return {"float": repr(a)}
+        return a
+    raise CaptureError(f"{where}: argument {a!r} of type {type(a).__name__} cannot be recorded; "
+                       "pass it as a tensor or a plain Python number instead")
+
+
+def _user_frame(stack_trace: str | None) -> str:
+    """The innermost frame of the stack trace that is the user's code, as 'file:line  code'."""
+    if not stack_trace:
+        return ""
+    lines = stack_trace.strip().splitlines()
+    frames = []
+    for i, line in enumerate(lines):
+        m = re.match(r'\s*File "([^"]+)", line (\d+), in (\S+)', line)
+        if m:
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            frames.append((m.group(1), int(m.group(2)), code))
+    for path, lineno, code in reversed(frames):
+        if f"{os.sep}torch{os.sep}" in path or f"{os.sep}transformers{os.sep}" in path:
+            continue
+        return f"{_short_path(path)}:{lineno}  {code}"
+    if frames:
+        path, lineno, code = frames[-1]
+        return f"{_short_path(path)}:{lineno}  {code}"
+    return ""
+
+
+def _short_path(path: str) -> str:
+    try:
+        rel = os.path.relpath(path)
+        return rel if not rel.startswith("..") else path
+    except ValueError:
+        return path
+
+
+def _module_of(n: torch.fx.Node) -> str:
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, cls = list(stack.values())[-1]
+    path = re.sub(r"L\['self'\]\.?", "", str(path))
+    path = re.sub(r"\[(\d+)\]", r".\1", path).replace("._modules['", ".").replace("']", "").strip(".")
+    cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
+    return f"{path} ({cls_name})" if path else cls_name
+
+
+def count_flops(target: str, ins: Sequence[TensorMeta | None], out: TensorMeta | list | None, args) -> float:
+    outs = out if isinstance(out, list) else [out] if out is not None else []
+    out_numel = sum(o.numel for o in outs)
+    if target == "aten.linear.default":
+        k = ins[0].shape[-1]
+        return 2.0 * out_numel * k
+    if target in ("aten.mm.default", "aten.bmm.default", "aten.matmul.default", "aten.addmm.default",
+                  "aten.baddbmm.default", "aten.addbmm.default"):
+        a = ins[1] if target.startswith("aten.add") or target == "aten.baddbmm.default" else ins[0]
+        return 2.0 * out_numel * (a.shape[-1] if a.ndim else 1)
+    if target == "aten.einsum.default":
+        eq = args[0].replace(" ", "")
+        lhs = eq.split("->")[0].split(",")
+        sizes: dict[str, int] = {}
+        for sub, t in zip(lhs, [m for m in ins if m is not None]):
+            if "." in sub:
+                return 2.0 * out_numel * 1
+            for ch, s in zip(sub, t.shape):
+                sizes[ch] = s
+        return 2.0 * math.prod(sizes.values())
+    if target in CONV_OPS:
+        w = ins[1]
+        return 2.0 * out_numel * math.prod(w.shape[1:])
+    if target in ATTENTION_OPS:
+        q, k, v = ins[0], ins[1], ins[2]
+        batch = math.prod(q.shape[:-2])
+        return 2.0 * batch * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+    return float(out_numel)
+
+
+def capture(model: torch.nn.Module, example_batch: Sequence[torch.Tensor], name: str = "") -> Graph:
+    """Trace ``model(*example_batch)`` (which must return the scalar loss) into a ``Graph``."""
+    if not isinstance(example_batch, (tuple, list)):
+        example_batch = (example_batch,)
+    example_batch = tuple(example_batch)
+    for i, b in enumerate(example_batch):
+        if not isinstance(b, torch.Tensor):
+            raise CaptureError(f"batch element {i} is a {type(b).__name__}, not a tensor; "
+                               "batch(step, batch_size) must return a tuple of tensors")
+    try:
+        ep = torch.export.export(model, example_batch, strict=False)
+    except Exception as e:  # export raises many types; turn them into one clear message
+        raise CaptureError(_explain_export_failure(e)) from e
+    return _graph_from_export(ep, model, name or type(model).__name__)
+
+
+def _explain_export_failure(e: Exception) -> str:
+    text = str(e)
+    where = ""
+    tb = traceback.extract_tb(e.__traceback__)
+    for fr in reversed(tb):
+        if f"{os.sep}torch{os.sep}" not in fr.filename and "hap" + os.sep + "capture.py" not in fr.filename:
+            where = f"{_short_path(fr.filename)}:{fr.lineno}  {(fr.line or '').strip()}"
+            break
+    m = re.search(r'File "([^"]+)", line (\d+).*\n\s*(.+)', text)
+    if m and f"{os.sep}torch{os.sep}" not in m.group(1):
+        where = f"{_short_path(m.group(1))}:{m.group(2)}  {m.group(3).strip()}"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    hint = ("the model's forward must be traceable by torch.export: avoid Python control flow on tensor "
+            "values (if x.sum() > 0: ...; use torch.where or torch.cond), .item()/.tolist() on tensors, "
+            "and data-dependent shapes; forward(*batch) must return the scalar loss")
+    if "data-dependent" in text.lower() or "guard" in text.lower() or "GuardOnDataDependent" in type(e).__name__:
+        hint = ("data-dependent control flow: a Python `if`/loop or shape depends on tensor values. "
+                "Rewrite it with torch.where / torch.cond, or compute the condition outside the model")
+    return f"cannot capture the model: {type(e).__name__}: {first[:300]}\n  at {where or 'unknown location'}\n  fix: {hint}"
+
+
+def _rename(obj: Any, renamed: dict[str, str]) -> Any:
+    if isinstance(obj, dict) and "node" in obj and len(obj) == 1:
+        return {"node": renamed.get(obj["node"], obj["node"])}
+    if isinstance(obj, list):
+        return [_rename(x, renamed) for x in obj]
+    return obj
+
+
+def _graph_from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module, name: str) -> Graph:
+    sig = ep.graph_signature
+    inputs_to_params = dict(sig.inputs_to_parameters)
+    inputs_to_buffers = dict(sig.inputs_to_buffers)
+    if getattr(sig, "inputs_to_lifted_tensor_constants", None):
+        consts = list(sig.inputs_to_lifted_tensor_constants.values())
+        raise CaptureError(f"the model creates tensor constants inside forward ({', '.join(consts[:3])}); "
+                           "register them with self.register_buffer(...) in __init__ so every rank gets them")
+    # state_dict keys that alias one tensor (tied weights) share one placeholder
+    aliases: dict[int, list[str]] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        aliases.setdefault(id(v), []).append(k)
+    by_key = {}
+    for ks in aliases.values():
+        for k in ks:
+            by_key[k] = ks
+    user_outputs = [s for s in sig.output_specs if s.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT]
+    if len(user_outputs) != 1:
+        raise CaptureError(f"forward(*batch) returned {len(user_outputs)} values; it must return only the "
+                           "scalar training loss")
+    loss_name = user_outputs[0].arg.name
+    if loss_name in inputs_to_params or loss_name in inputs_to_buffers:
+        raise CaptureError("forward(*batch) returned a parameter or buffer; it must compute the training loss")
+    nodes: list[Node] = []
+    num_inputs = 0
+    first_of_group: dict[str, str] = {}  # first state_dict key of an alias group -> placeholder name
+    renamed: dict[str, str] = {}  # duplicate placeholder of a tied tensor -> the one kept
+    for n in ep.graph.nodes:
+        meta = _meta_of(n.meta.get("val"))
+        if n.op == "placeholder":
+            if n.name in inputs_to_params:
+                key = inputs_to_params[n.name]
+                group = by_key.get(key, [key])
+                if group[0] in first_of_group:  # tied weight: one tensor, one placeholder, one gradient
+                    renamed[n.name] = first_of_group[group[0]]
+                    continue
+                first_of_group[group[0]] = n.name
+                nodes.append(Node(n.name, "param", key, meta=meta, aliases=by_key.get(key, [key])))
+            elif n.name in inputs_to_buffers:
+                key = inputs_to_buffers[n.name]
+                nodes.append(Node(n.name, "buffer", key, meta=meta, aliases=by_key.get(key, [key])))
+            else:
+                if not isinstance(meta, TensorMeta):
+                    raise CaptureError(f"batch input {n.name} is not a tensor")
+                nodes.append(Node(n.name, "input", str(num_inputs), meta=meta, source=f"batch[{num_inputs}]"))
+                num_inputs += 1
+        elif n.op == "call_function":
+            target = "getitem" if n.target is operator.getitem else str(n.target)
+            where = _user_frame(n.meta.get("stack_trace"))
+            args = _rename(_encode(list(n.args), f"{where or n.name}"), renamed)
+            kwargs = {k: _rename(_encode(v, where or n.name), renamed) for k, v in n.kwargs.items()}
+            ins = [_meta_of(a.meta.get("val")) if isinstance(a, torch.fx.Node) else None for a in n.args]
+            flat_ins = [m for m in ins if isinstance(m, TensorMeta)]
+            in_bytes = sum(m.nbytes for m in flat_ins)
+            out_list = meta if isinstance(meta, list) else [meta] if meta is not None else []
+            out_bytes = sum(m.nbytes for m in out_list)
+            cls = op_class(target)
+            flops = count_flops(target, ins, meta, n.args) if out_list else 0.0
+            nodes.append(Node(n.name, "op", target, args, kwargs, meta, cls, flops, float(in_bytes + out_bytes),
+                              where, _module_of(n)))
+        elif n.op == "output":
+            pass
+        else:
+            raise CaptureError(f"unexpected {n.op} node {n.name} in the exported graph")
+    g = Graph(nodes, loss_name, num_inputs, name)
+    loss = g[loss_name].meta
+    if not isinstance(loss, TensorMeta) or loss.shape != ():
+        shape = loss.shape if isinstance(loss, TensorMeta) else loss
+        raise CaptureError(f"forward(*batch) must return the scalar training loss, it returned shape {shape}; "
+                           "reduce it, e.g. F.cross_entropy(logits, y) (reduction='mean')")
+    g.lint()
+    return g

@@ -1,0 +1,100 @@
+"""``hap-plan SPEC [--cluster FILE] [--json] [--emit DIR [--force] [--run]]``.
+
+Plans the model of a spec file for a cluster and shows the plan (a table, or one JSON
+object with ``--json``); ``--emit`` writes ``train.py`` + ``plan.json``; ``--run`` then
+runs the emitted program under torchrun on this machine. User mistakes exit 2 with a
+message and no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from hap.errors import HapError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="hap-plan", description=__doc__.split("\n\n")[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("spec", help="model spec file (defines model(), batch(step, batch_size), BATCH_SIZE)")
+    ap.add_argument("--cluster", default=None, help="cluster TOML (default: the embedded 2-rank emulated CPU cluster)")
+    ap.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    ap.add_argument("--emit", metavar="DIR", default=None, help="write DIR/train.py and DIR/plan.json")
+    ap.add_argument("--force", action="store_true", help="with --emit: overwrite a non-empty DIR")
+    ap.add_argument("--run", action="store_true", help="after --emit, run the program under torchrun here")
+    ap.add_argument("--steps", type=int, default=10, help="with --run: training steps (default 10)")
+    ap.add_argument("--batch-size", type=int, default=None, help="global batch (default: the spec's BATCH_SIZE)")
+    ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="memory model of optimizer state")
+    ap.add_argument("--strict", action="store_true", help="fail on ops without a sharding rule")
+    ap.add_argument("--time-limit", type=float, default=20.0, help="seconds per MILP solve (default 20)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    err = Console(stderr=True)
+    out = Console()
+    logging.basicConfig(level=logging.ERROR)
+    try:
+        return _main(args, out, err)
+    except HapError as e:
+        err.print(f"[bold red]hap-plan:[/] {e}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err.print("hap-plan: interrupted")
+        return 130
+
+
+def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from hap.api import plan_graph
+    from hap.capture import capture
+    from hap.cluster import load_cluster
+    from hap.spec import build, load_spec
+
+    if args.emit and Path(args.emit).exists() and any(Path(args.emit).iterdir()) and not args.force:
+        raise HapError(f"{args.emit} is not empty; choose an empty directory or pass --force")
+    if args.run and not args.emit:
+        raise HapError("--run needs --emit DIR (the program it runs)")
+    cluster = load_cluster(args.cluster)
+    mod = load_spec(args.spec)
+    with err.status("capturing the model with torch.export") as status:
+        model, batch = build(mod, args.batch_size)
+        if batch[0].shape[0] < 1:
+            raise HapError("the global batch is empty")
+        graph = capture(model, batch, name=type(model).__name__)
+        status.update(f"planning {len(graph)} nodes for {cluster.num_ranks} ranks")
+        plan = plan_graph(graph, cluster, optimizer=args.optimizer, strict=args.strict,
+                          time_limit_s=args.time_limit, spec=str(Path(args.spec).resolve()),
+                          progress=lambda msg: status.update(msg))
+    if args.emit:
+        from hap.emit import emit_program
+
+        emit_program(plan, Path(args.emit), spec=args.spec, force=args.force)
+    if args.json:
+        d = plan.to_json()
+        d.pop("graph")
+        print(json.dumps(d))
+    else:
+        from hap.report import render
+
+        render(plan, out)
+        if args.emit:
+            out.print(f"wrote {args.emit}/train.py and {args.emit}/plan.json")
+    if args.run:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.num_ranks}",
+               str(Path(args.emit) / "train.py"), "--steps", str(args.steps), "--emulate"]
+        out.print(f"running: {' '.join(cmd)}")
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        return subprocess.call(cmd, env=env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,532 @@
+"""The cluster: which device each rank is, how fast it computes, and the links between ranks.
+
+A cluster file (TOML) lists kinds of machines; device profiles (JSON, in
+`profiles/devices/`) say what one device of a kind achieves:
+
+    name = "hap-paper"            # optional
+    [network]                     # may be omitted when the cluster is one node
+    inter_node_gbps = 10.4        # Gbit/s between nodes
+    inter_node_alpha_us = 30      # optional, latency of one inter-node collective (default 30 us)
+    [[nodes]]                     # one entry per kind of machine
+    device = "V100-16GB"          # a profile name in profiles/devices/, or a path to a .json profile
+    count = 8                     # devices (ranks) per node
+    repeat = 2                    # identical nodes (default 1)
+    slowdown = 1.0                # CPU emulation: this rank computes N times slower (default 1)
+    node = "localhost"            # optional: entries with the same node name share one machine
+
+Ranks are numbered in file order: entries, then repeats, then devices within a node.
+Each (entry, repeat) is its own node unless entries share a `node` name; nodes are
+numbered in order of first appearance.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hap.errors import ClusterFileError
+
+DEFAULT_INTER_NODE_ALPHA_US = 30.0
+_TOP_KEYS = ("name", "description", "network", "nodes")
+_NETWORK_KEYS = ("inter_node_gbps", "inter_node_alpha_us")
+_NODE_KEYS = ("device", "count", "repeat", "slowdown", "node")
+_DTYPE_ALIASES = {
+    "float32": "fp32",
+    "float": "fp32",
+    "float16": "fp16",
+    "half": "fp16",
+    "bfloat16": "bf16",
+    "tensorfloat32": "tf32",
+}
+
+
+@dataclass(frozen=True)
+class Link:
+    """α-β model of a link: a message of b bytes takes alpha_s + b / bytes_per_s."""
+
+    alpha_s: float
+    bytes_per_s: float
+
+    def time_s(self, nbytes: float) -> float:
+        return self.alpha_s + nbytes / self.bytes_per_s
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Achieved (not peak) rates of one device kind; `provenance` says where each number came from."""
+
+    name: str
+    memory_bytes: int
+    flop_per_s: dict[str, dict[str, float]]
+    memory_bytes_per_s: float
+    kernel_floor_s: float
+    intra_node: Link
+    intra_node_kind: str
+    provenance: dict[str, str]
+
+    def compute_rate(self, op_class: str, dtype: str) -> float:
+        """Achieved flop/s for an op class ("matmul", "conv", "attention", ...) and dtype.
+
+        An unknown op class counts as "matmul"; an unknown dtype gets the class's fp32 rate.
+        """
+        rates = self.flop_per_s.get(op_class) or self.flop_per_s["matmul"]
+        key = _normalize_dtype(dtype)
+        if key in rates:
+            return rates[key]
+        return rates.get("fp32", self.flop_per_s["matmul"]["fp32"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "memory_bytes": self.memory_bytes,
+            "flop_per_s": {c: dict(r) for c, r in self.flop_per_s.items()},
+            "memory_bytes_per_s": self.memory_bytes_per_s,
+            "kernel_floor_s": self.kernel_floor_s,
+            "intra_node": {
+                "kind": self.intra_node_kind,
+                "bytes_per_s": self.intra_node.bytes_per_s,
+                "alpha_s": self.intra_node.alpha_s,
+            },
+            "provenance": dict(self.provenance),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str = "device profile") -> DeviceProfile:
+        """Build from the profile JSON format; ClusterFileError (naming `where`) if malformed."""
+        if not isinstance(d, Mapping):
+            raise ClusterFileError(f"{where}: a device profile must be a JSON object, got {type(d).__name__}")
+        fix = "see profiles/devices/V100-16GB.json for the format"
+
+        def need(key: str, container: Mapping[str, Any] = d, path: str = "") -> Any:
+            if key not in container:
+                raise ClusterFileError(f"{where}: missing key '{path}{key}' ({fix})")
+            return container[key]
+
+        def number(value: Any, path: str, positive: bool = True) -> float:
+            ok = _is_number(value) and (value > 0 if positive else value >= 0)
+            if not ok:
+                want = "a number > 0" if positive else "a number >= 0"
+                raise ClusterFileError(f"{where}: '{path}' must be {want}, got {value!r} ({fix})")
+            return float(value)
+
+        name = need("name")
+        if not isinstance(name, str) or not name:
+            raise ClusterFileError(f"{where}: 'name' must be a non-empty string, got {name!r}")
+        memory = need("memory_bytes")
+        if not _is_int(memory) or memory <= 0:
+            raise ClusterFileError(f"{where}: 'memory_bytes' must be an integer > 0, got {memory!r} ({fix})")
+        flops_raw = need("flop_per_s")
+        if not isinstance(flops_raw, Mapping):
+            raise ClusterFileError(f"{where}: 'flop_per_s' must be an object of op class -> dtype -> flop/s")
+        flops: dict[str, dict[str, float]] = {}
+        for op_class, rates in flops_raw.items():
+            if not isinstance(rates, Mapping) or not rates:
+                raise ClusterFileError(
+                    f"{where}: 'flop_per_s.{op_class}' must be a non-empty object of dtype -> flop/s ({fix})"
+                )
+            flops[op_class] = {dt: number(v, f"flop_per_s.{op_class}.{dt}") for dt, v in rates.items()}
+        if "fp32" not in flops.get("matmul", {}):
+            raise ClusterFileError(
+                f"{where}: missing key 'flop_per_s.matmul.fp32' (the fallback rate; {fix})"
+            )
+        link = need("intra_node")
+        if not isinstance(link, Mapping):
+            raise ClusterFileError(f"{where}: 'intra_node' must be an object with kind, bytes_per_s, alpha_s")
+        kind = need("kind", link, "intra_node.")
+        if not isinstance(kind, str):
+            raise ClusterFileError(f"{where}: 'intra_node.kind' must be a string such as 'nvlink', 'pcie'")
+        provenance = d.get("provenance", {})
+        if not isinstance(provenance, Mapping) or not all(isinstance(v, str) for v in provenance.values()):
+            raise ClusterFileError(f"{where}: 'provenance' must be an object of key path -> source string")
+        return cls(
+            name=name,
+            memory_bytes=int(memory),
+            flop_per_s=flops,
+            memory_bytes_per_s=number(need("memory_bytes_per_s"), "memory_bytes_per_s"),
+            kernel_floor_s=number(need("kernel_floor_s"), "kernel_floor_s", positive=False),
+            intra_node=Link(
+                alpha_s=number(need("alpha_s", link, "intra_node."), "intra_node.alpha_s", positive=False),
+                bytes_per_s=number(need("bytes_per_s", link, "intra_node."), "intra_node.bytes_per_s"),
+            ),
+            intra_node_kind=kind,
+            provenance=dict(provenance),
+        )
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    device: str  # key into Cluster.devices
+    node: int
+    slowdown: float
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    ranks: tuple[RankInfo, ...]
+    devices: dict[str, DeviceProfile]
+    inter_node: Link
+    source: str  # the file it was loaded from, or a description
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def num_nodes(self) -> int:
+        return len({r.node for r in self.ranks})
+
+    def profile(self, rank: int) -> DeviceProfile:
+        return self.devices[self.ranks[rank].device]
+
+    def flop_rate(self, rank: int, op_class: str, dtype: str) -> float:
+        """Achieved flop/s of `rank` for this op class and dtype, slowdown applied."""
+        return self.profile(rank).compute_rate(op_class, dtype) / self.ranks[rank].slowdown
+
+    def memory_rate(self, rank: int) -> float:
+        """Achieved memory bandwidth of `rank` in bytes/s, slowdown applied."""
+        return self.profile(rank).memory_bytes_per_s / self.ranks[rank].slowdown
+
+    def kernel_floor(self, rank: int) -> float:
+        """Seconds of the smallest op on `rank`, slowdown applied."""
+        return self.profile(rank).kernel_floor_s * self.ranks[rank].slowdown
+
+    def memory_bytes(self, rank: int) -> int:
+        return self.profile(rank).memory_bytes
+
+    def speed(self, rank: int) -> float:
+        """Relative speed of `rank` (fp32 matmul flop/s), for speed-proportional shares."""
+        return self.flop_rate(rank, "matmul", "fp32")
+
+    def group_link(self, ranks: Sequence[int] | None = None) -> Link:
+        """The link a ring collective over `ranks` (default: all) is bound by.
+
+        All on one node: the slowest intra-node link among their devices. Across nodes:
+        the inter-node network (or a slower intra-node link, if one is), with the larger alpha.
+        """
+        members = range(self.num_ranks) if ranks is None else ranks
+        infos = [self.ranks[r] for r in members]
+        if not infos:
+            raise ValueError("group_link needs at least one rank")
+        links = [self.devices[i.device].intra_node for i in {i.device: i for i in infos}.values()]
+        alpha = max(link.alpha_s for link in links)
+        bandwidth = min(link.bytes_per_s for link in links)
+        if len({i.node for i in infos}) == 1:
+            return Link(alpha_s=alpha, bytes_per_s=bandwidth)
+        return Link(
+            alpha_s=max(alpha, self.inter_node.alpha_s),
+            bytes_per_s=min(bandwidth, self.inter_node.bytes_per_s),
+        )
+
+    def nodes(self) -> list[list[int]]:
+        """Ranks of each node, by node index."""
+        out: list[list[int]] = [[] for _ in range(self.num_nodes)]
+        for r in self.ranks:
+            out[r.node].append(r.rank)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "inter_node": {"alpha_s": self.inter_node.alpha_s, "bytes_per_s": self.inter_node.bytes_per_s},
+            "ranks": [
+                {"rank": r.rank, "device": r.device, "node": r.node, "slowdown": r.slowdown}
+                for r in self.ranks
+            ],
+            "devices": {name: p.to_json() for name, p in self.devices.items()},
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Cluster:
+        try:
+            cluster = cls(
+                name=d["name"],
+                ranks=tuple(
+                    RankInfo(
+                        rank=int(r["rank"]),
+                        device=r["device"],
+                        node=int(r["node"]),
+                        slowdown=float(r["slowdown"]),
+                    )
+                    for r in d["ranks"]
+                ),
+                devices={
+                    name: DeviceProfile.from_json(p, f"cluster JSON, devices.{name}")
+                    for name, p in d["devices"].items()
+                },
+                inter_node=Link(
+                    alpha_s=float(d["inter_node"]["alpha_s"]),
+                    bytes_per_s=float(d["inter_node"]["bytes_per_s"]),
+                ),
+                source=d.get("source", "<json>"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ClusterFileError(
+                f"cluster JSON is malformed ({type(e).__name__}: {e}); write it with Cluster.to_json"
+            )
+        cluster.lint()
+        return cluster
+
+    def lint(self) -> None:
+        """Internal invariants: ranks 0..n-1, nodes 0..m-1, every device present, rates > 0."""
+        assert self.ranks, "a cluster has at least one rank"
+        assert [r.rank for r in self.ranks] == list(range(len(self.ranks))), "ranks numbered 0..n-1 in order"
+        assert {r.node for r in self.ranks} == set(range(self.num_nodes)), "nodes numbered 0..m-1"
+        for r in self.ranks:
+            assert r.device in self.devices, f"rank {r.rank}: device {r.device!r} has no profile"
+            assert r.slowdown > 0 and math.isfinite(r.slowdown), f"rank {r.rank}: slowdown {r.slowdown}"
+        for name, p in self.devices.items():
+            assert p.memory_bytes > 0, name
+            assert p.memory_bytes_per_s > 0 and p.kernel_floor_s >= 0, name
+            assert p.intra_node.bytes_per_s > 0 and p.intra_node.alpha_s >= 0, name
+            assert all(v > 0 for rates in p.flop_per_s.values() for v in rates.values()), name
+            assert p.flop_per_s["matmul"]["fp32"] > 0, name
+        assert self.inter_node.bytes_per_s > 0 and self.inter_node.alpha_s >= 0
+
+
+def profiles_dir() -> Path:
+    """$HAP_PROFILES if set, else the repository's profiles/ folder."""
+    env = os.environ.get("HAP_PROFILES")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "profiles"
+
+
+def known_devices() -> list[str]:
+    folder = profiles_dir() / "devices"
+    return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def load_device(name_or_path: str | Path) -> DeviceProfile:
+    """A profile by name (profiles/devices/<name>.json, case-insensitive) or by path to a .json file."""
+    path = _device_path(str(name_or_path))
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ClusterFileError(f"device profile {path} cannot be read: {e.strerror or e}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ClusterFileError(f"{path}: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}")
+    return DeviceProfile.from_json(data, str(path))
+
+
+def load_cluster(path: str | Path | None = None) -> Cluster:
+    """Load a cluster TOML file; None means profiles/clusters/default.toml.
+
+    A bare name ("hap-paper") that is not an existing file is looked up in profiles/clusters/.
+    """
+    file = _cluster_path(path)
+    try:
+        with open(file, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ClusterFileError(f"{file}: TOML syntax error: {e}")
+    except OSError as e:
+        raise ClusterFileError(f"cluster file {file} cannot be read: {e.strerror or e}")
+    return cluster_from_dict(data, source=str(file), base_dir=file.parent)
+
+
+def cluster_from_dict(
+    data: Mapping[str, Any], source: str = "<dict>", base_dir: Path | None = None
+) -> Cluster:
+    """Build a Cluster from the parsed TOML document (see the module docstring for the format)."""
+    _check_keys(data, _TOP_KEYS, source, "top level")
+    name = data.get("name", Path(source).stem if source.endswith(".toml") else "cluster")
+    if not isinstance(name, str):
+        raise ClusterFileError(f"{source}: 'name' must be a string, got {name!r}")
+    entries = data.get("nodes")
+    if not entries:
+        raise ClusterFileError(
+            f"{source}: no [[nodes]] entries; add at least one, e.g.\n"
+            '  [[nodes]]\n  device = "cpu"\n  count = 2\n'
+            f"(see {profiles_dir() / 'clusters'} for examples)"
+        )
+    if not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries):
+        raise ClusterFileError(f"{source}: 'nodes' must be an array of tables, written [[nodes]]")
+
+    devices: dict[str, DeviceProfile] = {}
+    by_ref: dict[str, str] = {}  # device string in the file -> profile name
+    ranks: list[RankInfo] = []
+    node_ids: dict[str, int] = {}
+    num_nodes = 0
+    for i, entry in enumerate(entries):
+        where = f"{source}, nodes[{i}]"
+        _check_keys(entry, _NODE_KEYS, source, f"nodes[{i}]")
+        ref = entry.get("device")
+        if not isinstance(ref, str) or not ref:
+            raise ClusterFileError(
+                f'{where}: \'device\' is required, a profile name such as "V100-16GB" or "cpu" '
+                f"(known: {', '.join(known_devices())})"
+            )
+        count = _positive_int(entry.get("count", None), "count", where)
+        repeat = _positive_int(entry.get("repeat", 1), "repeat", where)
+        slowdown = entry.get("slowdown", 1.0)
+        if not _is_number(slowdown) or not slowdown > 0 or not math.isfinite(slowdown):
+            raise ClusterFileError(
+                f"{where}: 'slowdown' must be a number > 0 (1 = full speed, 3 = three times slower), "
+                f"got {slowdown!r}"
+            )
+        node_name = entry.get("node")
+        if node_name is not None and not isinstance(node_name, str):
+            raise ClusterFileError(f"{where}: 'node' must be a string naming the machine, got {node_name!r}")
+        if node_name is not None and repeat != 1:
+            raise ClusterFileError(
+                f"{where}: 'repeat = {repeat}' with 'node = \"{node_name}\"': a named node is one machine; "
+                "raise 'count' instead, or drop 'node' to get repeat separate machines"
+            )
+        if ref not in by_ref:
+            if ref.endswith(".json") and base_dir is not None and not Path(ref).is_absolute():
+                candidate = base_dir / ref
+                profile = load_device(candidate if candidate.exists() else ref)
+            else:
+                profile = _load_device_for(ref, where)
+            if profile.name in devices and devices[profile.name] != profile:
+                raise ClusterFileError(f"{where}: two different profiles are both named {profile.name!r}")
+            devices[profile.name] = profile
+            by_ref[ref] = profile.name
+        for _ in range(repeat):
+            if node_name is None:
+                node = num_nodes
+                num_nodes += 1
+            elif node_name in node_ids:
+                node = node_ids[node_name]
+            else:
+                node = node_ids[node_name] = num_nodes
+                num_nodes += 1
+            for _ in range(count):
+                ranks.append(
+                    RankInfo(rank=len(ranks), device=by_ref[ref], node=node, slowdown=float(slowdown))
+                )
+
+    network = data.get("network")
+    if network is not None and not isinstance(network, Mapping):
+        raise ClusterFileError(f"{source}: 'network' must be a table, written [network]")
+    network = network or {}
+    _check_keys(network, _NETWORK_KEYS, source, "[network]")
+    alpha_us = network.get("inter_node_alpha_us", DEFAULT_INTER_NODE_ALPHA_US)
+    if not _is_number(alpha_us) or alpha_us < 0 or not math.isfinite(alpha_us):
+        raise ClusterFileError(
+            f"{source}: [network] inter_node_alpha_us must be a number >= 0, got {alpha_us!r}"
+        )
+    gbps = network.get("inter_node_gbps")
+    if gbps is None:
+        if num_nodes > 1:
+            raise ClusterFileError(
+                f"{source}: {num_nodes} nodes but no network bandwidth; add\n"
+                "  [network]\n  inter_node_gbps = 10   # Gbit/s between nodes"
+            )
+        # One node: the network is never used; keep the node's own slowest link.
+        slowest = min((p.intra_node for p in devices.values()), key=lambda link: link.bytes_per_s)
+        inter = Link(alpha_s=max(slowest.alpha_s, alpha_us / 1e6), bytes_per_s=slowest.bytes_per_s)
+    elif not _is_number(gbps) or not gbps > 0 or not math.isfinite(gbps):
+        raise ClusterFileError(
+            f"{source}: [network] inter_node_gbps must be a number > 0 (Gbit/s, e.g. 10.4), got {gbps!r}"
+        )
+    else:
+        inter = Link(alpha_s=alpha_us / 1e6, bytes_per_s=gbps * 1e9 / 8)
+
+    cluster = Cluster(name=name, ranks=tuple(ranks), devices=devices, inter_node=inter, source=source)
+    cluster.lint()
+    return cluster
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _normalize_dtype(dtype: Any) -> str:
+    key = str(dtype).lower().removeprefix("torch.")
+    return _DTYPE_ALIASES.get(key, key)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _positive_int(value: Any, key: str, where: str) -> int:
+    if value is None:
+        raise ClusterFileError(
+            f"{where}: '{key}' is required: the number of devices (ranks) per node, e.g. 8"
+        )
+    if not _is_int(value) or value <= 0:
+        raise ClusterFileError(f"{where}: '{key}' must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], allowed: Sequence[str], source: str, where: str) -> None:
+    unknown = [k for k in table if k not in allowed]
+    if unknown:
+        hints = [difflib.get_close_matches(k, allowed, n=1) for k in unknown]
+        hint = "".join(f" (did you mean '{h[0]}'?)" for h in hints if h)
+        raise ClusterFileError(
+            f"{source}: unknown key {', '.join(repr(k) for k in unknown)} in {where}{hint}; "
+            f"allowed keys: {', '.join(allowed)}"
+        )
+
+
+def _device_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if name_or_path.endswith(".json") or os.sep in name_or_path or "/" in name_or_path:
+        if path.is_file():
+            return path
+        raise ClusterFileError(
+            f"device profile {path} does not exist (profiles live in {profiles_dir() / 'devices'})"
+        )
+    folder = profiles_dir() / "devices"
+    exact = folder / f"{name_or_path}.json"
+    if exact.is_file():
+        return exact
+    known = known_devices()
+    folded = [k for k in known if k.lower() == name_or_path.lower()]
+    if len(folded) == 1:
+        return folder / f"{folded[0]}.json"
+    by_upper = {k.upper(): k for k in known}
+    close = [
+        by_upper[k] for k in difflib.get_close_matches(name_or_path.upper(), list(by_upper), n=3, cutoff=0.5)
+    ]
+    suggestion = f"Closest known: {', '.join(close)}. " if close else ""
+    raise ClusterFileError(
+        f"unknown device {name_or_path!r}. {suggestion}Known devices: {', '.join(known) or '(none)'}. "
+        f"To add one, write {folder / (name_or_path + '.json')} (copy a profile there and edit it), "
+        "or set HAP_PROFILES to another profiles folder"
+    )
+
+
+def _load_device_for(ref: str, where: str) -> DeviceProfile:
+    try:
+        return load_device(ref)
+    except ClusterFileError as e:
+        raise ClusterFileError(f"{where}: {e}") from None
+
+
+def _cluster_path(path: str | Path | None) -> Path:
+    clusters = profiles_dir() / "clusters"
+    if path is None:
+        file = clusters / "default.toml"
+    else:
+        file = Path(path)
+        if (
+            not file.exists()
+            and file.suffix == ""
+            and len(file.parts) == 1
+            and (clusters / f"{file}.toml").exists()
+        ):
+            file = clusters / f"{file}.toml"
+    if not file.is_file():
+        examples = ", ".join(sorted(p.name for p in clusters.glob("*.toml"))) if clusters.is_dir() else ""
+        raise ClusterFileError(
+            f"cluster file {file} does not exist; see {clusters}/ for examples"
+            + (f" ({examples})" if examples else "")
+        )
+    return file

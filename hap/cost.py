@@ -1,0 +1,193 @@
+"""The cost model: compute time of a node's candidate on each rank, the time of the
+collective that moves a tensor between placements (padded or grouped form), gradient
+synchronisation of replicated parameters, and memory per rank.
+
+Compute: a node's work on rank ``r`` is its share of the split dimension times the whole
+op's work; matmul-like classes (matmul, conv, attention) run at the device's achieved
+FLOP rate for the dtype, memory-bound classes at its memory bandwidth; every kernel
+costs at least the device's floor. Backward is 2x forward for matmul-like ops and 1x
+for the rest; nodes that need no gradient have no backward.
+
+Communication (α-β over the link the collective is bound by: the network when the
+ranks span machines, else the intra-node link), with fractions f_r of the sharded dim:
+  all-reduce         2(N-1)α + 2(N-1)/N · T/β
+  all-gather padded  (N-1)α + (N-1)·max f · T/β      (pad every shard to the largest)
+  all-gather grouped N·α + T/β                        (one broadcast per owner)
+  reduce-scatter     same as all-gather (its dual)
+  all-to-all padded  (N-1)α + (N-1)·max f_src·max f_dst · T/β
+  all-to-all grouped N·α + max_r f_src,r (1 - f_dst,r) · T/β
+A forward collective's backward is its dual (all-gather ↔ reduce-scatter, all-reduce ↔
+all-reduce, all-to-all ↔ reverse all-to-all); R→S and R→P are free both ways.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hap.cluster import Cluster, Link
+from hap.graph import SHORT_DTYPE, Graph, Node, TensorMeta
+from hap.placement import Placement, Splitter
+from hap.rules import Candidate
+
+MATMUL_LIKE = ("matmul", "conv", "attention")
+OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
+GRAD_BUCKET_BYTES = 25 * 2**20
+INF = float("inf")
+
+
+def collective_s(kind: str, nbytes: float, fracs: tuple[float, ...], link: Link, form: str,
+                 fracs_dst: tuple[float, ...] | None = None) -> float:
+    n = len(fracs)
+    if n <= 1 or nbytes == 0:
+        return 0.0
+    a, bw = link.alpha_s, link.bytes_per_s
+    if kind == "all_reduce":
+        return 2 * (n - 1) * a + 2 * (n - 1) / n * nbytes / bw
+    if kind in ("all_gather", "reduce_scatter"):
+        if form == "padded":
+            return (n - 1) * a + (n - 1) * max(fracs) * nbytes / bw
+        return n * a + nbytes / bw
+    if kind == "all_to_all":
+        fd = fracs_dst or fracs
+        if form == "padded":
+            return (n - 1) * a + (n - 1) * max(fracs) * max(fd) * nbytes / bw
+        return n * a + max(fs * (1 - fdd) for fs, fdd in zip(fracs, fd)) * nbytes / bw
+    raise ValueError(kind)
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """How a tensor moves from placement ``src`` to ``dst``: forward collective, its form, cost."""
+
+    kind: str  # "none" | "slice" | "partial" | "all_gather" | "all_reduce" | "reduce_scatter" | "all_to_all"
+    form: str  # "padded" | "grouped" | ""
+    seconds: float  # forward + backward
+
+
+class CostModel:
+    def __init__(self, graph: Graph, cluster: Cluster, splitter: Splitter, optimizer: str = "sgd") -> None:
+        assert splitter.num_ranks == cluster.num_ranks
+        self.graph = graph
+        self.cluster = cluster
+        self.splitter = splitter
+        self.n = cluster.num_ranks
+        self.link = cluster.group_link()
+        self.opt_states = OPTIMIZER_STATES.get(optimizer, 2)
+        self.requires_grad = requires_grad(graph)
+        self._node_cache: dict[tuple[str, str], tuple[float, ...]] = {}
+
+    # ---- compute -------------------------------------------------------------------
+    def fractions(self, split: tuple[int, int] | None) -> tuple[float, ...]:
+        if split is None:
+            return (1.0,) * self.n
+        return self.splitter.fractions(*split)
+
+    def compute_s(self, node: Node, cand: Candidate) -> tuple[float, ...]:
+        """Forward + backward seconds of ``node`` under ``cand`` on every rank."""
+        key = (node.name, cand.name)
+        if key in self._node_cache:
+            return self._node_cache[key]
+        if node.kind != "op" or node.op_class == "view":
+            res = (0.0,) * self.n
+        else:
+            fracs = self.fractions(cand.split)
+            grad = node.name in self.requires_grad
+            bwd = (2.0 if node.op_class in MATMUL_LIKE else 1.0) if grad else 0.0
+            dtype = _dtype_of(node)
+            res = []
+            for r in range(self.n):
+                if node.op_class in MATMUL_LIKE:
+                    t = node.flops * fracs[r] / self.cluster.flop_rate(r, node.op_class, dtype)
+                else:
+                    t = node.bytes * fracs[r] / self.cluster.memory_rate(r)
+                kernels = 1 + (1 if grad else 0)
+                res.append(t * (1 + bwd) + kernels * self.cluster.kernel_floor(r))
+            res = tuple(res)
+        self._node_cache[key] = res
+        return res
+
+    def node_s(self, node: Node, cand: Candidate) -> float:
+        return max(self.compute_s(node, cand))
+
+    # ---- communication ---------------------------------------------------------------
+    def _fr(self, meta: TensorMeta, p: Placement) -> tuple[float, ...]:
+        d = p.dim if p.dim >= 0 else p.dim + meta.ndim
+        return self.splitter.fractions(meta.shape[d], p.unit)
+
+    def conversion(self, meta: TensorMeta, src: Placement, dst: Placement, grad: bool = True) -> Conversion:
+        return _conversion(self, meta, src, dst, grad)
+
+    def grad_sync_s(self, meta: TensorMeta) -> float:
+        """All-reduce of a replicated parameter's gradient, latency shared by a 25 MiB bucket."""
+        if self.n <= 1:
+            return 0.0
+        a, bw = self.link.alpha_s, self.link.bytes_per_s
+        lat = 2 * (self.n - 1) * a * min(1.0, meta.nbytes / GRAD_BUCKET_BYTES)
+        return lat + 2 * (self.n - 1) / self.n * meta.nbytes / bw
+
+    # ---- memory ----------------------------------------------------------------------
+    def memory_bytes(self, node: Node, cand: Candidate) -> tuple[float, ...]:
+        """Bytes per rank this node's choice keeps: parameter state, or saved activations."""
+        meta = node.meta if isinstance(node.meta, TensorMeta) else None
+        if meta is None:
+            return (0.0,) * self.n
+        p = cand.output
+        fr = self._fr(meta, p) if p.is_shard else (1.0,) * self.n
+        if node.kind == "param":
+            mult = 2 + self.opt_states  # weights + gradient + optimizer state
+            return tuple(meta.nbytes * f * mult for f in fr)
+        if node.kind == "buffer":
+            return (float(meta.nbytes),) * self.n
+        if node.kind == "input":
+            return tuple(meta.nbytes * f for f in fr)
+        if node.op_class == "view" or node.name not in self.requires_grad:
+            return (0.0,) * self.n
+        return tuple(meta.nbytes * f for f in fr)
+
+
+def _conversion(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, grad: bool) -> Conversion:
+    if src == dst:
+        return Conversion("none", "", 0.0)
+    if src.kind == "R":
+        return Conversion("slice" if dst.kind == "S" else "partial", "", 0.0)
+    nbytes = meta.nbytes
+    link = cm.link
+    if src.kind == "P" and dst.kind == "R":
+        t = collective_s("all_reduce", nbytes, (1 / cm.n,) * cm.n, link, "")
+        return Conversion("all_reduce", "", t * (2 if grad else 1))
+    if src.kind == "S":
+        fs = cm._fr(meta, src)
+        if dst.kind in ("R", "P"):
+            best = min(("padded", "grouped"), key=lambda f: collective_s("all_gather", nbytes, fs, link, f))
+            t = collective_s("all_gather", nbytes, fs, link, best)
+            return Conversion("all_gather", best, t * (2 if grad else 1))
+        fd = cm._fr(meta, dst)
+        best = min(("padded", "grouped"), key=lambda f: collective_s("all_to_all", nbytes, fs, link, f, fd))
+        t = collective_s("all_to_all", nbytes, fs, link, best, fd)
+        tb = collective_s("all_to_all", nbytes, fd, link, best, fs) if grad else 0.0
+        return Conversion("all_to_all", best, t + tb)
+    if src.kind == "P" and dst.kind == "S":
+        fd = cm._fr(meta, dst)
+        best = min(("padded", "grouped"), key=lambda f: collective_s("reduce_scatter", nbytes, fd, link, f))
+        t = collective_s("reduce_scatter", nbytes, fd, link, best)
+        return Conversion("reduce_scatter", best, t * (2 if grad else 1))
+    return Conversion("none", "", INF)
+
+
+def _dtype_of(node: Node) -> str:
+    m = node.meta if isinstance(node.meta, TensorMeta) else (node.meta[0] if node.meta else None)
+    return SHORT_DTYPE.get(m.dtype, "fp32") if m is not None else "fp32"
+
+
+def requires_grad(graph: Graph) -> set[str]:
+    """Nodes whose value depends on a parameter through float ops (they have a backward)."""
+    out: set[str] = set()
+    for n in graph:
+        if n.kind == "param":
+            out.add(n.name)
+        elif n.kind == "op" and any(i in out for i in n.inputs()):
+            m = n.meta if isinstance(n.meta, TensorMeta) else (n.meta[0] if n.meta else None)
+            if m is not None and m.is_float and n.target not in ("aten.detach.default",):
+                out.add(n.name)
+    return out

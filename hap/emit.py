@@ -1,0 +1,450 @@
+"""Emit: a Plan becomes one readable SPMD ``train.py`` (+ ``plan.json``).
+
+The forward is straight-line code over local shards, one line per captured ATen node,
+each commented with the model source it came from and its placements; collectives of
+``hap.runtime`` appear where the plan moves a tensor between placements. Shape
+arguments are specialised to the rank's local lengths. The program imports the model
+spec by path and ``hap.runtime``, nothing of the planner.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hap.errors import HapError
+from hap.graph import Graph, Node, TensorMeta
+from hap.placement import Placement, Splitter, parse
+
+if TYPE_CHECKING:
+    from hap.plan import Plan
+from hap.rules import Candidate, Local, RuleContext, is_ref, view_units
+from hap.rules.loss import CLASS_LOSSES, REDUCTION_ARG
+from hap.solve import all_candidates
+
+
+class Emitter:
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.graph: Graph = plan.graph
+        self.splitter = Splitter(plan.shares)
+        ctx = RuleContext(self.graph, self.splitter, view_units(self.graph))
+        cands = all_candidates(self.graph, ctx)
+        self.choice: dict[str, Candidate] = {}
+        for node in self.graph:
+            want = plan.nodes[node.name]["candidate"]
+            match = [c for c in cands[node.name] if c.name == want]
+            if not match:
+                raise HapError(f"plan.json names candidate {want!r} for {node.name}, which the rules no longer "
+                               "offer; re-plan with this version of hap")
+            self.choice[node.name] = match[0]
+        self.lengths_used: dict[tuple[int, int], str] = {}
+        self.converted: dict[tuple[str, Placement], str] = {}
+        self.lines: list[str] = []
+
+    # ---- helpers -----------------------------------------------------------------------
+    def lengths(self, size: int, unit: int = 1) -> tuple[int, ...]:
+        return self.splitter.lengths(size, unit)
+
+    def len_var(self, size: int, unit: int = 1) -> str:
+        key = (size, unit)
+        if key not in self.lengths_used:
+            self.lengths_used[key] = f"n{size}" if unit == 1 else f"n{size}_{unit}"
+        return self.lengths_used[key]
+
+    def shard_lengths(self, meta: TensorMeta, p: Placement) -> tuple[int, tuple[int, ...]]:
+        d = p.dim if p.dim >= 0 else p.dim + meta.ndim
+        return d, self.lengths(meta.shape[d], p.unit)
+
+    def out_placement(self, name: str) -> Placement:
+        return self.choice[name].output
+
+    def ref(self, name: str, want: Placement, source: str) -> str:
+        """The local variable holding tensor ``name`` in placement ``want`` (emitting the move)."""
+        have = self.out_placement(name)
+        if have == want:
+            return name
+        key = (name, want)
+        if key in self.converted:
+            return self.converted[key]
+        meta = self.graph[name].meta
+        assert isinstance(meta, TensorMeta), f"cannot move list-valued {name}"
+        var = f"{name}__{_pname(want)}"
+        if have.kind == "R":
+            if want.kind == "S":
+                d, ls = self.shard_lengths(meta, want)
+                expr = f"hr.slice_local({name}, {d}, {ls})"
+            else:
+                expr = f"hr.to_partial({name})"
+        elif have.kind == "P":
+            if want.kind == "R":
+                expr = f"hr.all_reduce({name})"
+            else:
+                d, ls = self.shard_lengths(meta, want)
+                expr = f"hr.reduce_scatter({name}, {d}, {ls}, form={self.form(name, want)!r})"
+        else:
+            d, ls = self.shard_lengths(meta, have)
+            if want.kind in ("R", "P"):
+                expr = f"hr.all_gather({name}, {d}, {ls}, form={self.form(name, want)!r})"
+                if want.kind == "P":
+                    expr = f"hr.to_partial({expr})"
+            else:
+                d2, ls2 = self.shard_lengths(meta, want)
+                expr = f"hr.all_to_all({name}, {d}, {ls}, {d2}, {ls2}, form={self.form(name, want)!r})"
+        self.lines.append(f"    {var} = {expr}  # {have} -> {want}  ({source})")
+        self.converted[key] = var
+        return var
+
+    def form(self, name: str, want: Placement) -> str:
+        for m in self.plan.moves:
+            if m["producer"] == name and m["dst"] == str(want) and m["form"]:
+                return m["form"]
+        return "padded"
+
+    def render(self, a: Any, refs: list[str]) -> str:
+        if isinstance(a, Local):
+            if a.what == "off":
+                return f"OFFSETS[{a.size}, {a.unit}][RANK]"
+            return self.len_var(a.size, a.unit)
+        if is_ref(a):
+            return refs.pop(0)
+        if isinstance(a, dict):
+            if "dtype" in a:
+                return f"torch.{a['dtype']}"
+            if "device" in a:
+                return "DEVICE"
+            if "memory_format" in a:
+                return f"torch.{a['memory_format']}"
+            if "layout" in a:
+                return f"torch.{a['layout']}"
+            if "float" in a:
+                return f"float({a['float']!r})"
+            raise HapError(f"cannot emit argument {a!r}")
+        if isinstance(a, (list, tuple)):
+            return "[" + ", ".join(self.render(x, refs) for x in a) + "]"
+        return repr(a)
+
+    def call(self, node: Node, cand: Candidate, refs: list[str], args: list | None = None,
+             kwargs: dict | None = None, target: str | None = None) -> str:
+        args = list(node.args if args is None else args)
+        for i, v in cand.rewrite:
+            args[i] = v
+        refs = list(refs)
+        parts = [self.render(a, refs) for a in args]
+        kw = node.kwargs if kwargs is None else kwargs
+        parts += [f"{k}={self.render(v, refs)}" for k, v in kw.items()]
+        return f"{target or node.target}({', '.join(parts)})"
+
+    # ---- the forward ---------------------------------------------------------------------
+    def forward_lines(self) -> list[str]:
+        g = self.graph
+        self.lines = []
+        for node in g:
+            if node.kind != "op":
+                continue
+            cand = self.choice[node.name]
+            src = _short_source(node.source)
+            refs = [self.ref(r, p, src) for r, p in zip(node.inputs(), cand.inputs)]
+            expr = self.expression(node, cand, refs)
+            tag = f"{','.join(str(p) for p in cand.inputs)} -> {cand.output}" if cand.inputs else str(cand.output)
+            self.lines.append(f"    {node.name} = {expr}  # {tag}  {src}")
+        loss = g.loss
+        want = Placement("P")
+        var = self.ref(loss, want, "the loss: every rank holds its addend") if self.out_placement(loss) != want \
+            else loss
+        self.lines.append(f"    return {var}")
+        return self.lines
+
+    def expression(self, node: Node, cand: Candidate, refs: list[str]) -> str:
+        if node.target == "getitem":
+            return f"{refs[0]}[{node.args[1]}]"
+        kind = cand.emit
+        if kind == "call" or kind == "loss_sum":
+            return self.call(node, cand, refs)
+        if kind == "mean_partial":
+            x = self.graph[node.inputs()[0]].out
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            if node.target == "aten.mean.default" or not dims:
+                return f"aten.sum.default({refs[0]}) / {x.numel}"
+            dims = [dims] if isinstance(dims, int) else dims
+            count = math.prod(x.shape[d] for d in dims)
+            keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+            return f"aten.sum.dim_IntList({refs[0]}, {list(dims)}, {keep!r}) / {count}"
+        if kind == "loss_partial":
+            ridx = REDUCTION_ARG[node.target]
+            args = list(node.args)
+            while len(args) <= ridx:
+                args.append(_default_arg(node.target, len(args)))
+            args[ridx] = 2  # sum
+            kwargs = {k: v for k, v in node.kwargs.items() if k != "reduction"}
+            summed = self.call(node, cand, refs, args, kwargs)
+            if node.target in CLASS_LOSSES:
+                target_meta = self.graph[node.inputs()[1]].out
+                if target_meta.is_float:  # class probabilities: every sample counts
+                    x = self.graph[node.inputs()[0]].out
+                    return f"{summed} / {x.numel // x.shape[1] if x.ndim > 1 else 1}"
+                weight = args[2] if len(args) > 2 else None
+                ignore = args[4] if len(args) > 4 and not is_ref(args[4]) else -100
+                wexpr = refs[node.inputs().index(weight["node"])] if is_ref(weight) else "None"
+                tref = refs[1]
+                return f"{summed} / class_loss_count({tref}, {wexpr}, {ignore})"
+            x = self.graph[node.inputs()[0]].out
+            return f"{summed} / {x.numel}"
+        if kind == "sync_batch_norm":
+            a = node.args
+            refs_it = list(refs)
+            vals = [self.render(x, refs_it) for x in a[:8]]
+            x_meta = self.graph[node.inputs()[0]].out
+            ls = self.lengths(x_meta.shape[0], 1)
+            return (f"hr.sync_batch_norm({vals[0]}, {vals[1]}, {vals[2]}, {vals[3]}, {vals[4]}, "
+                    f"training={vals[5]}, momentum={vals[6]}, eps={vals[7]}, lengths={ls})")
+        if kind == "vocab_embedding":
+            w = self.graph[node.inputs()[0]].out
+            ls = self.lengths(w.shape[0], 1)
+            offs = tuple(sum(ls[:r]) for r in range(len(ls)))
+            return f"vocab_embedding({refs[0]}, {refs[1]}, {offs}[RANK], {ls}[RANK])"
+        raise HapError(f"unknown emit kind {kind!r} for {node.name}")
+
+
+def _default_arg(target: str, i: int) -> Any:
+    if target in CLASS_LOSSES:
+        return [None, None, None, 1, -100, 0.0][i]
+    if target == "aten.binary_cross_entropy_with_logits.default":
+        return [None, None, None, None, 1][i]
+    return None
+
+
+def _pname(p: Placement) -> str:
+    return str(p).replace("(", "").replace(")", "").replace("/", "u")
+
+
+def _short_source(src: str) -> str:
+    return " ".join(src.split()) if src else ""
+
+
+TEMPLATE = '''\
+"""SPMD training program for {model} on {cluster_name}, emitted by hap.
+
+Run it (every rank runs this same file; gloo on CPU, NCCL on CUDA):
+{commands}
+Plan {digest}: strategy {strategy}, predicted step {step_ms:.2f} ms, global batch {global_batch}.
+{rank_lines}
+The forward below is the captured ATen graph over this rank's local shards. Each line
+names its placements (R replicated, S(d) sharded on dim d, P partial sum) and the model
+source it came from; hr.* calls are the collectives the plan chose.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import torch
+
+import hap.runtime as hr
+from hap.runtime.sharded_ops import class_loss_count, vocab_embedding  # noqa: F401
+
+aten = torch.ops.aten
+SPEC = {spec!r}
+WORLD_SIZE = {world}
+GLOBAL_BATCH = {global_batch}
+SHARES = {shares}  # samples of each step's global batch per rank
+SLOWDOWN = {slowdown}  # per-rank compute dilation used by --emulate (CPU emulation only)
+EXPECTED_DEVICES = {devices}
+# placeholder -> (state_dict keys, sharded dim or None, per-rank lengths)
+PARAMS = {{
+{params}
+}}
+BUFFERS = {{
+{buffers}
+}}
+INPUTS = {inputs}  # per batch tensor: sharded on dim 0 by SHARES (0) or replicated (None)
+LENGTHS = {{
+{lengths}
+}}
+REPLICATED_PARAMS = {replicated}  # their gradients are all-reduced after backward
+DEVICE = torch.device("cpu")
+RANK = 0
+
+
+def forward(params, buffers, batch):
+{unpack}
+{body}
+
+
+def load_spec(path):
+    spec = importlib.util.spec_from_file_location("hap_user_spec", path)
+    if spec is None or spec.loader is None:
+        sys.exit(f"train.py: cannot load the model spec {{path}}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def local_state(model):
+    """This rank's shards of the single-device model's parameters and buffers."""
+    sd = model.state_dict()
+    params, buffers = {{}}, {{}}
+    for name, (keys, dim, lengths) in PARAMS.items():
+        full = sd[keys[0]].detach()
+        if dim is not None:
+            full = full.narrow(dim, sum(lengths[:RANK]), lengths[RANK])
+        params[name] = torch.nn.Parameter(full.clone().to(DEVICE))
+    for name, key in BUFFERS.items():
+        buffers[name] = sd[key].detach().clone().to(DEVICE)
+    return params, buffers
+
+
+def full_state_dict(model, params, buffers):
+    """The consolidated state_dict, under the single-device model's keys (all ranks take part)."""
+    out = {{}}
+    for name, (keys, dim, lengths) in PARAMS.items():
+        kind = "S" if dim is not None else "R"
+        full = hr.gather_full(params[name].detach(), kind, dim if dim is not None else 0, lengths or (0,) * WORLD_SIZE)
+        for k in keys:
+            out[k] = full.cpu()
+    for name, key in BUFFERS.items():
+        out[key] = buffers[name].cpu()
+    return {{k: out[k] for k in model.state_dict() if k in out}}
+
+
+def main():
+    global RANK, DEVICE
+    ap = argparse.ArgumentParser(description="hap-emitted SPMD training program")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-json", default=None, help="rank 0 writes losses and step times here")
+    ap.add_argument("--dump-params", default=None, help="rank 0 saves the full state_dict after the last step")
+    ap.add_argument("--emulate", action="store_true", help="dilate each rank's compute by its SLOWDOWN (CPU emulation)")
+    args = ap.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != WORLD_SIZE:
+        sys.exit(f"train.py: this plan needs {{WORLD_SIZE}} ranks, but WORLD_SIZE={{world}}; run it with "
+                 f"torchrun --nproc-per-node {{WORLD_SIZE}} (or re-plan for {{world}} ranks)")
+    RANK, _ = hr.init()
+    DEVICE = hr.device()
+    if args.emulate:
+        hr.set_emulation(SLOWDOWN[RANK])
+    spec = load_spec(SPEC)
+    torch.manual_seed(args.seed)
+    model = spec.model()
+    params, buffers = local_state(model)
+    trainable = list(params.values())
+    opt = (torch.optim.SGD(trainable, lr=args.lr) if args.optimizer == "sgd"
+           else torch.optim.Adam(trainable, lr=args.lr))
+    replicated = [params[n] for n in REPLICATED_PARAMS]
+    offset = sum(SHARES[:RANK])
+    losses, step_s = [], []
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        full = spec.batch(step, GLOBAL_BATCH)
+        batch = [x.narrow(0, offset, SHARES[RANK]).to(DEVICE) if d == 0 else x.to(DEVICE)
+                 for x, d in zip(full, INPUTS)]
+        loss = forward(params, buffers, batch)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        hr.all_reduce_grads(replicated)
+        opt.step()
+        hr.end_segment()
+        global_loss = hr.sum_scalar(loss.detach())
+        if not (global_loss == global_loss and abs(global_loss) != float("inf")):
+            sys.exit(f"train.py: loss is {{global_loss}} at step {{step}}; stopping")
+        step_s.append(time.perf_counter() - t0)
+        losses.append(global_loss)
+        if RANK == 0:
+            print(f"step {{step:4d}}  loss {{global_loss:.6f}}  {{step_s[-1] * 1e3:8.1f}} ms", flush=True)
+    if args.dump_params:
+        state = full_state_dict(model, params, buffers)
+        if RANK == 0:
+            torch.save(state, args.dump_params)
+    if args.log_json and RANK == 0:
+        with open(args.log_json, "w") as f:
+            json.dump({{"losses": losses, "step_s": step_s, "world_size": WORLD_SIZE}}, f)
+    hr.shutdown()
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def torchrun_commands(plan: Plan, script: str) -> list[str]:
+    nodes: dict[int, list[int]] = {}
+    for r in plan.cluster.ranks:
+        nodes.setdefault(r.node, []).append(r.rank)
+    if len(nodes) == 1:
+        return [f"torchrun --standalone --nproc-per-node {plan.num_ranks} {script} --steps 100"]
+    cmds = []
+    for i, (node, ranks) in enumerate(sorted(nodes.items())):
+        dev = plan.cluster.ranks[ranks[0]].device
+        cmds.append(f"node {i} ({len(ranks)}x {dev}, ranks {ranks[0]}-{ranks[-1]}): torchrun --nnodes {len(nodes)} "
+                    f"--node-rank {i} --nproc-per-node {len(ranks)} --master-addr $MASTER --master-port 29500 "
+                    f"{script} --steps 100")
+    return cmds
+
+
+def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = False) -> Path:
+    if not spec:
+        raise HapError("emitting a program needs the model spec file it imports: plan.emit(dir, spec='model.py')")
+    spec_path = Path(spec).resolve()
+    if not spec_path.exists():
+        raise HapError(f"model spec {spec} does not exist")
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise HapError(f"{out_dir} is not empty; choose an empty directory or pass --force to overwrite "
+                       "train.py and plan.json there")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    em = Emitter(plan)
+    body = em.forward_lines()
+    g = plan.graph
+    params, buffers, unpack = [], [], []
+    for n in g:
+        if n.kind == "param":
+            p = em.out_placement(n.name)
+            if p.is_shard:
+                d, ls = em.shard_lengths(n.meta, p)
+                params.append(f"    {n.name!r}: ({tuple(n.aliases or [n.target])!r}, {d}, {ls}),  # {p}")
+            else:
+                params.append(f"    {n.name!r}: ({tuple(n.aliases or [n.target])!r}, None, None),  # R")
+            unpack.append(f"    {n.name} = params[{n.name!r}]")
+        elif n.kind == "buffer":
+            buffers.append(f"    {n.name!r}: {n.target!r},")
+            unpack.append(f"    {n.name} = buffers[{n.name!r}]")
+    inputs = [n for n in g if n.kind == "input"]
+    unpack.append(f"    {', '.join(n.name for n in inputs)}{',' if len(inputs) == 1 else ''} = batch")
+    lengths = []
+    lens_lines = []
+    for (size, unit), var in sorted(em.lengths_used.items()):
+        ls = em.lengths(size, unit)
+        lengths.append(f"    ({size}, {unit}): {ls},")
+        lens_lines.append(f"    {var} = LENGTHS[{size}, {unit}][RANK]  # local length of a dim of {size}")
+    input_dims = [0 if em.out_placement(n.name).is_shard else None for n in inputs]
+    script = os.path.relpath(out_dir / "train.py") if not os.path.isabs(str(out_dir)) else str(out_dir / "train.py")
+    rank_lines = "\n".join(
+        f"  rank {r.rank}: {r.device} (node {r.node}), {plan.shares[r.rank]} samples/step" for r in plan.cluster.ranks)
+    text = TEMPLATE.format(
+        model=g.model_name, cluster_name=plan.cluster.name,
+        commands="\n".join("  " + c for c in torchrun_commands(plan, script)),
+        digest=plan.digest(), strategy=plan.strategy, step_ms=plan.predicted_step_s * 1e3,
+        global_batch=plan.global_batch, rank_lines=rank_lines,
+        spec=str(spec_path), world=plan.num_ranks, shares=tuple(plan.shares),
+        slowdown=tuple(r.slowdown for r in plan.cluster.ranks),
+        devices=tuple(r.device for r in plan.cluster.ranks),
+        params="\n".join(params), buffers="\n".join(buffers), inputs=input_dims,
+        lengths="\n".join(lengths), replicated=[n for n in plan.grad_synced],
+        unpack="\n".join(unpack + lens_lines), body="\n".join(body),
+    )
+    (out_dir / "train.py").write_text(text)
+    plan.spec = str(spec_path)
+    (out_dir / "plan.json").write_text(json.dumps(plan.to_json(), indent=1))
+    return out_dir / "train.py"
+
+
+__all__ = ["Any", "Emitter", "emit_program", "parse", "shlex", "sys"]

@@ -1,0 +1,150 @@
+"""The captured program as a plain, JSON-round-trippable artifact.
+
+A ``Graph`` is the ATen-level forward of ``loss = model(*batch)``: placeholders for
+parameters, buffers and batch inputs, one ``Node`` per ATen call, and the loss. Node
+arguments are JSON: literals, lists, ``{"node": name}`` references, ``{"dtype": ..}``
+and ``{"device": ..}``. Everything downstream (rules, cost, solve, emit) reads this
+artifact, never ``fx.Node`` objects.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+DTYPE_BYTES = {
+    "float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+    "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8,
+}
+SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES.get(self.dtype, 4)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in ("float32", "float64", "float16", "bfloat16")
+
+
+@dataclass
+class Node:
+    name: str
+    kind: str  # "param" | "buffer" | "input" | "op"
+    target: str  # ATen overload ("aten.linear.default"), "getitem", or the state_dict key / input index
+    args: list = field(default_factory=list)
+    kwargs: dict = field(default_factory=dict)
+    meta: TensorMeta | list[TensorMeta] | None = None
+    op_class: str = "view"  # matmul | conv | attention | pointwise | reduction | norm | view | creation
+    flops: float = 0.0  # forward FLOPs of the whole (unsharded) op
+    bytes: float = 0.0  # forward bytes read + written by the whole op
+    source: str = ""  # "examples/gpt.py:40  q, k, v = self.qkv(...)"
+    module: str = ""  # "blocks.0.qkv (Linear)"
+    aliases: list[str] = field(default_factory=list)  # params: every state_dict key of this tensor (tied weights)
+
+    def inputs(self) -> list[str]:
+        """Names of the tensor nodes this node reads, in argument order (with repeats)."""
+        return list(iter_refs(self.args)) + list(iter_refs(list(self.kwargs.values())))
+
+    @property
+    def out(self) -> TensorMeta:
+        assert isinstance(self.meta, TensorMeta), f"{self.name} has no single tensor output"
+        return self.meta
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        if isinstance(self.meta, list):
+            d["meta"] = [asdict(m) for m in self.meta]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Node:
+        d = dict(d)
+        m = d.get("meta")
+        if isinstance(m, list):
+            d["meta"] = [TensorMeta(tuple(x["shape"]), x["dtype"]) for x in m]
+        elif isinstance(m, dict):
+            d["meta"] = TensorMeta(tuple(m["shape"]), m["dtype"])
+        return cls(**d)
+
+
+def iter_refs(obj: Any) -> Iterator[str]:
+    if isinstance(obj, dict):
+        if "node" in obj and len(obj) == 1:
+            yield obj["node"]
+        else:
+            for v in obj.values():
+                yield from iter_refs(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from iter_refs(v)
+
+
+@dataclass
+class Graph:
+    nodes: list[Node]
+    loss: str  # name of the node holding the scalar loss
+    num_inputs: int
+    model_name: str = ""
+
+    def __post_init__(self) -> None:
+        self._by_name = {n.name: n for n in self.nodes}
+
+    def __getitem__(self, name: str) -> Node:
+        return self._by_name[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def ops(self) -> list[Node]:
+        return [n for n in self.nodes if n.kind == "op"]
+
+    def params(self) -> list[Node]:
+        return [n for n in self.nodes if n.kind == "param"]
+
+    def users(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {n.name: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in dict.fromkeys(n.inputs()):
+                out[i].append(n.name)
+        return out
+
+    def to_json(self) -> dict:
+        return {"model_name": self.model_name, "loss": self.loss, "num_inputs": self.num_inputs,
+                "nodes": [n.to_json() for n in self.nodes]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Graph:
+        return cls([Node.from_json(x) for x in d["nodes"]], d["loss"], d["num_inputs"], d.get("model_name", ""))
+
+    def lint(self) -> None:
+        seen: set[str] = set()
+        for n in self.nodes:
+            assert n.name not in seen, f"duplicate node {n.name}"
+            for i in n.inputs():
+                assert i in seen, f"{n.name} reads {i} before it is defined"
+            seen.add(n.name)
+        assert self.loss in seen, f"loss {self.loss} is not a node"
+        loss = self[self.loss].meta
+        assert isinstance(loss, TensorMeta) and loss.shape == (), "loss must be a scalar"

@@ -1,0 +1,133 @@
+"""The Plan: what the solve chose, what it predicts, and enough to emit the program.
+
+A Plan is plain data (``to_json`` / ``from_json``): the captured graph, the cluster, the
+integer batch share of every rank, the chosen candidate and placements of every node,
+every resharding collective with its form, the predicted step-time breakdown and memory
+per rank, the baselines and the lower bound on the same cost model, and the solver's
+true status.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hap.graph import Graph
+
+if TYPE_CHECKING:
+    from hap.cluster import Cluster
+
+
+@dataclass
+class Plan:
+    graph: Graph
+    cluster: Cluster
+    shares: tuple[int, ...]
+    nodes: dict[str, dict[str, Any]]  # name -> {candidate, inputs, output, target, source, module}
+    moves: list[dict[str, Any]]  # {producer, src, dst, kind, form, seconds}
+    grad_synced: list[str]
+    predicted: dict[str, Any]  # step_s, compute_s (per rank), critical_compute_s, comm_s, grad_sync_s, memory_bytes
+    baselines: dict[str, dict[str, Any]]  # name -> {predicted_step_s, shares, ...}
+    lower_bound_step_s: float
+    solve_s: float
+    solver_status: str
+    optimizer: str = "sgd"
+    strategy: str = "hap"  # which search result won: hap | dp_even | dp_proportional
+    spec: str | None = None  # path of the model spec file (needed to emit)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.shares)
+
+    @property
+    def global_batch(self) -> int:
+        return sum(self.shares)
+
+    @property
+    def predicted_step_s(self) -> float:
+        return float(self.predicted["step_s"])
+
+    def digest(self) -> str:
+        body = json.dumps({"nodes": self.nodes, "shares": self.shares}, sort_keys=True)
+        return hashlib.sha256(body.encode()).hexdigest()[:12]
+
+    # ---- checks ------------------------------------------------------------------------
+    def lint(self) -> None:
+        assert len(self.shares) == self.cluster.num_ranks, "one share per rank"
+        assert all(s >= 0 for s in self.shares), f"negative share in {self.shares}"
+        first_input = next((n for n in self.graph if n.kind == "input"), None)
+        if first_input is not None and first_input.meta.shape:
+            assert sum(self.shares) == first_input.meta.shape[0], "shares must sum to the global batch"
+        for n in self.graph:
+            assert n.name in self.nodes, f"node {n.name} has no placement"
+        assert self.lower_bound_step_s <= self.predicted_step_s * 1.0001
+
+    # ---- JSON ----------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        ranks = []
+        for r in range(self.num_ranks):
+            info = self.cluster.ranks[r]
+            ranks.append({
+                "rank": r, "device": info.device, "node": info.node, "slowdown": info.slowdown,
+                "batch_share": int(self.shares[r]),
+                "compute_s": self.predicted["compute_s"][r],
+                "memory_bytes": int(self.predicted["memory_bytes"][r]),
+                "memory_capacity_bytes": int(self.cluster.memory_bytes(r)),
+            })
+        return {
+            "format": "hap-plan/1",
+            "model": self.graph.model_name,
+            "spec": self.spec,
+            "digest": self.digest(),
+            "strategy": self.strategy,
+            "global_batch": self.global_batch,
+            "optimizer": self.optimizer,
+            "ranks": ranks,
+            "predicted_step_s": self.predicted_step_s,
+            "predicted": self.predicted,
+            "baselines": self.baselines,
+            "lower_bound_step_s": self.lower_bound_step_s,
+            "solve_s": self.solve_s,
+            "solver_status": self.solver_status,
+            "nodes": self.nodes,
+            "moves": self.moves,
+            "grad_synced": self.grad_synced,
+            "warnings": self.warnings,
+            "cluster": self.cluster.to_json(),
+            "graph": self.graph.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Plan:
+        from hap.cluster import Cluster
+
+        return cls(
+            graph=Graph.from_json(d["graph"]),
+            cluster=Cluster.from_json(d["cluster"]),
+            shares=tuple(int(r["batch_share"]) for r in d["ranks"]),
+            nodes=d["nodes"], moves=d["moves"], grad_synced=d["grad_synced"], predicted=d["predicted"],
+            baselines=d["baselines"], lower_bound_step_s=d["lower_bound_step_s"], solve_s=d["solve_s"],
+            solver_status=d["solver_status"], optimizer=d.get("optimizer", "sgd"),
+            strategy=d.get("strategy", "hap"), spec=d.get("spec"), warnings=d.get("warnings", []),
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+    # ---- people ------------------------------------------------------------------------
+    def summary(self) -> str:
+        from hap.report import plan_text
+
+        return plan_text(self)
+
+    def emit(self, out_dir: str | Path, spec: str | None = None, force: bool = False) -> Path:
+        from hap.emit import emit_program
+
+        return emit_program(self, Path(out_dir), spec=spec or self.spec, force=force)

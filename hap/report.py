@@ -1,0 +1,93 @@
+"""Plans for people: rich tables of ranks, strategy per layer, baselines."""
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+
+from rich.console import Console
+from rich.table import Table
+
+from hap.plan import Plan
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.3f}"
+
+
+def _gb(b: float) -> str:
+    return f"{b / 2**30:.2f}"
+
+
+def ranks_table(plan: Plan) -> Table:
+    t = Table(title=f"{plan.graph.model_name} on {plan.cluster.name}: {plan.num_ranks} ranks, "
+                    f"global batch {plan.global_batch}")
+    for col in ("rank", "device", "node", "batch share", "compute ms", "comm ms", "memory GiB", "capacity GiB"):
+        t.add_column(col, justify="right" if col not in ("device",) else "left")
+    comm = plan.predicted["comm_s"] + plan.predicted["grad_sync_s"]
+    for r in range(plan.num_ranks):
+        info = plan.cluster.ranks[r]
+        dev = info.device + (f" (x{info.slowdown:g} slower)" if info.slowdown != 1 else "")
+        t.add_row(str(r), dev, str(info.node), str(plan.shares[r]), _ms(plan.predicted["compute_s"][r]), _ms(comm),
+                  _gb(plan.predicted["memory_bytes"][r]), _gb(plan.cluster.memory_bytes(r)))
+    return t
+
+
+def strategy_table(plan: Plan, max_rows: int = 40) -> Table:
+    t = Table(title="strategy per layer (parameters and compute ops)")
+    for col in ("module", "op", "placements", "source"):
+        t.add_column(col)
+    rows: OrderedDict[tuple, list] = OrderedDict()
+    for n in plan.graph:
+        info = plan.nodes[n.name]
+        if n.kind == "param":
+            key = (n.target.rsplit(".", 1)[0], "param " + n.target.rsplit(".", 1)[-1], info["output"], "")
+        elif n.kind == "op" and n.op_class in ("matmul", "conv", "attention", "norm") or \
+                (n.kind == "op" and "loss" in n.target) or n.name == plan.graph.loss:
+            ins = ",".join(info["inputs"])
+            key = (n.module.split(" ")[0] or "-", n.target.replace("aten.", "").rsplit(".", 1)[0],
+                   f"{ins} -> {info['output']}", n.source.split("  ")[0])
+        else:
+            continue
+        rows.setdefault(key, []).append(n.name)
+    for i, ((mod, op, pl, src), names) in enumerate(rows.items()):
+        if i >= max_rows:
+            t.add_row("...", f"{len(rows) - max_rows} more rows", "", "")
+            break
+        t.add_row(mod, op + (f" x{len(names)}" if len(names) > 1 else ""), pl, src)
+    return t
+
+
+def baselines_table(plan: Plan) -> Table:
+    t = Table(title="predicted step time (same cost model)")
+    for col in ("strategy", "step ms", "hap speed-up", "shares"):
+        t.add_column(col, justify="right" if col != "strategy" else "left")
+    hap = plan.predicted_step_s
+    t.add_row(f"hap ({plan.strategy})", _ms(hap), "1.00x", _short(plan.shares))
+    for k, v in plan.baselines.items():
+        t.add_row(k, _ms(v["predicted_step_s"]), f"{v['predicted_step_s'] / hap:.2f}x", _short(v.get("shares", [])))
+    t.add_row("lower bound", _ms(plan.lower_bound_step_s), f"{plan.lower_bound_step_s / hap:.2f}x", "")
+    return t
+
+
+def _short(xs) -> str:
+    xs = list(xs)
+    s = ", ".join(map(str, xs[:8]))
+    return s + (f", ... ({len(xs)} ranks)" if len(xs) > 8 else "")
+
+
+def render(plan: Plan, console: Console) -> None:
+    console.print(ranks_table(plan))
+    console.print(strategy_table(plan))
+    console.print(baselines_table(plan))
+    p = plan.predicted
+    console.print(f"predicted step {_ms(p['step_s'])} ms = compute {_ms(p['critical_compute_s'])} + resharding "
+                  f"{_ms(p['comm_s'])} + gradient all-reduce {_ms(p['grad_sync_s'])}; "
+                  f"solver: {plan.solver_status} in {plan.solve_s:.2f} s")
+    for w in plan.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+def plan_text(plan: Plan) -> str:
+    buf = io.StringIO()
+    render(plan, Console(file=buf, width=140, force_terminal=False))
+    return buf.getvalue()

@@ -1,0 +1,243 @@
+"""Sharding rules: for each ATen op, the legal placements of its inputs and output.
+
+A rule is a small pure function ``rule(node, ctx) -> list[Candidate]`` registered with
+``@rule("aten.linear.default", ...)``; one file per op family. Every node also gets the
+all-replicated candidate, so an op without a rule still runs (replicated, with a
+warning naming it and its source line); ``strict=True`` makes that an error.
+
+A ``Candidate`` names the placement of every tensor input (aligned with
+``node.inputs()``, repeats included), the output placement (for list outputs such as
+``split``: of every element), the ``split`` (size, unit) that divides the node's work
+between ranks (``None``: every rank does all of it), how to emit it (``emit``), and
+argument rewrites (shape arguments specialised to the local lengths, via ``Local``).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hap.errors import UnsupportedOp
+from hap.graph import Graph, Node, TensorMeta
+from hap.placement import P, Placement, R, S, Splitter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Local:
+    """A per-rank integer in emitted code: the local length (or offset) of a dim of
+    ``size`` split in blocks of ``unit``; ``scale`` multiplies it (merged dims)."""
+
+    size: int
+    unit: int = 1
+    what: str = "len"  # "len" | "off"
+    scale: int = 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    inputs: tuple[Placement, ...]
+    output: Placement
+    split: tuple[int, int] | None = None
+    emit: str = "call"
+    rewrite: tuple[tuple[int, Any], ...] = ()  # (positional arg index, new value)
+    extra: tuple = ()
+
+    def __str__(self) -> str:
+        ins = ", ".join(str(p) for p in self.inputs)
+        return f"{self.name}: ({ins}) -> {self.output}"
+
+
+RuleFn = Callable[[Node, "RuleContext"], list[Candidate]]
+RULES: dict[str, RuleFn] = {}
+FAMILIES = ("matmul", "pointwise", "reduction", "norm", "shape", "embedding", "conv", "attention", "loss",
+            "indexing")
+
+
+def rule(*targets: str) -> Callable[[RuleFn], RuleFn]:
+    def register(fn: RuleFn) -> RuleFn:
+        for t in targets:
+            RULES[t] = fn
+        return fn
+
+    return register
+
+
+_loaded = False
+
+
+def load_rules() -> None:
+    global _loaded
+    if not _loaded:
+        for fam in FAMILIES:
+            importlib.import_module(f"hap.rules.{fam}")
+        _loaded = True
+
+
+@dataclass
+class RuleContext:
+    graph: Graph
+    splitter: Splitter
+    units: dict[int, set[int]] = field(default_factory=dict)
+
+    @property
+    def num_ranks(self) -> int:
+        return self.splitter.num_ranks
+
+    def meta(self, name: str) -> TensorMeta:
+        m = self.graph[name].meta
+        if isinstance(m, list):
+            return m[0]
+        assert isinstance(m, TensorMeta), name
+        return m
+
+    def shard_units(self, size: int) -> list[int]:
+        """Units a dim of ``size`` may be sharded in: 1, and inner sizes seen in views."""
+        if size < 2 or self.num_ranks < 2:
+            return []
+        out = []
+        for u in sorted({1} | self.units.get(size, set())):
+            if size % u or size // u < 2:
+                continue
+            # a zero-length shard is fine on the batch (a rank with a zero share), not on
+            # weights and features (a conv with 0 output channels does not run)
+            if size // u != self.splitter.total and 0 in self.splitter.lengths(size, u):
+                continue
+            out.append(u)
+        return out
+
+
+def view_units(graph: Graph) -> dict[int, set[int]]:
+    """For each dim size that a view splits or merges, the block sizes that keep the view exact."""
+    units: dict[int, set[int]] = {}
+    for n in graph.ops():
+        if n.target not in ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
+                            "aten.flatten.using_ints", "aten.unflatten.int"):
+            continue
+        src = graph[n.inputs()[0]].meta
+        if not isinstance(src, TensorMeta) or not isinstance(n.meta, TensorMeta):
+            continue
+        for ins, outs in view_groups(src.shape, n.meta.shape):
+            if len(ins) == 1 and len(outs) > 1:
+                units.setdefault(src.shape[ins[0]], set()).add(math.prod(n.meta.shape[o] for o in outs[1:]))
+            if len(outs) == 1 and len(ins) > 1:
+                units.setdefault(n.meta.shape[outs[0]], set()).add(math.prod(src.shape[i] for i in ins[1:]))
+    return units
+
+
+def view_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of source dims with runs of destination dims of equal product."""
+    groups = []
+    i = j = 0
+    while i < len(src) or j < len(dst):
+        gi, gj = [], []
+        pi = pj = 1
+        if i < len(src):
+            gi.append(i)
+            pi = src[i]
+            i += 1
+        if j < len(dst):
+            gj.append(j)
+            pj = dst[j]
+            j += 1
+        while pi != pj:
+            if pi < pj and i < len(src):
+                gi.append(i)
+                pi *= src[i]
+                i += 1
+            elif j < len(dst):
+                gj.append(j)
+                pj *= dst[j]
+                j += 1
+            elif i < len(src):
+                gi.append(i)
+                pi *= src[i]
+                i += 1
+            else:
+                break
+        # absorb trailing size-1 dims into this group
+        while i < len(src) and src[i] == 1 and (j >= len(dst) or dst[j] != 1):
+            gi.append(i)
+            i += 1
+        while j < len(dst) and dst[j] == 1 and (i >= len(src) or src[i] != 1):
+            gj.append(j)
+            j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+def replicated(node: Node) -> Candidate:
+    return Candidate("R", tuple(R for _ in node.inputs()), R)
+
+
+def candidates(node: Node, ctx: RuleContext, strict: bool = False) -> list[Candidate]:
+    """All candidates of ``node`` (the replicated one first), deduplicated by name."""
+    load_rules()
+    out = [replicated(node)]
+    if node.kind != "op":
+        return out
+    fn = RULES.get(node.target)
+    if fn is None:
+        if strict:
+            raise UnsupportedOp(f"{node.target} has no sharding rule ({node.source or node.name}); "
+                                "run without strict=True to run it replicated, or add a rule in hap/rules/")
+        return out
+    seen = {"R"}
+    for c in fn(node, ctx):
+        if c.name in seen:
+            continue
+        assert len(c.inputs) == len(node.inputs()), (node.name, c)
+        seen.add(c.name)
+        out.append(c)
+    return out
+
+
+def has_rule(target: str) -> bool:
+    load_rules()
+    return target in RULES
+
+
+def norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def arg(node: Node, i: int, name: str, default: Any = None) -> Any:
+    if i < len(node.args):
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def is_ref(a: Any) -> bool:
+    return isinstance(a, dict) and "node" in a and len(a) == 1
+
+
+def local_shape(shape: tuple[int, ...], dim: int, unit: int, scale: int = 1, size: int | None = None) -> list:
+    """``shape`` with dim ``dim`` replaced by the rank's local length."""
+    out: list = list(shape)
+    out[dim] = Local(size if size is not None else shape[dim] // scale, unit, "len", scale)
+    return out
+
+
+__all__ = [
+    "Candidate",
+    "Local",
+    "P",
+    "Placement",
+    "R",
+    "RuleContext",
+    "S",
+    "arg",
+    "candidates",
+    "has_rule",
+    "is_ref",
+    "local_shape",
+    "norm_dim",
+    "rule",
+    "view_groups",
+    "view_units",
+]

@@ -1,0 +1,46 @@
+"""Embeddings: shard the indices (data parallel), the embedding dim, or the rows of the
+table (vocabulary parallel: each rank looks up the rows it owns, others give 0, sum = P)."""
+from __future__ import annotations
+
+from hap.graph import Node
+from hap.rules import Candidate, P, R, RuleContext, S, rule
+
+
+@rule("aten.embedding.default")
+def embedding(node: Node, ctx: RuleContext) -> list[Candidate]:
+    refs = node.inputs()
+    w, idx = ctx.meta(refs[0]), ctx.meta(refs[1])
+    out_nd = node.out.ndim
+    cands = []
+    for d in range(idx.ndim):
+        for u in ctx.shard_units(idx.shape[d]):
+            cands.append(Candidate(f"idx:S({d})" if u == 1 else f"idx:S({d}/{u})", (R, S(d, u)), S(d, u),
+                                   split=(idx.shape[d], u)))
+    for u in ctx.shard_units(w.shape[1]):
+        cands.append(Candidate(f"dim:S({out_nd - 1})" if u == 1 else f"dim:S({out_nd - 1}/{u})", (S(1, u), R),
+                               S(out_nd - 1, u), split=(w.shape[1], u)))
+    for u in ctx.shard_units(w.shape[0]):
+        if u == 1:
+            cands.append(Candidate("rows:P", (S(0), R), P, split=(w.shape[0], 1), emit="vocab_embedding"))
+    return cands
+
+
+@rule("aten.embedding_bag.padding_idx", "aten.embedding_bag.default", "aten._embedding_bag.default")
+def embedding_bag(node: Node, ctx: RuleContext) -> list[Candidate]:
+    refs = node.inputs()
+    w = ctx.meta(refs[0])
+    cands = []
+    for u in ctx.shard_units(w.shape[1]):
+        ins = (S(1, u),) + tuple(R for _ in refs[1:])
+        cands.append(Candidate("dim:S(1)" if u == 1 else f"dim:S(1/{u})", ins, S(1, u), split=(w.shape[1], u)))
+    return cands
+
+
+@rule("aten.one_hot.default")
+def one_hot(node: Node, ctx: RuleContext) -> list[Candidate]:
+    idx = ctx.meta(node.inputs()[0])
+    return [Candidate(f"S({d})" if u == 1 else f"S({d}/{u})", (S(d, u),), S(d, u), split=(idx.shape[d], u))
+            for d in range(idx.ndim) for u in ctx.shard_units(idx.shape[d])]
+
+
+__all__ = ["P"]

@@ -1,0 +1,48 @@
+"""Indexing and MoE gating: gather / index_select / scatter_add / masked ops keep any dim
+other than the indexed one; creation ops (arange, zeros, ...) run replicated."""
+from __future__ import annotations
+
+from hap.graph import Node
+from hap.rules import Candidate, R, RuleContext, S, arg, norm_dim, rule
+
+
+def _other_dims(node: Node, ctx: RuleContext, dim: int | None) -> list[Candidate]:
+    refs = node.inputs()
+    out = node.out
+    cands = []
+    for d in range(out.ndim):
+        if d == dim:
+            continue
+        for u in ctx.shard_units(out.shape[d]):
+            ins = []
+            for r in refs:
+                m = ctx.meta(r)
+                ins.append(S(d, u) if m.ndim == out.ndim and m.shape[d] == out.shape[d] else R)
+            cands.append(Candidate(f"S({d})" if u == 1 else f"S({d}/{u})", tuple(ins), S(d, u),
+                                   split=(out.shape[d], u)))
+    return cands
+
+
+@rule("aten.gather.default", "aten.scatter_add.default", "aten.scatter.src", "aten.scatter.value",
+      "aten.index_add.default")
+def gather(node: Node, ctx: RuleContext) -> list[Candidate]:
+    nd = node.out.ndim
+    return _other_dims(node, ctx, norm_dim(arg(node, 1, "dim"), nd))
+
+
+@rule("aten.index_select.default")
+def index_select(node: Node, ctx: RuleContext) -> list[Candidate]:
+    refs = node.inputs()
+    x = ctx.meta(refs[0])
+    dim = norm_dim(arg(node, 1, "dim"), x.ndim)
+    cands = []
+    for d in range(x.ndim):
+        if d == dim:
+            continue
+        for u in ctx.shard_units(x.shape[d]):
+            cands.append(Candidate(f"S({d})" if u == 1 else f"S({d}/{u})", (S(d, u), R), S(d, u),
+                                   split=(x.shape[d], u)))
+    return cands
+
+
+__all__ = ["R"]

@@ -1,0 +1,47 @@
+"""hap.runtime: what an emitted `train.py` imports.
+
+Uneven, differentiable collectives between placements (R, S(d) with per-rank lengths, P), process
+group setup for torchrun (gloo on CPU, NCCL on CUDA, plain single process without WORLD_SIZE),
+gradient all-reduce, synchronised batch norm, and slow-device emulation on one CPU machine.
+
+This package imports nothing else from hap (nor PuLP): an emitted program needs only torch and it.
+"""
+
+from .collectives import (
+    all_gather,
+    all_reduce,
+    all_reduce_grads,
+    all_to_all,
+    broadcast_,
+    gather_full,
+    reduce_scatter,
+    slice_local,
+    sum_scalar,
+    to_partial,
+)
+from .dist import device, init, is_distributed, local_rank, rank, shutdown, world_size
+from .emulate import end_segment, set_emulation
+from .ops import sync_batch_norm
+
+__all__ = [
+    "all_gather",
+    "all_reduce",
+    "all_reduce_grads",
+    "all_to_all",
+    "broadcast_",
+    "device",
+    "end_segment",
+    "gather_full",
+    "init",
+    "is_distributed",
+    "local_rank",
+    "rank",
+    "reduce_scatter",
+    "set_emulation",
+    "shutdown",
+    "slice_local",
+    "sum_scalar",
+    "sync_batch_norm",
+    "to_partial",
+    "world_size",
+]

@@ -1,0 +1,416 @@
+"""Differentiable collectives over uneven shards.
+
+Placements: R (replicated), S(d) (sharded on dim d, per-rank `lengths`, any may be 0), P (partial:
+each rank holds a full-shaped addend). The global loss is P, so the gradient of an R tensor is P,
+of a P tensor R, of S(d) S(d). Hence the backward of each collective is its dual:
+
+    all_gather      S(d) -> R      backward: reduce_scatter  P -> S(d)
+    all_reduce      P    -> R      backward: all_reduce
+    reduce_scatter  P    -> S(d)   backward: all_gather      S(d) -> R
+    all_to_all      S(a) -> S(b)   backward: all_to_all      S(b) -> S(a)
+    slice_local     R    -> S(d)   narrow (autograd gives the zero-padded grad: a valid P)
+    to_partial      R    -> P      rank 0 keeps x, the others hold zeros
+
+`form="padded"` pads every shard to the largest one and runs one equal-size collective, then trims;
+`form="grouped"` moves exactly the bytes each owner has (all_to_all_single with split sizes). Both
+give identical results; the plan picks one per edge.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from . import dist as _d
+from . import emulate
+
+FORMS = ("padded", "grouped")
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+# ----------------------------------------------------------------------------------------------
+
+def _norm_dim(x: torch.Tensor, dim: int, op: str) -> int:
+    nd = x.dim()
+    if not -nd <= dim < nd or nd == 0:
+        raise ValueError(f"hap.runtime.{op}: dim {dim} is out of range for a tensor of shape "
+                         f"{tuple(x.shape)}")
+    return dim % nd
+
+
+def _lengths(lengths: Sequence[int], op: str, what: str = "lengths") -> tuple[int, ...]:
+    ls = tuple(int(v) for v in lengths)
+    n = _d.world_size()
+    if len(ls) != n:
+        raise ValueError(f"hap.runtime.{op}: {what} {ls} has {len(ls)} entries but the world size is {n}; "
+                         "the program was emitted for a different number of ranks")
+    if any(v < 0 for v in ls):
+        raise ValueError(f"hap.runtime.{op}: {what} {ls} has a negative length")
+    return ls
+
+
+def _form(form: str, op: str) -> str:
+    if form not in FORMS:
+        raise ValueError(f"hap.runtime.{op}: form must be one of {FORMS}, got {form!r}")
+    return form
+
+
+def _check_size(x: torch.Tensor, dim: int, want: int, op: str, what: str) -> None:
+    if x.shape[dim] != want:
+        raise ValueError(f"hap.runtime.{op}: rank {_d.rank()} holds a tensor of shape {tuple(x.shape)} "
+                         f"whose dim {dim} is {x.shape[dim]}, but {what} is {want}")
+
+
+def _offsets(ls: Sequence[int]) -> list[int]:
+    out, acc = [], 0
+    for v in ls:
+        out.append(acc)
+        acc += v
+    return out
+
+
+def _local_step() -> None:
+    """A collective in single-process mode: nothing to send, but emulation still sees it."""
+    emulate.before_comm()
+    emulate.after_comm()
+
+
+# ----------------------------------------------------------------------------------------------
+# non-differentiable implementations (dim already normalised, lengths validated, world > 1)
+# ----------------------------------------------------------------------------------------------
+
+def _gather_impl(x: torch.Tensor, dim: int, ls: tuple[int, ...], form: str) -> torch.Tensor:
+    n, r = _d.world_size(), _d.rank()
+    x0 = x.movedim(dim, 0)
+    rest = tuple(x0.shape[1:])
+    total = sum(ls)
+    out = x0.new_empty((total, *rest))
+    if total == 0:
+        _local_step()
+    elif form == "padded":
+        m = max(ls)
+        buf = x0.new_zeros((m, *rest))
+        buf[: ls[r]] = x0
+        full = x0.new_empty((n * m, *rest))
+        _d._all_gather_equal(full, buf)
+        full = full.view(n, m, *rest)
+        torch.cat([full[i, : ls[i]] for i in range(n)], dim=0, out=out)
+    else:
+        inp = torch.cat([x0.contiguous()] * n, dim=0) if n > 1 else x0.contiguous()
+        _d._all_to_all(out, inp, list(ls), [ls[r]] * n)
+    return out.movedim(0, dim).contiguous()
+
+
+def _reduce_scatter_impl(x: torch.Tensor, dim: int, ls: tuple[int, ...], form: str) -> torch.Tensor:
+    n, r = _d.world_size(), _d.rank()
+    x0 = x.movedim(dim, 0)
+    rest = tuple(x0.shape[1:])
+    offs = _offsets(ls)
+    if sum(ls) == 0:
+        _local_step()
+        out = x0.new_zeros((0, *rest))
+    elif form == "padded":
+        m = max(ls)
+        buf = x0.new_zeros((n * m, *rest))
+        for i in range(n):
+            if ls[i]:
+                buf[i * m: i * m + ls[i]] = x0[offs[i]: offs[i] + ls[i]]
+        res = x0.new_empty((m, *rest))
+        _d._reduce_scatter_equal(res, buf)
+        out = res[: ls[r]]
+    else:
+        recv = x0.new_empty((n * ls[r], *rest))
+        _d._all_to_all(recv, x0.contiguous(), [ls[r]] * n, list(ls))
+        out = recv.view(n, ls[r], *rest).sum(0)
+    return out.movedim(0, dim).contiguous()
+
+
+def _all_reduce_impl(x: torch.Tensor) -> torch.Tensor:
+    buf = x.detach().clone(memory_format=torch.contiguous_format)
+    _d._all_reduce(buf)
+    return buf
+
+
+def _a2a_chunks(shape: tuple[int, ...], src: int, sl: tuple[int, ...], dst: int, dl: tuple[int, ...],
+                i: int, j: int) -> tuple[tuple[int, int, int], tuple[int, ...]]:
+    """What rank i sends to rank j: ((dim, start, length) in i's local tensor, shape of the piece).
+
+    `shape` is the local shape with the src dim set to anything (it is replaced by sl[i]).
+    """
+    local = list(shape)
+    local[src] = sl[i]
+    if src != dst:
+        start, length = _offsets(dl)[j], dl[j]
+        piece = list(local)
+        piece[dst] = length
+        return (dst, start, length), tuple(piece)
+    a, b = _offsets(sl)[i], _offsets(dl)[j]
+    lo, hi = max(a, b), min(a + sl[i], b + dl[j])
+    length = max(0, hi - lo)
+    piece = list(local)
+    piece[src] = length
+    return (src, lo - a if length else 0, length), tuple(piece)
+
+
+def _a2a_impl(x: torch.Tensor, src: int, sl: tuple[int, ...], dst: int, dl: tuple[int, ...],
+              form: str) -> torch.Tensor:
+    n, r = _d.world_size(), _d.rank()
+    shape = tuple(x.shape)
+    sends = [_a2a_chunks(shape, src, sl, dst, dl, r, j) for j in range(n)]
+    recvs = [_a2a_chunks(shape, src, sl, dst, dl, i, r)[1] for i in range(n)]
+    send_numel = [math.prod(p) for _, p in sends]
+    recv_numel = [math.prod(p) for p in recvs]
+    biggest = max(math.prod(_a2a_chunks(shape, src, sl, dst, dl, i, j)[1]) for i in range(n) for j in range(n))
+    flat = [x.narrow(d, s, ln).reshape(-1) for (d, s, ln), _ in sends]
+    if biggest == 0:  # nothing moves anywhere (every rank knows it): no communication
+        _local_step()
+        pieces = [x.new_empty((0,))] * n
+    elif form == "padded":
+        buf = x.new_zeros((n * biggest,))
+        for j in range(n):
+            if send_numel[j]:
+                buf[j * biggest: j * biggest + send_numel[j]] = flat[j]
+        out_flat = x.new_empty((n * biggest,))
+        _d._all_to_all(out_flat, buf, None, None)
+        pieces = [out_flat[i * biggest: i * biggest + recv_numel[i]] for i in range(n)]
+    else:
+        inp = torch.cat(flat)
+        out_flat = x.new_empty((sum(recv_numel),))
+        _d._all_to_all(out_flat, inp, recv_numel, send_numel)
+        pieces = list(out_flat.split(recv_numel))
+    parts = [p.view(s) for p, s in zip(pieces, recvs, strict=True)]
+    return torch.cat(parts, dim=src).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd functions
+# ----------------------------------------------------------------------------------------------
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, ls, form):
+        ctx.args = (dim, ls, form)
+        return _gather_impl(x, dim, ls, form)
+
+    @staticmethod
+    def backward(ctx, g):
+        dim, ls, form = ctx.args
+        return _ReduceScatter.apply(g, dim, ls, form), None, None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, ls, form):
+        ctx.args = (dim, ls, form)
+        return _reduce_scatter_impl(x, dim, ls, form)
+
+    @staticmethod
+    def backward(ctx, g):
+        dim, ls, form = ctx.args
+        return _AllGather.apply(g, dim, ls, form), None, None, None
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _all_reduce_impl(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _AllReduce.apply(g)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, src, sl, dst, dl, form):
+        ctx.args = (src, sl, dst, dl, form)
+        return _a2a_impl(x, src, sl, dst, dl, form)
+
+    @staticmethod
+    def backward(ctx, g):
+        src, sl, dst, dl, form = ctx.args
+        return _AllToAll.apply(g, dst, dl, src, sl, form), None, None, None, None, None
+
+
+class _ToPartial(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.keep = _d.rank() == 0
+        return x.clone() if ctx.keep else torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g if ctx.keep else torch.zeros_like(g)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+
+def all_gather(x: torch.Tensor, dim: int, lengths: Sequence[int], form: str = "padded") -> torch.Tensor:
+    """S(dim) -> R: concatenate every rank's shard (rank r holds lengths[r] rows) along `dim`."""
+    dim = _norm_dim(x, dim, "all_gather")
+    ls = _lengths(lengths, "all_gather")
+    _form(form, "all_gather")
+    _check_size(x, dim, ls[_d.rank()], "all_gather", f"lengths[{_d.rank()}]")
+    if not _d.is_distributed():
+        _local_step()
+        return x
+    return _AllGather.apply(x, dim, ls, form)
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, lengths: Sequence[int], form: str = "padded") -> torch.Tensor:
+    """P -> S(dim): sum the full-shaped addends over ranks; rank r keeps its lengths[r] rows."""
+    dim = _norm_dim(x, dim, "reduce_scatter")
+    ls = _lengths(lengths, "reduce_scatter")
+    _form(form, "reduce_scatter")
+    _check_size(x, dim, sum(ls), "reduce_scatter", "sum(lengths)")
+    if not _d.is_distributed():
+        _local_step()
+        return x
+    return _ReduceScatter.apply(x, dim, ls, form)
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """P -> R: the sum over ranks."""
+    if not _d.is_distributed():
+        _local_step()
+        return x
+    return _AllReduce.apply(x)
+
+
+def all_to_all(x: torch.Tensor, src_dim: int, src_lengths: Sequence[int], dst_dim: int,
+               dst_lengths: Sequence[int], form: str = "grouped") -> torch.Tensor:
+    """S(src_dim) -> S(dst_dim). With src_dim == dst_dim it re-splits the same dim to new lengths."""
+    src = _norm_dim(x, src_dim, "all_to_all")
+    dst = _norm_dim(x, dst_dim, "all_to_all")
+    sl = _lengths(src_lengths, "all_to_all", "src_lengths")
+    dl = _lengths(dst_lengths, "all_to_all", "dst_lengths")
+    _form(form, "all_to_all")
+    r = _d.rank()
+    _check_size(x, src, sl[r], "all_to_all", f"src_lengths[{r}]")
+    if src == dst:
+        if sum(sl) != sum(dl):
+            raise ValueError(f"hap.runtime.all_to_all: re-split of dim {src} needs sum(src_lengths) == "
+                             f"sum(dst_lengths), got {sl} and {dl}")
+    else:
+        _check_size(x, dst, sum(dl), "all_to_all", "sum(dst_lengths)")
+    if not _d.is_distributed():
+        _local_step()
+        return x
+    return _AllToAll.apply(x, src, sl, dst, dl, form)
+
+
+def slice_local(x: torch.Tensor, dim: int, lengths: Sequence[int]) -> torch.Tensor:
+    """R -> S(dim): this rank's rows. A copy, so the shard never aliases the full tensor."""
+    dim = _norm_dim(x, dim, "slice_local")
+    ls = _lengths(lengths, "slice_local")
+    _check_size(x, dim, sum(ls), "slice_local", "sum(lengths)")
+    r = _d.rank()
+    return x.narrow(dim, sum(ls[:r]), ls[r]).clone(memory_format=torch.contiguous_format)
+
+
+def to_partial(x: torch.Tensor) -> torch.Tensor:
+    """R -> P: rank 0 holds x, the other ranks zeros (grad flows to rank 0's copy only)."""
+    if not _d.is_distributed():
+        return x
+    return _ToPartial.apply(x)
+
+
+def sum_scalar(x: float | torch.Tensor) -> float:
+    """Sum of a number over ranks (not differentiable): global loss, counts, for logging."""
+    if isinstance(x, torch.Tensor):
+        x = float(x.detach().sum().item()) if x.numel() != 1 else float(x.detach().item())
+    if not _d.is_distributed():
+        _local_step()
+        return float(x)
+    t = torch.tensor([float(x)], dtype=torch.float64, device=_d.device())
+    _d._all_reduce(t)
+    return float(t.item())
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> None:
+    """In place: every rank's `t` becomes rank `src`'s."""
+    if not _d.is_distributed():
+        return
+    if not 0 <= src < _d.world_size():
+        raise ValueError(f"hap.runtime.broadcast_: src {src} is not a rank (world size {_d.world_size()})")
+    with torch.no_grad():
+        buf = t if t.is_contiguous() and t.dtype != torch.bool else _d._wire(t).clone()
+        _d._broadcast(buf, src)
+        if buf is not t:
+            t.copy_(buf.view(torch.bool) if t.dtype == torch.bool else buf)
+
+
+def gather_full(x: torch.Tensor, placement_kind: str, dim: int, lengths: Sequence[int]) -> torch.Tensor:
+    """The full tensor on every rank from a local R / S / P value (not differentiable).
+
+    `placement_kind` is "R", "S" (sharded on `dim` with `lengths`) or "P" (summed); "S(d)" is
+    accepted too. For R and P, `dim` and `lengths` are ignored.
+    """
+    kind = placement_kind.strip().upper()
+    if kind.startswith("S"):
+        kind = "S"
+    with torch.no_grad():
+        x = x.detach()
+        if kind == "R":
+            return x.clone()
+        if kind == "P":
+            return _all_reduce_impl(x) if _d.is_distributed() else x.clone()
+        if kind == "S":
+            d = _norm_dim(x, dim, "gather_full")
+            ls = _lengths(lengths, "gather_full")
+            _check_size(x, d, ls[_d.rank()], "gather_full", f"lengths[{_d.rank()}]")
+            if not _d.is_distributed():
+                return x.clone()
+            return _gather_impl(x, d, ls, "grouped")
+    raise ValueError(f"hap.runtime.gather_full: placement_kind must be 'R', 'S' or 'P', got {placement_kind!r}")
+
+
+def all_reduce_grads(params: Iterable[torch.Tensor], bucket_mb: float = 25.0) -> None:
+    """Sum `.grad` of replicated params over ranks, in place, one all_reduce per bucket.
+
+    A param whose `.grad` is None gets zeros first (a rank may not have touched it). A param listed
+    twice is reduced once. Buckets group params by (device, dtype) up to `bucket_mb` MiB each.
+    """
+    seen: set[int] = set()
+    plist: list[torch.Tensor] = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            plist.append(p)
+    for p in plist:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+    if not _d.is_distributed():
+        _local_step()
+        return
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for p in plist:
+        groups.setdefault((p.grad.device, p.grad.dtype), []).append(p)
+    limit = max(1, int(bucket_mb * 2**20))
+    for key in sorted(groups, key=lambda k: (str(k[0]), str(k[1]))):  # same order on every rank
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for p in groups[key]:
+            bucket.append(p)
+            size += p.grad.numel() * p.grad.element_size()
+            if size >= limit:
+                _reduce_bucket(bucket)
+                bucket, size = [], 0
+        if bucket:
+            _reduce_bucket(bucket)
+
+
+def _reduce_bucket(bucket: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        _d._all_reduce(flat)
+        off = 0
+        for p in bucket:
+            k = p.grad.numel()
+            p.grad.copy_(flat[off: off + k].view_as(p.grad))
+            off += k

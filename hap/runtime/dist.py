@@ -1,0 +1,212 @@
+"""Process-group setup, backend choice, and the few raw communication primitives.
+
+Everything backend-specific lives here: the rest of `hap.runtime` calls `_all_gather_equal`,
+`_reduce_scatter_equal`, `_all_to_all`, `_all_reduce`, `_broadcast` and never touches
+`torch.distributed` directly for communication. Each primitive first flushes the rank's emulated
+compute delay (see `emulate.py`), then communicates, then starts the next segment.
+
+Single-process mode (no WORLD_SIZE, or WORLD_SIZE=1): no process group is created and every
+collective is the identity / a local op.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import emulate
+
+
+@dataclass
+class _State:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    device: torch.device | None = None
+    owns_group: bool = False  # we called init_process_group (so shutdown destroys it)
+    initialized: bool = False  # init() was called
+    rs_fallback: bool = False  # backend lacks reduce_scatter_tensor: all_reduce + slice instead
+
+
+_S = _State()
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    if v is None or v.strip() == "":
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"hap.runtime: environment variable {name}={v!r} is not an integer") from None
+
+
+def init(backend: str | None = None) -> tuple[int, int]:
+    """Join the SPMD group started by torchrun; returns (rank, world_size).
+
+    Reads RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR / MASTER_PORT through the env://
+    rendezvous). Without WORLD_SIZE, or with WORLD_SIZE=1, runs as one process and creates no
+    process group. `backend=None` picks "nccl" when CUDA is available, else "gloo". If a process
+    group already exists (a test harness or the user made it), it is adopted as is.
+    """
+    if dist.is_available() and dist.is_initialized():
+        _S.rank, _S.world = dist.get_rank(), dist.get_world_size()
+        _S.local_rank = _env_int("LOCAL_RANK", _S.rank)
+        _S.backend = str(dist.get_backend())
+        _S.owns_group = False
+    else:
+        world = _env_int("WORLD_SIZE", 1)
+        rank_ = _env_int("RANK", 0)
+        _S.local_rank = _env_int("LOCAL_RANK", rank_)
+        if world <= 1:
+            _S.rank, _S.world, _S.backend, _S.owns_group = 0, 1, None, False
+        else:
+            if not dist.is_available():
+                raise RuntimeError("hap.runtime: torch.distributed is not available in this torch build")
+            if not 0 <= rank_ < world:
+                raise ValueError(f"hap.runtime: RANK={rank_} is outside 0..WORLD_SIZE-1={world - 1}")
+            if backend is None:
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(_S.local_rank)
+            dist.init_process_group(backend=backend, init_method="env://", rank=rank_, world_size=world)
+            _S.rank, _S.world, _S.backend, _S.owns_group = rank_, world, backend, True
+    use_cuda = _S.backend == "nccl" if _S.world > 1 else (backend != "gloo" and torch.cuda.is_available())
+    if use_cuda:
+        _S.device = torch.device("cuda", _S.local_rank)
+        torch.cuda.set_device(_S.device)
+    else:
+        _S.device = torch.device("cpu")
+    _S.initialized = True
+    _S.rs_fallback = False
+    return _S.rank, _S.world
+
+
+def rank() -> int:
+    return _S.rank
+
+
+def world_size() -> int:
+    return _S.world
+
+
+def local_rank() -> int:
+    return _S.local_rank
+
+
+def device() -> torch.device:
+    """cuda:LOCAL_RANK on a CUDA run, else cpu."""
+    if _S.device is not None:
+        return _S.device
+    if torch.cuda.is_available():
+        return torch.device("cuda", _env_int("LOCAL_RANK", 0))
+    return torch.device("cpu")
+
+
+def is_distributed() -> bool:
+    """True when collectives really communicate (world size > 1)."""
+    return _S.world > 1
+
+
+def shutdown() -> None:
+    """Orderly teardown: barrier, then destroy the process group. Safe to call twice.
+
+    Destroying the group explicitly (after every rank reached the barrier) is what avoids gloo's
+    "terminate called without an active exception" abort at interpreter exit.
+    """
+    if _S.world > 1 and _S.owns_group and dist.is_initialized():
+        try:
+            if _S.backend == "nccl":
+                dist.barrier(device_ids=[_S.local_rank])
+            else:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+    _S.owns_group = False
+    _S.world, _S.rank, _S.backend = 1, 0, None
+    _S.initialized = False
+
+
+@atexit.register
+def _atexit_destroy() -> None:  # a program that forgot shutdown() still exits cleanly
+    if _S.owns_group and dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # best effort at exit
+            dist.destroy_process_group()
+        _S.owns_group = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Raw primitives (no autograd). Inputs must be contiguous; outputs are preallocated by callers.
+# ----------------------------------------------------------------------------------------------
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """The tensor as sent on the wire: contiguous; bool travels as uint8."""
+    t = t.contiguous()
+    return t.view(torch.uint8) if t.dtype == torch.bool else t
+
+
+_ag_fn = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_rs_fn = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+
+
+def _all_gather_equal(out: torch.Tensor, inp: torch.Tensor) -> None:
+    """out (world*k, ...) <- concat over ranks of inp (k, ...). Equal sizes on every rank."""
+    emulate.before_comm()
+    o, i = _wire(out), _wire(inp)
+    if _ag_fn is not None:
+        _ag_fn(o, i)
+    else:  # very old torch: list form
+        dist.all_gather(list(o.chunk(_S.world)), i)
+    if not out.is_contiguous():
+        out.copy_(o.view(torch.bool) if out.dtype == torch.bool else o)
+    emulate.after_comm()
+
+
+def _reduce_scatter_equal(out: torch.Tensor, inp: torch.Tensor) -> None:
+    """out (k, ...) <- rank's k-row block of the sum over ranks of inp (world*k, ...)."""
+    emulate.before_comm()
+    if _rs_fn is not None and not _S.rs_fallback:
+        try:
+            _rs_fn(out, inp.contiguous())
+            emulate.after_comm()
+            return
+        except (RuntimeError, NotImplementedError) as e:  # gloo before torch 2.x lacks it
+            msg = str(e).lower()
+            if "support" not in msg and "implemented" not in msg:
+                raise
+            _S.rs_fallback = True
+    buf = inp.contiguous().clone()
+    dist.all_reduce(buf)
+    k = out.shape[0]
+    out.copy_(buf.narrow(0, _S.rank * k, k))
+    emulate.after_comm()
+
+
+def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None,
+                in_splits: list[int] | None) -> None:
+    """all_to_all_single along dim 0 (None splits = equal)."""
+    emulate.before_comm()
+    o, i = _wire(out), _wire(inp)
+    dist.all_to_all_single(o, i, out_splits, in_splits)
+    if not out.is_contiguous():
+        out.copy_(o.view(torch.bool) if out.dtype == torch.bool else o)
+    emulate.after_comm()
+
+
+def _all_reduce(t: torch.Tensor) -> None:
+    """In-place sum over ranks of a contiguous tensor."""
+    emulate.before_comm()
+    dist.all_reduce(t)
+    emulate.after_comm()
+
+
+def _broadcast(t: torch.Tensor, src: int) -> None:
+    emulate.before_comm()
+    dist.broadcast(t, src)
+    emulate.after_comm()

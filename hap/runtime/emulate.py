@@ -1,0 +1,58 @@
+"""Emulating a slower device on one CPU machine.
+
+With `set_emulation(s)`, every communication (forward and backward collectives, gradient
+all-reduce) and `end_segment()` first sleeps `(s - 1) x` the wall time this rank spent since the end
+of its previous communication (its compute in that segment), so the rank behaves like a device
+`s` times slower. The clock restarts after each communication, so neither the sleep nor the time
+spent waiting for other ranks counts as compute.
+"""
+
+from __future__ import annotations
+
+import time
+
+_slowdown: float = 1.0
+_seg_start: float = time.perf_counter()
+_total_sleep: float = 0.0
+
+
+def set_emulation(slowdown: float) -> None:
+    """Make this rank behave as if its compute were `slowdown` times slower (1 = off)."""
+    global _slowdown, _seg_start
+    slowdown = float(slowdown)
+    if not slowdown >= 1.0:
+        raise ValueError(f"hap.runtime.set_emulation: slowdown must be >= 1 (got {slowdown}); "
+                         "a device cannot be emulated faster than the machine running it")
+    _slowdown = slowdown
+    _seg_start = time.perf_counter()
+
+
+def slowdown() -> float:
+    return _slowdown
+
+
+def total_sleep() -> float:
+    """Seconds slept for emulation so far on this rank (for reports and tests)."""
+    return _total_sleep
+
+
+def before_comm() -> None:
+    """Sleep the emulated extra compute time of the segment that ends here."""
+    global _total_sleep
+    if _slowdown > 1.0:
+        extra = (_slowdown - 1.0) * (time.perf_counter() - _seg_start)
+        if extra > 0:
+            time.sleep(extra)
+            _total_sleep += extra
+
+
+def after_comm() -> None:
+    """Start the next compute segment."""
+    global _seg_start
+    _seg_start = time.perf_counter()
+
+
+def end_segment() -> None:
+    """Flush the current segment's emulated delay (call at the end of a step)."""
+    before_comm()
+    after_comm()

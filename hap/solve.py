@@ -1,0 +1,352 @@
+"""The solve: per-node sharding, per-edge collectives and integer per-rank shares.
+
+MILP with the shares fixed (``solve_placements``), PuLP + HiGHS (CBC as fallback):
+
+  variables
+    y[n,c] ∈ {0,1}      node n takes candidate c            (identical layers share y: ``tie_groups``)
+    need[u,q] ∈ [0,1]   some consumer reads u's output in placement q
+    move[u,p,q] ≥ 0     u is produced in p and converted to q (one collective, reused by all readers)
+  constraints
+    Σ_c y[n,c] = 1                                                   ``_one_hot``
+    need[u,q] ≥ Σ_{c: c reads input k as q} y[v,c]  ∀ readers (v,k) ``_edges``
+    move[u,p,q] ≥ Σ_{c: out(c)=p} y[u,c] + need[u,q] − 1             ``_edges``
+    impossible moves (a list output re-placed): out_p + need_q ≤ 1   ``_edges``
+    Σ_n mem_r(n, c)·y[n,c] ≤ memory of rank r                         ``_memory``
+  objective (predicted step time, seconds)
+    Σ_{n,c} y·max_r compute_r(n,c) + Σ move·collective(p→q) + Σ_params y[param,R]·grad all-reduce
+
+The shares are then re-fitted (``refit_shares``, HAP's ratio LP): with placements fixed, an
+LP over continuous ratios x_r minimises Σ_n max_r(compute_r(x_r)) + padded-collective terms;
+rounding gives integer shares, and the MILP runs again until the step time stops improving.
+Every candidate plan is scored by ``evaluate`` with exact integer lengths, which is what
+the plan reports; the data-parallel baselines are the same MILP with parameters pinned
+replicated and the batch sharded, so the final plan is never worse than them.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import pulp
+
+if TYPE_CHECKING:
+    from hap.cluster import Cluster
+from hap.cost import INF, MATMUL_LIKE, Conversion, CostModel
+from hap.errors import InfeasiblePlan
+from hap.graph import Graph, Node, TensorMeta
+from hap.placement import Placement, R, S, largest_remainder
+from hap.rules import Candidate, RuleContext, candidates
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------
+# candidates of every node (placeholders included)
+# ---------------------------------------------------------------------------------------
+def source_candidates(node: Node, ctx: RuleContext) -> list[Candidate]:
+    m = node.meta
+    if not isinstance(m, TensorMeta):
+        return [Candidate("R", (), R)]
+    out = [Candidate("R", (), R)]
+    if node.kind == "input":
+        if m.ndim and m.shape[0] >= 2 and ctx.num_ranks > 1:
+            out.append(Candidate("S(0)", (), S(0), split=(m.shape[0], 1)))
+    elif node.kind == "param":
+        for d in range(m.ndim):
+            for u in ctx.shard_units(m.shape[d]):
+                out.append(Candidate(str(S(d, u)), (), S(d, u), split=(m.shape[d], u)))
+    return out
+
+
+def all_candidates(graph: Graph, ctx: RuleContext, strict: bool = False) -> dict[str, list[Candidate]]:
+    out = {}
+    for n in graph:
+        out[n.name] = candidates(n, ctx, strict) if n.kind == "op" else source_candidates(n, ctx)
+    return out
+
+
+def tie_groups(graph: Graph) -> dict[str, str]:
+    """node -> representative node: the same op in every instance of a repeated layer."""
+    reps: dict[tuple, str] = {}
+    out: dict[str, str] = {}
+    counters: dict[tuple, int] = {}
+    for n in graph:
+        path = n.target if n.kind in ("param", "buffer") else n.module.split(" ")[0]
+        if n.kind == "input" or not re.search(r"\.\d+(\.|$)", path):
+            out[n.name] = n.name
+            continue
+        generic = re.sub(r"\.\d+(?=\.|$)", ".*", path)
+        instance = tuple(re.findall(r"\.(\d+)(?=\.|$)", path))
+        ins = tuple(str(getattr(graph[i], "meta", None)) for i in n.inputs())
+        sig = (generic, n.kind, n.target if n.kind == "op" else "", str(n.meta), ins)
+        k = counters.get((sig, instance), 0)
+        counters[(sig, instance)] = k + 1
+        key = (sig, k)
+        out[n.name] = reps.setdefault(key, n.name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# scoring a complete assignment
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Moved:
+    producer: str
+    src: Placement
+    dst: Placement
+    conversion: Conversion
+
+
+@dataclass
+class Evaluation:
+    step_s: float
+    compute_s: tuple[float, ...]  # per rank, sum over nodes (what the rank itself computes)
+    critical_compute_s: float  # sum over nodes of the slowest rank
+    comm_s: float  # resharding collectives, forward + backward
+    grad_sync_s: float  # all-reduce of replicated parameters' gradients
+    memory_bytes: tuple[float, ...]
+    moves: list[Moved] = field(default_factory=list)
+    grad_synced: list[str] = field(default_factory=list)
+
+
+def readers(graph: Graph) -> dict[str, list[tuple[str, int]]]:
+    out: dict[str, list[tuple[str, int]]] = {n.name: [] for n in graph}
+    for v in graph.ops():
+        for k, ref in enumerate(v.inputs()):
+            out[ref].append((v.name, k))
+    return out
+
+
+def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evaluation:
+    n = cm.n
+    per_rank = [0.0] * n
+    critical = 0.0
+    mem = [0.0] * n
+    for node in graph:
+        c = choice[node.name]
+        t = cm.compute_s(node, c)
+        critical += max(t)
+        for r in range(n):
+            per_rank[r] += t[r]
+        for r, b in enumerate(cm.memory_bytes(node, c)):
+            mem[r] += b
+    moves = []
+    comm = 0.0
+    rd = readers(graph)
+    for node in graph:
+        if not isinstance(node.meta, TensorMeta):
+            continue
+        src = choice[node.name].output
+        wanted = {choice[v].inputs[k] for v, k in rd[node.name]}
+        if node.name == graph.loss:
+            wanted.add(Placement("P"))
+        for q in sorted(wanted):
+            if q == src:
+                continue
+            conv = cm.conversion(node.meta, src, q, node.name in cm.requires_grad)
+            moves.append(Moved(node.name, src, q, conv))
+            comm += conv.seconds
+    gs = 0.0
+    synced = []
+    for p in graph.params():
+        if choice[p.name].output.kind == "R" and isinstance(p.meta, TensorMeta):
+            gs += cm.grad_sync_s(p.meta)
+            synced.append(p.name)
+    return Evaluation(critical + comm + gs, tuple(per_rank), critical, comm, gs, tuple(mem), moves, synced)
+
+
+# ---------------------------------------------------------------------------------------
+# the MILP with shares fixed
+# ---------------------------------------------------------------------------------------
+@dataclass
+class MilpResult:
+    choice: dict[str, Candidate]
+    status: str
+    objective: float
+    seconds: float
+
+
+def solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candidate]], *,
+                     pin: Callable[[Node, Candidate], bool] | None = None, tie: bool = True,
+                     time_limit_s: float = 30.0, solver: str = "highs") -> MilpResult:
+    t0 = time.perf_counter()
+    rep = tie_groups(graph) if tie else {n.name: n.name for n in graph}
+    allowed = {name: [c for c in cs if pin is None or pin(graph[name], c)] or cs[:1] for name, cs in cands.items()}
+    for name in allowed:  # a tied node only keeps what its representative can also take
+        r = rep[name]
+        if r != name:
+            names = {c.name for c in allowed[name]}
+            allowed[r] = [c for c in allowed[r] if c.name in names] or allowed[r]
+    prob = pulp.LpProblem("hap_placements", pulp.LpMinimize)
+    y: dict[tuple[str, str], pulp.LpVariable] = {}
+    for name, cs in allowed.items():
+        if rep[name] == name:
+            for i, c in enumerate(cs):
+                y[name, c.name] = pulp.LpVariable(f"y_{_safe(name)}_{i}", cat="Binary")
+
+    def yv(name: str, cname: str):
+        return y.get((rep[name], cname))
+
+    objective = []
+    for name, cs in allowed.items():
+        if rep[name] != name:
+            continue
+        prob += pulp.lpSum(y[name, c.name] for c in cs) == 1, f"one_{_safe(name)}"
+    # node compute + parameter gradient sync
+    for node in graph:
+        for c in allowed[rep[node.name]]:
+            v = yv(node.name, c.name)
+            if v is None:
+                continue
+            cost = cm.node_s(node, c)
+            if node.kind == "param" and c.output.kind == "R" and isinstance(node.meta, TensorMeta):
+                cost += cm.grad_sync_s(node.meta)
+            if cost:
+                objective.append(cost * v)
+    # edges
+    rd = readers(graph)
+    for node in graph:
+        if not isinstance(node.meta, (TensorMeta, list)):
+            continue
+        outs: dict[Placement, list] = {}
+        for c in allowed[rep[node.name]]:
+            outs.setdefault(c.output, []).append(yv(node.name, c.name))
+        wanted: dict[Placement, list] = {}
+        for v, k in rd[node.name]:
+            for c in allowed[rep[v]]:
+                wanted.setdefault(c.inputs[k], []).append((v, k, yv(v, c.name)))
+        fixed_need: set[Placement] = {Placement("P")} if node.name == graph.loss else set()
+        for q in fixed_need:
+            wanted.setdefault(q, [])
+        for qi, (q, lst) in enumerate(sorted(wanted.items())):
+            need = None
+            if q in fixed_need:
+                need = 1
+            elif len(outs) == 1 and q in outs:
+                continue  # the only output placement already is q
+            else:
+                need = pulp.LpVariable(f"need_{_safe(node.name)}_{qi}", 0, 1)
+                by_reader: dict[tuple[str, int], list] = {}
+                for v, k, var in lst:
+                    by_reader.setdefault((v, k), []).append(var)
+                for j, ((v, k), vars_) in enumerate(by_reader.items()):
+                    prob += need >= pulp.lpSum(vars_), f"need_{_safe(node.name)}_{qi}_{j}"
+            for pi, (p, ovars) in enumerate(sorted(outs.items())):
+                if p == q:
+                    continue
+                o = pulp.lpSum(ovars)
+                if isinstance(node.meta, list):
+                    prob += o + need <= 1, f"nolist_{_safe(node.name)}_{pi}_{qi}"
+                    continue
+                conv = cm.conversion(node.meta, p, q, node.name in cm.requires_grad)
+                if conv.seconds == INF:
+                    prob += o + need <= 1, f"nomove_{_safe(node.name)}_{pi}_{qi}"
+                elif conv.seconds > 0:
+                    mv = pulp.LpVariable(f"mv_{_safe(node.name)}_{pi}_{qi}", 0)
+                    prob += mv >= o + need - 1, f"mv_{_safe(node.name)}_{pi}_{qi}"
+                    objective.append(conv.seconds * mv)
+    # memory
+    for r in range(cm.n):
+        terms = []
+        for node in graph:
+            for c in allowed[rep[node.name]]:
+                b = cm.memory_bytes(node, c)[r]
+                v = yv(node.name, c.name)
+                if b and v is not None:
+                    terms.append(b * v)
+        cap = cm.cluster.memory_bytes(r)
+        prob += pulp.lpSum(terms) <= cap, f"mem_{r}"
+    prob += pulp.lpSum(objective)
+    if solver == "highs":
+        s = pulp.HiGHS(msg=False, timeLimit=time_limit_s, mip=True)
+    else:
+        s = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s)
+    try:
+        prob.solve(s)
+    except pulp.PulpSolverError:
+        if solver == "highs":
+            return solve_placements(graph, cm, cands, pin=pin, tie=tie, time_limit_s=time_limit_s, solver="cbc")
+        raise
+    status = pulp.LpSolution.get(prob.sol_status, str(prob.sol_status))
+    if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        raise InfeasiblePlan(f"the solver found no plan ({status}, {pulp.LpStatus[prob.status]})")
+    choice = {}
+    for node in graph:
+        cs = allowed[rep[node.name]]
+        best = max(cs, key=lambda c: (yv(node.name, c.name).value() or 0.0))
+        # a tied node must also be valid for itself
+        own = {c.name: c for c in allowed[node.name]}
+        choice[node.name] = own.get(best.name, own[next(iter(own))])
+    obj = pulp.value(prob.objective) or 0.0
+    return MilpResult(choice, status, float(obj), time.perf_counter() - t0)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"\W", "_", name)
+
+
+# ---------------------------------------------------------------------------------------
+# re-fitting the shares with placements fixed (HAP's ratio LP)
+# ---------------------------------------------------------------------------------------
+def refit_shares(graph: Graph, cm: CostModel, choice: dict[str, Candidate], total: int) -> tuple[int, ...]:
+    n = cm.n
+    prob = pulp.LpProblem("hap_ratios", pulp.LpMinimize)
+    x = [pulp.LpVariable(f"x_{r}", 0, 1) for r in range(n)]
+    prob += pulp.lpSum(x) == 1
+    obj = []
+    for node in graph:
+        c = choice[node.name]
+        if node.kind != "op" or node.op_class == "view":
+            continue
+        t = cm.compute_s(node, c)
+        if c.split is None:
+            obj.append(max(t))
+            continue
+        full = cm.compute_s(node, Candidate("full", c.inputs, c.output, None))
+        floor = [full[r] - _work_s(cm, node, r) for r in range(n)]
+        tv = pulp.LpVariable(f"t_{_safe(node.name)}", 0)
+        for r in range(n):
+            prob += tv >= _work_s(cm, node, r) * x[r] + floor[r]
+        obj.append(tv)
+    prob += pulp.lpSum(obj)
+    prob.solve(pulp.HiGHS(msg=False, mip=False))
+    ratios = [max(v.value() or 0.0, 0.0) for v in x]
+    if sum(ratios) <= 0:
+        return tuple(largest_remainder(total, [1.0] * n))
+    return largest_remainder(total, ratios)
+
+
+def _work_s(cm: CostModel, node: Node, r: int) -> float:
+    """Forward + backward seconds of the whole op on rank r, without the kernel floor."""
+    grad = node.name in cm.requires_grad
+    bwd = (2.0 if node.op_class in MATMUL_LIKE else 1.0) if grad else 0.0
+    from hap.cost import _dtype_of
+    if node.op_class in MATMUL_LIKE:
+        t = node.flops / cm.cluster.flop_rate(r, node.op_class, _dtype_of(node))
+    else:
+        t = node.bytes / cm.cluster.memory_rate(r)
+    return t * (1 + bwd)
+
+
+def lower_bound_s(graph: Graph, cm: CostModel) -> float:
+    """All work spread perfectly over all ranks' rates, no communication, no kernel floors."""
+    total = 0.0
+    for node in graph:
+        if node.kind != "op" or node.op_class in ("view",):
+            continue
+        rates = [1.0 / _work_s(cm, node, r) for r in range(cm.n) if _work_s(cm, node, r) > 0]
+        if rates:
+            total += 1.0 / sum(rates)
+    return total
+
+
+def speed_shares(cluster: Cluster, total: int) -> tuple[int, ...]:
+    return largest_remainder(total, [cluster.speed(r) for r in range(cluster.num_ranks)])
+
+
+def even_shares(n: int, total: int) -> tuple[int, ...]:
+    return tuple(total // n + (1 if r < total % n else 0) for r in range(n))

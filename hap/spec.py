@@ -1,0 +1,69 @@
+"""The model spec protocol: a Python file defining ``model()``, ``batch(step, batch_size)``
+and ``BATCH_SIZE``. Loading it turns every mistake into a ``SpecError`` that says what
+is missing and how to fix it."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import traceback
+from pathlib import Path
+from types import ModuleType
+
+from hap.errors import SpecError
+
+PROTOCOL = ("a spec file defines model() -> nn.Module whose forward(*batch) returns the loss, "
+            "batch(step, batch_size) -> tuple of tensors, and BATCH_SIZE = int (see examples/mlp.py)")
+
+
+def load_spec(path: str | Path) -> ModuleType:
+    p = Path(path)
+    if not p.exists():
+        raise SpecError(f"model spec {path} does not exist; {PROTOCOL}")
+    if not p.is_file() or p.suffix != ".py":
+        raise SpecError(f"model spec {path} is not a .py file; {PROTOCOL}")
+    name = f"hap_spec_{p.stem}"
+    spec = importlib.util.spec_from_file_location(name, p)
+    if spec is None or spec.loader is None:
+        raise SpecError(f"cannot read model spec {path}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(p.resolve().parent))
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:
+        tb = traceback.extract_tb(e.__traceback__)
+        where = next((f"{fr.filename}:{fr.lineno}" for fr in reversed(tb) if fr.filename == str(p)), str(path))
+        raise SpecError(f"model spec {path} failed to import at {where}: {type(e).__name__}: {e}") from e
+    missing = [n for n in ("model", "batch", "BATCH_SIZE") if not hasattr(mod, n)]
+    if missing:
+        raise SpecError(f"model spec {path} lacks {', '.join(missing)}; {PROTOCOL}")
+    if not callable(mod.model) or not callable(mod.batch):
+        raise SpecError(f"model spec {path}: model and batch must be functions; {PROTOCOL}")
+    if not isinstance(mod.BATCH_SIZE, int) or mod.BATCH_SIZE < 1:
+        raise SpecError(f"model spec {path}: BATCH_SIZE must be a positive int, not {mod.BATCH_SIZE!r}")
+    return mod
+
+
+def build(mod: ModuleType, batch_size: int | None = None, seed: int = 0):
+    """``(model, example batch)`` from a loaded spec, with the errors of user code explained."""
+    import torch
+
+    bs = batch_size or mod.BATCH_SIZE
+    torch.manual_seed(seed)
+    try:
+        model = mod.model()
+    except Exception as e:
+        raise SpecError(f"model() raised {type(e).__name__}: {e}") from e
+    if not isinstance(model, torch.nn.Module):
+        raise SpecError(f"model() returned a {type(model).__name__}, not a torch.nn.Module")
+    try:
+        batch = mod.batch(0, bs)
+    except Exception as e:
+        raise SpecError(f"batch(0, {bs}) raised {type(e).__name__}: {e}") from e
+    if isinstance(batch, torch.Tensor):
+        batch = (batch,)
+    if not isinstance(batch, (tuple, list)) or not all(isinstance(b, torch.Tensor) for b in batch):
+        raise SpecError("batch(step, batch_size) must return a tuple of tensors")
+    for i, b in enumerate(batch):
+        if b.ndim == 0 or b.shape[0] != bs:
+            raise SpecError(f"batch tensor {i} has shape {tuple(b.shape)}; dim 0 must be the {bs} samples")
+    return model, tuple(batch)

@@ -1,0 +1,181 @@
+"""Shared test helpers: load example specs, run a captured graph on one device, and check
+every sharding candidate of every node against the single-device values, rank by rank."""
+from __future__ import annotations
+
+import importlib.util
+import operator
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from hap.capture import capture
+from hap.emit import Emitter
+from hap.graph import Graph, TensorMeta
+from hap.placement import Placement, Splitter
+from hap.rules import Candidate, RuleContext, view_units
+from hap.solve import all_candidates
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def load_example(name: str):
+    path = EXAMPLES / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(EXAMPLES))
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def captured(mod, batch_size: int | None = None, seed: int = 0):
+    torch.manual_seed(seed)
+    model = mod.model()
+    batch = mod.batch(0, batch_size or mod.BATCH_SIZE)
+    return model, batch, capture(model, batch)
+
+
+def _decode(a, values):
+    if isinstance(a, dict):
+        if "node" in a and len(a) == 1:
+            return values[a["node"]]
+        if "dtype" in a:
+            return getattr(torch, a["dtype"])
+        if "device" in a:
+            return torch.device("cpu")
+        if "memory_format" in a:
+            return getattr(torch, a["memory_format"])
+        if "layout" in a:
+            return getattr(torch, a["layout"])
+        if "float" in a:
+            return float(a["float"])
+    if isinstance(a, list):
+        return [_decode(x, values) for x in a]
+    return a
+
+
+def resolve(target: str):
+    if target == "getitem":
+        return operator.getitem
+    obj = torch.ops
+    for part in target.split(".")[0:]:
+        obj = getattr(obj, part)
+    return obj
+
+
+def run_graph(graph: Graph, model: torch.nn.Module, batch) -> dict[str, object]:
+    """Every node's value on one device (a fresh copy of the buffers: batch_norm mutates them)."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    values: dict[str, object] = {}
+    for n in graph:
+        if n.kind in ("param", "buffer"):
+            values[n.name] = sd[n.target]
+        elif n.kind == "input":
+            values[n.name] = batch[int(n.target)]
+        else:
+            values[n.name] = resolve(n.target)(*_decode(n.args, values),
+                                               **{k: _decode(v, values) for k, v in n.kwargs.items()})
+    return values
+
+
+def local_value(full, p: Placement, splitter: Splitter, rank: int, noise_seed: int = 0):
+    if isinstance(full, (list, tuple)):
+        return [local_value(f, p, splitter, rank, noise_seed + i) for i, f in enumerate(full)]
+    if p.kind == "R":
+        return full.clone()
+    if p.kind == "S":
+        d = p.dim if p.dim >= 0 else p.dim + full.ndim
+        ls = splitter.lengths(full.shape[d], p.unit)
+        return full.narrow(d, sum(ls[:rank]), ls[rank]).clone()
+    # P: random addends that sum to the full value
+    n = splitter.num_ranks
+    g = torch.Generator().manual_seed(noise_seed)
+    noise = [torch.randn(full.shape, generator=g, dtype=full.dtype) for _ in range(n - 1)]
+    if rank > 0:
+        return noise[rank - 1]
+    return full - sum(noise) if noise else full.clone()
+
+
+def check_candidate(graph: Graph, values: dict, name: str, cand: Candidate, splitter: Splitter,
+                    atol: float = 1e-4) -> str | None:
+    """Run ``cand`` of node ``name`` on every rank's local inputs; None if it reproduces the
+    single-device output in its placement, else a description of the mismatch."""
+    node = graph[name]
+    n = splitter.num_ranks
+    fake_plan = SimpleNamespace(graph=graph, shares=splitter.shares, nodes={}, moves=[])
+    em = Emitter.__new__(Emitter)
+    em.plan, em.graph, em.splitter = fake_plan, graph, splitter
+    em.lengths_used, em.converted, em.lines, em.choice = {}, {}, [], {}
+    refs = [f"in{i}" for i in range(len(node.inputs()))]
+    expr = em.expression(node, cand, refs)
+    outs = []
+    target_full = None
+    if len(node.inputs()) > 1:
+        target_full = values[node.inputs()[1]]
+    for r in range(n):
+        ns = {"aten": torch.ops.aten, "torch": torch, "RANK": r, "DEVICE": torch.device("cpu")}
+        for i, (ref, p) in enumerate(zip(node.inputs(), cand.inputs)):
+            ns[f"in{i}"] = local_value(values[ref], p, splitter, r, noise_seed=i)
+        for (size, unit), var in em.lengths_used.items():
+            ns[var] = splitter.lengths(size, unit)[r]
+
+        def class_loss_count(t, w, ii, _full=target_full):
+            keep = _full != ii
+            return float(keep.sum()) if w is None else float(w[_full.clamp(min=0)][keep].sum())
+
+        from hap.runtime.sharded_ops import vocab_embedding
+        ns["class_loss_count"] = class_loss_count
+        ns["vocab_embedding"] = vocab_embedding
+        outs.append(eval(expr, ns))
+    full = values[name]
+    fulls = full if isinstance(full, (list, tuple)) else [full]
+    locs = [o if isinstance(o, (list, tuple)) else [o] for o in outs]
+    for k, f in enumerate(fulls):
+        if not isinstance(f, torch.Tensor):
+            continue
+        p = cand.output
+        if p.kind == "P":
+            got = sum(loc[k] for loc in locs)
+            want = f
+            if not torch.allclose(got.double(), want.double(), atol=atol, rtol=1e-4):
+                return f"{name} {cand}: P sum differs by {(got.double() - want.double()).abs().max():.3g}"
+            continue
+        for r in range(n):
+            want = local_value(f, p, splitter, r)
+            got = locs[r][k]
+            if tuple(got.shape) != tuple(want.shape):
+                return f"{name} {cand}: rank {r} local shape {tuple(got.shape)} != {tuple(want.shape)} ({expr})"
+            if f.is_floating_point() and not torch.allclose(got, want, atol=atol, rtol=1e-4):
+                return f"{name} {cand}: rank {r} differs by {(got - want).abs().max():.3g}"
+            if not f.is_floating_point() and not torch.equal(got, want):
+                return f"{name} {cand}: rank {r} integer values differ"
+    return None
+
+
+def _all_float(v) -> bool:
+    if isinstance(v, (list, tuple)):
+        return all(_all_float(x) for x in v)
+    return isinstance(v, torch.Tensor) and v.is_floating_point()
+
+
+def check_all_candidates(graph: Graph, values: dict, shares: tuple[int, ...]) -> tuple[int, list[str]]:
+    splitter = Splitter(shares)
+    ctx = RuleContext(graph, splitter, view_units(graph))
+    cands = all_candidates(graph, ctx)
+    errors, checked = [], 0
+    for node in graph.ops():
+        for c in cands[node.name]:
+            if c.emit == "sync_batch_norm":
+                continue  # needs real collectives: covered by tests/test_runtime.py and the e2e tests
+            if any(p.kind == "P" and not _all_float(values[r]) for r, p in zip(node.inputs(), c.inputs)):
+                continue  # partial sums of integer tensors never arise from differentiable code
+            checked += 1
+            err = check_candidate(graph, values, node.name, c, splitter)
+            if err:
+                errors.append(err)
+    return checked, errors
+
+
+__all__ = ["TensorMeta", "captured", "check_all_candidates", "load_example", "run_graph"]

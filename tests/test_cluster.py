@@ -1,0 +1,359 @@
+"""Cluster files, device profiles and the Cluster artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hap.cluster import (
+    Cluster,
+    DeviceProfile,
+    Link,
+    cluster_from_dict,
+    known_devices,
+    load_cluster,
+    load_device,
+    profiles_dir,
+)
+from hap.errors import ClusterFileError
+
+CLUSTERS = sorted((profiles_dir() / "clusters").glob("*.toml"))
+DEVICES = sorted((profiles_dir() / "devices").glob("*.json"))
+SHIPPED_DEVICES = {
+    "cpu", "V100-16GB", "V100-32GB", "P100-16GB", "A100-40GB", "A100-80GB",
+    "H100-80GB", "T4-16GB", "L4-24GB", "A10-24GB",
+}  # fmt: skip
+SHIPPED_CLUSTERS = {
+    "default", "cpu-1-2-4", "cpu-homogeneous", "cpu-slow-net", "hap-paper",
+    "v100x8", "a100-l4", "v100-a100-mem",
+}  # fmt: skip
+SOURCE_PREFIXES = ("datasheet:", "scaled:", "measured:", "estimate:", "budget:")
+
+
+def write(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def cpu_entry(**kw) -> dict:
+    return {"device": "cpu", "count": 1, **kw}
+
+
+# --- shipped files ---------------------------------------------------------------------------------
+
+
+def test_shipped_files_present():
+    assert SHIPPED_DEVICES <= set(known_devices())
+    assert SHIPPED_CLUSTERS <= {p.stem for p in CLUSTERS}
+
+
+@pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.stem)
+def test_every_shipped_cluster_loads_and_lints(path):
+    cluster = load_cluster(path)
+    cluster.lint()
+    assert cluster.num_ranks >= 2
+    assert all(cluster.speed(r) > 0 and cluster.memory_bytes(r) > 0 for r in range(cluster.num_ranks))
+
+
+def _numeric_leaves(d, prefix=""):
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _numeric_leaves(value, path + ".")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield path
+
+
+@pytest.mark.parametrize("path", DEVICES, ids=lambda p: p.stem)
+def test_every_device_profile_has_provenance_for_every_number(path):
+    data = json.loads(path.read_text())
+    profile = load_device(path.stem)
+    assert profile.name == path.stem
+    leaves = [k for k in _numeric_leaves({k: v for k, v in data.items() if k != "provenance"})]
+    assert "memory_bytes" in leaves and "flop_per_s.matmul.fp32" in leaves
+    for leaf in leaves:
+        assert leaf in data["provenance"], f"{path.name}: no provenance for {leaf}"
+        assert data["provenance"][leaf].startswith(SOURCE_PREFIXES), data["provenance"][leaf]
+    assert {"matmul", "conv", "attention"} <= set(data["flop_per_s"])
+    if path.stem != "cpu":  # GPUs list every training dtype; the measured cpu lists what it ran
+        assert {"fp32", "fp16", "bf16"} <= set(data["flop_per_s"]["matmul"])
+    assert DeviceProfile.from_json(profile.to_json()) == profile
+
+
+def test_achieved_rates_relate_sensibly():
+    v100, p100, a100, h100 = (load_device(n) for n in ("V100-16GB", "P100-16GB", "A100-80GB", "H100-80GB"))
+    assert p100.compute_rate("matmul", "fp32") < v100.compute_rate("matmul", "fp32")
+    assert v100.compute_rate("matmul", "fp32") < a100.compute_rate("matmul", "fp32")
+    assert a100.compute_rate("matmul", "bf16") < h100.compute_rate("matmul", "bf16")
+    # No native bf16 on V100: emulated at the fp32 rate, never faster.
+    assert v100.compute_rate("matmul", "bf16") == v100.compute_rate("matmul", "fp32")
+    assert v100.compute_rate("matmul", "fp16") > 4 * v100.compute_rate("matmul", "fp32")
+    # Unknown class -> matmul; unknown dtype -> fp32; torch-style dtype names accepted.
+    assert v100.compute_rate("layer_norm_ish", "fp32") == v100.compute_rate("matmul", "fp32")
+    assert v100.compute_rate("conv", "int8") == v100.compute_rate("conv", "fp32")
+    assert a100.compute_rate("matmul", "torch.bfloat16") == a100.compute_rate("matmul", "bf16")
+    assert load_device("v100-16gb") == v100  # case-insensitive names
+
+
+# --- rank numbering, nodes, links ------------------------------------------------------------------
+
+
+def test_rank_numbering_entries_then_repeats_then_devices():
+    cluster = cluster_from_dict(
+        {
+            "network": {"inter_node_gbps": 10},
+            "nodes": [
+                {"device": "V100-16GB", "count": 2, "repeat": 2},
+                {"device": "P100-16GB", "count": 3},
+            ],
+        }
+    )
+    assert [r.device for r in cluster.ranks] == ["V100-16GB"] * 4 + ["P100-16GB"] * 3
+    assert [r.node for r in cluster.ranks] == [0, 0, 1, 1, 2, 2, 2]
+    assert [r.rank for r in cluster.ranks] == list(range(7))
+    assert cluster.nodes() == [[0, 1], [2, 3], [4, 5, 6]]
+
+
+def test_hap_paper_nodes_and_links():
+    cluster = load_cluster("hap-paper")
+    assert cluster.num_ranks == 64 and cluster.num_nodes == 8
+    assert [r.node for r in cluster.ranks] == [n for n in range(8) for _ in range(8)]
+    assert {cluster.ranks[r].device for r in range(16)} == {"V100-16GB"}
+    assert {cluster.ranks[r].device for r in range(16, 64)} == {"P100-16GB"}
+    v100_link = cluster.group_link(range(8))
+    assert v100_link == load_device("V100-16GB").intra_node
+    assert cluster.group_link(range(16, 24)) == load_device("P100-16GB").intra_node
+    whole = cluster.group_link()
+    assert whole.bytes_per_s == pytest.approx(1.3e9)
+    assert whole.alpha_s >= v100_link.alpha_s and whole.alpha_s == pytest.approx(30e-6)
+    assert cluster.group_link([7, 8]).bytes_per_s == pytest.approx(1.3e9)  # across two machines
+    # A group inside one machine is never slower than one across machines.
+    assert v100_link.time_s(1e8) < whole.time_s(1e8)
+
+
+def test_default_is_one_node_with_uneven_cpu_ranks():
+    cluster = load_cluster()
+    assert cluster.num_ranks == 2 and cluster.num_nodes == 1
+    assert [r.slowdown for r in cluster.ranks] == [1.0, 3.0]
+    assert cluster.group_link() == load_device("cpu").intra_node
+    assert cluster.speed(0) == pytest.approx(3 * cluster.speed(1))
+
+
+def test_slow_net_is_two_nodes_bound_by_the_network():
+    cluster = load_cluster("cpu-slow-net")
+    assert cluster.num_nodes == 2
+    assert cluster.group_link().bytes_per_s == pytest.approx(0.1e9 / 8)
+
+
+def test_inter_node_alpha_from_file(tmp_path):
+    path = write(
+        tmp_path,
+        '[network]\ninter_node_gbps = 25\ninter_node_alpha_us = 50\n[[nodes]]\ndevice = "A100-80GB"\n'
+        "count = 2\nrepeat = 2\n",
+    )
+    cluster = load_cluster(path)
+    assert cluster.inter_node == Link(alpha_s=50e-6, bytes_per_s=25e9 / 8)
+    assert cluster.name == "c"
+
+
+def test_slowdown_divides_rates():
+    cluster = load_cluster("cpu-1-2-4")
+    cpu = load_device("cpu")
+    for rank, slowdown in enumerate([1, 2, 4]):
+        assert cluster.flop_rate(rank, "conv", "fp32") == pytest.approx(
+            cpu.compute_rate("conv", "fp32") / slowdown
+        )
+        assert cluster.memory_rate(rank) == pytest.approx(cpu.memory_bytes_per_s / slowdown)
+        assert cluster.kernel_floor(rank) == pytest.approx(cpu.kernel_floor_s * slowdown)
+        assert cluster.memory_bytes(rank) == cpu.memory_bytes  # memory is not slowed down
+    assert cluster.speed(0) / cluster.speed(2) == pytest.approx(4)
+
+
+def test_named_nodes_share_a_machine():
+    cluster = cluster_from_dict(
+        {
+            "network": {"inter_node_gbps": 1},
+            "nodes": [cpu_entry(node="a"), cpu_entry(node="b"), cpu_entry(node="a", slowdown=2)],
+        }
+    )
+    assert [r.node for r in cluster.ranks] == [0, 1, 0]
+    assert cluster.group_link([0, 2]) == load_device("cpu").intra_node
+    assert cluster.group_link([0, 1]).bytes_per_s == pytest.approx(1e9 / 8)
+
+
+@pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.stem)
+def test_json_round_trip(path):
+    cluster = load_cluster(path)
+    again = Cluster.from_json(json.loads(json.dumps(cluster.to_json())))
+    assert again == cluster
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+ERROR_CASES = {
+    "no nodes": ('name = "x"\n', ["no [[nodes]]", "clusters"]),
+    "syntax": ('[[nodes]\ndevice = "cpu"\n', ["TOML syntax error", "line 1"]),
+    "unknown device": ('[[nodes]]\ndevice = "V100-16G"\ncount = 1\n', ["V100-16G", "V100-16GB", "devices"]),
+    "count zero": ('[[nodes]]\ndevice = "cpu"\ncount = 0\n', ["nodes[0]", "count"]),
+    "count float": (
+        '[[nodes]]\ndevice = "cpu"\ncount = 1\n[[nodes]]\ndevice = "cpu"\ncount = 1.5\n',
+        ["nodes[1]", "count"],
+    ),
+    "count missing": ('[[nodes]]\ndevice = "cpu"\n', ["nodes[0]", "count"]),
+    "repeat negative": ('[[nodes]]\ndevice = "cpu"\ncount = 1\nrepeat = -2\n', ["nodes[0]", "repeat"]),
+    "slowdown zero": ('[[nodes]]\ndevice = "cpu"\ncount = 1\nslowdown = 0\n', ["nodes[0]", "slowdown"]),
+    "gbps zero": (
+        '[network]\ninter_node_gbps = 0\n[[nodes]]\ndevice = "cpu"\ncount = 1\n',
+        ["inter_node_gbps"],
+    ),
+    "network missing": ('[[nodes]]\ndevice = "cpu"\ncount = 1\nrepeat = 2\n', ["2 nodes", "inter_node_gbps"]),
+    "unknown key": (
+        '[[nodes]]\ndevice = "cpu"\ncount = 1\nslowdwn = 2\n',
+        ["slowdwn", "allowed keys", "slowdown"],
+    ),
+    "unknown top key": ('nodez = 1\n[[nodes]]\ndevice = "cpu"\ncount = 1\n', ["nodez", "allowed keys"]),
+    "unknown network key": (
+        '[network]\ngbps = 1\n[[nodes]]\ndevice = "cpu"\ncount = 1\n',
+        ["gbps", "inter_node_gbps"],
+    ),
+    "repeat with node": (
+        '[[nodes]]\ndevice = "cpu"\ncount = 1\nrepeat = 2\nnode = "a"\n',
+        ["nodes[0]", "count"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=list(ERROR_CASES))
+def test_cluster_file_errors(tmp_path, case):
+    text, needles = ERROR_CASES[case]
+    path = write(tmp_path, text)
+    with pytest.raises(ClusterFileError) as info:
+        load_cluster(path)
+    message = str(info.value)
+    assert str(path) in message
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in {message!r}"
+
+
+def test_missing_cluster_file(tmp_path):
+    with pytest.raises(ClusterFileError, match="does not exist.*see .*clusters"):
+        load_cluster(tmp_path / "nope.toml")
+
+
+def test_unknown_device_by_name():
+    with pytest.raises(ClusterFileError, match="A100-80GB"):
+        load_device("A100-80")
+
+
+PROFILE_BREAKAGES = {
+    "missing memory": (lambda d: d.pop("memory_bytes"), "memory_bytes"),
+    "negative rate": (lambda d: d["flop_per_s"]["matmul"].update(fp32=-1), "flop_per_s.matmul.fp32"),
+    "no matmul fp32": (lambda d: d["flop_per_s"]["matmul"].pop("fp32"), "flop_per_s.matmul.fp32"),
+    "link missing bw": (lambda d: d["intra_node"].pop("bytes_per_s"), "intra_node.bytes_per_s"),
+    "string floor": (lambda d: d.update(kernel_floor_s="fast"), "kernel_floor_s"),
+}
+
+
+@pytest.mark.parametrize("case", PROFILE_BREAKAGES, ids=list(PROFILE_BREAKAGES))
+def test_malformed_profile(tmp_path, case):
+    breakage, needle = PROFILE_BREAKAGES[case]
+    data = load_device("V100-16GB").to_json()
+    breakage(data)
+    profile = write(tmp_path, json.dumps(data), "mine.json")
+    path = write(tmp_path, '[[nodes]]\ndevice = "mine.json"\ncount = 2\n')
+    with pytest.raises(ClusterFileError) as info:
+        load_cluster(path)
+    assert str(profile) in str(info.value) and needle in str(info.value)
+
+
+def test_profile_not_json(tmp_path):
+    path = write(tmp_path, "{not json", "bad.json")
+    with pytest.raises(ClusterFileError, match=r"bad.json.*line 1"):
+        load_device(str(path))
+
+
+def test_device_profile_by_relative_path(tmp_path):
+    data = load_device("T4-16GB").to_json() | {"name": "my-T4"}
+    write(tmp_path, json.dumps(data), "my-T4.json")
+    cluster = load_cluster(write(tmp_path, '[[nodes]]\ndevice = "my-T4.json"\ncount = 2\n'))
+    assert set(cluster.devices) == {"my-T4"} and cluster.num_ranks == 2
+
+
+def test_hap_profiles_env(tmp_path, monkeypatch):
+    (tmp_path / "devices").mkdir()
+    (tmp_path / "clusters").mkdir()
+    (tmp_path / "devices" / "cpu.json").write_text(json.dumps(load_device("cpu").to_json()))
+    (tmp_path / "clusters" / "default.toml").write_text('[[nodes]]\ndevice = "cpu"\ncount = 4\n')
+    monkeypatch.setenv("HAP_PROFILES", str(tmp_path))
+    assert profiles_dir() == tmp_path and known_devices() == ["cpu"]
+    assert load_cluster().num_ranks == 4
+
+
+# --- properties ------------------------------------------------------------------------------------
+
+valid_entry = st.fixed_dictionaries(
+    {"device": st.sampled_from(["cpu", "V100-16GB", "P100-16GB", "L4-24GB"]), "count": st.integers(1, 8)},
+    optional={
+        "repeat": st.integers(1, 4),
+        "slowdown": st.floats(0.01, 100) | st.integers(1, 10),
+    },
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entries=st.lists(valid_entry, min_size=1, max_size=5), gbps=st.floats(0.001, 1000))
+def test_random_valid_clusters_load(entries, gbps):
+    cluster = cluster_from_dict({"network": {"inter_node_gbps": gbps}, "nodes": entries})
+    expected = sum(e["count"] * e.get("repeat", 1) for e in entries)
+    assert cluster.num_ranks == expected
+    assert cluster.num_nodes == sum(e.get("repeat", 1) for e in entries)
+    for r in range(cluster.num_ranks):
+        assert cluster.flop_rate(r, "matmul", "fp32") > 0
+    assert Cluster.from_json(cluster.to_json()) == cluster
+
+
+junk = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=5),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+bad_field = st.sampled_from(["device", "count", "repeat", "slowdown", "node", "bogus"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    entries=st.lists(valid_entry, min_size=1, max_size=3),
+    index=st.integers(0, 2),
+    field=bad_field,
+    value=junk,
+    network=st.one_of(st.none(), junk, st.fixed_dictionaries({"inter_node_gbps": junk})),
+)
+def test_random_invalid_clusters_raise_cluster_file_error(entries, index, field, value, network):
+    data: dict = {"nodes": entries}
+    entry = entries[index % len(entries)]
+    entry[field] = value
+    if network is not None:
+        data["network"] = network
+    try:
+        cluster = cluster_from_dict(data)
+    except ClusterFileError:
+        return
+    # It loaded: then what we wrote must have been valid after all.
+    cluster.lint()
+    assert cluster.num_ranks == sum(e["count"] * e.get("repeat", 1) for e in entries)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.dictionaries(st.sampled_from(["name", "nodes", "network", "extra"]), junk, max_size=4))
+def test_junk_documents_raise_cluster_file_error(data):
+    with pytest.raises(ClusterFileError):
+        cluster_from_dict(data)

@@ -1,0 +1,517 @@
+"""hap.runtime: uneven differentiable collectives, sync batch norm, grads, emulation.
+
+Multi-process checks run in 2 and 3 spawned gloo processes (one spawn per world size, all checks in
+it; each check records its mismatches instead of raising, so the ranks stay in step). Each check
+compares the forward with the value computed on the full tensor and every rank's gradient with the
+single-process autograd reference of the whole SPMD computation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hap.runtime as hr
+from hap.runtime import emulate
+
+FORMS = ("padded", "grouped")
+LENGTH_SETS = {2: [(1, 4), (0, 3)], 3: [(5, 0, 3), (0, 0, 4), (2, 2, 2)]}
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared by worker checks
+# ----------------------------------------------------------------------------------------------
+
+def _rand(shape, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=dtype)
+
+
+def _noncontig(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous (reversed-strides) layout."""
+    perm = tuple(reversed(range(t.dim())))
+    return t.permute(perm).contiguous().permute(perm)
+
+
+def _off(ls, i):
+    return sum(ls[:i])
+
+
+class _Errs:
+    def __init__(self):
+        self.msgs: list[str] = []
+
+    def close(self, label, got, want, atol=1e-9, rtol=1e-7):
+        if got is None or want is None:
+            if got is not want:
+                self.msgs.append(f"{label}: one of got/want is None ({got is None}, {want is None})")
+            return
+        if tuple(got.shape) != tuple(want.shape):
+            self.msgs.append(f"{label}: shape {tuple(got.shape)} != {tuple(want.shape)}")
+            return
+        if got.dtype != want.dtype:
+            self.msgs.append(f"{label}: dtype {got.dtype} != {want.dtype}")
+            return
+        if got.is_floating_point():
+            ok = torch.allclose(got, want, atol=atol, rtol=rtol)
+        else:
+            ok = torch.equal(got, want)
+        if not ok:
+            err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+            self.msgs.append(f"{label}: values differ (max abs err {err:.3g})")
+
+
+def _raw_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t
+
+
+def _local(kind, X, adds, r, dim, ls):
+    if kind == "R":
+        return X
+    if kind == "P":
+        return adds[r]
+    return X.narrow(dim, _off(ls, r), ls[r])
+
+
+def _check_collective(errs, label, fn, shape, in_kind, in_dim, in_ls, out_kind, out_dim, out_ls, n, r,
+                      seed=0):
+    """Run `fn(local_x)` (identity on the global value) and check forward + gradient."""
+    adds = [_noncontig(_rand(shape, seed + 10 + i)) for i in range(n)]
+    X = sum(adds) if in_kind == "P" else _noncontig(_rand(shape, seed))
+    Ws = [_rand(shape, seed + 100 + i) for i in range(n)]
+
+    x = _local(in_kind, X, adds, r, in_dim, in_ls).detach().requires_grad_()
+    y = fn(x)
+    if out_kind == "R":
+        errs.close(f"{label} forward", y.detach(), X)
+        loss = (y * Ws[r]).sum()
+    elif out_kind == "S":
+        errs.close(f"{label} forward", y.detach(), X.narrow(out_dim, _off(out_ls, r), out_ls[r]))
+        loss = (y * Ws[r].narrow(out_dim, _off(out_ls, r), out_ls[r])).sum()
+    else:  # P
+        errs.close(f"{label} forward (sum of partials)", _raw_sum(y), X)
+        loss = (y * Ws[0]).sum()
+    loss.backward()
+
+    Xr = X.detach().clone().requires_grad_()
+    if out_kind == "R":
+        ref = sum((Xr * Ws[i]).sum() for i in range(n))
+    elif out_kind == "S":
+        ref = sum((Xr.narrow(out_dim, _off(out_ls, i), out_ls[i])
+                   * Ws[i].narrow(out_dim, _off(out_ls, i), out_ls[i])).sum() for i in range(n))
+    else:
+        ref = (Xr * Ws[0]).sum()
+    ref.backward()
+    G = Xr.grad
+    gx = x.grad if x.grad is not None else torch.zeros_like(x)
+    if in_kind == "S":
+        errs.close(f"{label} grad", gx, G.narrow(in_dim, _off(in_ls, r), in_ls[r]))
+    elif in_kind == "P":
+        errs.close(f"{label} grad", gx, G)
+    else:
+        errs.close(f"{label} grad (sum over ranks)", _raw_sum(gx), G)
+
+
+# ----------------------------------------------------------------------------------------------
+# checks (each returns a list of mismatch messages; all ranks run the same collectives)
+# ----------------------------------------------------------------------------------------------
+
+def _ck_all_gather(n, r):
+    errs = _Errs()
+    for ls in LENGTH_SETS[n]:
+        N = sum(ls)
+        for form in FORMS:
+            for dim, shape in ((0, (N, 3, 2)), (1, (3, N, 2)), (-1, (3, 2, N))):
+                _check_collective(errs, f"all_gather {ls} {form} dim={dim}",
+                                  lambda x, d=dim, f=form, ls=ls: hr.all_gather(x, d, ls, f),
+                                  shape, "S", dim, ls, "R", None, None, n, r)
+            # integer forward
+            full = torch.arange(N * 3, dtype=torch.long).reshape(3, N)
+            got = hr.all_gather(full.narrow(1, _off(ls, r), ls[r]), 1, ls, form)
+            errs.close(f"all_gather int {ls} {form}", got, full)
+            # float32 path
+            full32 = _rand((N, 4), 5, torch.float32)
+            got = hr.all_gather(full32.narrow(0, _off(ls, r), ls[r]), 0, ls, form)
+            errs.close(f"all_gather f32 {ls} {form}", got, full32)
+    return errs.msgs
+
+
+def _ck_reduce_scatter(n, r):
+    errs = _Errs()
+    for ls in LENGTH_SETS[n]:
+        N = sum(ls)
+        for form in FORMS:
+            for dim, shape in ((0, (N, 3, 2)), (1, (3, N, 2)), (-1, (3, 2, N))):
+                _check_collective(errs, f"reduce_scatter {ls} {form} dim={dim}",
+                                  lambda x, d=dim, f=form, ls=ls: hr.reduce_scatter(x, d, ls, f),
+                                  shape, "P", None, None, "S", dim, ls, n, r)
+    return errs.msgs
+
+
+def _ck_all_reduce(n, r):
+    errs = _Errs()
+    _check_collective(errs, "all_reduce", hr.all_reduce, (4, 3), "P", None, None, "R", None, None, n, r)
+    _check_collective(errs, "all_reduce 1d", hr.all_reduce, (7,), "P", None, None, "R", None, None, n, r, 3)
+    return errs.msgs
+
+
+def _ck_all_to_all(n, r):
+    errs = _Errs()
+    sets = LENGTH_SETS[n]
+    for ls in sets:
+        N = sum(ls)
+        for form in FORMS:
+            # S(0) -> S(1), dim 1 split by the same or other lengths
+            for ls2 in sets:
+                M = sum(ls2)
+                _check_collective(errs, f"all_to_all {ls}@0->{ls2}@1 {form}",
+                                  lambda x, f=form, a=ls, b=ls2: hr.all_to_all(x, 0, a, 1, b, f),
+                                  (N, M, 2), "S", 0, ls, "S", 1, ls2, n, r)
+                _check_collective(errs, f"all_to_all {ls}@-1->{ls2}@0 {form}",
+                                  lambda x, f=form, a=ls, b=ls2: hr.all_to_all(x, -1, a, 0, b, f),
+                                  (M, 3, N), "S", 2, ls, "S", 0, ls2, n, r)
+            # re-split of the same dim
+            for ls2 in (tuple(reversed(ls)), ls, (N,) + (0,) * (n - 1)):
+                _check_collective(errs, f"all_to_all resplit {ls}->{ls2} dim1 {form}",
+                                  lambda x, f=form, a=ls, b=ls2: hr.all_to_all(x, 1, a, 1, b, f),
+                                  (2, N, 3), "S", 1, ls, "S", 1, ls2, n, r)
+            # integer forward
+            full = torch.arange(N * 6, dtype=torch.int32).reshape(N, 6)
+            d6 = (6,) + (0,) * (n - 1) if n > 2 else (2, 4)
+            got = hr.all_to_all(full.narrow(0, _off(ls, r), ls[r]), 0, ls, 1, d6, form)
+            errs.close(f"all_to_all int {ls} {form}", got, full.narrow(1, _off(d6, r), d6[r]))
+    return errs.msgs
+
+
+def _ck_slice_partial(n, r):
+    errs = _Errs()
+    for ls in LENGTH_SETS[n]:
+        N = sum(ls)
+        _check_collective(errs, f"slice_local {ls}", lambda x, ls=ls: hr.slice_local(x, 1, ls),
+                          (3, N), "R", None, None, "S", 1, ls, n, r)
+        _check_collective(errs, f"slice_local {ls} dim -2", lambda x, ls=ls: hr.slice_local(x, -2, ls),
+                          (N, 2), "R", None, None, "S", 0, ls, n, r)
+    _check_collective(errs, "to_partial", hr.to_partial, (4, 2), "R", None, None, "P", None, None, n, r)
+    # round trip R -> P -> R and R -> S -> R
+    x = _rand((5, 3), 9).requires_grad_()
+    y = hr.all_reduce(hr.to_partial(x))
+    errs.close("to_partial+all_reduce", y.detach(), x.detach())
+    return errs.msgs
+
+
+def _ck_misc(n, r):
+    errs = _Errs()
+    s = hr.sum_scalar(r + 1)
+    if s != n * (n + 1) / 2:
+        errs.msgs.append(f"sum_scalar: {s}")
+    s = hr.sum_scalar(torch.tensor(0.5 * (r + 1)))
+    if abs(s - n * (n + 1) / 4) > 1e-12:
+        errs.msgs.append(f"sum_scalar tensor: {s}")
+    t = torch.full((3, 2), float(r))
+    hr.broadcast_(t, src=n - 1)
+    errs.close("broadcast_", t, torch.full((3, 2), float(n - 1)))
+    tnc = torch.full((2, 3), float(r)).t()
+    hr.broadcast_(tnc, src=0)
+    errs.close("broadcast_ non-contiguous", tnc, torch.zeros(3, 2))
+    for ls in LENGTH_SETS[n]:
+        N = sum(ls)
+        full = _rand((2, N), 4)
+        errs.close(f"gather_full S {ls}", hr.gather_full(full.narrow(1, _off(ls, r), ls[r]), "S", 1, ls), full)
+    adds = [_rand((3,), 20 + i) for i in range(n)]
+    errs.close("gather_full P", hr.gather_full(adds[r], "P", 0, ()), sum(adds))
+    errs.close("gather_full R", hr.gather_full(adds[0], "R", 0, ()), adds[0])
+    # lengths that do not match the world size are a clear error
+    try:
+        hr.all_gather(torch.zeros(1), 0, (1,) * (n + 1))
+        errs.msgs.append("wrong-length lengths not rejected")
+    except ValueError as e:
+        if "world size" not in str(e):
+            errs.msgs.append(f"unclear message: {e}")
+    return errs.msgs
+
+
+def _ck_all_reduce_grads(n, r):
+    errs = _Errs()
+    a = torch.zeros(3, 4, requires_grad=True)
+    b = torch.zeros(5, requires_grad=True)
+    c = torch.zeros(2, 2, dtype=torch.float64, requires_grad=True)
+    d = torch.zeros(6, requires_grad=True)  # grad None on rank 0
+    a.grad = torch.full((3, 4), float(r + 1))
+    b.grad = torch.arange(5.0) * (r + 1)
+    c.grad = torch.full((2, 2), 0.5 * r, dtype=torch.float64)
+    if r != 0:
+        d.grad = torch.ones(6)
+    hr.all_reduce_grads([a, b, c, d, a], bucket_mb=1e-5)  # tiny buckets: several all_reduces; `a` tied
+    tot = n * (n + 1) / 2
+    errs.close("all_reduce_grads a", a.grad, torch.full((3, 4), tot))
+    errs.close("all_reduce_grads b", b.grad, torch.arange(5.0) * tot)
+    errs.close("all_reduce_grads c (f64)", c.grad, torch.full((2, 2), 0.5 * (n - 1) * n / 2, dtype=torch.float64))
+    errs.close("all_reduce_grads d (None on rank 0)", d.grad, torch.full((6,), float(n - 1)))
+    hr.all_reduce_grads([a])  # default bucket
+    errs.close("all_reduce_grads again", a.grad, torch.full((3, 4), tot * n))
+    return errs.msgs
+
+
+def _ck_sync_batch_norm(n, r):
+    errs = _Errs()
+    for ls in LENGTH_SETS[n]:
+        N = sum(ls)
+        for shape, affine in (((N, 3, 4), True), ((N, 3), False), ((N, 2, 3, 2), True)):
+            C = shape[1]
+            X = _rand(shape, 1, torch.float32) * 3 + 1
+            W = _rand(shape, 2, torch.float32)
+            w0 = _rand((C,), 3, torch.float32) if affine else None
+            b0 = _rand((C,), 4, torch.float32) if affine else None
+            rm0, rv0 = _rand((C,), 5, torch.float32), _rand((C,), 6, torch.float32).abs() + 0.5
+
+            x = X.narrow(0, _off(ls, r), ls[r]).clone().requires_grad_()
+            w = w0.clone().requires_grad_() if affine else None
+            b = b0.clone().requires_grad_() if affine else None
+            rm, rv = rm0.clone(), rv0.clone()
+            y = hr.sync_batch_norm(x, w, b, rm, rv, True, 0.1, 1e-5, ls)
+            (y * W.narrow(0, _off(ls, r), ls[r])).sum().backward()
+
+            Xr = X.clone().requires_grad_()
+            wr = w0.clone().requires_grad_() if affine else None
+            br = b0.clone().requires_grad_() if affine else None
+            rmr, rvr = rm0.clone(), rv0.clone()
+            Y = F.batch_norm(Xr, rmr, rvr, wr, br, True, 0.1, 1e-5)
+            (Y * W).sum().backward()
+            lab = f"sync_batch_norm {ls} {shape}"
+            tol = {"atol": 1e-5, "rtol": 1e-5}
+            errs.close(f"{lab} out", y.detach(), Y.detach().narrow(0, _off(ls, r), ls[r]), **tol)
+            gx = x.grad if x.grad is not None else torch.zeros_like(x)
+            errs.close(f"{lab} grad x", gx, Xr.grad.narrow(0, _off(ls, r), ls[r]), **tol)
+            if affine:
+                errs.close(f"{lab} grad w", _raw_sum(w.grad), wr.grad, atol=1e-4, rtol=1e-5)
+                errs.close(f"{lab} grad b", _raw_sum(b.grad), br.grad, atol=1e-4, rtol=1e-5)
+            errs.close(f"{lab} running_mean", rm, rmr, **tol)
+            errs.close(f"{lab} running_var", rv, rvr, **tol)
+            # eval mode: running stats, no communication
+            ye = hr.sync_batch_norm(x.detach(), w0, b0, rm, rv, False, 0.1, 1e-5, ls)
+            Ye = F.batch_norm(X, rmr, rvr, w0, b0, False, 0.1, 1e-5)
+            errs.close(f"{lab} eval", ye, Ye.narrow(0, _off(ls, r), ls[r]), **tol)
+    return errs.msgs
+
+
+def _busy(seconds):
+    t = time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        pass
+
+
+def _ck_emulation(n, r):
+    """Rank n-1 emulates a 3x slower device: the others wait ~2x its 20 ms compute at the collective."""
+    errs = _Errs()
+    x = torch.ones(4)
+    hr.all_reduce(x)  # align the ranks
+    if r == n - 1:
+        hr.set_emulation(3.0)
+    s0 = emulate.total_sleep()
+    _busy(0.02)
+    t0 = time.perf_counter()
+    hr.all_reduce(x)
+    waited = time.perf_counter() - t0
+    slept = emulate.total_sleep() - s0
+    hr.end_segment()
+    hr.set_emulation(1.0)
+    if r == n - 1:
+        if not 0.035 <= slept <= 0.4:
+            errs.msgs.append(f"emulated rank slept {slept:.3f}s for ~0.02s of compute at slowdown 3")
+    elif not 0.025 <= waited <= 1.0:
+        errs.msgs.append(f"rank {r} waited {waited:.3f}s at the collective, expected ~0.04s")
+    return errs.msgs
+
+
+CHECKS = {
+    "all_gather": _ck_all_gather,
+    "reduce_scatter": _ck_reduce_scatter,
+    "all_reduce": _ck_all_reduce,
+    "all_to_all": _ck_all_to_all,
+    "slice_local_to_partial": _ck_slice_partial,
+    "misc": _ck_misc,
+    "all_reduce_grads": _ck_all_reduce_grads,
+    "sync_batch_norm": _ck_sync_batch_norm,
+    "emulation": _ck_emulation,
+}
+
+
+def _worker(rank, world, store_path, port, out_dir):
+    import torch.distributed as dist
+
+    os.environ.pop("LOCAL_RANK", None)
+    if port is not None:  # the torchrun way: env:// rendezvous done by hr.init
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    else:  # a process group made by someone else is adopted
+        store = dist.FileStore(store_path, world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+    results = {}
+    try:
+        got = hr.init("gloo")
+        results["init"] = [] if got == (rank, world) else [f"init returned {got}"]
+        if hr.rank() != rank or hr.world_size() != world or hr.device() != torch.device("cpu"):
+            results["init"].append("rank()/world_size()/device() wrong")
+        for name, fn in CHECKS.items():
+            try:
+                results[name] = fn(world, rank)
+            except Exception:  # noqa: BLE001 - reported to the parent test
+                results[name] = [traceback.format_exc()]
+    finally:
+        hr.shutdown()
+        hr.shutdown()  # twice is fine
+        if dist.is_initialized():  # adopted group: ours to destroy
+            dist.destroy_process_group()
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_world(world, use_env):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        port = _free_port() if use_env else None
+        procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(tmp, "store"), port, tmp))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.time() + 120
+        for p in procs:
+            p.join(max(1.0, deadline - time.time()))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        out = {}
+        for r in range(world):
+            path = os.path.join(tmp, f"rank{r}.json")
+            if not os.path.exists(path):
+                pytest.fail(f"rank {r} of {world} wrote no results (exit code {procs[r].exitcode})")
+            with open(path) as f:
+                out[r] = json.load(f)
+        return out
+
+
+@pytest.fixture(scope="module")
+def world2():
+    return _run_world(2, use_env=True)
+
+
+@pytest.fixture(scope="module")
+def world3():
+    return _run_world(3, use_env=False)
+
+
+@pytest.mark.parametrize("check", ["init", *CHECKS])
+@pytest.mark.parametrize("world", [2, 3])
+def test_multiprocess(check, world, request):
+    res = request.getfixturevalue(f"world{world}")
+    msgs = [f"rank {r}: {m}" for r in sorted(res) for m in res[r].get(check, ["check did not run"])]
+    assert not msgs, "\n".join(msgs)
+
+
+# ----------------------------------------------------------------------------------------------
+# single-process mode (no WORLD_SIZE): every op is the identity / local
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def single(monkeypatch):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert hr.init("gloo") == (0, 1)
+    yield
+    hr.set_emulation(1.0)
+    hr.shutdown()
+
+
+def test_single_process_identity(single):
+    assert hr.rank() == 0 and hr.world_size() == 1 and not hr.is_distributed()
+    x = torch.randn(4, 3, requires_grad=True)
+    for form in FORMS:
+        assert torch.equal(hr.all_gather(x, 0, (4,), form), x)
+        assert torch.equal(hr.reduce_scatter(x, -1, (3,), form), x)
+        assert torch.equal(hr.all_to_all(x, 0, (4,), 1, (3,), form), x)
+    assert torch.equal(hr.all_reduce(x), x)
+    assert torch.equal(hr.to_partial(x), x)
+    s = hr.slice_local(x, 1, (3,))
+    assert torch.equal(s, x) and s.data_ptr() != x.data_ptr()
+    assert hr.sum_scalar(2.5) == 2.5 and hr.sum_scalar(torch.tensor(1.5)) == 1.5
+    assert torch.equal(hr.gather_full(x, "S", 0, (4,)), x)
+    assert torch.equal(hr.gather_full(x, "P", 0, ()), x)
+    t = torch.ones(2)
+    hr.broadcast_(t)
+    assert torch.equal(t, torch.ones(2))
+    (hr.all_gather(x, 0, (4,)) * 2).sum().backward()
+    assert torch.equal(x.grad, torch.full((4, 3), 2.0))
+    with pytest.raises(ValueError, match="world size"):
+        hr.all_gather(x, 0, (2, 2))
+    with pytest.raises(ValueError, match="form"):
+        hr.all_gather(x, 0, (4,), "zigzag")
+
+
+def test_single_process_grads_and_bn(single):
+    a = torch.zeros(3, requires_grad=True)
+    b = torch.zeros(2, requires_grad=True)
+    a.grad = torch.ones(3)
+    hr.all_reduce_grads([a, b])
+    assert torch.equal(a.grad, torch.ones(3)) and torch.equal(b.grad, torch.zeros(2))
+    x = torch.randn(6, 3, 2)
+    w, bb = torch.randn(3), torch.randn(3)
+    rm, rv, rm2, rv2 = torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3)
+    y = hr.sync_batch_norm(x, w, bb, rm, rv, True, 0.1, 1e-5, (6,))
+    assert torch.allclose(y, F.batch_norm(x, rm2, rv2, w, bb, True, 0.1, 1e-5), atol=1e-6)
+    assert torch.allclose(rm, rm2) and torch.allclose(rv, rv2)
+    hr.shutdown()
+    hr.shutdown()
+
+
+def test_single_process_emulation(single):
+    hr.set_emulation(3.0)
+    x = torch.ones(2)
+    s0 = emulate.total_sleep()
+    _busy(0.02)
+    t0 = time.perf_counter()
+    hr.all_reduce(x)  # identity here, but still a segment boundary
+    dt = time.perf_counter() - t0
+    slept = emulate.total_sleep() - s0
+    assert 0.035 <= slept <= 0.4, slept  # ~2 x 20 ms
+    assert dt >= 0.9 * slept
+    # the sleep itself is not compute: an immediate end_segment adds (almost) nothing
+    s1 = emulate.total_sleep()
+    hr.end_segment()
+    assert emulate.total_sleep() - s1 < 0.01
+    # end_segment flushes a pending segment
+    _busy(0.01)
+    s2 = emulate.total_sleep()
+    hr.end_segment()
+    assert 0.015 <= emulate.total_sleep() - s2 <= 0.3
+    hr.set_emulation(1.0)
+    s3 = emulate.total_sleep()
+    _busy(0.01)
+    hr.end_segment()
+    assert emulate.total_sleep() == s3
+    with pytest.raises(ValueError):
+        hr.set_emulation(0.5)
+    assert math.isclose(emulate.slowdown(), 1.0)
