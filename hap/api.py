@@ -98,7 +98,12 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
         shares, choice, ev, status = new, c2, ev2, st2
     if n > 1 and prop != even:
         run("hap_even", even)
-    best_tag = min(results, key=lambda k: results[k][2].step_s)
+    # Prefer the simplest result (speed-proportional shares) unless another is at least
+    # 1% faster; never one slower than a baseline.
+    best_s = min(r[2].step_s for r in results.values())
+    limit = min(best_s * 1.01, results["dp_even"][2].step_s, results["dp_proportional"][2].step_s)
+    order = ["hap", "dp_proportional"] + [k for k in results if k.startswith("hap_refit")] + ["hap_even", "dp_even"]
+    best_tag = next(k for k in order if k in results and results[k][2].step_s <= limit)
     shares, choice, ev, status = results[best_tag]
     strategy = "hap" if best_tag.startswith("hap") else best_tag
     cm = CostModel(graph, cluster, Splitter(shares), optimizer)

@@ -88,7 +88,11 @@ class CostModel:
         key = (node.name, cand.name)
         if key in self._node_cache:
             return self._node_cache[key]
-        if node.kind != "op" or node.op_class == "view":
+        if node.kind == "input" and isinstance(node.meta, TensorMeta):
+            # reading the batch: a rank reads its own samples (S) or all of them (R)
+            fracs = self.fractions(cand.split)
+            res = tuple(node.meta.nbytes * f / self.cluster.memory_rate(r) for r, f in enumerate(fracs))
+        elif node.kind != "op" or node.op_class == "view":
             res = (0.0,) * self.n
         else:
             fracs = self.fractions(cand.split)
@@ -119,12 +123,17 @@ class CostModel:
         return _conversion(self, meta, src, dst, grad)
 
     def grad_sync_s(self, meta: TensorMeta) -> float:
-        """All-reduce of a replicated parameter's gradient, latency shared by a 25 MiB bucket."""
+        """Bandwidth term of the bucketed all-reduce of a replicated parameter's gradient,
+        plus a latency per 25 MiB bucket it fills (``grad_sync_latency_s`` is the first)."""
         if self.n <= 1:
             return 0.0
         a, bw = self.link.alpha_s, self.link.bytes_per_s
-        lat = 2 * (self.n - 1) * a * min(1.0, meta.nbytes / GRAD_BUCKET_BYTES)
+        lat = 2 * (self.n - 1) * a * meta.nbytes / GRAD_BUCKET_BYTES
         return lat + 2 * (self.n - 1) / self.n * meta.nbytes / bw
+
+    def grad_sync_latency_s(self) -> float:
+        """Latency of the first gradient bucket, paid once when any parameter is replicated."""
+        return 2 * (self.n - 1) * self.link.alpha_s if self.n > 1 else 0.0
 
     # ---- memory ----------------------------------------------------------------------
     def memory_bytes(self, node: Node, cand: Candidate) -> tuple[float, ...]:

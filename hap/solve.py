@@ -156,6 +156,8 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
         if choice[p.name].output.kind == "R" and isinstance(p.meta, TensorMeta):
             gs += cm.grad_sync_s(p.meta)
             synced.append(p.name)
+    if synced:
+        gs += cm.grad_sync_latency_s()
     return Evaluation(critical + comm + gs, tuple(per_rank), critical, comm, gs, tuple(mem), moves, synced)
 
 
@@ -176,111 +178,139 @@ def solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candidat
     t0 = time.perf_counter()
     rep = tie_groups(graph) if tie else {n.name: n.name for n in graph}
     allowed = {name: [c for c in cs if pin is None or pin(graph[name], c)] or cs[:1] for name, cs in cands.items()}
-    for name in allowed:  # a tied node only keeps what its representative can also take
+    for name, own in list(allowed.items()):  # a representative only keeps what all its members can take
         r = rep[name]
         if r != name:
-            names = {c.name for c in allowed[name]}
+            names = {c.name for c in own}
             allowed[r] = [c for c in allowed[r] if c.name in names] or allowed[r]
+    mult: dict[str, int] = {}
+    for name in rep:
+        mult[rep[name]] = mult.get(rep[name], 0) + 1
     prob = pulp.LpProblem("hap_placements", pulp.LpMinimize)
     y: dict[tuple[str, str], pulp.LpVariable] = {}
     for name, cs in allowed.items():
         if rep[name] == name:
             for i, c in enumerate(cs):
                 y[name, c.name] = pulp.LpVariable(f"y_{_safe(name)}_{i}", cat="Binary")
+            prob += pulp.lpSum(y[name, c.name] for c in cs) == 1, f"one_{_safe(name)}"
 
-    def yv(name: str, cname: str):
-        return y.get((rep[name], cname))
+    def choices(name: str) -> list[tuple[Candidate, pulp.LpVariable]]:
+        r = rep[name]
+        return [(c, y[r, c.name]) for c in allowed[r]]
 
     objective = []
-    for name, cs in allowed.items():
-        if rep[name] != name:
-            continue
-        prob += pulp.lpSum(y[name, c.name] for c in cs) == 1, f"one_{_safe(name)}"
-    # node compute + parameter gradient sync
-    for node in graph:
-        for c in allowed[rep[node.name]]:
-            v = yv(node.name, c.name)
-            if v is None:
-                continue
+    # node compute and parameter gradient all-reduce (counted once per tied member)
+    any_grad_sync = pulp.LpVariable("any_grad_sync", 0, 1)
+    for name in mult:
+        node = graph[name]
+        for c, v in choices(name):
             cost = cm.node_s(node, c)
             if node.kind == "param" and c.output.kind == "R" and isinstance(node.meta, TensorMeta):
                 cost += cm.grad_sync_s(node.meta)
+                prob += any_grad_sync >= v
             if cost:
-                objective.append(cost * v)
-    # edges
+                objective.append(mult[name] * cost * v)
+    objective.append(cm.grad_sync_latency_s() * any_grad_sync)
+    # edges: a transport between the producer's output placement and each reader's input
+    # placement (tight); a move is paid once per (producer, placement) however many read it
     rd = readers(graph)
+    z: dict[tuple, dict[tuple[Placement, Placement], Any]] = {}
+    moves: dict[tuple, tuple[Any, float, int]] = {}
     for node in graph:
+        u = node.name
         if not isinstance(node.meta, (TensorMeta, list)):
             continue
         outs: dict[Placement, list] = {}
-        for c in allowed[rep[node.name]]:
-            outs.setdefault(c.output, []).append(yv(node.name, c.name))
-        wanted: dict[Placement, list] = {}
-        for v, k in rd[node.name]:
-            for c in allowed[rep[v]]:
-                wanted.setdefault(c.inputs[k], []).append((v, k, yv(v, c.name)))
-        fixed_need: set[Placement] = {Placement("P")} if node.name == graph.loss else set()
-        for q in fixed_need:
-            wanted.setdefault(q, [])
-        for qi, (q, lst) in enumerate(sorted(wanted.items())):
-            need = None
-            if q in fixed_need:
-                need = 1
-            elif len(outs) == 1 and q in outs:
-                continue  # the only output placement already is q
+        for c, v in choices(u):
+            outs.setdefault(c.output, []).append(v)
+        reader_keys = []
+        edges = [((rep[v], k), [(c.inputs[k], var) for c, var in choices(v)]) for v, k in rd[u]]
+        if u == graph.loss:
+            edges.append((("<loss>", 0), [(Placement("P"), 1)]))
+        for (rv, k), ins in edges:
+            key = (rep[u], rv, k)
+            reader_keys.append(key)
+            if key in z:
+                continue
+            want: dict[Placement, list] = {}
+            for q, var in ins:
+                want.setdefault(q, []).append(var)
+            cells = {}
+            for pi, p in enumerate(sorted(outs)):
+                for qi, q in enumerate(sorted(want)):
+                    cells[p, q] = pulp.LpVariable(f"z_{len(z)}_{pi}_{qi}", 0)
+            for pi, p in enumerate(sorted(outs)):
+                prob += pulp.lpSum(cells[p, q] for q in want) == pulp.lpSum(outs[p]), f"zo_{len(z)}_{pi}"
+            for qi, q in enumerate(sorted(want)):
+                prob += pulp.lpSum(cells[p, q] for p in outs) == pulp.lpSum(want[q]), f"zi_{len(z)}_{qi}"
+            z[key] = cells
+        mkey = (rep[u], tuple(sorted(set(reader_keys))))
+        for p, q in sorted({pq for key in reader_keys for pq in z[key]}):
+            if p == q:
+                continue
+            if isinstance(node.meta, list):
+                cost = INF
             else:
-                need = pulp.LpVariable(f"need_{_safe(node.name)}_{qi}", 0, 1)
-                by_reader: dict[tuple[str, int], list] = {}
-                for v, k, var in lst:
-                    by_reader.setdefault((v, k), []).append(var)
-                for j, ((v, k), vars_) in enumerate(by_reader.items()):
-                    prob += need >= pulp.lpSum(vars_), f"need_{_safe(node.name)}_{qi}_{j}"
-            for pi, (p, ovars) in enumerate(sorted(outs.items())):
-                if p == q:
-                    continue
-                o = pulp.lpSum(ovars)
-                if isinstance(node.meta, list):
-                    prob += o + need <= 1, f"nolist_{_safe(node.name)}_{pi}_{qi}"
-                    continue
-                conv = cm.conversion(node.meta, p, q, node.name in cm.requires_grad)
-                if conv.seconds == INF:
-                    prob += o + need <= 1, f"nomove_{_safe(node.name)}_{pi}_{qi}"
-                elif conv.seconds > 0:
-                    mv = pulp.LpVariable(f"mv_{_safe(node.name)}_{pi}_{qi}", 0)
-                    prob += mv >= o + need - 1, f"mv_{_safe(node.name)}_{pi}_{qi}"
-                    objective.append(conv.seconds * mv)
-    # memory
+                cost = cm.conversion(node.meta, p, q, u in cm.requires_grad).seconds
+            if cost == 0:
+                continue
+            if cost == INF:
+                for key in set(reader_keys):
+                    if (p, q) in z[key]:
+                        z[key][p, q].upBound = 0
+                continue
+            if (mkey, p, q) not in moves:
+                mv = pulp.LpVariable(f"mv_{len(moves)}", 0)
+                for key in set(reader_keys):
+                    if (p, q) in z[key]:
+                        prob += mv >= z[key][p, q], f"mv_{len(moves)}_{_safe(str(key))}"
+                moves[mkey, p, q] = (mv, cost, 0)
+            mv, c0, count = moves[mkey, p, q]
+            moves[mkey, p, q] = (mv, c0, count + 1)
+    for mv, cost, count in moves.values():
+        objective.append(cost * count * mv)
+    # memory: one row per distinct rank (same device, slowdown and lengths give the same row)
+    rows: dict[tuple, float] = {}
+    mem = {(name, c.name): cm.memory_bytes(graph[name], c) for name in graph._by_name for c, _ in choices(name)}
     for r in range(cm.n):
-        terms = []
-        for node in graph:
-            for c in allowed[rep[node.name]]:
-                b = cm.memory_bytes(node, c)[r]
-                v = yv(node.name, c.name)
-                if b and v is not None:
-                    terms.append(b * v)
-        cap = cm.cluster.memory_bytes(r)
+        coeffs = []
+        worst = 0.0
+        for name in mult:
+            best = 0.0
+            for c, v in choices(name):
+                b = sum(mem[m, c.name][r] for m in rep if rep[m] == name) if mult[name] > 1 else mem[name, c.name][r]
+                coeffs.append((v.name, b))
+                best = max(best, b)
+            worst += best
+        cap = float(cm.cluster.memory_bytes(r))
+        if worst <= cap:
+            continue  # cannot bind
+        rows.setdefault((cap, tuple(coeffs)), r)
+    for (cap, coeffs), r in rows.items():
+        terms = [b * prob.variablesDict()[vn] for vn, b in coeffs if b]
         prob += pulp.lpSum(terms) <= cap, f"mem_{r}"
     prob += pulp.lpSum(objective)
     if solver == "highs":
         s = pulp.HiGHS(msg=False, timeLimit=time_limit_s, mip=True)
     else:
         s = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s)
+    t_build = time.perf_counter() - t0
     try:
         prob.solve(s)
     except pulp.PulpSolverError:
         if solver == "highs":
             return solve_placements(graph, cm, cands, pin=pin, tie=tie, time_limit_s=time_limit_s, solver="cbc")
         raise
+    log.info("MILP: %d variables, %d constraints, built in %.2fs, solved in %.2fs",
+             len(prob.variables()), len(prob.constraints), t_build, time.perf_counter() - t0 - t_build)
     status = pulp.LpSolution.get(prob.sol_status, str(prob.sol_status))
     if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
         raise InfeasiblePlan(f"the solver found no plan ({status}, {pulp.LpStatus[prob.status]})")
     choice = {}
     for node in graph:
-        cs = allowed[rep[node.name]]
-        best = max(cs, key=lambda c: (yv(node.name, c.name).value() or 0.0))
-        # a tied node must also be valid for itself
+        best = max(choices(node.name), key=lambda cv: cv[1].value() or 0.0)[0]
         own = {c.name: c for c in allowed[node.name]}
-        choice[node.name] = own.get(best.name, own[next(iter(own))])
+        choice[node.name] = own.get(best.name, next(iter(own.values())))
     obj = pulp.value(prob.objective) or 0.0
     return MilpResult(choice, status, float(obj), time.perf_counter() - t0)
 
