@@ -46,8 +46,10 @@ def synthesize(model: torch.nn.Module, example_batch: Sequence[torch.Tensor], cl
 
 
 def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bool = False,
-               time_limit_s: float = 20.0, spec: str | None = None,
+               time_limit_s: float = 20.0, spec: str | None = None, pins: dict[str, str] | None = None,
                progress: Callable[[str], None] | None = None) -> Plan:
+    """Solve ``graph`` for ``cluster``. ``pins`` fixes the output placement of named nodes
+    (``{"p_fc_weight": "S(0)"}``: a parameter sharded on dim 0), as a user constraint."""
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
     n = cluster.num_ranks
@@ -63,6 +65,10 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
     ctx = RuleContext(graph, Splitter(prop), view_units(graph))
     say(f"enumerating candidates for {len(graph)} nodes")
     cands = all_candidates(graph, ctx, strict=strict)
+    user_pins = _parse_pins(graph, cands, pins or {})
+
+    def user_pin(node, c) -> bool:
+        return node.name not in user_pins or c.output == user_pins[node.name]
 
     def dp_pin(node, c) -> bool:
         if node.kind == "param":
@@ -84,7 +90,7 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
     run("dp_even", even, dp_pin)
     run("dp_proportional", prop, dp_pin)
     say("solving placements (MILP)")
-    choice, ev, status = run("hap", prop)
+    choice, ev, status = run("hap", prop, user_pin)
     shares = prop
     for it in range(3):
         cm = CostModel(graph, cluster, Splitter(shares), optimizer)
@@ -92,18 +98,21 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
         if new == shares:
             break
         say(f"re-fitting shares, round {it + 1}")
-        c2, ev2, st2 = run(f"hap_refit{it}", new)
+        c2, ev2, st2 = run(f"hap_refit{it}", new, user_pin)
         if ev2.step_s >= ev.step_s * (1 - 1e-6):
             break
         shares, choice, ev, status = new, c2, ev2, st2
     if n > 1 and prop != even:
-        run("hap_even", even)
+        run("hap_even", even, user_pin)
     # Prefer the simplest result (speed-proportional shares) unless another is at least
     # 1% faster; never one slower than a baseline.
     best_s = min(r[2].step_s for r in results.values())
     limit = min(best_s * 1.01, results["dp_even"][2].step_s, results["dp_proportional"][2].step_s)
+    if user_pins:  # the user asked for this strategy: baselines are for comparison only
+        limit = min(r[2].step_s for k, r in results.items() if k.startswith("hap")) * 1.01
     order = ["hap", "dp_proportional"] + [k for k in results if k.startswith("hap_refit")] + ["hap_even", "dp_even"]
-    best_tag = next(k for k in order if k in results and results[k][2].step_s <= limit)
+    best_tag = next(k for k in order if k in results and results[k][2].step_s <= limit
+                    and (not user_pins or k.startswith("hap")))
     shares, choice, ev, status = results[best_tag]
     strategy = "hap" if best_tag.startswith("hap") else best_tag
     cm = CostModel(graph, cluster, Splitter(shares), optimizer)
@@ -128,3 +137,22 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
                 time.perf_counter() - t0, status, optimizer, strategy, spec, list(dict.fromkeys(warnings)))
     plan.lint()
     return plan
+
+
+def _parse_pins(graph: Graph, cands: dict, pins: dict[str, str]) -> dict:
+    from hap.placement import parse
+
+    out = {}
+    for name, text in pins.items():
+        if name not in graph:
+            params = ", ".join(n.name for n in graph.params()[:6])
+            raise InfeasiblePlan(f"--pin {name}={text}: no node named {name!r} (parameters are e.g. {params})")
+        try:
+            p = parse(text)
+        except ValueError as e:
+            raise InfeasiblePlan(f"--pin {name}={text}: {e}") from None
+        offered = sorted({str(c.output) for c in cands[name]})
+        if str(p) not in offered:
+            raise InfeasiblePlan(f"--pin {name}={text}: {name} can only be placed as {', '.join(offered)}")
+        out[name] = p
+    return out

@@ -178,6 +178,11 @@ def capture(model: torch.nn.Module, example_batch: Sequence[torch.Tensor], name:
         ep = torch.export.export(model, example_batch, strict=False)
     except Exception as e:  # export raises many types; turn them into one clear message
         raise CaptureError(_explain_export_failure(e)) from e
+    if any(n.op == "get_attr" for n in ep.graph.nodes):
+        # no_grad / autocast regions (HuggingFace rotary embeddings run under @torch.no_grad) are
+        # exported as higher-order ops over submodules; an empty decomposition table inlines them
+        # and keeps the high-level ATen ops
+        ep = ep.run_decompositions({})
     return _graph_from_export(ep, model, name or type(model).__name__)
 
 

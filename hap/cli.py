@@ -33,19 +33,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=None, help="global batch (default: the spec's BATCH_SIZE)")
     ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="memory model of optimizer state")
     ap.add_argument("--strict", action="store_true", help="fail on ops without a sharding rule")
+    ap.add_argument("--pin", action="append", default=[], metavar="NODE=PLACEMENT",
+                    help="fix a node's placement, e.g. --pin p_fc_weight=S(0) (repeatable)")
     ap.add_argument("--time-limit", type=float, default=20.0, help="seconds per MILP solve (default 20)")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    err = Console(stderr=True)
-    out = Console()
+    err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=140)
+    out = Console() if sys.stdout.isatty() else Console(width=140)
     logging.basicConfig(level=logging.ERROR)
     try:
         return _main(args, out, err)
     except HapError as e:
-        err.print(f"[bold red]hap-plan:[/] {e}", highlight=False)
+        print(f"hap-plan: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         err.print("hap-plan: interrupted")
@@ -71,7 +73,7 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
         graph = capture(model, batch, name=type(model).__name__)
         status.update(f"planning {len(graph)} nodes for {cluster.num_ranks} ranks")
         plan = plan_graph(graph, cluster, optimizer=args.optimizer, strict=args.strict,
-                          time_limit_s=args.time_limit, spec=str(Path(args.spec).resolve()),
+                          time_limit_s=args.time_limit, spec=str(Path(args.spec).resolve()), pins=_pins(args.pin),
                           progress=lambda msg: status.update(msg))
     if args.emit:
         from hap.emit import emit_program
@@ -94,6 +96,16 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         return subprocess.call(cmd, env=env)
     return 0
+
+
+def _pins(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise HapError(f"--pin {item}: expected NODE=PLACEMENT, e.g. --pin p_fc_weight=S(0)")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -175,6 +176,14 @@ class MilpResult:
 def solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candidate]], *,
                      pin: Callable[[Node, Candidate], bool] | None = None, tie: bool = True,
                      time_limit_s: float = 30.0, solver: str = "highs") -> MilpResult:
+    with warnings.catch_warnings():  # PuLP 3.x deprecates LpVariable(...) in favour of a 4.0 API
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _solve_placements(graph, cm, cands, pin, tie, time_limit_s, solver)
+
+
+def _solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candidate]],
+                      pin: Callable[[Node, Candidate], bool] | None, tie: bool, time_limit_s: float,
+                      solver: str) -> MilpResult:
     t0 = time.perf_counter()
     rep = tie_groups(graph) if tie else {n.name: n.name for n in graph}
     allowed = {name: [c for c in cs if pin is None or pin(graph[name], c)] or cs[:1] for name, cs in cands.items()}
@@ -299,7 +308,7 @@ def solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candidat
         prob.solve(s)
     except pulp.PulpSolverError:
         if solver == "highs":
-            return solve_placements(graph, cm, cands, pin=pin, tie=tie, time_limit_s=time_limit_s, solver="cbc")
+            return _solve_placements(graph, cm, cands, pin, tie, time_limit_s, "cbc")
         raise
     log.info("MILP: %d variables, %d constraints, built in %.2fs, solved in %.2fs",
              len(prob.variables()), len(prob.constraints), t_build, time.perf_counter() - t0 - t_build)
@@ -323,6 +332,12 @@ def _safe(name: str) -> str:
 # re-fitting the shares with placements fixed (HAP's ratio LP)
 # ---------------------------------------------------------------------------------------
 def refit_shares(graph: Graph, cm: CostModel, choice: dict[str, Candidate], total: int) -> tuple[int, ...]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _refit_shares(graph, cm, choice, total)
+
+
+def _refit_shares(graph: Graph, cm: CostModel, choice: dict[str, Candidate], total: int) -> tuple[int, ...]:
     n = cm.n
     prob = pulp.LpProblem("hap_ratios", pulp.LpMinimize)
     x = [pulp.LpVariable(f"x_{r}", 0, 1) for r in range(n)]

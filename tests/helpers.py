@@ -67,7 +67,8 @@ def resolve(target: str):
 
 def run_graph(graph: Graph, model: torch.nn.Module, batch) -> dict[str, object]:
     """Every node's value on one device (a fresh copy of the buffers: batch_norm mutates them)."""
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().clone() for k, v in model.named_buffers()}  # non-persistent ones too
+    sd |= {k: v.detach().clone() for k, v in model.state_dict().items()}
     values: dict[str, object] = {}
     for n in graph:
         if n.kind in ("param", "buffer"):
@@ -83,8 +84,8 @@ def run_graph(graph: Graph, model: torch.nn.Module, batch) -> dict[str, object]:
 def local_value(full, p: Placement, splitter: Splitter, rank: int, noise_seed: int = 0):
     if isinstance(full, (list, tuple)):
         return [local_value(f, p, splitter, rank, noise_seed + i) for i, f in enumerate(full)]
-    if p.kind == "R":
-        return full.clone()
+    if p.kind == "R" or (p.kind == "S" and p.dim >= full.ndim):
+        return full.clone()  # S(d) of a list leaves its elements without dim d replicated
     if p.kind == "S":
         d = p.dim if p.dim >= 0 else p.dim + full.ndim
         ls = splitter.lengths(full.shape[d], p.unit)

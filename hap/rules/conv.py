@@ -6,6 +6,12 @@ from hap.graph import Node
 from hap.rules import Candidate, P, R, RuleContext, S, arg, rule
 
 
+def _channel_units(ctx: RuleContext, channels: int) -> list[int]:
+    """Units to shard conv channels in: no rank may get 0 channels (that conv does not run),
+    even when the channel count happens to equal the global batch."""
+    return [u for u in ctx.shard_units(channels) if 0 not in ctx.splitter.lengths(channels, u)]
+
+
 @rule("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default")
 def conv(node: Node, ctx: RuleContext) -> list[Candidate]:
     refs = node.inputs()
@@ -19,10 +25,10 @@ def conv(node: Node, ctx: RuleContext) -> list[Candidate]:
             cands.append(Candidate("batch:S(0)" if u == 1 else f"batch:S(0/{u})", (S(0, u), R) + ((R,) if has_bias else ()),
                                    S(0, u), split=(x.shape[0], u)))
     if groups == 1 and not unbatched:
-        for u in ctx.shard_units(w.shape[0]):
+        for u in _channel_units(ctx, w.shape[0]):
             cands.append(Candidate("out:S(1)" if u == 1 else f"out:S(1/{u})",
                                    (R, S(0, u)) + ((S(0, u),) if has_bias else ()), S(1, u), split=(w.shape[0], u)))
-        for u in ctx.shard_units(w.shape[1]):
+        for u in _channel_units(ctx, w.shape[1]):
             cands.append(Candidate("in:P" if u == 1 else f"in/{u}:P",
                                    (S(1, u), S(1, u)) + ((P,) if has_bias else ()), P, split=(w.shape[1], u)))
     return cands
@@ -40,7 +46,7 @@ def pool(node: Node, ctx: RuleContext) -> list[Candidate]:
     for d in range(x.ndim - k):
         if "pixel_shuffle" in node.target and d == x.ndim - 3:
             continue
-        for u in ctx.shard_units(x.shape[d]):
+        for u in ctx.shard_units(x.shape[d]) if d == 0 else _channel_units(ctx, x.shape[d]):
             cands.append(Candidate(f"S({d})" if u == 1 else f"S({d}/{u})", (S(d, u),), S(d, u), split=(x.shape[d], u)))
     if "avg" in node.target:
         cands.append(Candidate("P", (P,), P))

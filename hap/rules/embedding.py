@@ -27,6 +27,11 @@ def embedding(node: Node, ctx: RuleContext) -> list[Candidate]:
 
 @rule("aten.embedding_bag.padding_idx", "aten.embedding_bag.default", "aten._embedding_bag.default")
 def embedding_bag(node: Node, ctx: RuleContext) -> list[Candidate]:
+    """Shard the embedding dim of the table (bags and offsets replicated). The op returns
+    (output [B, D], offset2bag, bag_size, max_indices): ``S(1)`` of the list applies to the
+    output; the 1-d integer results do not depend on the table and are replicated (see the
+    getitem rule). Sharding the batch needs offsets relative to each rank's bags, and the
+    rows a rank-local index remap: neither is a plain call of the op."""
     refs = node.inputs()
     w = ctx.meta(refs[0])
     cands = []

@@ -26,6 +26,13 @@ def _base(target: str) -> str:
     return target.split(".")[1].rstrip("_")
 
 
+def _adds_constant(node: Node, base: str) -> bool:
+    """``x + 1.0`` (a number operand) is not linear: on partial sums every rank would add it."""
+    if base not in ("add", "sub"):
+        return False
+    return any(not isinstance(a, dict) and a not in (0, 0.0, None) for a in node.args[:2])
+
+
 def pointwise_candidates(node: Node, ctx: RuleContext) -> list[Candidate]:
     out = node.meta if isinstance(node.meta, TensorMeta) else (node.meta[0] if node.meta else None)
     if out is None:
@@ -52,7 +59,7 @@ def pointwise_candidates(node: Node, ctx: RuleContext) -> list[Candidate]:
             if ok and any(p.is_shard for p in ins):
                 cands.append(Candidate(f"S({d})" if u == 1 else f"S({d}/{u})", tuple(ins), S(d, u),
                                        split=(out.shape[d], u)))
-    if base in LINEAR_ALL and refs:
+    if base in LINEAR_ALL and refs and not _adds_constant(node, base):
         cands.append(Candidate("P", tuple(P for _ in refs), P))
     elif base in LINEAR_FIRST and refs and node.args and node.args[0] == {"node": refs[0]}:
         cands.append(Candidate("P", (P,) + tuple(R for _ in refs[1:]), P))

@@ -163,10 +163,20 @@ def split(node: Node, ctx: RuleContext) -> list[Candidate]:
 
 @rule("getitem")
 def getitem(node: Node, ctx: RuleContext) -> list[Candidate]:
+    """An element keeps its list's placement. ``S(d)`` of a list whose elements differ in rank
+    applies to the elements that have dim d; the others are replicated (embedding_bag's
+    offset2bag / bag_size next to its sharded output)."""
     m = node.meta
     if not isinstance(m, TensorMeta):
         return []
     cands = []
+    src = ctx.graph[node.inputs()[0]].meta
+    if isinstance(src, list):
+        from hap.rules import R
+        for d in range(m.ndim, max(e.ndim for e in src)):
+            sizes = {e.shape[d] for e in src if e.ndim > d}
+            for u in sorted({u for size in sizes for u in ctx.shard_units(size)}):
+                cands.append(Candidate(f"{S(d, u)}->R", (S(d, u),), R))
     for d in range(m.ndim):
         for u in ctx.shard_units(m.shape[d]):
             cands.append(Candidate(_tag(S(d, u)), (S(d, u),), S(d, u)))

@@ -1,0 +1,148 @@
+"""Baseline strategies on the same cost model: each is the MILP with some placements pinned.
+
+    dp_even           data parallel, even batch shares: parameters replicated, batch sharded
+    dp_proportional   data parallel, batch shares proportional to device speed
+    fsdp_even         fully sharded data parallel, even shares: every parameter (and with it
+                      its gradient and optimizer state) sharded on dim 0, all-gathered before
+                      use (its reduce-scatter is the backward); the batch sharded
+    megatron_tp_even  tensor (Megatron) parallel, even shares: every weight matrix sharded on
+                      dim 0 or 1 (column / row parallel, the solve picks), the batch replicated
+
+Every function returns a full ``Plan`` (``strategy`` names the baseline), scored by
+``hap.solve.evaluate`` like the plans ``hap.api.plan_graph`` returns, so it can be
+simulated, drawn as a timeline and emitted. ``megatron_tp_even`` returns None where the
+model has no weight matrix to shard.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from hap.cluster import Cluster
+from hap.cost import CostModel
+from hap.graph import Graph, Node, TensorMeta
+from hap.placement import Splitter
+from hap.plan import Plan
+from hap.rules import Candidate, RuleContext, view_units
+from hap.solve import (
+    Evaluation,
+    all_candidates,
+    evaluate,
+    even_shares,
+    lower_bound_s,
+    solve_placements,
+    speed_shares,
+)
+
+Pin = Callable[[Node, Candidate], bool]
+BASELINES = ("dp_even", "dp_proportional", "fsdp_even", "megatron_tp_even")
+
+
+def _global_batch(graph: Graph, n: int) -> int:
+    inputs = [x for x in graph if x.kind == "input"]
+    return inputs[0].meta.shape[0] if inputs and isinstance(inputs[0].meta, TensorMeta) and inputs[0].meta.shape \
+        else n
+
+
+def _shardable_input(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
+    return c.output.kind == "S" or len(cands) == 1
+
+
+def solve_pinned(graph: Graph, cluster: Cluster, shares: tuple[int, ...], pin: Pin | None, strategy: str, *,
+                 optimizer: str = "sgd", time_limit_s: float = 20.0, spec: str | None = None) -> Plan:
+    """The MILP with ``shares`` fixed and ``pin`` restricting candidates, as a Plan."""
+    t0 = time.perf_counter()
+    ctx = RuleContext(graph, Splitter(shares), view_units(graph))
+    cands = all_candidates(graph, ctx)
+    cm = CostModel(graph, cluster, Splitter(shares), optimizer)
+    wrapped = None if pin is None else (lambda node, c: pin(node, c, cands[node.name]))
+    res = solve_placements(graph, cm, cands, pin=wrapped, time_limit_s=time_limit_s)
+    ev = evaluate(graph, cm, res.choice)
+    return plan_from(graph, cluster, shares, res.choice, ev, res.status, strategy=strategy, optimizer=optimizer,
+                     spec=spec, solve_s=time.perf_counter() - t0)
+
+
+def plan_from(graph: Graph, cluster: Cluster, shares: tuple[int, ...], choice: dict[str, Candidate],
+              ev: Evaluation, status: str, *, strategy: str, optimizer: str = "sgd", spec: str | None = None,
+              solve_s: float = 0.0) -> Plan:
+    """A Plan from a solved assignment, in the shape ``hap.api.plan_graph`` gives its result."""
+    cm = CostModel(graph, cluster, Splitter(shares), optimizer)
+    nodes = {}
+    for node in graph:
+        c = choice[node.name]
+        nodes[node.name] = {"candidate": c.name, "inputs": [str(p) for p in c.inputs], "output": str(c.output),
+                            "target": node.target, "source": node.source, "module": node.module}
+    moves = [{"producer": m.producer, "src": str(m.src), "dst": str(m.dst), "kind": m.conversion.kind,
+              "form": m.conversion.form, "seconds": m.conversion.seconds} for m in ev.moves]
+    predicted = {"step_s": ev.step_s, "compute_s": list(ev.compute_s), "critical_compute_s": ev.critical_compute_s,
+                 "comm_s": ev.comm_s, "grad_sync_s": ev.grad_sync_s, "memory_bytes": list(ev.memory_bytes)}
+    lb = min(lower_bound_s(graph, cm), ev.step_s)
+    return Plan(graph, cluster, tuple(shares), nodes, moves, ev.grad_synced, predicted, {}, lb, solve_s, status,
+                optimizer, strategy, spec, [])
+
+
+def _dp_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
+    if node.kind == "param":
+        return c.output.kind == "R"
+    if node.kind == "input":
+        return _shardable_input(node, c, cands)
+    return True
+
+
+def _fsdp_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
+    if node.kind == "param":
+        # sharded on dim 0 where the rules allow it (unit 1 first), else replicated
+        dim0 = [x for x in cands if x.output.kind == "S" and x.output.dim == 0]
+        if not dim0:
+            return c.output.kind == "R"
+        best = min(dim0, key=lambda x: x.output.unit)
+        return c.output == best.output
+    if node.kind == "input":
+        return _shardable_input(node, c, cands)
+    return True
+
+
+def _megatron_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
+    if node.kind == "param":
+        m = node.meta
+        if isinstance(m, TensorMeta) and m.ndim >= 2 and any(x.output.kind == "S" and x.output.dim in (0, 1)
+                                                             for x in cands):
+            return c.output.kind == "S" and c.output.dim in (0, 1)
+        return True
+    if node.kind == "input":
+        return c.output.kind == "R"
+    return True
+
+
+def dp_even(graph: Graph, cluster: Cluster, **kw) -> Plan:
+    n = cluster.num_ranks
+    return solve_pinned(graph, cluster, even_shares(n, _global_batch(graph, n)), _dp_pin, "dp_even", **kw)
+
+
+def dp_proportional(graph: Graph, cluster: Cluster, **kw) -> Plan:
+    n = cluster.num_ranks
+    return solve_pinned(graph, cluster, speed_shares(cluster, _global_batch(graph, n)), _dp_pin,
+                        "dp_proportional", **kw)
+
+
+def fsdp_even(graph: Graph, cluster: Cluster, **kw) -> Plan:
+    n = cluster.num_ranks
+    return solve_pinned(graph, cluster, even_shares(n, _global_batch(graph, n)), _fsdp_pin, "fsdp_even", **kw)
+
+
+def megatron_tp_even(graph: Graph, cluster: Cluster, **kw) -> Plan | None:
+    n = cluster.num_ranks
+    matrices = [p for p in graph.params() if isinstance(p.meta, TensorMeta) and p.meta.ndim >= 2]
+    if n < 2 or not matrices:
+        return None
+    return solve_pinned(graph, cluster, even_shares(n, _global_batch(graph, n)), _megatron_pin, "megatron_tp_even",
+                        **kw)
+
+
+def baseline(name: str, graph: Graph, cluster: Cluster, **kw) -> Plan | None:
+    """A baseline by name (one of ``BASELINES``)."""
+    fns = {"dp_even": dp_even, "dp_proportional": dp_proportional, "fsdp_even": fsdp_even,
+           "megatron_tp_even": megatron_tp_even}
+    if name not in fns:
+        raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
+    return fns[name](graph, cluster, **kw)

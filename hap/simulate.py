@@ -1,0 +1,266 @@
+"""Replay a Plan as a per-rank timeline: compute, communication and idle time per segment.
+
+``simulate(plan)`` walks the captured graph the way the emitted ``train.py`` runs it:
+
+- forward: the nodes in graph order; a resharding collective (a ``move``) runs just before
+  the first node that reads the moved tensor (the loss's move to ``P`` at the end);
+- backward: the nodes in reverse order; each collective's dual runs right after the
+  backward of that first reader (autograd reaches it there), before its producer's backward;
+- the gradient all-reduce of replicated parameters, then the step ends.
+
+Each node's compute per rank is ``hap.cost.CostModel.compute_s`` split into its forward
+part (work + one kernel floor) and backward part (the rest). Every collective synchronises
+all ranks: it starts when the last rank arrives.
+
+Two modes:
+
+``aligned`` (default): every node is its own segment whose length is its slowest rank's
+    forward + backward time (the forward segment gets the slowest rank's forward part,
+    the backward segment the rest), i.e. the solver's objective
+    ``Σ_nodes max_r compute + Σ moves + grad sync``; ``simulate(plan).step_s`` reproduces
+    ``plan.predicted_step_s``.
+``segments``: ranks only meet at collectives; between two collectives each rank runs its
+    nodes back to back, so a segment costs its slowest rank's *sum* (what SPMD really does,
+    and what ``--emulate`` dilates). Never longer than ``aligned``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from hap.cost import MATMUL_LIKE, CostModel
+from hap.errors import HapError
+from hap.graph import Graph, TensorMeta
+from hap.placement import Splitter
+from hap.rules import Candidate, RuleContext, view_units
+from hap.solve import all_candidates, evaluate, readers
+
+if TYPE_CHECKING:
+    from hap.plan import Plan
+
+MODES = ("aligned", "segments")
+
+
+@dataclass
+class Segment:
+    """One interval of the step: every rank computes (``kind == "compute"``) or all communicate."""
+
+    label: str  # node name(s), or the collective ("all_gather linear_1 S(1)->R")
+    kind: str  # "compute" | "comm"
+    phase: str  # "forward" | "backward" | "sync"
+    start_s: float
+    duration_s: float
+    compute_s: tuple[float, ...]  # per rank busy computing within the segment
+    comm_s: float = 0.0  # seconds every rank spends in the collective
+
+    @property
+    def end_s(self) -> float:
+        return self.start_s + self.duration_s
+
+    @property
+    def idle_s(self) -> tuple[float, ...]:
+        return tuple(max(self.duration_s - c - self.comm_s, 0.0) for c in self.compute_s)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "kind": self.kind, "phase": self.phase, "start_s": self.start_s,
+                "duration_s": self.duration_s, "compute_s": list(self.compute_s), "comm_s": self.comm_s}
+
+
+@dataclass
+class Timeline:
+    name: str
+    mode: str
+    num_ranks: int
+    rank_labels: list[str]
+    segments: list[Segment] = field(default_factory=list)
+    predicted_step_s: float | None = None  # the plan's own number, for comparison
+
+    @property
+    def step_s(self) -> float:
+        return self.segments[-1].end_s if self.segments else 0.0
+
+    def per_rank(self) -> list[dict[str, float]]:
+        """Per rank totals: compute, comm, idle seconds (they sum to ``step_s``)."""
+        out = []
+        for r in range(self.num_ranks):
+            c = sum(s.compute_s[r] for s in self.segments)
+            m = sum(s.comm_s for s in self.segments)
+            out.append({"compute_s": c, "comm_s": m, "idle_s": max(self.step_s - c - m, 0.0)})
+        return out
+
+    def add(self, label: str, kind: str, phase: str, duration: float, compute: tuple[float, ...],
+            comm: float = 0.0) -> None:
+        self.segments.append(Segment(label, kind, phase, self.step_s, duration, compute, comm))
+
+    def lint(self) -> None:
+        t = 0.0
+        for s in self.segments:
+            assert abs(s.start_s - t) <= 1e-12 * max(1.0, t), f"segment {s.label} does not start where the last ended"
+            assert len(s.compute_s) == self.num_ranks
+            assert all(c <= s.duration_s * (1 + 1e-9) + 1e-15 for c in s.compute_s), s.label
+            t = s.end_s
+
+    def summary(self) -> str:
+        lines = [f"{self.name} ({self.mode}): step {self.step_s * 1e3:.3f} ms"]
+        for r, d in enumerate(self.per_rank()):
+            lines.append(f"  rank {r} {self.rank_labels[r]}: compute {d['compute_s'] * 1e3:.3f} ms, "
+                         f"comm {d['comm_s'] * 1e3:.3f} ms, idle {d['idle_s'] * 1e3:.3f} ms")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "mode": self.mode, "step_s": self.step_s, "num_ranks": self.num_ranks,
+                "rank_labels": self.rank_labels, "predicted_step_s": self.predicted_step_s,
+                "per_rank": self.per_rank(), "segments": [s.to_json() for s in self.segments]}
+
+
+def plan_choice(plan: Plan) -> dict[str, Candidate]:
+    """The candidate objects a plan names, regenerated from the rules (as ``hap.emit.Emitter`` does)."""
+    graph = plan.graph
+    ctx = RuleContext(graph, Splitter(plan.shares), view_units(graph))
+    cands = all_candidates(graph, ctx)
+    choice = {}
+    for node in graph:
+        want = plan.nodes[node.name]["candidate"]
+        match = [c for c in cands[node.name] if c.name == want]
+        if not match:
+            raise HapError(f"the plan names candidate {want!r} for {node.name}, which the rules no longer offer; "
+                           "re-plan with this version of hap")
+        choice[node.name] = match[0]
+    return choice
+
+
+def _split(cm: CostModel, graph: Graph, name: str, total: tuple[float, ...]) -> tuple[tuple, tuple]:
+    """(forward, backward) parts of a node's per-rank compute."""
+    node = graph[name]
+    if node.kind != "op" or name not in cm.requires_grad or not any(total):
+        return total, (0.0,) * len(total)
+    bwd = 2.0 if node.op_class in MATMUL_LIKE else 1.0
+    fwd, back = [], []
+    for r, t in enumerate(total):
+        floor = cm.cluster.kernel_floor(r)
+        work = max(t - 2 * floor, 0.0) / (1 + bwd)
+        fwd.append(t - (work * bwd + floor))
+        back.append(t - fwd[-1])
+    return tuple(fwd), tuple(back)
+
+
+def simulate(plan: Plan, mode: str = "aligned", name: str | None = None) -> Timeline:
+    """The per-rank timeline of one training step of ``plan`` (see the module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    graph, cluster = plan.graph, plan.cluster
+    n = cluster.num_ranks
+    cm = CostModel(graph, cluster, Splitter(plan.shares), plan.optimizer)
+    choice = plan_choice(plan)
+    ev = evaluate(graph, cm, choice)
+    # where each move happens: before its first reader (forward), after that reader's backward
+    order = {node.name: i for i, node in enumerate(graph)}
+    rd = readers(graph)
+    before: dict[str, list] = {}
+    after_loss = []
+    for m in ev.moves:
+        first = None
+        for v, k in rd[m.producer]:
+            if choice[v].inputs[k] == m.dst and (first is None or order[v] < order[first]):
+                first = v
+        if first is None:  # the loss's move to P
+            after_loss.append(m)
+        else:
+            before.setdefault(first, []).append(m)
+    labels = [f"{r.device}" + (f" x{r.slowdown:g} slower" if r.slowdown != 1 else "") for r in cluster.ranks]
+    tl = Timeline(name or plan.strategy, mode, n, labels, predicted_step_s=plan.predicted_step_s)
+    zero = (0.0,) * n
+    parts = {node.name: _split(cm, graph, node.name, cm.compute_s(node, choice[node.name])) for node in graph}
+    pending = [0.0] * n  # segments mode: compute since the last collective, per rank
+    pending_names: list[str] = []
+
+    def flush(phase: str) -> None:
+        if pending_names and any(pending):
+            label = pending_names[0] if len(pending_names) == 1 else f"{pending_names[0]} .. {pending_names[-1]}"
+            tl.add(label, "compute", phase, max(pending), tuple(pending))
+        pending[:] = [0.0] * n
+        pending_names.clear()
+
+    def comm(label: str, phase: str, seconds: float) -> None:
+        flush(phase)
+        if seconds > 0:
+            tl.add(label, "comm", phase, seconds, zero, seconds)
+
+    def move_parts(m) -> tuple[float, float]:
+        meta = graph[m.producer].meta
+        fwd = cm.conversion(meta, m.src, m.dst, False).seconds if isinstance(meta, TensorMeta) else 0.0
+        return fwd, m.conversion.seconds - fwd
+
+    def move_label(m, back: bool) -> str:
+        dual = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather"}.get(m.conversion.kind,
+                                                                                     m.conversion.kind)
+        kind = dual if back else m.conversion.kind
+        src, dst = (m.dst, m.src) if back else (m.src, m.dst)
+        form = f" {m.conversion.form}" if m.conversion.form else ""
+        return f"{kind}{form} {m.producer} {src}->{dst}"
+
+    # the aligned mode: the forward segment of a node is its slowest rank's forward part
+    def compute(name_: str, phase: str) -> None:
+        fwd, back = parts[name_]
+        if mode == "segments":
+            mine = fwd if phase == "forward" else back
+            if any(mine):
+                for r in range(n):
+                    pending[r] += mine[r]
+                pending_names.append(name_)
+            return
+        total = tuple(f + b for f, b in zip(fwd, back))
+        if not any(total):
+            return
+        crit = max(range(n), key=lambda r: total[r])
+        if phase == "forward":
+            dur = fwd[crit]
+            tl.add(name_, "compute", phase, dur, tuple(min(f, dur) for f in fwd))
+        else:
+            dur = total[crit] - fwd[crit]
+            if dur > 0 or any(back):
+                done = tuple(min(f, fwd[crit]) for f in fwd)
+                tl.add(name_, "compute", phase, dur, tuple(min(t - d, dur) for t, d in zip(total, done)))
+
+    for node in graph:
+        for m in before.get(node.name, []):
+            fwd, _ = move_parts(m)
+            comm(move_label(m, False), "forward", fwd)
+        compute(node.name, "forward")
+    for m in after_loss:
+        fwd, _ = move_parts(m)
+        comm(move_label(m, False), "forward", fwd)
+    flush("forward")
+    for m in reversed(after_loss):
+        _, back = move_parts(m)
+        comm(move_label(m, True), "backward", back)
+    for node in reversed(list(graph)):
+        compute(node.name, "backward")
+        for m in reversed(before.get(node.name, [])):
+            _, back = move_parts(m)
+            comm(move_label(m, True), "backward", back)
+    flush("backward")
+    if ev.grad_sync_s > 0:
+        comm(f"gradient all-reduce ({len(ev.grad_synced)} parameters)", "sync", ev.grad_sync_s)
+    tl.lint()
+    return tl
+
+
+def step_times(plan: Plan) -> dict[str, float]:
+    """Both modes' step times and the plan's own prediction."""
+    return {"predicted_s": plan.predicted_step_s, "aligned_s": simulate(plan, "aligned").step_s,
+            "segments_s": simulate(plan, "segments").step_s}
+
+
+def timeline_for_baseline(plan: Plan, name: str, mode: str = "aligned") -> Timeline | None:
+    """The timeline of baseline ``name`` (``hap.baselines.BASELINES``) on ``plan``'s graph and cluster.
+
+    None where the baseline does not apply (``megatron_tp_even`` without weight matrices).
+    """
+    from hap.baselines import baseline
+
+    base = baseline(name, plan.graph, plan.cluster, optimizer=plan.optimizer, spec=plan.spec)
+    if base is None:
+        return None
+    return simulate(base, mode, name=name)
+

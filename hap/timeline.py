@@ -1,0 +1,94 @@
+"""Draw timelines: one row per rank, compute / communication / idle, several plans stacked
+on one time axis (the plan above its baselines), with matplotlib's Agg backend."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hap.simulate import Timeline
+
+COLORS = {"compute": "#2e7d32", "backward": "#66bb6a", "comm": "#ef6c00", "sync": "#c62828", "idle": "#e0e0e0"}
+MAX_RANK_ROWS = 16  # larger clusters: the first and last ranks of each device kind, with a note
+
+
+def _rows(tl: Timeline) -> list[int]:
+    if tl.num_ranks <= MAX_RANK_ROWS:
+        return list(range(tl.num_ranks))
+    keep: list[int] = []
+    last = None
+    for r, label in enumerate(tl.rank_labels):
+        if label != last:
+            keep.append(r)
+            if r > 0 and r - 1 not in keep:
+                keep.append(r - 1)
+            last = label
+    keep.append(tl.num_ranks - 1)
+    return sorted(set(keep))[:MAX_RANK_ROWS]
+
+
+def draw(timelines: dict[str, Timeline], path: str | Path, title: str | None = None) -> Path:
+    """Write a PNG (or any format matplotlib infers from ``path``) of ``timelines``, stacked.
+
+    ``timelines`` maps a label ("hap", "dp_even") to a ``hap.simulate.Timeline``; every
+    rank is one row, every segment a bar coloured by what the rank does in it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    if not timelines:
+        raise ValueError("draw() needs at least one timeline")
+    rows = {k: _rows(tl) for k, tl in timelines.items()}
+    total_rows = sum(len(r) for r in rows.values()) + len(timelines) - 1
+    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.32 * total_rows))
+    scale, unit = (1e3, "ms")
+    horizon = max(tl.step_s for tl in timelines.values()) or 1.0
+    if horizon * scale < 1:
+        scale, unit = 1e6, "µs"
+    y = 0
+    ticks, ticklabels = [], []
+    for key, tl in timelines.items():
+        for r in rows[key]:
+            ticks.append(y)
+            ticklabels.append(f"{key} r{r} {tl.rank_labels[r]}")
+            for s in tl.segments:
+                x0, w = s.start_s * scale, s.duration_s * scale
+                if w <= 0:
+                    continue
+                if s.kind == "comm":
+                    ax.barh(y, w, left=x0, color=COLORS["sync" if s.phase == "sync" else "comm"], height=0.8,
+                            linewidth=0)
+                    continue
+                busy = s.compute_s[r] * scale
+                color = COLORS["compute" if s.phase == "forward" else "backward"]
+                ax.barh(y, busy, left=x0, color=color, height=0.8, linewidth=0)
+                if w - busy > 0:
+                    ax.barh(y, w - busy, left=x0 + busy, color=COLORS["idle"], height=0.8, linewidth=0)
+            y += 1
+        ax.axvline(tl.step_s * scale, color="black", linewidth=0.6, linestyle=":")
+        y += 1
+    ax.set_yticks(ticks)
+    ax.set_yticklabels(ticklabels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"time in one training step ({unit})")
+    ax.set_xlim(0, horizon * scale * 1.02)
+    steps = ", ".join(f"{k} {tl.step_s * 1e3:.3g} ms" for k, tl in timelines.items())
+    first = next(iter(timelines.values()))
+    ax.set_title(title or f"predicted step: {steps}  ({first.mode} timeline)", fontsize=9)
+    height = 1.6 + 0.32 * total_rows
+    fig.set_size_inches(12, height)
+    fig.legend(handles=[Patch(color=COLORS["compute"], label="forward compute"),
+                       Patch(color=COLORS["backward"], label="backward compute"),
+                       Patch(color=COLORS["comm"], label="collective (resharding)"),
+                       Patch(color=COLORS["sync"], label="gradient all-reduce"),
+                       Patch(color=COLORS["idle"], label="idle (waiting for the slowest rank)")],
+               loc="lower center", ncol=5, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.3 / height, 1, 1))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,71 @@
+"""Baselines are pinned solves on the same cost model, returned as full plans."""
+from __future__ import annotations
+
+import pytest
+
+from hap.api import plan_graph
+from hap.baselines import BASELINES, baseline, dp_even, dp_proportional, fsdp_even, megatron_tp_even
+from hap.cluster import load_cluster
+from hap.graph import TensorMeta
+from hap.solve import even_shares, speed_shares
+from tests.helpers import captured, load_example
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return captured(load_example("mlp"))[2]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return load_cluster("default")
+
+
+def _batch(graph) -> int:
+    return next(n for n in graph if n.kind == "input").meta.shape[0]
+
+
+def test_data_parallel_baselines_match_the_plans_own(mlp, cluster):
+    plan = plan_graph(mlp, cluster, time_limit_s=10)
+    de, dprop = dp_even(mlp, cluster), dp_proportional(mlp, cluster)
+    assert de.shares == even_shares(2, _batch(mlp)) and dprop.shares == speed_shares(cluster, _batch(mlp))
+    for p, key in ((de, "dp_even"), (dprop, "dp_proportional")):
+        p.lint()
+        assert p.strategy == key
+        assert all(p.nodes[x.name]["output"] == "R" for x in mlp.params())
+        assert p.predicted_step_s == pytest.approx(plan.baselines[key]["predicted_step_s"], rel=1e-6)
+        assert plan.predicted_step_s <= p.predicted_step_s * (1 + 1e-9)
+
+
+def test_fsdp_shards_parameters_on_dim0(mlp, cluster):
+    p = fsdp_even(mlp, cluster)
+    p.lint()
+    assert p.shares == even_shares(2, _batch(mlp))
+    for x in mlp.params():
+        assert p.nodes[x.name]["output"].startswith("S(0"), (x.name, p.nodes[x.name])
+    # every sharded parameter is gathered before use: some all-gather moves exist
+    assert any(m["kind"] == "all_gather" for m in p.moves)
+    # parameter state per rank is about half of data parallel's
+    de = dp_even(mlp, cluster)
+    assert max(p.predicted["memory_bytes"]) < max(de.predicted["memory_bytes"])
+
+
+def test_megatron_shards_matrices_and_replicates_the_batch(mlp, cluster):
+    p = megatron_tp_even(mlp, cluster)
+    assert p is not None
+    p.lint()
+    for x in mlp.params():
+        if isinstance(x.meta, TensorMeta) and x.meta.ndim == 2:
+            assert p.nodes[x.name]["output"] in ("S(0)", "S(1)"), x.name
+    for x in mlp:
+        if x.kind == "input":
+            assert p.nodes[x.name]["output"] == "R"
+
+
+def test_baseline_by_name(mlp, cluster):
+    for name in BASELINES:
+        p = baseline(name, mlp, cluster)
+        assert p is None or p.strategy == name
+    with pytest.raises(ValueError):
+        baseline("zero3", mlp, cluster)
+    assert megatron_tp_even(mlp, load_cluster("cpu-homogeneous")) is not None

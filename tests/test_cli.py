@@ -1,0 +1,94 @@
+"""hap-plan: the table, exactly one JSON object, and exit 2 with a message (no traceback)
+for every user mistake."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+HAP_PLAN = [sys.executable, "-m", "hap.cli"]
+
+
+def run(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([*HAP_PLAN, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_json_is_one_object_with_the_contract_fields():
+    p = run("examples/mlp.py", "--json")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert {"ranks", "global_batch", "predicted_step_s", "baselines", "lower_bound_step_s", "solve_s",
+            "solver_status", "nodes"} <= set(d)
+    assert [r["rank"] for r in d["ranks"]] == [0, 1]
+    assert all({"device", "batch_share", "memory_bytes"} <= set(r) for r in d["ranks"])
+    assert sum(r["batch_share"] for r in d["ranks"]) == d["global_batch"]
+    assert {"dp_even", "dp_proportional"} <= set(d["baselines"])
+
+
+def test_table_shows_ranks_strategy_and_baselines():
+    p = run("examples/cnn.py", "--cluster", "profiles/clusters/cpu-1-2-4.toml")
+    assert p.returncode == 0, p.stderr
+    for word in ("batch share", "strategy per layer", "dp_even", "dp_proportional", "lower bound", "conv1"):
+        assert word in p.stdout, word
+
+
+def _spec(tmp_path, body: str):
+    f = tmp_path / "spec.py"
+    f.write_text(body)
+    return str(f)
+
+
+BAD = {
+    "missing spec": (lambda t: ["nope.py"], "does not exist"),
+    "spec without model": (lambda t: [_spec(t, "BATCH_SIZE = 4\ndef batch(s, b): return ()\n")], "lacks model"),
+    "spec that raises": (lambda t: [_spec(t, "raise RuntimeError('boom')\n")], "boom"),
+    "missing cluster": (lambda t: ["examples/mlp.py", "--cluster", "nope.toml"], "nope.toml"),
+    "malformed cluster": (lambda t: ["examples/mlp.py", "--cluster", _toml(t, "[[nodes]\ndevice = 'cpu'\n")],
+                          "line"),
+    "unknown device": (lambda t: ["examples/mlp.py", "--cluster", _toml(t, "[[nodes]]\ndevice = 'V100-16G'\n")],
+                       "V100-16GB"),
+    "data-dependent control flow": (lambda t: [_spec(t, DATA_DEPENDENT)], "control flow"),
+}
+
+
+def _toml(tmp_path, text: str) -> str:
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    return str(f)
+
+
+DATA_DEPENDENT = """
+import torch
+BATCH_SIZE = 4
+class M(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+    def forward(self, x):
+        y = self.lin(x)
+        if y.sum() > 0:
+            return y.mean()
+        return -y.mean()
+def model(): return M()
+def batch(step, bs): return (torch.randn(bs, 3),)
+"""
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_user_mistakes_exit_2_with_a_message(case, tmp_path):
+    make, needle = BAD[case]
+    p = run(*make(tmp_path))
+    assert p.returncode == 2, (case, p.returncode, p.stderr[-2000:])
+    assert needle in p.stderr, (case, p.stderr)
+    assert "Traceback" not in p.stderr
+
+
+def test_emit_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "keep.txt").write_text("user data")
+    p = run("examples/mlp.py", "--emit", str(tmp_path))
+    assert p.returncode == 2 and "--force" in p.stderr
+    assert (tmp_path / "keep.txt").read_text() == "user data"

@@ -1,0 +1,69 @@
+"""Relations of the cost model (not magic numbers)."""
+from __future__ import annotations
+
+from hap.cluster import Link, load_cluster
+from hap.cost import CostModel, collective_s
+from hap.graph import TensorMeta
+from hap.placement import P, R, S, Splitter
+from tests.helpers import ROOT, captured, load_example
+
+LINK = Link(alpha_s=20e-6, bytes_per_s=10e9)
+
+
+def test_all_reduce_is_no_dearer_than_reduce_scatter_plus_all_gather():
+    for n in (2, 3, 8, 64):
+        even = (1 / n,) * n
+        for nbytes in (1e3, 1e6, 1e9):
+            ar = collective_s("all_reduce", nbytes, even, LINK, "")
+            rs = collective_s("reduce_scatter", nbytes, even, LINK, "padded")
+            ag = collective_s("all_gather", nbytes, even, LINK, "padded")
+            assert ar <= rs + ag + 1e-15
+
+
+def test_padded_and_grouped_cross_over():
+    fr = (0.55, 0.25, 0.1, 0.1)  # uneven: padding wastes (N-1)*0.55 of the bytes
+    small_padded = collective_s("all_gather", 1e3, fr, LINK, "padded")
+    small_grouped = collective_s("all_gather", 1e3, fr, LINK, "grouped")
+    big_padded = collective_s("all_gather", 1e9, fr, LINK, "padded")
+    big_grouped = collective_s("all_gather", 1e9, fr, LINK, "grouped")
+    assert small_padded < small_grouped, "latency-bound: one padded collective wins"
+    assert big_grouped < big_padded, "bandwidth-bound and uneven: grouped wins"
+    even = (0.25,) * 4
+    assert collective_s("all_gather", 1e9, even, LINK, "padded") <= collective_s("all_gather", 1e9, even, LINK,
+                                                                                 "grouped")
+
+
+def test_collectives_grow_with_bytes_and_ranks():
+    a = collective_s("all_reduce", 1e6, (0.5, 0.5), LINK, "")
+    b = collective_s("all_reduce", 1e7, (0.5, 0.5), LINK, "")
+    c = collective_s("all_reduce", 1e6, (0.25,) * 4, LINK, "")
+    assert a < b and a < c
+    assert collective_s("all_reduce", 1e6, (1.0,), LINK, "") == 0
+
+
+def test_conversions_and_their_duals():
+    graph = captured(load_example("mlp"))[2]
+    cm = CostModel(graph, load_cluster(None), Splitter((48, 16)))
+    meta = TensorMeta((64, 256), "float32")
+    assert cm.conversion(meta, R, S(0)).seconds == 0
+    assert cm.conversion(meta, R, P).seconds == 0
+    assert cm.conversion(meta, S(0), R).kind == "all_gather"
+    assert cm.conversion(meta, P, R).kind == "all_reduce"
+    assert cm.conversion(meta, P, S(1)).kind == "reduce_scatter"
+    assert cm.conversion(meta, S(0), S(1)).kind == "all_to_all"
+    fwd_only = cm.conversion(meta, P, R, grad=False).seconds
+    assert cm.conversion(meta, P, R, grad=True).seconds == 2 * fwd_only  # backward is an all-reduce too
+
+
+def test_slower_rank_computes_slower_and_replication_costs_the_slowest():
+    graph = captured(load_example("mlp"))[2]
+    cluster = load_cluster(ROOT / "profiles" / "clusters" / "default.toml")  # slowdowns 1 and 3
+    cm = CostModel(graph, cluster, Splitter((32, 32)))
+    from hap.rules import RuleContext, candidates, view_units
+    node = next(n for n in graph.ops() if n.target == "aten.linear.default")
+    ctx = RuleContext(graph, Splitter((32, 32)), view_units(graph))
+    cands = {c.name: c for c in candidates(node, ctx)}
+    rep = cm.compute_s(node, cands["R"])
+    assert rep[1] > 2.5 * rep[0]
+    shard = next(c for c in cands.values() if c.output == S(0))
+    assert max(cm.compute_s(node, shard)) < max(rep)

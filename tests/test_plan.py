@@ -1,0 +1,102 @@
+"""Plan invariants and rediscovery: homogeneous -> even data parallel, speed ratios ->
+proportional shares, never worse than a baseline, never better than the lower bound,
+sharding where data parallelism is communication-bound, and solve time at GPT-2 scale."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from hap.api import plan_graph
+from hap.cluster import load_cluster
+from hap.plan import Plan
+from tests.helpers import ROOT, captured, load_example
+
+CLUSTERS = sorted((ROOT / "profiles" / "clusters").glob("*.toml"))
+
+
+@pytest.fixture(scope="module")
+def graphs():
+    return {name: captured(load_example(name))[2] for name in ("mlp", "gpt", "cnn")}
+
+
+@pytest.mark.parametrize("example", ["mlp", "gpt", "cnn"])
+def test_never_worse_than_baselines_nor_better_than_bound(graphs, example):
+    for path in CLUSTERS:
+        plan = plan_graph(graphs[example], load_cluster(path))
+        plan.lint()
+        for name, b in plan.baselines.items():
+            assert plan.predicted_step_s <= b["predicted_step_s"] * (1 + 1e-9), (path.name, name)
+        assert 0 < plan.lower_bound_step_s <= plan.predicted_step_s, path.name
+        assert sum(plan.shares) == plan.global_batch and min(plan.shares) >= 0
+
+
+@pytest.mark.parametrize("example", ["mlp", "cnn", "gpt"])
+def test_homogeneous_cluster_gets_even_shares(graphs, example):
+    for name in ("cpu-homogeneous", "v100x8"):
+        plan = plan_graph(graphs[example], load_cluster(ROOT / "profiles" / "clusters" / f"{name}.toml"))
+        assert max(plan.shares) - min(plan.shares) <= 1, (name, plan.shares)
+
+
+@pytest.mark.parametrize("example", ["mlp", "cnn", "gpt"])
+@pytest.mark.parametrize("cluster,speeds", [("default", (3, 1)), ("cpu-1-2-4", (4, 2, 1))])
+def test_shares_follow_speed(graphs, example, cluster, speeds):
+    plan = plan_graph(graphs[example], load_cluster(ROOT / "profiles" / "clusters" / f"{cluster}.toml"))
+    for share, speed in zip(plan.shares, speeds):
+        want = plan.global_batch * speed / sum(speeds)
+        assert abs(share - want) <= 0.15 * want, (plan.shares, speeds)
+
+
+def test_paper_cluster_gives_v100s_more_of_a_compute_bound_model(monkeypatch):
+    monkeypatch.setenv("HAP_CNN_BATCH", "2048")
+    graph = captured(load_example("cnn"))[2]
+    cluster = load_cluster(ROOT / "profiles" / "clusters" / "hap-paper.toml")
+    plan = plan_graph(graph, cluster)
+    v100 = [s for s, r in zip(plan.shares, cluster.ranks) if r.device.startswith("V100")]
+    p100 = [s for s, r in zip(plan.shares, cluster.ranks) if r.device.startswith("P100")]
+    assert min(v100) > max(p100), (v100[:4], p100[:4])
+
+
+def test_communication_bound_mlp_is_sharded_and_beats_hap_headline(monkeypatch):
+    """A wide MLP with a small batch on 10.4 Gbit/s: data parallelism all-reduces ~800 MB a step."""
+    monkeypatch.setenv("HAP_MLP_WIDTH", "8192")
+    monkeypatch.setenv("HAP_MLP_BATCH", "64")
+    graph = captured(load_example("mlp"))[2]
+    plan = plan_graph(graph, load_cluster(ROOT / "profiles" / "clusters" / "hap-paper.toml"))
+    big = [n for n in graph.params() if n.meta.numel >= 8192 * 8192]
+    assert big and all(plan.nodes[n.name]["output"].startswith("S") for n in big)
+    assert plan.baselines["dp_even"]["predicted_step_s"] / plan.predicted_step_s >= 2.41
+
+
+def test_inter_node_network_is_what_data_parallel_pays():
+    """The same model on 8 V100s in one machine vs 2 machines over 10.4 Gbit/s."""
+    graph = captured(load_example("mlp"))[2]
+    one = plan_graph(graph, load_cluster(ROOT / "profiles" / "clusters" / "v100x8.toml"))
+    from hap.cluster import cluster_from_dict
+    two = plan_graph(graph, cluster_from_dict({"network": {"inter_node_gbps": 10.4},
+                                               "nodes": [{"device": "V100-16GB", "count": 4, "repeat": 2}]},
+                                              source="test"))
+    assert two.baselines["dp_even"]["predicted_step_s"] > 3 * one.baselines["dp_even"]["predicted_step_s"]
+
+
+def test_plan_json_round_trip(graphs):
+    plan = plan_graph(graphs["gpt"], load_cluster(None))
+    d = json.loads(json.dumps(plan.to_json()))
+    again = Plan.from_json(d)
+    again.lint()
+    assert again.to_json() == plan.to_json()
+    assert d["solver_status"] in ("Optimal Solution Found", "Solution Found")
+    assert set(d["baselines"]) >= {"dp_even", "dp_proportional"}
+
+
+def test_gpt2_small_on_64_gpus_plans_quickly(monkeypatch):
+    for k, v in dict(LAYERS=12, DIM=768, HEADS=12, VOCAB=50257, SEQ=256, BATCH=64).items():
+        monkeypatch.setenv(f"HAP_GPT_{k}", str(v))
+    t0 = time.perf_counter()
+    graph = captured(load_example("gpt"))[2]
+    plan = plan_graph(graph, load_cluster(ROOT / "profiles" / "clusters" / "hap-paper.toml"))
+    total = time.perf_counter() - t0
+    assert plan.solve_s < 10, plan.solve_s
+    assert total < 60, total
+    assert plan.predicted_step_s <= plan.baselines["dp_even"]["predicted_step_s"]

@@ -1,0 +1,76 @@
+"""The simulator replays plans as per-rank timelines that agree with the solver's objective."""
+from __future__ import annotations
+
+import pytest
+
+from hap.api import plan_graph
+from hap.baselines import dp_even
+from hap.cluster import load_cluster
+from hap.plan import Plan
+from hap.simulate import simulate, step_times, timeline_for_baseline
+from tests.helpers import captured, load_example
+
+CLUSTERS = ("default", "cpu-1-2-4", "hap-paper")
+
+
+@pytest.fixture(scope="module", params=("mlp", "gpt", "cnn"))
+def graph(request):
+    return captured(load_example(request.param))[2]
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+def test_aligned_timeline_reproduces_the_objective(graph, cluster):
+    cl = load_cluster(cluster)
+    for plan in (plan_graph(graph, cl, time_limit_s=10), dp_even(graph, cl, time_limit_s=10)):
+        tl = simulate(plan)
+        assert tl.mode == "aligned"
+        assert _close(tl.step_s, plan.predicted_step_s), (plan.strategy, tl.step_s, plan.predicted_step_s)
+        fine = simulate(plan, "segments")
+        assert fine.step_s <= tl.step_s * (1 + 1e-9)
+        for t in (tl, fine):
+            t.lint()
+            for d in t.per_rank():  # compute + comm + idle make up the step on every rank
+                assert d["compute_s"] + d["comm_s"] + d["idle_s"] == pytest.approx(t.step_s, rel=1e-9)
+
+
+def test_timeline_structure_and_round_trip(graph):
+    plan = plan_graph(graph, load_cluster("default"), time_limit_s=10)
+    tl = simulate(plan)
+    phases = [s.phase for s in tl.segments]
+    assert phases.index("backward") > max(i for i, p in enumerate(phases) if p == "forward")
+    per = tl.per_rank()
+    # what each rank computes is the cost model's per-rank compute (plan.predicted["compute_s"])
+    for r, d in enumerate(per):
+        assert d["compute_s"] == pytest.approx(plan.predicted["compute_s"][r], rel=1e-6, abs=1e-12)
+    comm = sum(s.comm_s for s in tl.segments)
+    assert comm == pytest.approx(plan.predicted["comm_s"] + plan.predicted["grad_sync_s"], rel=1e-9, abs=1e-15)
+    again = Plan.from_json(plan.to_json())
+    assert _close(simulate(again).step_s, plan.predicted_step_s)
+    d = tl.to_json()
+    assert d["step_s"] == tl.step_s and len(d["segments"]) == len(tl.segments)
+    assert "rank 0" in tl.summary()
+
+
+def test_timeline_for_baseline_and_step_times(graph):
+    plan = plan_graph(graph, load_cluster("default"), time_limit_s=10)
+    base = timeline_for_baseline(plan, "dp_even")
+    assert _close(base.step_s, plan.baselines["dp_even"]["predicted_step_s"])
+    st = step_times(plan)
+    assert _close(st["aligned_s"], st["predicted_s"]) and st["segments_s"] <= st["aligned_s"] * (1 + 1e-9)
+    with pytest.raises(ValueError):
+        simulate(plan, "nope")
+
+
+def test_draw_timelines(tmp_path):
+    from hap.timeline import draw
+
+    graph = captured(load_example("mlp"))[2]
+    plan = plan_graph(graph, load_cluster("default"), time_limit_s=10)
+    out = draw({"hap": simulate(plan), "dp_even": timeline_for_baseline(plan, "dp_even")}, tmp_path / "t.png")
+    assert out.exists() and out.stat().st_size > 5000
+    big = plan_graph(graph, load_cluster("hap-paper"), time_limit_s=10)
+    assert draw({"hap": simulate(big, "segments")}, tmp_path / "big.png").exists()
