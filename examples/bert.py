@@ -17,8 +17,8 @@ Environment variables:
 import os
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 PAPER = os.environ.get("HAP_SIZE", "tiny") == "paper"
 LAYERS, DIM, HEADS, FFN, VOCAB, SEQ = (12, 768, 12, 3072, 30522, 128) if PAPER else (2, 32, 4, 64, 128, 16)

@@ -19,11 +19,11 @@ import os
 import sys
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bert import BATCH_SIZE, DIM, FFN, SEQ, Bert, FeedForward, mlm_batch  # noqa: E402
+from bert import BATCH_SIZE, DIM, FFN, SEQ, Bert, FeedForward, mlm_batch
 
 EXPERTS = int(os.environ.get("HAP_MOE_EXPERTS", "4"))
 CAPACITY = max(1, math.ceil(float(os.environ.get("HAP_MOE_CAPACITY", "1.25")) * 2 * SEQ / EXPERTS))

@@ -17,11 +17,12 @@ Environment variables:
                      tables have tens of millions of rows)
   HAP_BATCH=N        global batch (default: 8 tiny, 2048 paper)
 """
+import itertools
 import os
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 PAPER = os.environ.get("HAP_SIZE", "tiny") == "paper"
 DENSE = 13
@@ -38,7 +39,7 @@ BATCH_SIZE = int(os.environ.get("HAP_BATCH", "2048" if PAPER else "8"))
 
 def mlp(sizes: list[int], last_relu: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if last_relu or i < len(sizes) - 2:
             layers.append(nn.ReLU())

@@ -13,8 +13,8 @@ Environment variables:
 import os
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 PAPER = os.environ.get("HAP_SIZE", "tiny") == "paper"

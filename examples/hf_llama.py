@@ -16,8 +16,8 @@ Environment variables:
 import os
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 PAPER = os.environ.get("HAP_SIZE", "tiny") == "paper"

@@ -13,8 +13,8 @@ Environment variables:
 import os
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 PAPER = os.environ.get("HAP_SIZE", "tiny") == "paper"
 DIV = 1 if PAPER else 16

@@ -11,8 +11,8 @@ Environment variables:
 import os
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 PAPER = os.environ.get("HAP_SIZE", "tiny") == "paper"
 LAYERS, DIM, HEADS, PATCH = (12, 768, 12, 4) if PAPER else (2, 32, 4, 8)

@@ -38,9 +38,6 @@ def test_coverage_counts_rules_and_replicated_ops():
     i0 = next(r for op, r in rows.items() if "i0" in op)
     assert not i0["has_rule"] and i0["replicated"] == i0["count"] == 1
     assert i0["op"] in cov["no_rule"] and i0["replicated_source"]
-    for name, node in plan.nodes.items():
-        if plan.graph[name].kind == "op" and node["candidate"] != "R":
-            assert rows[node["target"]]["replicated"] < rows[node["target"]]["count"] or node["output"] == "R"
     assert cov["replicated"] == sum(r["replicated"] for r in cov["ops"])
     json.dumps(cov)  # plain data
 

@@ -15,9 +15,14 @@ from tests.helpers import captured, check_all_candidates, load_example, run_grap
 SHARES = {2: (5, 3), 3: (4, 0, 4)}
 
 
-@pytest.mark.parametrize("example", ["mlp", "gpt", "cnn"])
+HF_EXAMPLES = ["hf_gpt2", "hf_bert", "hf_llama"]
+
+
+@pytest.mark.parametrize("example", ["mlp", "gpt", "cnn", "vgg19", "vit", "bert", "bert_moe", "dlrm", *HF_EXAMPLES])
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_every_candidate_is_exact(example, ranks):
+    if example in HF_EXAMPLES:
+        pytest.importorskip("transformers")
     mod = load_example(example)
     model, batch, graph = captured(mod, batch_size=8)
     values = run_graph(graph, model, batch)
