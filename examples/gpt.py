@@ -51,6 +51,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(DIM)
         self.head = nn.Linear(DIM, VOCAB, bias=False)
         self.head.weight = self.tok.weight  # tied embeddings
+        nn.init.normal_(self.tok.weight, std=0.02)  # GPT-2's initialisation
+        nn.init.normal_(self.pos.weight, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]

@@ -62,6 +62,7 @@ class Settings:
     attention: list[tuple[int, int, int, int]]  # (batch, heads, sequence, head dim)
     stream_elems: int
     coll_bytes: list[int]
+    cpu_time: bool = True  # CPU compute timed in thread CPU time (see Bench.time)
 
     @classmethod
     def make(cls, cuda: bool, quick: bool, repeats: int | None) -> Settings:
@@ -93,7 +94,9 @@ class Clock:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def loop_s(self, fn: Callable[[], Any], loops: int) -> float:
+    def loop_s(self, fn: Callable[[], Any], loops: int, cpu_time: bool = False) -> float:
+        """Seconds per call over ``loops`` calls; ``cpu_time`` (CPU only): this thread's CPU time,
+        which other processes on a busy machine do not inflate (single-threaded compute only)."""
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self.sync()
@@ -103,10 +106,11 @@ class Clock:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3 / loops
-        t0 = time.perf_counter()
+        clock = time.thread_time if cpu_time else time.perf_counter
+        t0 = clock()
         for _ in range(loops):
             fn()
-        return (time.perf_counter() - t0) / loops
+        return (clock() - t0) / loops
 
 
 @dataclass
@@ -116,22 +120,30 @@ class Measurement:
     samples_s: list[float]  # seconds per call, one per repeat
     work: float  # flops or bytes per call (1 for latencies)
     extra: dict[str, Any] = field(default_factory=dict)
+    statistic: str = "median"  # what `value` uses: "median", or "p25" (lower quartile, collectives)
 
     @property
     def median_s(self) -> float:
         return statistics.median(self.samples_s)
 
     @property
+    def used_s(self) -> float:
+        if self.statistic == "p25" and len(self.samples_s) >= 4:
+            return statistics.quantiles(self.samples_s, n=4)[0]
+        return self.median_s
+
+    @property
     def value(self) -> float:
         # rates: work per second; latencies ("s"): seconds per unit of work (work = units per call)
-        return self.work / self.median_s if self.unit != "s" else self.median_s * self.work
+        return self.work / self.used_s if self.unit != "s" else self.used_s * self.work
 
     @property
     def spread(self) -> float:
         return (max(self.samples_s) - min(self.samples_s)) / self.median_s if self.median_s > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"what": self.what, "unit": self.unit, "value": _sig(self.value), "median_s": self.median_s,
+        return {"what": self.what, "unit": self.unit, "value": _sig(self.value), "statistic": self.statistic,
+                "median_s": self.median_s, "used_s": self.used_s, "min_s": min(self.samples_s),
                 "spread": round(self.spread, 4), "samples_s": [float(f"{s:.6g}") for s in self.samples_s],
                 "work": self.work, **self.extra}
 
@@ -162,17 +174,25 @@ class Bench:
         return int(t.item())
 
     def time(self, what: str, unit: str, work: float, fn: Callable[[], Any], min_s: float | None = None,
-             **extra: Any) -> Measurement:
+             comm: bool = False, **extra: Any) -> Measurement:
+        """Samples of ``fn``: compute in CPU time on CPU (``Settings.cpu_time``), collectives
+        (``comm``) and anything on CUDA in elapsed time."""
         min_s = self.s.min_sample_s if min_s is None else min_s
+        cpu_time = self.s.cpu_time and not comm and not self.clock.cuda
         fn()  # warm-up (allocations, kernels selection)
         once = max(self.clock.loop_s(fn, 1), 1e-7)
         loops = self.agree_max(max(1, min(int(min_s / once), 100000)))  # collectives must match
+        repeats = self.s.repeats
+        if comm:  # one call per sample, many samples: the lower quartile is the undisturbed latency
+            loops, repeats = 1, self.agree_max(max(4 * self.s.repeats, min(int(4 * min_s / once), 200)))
         samples = []
-        for _ in range(self.s.repeats):
+        for _ in range(repeats):
             self.barrier()  # every process measures at the same time
-            samples.append(self.clock.loop_s(fn, loops))
+            samples.append(self.clock.loop_s(fn, loops, cpu_time))
         self.progress(what)
-        return Measurement(what, unit, samples, work, {"loops": loops, **extra})
+        clock = "thread CPU time" if cpu_time else ("CUDA events" if self.clock.cuda else "wall time")
+        return Measurement(what, unit, samples, work, {"loops": loops, "clock": clock, **extra},
+                           "p25" if comm else "median")
 
 
 # ---------------------------------------------------------------------------------------
@@ -315,7 +335,7 @@ def collective_measurements(b: Bench) -> list[Measurement]:
             for kind, form, ls, fn, dst in cases:
                 shape = "even" if len(set(ls)) <= 1 else "uneven"
                 label = f"{kind} {form + ' ' if form else ''}{shape if ls else ''} {nb} bytes".replace("  ", " ")
-                out.append(b.time(f"gloo/nccl {label}", "s", 1.0, fn, min_s=b.s.min_sample_s / 2,
+                out.append(b.time(f"gloo/nccl {label}", "s", 1.0, fn, min_s=b.s.min_sample_s / 2, comm=True,
                                   collective=kind, form=form or "", bytes=nb, lengths=list(ls),
                                   dst_lengths=list(dst) if dst else None, ranks=n))
     return out
@@ -349,7 +369,7 @@ def fit_collectives(ms: list[Measurement]) -> tuple[dict[str, Any], float, float
     per = {}
     rows = []
     for key, g in groups.items():
-        xs, ys = [m.extra["bytes"] for m in g], [m.median_s for m in g]
+        xs, ys = [m.extra["bytes"] for m in g], [m.used_s for m in g]
         a, slope = _fit_line(xs, ys)
         per[key] = {"alpha_s": _sig(a), "bytes_per_s": _sig(1 / slope) if slope > 0 else None,
                     "points": [[x, float(f"{y:.6g}")] for x, y in zip(xs, ys)]}
@@ -361,7 +381,7 @@ def fit_collectives(ms: list[Measurement]) -> tuple[dict[str, Any], float, float
             form = m.extra["form"]
             ca = collective_s(m.extra["collective"], m.extra["bytes"], fr, Link(1.0, 1e300), form, fd)
             cb = collective_s(m.extra["collective"], m.extra["bytes"], fr, Link(0.0, 1.0), form, fd)
-            rows.append((ca, cb, m.median_s))
+            rows.append((ca, cb, m.used_s))
     # minimise Σ ((ca α + cb / bw - t) / t)^2 over α >= 0, 1/bw >= 0
     w = [1 / (t * t) for _, _, t in rows]
     saa = sum(wi * a * a for wi, (a, _, _) in zip(w, rows))
@@ -471,15 +491,22 @@ def device_name(device: torch.device) -> str:
 
 def _slowest(per_rank: list[list[Measurement]]) -> list[Measurement]:
     """Per measurement, the rank with the lowest rate (largest median time)."""
-    return [max(ms, key=lambda m: m.median_s / m.work) for ms in zip(*per_rank)]
+    return [max(ms, key=lambda m: m.used_s / m.work) for ms in zip(*per_rank)]
+
+
+def _stat(m: Measurement) -> str:
+    n = len(m.samples_s)
+    which = "lower quartile" if m.statistic == "p25" else "median"
+    return f"{which} of {n} samples, spread {m.spread:.1%}"
 
 
 def build_profile(per_rank: list[dict[str, Any]], device: torch.device, settings: Settings) -> dict[str, Any]:
-    """The device profile JSON (``profiles/devices/*.json`` format) from every rank's results."""
+    """The device profile (``profiles/devices/*.json`` format: every number has a provenance
+    line) and, under ``"detail"``, every sample behind it (written beside the profile)."""
     nproc = len(per_rank)
     env = environment(device, nproc)
     who = (env.get("gpu") or env["cpu_model"]) + f" ({env['cpu_count']} cores)" * (device.type == "cpu")
-    tag = (f"{env['date'][:10]}, {who}, host {env['host']}, torch {env['torch']}, median of {settings.repeats}, "
+    tag = (f"{env['date'][:10]}, {who}, host {env['host']}, torch {env['torch']}, "
            f"{nproc} concurrent {'single-thread ' if device.type == 'cpu' else ''}process(es), slowest")
     flop: dict[str, dict[str, float]] = {}
     prov: dict[str, str] = {}
@@ -489,9 +516,10 @@ def build_profile(per_rank: list[dict[str, Any]], device: torch.device, settings
             ms = _slowest([r[cls][dt] for r in per_rank])
             rate = statistics.median(m.value for m in ms)
             flop.setdefault(cls, {})[dt] = _sig(rate)
-            sizes = "/".join("x".join(map(str, m.extra["size"])) for m in ms)
-            prov[f"flop_per_s.{cls}.{dt}"] = (f"measured: {cls} {dt} {sizes}, forward + backward, "
-                                              f"3 x forward flops / s, median over sizes, {tag}")
+            sizes = "; ".join(f"{'x'.join(map(str, m.extra['size']))}: {m.value / 1e9:.3g} GFLOP/s ({_stat(m)})"
+                              for m in ms)
+            prov[f"flop_per_s.{cls}.{dt}"] = (f"measured: {cls} {dt} forward + backward, 3 x forward flops / s, "
+                                              f"median over sizes [{sizes}], {ms[0].extra['clock']}, {tag}")
             detail[f"{cls}.{dt}"] = [m.to_json() for m in ms]
     mem = {k: _slowest([[r["memory"][k]] for r in per_rank])[0] for k in per_rank[0]["memory"]}
     floors = {k: _slowest([[r["floor"][k]] for r in per_rank])[0] for k in per_rank[0]["floor"]}
@@ -503,27 +531,36 @@ def build_profile(per_rank: list[dict[str, Any]], device: torch.device, settings
     else:
         memory_bytes = CPU_MEMORY_BUDGET
         prov["memory_bytes"] = "budget: 8 GiB per rank chosen for the emulated cluster, not measured"
-    prov["memory_bytes_per_s"] = f"measured: {mem['pointwise'].what}, bytes / s, {tag}"
-    prov["memory_bytes_per_s_by_class"] = f"measured: pointwise / reduction / copy (see measurements), {tag}"
-    prov["kernel_floor_s"] = (f"measured: {floors['autograd'].what} (what an emitted train.py pays per op; "
-                              f"a bare op costs {floors['bare'].value:.3g} s), {tag}")
+    for k, m in mem.items():
+        prov[f"memory_bytes_per_s_by_class.{k}"] = f"measured: {m.what}, bytes / s, {_stat(m)}, {tag}"
+    prov["memory_bytes_per_s"] = prov["memory_bytes_per_s_by_class.pointwise"]
+    fa, fb = floors["autograd"], floors["bare"]
+    prov["kernel_floor_s"] = (f"measured: {fa.what} ({_stat(fa)}): what an emitted train.py pays per op; "
+                              f"a bare op without autograd costs {fb.value:.3g} s, {tag}")
     colls = per_rank[0]["collectives"]
     if colls:
         per_kind, alpha, bw = fit_collectives(_slowest([r["collectives"] for r in per_rank]))
         kind = "nvlink-or-pcie (measured)" if device.type == "cuda" else "loopback"
         link = {"kind": kind, "bytes_per_s": _sig(bw), "alpha_s": _sig(alpha)}
+        fits = "; ".join(f"{k}: {v['alpha_s'] * 1e6:.0f} us + bytes / {(v['bytes_per_s'] or 0) / 1e9:.3g} GB/s"
+                         for k, v in per_kind.items())
         what = (f"hap.runtime all_reduce / all_gather / reduce_scatter / all_to_all over {nproc} processes, "
-                f"{min(settings.coll_bytes)}-{max(settings.coll_bytes)} bytes, even and uneven {UNEVEN}:1 splits, "
-                "padded and grouped")
-        prov["intra_node.bytes_per_s"] = f"measured: {what}, joint relative least squares in hap.cost's formulas, {tag}"
+                f"{min(settings.coll_bytes)}-{max(settings.coll_bytes)} bytes, even and uneven {UNEVEN}:1 "
+                "splits, padded and grouped, lower quartile of per-call wall times; joint relative least "
+                f"squares in hap.cost.collective_s's formulas (per collective: {fits})")
+        prov["intra_node.bytes_per_s"] = f"measured: {what}, {tag}"
         prov["intra_node.alpha_s"] = prov["intra_node.bytes_per_s"]
         detail["collectives"] = per_kind
+        detail["collective_samples"] = [m.to_json() for m in _slowest([r["collectives"] for r in per_rank])]
     else:
         link = {"kind": "assumed", "bytes_per_s": 1e10 if device.type == "cuda" else 4e8,
                 "alpha_s": 2e-5 if device.type == "cuda" else 1e-3}
-        prov["intra_node.bytes_per_s"] = ("assumed, not measured (one process): run hap-profile under torchrun "
+        prov["intra_node.bytes_per_s"] = ("assumed: not measured (one process); run hap-profile under torchrun "
                                           "with 2 or more processes to measure the links")
         prov["intra_node.alpha_s"] = prov["intra_node.bytes_per_s"]
+    prov["environment"] = "; ".join(f"{k}={v}" for k, v in env.items())
+    prov["settings"] = (f"hap-profile{' --quick' if settings.quick else ''}, {settings.repeats} repeats, "
+                        f"samples of >= {settings.min_sample_s} s; every sample in samples/<this file's name> beside it")
     return {
         "name": device_name(device),
         "memory_bytes": memory_bytes,
@@ -533,11 +570,24 @@ def build_profile(per_rank: list[dict[str, Any]], device: torch.device, settings
         "kernel_floor_s": _sig(floors["autograd"].value),
         "intra_node": link,
         "provenance": prov,
-        "format": FORMAT,
-        "environment": env,
-        "settings": {"quick": settings.quick, "repeats": settings.repeats, "min_sample_s": settings.min_sample_s},
-        "measurements": detail,
+        "detail": {"format": FORMAT, "environment": env,
+                   "settings": {"quick": settings.quick, "repeats": settings.repeats,
+                                "min_sample_s": settings.min_sample_s},
+                   "measurements": detail},
     }
+
+
+def write(profile: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """Write the profile to ``out`` and its samples to ``samples/<name>`` beside it (out of the way of
+    ``profiles/devices/*.json``, which are all device profiles)."""
+    profile = dict(profile)
+    detail = profile.pop("detail", {})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(profile, indent=2) + "\n")
+    side = out.parent / "samples" / out.name
+    side.parent.mkdir(exist_ok=True)
+    side.write_text(json.dumps(detail, indent=1) + "\n")
+    return out, side
 
 
 # ---------------------------------------------------------------------------------------
@@ -610,7 +660,7 @@ def _worker(rank: int, world: int, port: int, quick: bool, repeats: int | None, 
         if callable(result):
             result(profile)
         else:
-            Path(result).write_text(json.dumps(profile, indent=2) + "\n")
+            Path(result).write_text(json.dumps(profile) + "\n")
 
 
 def run(quick: bool = False, repeats: int | None = None, nproc: int | None = None, show: bool = True,
@@ -646,7 +696,7 @@ def summary(profile: dict[str, Any]) -> str:
     link = profile["intra_node"]
     lines.append(f"  link      {link['kind']}: alpha {link['alpha_s'] * 1e6:.1f} us, "
                  f"{link['bytes_per_s'] / 1e9:.3f} GB/s")
-    for key, f in profile.get("measurements", {}).get("collectives", {}).items():
+    for key, f in profile.get("detail", {}).get("measurements", {}).get("collectives", {}).items():
         bw = f"{f['bytes_per_s'] / 1e9:.3f} GB/s" if f["bytes_per_s"] else "-"
         lines.append(f"    {key:28s} alpha {f['alpha_s'] * 1e6:8.1f} us  {bw}")
     return "\n".join(lines)
@@ -675,11 +725,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if not profile:  # a rank other than 0 under torchrun
         return 0
-    out = Path(args.out or f"hap-profile-{profile['name']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(profile, indent=2) + "\n")
+    out, side = write(profile, Path(args.out or f"hap-profile-{profile['name']}.json"))
     print(summary(profile))
-    print(f"wrote {out}")
+    print(f"wrote {out} (samples: {side})")
     return 0
 
 

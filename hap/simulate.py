@@ -6,7 +6,8 @@
   the first node that reads the moved tensor (the loss's move to ``P`` at the end);
 - backward: the nodes in reverse order; each collective's dual runs right after the
   backward of that first reader (autograd reaches it there), before its producer's backward;
-- the gradient all-reduce of replicated parameters, then the step ends.
+- the gradient all-reduce of replicated parameters, then the optimizer update (the compute
+  the cost model charges parameter nodes, if any: today none), and the step ends.
 
 Each node's compute per rank is ``hap.cost.CostModel.compute_s`` split into its forward
 part (work + one kernel floor) and backward part (the rest). Every collective synchronises
@@ -36,6 +37,7 @@ from hap.rules import Candidate, RuleContext, view_units
 from hap.solve import all_candidates, evaluate, readers
 
 if TYPE_CHECKING:
+    from hap.cluster import Cluster
     from hap.plan import Plan
 
 MODES = ("aligned", "segments")
@@ -47,7 +49,7 @@ class Segment:
 
     label: str  # node name(s), or the collective ("all_gather linear_1 S(1)->R")
     kind: str  # "compute" | "comm"
-    phase: str  # "forward" | "backward" | "sync"
+    phase: str  # "forward" | "backward" | "sync" | "step" (optimizer update)
     start_s: float
     duration_s: float
     compute_s: tuple[float, ...]  # per rank busy computing within the segment
@@ -144,12 +146,20 @@ def _split(cm: CostModel, graph: Graph, name: str, total: tuple[float, ...]) -> 
     return tuple(fwd), tuple(back)
 
 
-def simulate(plan: Plan, mode: str = "aligned", name: str | None = None) -> Timeline:
-    """The per-rank timeline of one training step of ``plan`` (see the module docstring)."""
+def simulate(plan: Plan, cluster: Cluster | None = None, mode: str = "aligned", name: str | None = None) -> Timeline:
+    """The per-rank timeline of one training step of ``plan`` (see the module docstring).
+
+    ``cluster`` (default: the plan's own) replays the same plan on another cluster with as
+    many ranks, e.g. the same machines with re-measured device profiles.
+    """
+    if isinstance(cluster, str):  # simulate(plan, "segments"): the mode given positionally
+        cluster, mode = None, cluster
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    graph, cluster = plan.graph, plan.cluster
+    graph, cluster = plan.graph, cluster or plan.cluster
     n = cluster.num_ranks
+    if n != plan.num_ranks:
+        raise HapError(f"the plan is for {plan.num_ranks} ranks; cluster {cluster.name} has {n}")
     cm = CostModel(graph, cluster, Splitter(plan.shares), plan.optimizer)
     choice = plan_choice(plan)
     ev = evaluate(graph, cm, choice)
@@ -203,7 +213,7 @@ def simulate(plan: Plan, mode: str = "aligned", name: str | None = None) -> Time
     def compute(name_: str, phase: str) -> None:
         fwd, back = parts[name_]
         if mode == "segments":
-            mine = fwd if phase == "forward" else back
+            mine = fwd if phase in ("forward", "step") else back
             if any(mine):
                 for r in range(n):
                     pending[r] += mine[r]
@@ -213,7 +223,7 @@ def simulate(plan: Plan, mode: str = "aligned", name: str | None = None) -> Time
         if not any(total):
             return
         crit = max(range(n), key=lambda r: total[r])
-        if phase == "forward":
+        if phase in ("forward", "step"):
             dur = fwd[crit]
             tl.add(name_, "compute", phase, dur, tuple(min(f, dur) for f in fwd))
         else:
@@ -226,7 +236,8 @@ def simulate(plan: Plan, mode: str = "aligned", name: str | None = None) -> Time
         for m in before.get(node.name, []):
             fwd, _ = move_parts(m)
             comm(move_label(m, False), "forward", fwd)
-        compute(node.name, "forward")
+        if node.kind != "param":  # a parameter's own cost (if the cost model has one) is its update
+            compute(node.name, "forward")
     for m in after_loss:
         fwd, _ = move_parts(m)
         comm(move_label(m, False), "forward", fwd)
@@ -242,14 +253,17 @@ def simulate(plan: Plan, mode: str = "aligned", name: str | None = None) -> Time
     flush("backward")
     if ev.grad_sync_s > 0:
         comm(f"gradient all-reduce ({len(ev.grad_synced)} parameters)", "sync", ev.grad_sync_s)
+    for node in graph.params():
+        compute(node.name, "step")
+    flush("step")
     tl.lint()
     return tl
 
 
 def step_times(plan: Plan) -> dict[str, float]:
     """Both modes' step times and the plan's own prediction."""
-    return {"predicted_s": plan.predicted_step_s, "aligned_s": simulate(plan, "aligned").step_s,
-            "segments_s": simulate(plan, "segments").step_s}
+    return {"predicted_s": plan.predicted_step_s, "aligned_s": simulate(plan, mode="aligned").step_s,
+            "segments_s": simulate(plan, mode="segments").step_s}
 
 
 def timeline_for_baseline(plan: Plan, name: str, mode: str = "aligned") -> Timeline | None:
@@ -262,5 +276,5 @@ def timeline_for_baseline(plan: Plan, name: str, mode: str = "aligned") -> Timel
     base = baseline(name, plan.graph, plan.cluster, optimizer=plan.optimizer, spec=plan.spec)
     if base is None:
         return None
-    return simulate(base, mode, name=name)
+    return simulate(base, mode=mode, name=name)
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hap.simulate import Timeline
 
-COLORS = {"compute": "#2e7d32", "backward": "#66bb6a", "comm": "#ef6c00", "sync": "#c62828", "idle": "#e0e0e0"}
+COLORS = {"compute": "#2e7d32", "backward": "#66bb6a", "step": "#6a1b9a", "comm": "#ef6c00", "sync": "#c62828", "idle": "#e0e0e0"}
 MAX_RANK_ROWS = 16  # larger clusters: the first and last ranks of each device kind, with a note
 
 
@@ -63,7 +63,7 @@ def draw(timelines: dict[str, Timeline], path: str | Path, title: str | None = N
                             linewidth=0)
                     continue
                 busy = s.compute_s[r] * scale
-                color = COLORS["compute" if s.phase == "forward" else "backward"]
+                color = COLORS[{"forward": "compute", "step": "step"}.get(s.phase, "backward")]
                 ax.barh(y, busy, left=x0, color=color, height=0.8, linewidth=0)
                 if w - busy > 0:
                     ax.barh(y, w - busy, left=x0 + busy, color=COLORS["idle"], height=0.8, linewidth=0)
@@ -84,8 +84,9 @@ def draw(timelines: dict[str, Timeline], path: str | Path, title: str | None = N
                        Patch(color=COLORS["backward"], label="backward compute"),
                        Patch(color=COLORS["comm"], label="collective (resharding)"),
                        Patch(color=COLORS["sync"], label="gradient all-reduce"),
+                       Patch(color=COLORS["step"], label="optimizer step"),
                        Patch(color=COLORS["idle"], label="idle (waiting for the slowest rank)")],
-               loc="lower center", ncol=5, fontsize=7, frameon=False)
+               loc="lower center", ncol=6, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.3 / height, 1, 1))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

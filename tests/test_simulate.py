@@ -6,6 +6,7 @@ import pytest
 from hap.api import plan_graph
 from hap.baselines import dp_even
 from hap.cluster import load_cluster
+from hap.errors import HapError
 from hap.plan import Plan
 from hap.simulate import simulate, step_times, timeline_for_baseline
 from tests.helpers import captured, load_example
@@ -63,6 +64,12 @@ def test_timeline_for_baseline_and_step_times(graph):
     assert _close(st["aligned_s"], st["predicted_s"]) and st["segments_s"] <= st["aligned_s"] * (1 + 1e-9)
     with pytest.raises(ValueError):
         simulate(plan, "nope")
+    # the same plan replayed on a cluster given explicitly (same ranks; here the same cluster)
+    assert _close(simulate(plan, load_cluster("default")).step_s, plan.predicted_step_s)
+    slower = simulate(plan, load_cluster("cpu-slow-net"), mode="segments")
+    assert slower.step_s >= simulate(plan, mode="segments").step_s * 0.5
+    with pytest.raises(HapError):
+        simulate(plan, load_cluster("cpu-1-2-4"))
 
 
 def test_draw_timelines(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -75,7 +76,11 @@ def init(backend: str | None = None) -> tuple[int, int]:
                 backend = "nccl" if torch.cuda.is_available() else "gloo"
             if backend == "nccl":
                 torch.cuda.set_device(_S.local_rank)
-            dist.init_process_group(backend=backend, init_method="env://", rank=rank_, world_size=world)
+            store = _attempt_store(rank_, world)
+            if store is None:
+                dist.init_process_group(backend=backend, init_method="env://", rank=rank_, world_size=world)
+            else:
+                dist.init_process_group(backend=backend, store=store, rank=rank_, world_size=world)
             _S.rank, _S.world, _S.backend, _S.owns_group = rank_, world, backend, True
     use_cuda = _S.backend == "nccl" if _S.world > 1 else (backend != "gloo" and torch.cuda.is_available())
     if use_cuda:
@@ -86,6 +91,23 @@ def init(backend: str | None = None) -> tuple[int, int]:
     _S.initialized = True
     _S.rs_fallback = False
     return _S.rank, _S.world
+
+
+def _attempt_store(rank_: int, world: int):
+    """Under torchrun, a store whose keys are private to this restart attempt.
+
+    torchrun keeps one agent store across ``--max-restarts`` restarts; a restarted rank can
+    otherwise read the address a dead rank of the previous attempt published and fail to
+    connect ("Gloo connectFullMesh failed ... Connection refused"). None outside torchrun.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if attempt is None or not addr or not port:
+        return None
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(addr, int(port), world, is_master=(not agent_hosts and rank_ == 0),
+                          timeout=timedelta(minutes=10), multi_tenant=not agent_hosts)
+    return dist.PrefixStore(f"hap/attempt_{attempt}", store)
 
 
 def rank() -> int:

@@ -1,0 +1,90 @@
+"""hap-profile: quick mode produces a loadable device profile with provenance."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hap.cluster import DeviceProfile
+from hap.profile import FORMAT, _fit_line, fit_collectives, main, run
+
+
+@pytest.fixture(scope="module")
+def quick_profile():
+    return run(quick=True, nproc=1, show=False)
+
+
+def test_quick_profile_structure(quick_profile):
+    p = quick_profile
+    dev = DeviceProfile.from_json(p, "quick profile")  # the profiles/devices format
+    assert dev.flop_per_s["matmul"]["fp32"] > 0 and dev.memory_bytes_per_s > 0 and dev.kernel_floor_s > 0
+    for cls in ("matmul", "conv", "attention"):
+        assert "fp32" in p["flop_per_s"][cls]
+    assert set(p["memory_bytes_per_s_by_class"]) == {"pointwise", "reduction", "copy"}
+    assert p["detail"]["format"] == FORMAT
+
+
+def test_quick_profile_provenance(quick_profile, tmp_path):
+    p = quick_profile
+    detail = p["detail"]
+    env = detail["environment"]
+    for key in ("date", "host", "torch", "cpu_model", "processes", "device"):
+        assert env[key] not in (None, "")
+    # every number of the profile says where it came from (as tests/test_cluster.py demands)
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from leaves(v, f"{prefix}{k}.")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                yield f"{prefix}{k}"
+    body = {k: v for k, v in p.items() if k not in ("provenance", "detail")}
+    for leaf in leaves(body):
+        assert p["provenance"][leaf].startswith(("measured:", "budget:", "assumed:")), leaf
+    assert "torch=" in p["provenance"]["environment"] and "host=" in p["provenance"]["environment"]
+    assert "samples, spread" in p["provenance"]["flop_per_s.matmul.fp32"]
+    # repeated samples, their median and spread
+    m = detail["measurements"]["matmul.fp32"][0]
+    assert len(m["samples_s"]) == detail["settings"]["repeats"] >= 3
+    assert min(m["samples_s"]) <= m["median_s"] <= max(m["samples_s"]) and m["spread"] >= 0
+    assert detail["measurements"]["pointwise"]["unit"] == "bytes/s"
+    # written as a profile the cluster loader accepts, with the samples beside it
+    from hap.cluster import load_device
+    from hap.profile import write
+
+    out, side = write(p, tmp_path / "devices" / "cpu.json")
+    assert load_device(out).name == "cpu" and "detail" not in json.loads(out.read_text())
+    assert json.loads(side.read_text())["format"] == FORMAT and side.parent.name == "samples"
+
+
+def test_cli_writes_json(tmp_path, monkeypatch):
+    monkeypatch.setattr("hap.profile.run", lambda **kw: {"name": "cpu", "flop_per_s": {"matmul": {"fp32": 1.0}},
+                                                        "memory_bytes": 1, "memory_bytes_per_s": 1.0,
+                                                        "kernel_floor_s": 0.0, "intra_node": {
+                                                            "kind": "x", "bytes_per_s": 1.0, "alpha_s": 0.0}})
+    out = tmp_path / "p.json"
+    assert main(["--quick", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["name"] == "cpu"
+    assert main(["--repeats", "0"]) == 2
+
+
+def test_fits_recover_alpha_beta():
+    xs = [2.0**k for k in range(10, 24, 2)]
+    a, b = _fit_line(xs, [1e-4 + x / 1e9 for x in xs])
+    assert a == pytest.approx(1e-4, rel=1e-6) and 1 / b == pytest.approx(1e9, rel=1e-6)
+    from hap.cluster import Link
+    from hap.cost import collective_s
+    from hap.profile import Measurement
+
+    link = Link(5e-5, 2e9)
+    ms = []
+    for nb in xs:
+        for kind, form, ls in (("all_reduce", "", ()), ("all_gather", "padded", (3, 1)),
+                               ("all_gather", "grouped", (3, 1)), ("reduce_scatter", "padded", (2, 2))):
+            fr = tuple(v / sum(ls) for v in ls) if ls else (0.5, 0.5)
+            t = collective_s(kind, nb, fr, link, form)
+            ms.append(Measurement(kind, "s", [t], 1.0, {"collective": kind, "form": form, "bytes": nb,
+                                                         "lengths": list(ls), "ranks": 2}))
+    per, alpha, bw = fit_collectives(ms)
+    assert alpha == pytest.approx(5e-5, rel=1e-6) and bw == pytest.approx(2e9, rel=1e-6)
+    assert set(per) == {"all_reduce", "all_gather.padded.uneven", "all_gather.grouped.uneven",
+                        "reduce_scatter.padded.even"}
