@@ -21,6 +21,7 @@ from hap.solve import (
     evaluate,
     even_shares,
     lower_bound_s,
+    memory_report,
     refit_shares,
     solve_placements,
     speed_shares,
@@ -79,9 +80,17 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
 
     results: dict[str, tuple[tuple[int, ...], dict, Evaluation, str]] = {}
 
-    def run(tag: str, shares: tuple[int, ...], pin=None) -> tuple[dict, Evaluation, str]:
+    infeasible: dict[str, str] = {}
+
+    def run(tag: str, shares: tuple[int, ...], pin=None) -> tuple[dict, Evaluation, str] | None:
         cm = CostModel(graph, cluster, Splitter(shares), optimizer)
-        res = solve_placements(graph, cm, cands, pin=pin, time_limit_s=time_limit_s)
+        try:
+            res = solve_placements(graph, cm, cands, pin=pin, time_limit_s=time_limit_s)
+        except InfeasiblePlan as e:
+            if tag != "hap":
+                infeasible[tag] = str(e)
+                return None
+            raise _explain_memory(graph, cluster, cm, cands, pin, optimizer) from e
         ev = evaluate(graph, cm, res.choice)
         results[tag] = (shares, res.choice, ev, res.status)
         return res.choice, ev, res.status
@@ -98,16 +107,16 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
         if new == shares:
             break
         say(f"re-fitting shares, round {it + 1}")
-        c2, ev2, st2 = run(f"hap_refit{it}", new, user_pin)
-        if ev2.step_s >= ev.step_s * (1 - 1e-6):
+        again = run(f"hap_refit{it}", new, user_pin)
+        if again is None or again[1].step_s >= ev.step_s * (1 - 1e-6):
             break
-        shares, choice, ev, status = new, c2, ev2, st2
+        shares, (choice, ev, status) = new, again
     if n > 1 and prop != even:
         run("hap_even", even, user_pin)
     # Prefer the simplest result (speed-proportional shares) unless another is at least
     # 1% faster; never one slower than a baseline.
     best_s = min(r[2].step_s for r in results.values())
-    limit = min(best_s * 1.01, results["dp_even"][2].step_s, results["dp_proportional"][2].step_s)
+    limit = min([best_s * 1.01] + [results[k][2].step_s for k in ("dp_even", "dp_proportional") if k in results])
     if user_pins:  # the user asked for this strategy: baselines are for comparison only
         limit = min(r[2].step_s for k, r in results.items() if k.startswith("hap")) * 1.01
     order = ["hap", "dp_proportional"] + [k for k in results if k.startswith("hap_refit")] + ["hap_even", "dp_even"]
@@ -117,13 +126,13 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
     strategy = "hap" if best_tag.startswith("hap") else best_tag
     cm = CostModel(graph, cluster, Splitter(shares), optimizer)
     lb = lower_bound_s(graph, cm)
-    baselines = {k: {"predicted_step_s": results[k][2].step_s, "shares": list(results[k][0]),
-                     "comm_s": results[k][2].comm_s + results[k][2].grad_sync_s}
-                 for k in ("dp_even", "dp_proportional")}
-    for r, (used, cap) in enumerate(zip(ev.memory_bytes, (cluster.memory_bytes(i) for i in range(n)))):
-        if used > cap:
-            raise InfeasiblePlan(f"rank {r} ({cluster.ranks[r].device}) needs {used / 1e9:.2f} GB, has "
-                                 f"{cap / 1e9:.2f} GB; try a smaller batch or a cluster with more memory")
+    baselines = {}
+    for k in ("dp_even", "dp_proportional"):
+        if k in results:
+            baselines[k] = {"predicted_step_s": results[k][2].step_s, "shares": list(results[k][0]),
+                            "comm_s": results[k][2].comm_s + results[k][2].grad_sync_s, "feasible": True}
+        else:  # does not fit the devices' memory: no step time to compare
+            baselines[k] = {"predicted_step_s": None, "feasible": False, "reason": infeasible.get(k, "")}
     nodes = {}
     for node in graph:
         c = choice[node.name]
@@ -137,6 +146,32 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
                 time.perf_counter() - t0, status, optimizer, strategy, spec, list(dict.fromkeys(warnings)))
     plan.lint()
     return plan
+
+
+def _explain_memory(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin,
+                    optimizer: str) -> InfeasiblePlan:
+    """The least memory any assignment needs (each tensor sharded as far as its rules allow),
+    and which rank it still overfills by how much, as an error with fixes."""
+    choice = {}
+    for node in graph:
+        allowed = [c for c in cands[node.name] if pin is None or pin(node, c)] or cands[node.name]
+        choice[node.name] = min(allowed, key=lambda c: max(cm.memory_bytes(node, c)))
+    report = memory_report(graph, cm, choice)
+    over = [(row["total"] - cluster.memory_bytes(r), r) for r, row in enumerate(report)]
+    excess, r = max(over)
+    if excess <= 0:
+        return InfeasiblePlan("the solver found no plan that meets every constraint, though the memory would fit; "
+                              "check the --pin placements you gave")
+    row = report[r]
+    gb = 1e9
+    fixes = ["a smaller global batch (--batch-size)", "a cluster with more memory per device"]
+    if optimizer != "sgd":
+        fixes.insert(0, "--optimizer sgd (no optimizer state)")
+    return InfeasiblePlan(
+        f"no plan fits in memory: rank {r} ({cluster.ranks[r].device}) needs at least {row['total'] / gb:.1f} GB "
+        f"(parameters {row['parameters'] / gb:.1f}, gradients {row['gradients'] / gb:.1f}, optimizer "
+        f"{row['optimizer'] / gb:.1f}, activations {row['activations'] / gb:.1f}) even with every tensor sharded "
+        f"as far as the rules allow, and has {cluster.memory_bytes(r) / gb:.1f} GB. Try: {'; '.join(fixes)}.")
 
 
 def _parse_pins(graph: Graph, cands: dict, pins: dict[str, str]) -> dict:

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
     from hap.api import plan_graph
     from hap.capture import capture
+    from hap.errors import CaptureError
     from hap.cluster import load_cluster
     from hap.spec import build, load_spec
 
@@ -67,10 +68,14 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
     cluster = load_cluster(args.cluster)
     mod = load_spec(args.spec)
     with err.status("capturing the model with torch.export") as status:
-        model, batch = build(mod, args.batch_size)
-        if batch[0].shape[0] < 1:
-            raise HapError("the global batch is empty")
-        graph = capture(model, batch, name=type(model).__name__)
+        model, batch = build(mod, args.batch_size, meta=True)
+        try:
+            graph = capture(model, batch, name=type(model).__name__)
+        except CaptureError:
+            if not any(p.is_meta for p in model.parameters()):
+                raise
+            model, batch = build(mod, args.batch_size)  # some models only trace with real values
+            graph = capture(model, batch, name=type(model).__name__)
         status.update(f"planning {len(graph)} nodes for {cluster.num_ranks} ranks")
         plan = plan_graph(graph, cluster, optimizer=args.optimizer, strict=args.strict,
                           time_limit_s=args.time_limit, spec=str(Path(args.spec).resolve()), pins=_pins(args.pin),

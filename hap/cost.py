@@ -138,21 +138,27 @@ class CostModel:
     # ---- memory ----------------------------------------------------------------------
     def memory_bytes(self, node: Node, cand: Candidate) -> tuple[float, ...]:
         """Bytes per rank this node's choice keeps: parameter state, or saved activations."""
+        return tuple(sum(parts) for parts in zip(*self.memory_parts(node, cand).values()))
+
+    def memory_parts(self, node: Node, cand: Candidate) -> dict[str, tuple[float, ...]]:
+        """Per rank: parameters, gradients, optimizer state, activations (inputs and saved outputs)."""
+        zero = (0.0,) * self.n
+        parts = {"parameters": zero, "gradients": zero, "optimizer": zero, "activations": zero}
         meta = node.meta if isinstance(node.meta, TensorMeta) else None
         if meta is None:
-            return (0.0,) * self.n
+            return parts
         p = cand.output
         fr = self._fr(meta, p) if p.is_shard else (1.0,) * self.n
+        local = tuple(meta.nbytes * f for f in fr)
         if node.kind == "param":
-            mult = 2 + self.opt_states  # weights + gradient + optimizer state
-            return tuple(meta.nbytes * f * mult for f in fr)
-        if node.kind == "buffer":
-            return (float(meta.nbytes),) * self.n
-        if node.kind == "input":
-            return tuple(meta.nbytes * f for f in fr)
-        if node.op_class == "view" or node.name not in self.requires_grad:
-            return (0.0,) * self.n
-        return tuple(meta.nbytes * f for f in fr)
+            parts["parameters"] = local
+            parts["gradients"] = local
+            parts["optimizer"] = tuple(x * self.opt_states for x in local)
+        elif node.kind == "buffer":
+            parts["parameters"] = (float(meta.nbytes),) * self.n
+        elif node.kind == "input" or (node.op_class != "view" and node.name in self.requires_grad):
+            parts["activations"] = local
+        return parts
 
 
 def _conversion(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, grad: bool) -> Conversion:

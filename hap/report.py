@@ -64,6 +64,9 @@ def baselines_table(plan: Plan) -> Table:
     hap = plan.predicted_step_s
     t.add_row(f"hap ({plan.strategy})", _ms(hap), "1.00x", _short(plan.shares))
     for k, v in plan.baselines.items():
+        if v.get("predicted_step_s") is None:
+            t.add_row(k, "does not fit", "", "")
+            continue
         t.add_row(k, _ms(v["predicted_step_s"]), f"{v['predicted_step_s'] / hap:.2f}x", _short(v.get("shares", [])))
     t.add_row("lower bound", _ms(plan.lower_bound_step_s), f"{plan.lower_bound_step_s / hap:.2f}x", "")
     return t

@@ -175,15 +175,16 @@ class MilpResult:
 
 def solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candidate]], *,
                      pin: Callable[[Node, Candidate], bool] | None = None, tie: bool = True,
-                     time_limit_s: float = 30.0, solver: str = "highs") -> MilpResult:
+                     time_limit_s: float = 30.0, solver: str = "highs", memory: bool = True) -> MilpResult:
+    """``memory=False`` drops the per-rank memory rows (to explain an infeasible plan)."""
     with warnings.catch_warnings():  # PuLP 3.x deprecates LpVariable(...) in favour of a 4.0 API
         warnings.simplefilter("ignore", DeprecationWarning)
-        return _solve_placements(graph, cm, cands, pin, tie, time_limit_s, solver)
+        return _solve_placements(graph, cm, cands, pin, tie, time_limit_s, solver, memory)
 
 
 def _solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candidate]],
                       pin: Callable[[Node, Candidate], bool] | None, tie: bool, time_limit_s: float,
-                      solver: str) -> MilpResult:
+                      solver: str, memory: bool = True) -> MilpResult:
     t0 = time.perf_counter()
     rep = tie_groups(graph) if tie else {n.name: n.name for n in graph}
     allowed = {name: [c for c in cs if pin is None or pin(graph[name], c)] or cs[:1] for name, cs in cands.items()}
@@ -281,7 +282,7 @@ def _solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candida
     # memory: one row per distinct rank (same device, slowdown and lengths give the same row)
     rows: dict[tuple, float] = {}
     mem = {(name, c.name): cm.memory_bytes(graph[name], c) for name in graph._by_name for c, _ in choices(name)}
-    for r in range(cm.n):
+    for r in range(cm.n if memory else 0):
         coeffs = []
         worst = 0.0
         for name in mult:
@@ -308,7 +309,7 @@ def _solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candida
         prob.solve(s)
     except pulp.PulpSolverError:
         if solver == "highs":
-            return _solve_placements(graph, cm, cands, pin, tie, time_limit_s, "cbc")
+            return _solve_placements(graph, cm, cands, pin, tie, time_limit_s, "cbc", memory)
         raise
     log.info("MILP: %d variables, %d constraints, built in %.2fs, solved in %.2fs",
              len(prob.variables()), len(prob.constraints), t_build, time.perf_counter() - t0 - t_build)
@@ -322,6 +323,18 @@ def _solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candida
         choice[node.name] = own.get(best.name, next(iter(own.values())))
     obj = pulp.value(prob.objective) or 0.0
     return MilpResult(choice, status, float(obj), time.perf_counter() - t0)
+
+
+def memory_report(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> list[dict[str, float]]:
+    """Per rank: bytes of parameters, gradients, optimizer state and activations, and the total."""
+    out = [{"parameters": 0.0, "gradients": 0.0, "optimizer": 0.0, "activations": 0.0} for _ in range(cm.n)]
+    for node in graph:
+        for part, per_rank in cm.memory_parts(node, choice[node.name]).items():
+            for r, b in enumerate(per_rank):
+                out[r][part] += b
+    for row in out:
+        row["total"] = sum(row.values())
+    return out
 
 
 def _safe(name: str) -> str:

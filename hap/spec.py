@@ -43,14 +43,26 @@ def load_spec(path: str | Path) -> ModuleType:
     return mod
 
 
-def build(mod: ModuleType, batch_size: int | None = None, seed: int = 0):
-    """``(model, example batch)`` from a loaded spec, with the errors of user code explained."""
+def build(mod: ModuleType, batch_size: int | None = None, seed: int = 0, meta: bool = False):
+    """``(model, example batch)`` from a loaded spec, with the errors of user code explained.
+
+    ``meta=True`` builds the model and batch on the meta device (shapes only, no memory, no
+    initialisation time): enough to capture and plan a model of any size. A model whose
+    constructor cannot run on meta is built on the CPU instead.
+    """
     import torch
 
     bs = batch_size or mod.BATCH_SIZE
     torch.manual_seed(seed)
+    model = None
+    if meta:
+        try:
+            with torch.device("meta"):
+                model = mod.model()
+        except Exception:
+            model = None
     try:
-        model = mod.model()
+        model = model if model is not None else mod.model()
     except Exception as e:
         raise SpecError(f"model() raised {type(e).__name__}: {e}") from e
     if not isinstance(model, torch.nn.Module):
@@ -66,4 +78,7 @@ def build(mod: ModuleType, batch_size: int | None = None, seed: int = 0):
     for i, b in enumerate(batch):
         if b.ndim == 0 or b.shape[0] != bs:
             raise SpecError(f"batch tensor {i} has shape {tuple(b.shape)}; dim 0 must be the {bs} samples")
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta:
+        batch = [b.to("meta") for b in batch]
     return model, tuple(batch)

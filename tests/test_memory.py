@@ -1,0 +1,56 @@
+"""Memory is a hard constraint: plans fit every device, state is sharded unevenly where
+cards differ, and a model that cannot fit gets an error naming the rank and the bytes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hap.api import plan_graph
+from hap.capture import capture
+from hap.cluster import load_cluster
+from hap.errors import InfeasiblePlan
+from tests.helpers import ROOT
+
+MIXED = ROOT / "profiles" / "clusters" / "v100-a100-mem.toml"  # 4 x V100-16GB + 4 x A100-80GB
+
+
+class Wide(nn.Module):
+    def __init__(self, width: int, depth: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x.pow(2).mean()
+
+
+def meta_graph(width: int, depth: int, batch: int = 64):
+    with torch.device("meta"):
+        model = Wide(width, depth)
+        x = torch.randn(batch, width)
+    return capture(model, (x,))
+
+
+def test_model_too_big_for_16gb_replicated_gets_an_uneven_sharded_plan():
+    # 4 x 16384^2 fp32 = 4.3 GB of weights; with Adam (weights, grads, 2 moments) 17 GB replicated
+    graph = meta_graph(16384, 4)
+    cluster = load_cluster(MIXED)
+    plan = plan_graph(graph, cluster, optimizer="adam")
+    assert plan.baselines["dp_even"]["feasible"] is False  # data parallelism does not fit a V100
+    for r in range(cluster.num_ranks):
+        assert plan.predicted["memory_bytes"][r] <= cluster.memory_bytes(r)
+    sharded = [n.name for n in graph.params() if plan.nodes[n.name]["output"].startswith("S")]
+    assert sharded, "parameters must be sharded to fit"
+    mem = plan.predicted["memory_bytes"]
+    assert len(set(round(m) for m in mem)) > 1, f"state should be sharded unevenly: {mem}"
+    assert min(mem) > 0.05 * max(mem), "every card holds a real part of the state"
+
+
+def test_model_that_cannot_fit_names_rank_bytes_and_fixes():
+    graph = meta_graph(32768, 12)  # 51 GB of weights, 206 GB with Adam: more than the 8 cards have
+    with pytest.raises(InfeasiblePlan) as e:
+        plan_graph(graph, load_cluster(MIXED), optimizer="adam")
+    msg = str(e.value)
+    assert "rank" in msg and "GB" in msg and "parameters" in msg and "optimizer" in msg and "Try:" in msg
