@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=10, help="with --run: training steps (default 10)")
     ap.add_argument("--batch-size", type=int, default=None, help="global batch (default: the spec's BATCH_SIZE)")
     ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="memory model of optimizer state")
+    ap.add_argument("--coverage", action="store_true",
+                    help="list the captured ATen ops, which have sharding rules, which ran replicated")
     ap.add_argument("--strict", action="store_true", help="fail on ops without a sharding rule")
     ap.add_argument("--pin", action="append", default=[], metavar="NODE=PLACEMENT",
                     help="fix a node's placement, e.g. --pin p_fc_weight=S(0) (repeatable)")
@@ -87,11 +89,19 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.json:
         d = plan.to_json()
         d.pop("graph")
+        if args.coverage:
+            from hap.coverage import coverage
+
+            d["coverage"] = coverage(plan)
         print(json.dumps(d))
     else:
         from hap.report import render
 
         render(plan, out)
+        if args.coverage:
+            from hap.coverage import coverage_table
+
+            out.print(coverage_table(plan))
         if args.emit:
             out.print(f"wrote {args.emit}/train.py and {args.emit}/plan.json")
     if args.run:
