@@ -124,8 +124,6 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
                     and (not user_pins or k.startswith("hap")))
     shares, choice, ev, status = results[best_tag]
     strategy = "hap" if best_tag.startswith("hap") else best_tag
-    cm = CostModel(graph, cluster, Splitter(shares), optimizer)
-    lb = lower_bound_s(graph, cm)
     baselines = {}
     for k in ("dp_even", "dp_proportional"):
         if k in results:
@@ -133,6 +131,18 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
                             "comm_s": results[k][2].comm_s + results[k][2].grad_sync_s, "feasible": True}
         else:  # does not fit the devices' memory: no step time to compare
             baselines[k] = {"predicted_step_s": None, "feasible": False, "reason": infeasible.get(k, "")}
+    plan = assemble_plan(graph, cluster, shares, choice, ev, status, strategy=strategy, optimizer=optimizer,
+                         spec=spec, solve_s=time.perf_counter() - t0, baselines=baselines,
+                         warnings=list(dict.fromkeys(warnings)))
+    plan.lint()
+    return plan
+
+
+def assemble_plan(graph: Graph, cluster: Cluster, shares: tuple[int, ...], choice: dict, ev: Evaluation,
+                  status: str, *, strategy: str, optimizer: str = "sgd", spec: str | None = None,
+                  solve_s: float = 0.0, baselines: dict | None = None, warnings: list[str] | None = None) -> Plan:
+    """A Plan from a solved assignment and its evaluation (also used by ``hap.baselines``)."""
+    cm = CostModel(graph, cluster, Splitter(shares), optimizer)
     nodes = {}
     for node in graph:
         c = choice[node.name]
@@ -142,10 +152,9 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
               "form": m.conversion.form, "seconds": m.conversion.seconds} for m in ev.moves]
     predicted = {"step_s": ev.step_s, "compute_s": list(ev.compute_s), "critical_compute_s": ev.critical_compute_s,
                  "comm_s": ev.comm_s, "grad_sync_s": ev.grad_sync_s, "memory_bytes": list(ev.memory_bytes)}
-    plan = Plan(graph, cluster, tuple(shares), nodes, moves, ev.grad_synced, predicted, baselines, lb,
-                time.perf_counter() - t0, status, optimizer, strategy, spec, list(dict.fromkeys(warnings)))
-    plan.lint()
-    return plan
+    lb = lower_bound_s(graph, cm)
+    return Plan(graph, cluster, tuple(shares), nodes, moves, ev.grad_synced, predicted, baselines or {}, lb,
+                solve_s, status, optimizer, strategy, spec, warnings or [])
 
 
 def _explain_memory(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from hap.api import assemble_plan
 from hap.cluster import Cluster
 from hap.cost import CostModel
 from hap.graph import Graph, Node, TensorMeta
@@ -25,11 +26,9 @@ from hap.placement import Splitter
 from hap.plan import Plan
 from hap.rules import Candidate, RuleContext, view_units
 from hap.solve import (
-    Evaluation,
     all_candidates,
     evaluate,
     even_shares,
-    lower_bound_s,
     solve_placements,
     speed_shares,
 )
@@ -62,23 +61,7 @@ def solve_pinned(graph: Graph, cluster: Cluster, shares: tuple[int, ...], pin: P
                      spec=spec, solve_s=time.perf_counter() - t0)
 
 
-def plan_from(graph: Graph, cluster: Cluster, shares: tuple[int, ...], choice: dict[str, Candidate],
-              ev: Evaluation, status: str, *, strategy: str, optimizer: str = "sgd", spec: str | None = None,
-              solve_s: float = 0.0) -> Plan:
-    """A Plan from a solved assignment, in the shape ``hap.api.plan_graph`` gives its result."""
-    cm = CostModel(graph, cluster, Splitter(shares), optimizer)
-    nodes = {}
-    for node in graph:
-        c = choice[node.name]
-        nodes[node.name] = {"candidate": c.name, "inputs": [str(p) for p in c.inputs], "output": str(c.output),
-                            "target": node.target, "source": node.source, "module": node.module}
-    moves = [{"producer": m.producer, "src": str(m.src), "dst": str(m.dst), "kind": m.conversion.kind,
-              "form": m.conversion.form, "seconds": m.conversion.seconds} for m in ev.moves]
-    predicted = {"step_s": ev.step_s, "compute_s": list(ev.compute_s), "critical_compute_s": ev.critical_compute_s,
-                 "comm_s": ev.comm_s, "grad_sync_s": ev.grad_sync_s, "memory_bytes": list(ev.memory_bytes)}
-    lb = min(lower_bound_s(graph, cm), ev.step_s)
-    return Plan(graph, cluster, tuple(shares), nodes, moves, ev.grad_synced, predicted, {}, lb, solve_s, status,
-                optimizer, strategy, spec, [])
+plan_from = assemble_plan  # one implementation, in hap.api
 
 
 def _dp_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:

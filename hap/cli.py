@@ -32,6 +32,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=10, help="with --run: training steps (default 10)")
     ap.add_argument("--batch-size", type=int, default=None, help="global batch (default: the spec's BATCH_SIZE)")
     ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="memory model of optimizer state")
+    ap.add_argument("--timeline", metavar="PNG", default=None,
+                    help="draw the per-rank timeline of the plan and of dp_even to PNG")
+    ap.add_argument("--compare", action="store_true",
+                    help="also predict the fsdp_even and megatron_tp_even baselines")
     ap.add_argument("--coverage", action="store_true",
                     help="list the captured ATen ops, which have sharding rules, which ran replicated")
     ap.add_argument("--strict", action="store_true", help="fail on ops without a sharding rule")
@@ -59,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
     from hap.api import plan_graph
     from hap.capture import capture
-    from hap.errors import CaptureError
     from hap.cluster import load_cluster
+    from hap.errors import CaptureError
     from hap.spec import build, load_spec
 
     if args.emit and Path(args.emit).exists() and any(Path(args.emit).iterdir()) and not args.force:
@@ -82,6 +86,20 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
         plan = plan_graph(graph, cluster, optimizer=args.optimizer, strict=args.strict,
                           time_limit_s=args.time_limit, spec=str(Path(args.spec).resolve()), pins=_pins(args.pin),
                           progress=lambda msg: status.update(msg))
+    if args.compare:
+        from hap.baselines import fsdp_even, megatron_tp_even
+
+        for name, fn in (("fsdp_even", fsdp_even), ("megatron_tp_even", megatron_tp_even)):
+            b = fn(graph, cluster, optimizer=args.optimizer, time_limit_s=args.time_limit)
+            if b is not None:
+                plan.baselines[name] = {"predicted_step_s": b.predicted_step_s, "shares": list(b.shares),
+                                        "comm_s": b.predicted["comm_s"] + b.predicted["grad_sync_s"],
+                                        "feasible": True}
+    if args.timeline:
+        from hap.simulate import simulate, timeline_for_baseline
+        from hap.timeline import draw
+
+        draw({"hap": simulate(plan), "dp_even": timeline_for_baseline(plan, "dp_even")}, args.timeline)
     if args.emit:
         from hap.emit import emit_program
 
@@ -102,6 +120,8 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
             from hap.coverage import coverage_table
 
             out.print(coverage_table(plan))
+        if args.timeline:
+            out.print(f"wrote the timeline to {args.timeline}")
         if args.emit:
             out.print(f"wrote {args.emit}/train.py and {args.emit}/plan.json")
     if args.run:

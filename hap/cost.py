@@ -92,6 +92,12 @@ class CostModel:
             # reading the batch: a rank reads its own samples (S) or all of them (R)
             fracs = self.fractions(cand.split)
             res = tuple(node.meta.nbytes * f / self.cluster.memory_rate(r) for r, f in enumerate(fracs))
+        elif node.kind == "param" and isinstance(node.meta, TensorMeta):
+            # the optimizer step of this rank's part: zero_grad writes the gradient, the update
+            # reads weight and gradient and writes the weight, each state tensor is read and written
+            fracs = self.fractions(cand.split)
+            passes = 4 + 2 * self.opt_states
+            res = tuple(node.meta.nbytes * f * passes / self.cluster.memory_rate(r) for r, f in enumerate(fracs))
         elif node.kind != "op" or node.op_class == "view":
             res = (0.0,) * self.n
         else:

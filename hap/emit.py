@@ -500,7 +500,7 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
     for (size, unit), var in sorted(em.lengths_used.items()):
         ls = em.lengths(size, unit)
         lengths.append(f"    ({size}, {unit}): {ls},")
-        lens_lines.append(f"    {var} = LENGTHS[{size}, {unit}][RANK]  # local length of a dim of {size}")
+        lens_lines.append(f"    {var} = LENGTHS[{size}, {unit}][RANK]  # this rank's part of a dim of {size}, split {ls}")
     input_dims = [0 if em.out_placement(n.name).is_shard else None for n in inputs]
     script = os.path.relpath(out_dir / "train.py") if not os.path.isabs(str(out_dir)) else str(out_dir / "train.py")
     rank_lines = "\n".join(

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hap.placement import Splitter, largest_remainder, parse, P, R, S
+from hap.placement import P, R, S, Splitter, largest_remainder, parse
 from hap.rules.shape import view_map
 
 

@@ -41,7 +41,7 @@ def test_quick_profile_provenance(quick_profile, tmp_path):
     for leaf in leaves(body):
         assert p["provenance"][leaf].startswith(("measured:", "budget:", "assumed:")), leaf
     assert "torch=" in p["provenance"]["environment"] and "host=" in p["provenance"]["environment"]
-    assert "samples, spread" in p["provenance"]["flop_per_s.matmul.fp32"]
+    assert "samples (median" in p["provenance"]["flop_per_s.matmul.fp32"]
     # repeated samples, their median and spread
     m = detail["measurements"]["matmul.fp32"][0]
     assert len(m["samples_s"]) == detail["settings"]["repeats"] >= 3

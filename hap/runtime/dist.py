@@ -14,8 +14,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-from datetime import timedelta
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from tests.e2e.harness import ROOT, plan_for, run_exact, torchrun
 from hap.emit import emit_program
+from tests.e2e.harness import ROOT, plan_for, run_exact, torchrun
 
 CLUSTERS = ROOT / "profiles" / "clusters"
 TOL = 1e-4

@@ -1,0 +1,66 @@
+"""The emitted train.py: readable, self-describing, planner-free, shape arguments local."""
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+
+from hap.api import plan_graph
+from hap.cluster import load_cluster
+from hap.emit import emit_program
+from hap.errors import HapError
+from tests.helpers import ROOT, captured, load_example
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory):
+    graph = captured(load_example("gpt"))[2]
+    plan = plan_graph(graph, load_cluster(ROOT / "profiles" / "clusters" / "cpu-1-2-4.toml"))
+    out = tmp_path_factory.mktemp("emit")
+    emit_program(plan, out, spec=str(ROOT / "examples" / "gpt.py"))
+    return plan, (out / "train.py").read_text()
+
+
+def test_docstring_has_command_digest_and_ranks(program):
+    plan, text = program
+    doc = ast.get_docstring(ast.parse(text))
+    assert "torchrun --standalone --nproc-per-node 3" in doc
+    assert plan.digest() in doc
+    assert all(f"rank {r}" in doc for r in range(3))
+
+
+def test_imports_only_torch_and_the_runtime(program):
+    _, text = program
+    mods = {n.names[0].name if isinstance(n, ast.Import) else n.module
+            for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    assert not any(m.startswith(("hap.solve", "hap.api", "hap.cost", "pulp")) for m in mods)
+    assert {m for m in mods if m.startswith("hap")} <= {"hap.runtime", "hap.runtime.checkpoint",
+                                                        "hap.runtime.checks", "hap.runtime.sharded_ops"}
+
+
+def test_every_forward_line_names_placements_and_source(program):
+    plan, text = program
+    body = text[text.index("def forward"):text.index("def load_spec")]
+    ops = [line for line in body.splitlines() if re.match(r"\s+\w+ = (aten\.|hr\.|[a-z_0-9]+\[\d)", line)]
+    assert len(ops) >= len(plan.graph.ops())
+    for line in ops:
+        assert "#" in line and ("examples/gpt.py:" in line or "->" in line), line
+
+
+def test_view_shapes_are_local(program):
+    plan, text = program
+    views = [line for line in text.splitlines() if "aten.view.default(" in line]
+    assert views and all("n16" in v or "[16," not in v for v in views), "batch dims must use the local length"
+    assert "LENGTHS" in text and str(plan.shares) in text.replace("[", "(").replace("]", ")") or str(
+        tuple(plan.shares)) in text
+
+
+def test_emit_needs_a_spec_and_refuses_non_empty_dirs(tmp_path, program):
+    plan, _ = program
+    (tmp_path / "mine.txt").write_text("keep")
+    with pytest.raises(HapError, match="--force"):
+        emit_program(plan, tmp_path, spec=str(ROOT / "examples" / "gpt.py"))
+    assert (tmp_path / "mine.txt").read_text() == "keep"
+    with pytest.raises(HapError, match="spec"):
+        emit_program(plan, tmp_path / "new", spec=None)
