@@ -78,16 +78,10 @@ def load_avg() -> str:
 
 def plan_and_emit(spec: str, cluster: str, out: Path):
     """Plan ``spec`` for ``cluster`` with hap's API and emit train.py into ``out``."""
-    from hap.api import plan_graph
-    from hap.capture import capture
-    from hap.cluster import load_cluster
+    from hap.api import plan_spec
     from hap.emit import emit_program
-    from hap.spec import build, load_spec
 
-    mod = load_spec(spec)
-    model, batch = build(mod)
-    graph = capture(model, batch, name=type(model).__name__)
-    plan = plan_graph(graph, load_cluster(cluster), spec=str(Path(spec).resolve()))
+    plan = plan_spec(spec, cluster)
     emit_program(plan, out, spec=spec, force=True)
     return plan
 

@@ -22,18 +22,15 @@ from _common import TORCH_DDP, load_avg, median, steady, torchrun
 
 def _plan(spec: str, cluster: str, out: Path, pin_dp: bool):
     from hap.baselines import dp_even
-    from hap.capture import capture
     from hap.cluster import load_cluster
     from hap.emit import emit_program
-    from hap.spec import build, load_spec
+    from hap.spec import capture_spec, load_spec
 
     if not pin_dp:
         from _common import plan_and_emit
 
         return plan_and_emit(spec, cluster, out)
-    mod = load_spec(spec)
-    model, batch = build(mod)
-    graph = capture(model, batch, name=type(model).__name__)
+    graph = capture_spec(load_spec(spec))
     plan = dp_even(graph, load_cluster(cluster), spec=str(Path(spec).resolve()))
     emit_program(plan, out, spec=spec, force=True)
     return plan

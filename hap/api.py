@@ -46,6 +46,17 @@ def synthesize(model: torch.nn.Module, example_batch: Sequence[torch.Tensor], cl
                       progress=say)
 
 
+def plan_spec(spec: str, cluster: str | Cluster | None = None, *, batch_size: int | None = None, **kw) -> Plan:
+    """Plan the model of a spec file (``model()``, ``batch()``, ``BATCH_SIZE``) for ``cluster``."""
+    from pathlib import Path
+
+    from hap.spec import capture_spec, load_spec
+
+    graph = capture_spec(load_spec(spec), batch_size)
+    cl = cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
+    return plan_graph(graph, cl, spec=str(Path(spec).resolve()), **kw)
+
+
 def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bool = False,
                time_limit_s: float = 20.0, spec: str | None = None, pins: dict[str, str] | None = None,
                progress: Callable[[str], None] | None = None) -> Plan:

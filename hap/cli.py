@@ -62,10 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
     from hap.api import plan_graph
-    from hap.capture import capture
     from hap.cluster import load_cluster
-    from hap.errors import CaptureError
-    from hap.spec import build, load_spec
+    from hap.spec import capture_spec, load_spec
 
     if args.emit and Path(args.emit).exists() and any(Path(args.emit).iterdir()) and not args.force:
         raise HapError(f"{args.emit} is not empty; choose an empty directory or pass --force")
@@ -74,14 +72,7 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
     cluster = load_cluster(args.cluster)
     mod = load_spec(args.spec)
     with err.status("capturing the model with torch.export") as status:
-        model, batch = build(mod, args.batch_size, meta=True)
-        try:
-            graph = capture(model, batch, name=type(model).__name__)
-        except CaptureError:
-            if not any(p.is_meta for p in model.parameters()):
-                raise
-            model, batch = build(mod, args.batch_size)  # some models only trace with real values
-            graph = capture(model, batch, name=type(model).__name__)
+        graph = capture_spec(mod, args.batch_size)
         status.update(f"planning {len(graph)} nodes for {cluster.num_ranks} ranks")
         plan = plan_graph(graph, cluster, optimizer=args.optimizer, strict=args.strict,
                           time_limit_s=args.time_limit, spec=str(Path(args.spec).resolve()), pins=_pins(args.pin),

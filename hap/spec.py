@@ -82,3 +82,19 @@ def build(mod: ModuleType, batch_size: int | None = None, seed: int = 0, meta: b
     if on_meta:
         batch = [b.to("meta") for b in batch]
     return model, tuple(batch)
+
+
+def capture_spec(mod: ModuleType, batch_size: int | None = None):
+    """The spec's model captured into a Graph: on the meta device (no memory), or on the CPU
+    for a model that only traces with real values."""
+    from hap.capture import capture
+    from hap.errors import CaptureError
+
+    model, batch = build(mod, batch_size, meta=True)
+    try:
+        return capture(model, batch, name=type(model).__name__)
+    except CaptureError:
+        if not any(p.is_meta for p in model.parameters()):
+            raise
+    model, batch = build(mod, batch_size)
+    return capture(model, batch, name=type(model).__name__)

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import torch
 
-from hap.api import plan_graph
-from hap.capture import capture
-from hap.cluster import load_cluster
+from hap.api import plan_spec
 from hap.emit import emit_program
-from hap.spec import build, load_spec
+from hap.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 GLOO_TEARDOWN = "terminate called without an active exception"
@@ -43,10 +41,7 @@ def reference(spec_path: str, steps: int, lr: float, global_batch: int):
 
 
 def plan_for(spec_path: str, cluster: str, pins: dict[str, str] | None = None):
-    mod = load_spec(spec_path)
-    model, batch = build(mod)
-    graph = capture(model, batch)
-    return plan_graph(graph, load_cluster(cluster), spec=str(Path(spec_path).resolve()), pins=pins)
+    return plan_spec(spec_path, cluster, pins=pins)
 
 
 def run_exact(spec_path: str, cluster: str, tmp: Path, steps: int = 3, lr: float = 0.05,
