@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +19,22 @@ ROOT = Path(__file__).resolve().parents[2]
 GLOO_TEARDOWN = "terminate called without an active exception"
 
 
-def torchrun(nproc: int, script: Path, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, script: Path, args: list[str], timeout: int = 300,
+             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run ``script`` under torchrun; on a time-out the whole process group is killed, so no
+    worker outlives the test."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *extra,
            str(script), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            raise AssertionError(f"torchrun timed out after {timeout}s:\n{out[-2000:]}\n{err[-2000:]}") from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def reference(spec_path: str, steps: int, lr: float, global_batch: int):

@@ -42,13 +42,7 @@ def test_killed_rank_restarts_from_checkpoint_and_ends_identical(tmp_path):
 
 
 def torchrun_restart(script, args):
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
-           str(script), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return torchrun(2, script, args, extra=("--max-restarts=1",))
 
 
 def test_two_rank_checkpoint_resumes_under_a_three_rank_plan(tmp_path):
