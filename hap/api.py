@@ -142,6 +142,11 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
                             "comm_s": results[k][2].comm_s + results[k][2].grad_sync_s, "feasible": True}
         else:  # does not fit the devices' memory: no step time to compare
             baselines[k] = {"predicted_step_s": None, "feasible": False, "reason": infeasible.get(k, "")}
+    idle = [r for r, x in enumerate(shares) if x == 0]
+    if idle:
+        warnings.append(f"{len(idle)} of {n} ranks get no samples of the global batch of {total} (ranks "
+                        f"{idle[0]}..{idle[-1]}): they only take part in sharded layers; a global batch of at "
+                        f"least {n} (--batch-size) gives every rank data")
     plan = assemble_plan(graph, cluster, shares, choice, ev, status, strategy=strategy, optimizer=optimizer,
                          spec=spec, solve_s=time.perf_counter() - t0, baselines=baselines,
                          warnings=list(dict.fromkeys(warnings)))
