@@ -150,8 +150,33 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
     plan = assemble_plan(graph, cluster, shares, choice, ev, status, strategy=strategy, optimizer=optimizer,
                          spec=spec, solve_s=time.perf_counter() - t0, baselines=baselines,
                          warnings=list(dict.fromkeys(warnings)))
+    plan.notes = table_notes(plan)
     plan.lint()
     return plan
+
+
+def table_notes(plan: Plan) -> list[str]:
+    """Say how embedding tables were split and why (rows follow the plan's one ratio: speed)."""
+    notes = []
+    users = plan.graph.users()
+    for p in plan.graph.params():
+        if not any("embedding" in plan.graph[u].target for u in users[p.name]):
+            continue
+        out = plan.nodes[p.name]["output"]
+        name = p.target
+        if out == "S(0)":
+            from hap.placement import Splitter
+
+            ls = Splitter(plan.shares).lengths(p.meta.shape[0])
+            notes.append(f"embedding table {name} ({p.meta.shape[0]} rows) is sharded by rows, {ls} per rank: in "
+                         "proportion to device speed (the plan's one ratio for compute and state), and every "
+                         "rank's memory fits")
+        elif out.startswith("S("):
+            notes.append(f"embedding table {name} is sharded on its embedding dim ({out}) in proportion to speed: "
+                         "the solver found that cheaper than sharding its rows")
+        else:
+            notes.append(f"embedding table {name} is replicated (cheaper than resharding its lookups here)")
+    return notes
 
 
 def assemble_plan(graph: Graph, cluster: Cluster, shares: tuple[int, ...], choice: dict, ev: Evaluation,

@@ -207,6 +207,17 @@ class Emitter:
             ls = self.lengths(w.shape[0], 1)
             offs = tuple(sum(ls[:r]) for r in range(len(ls)))
             return f"vocab_embedding({refs[0]}, {refs[1]}, {offs}[RANK], {ls}[RANK])"
+        if kind == "embedding_bag_rows":
+            # embedding_bag.padding_idx(weight, indices, offsets, scale_grad, mode, sparse, psw, last, pad)
+            w = self.graph[node.inputs()[0]].out
+            ls = self.lengths(w.shape[0], 1)
+            offs = tuple(sum(ls[:r]) for r in range(len(ls)))
+            a = list(node.args) + [None] * (9 - len(node.args))
+            it = iter(refs[3:])
+            psw = next(it) if is_ref(a[6]) else "None"
+            return (f"embedding_bag_rows({refs[0]}, {refs[1]}, {refs[2]}, {offs}[RANK], {ls}[RANK], {w.shape[0]}, "
+                    f"mode={a[4]!r}, per_sample_weights={psw}, include_last_offset={bool(a[7])!r}, "
+                    f"padding_idx={a[8]!r})")
         raise HapError(f"unknown emit kind {kind!r} for {node.name}")
 
 
@@ -249,7 +260,7 @@ import torch
 import hap.runtime as hr
 from hap.runtime import checkpoint as ckpt
 from hap.runtime.checks import device_mismatch
-from hap.runtime.sharded_ops import class_loss_count, vocab_embedding  # noqa: F401
+from hap.runtime.sharded_ops import class_loss_count, embedding_bag_rows, vocab_embedding  # noqa: F401
 
 aten = torch.ops.aten
 SPEC = {spec!r}

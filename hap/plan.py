@@ -37,6 +37,7 @@ class Plan:
     strategy: str = "hap"  # which search result won: hap | dp_even | dp_proportional
     spec: str | None = None  # path of the model spec file (needed to emit)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # why notable choices were made
 
     @property
     def num_ranks(self) -> int:
@@ -96,6 +97,7 @@ class Plan:
             "moves": self.moves,
             "grad_synced": self.grad_synced,
             "warnings": self.warnings,
+            "notes": self.notes,
             "cluster": self.cluster.to_json(),
             "graph": self.graph.to_json(),
         }
@@ -112,6 +114,7 @@ class Plan:
             baselines=d["baselines"], lower_bound_step_s=d["lower_bound_step_s"], solve_s=d["solve_s"],
             solver_status=d["solver_status"], optimizer=d.get("optimizer", "sgd"),
             strategy=d.get("strategy", "hap"), spec=d.get("spec"), warnings=d.get("warnings", []),
+            notes=d.get("notes", []),
         )
 
     def save(self, path: str | Path) -> None:

@@ -86,6 +86,8 @@ def render(plan: Plan, console: Console) -> None:
     console.print(f"predicted step {_ms(p['step_s'])} ms = compute {_ms(p['critical_compute_s'])} + resharding "
                   f"{_ms(p['comm_s'])} + gradient all-reduce {_ms(p['grad_sync_s'])}; "
                   f"solver: {plan.solver_status} in {plan.solve_s:.2f} s")
+    for note in plan.notes:
+        console.print(f"note: {note}")
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/] {w}")
 

@@ -38,6 +38,12 @@ def embedding_bag(node: Node, ctx: RuleContext) -> list[Candidate]:
     for u in ctx.shard_units(w.shape[1]):
         ins = (S(1, u),) + tuple(R for _ in refs[1:])
         cands.append(Candidate("dim:S(1)" if u == 1 else f"dim:S(1/{u})", ins, S(1, u), split=(w.shape[1], u)))
+    # rows: each rank holds a block of the table's rows and sums the bags' owned rows (P);
+    # sum and mean modes only (a max over rows is not a sum)
+    mode = node.args[4] if len(node.args) > 4 else node.kwargs.get("mode", 0)
+    if node.target == "aten.embedding_bag.padding_idx" and mode in (0, 1) and 1 in ctx.shard_units(w.shape[0]):
+        ins = (S(0),) + tuple(R for _ in refs[1:])
+        cands.append(Candidate("rows:P", ins, P, split=(w.shape[0], 1), emit="embedding_bag_rows"))
     return cands
 
 

@@ -177,6 +177,9 @@ def getitem(node: Node, ctx: RuleContext) -> list[Candidate]:
             sizes = {e.shape[d] for e in src if e.ndim > d}
             for u in sorted({u for size in sizes for u in ctx.shard_units(size)}):
                 cands.append(Candidate(f"{S(d, u)}->R", (S(d, u),), R))
+        if "embedding_bag" in ctx.graph[node.inputs()[0]].target and m.dtype.startswith("int"):
+            # row-sharded embedding_bag (a P list) returns the full op's integer outputs on every rank
+            cands.append(Candidate("P->R", (P,), R))
     for d in range(m.ndim):
         for u in ctx.shard_units(m.shape[d]):
             cands.append(Candidate(_tag(S(d, u)), (S(d, u),), S(d, u)))

@@ -27,3 +27,33 @@ def class_loss_count(target: torch.Tensor, weight: torch.Tensor | None, ignore_i
     else:
         local = weight[target.clamp(min=0)].masked_fill(~keep, 0).sum()
     return sum_scalar(local.detach().double())
+
+
+def embedding_bag_rows(weight_rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, offset: int,
+                       length: int, num_rows: int, mode: int, per_sample_weights: torch.Tensor | None = None,
+                       include_last_offset: bool = False, padding_idx: int | None = None):
+    """``embedding_bag`` (mode sum or mean) over a table whose rows [offset, offset+length) live
+    on this rank. Returns what ``aten.embedding_bag`` returns: the bags' partial sums (rows owned
+    elsewhere contribute 0, so the sum over ranks is the full result, a P) and the full op's
+    integer outputs (offset2bag, bag_size, max_indices), which depend only on the indices."""
+    # the integer outputs of the full op, from a one-column stand-in table (cheap, no gradient)
+    with torch.no_grad():
+        stand_in = torch.zeros(num_rows, 1, dtype=weight_rows.dtype, device=weight_rows.device)
+        _, offset2bag, bag_size, max_indices = torch.ops.aten.embedding_bag.padding_idx(
+            stand_in, indices, offsets, False, mode, False, None, include_last_offset, padding_idx)
+    owned = (indices >= offset) & (indices < offset + length)
+    if padding_idx is not None and padding_idx >= 0:
+        owned = owned & (indices != padding_idx)
+    weights = owned.to(weight_rows.dtype)
+    if per_sample_weights is not None:
+        weights = weights * per_sample_weights
+    bags = offsets.numel() - (1 if include_last_offset else 0)
+    if length == 0:
+        out = weight_rows.new_zeros(bags, weight_rows.shape[1]) + 0 * weight_rows.sum()
+    else:
+        local = torch.where(owned, indices - offset, torch.zeros_like(indices))
+        out = torch.nn.functional.embedding_bag(local, weight_rows, offsets, mode="sum", per_sample_weights=weights,
+                                                include_last_offset=include_last_offset)
+    if mode == 1:  # mean: divide by the bag's (global) number of non-padding indices
+        out = out / bag_size.clamp(min=1).unsqueeze(1).to(out.dtype)
+    return out, offset2bag, bag_size, max_indices

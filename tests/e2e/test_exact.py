@@ -65,3 +65,13 @@ def test_single_process_plan_runs_without_torchrun(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "step    1" in p.stdout
+
+
+def test_row_sharded_embedding_bags_are_exact(tmp_path):
+    """DLRM with its tables sharded by rows (each rank sums the bags' rows it owns: P), 1:3 shares."""
+    pins = {"p_tables_0_weight": "S(0)", "p_tables_1_weight": "S(0)"}
+    plan, loss_err, param_err = run_exact(str(ROOT / "examples/dlrm.py"), str(CLUSTERS / "default.toml"),
+                                          tmp_path, pins=pins)
+    assert plan.nodes["embedding_bag"]["candidate"] == "rows:P"
+    assert any("sharded by rows" in n for n in plan.notes)
+    assert loss_err < TOL and param_err < TOL, (loss_err, param_err)
