@@ -281,6 +281,7 @@ INPUTS = {inputs}  # per batch tensor: sharded on dim 0 by SHARES (0) or replica
 LENGTHS = {{
 {lengths}
 }}
+SHAPES = {shapes}  # state_dict key -> shape the plan was made for
 REPLICATED_PARAMS = {replicated}  # their gradients are all-reduced after backward
 DEVICE = torch.device("cpu")
 RANK = 0
@@ -304,6 +305,12 @@ def load_spec(path):
 def local_state(model):
     """This rank's shards of the single-device model's parameters and buffers."""
     sd = {{**dict(model.named_buffers()), **model.state_dict()}}  # non-persistent buffers too
+    wrong = [f"{{k}} is {{list(sd[k].shape) if k in sd else 'missing'}}, the plan has {{list(shape)}}"
+             for k, shape in SHAPES.items() if k not in sd or tuple(sd[k].shape) != shape]
+    if wrong:
+        hr.shutdown()
+        sys.exit("train.py: the spec built a different model than the one planned (" + "; ".join(wrong[:3]) +
+                 "); run with the same spec and environment (e.g. its HAP_* size variables) or re-plan")
     params, buffers = {{}}, {{}}
     for name, (keys, dim, lengths) in PARAMS.items():
         full = sd[keys[0]].detach()
@@ -527,6 +534,8 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         params="\n".join(params), buffers="\n".join(buffers), inputs=input_dims,
         lengths="\n".join(lengths), replicated=[n for n in plan.grad_synced],
         unpack="\n".join(unpack + lens_lines), body="\n".join(body),
+        shapes={k: tuple(n.meta.shape) for n in g if n.kind in ("param", "buffer") and isinstance(n.meta, TensorMeta)
+                for k in (n.aliases or [n.target])},
     )
     (out_dir / "train.py").write_text(text)
     plan.spec = str(spec_path)

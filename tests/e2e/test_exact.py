@@ -75,3 +75,15 @@ def test_row_sharded_embedding_bags_are_exact(tmp_path):
     assert plan.nodes["embedding_bag"]["candidate"] == "rows:P"
     assert any("sharded by rows" in n for n in plan.notes)
     assert loss_err < TOL and param_err < TOL, (loss_err, param_err)
+
+
+def test_a_different_model_than_planned_is_refused(tmp_path, monkeypatch):
+    """The spec reads its sizes from the environment: running with other sizes must stop."""
+    monkeypatch.setenv("HAP_MLP_WIDTH", "128")
+    plan = plan_for(str(ROOT / "examples/mlp.py"), str(CLUSTERS / "default.toml"))
+    emit_program(plan, tmp_path / "out", spec=str(ROOT / "examples/mlp.py"))
+    monkeypatch.setenv("HAP_MLP_WIDTH", "256")
+    p = torchrun(2, tmp_path / "out" / "train.py", ["--steps", "1"])
+    assert p.returncode != 0
+    assert "different model than the one planned" in p.stdout + p.stderr
+    assert 'train.py", line' not in p.stdout + p.stderr
