@@ -138,7 +138,7 @@ def check_candidate(graph: Graph, values: dict, name: str, cand: Candidate, spli
         if not isinstance(f, torch.Tensor):
             continue
         p = cand.output
-        if p.kind == "P" and not f.is_floating_point():
+        if p.kind == "P" and not f.is_floating_point() and isinstance(full, (list, tuple)):
             p = Placement("R")  # integer side outputs of a P list (embedding_bag's) are whole on every rank
         if p.kind == "P":
             got = sum(loc[k] for loc in locs)
