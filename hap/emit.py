@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hap.errors import HapError
 from hap.graph import Graph, Node, TensorMeta
-from hap.placement import Placement, Splitter, parse
+from hap.placement import Placement, Splitter
 
 if TYPE_CHECKING:
     from hap.plan import Plan
@@ -543,4 +541,3 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
     return out_dir / "train.py"
 
 
-__all__ = ["Any", "Emitter", "emit_program", "parse", "shlex", "sys"]

@@ -54,4 +54,3 @@ def one_hot(node: Node, ctx: RuleContext) -> list[Candidate]:
             for d in range(idx.ndim) for u in ctx.shard_units(idx.shape[d])]
 
 
-__all__ = ["P"]

@@ -45,7 +45,6 @@ def index_select(node: Node, ctx: RuleContext) -> list[Candidate]:
     return cands
 
 
-__all__ = ["R"]
 
 
 @rule("aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.zeros.default",

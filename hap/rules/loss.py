@@ -61,4 +61,3 @@ def loss(node: Node, ctx: RuleContext) -> list[Candidate]:
     return cands
 
 
-__all__ = ["R"]
