@@ -193,9 +193,10 @@ def _solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candida
         if r != name:
             names = {c.name for c in own}
             allowed[r] = [c for c in allowed[r] if c.name in names] or allowed[r]
-    mult: dict[str, int] = {}
+    members: dict[str, list[str]] = {}
     for name in rep:
-        mult[rep[name]] = mult.get(rep[name], 0) + 1
+        members.setdefault(rep[name], []).append(name)
+    mult = {r: len(ms) for r, ms in members.items()}
     prob = pulp.LpProblem("hap_placements", pulp.LpMinimize)
     y: dict[tuple[str, str], pulp.LpVariable] = {}
     for name, cs in allowed.items():
@@ -280,25 +281,27 @@ def _solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candida
     for mv, cost, count in moves.values():
         objective.append(cost * count * mv)
     # memory: one row per distinct rank (same device, slowdown and lengths give the same row)
-    rows: dict[tuple, float] = {}
-    mem = {(name, c.name): cm.memory_bytes(graph[name], c) for name in graph._by_name for c, _ in choices(name)}
+    rows: dict[tuple, int] = {}
+    # bytes per rank of each representative's candidates, summed over the tied members
+    mem = {(name, c.name): [sum(per_rank) for per_rank in zip(*(cm.memory_bytes(graph[m], c) for m in ms))]
+           for name, ms in members.items() for c, _ in choices(name)}
     for r in range(cm.n if memory else 0):
         coeffs = []
         worst = 0.0
         for name in mult:
             best = 0.0
             for c, v in choices(name):
-                b = sum(mem[m, c.name][r] for m in rep if rep[m] == name) if mult[name] > 1 else mem[name, c.name][r]
-                coeffs.append((v.name, b))
+                b = mem[name, c.name][r]
+                coeffs.append((v, b))
                 best = max(best, b)
             worst += best
         cap = float(cm.cluster.memory_bytes(r))
         if worst <= cap:
             continue  # cannot bind
-        rows.setdefault((cap, tuple(coeffs)), r)
-    for (cap, coeffs), r in rows.items():
-        terms = [b * prob.variablesDict()[vn] for vn, b in coeffs if b]
-        prob += pulp.lpSum(terms) <= cap, f"mem_{r}"
+        key = (cap, tuple((v.name, b) for v, b in coeffs))
+        if key not in rows:
+            rows[key] = r
+            prob += pulp.lpSum(b * v for v, b in coeffs if b) <= cap, f"mem_{r}"
     prob += pulp.lpSum(objective)
     if solver == "highs":
         s = pulp.HiGHS(msg=False, timeLimit=time_limit_s, mip=True)
