@@ -432,10 +432,9 @@ def main():
         batch = [x.narrow(0, offset, SHARES[RANK]).to(DEVICE) if d == 0 else x.to(DEVICE)
                  for x, d in zip(full, INPUTS)]
         loss = forward(params, buffers, batch)
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad(set_to_none=True)  # backward writes fresh gradients: no zeroing pass
         loss.backward()
-        hr.all_reduce_grads(replicated)
-        global_loss = hr.sum_scalar(loss.detach())
+        global_loss = hr.all_reduce_grads(replicated, loss=loss)  # the loss rides in the last bucket
         if global_loss != global_loss or abs(global_loss) == float("inf"):
             hr.shutdown()
             print(f"train.py: loss is {{global_loss}} at step {{step}}; stopping. Last good checkpoint: "

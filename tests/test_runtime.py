@@ -261,8 +261,13 @@ def _ck_all_reduce_grads(n, r):
     errs.close("all_reduce_grads b", b.grad, torch.arange(5.0) * tot)
     errs.close("all_reduce_grads c (f64)", c.grad, torch.full((2, 2), 0.5 * (n - 1) * n / 2, dtype=torch.float64))
     errs.close("all_reduce_grads d (None on rank 0)", d.grad, torch.full((6,), float(n - 1)))
-    hr.all_reduce_grads([a])  # default bucket
+    total = hr.all_reduce_grads([a], loss=torch.tensor(0.25 * (r + 1)))  # default bucket; the loss rides along
     errs.close("all_reduce_grads again", a.grad, torch.full((3, 4), tot * n))
+    if total is None or abs(total - 0.25 * tot) > 1e-6:
+        errs.msgs.append(f"all_reduce_grads loss: {total} != {0.25 * tot}")
+    total = hr.all_reduce_grads([], loss=torch.tensor(float(r)))  # no replicated params: a scalar all_reduce
+    if total is None or abs(total - (n - 1) * n / 2) > 1e-9:
+        errs.msgs.append(f"all_reduce_grads loss without params: {total}")
     return errs.msgs
 
 
@@ -475,8 +480,9 @@ def test_single_process_grads_and_bn(single):
     a = torch.zeros(3, requires_grad=True)
     b = torch.zeros(2, requires_grad=True)
     a.grad = torch.ones(3)
-    hr.all_reduce_grads([a, b])
+    assert hr.all_reduce_grads([a, b]) is None
     assert torch.equal(a.grad, torch.ones(3)) and torch.equal(b.grad, torch.zeros(2))
+    assert hr.all_reduce_grads([a], loss=torch.tensor(1.5)) == 1.5
     x = torch.randn(6, 3, 2)
     w, bb = torch.randn(3), torch.randn(3)
     rm, rv, rm2, rv2 = torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3)

@@ -370,11 +370,14 @@ def gather_full(x: torch.Tensor, placement_kind: str, dim: int, lengths: Sequenc
     raise ValueError(f"hap.runtime.gather_full: placement_kind must be 'R', 'S' or 'P', got {placement_kind!r}")
 
 
-def all_reduce_grads(params: Iterable[torch.Tensor], bucket_mb: float = 25.0) -> None:
+def all_reduce_grads(params: Iterable[torch.Tensor], bucket_mb: float = 25.0,
+                     loss: torch.Tensor | None = None) -> float | None:
     """Sum `.grad` of replicated params over ranks, in place, one all_reduce per bucket.
 
     A param whose `.grad` is None gets zeros first (a rank may not have touched it). A param listed
     twice is reduced once. Buckets group params by (device, dtype) up to `bucket_mb` MiB each.
+    With `loss` (this rank's addend of the global loss), returns the global loss: it rides in the
+    last bucket, so a step pays one collective latency for both, not two.
     """
     seen: set[int] = set()
     plist: list[torch.Tensor] = []
@@ -385,13 +388,16 @@ def all_reduce_grads(params: Iterable[torch.Tensor], bucket_mb: float = 25.0) ->
     for p in plist:
         if p.grad is None:
             p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-    if not _d.is_distributed():
+    if not _d.is_distributed() or not plist:
+        if loss is not None:
+            return sum_scalar(loss)
         _local_step()
-        return
+        return None
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for p in plist:
         groups.setdefault((p.grad.device, p.grad.dtype), []).append(p)
     limit = max(1, int(bucket_mb * 2**20))
+    buckets: list[list[torch.Tensor]] = []
     for key in sorted(groups, key=lambda k: (str(k[0]), str(k[1]))):  # same order on every rank
         bucket: list[torch.Tensor] = []
         size = 0
@@ -399,18 +405,26 @@ def all_reduce_grads(params: Iterable[torch.Tensor], bucket_mb: float = 25.0) ->
             bucket.append(p)
             size += p.grad.numel() * p.grad.element_size()
             if size >= limit:
-                _reduce_bucket(bucket)
+                buckets.append(bucket)
                 bucket, size = [], 0
         if bucket:
-            _reduce_bucket(bucket)
+            buckets.append(bucket)
+    total = None
+    for i, bucket in enumerate(buckets):
+        total = _reduce_bucket(bucket, loss if i == len(buckets) - 1 else None)
+    return total
 
 
-def _reduce_bucket(bucket: list[torch.Tensor]) -> None:
+def _reduce_bucket(bucket: list[torch.Tensor], loss: torch.Tensor | None = None) -> float | None:
     with torch.no_grad():
-        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        parts = [p.grad.reshape(-1) for p in bucket]
+        if loss is not None:
+            parts.append(loss.detach().reshape(-1).to(parts[0].dtype))
+        flat = torch.cat(parts)
         _d._all_reduce(flat)
         off = 0
         for p in bucket:
             k = p.grad.numel()
             p.grad.copy_(flat[off: off + k].view_as(p.grad))
             off += k
+        return float(flat[off:].sum().item()) if loss is not None else None
