@@ -27,7 +27,7 @@ import math
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +49,24 @@ _DTYPE_ALIASES = {
 
 @dataclass(frozen=True)
 class Link:
-    """α-β model of a link: a message of b bytes takes alpha_s + b / bytes_per_s."""
+    """α-β model of a link: a message of b bytes takes alpha_s + b / bytes_per_s.
+
+    ``collectives`` optionally refines it per collective ("all_reduce", "all_gather.padded",
+    "all_to_all.grouped", ...): the (alpha_s, bytes_per_s) that ``hap.cost.collective_s``'s formula
+    for that collective was fitted to by hap-profile on this link; others use the link's pair.
+    """
 
     alpha_s: float
     bytes_per_s: float
+    collectives: Mapping[str, tuple[float, float]] | None = field(default=None, compare=False, hash=False)
+
+    def for_collective(self, key: str) -> tuple[float, float]:
+        """(alpha_s, bytes_per_s) for a collective key such as "all_gather.padded"."""
+        fits = self.collectives or {}
+        if key in fits:
+            return fits[key]
+        kind = key.split(".")[0]
+        return fits.get(kind, (self.alpha_s, self.bytes_per_s))
 
     def time_s(self, nbytes: float) -> float:
         return self.alpha_s + nbytes / self.bytes_per_s
@@ -70,6 +84,7 @@ class DeviceProfile:
     intra_node: Link
     intra_node_kind: str
     provenance: dict[str, str]
+    measure_ops: bool = False  # plan-time timing of matmul-class ops on this machine (hap.optimer)
 
     def compute_rate(self, op_class: str, dtype: str) -> float:
         """Achieved flop/s for an op class ("matmul", "conv", "attention", ...) and dtype.
@@ -93,8 +108,12 @@ class DeviceProfile:
                 "kind": self.intra_node_kind,
                 "bytes_per_s": self.intra_node.bytes_per_s,
                 "alpha_s": self.intra_node.alpha_s,
+                **({"collectives": {k: {"alpha_s": a, "bytes_per_s": b}
+                                    for k, (a, b) in self.intra_node.collectives.items()}}
+                   if self.intra_node.collectives else {}),
             },
             "provenance": dict(self.provenance),
+            **({"measure_ops": True} if self.measure_ops else {}),
         }
 
     @classmethod
@@ -142,6 +161,17 @@ class DeviceProfile:
         kind = need("kind", link, "intra_node.")
         if not isinstance(kind, str):
             raise ClusterFileError(f"{where}: 'intra_node.kind' must be a string such as 'nvlink', 'pcie'")
+        fits: dict[str, tuple[float, float]] = {}
+        raw_fits = link.get("collectives", {})
+        if not isinstance(raw_fits, Mapping):
+            raise ClusterFileError(f"{where}: 'intra_node.collectives' must be an object of collective -> "
+                                   "{alpha_s, bytes_per_s} (written by hap-profile)")
+        for key, fit in raw_fits.items():
+            path = f"intra_node.collectives.{key}."
+            if not isinstance(fit, Mapping):
+                raise ClusterFileError(f"{where}: '{path[:-1]}' must be an object with alpha_s and bytes_per_s")
+            fits[key] = (number(need("alpha_s", fit, path), path + "alpha_s", positive=False),
+                         number(need("bytes_per_s", fit, path), path + "bytes_per_s"))
         provenance = d.get("provenance", {})
         if not isinstance(provenance, Mapping) or not all(isinstance(v, str) for v in provenance.values()):
             raise ClusterFileError(f"{where}: 'provenance' must be an object of key path -> source string")
@@ -154,9 +184,11 @@ class DeviceProfile:
             intra_node=Link(
                 alpha_s=number(need("alpha_s", link, "intra_node."), "intra_node.alpha_s", positive=False),
                 bytes_per_s=number(need("bytes_per_s", link, "intra_node."), "intra_node.bytes_per_s"),
+                collectives=fits or None,
             ),
             intra_node_kind=kind,
             provenance=dict(provenance),
+            measure_ops=bool(d.get("measure_ops", False)),
         )
 
 
@@ -220,7 +252,9 @@ class Cluster:
         alpha = max(link.alpha_s for link in links)
         bandwidth = min(link.bytes_per_s for link in links)
         if len({i.node for i in infos}) == 1:
-            return Link(alpha_s=alpha, bytes_per_s=bandwidth)
+            # one device kind: its per-collective fits hold; mixed kinds: the conservative pair
+            fits = links[0].collectives if len(links) == 1 else None
+            return Link(alpha_s=alpha, bytes_per_s=bandwidth, collectives=fits)
         return Link(
             alpha_s=max(alpha, self.inter_node.alpha_s),
             bytes_per_s=min(bandwidth, self.inter_node.bytes_per_s),
@@ -505,6 +539,12 @@ def _device_path(name_or_path: str) -> Path:
 
 def _load_device_for(ref: str, where: str) -> DeviceProfile:
     try:
+        if ref.strip().lower() == "cpu":  # this machine: calibrated on first use (hap.calibrate)
+            from hap.calibrate import local_cpu_profile
+
+            local = local_cpu_profile()
+            if local is not None:
+                return local
         return load_device(ref)
     except ClusterFileError as e:
         raise ClusterFileError(f"{where}: {e}") from None

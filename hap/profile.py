@@ -62,7 +62,7 @@ class Settings:
     attention: list[tuple[int, int, int, int]]  # (batch, heads, sequence, head dim)
     stream_elems: int
     coll_bytes: list[int]
-    cpu_time: bool = True  # CPU compute timed in thread CPU time (see Bench.time)
+    cpu_time: bool = False  # True: CPU compute timed in thread CPU time (see Bench.time)
 
     @classmethod
     def make(cls, cuda: bool, quick: bool, repeats: int | None) -> Settings:
@@ -74,8 +74,10 @@ class Settings:
                        [(64, 64, 56), (64, 128, 28), (64, 256, 14)], [(8, 16, 1024, 64), (4, 16, 2048, 128)],
                        2**26, [2**12 * 4**i for i in range(8)])
         if quick:
-            return cls(True, repeats or 3, 0.002, [128], [64], [(2, 16, 16)], [(1, 2, 64, 32)],
-                       2**18, [2**12, 2**16, 2**20])
+            # also the on-first-use calibration of device "cpu" (hap.calibrate): collectives up to
+            # 8 MiB, the gradient all-reduce of a few-million-parameter model
+            return cls(True, repeats or 3, 0.002, [256, 1024], [64], [(2, 16, 16)], [(1, 2, 64, 32)],
+                       2**24, [2**12, 2**16, 2**20, 2**23])  # 64 MiB streams: out of cache, as in a step
         return cls(False, repeats or 7, 0.04, [256, 512, 1024], [256, 512], [(8, 64, 32), (16, 32, 56)],
                    [(4, 8, 256, 64), (2, 8, 512, 64)], 2**24, [2**10 * 4**i for i in range(8)])
 
@@ -185,7 +187,7 @@ class Bench:
         once = max(self.clock.loop_s(fn, 1), 1e-7)
         loops = self.agree_max(max(1, min(int(min_s / once), 100000)))  # collectives must match
         repeats = self.s.repeats
-        if comm:  # one call per sample, many samples: the lower quartile is the undisturbed latency
+        if comm:  # one call per sample, many samples
             loops, repeats = 1, self.agree_max(max(4 * self.s.repeats, min(int(4 * min_s / once), 200)))
         samples = []
         for _ in range(repeats):
@@ -193,10 +195,10 @@ class Bench:
             samples.append(self.clock.loop_s(fn, loops, cpu_time))
         self.progress(what)
         clock = "thread CPU time" if cpu_time else ("CUDA events" if self.clock.cuda else "wall time")
-        # what is used: collectives the lower quartile of single calls; CPU compute the fastest
-        # sample (on a shared machine every disturbance only adds time; on a quiet one the
-        # samples agree and min ~ median); CUDA (a dedicated device) the median
-        stat = "p25" if comm else ("median" if self.clock.cuda else "min")
+        # what is used: the median sample, in wall time, collectives one call per sample: what a
+        # training step on this machine sees, its usual disturbances included (the spread is kept
+        # beside it). The fastest sample or the lower quartile predicted emulated steps ~2x too fast.
+        stat = "median"
         return Measurement(what, unit, samples, work, {"loops": loops, "clock": clock, **extra}, stat)
 
 
@@ -360,9 +362,10 @@ def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return a, max(b, 0.0)
 
 
-def fit_collectives(ms: list[Measurement]) -> tuple[dict[str, Any], float, float]:
-    """Per collective (kind, form, even/uneven): α + bytes·β; and the link (α, bytes/s) in
-    ``hap.cost.collective_s``'s terms, fitted to all points jointly (relative least squares)."""
+def fit_collectives(ms: list[Measurement]) -> tuple[dict[str, Any], float, float, dict[str, tuple[float, float]]]:
+    """Per collective (kind, form, even/uneven): α + bytes·β; the link (α, bytes/s) in
+    ``hap.cost.collective_s``'s terms, fitted to all points jointly (relative least squares); and
+    that pair fitted per collective and form (what the cost model uses where the profile has it)."""
     from hap.cluster import Link
     from hap.cost import collective_s
 
@@ -372,6 +375,7 @@ def fit_collectives(ms: list[Measurement]) -> tuple[dict[str, Any], float, float
         key = m.extra["collective"] + (f".{m.extra['form']}.{shape}" if m.extra["lengths"] else "")
         groups.setdefault(key, []).append(m)
     per = {}
+    per_formula: dict[str, tuple[float, float]] = {}
     rows = []
     for key, g in groups.items():
         xs, ys = [m.extra["bytes"] for m in g], [m.used_s for m in g]
@@ -386,8 +390,16 @@ def fit_collectives(ms: list[Measurement]) -> tuple[dict[str, Any], float, float
             form = m.extra["form"]
             ca = collective_s(m.extra["collective"], m.extra["bytes"], fr, Link(1.0, 1e300), form, fd)
             cb = collective_s(m.extra["collective"], m.extra["bytes"], fr, Link(0.0, 1.0), form, fd)
-            rows.append((ca, cb, m.used_s))
-    # minimise Σ ((ca α + cb / bw - t) / t)^2 over α >= 0, 1/bw >= 0
+            rows.append((ca, cb, m.used_s, m.extra["collective"] + (f".{form}" if form else "")))
+    alpha, bw = _fit_formula([(ca, cb, t) for ca, cb, t, _ in rows])
+    for key in sorted({k for *_, k in rows}):  # the formula's (α, bytes/s) per collective and form
+        a, b = _fit_formula([(ca, cb, t) for ca, cb, t, k in rows if k == key])
+        per_formula[key] = (_sig(a), _sig(b))
+    return per, alpha, bw, per_formula
+
+
+def _fit_formula(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """(α, bytes/s) minimising Σ ((ca α + cb / bw - t) / t)^2 over α >= 0, 1/bw >= 0."""
     w = [1 / (t * t) for _, _, t in rows]
     saa = sum(wi * a * a for wi, (a, _, _) in zip(w, rows))
     sbb = sum(wi * b * b for wi, (_, b, _) in zip(w, rows))
@@ -400,7 +412,7 @@ def fit_collectives(ms: list[Measurement]) -> tuple[dict[str, Any], float, float
         alpha, inv_bw = 0.0, sbt / sbb
     if inv_bw <= 0:
         alpha, inv_bw = sat / saa, 1e-12
-    return per, alpha, 1 / inv_bw
+    return alpha, 1 / inv_bw
 
 
 # ---------------------------------------------------------------------------------------
@@ -545,17 +557,20 @@ def build_profile(per_rank: list[dict[str, Any]], device: torch.device, settings
                               f"a bare op without autograd costs {fb.value:.3g} s, {tag}")
     colls = per_rank[0]["collectives"]
     if colls:
-        per_kind, alpha, bw = fit_collectives(_slowest([r["collectives"] for r in per_rank]))
+        per_kind, alpha, bw, per_formula = fit_collectives(_slowest([r["collectives"] for r in per_rank]))
         kind = "nvlink-or-pcie (measured)" if device.type == "cuda" else "loopback"
-        link = {"kind": kind, "bytes_per_s": _sig(bw), "alpha_s": _sig(alpha)}
+        link = {"kind": kind, "bytes_per_s": _sig(bw), "alpha_s": _sig(alpha),
+                "collectives": {k: {"alpha_s": a, "bytes_per_s": b} for k, (a, b) in per_formula.items()}}
         fits = "; ".join(f"{k}: {v['alpha_s'] * 1e6:.0f} us + bytes / {(v['bytes_per_s'] or 0) / 1e9:.3g} GB/s"
                          for k, v in per_kind.items())
         what = (f"hap.runtime all_reduce / all_gather / reduce_scatter / all_to_all over {nproc} processes, "
                 f"{min(settings.coll_bytes)}-{max(settings.coll_bytes)} bytes, even and uneven {UNEVEN}:1 "
-                "splits, padded and grouped, lower quartile of per-call wall times; joint relative least "
+                "splits, padded and grouped, median of per-call wall times; joint relative least "
                 f"squares in hap.cost.collective_s's formulas (per collective: {fits})")
         prov["intra_node.bytes_per_s"] = f"measured: {what}, {tag}"
         prov["intra_node.alpha_s"] = prov["intra_node.bytes_per_s"]
+        prov["intra_node.collectives"] = ("measured: the same samples, fitted per collective and form in "
+                                          f"hap.cost.collective_s's formulas, {tag}")
         detail["collectives"] = per_kind
         detail["collective_samples"] = [m.to_json() for m in _slowest([r["collectives"] for r in per_rank])]
     else:

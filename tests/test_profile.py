@@ -84,7 +84,11 @@ def test_fits_recover_alpha_beta():
             t = collective_s(kind, nb, fr, link, form)
             ms.append(Measurement(kind, "s", [t], 1.0, {"collective": kind, "form": form, "bytes": nb,
                                                          "lengths": list(ls), "ranks": 2}))
-    per, alpha, bw = fit_collectives(ms)
+    per, alpha, bw, per_formula = fit_collectives(ms)
     assert alpha == pytest.approx(5e-5, rel=1e-6) and bw == pytest.approx(2e9, rel=1e-6)
+    # fitted per collective and form in the cost model's own formulas: each recovers the link
+    assert set(per_formula) == {"all_reduce", "all_gather.padded", "all_gather.grouped", "reduce_scatter.padded"}
+    for a, b in per_formula.values():
+        assert a == pytest.approx(5e-5, rel=1e-3) and b == pytest.approx(2e9, rel=1e-3)
     assert set(per) == {"all_reduce", "all_gather.padded.uneven", "all_gather.grouped.uneven",
                         "reduce_scatter.padded.even"}
