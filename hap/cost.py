@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from hap.cluster import Cluster, Link
+from hap import optimer
 from hap.graph import SHORT_DTYPE, Graph, Node, TensorMeta
 from hap.placement import Placement, Splitter
 from hap.rules import Candidate
@@ -41,7 +42,7 @@ def collective_s(kind: str, nbytes: float, fracs: tuple[float, ...], link: Link,
     n = len(fracs)
     if n <= 1 or nbytes == 0:
         return 0.0
-    a, bw = link.alpha_s, link.bytes_per_s
+    a, bw = link.for_collective(kind if kind == "all_reduce" else f"{kind}.{form}")
     if kind == "all_reduce":
         return 2 * (n - 1) * a + 2 * (n - 1) / n * nbytes / bw
     if kind in ("all_gather", "reduce_scatter"):
@@ -94,28 +95,83 @@ class CostModel:
             res = tuple(node.meta.nbytes * f / self.cluster.memory_rate(r) for r, f in enumerate(fracs))
         elif node.kind == "param" and isinstance(node.meta, TensorMeta):
             # the optimizer step of this rank's part: zero_grad writes the gradient, the update
-            # reads weight and gradient and writes the weight, each state tensor is read and written
+            # reads weight and gradient and writes the weight, each state tensor is read and written;
+            # a replicated parameter's gradient also goes into the flat all-reduce bucket and back
             fracs = self.fractions(cand.split)
             passes = 4 + 2 * self.opt_states
+            if cand.split is None and self.n > 1 and node.name in self.requires_grad:
+                passes += 4  # the gradient is copied into its all-reduce bucket and back
             res = tuple(node.meta.nbytes * f * passes / self.cluster.memory_rate(r) for r, f in enumerate(fracs))
         elif node.kind != "op" or node.op_class == "view":
             res = (0.0,) * self.n
         else:
             fracs = self.fractions(cand.split)
-            grad = node.name in self.requires_grad
-            bwd = (2.0 if node.op_class in MATMUL_LIKE else 1.0) if grad else 0.0
-            dtype = _dtype_of(node)
-            res = []
-            for r in range(self.n):
-                if node.op_class in MATMUL_LIKE:
-                    t = node.flops * fracs[r] / self.cluster.flop_rate(r, node.op_class, dtype)
-                else:
-                    t = node.bytes * fracs[r] / self.cluster.memory_rate(r)
-                kernels = 1 + (1 if grad else 0)
-                res.append(t * (1 + bwd) + kernels * self.cluster.kernel_floor(r))
-            res = tuple(res)
+            res = tuple(self._affine_s(node, r)[0] * fracs[r] + self._affine_s(node, r)[1] for r in range(self.n))
+            if node.op_class in MATMUL_LIKE:
+                res = tuple(self._measured_s(node, cand, r, t, fracs[r]) for r, t in enumerate(res))
         self._node_cache[key] = res
         return res
+
+    def _affine_s(self, node: Node, r: int) -> tuple[float, float]:
+        """The roofline of an op node on rank r: (seconds of the whole op's work, fixed seconds)."""
+        grad = node.name in self.requires_grad
+        bwd = (2.0 if node.op_class in MATMUL_LIKE else 1.0) if grad else 0.0
+        if node.op_class in MATMUL_LIKE:
+            t = node.flops / self.cluster.flop_rate(r, node.op_class, _dtype_of(node))
+        else:
+            t = node.bytes / self.cluster.memory_rate(r)
+        kernels = 1 + (1 if grad else 0)
+        return t * (1 + bwd), kernels * self.cluster.kernel_floor(r)
+
+    def _measures(self, node: Node, cand: Candidate | None, r: int) -> bool:
+        return (node.op_class in MATMUL_LIKE and self.cluster.profile(r).measure_ops
+                and (cand is None or (cand.emit == "call" and not cand.rewrite))
+                and optimer.estimate_ok(node.flops, self.cluster.profile(r).compute_rate(node.op_class, "fp32")))
+
+    def _timed(self, node: Node, shapes: dict[str, tuple[int, ...]], r: int) -> float | None:
+        t = optimer.time_node(self.graph, node, shapes, self.requires_grad, node.name in self.requires_grad)
+        return None if t is None else t * self.cluster.ranks[r].slowdown
+
+    def whole_s(self, node: Node, r: int) -> float:
+        """Seconds of the whole (unsharded) op on rank r: timed where measured, else the roofline's work."""
+        if self._measures(node, None, r):
+            metas = {n: self.graph[n].meta for n in node.inputs()}
+            if all(isinstance(m, TensorMeta) for m in metas.values()):
+                t = self._timed(node, {n: m.shape for n, m in metas.items()}, r)
+                if t is not None:
+                    return t
+        return self._affine_s(node, r)[0]
+
+    def _measured_s(self, node: Node, cand: Candidate, r: int, roofline: float, frac: float) -> float:
+        """Seconds of a matmul-class node on rank r timed at its local shapes (``hap.optimer``) where
+        the rank's profile asks for it, never below its share of the whole op; else ``roofline``."""
+        if not self._measures(node, cand, r):
+            return roofline
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, p in zip(node.inputs(), cand.inputs):
+            meta = self.graph[name].meta
+            if not isinstance(meta, TensorMeta):
+                return roofline
+            shape = optimer.local_shape(meta, p, lambda size, unit: self.splitter.lengths(size, unit)[r])
+            if shape is None or shapes.get(name, shape) != shape:
+                return roofline
+            shapes[name] = shape
+        t = self._timed(node, shapes, r)
+        return roofline if t is None else max(t, frac * self.whole_s(node, r))
+
+    def affine_s(self, node: Node, cand: Candidate, r: int) -> tuple[float, float]:
+        """(a, b) with the node's seconds on rank r ~ a x + b when the rank holds a fraction x of
+        the split dim: the roofline's, or the secant through the measured local and whole op."""
+        a, b = self._affine_s(node, r)
+        if not self._measures(node, cand, r):
+            return a, b
+        f = self.fractions(cand.split)[r]
+        local = self.compute_s(node, cand)[r]
+        whole = self.whole_s(node, r)
+        if f >= 0.98:
+            return whole, 0.0
+        slope = max((whole - local) / (1.0 - f), 0.0)
+        return slope, max(whole - slope, 0.0)
 
     def node_s(self, node: Node, cand: Candidate) -> float:
         return max(self.compute_s(node, cand))
@@ -133,13 +189,13 @@ class CostModel:
         plus a latency per 25 MiB bucket it fills (``grad_sync_latency_s`` is the first)."""
         if self.n <= 1:
             return 0.0
-        a, bw = self.link.alpha_s, self.link.bytes_per_s
+        a, bw = self.link.for_collective("all_reduce")
         lat = 2 * (self.n - 1) * a * meta.nbytes / GRAD_BUCKET_BYTES
         return lat + 2 * (self.n - 1) / self.n * meta.nbytes / bw
 
     def grad_sync_latency_s(self) -> float:
         """Latency of the first gradient bucket, paid once when any parameter is replicated."""
-        return 2 * (self.n - 1) * self.link.alpha_s if self.n > 1 else 0.0
+        return 2 * (self.n - 1) * self.link.for_collective("all_reduce")[0] if self.n > 1 else 0.0
 
     # ---- memory ----------------------------------------------------------------------
     def memory_bytes(self, node: Node, cand: Candidate) -> tuple[float, ...]:

@@ -36,7 +36,7 @@ import pulp
 
 if TYPE_CHECKING:
     from hap.cluster import Cluster
-from hap.cost import INF, MATMUL_LIKE, Conversion, CostModel
+from hap.cost import INF, Conversion, CostModel
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph, Node, TensorMeta
 from hap.placement import Placement, R, S, largest_remainder
@@ -367,11 +367,10 @@ def _refit_shares(graph: Graph, cm: CostModel, choice: dict[str, Candidate], tot
         if c.split is None:
             obj.append(max(t))
             continue
-        full = cm.compute_s(node, Candidate("full", c.inputs, c.output, None))
-        floor = [full[r] - _work_s(cm, node, r) for r in range(n)]
         tv = pulp.LpVariable(f"t_{_safe(node.name)}", 0)
         for r in range(n):
-            prob += tv >= _work_s(cm, node, r) * x[r] + floor[r]
+            a, b = cm.affine_s(node, c, r)
+            prob += tv >= a * x[r] + b
         obj.append(tv)
     prob += pulp.lpSum(obj)
     prob.solve(pulp.HiGHS(msg=False, mip=False))
@@ -381,25 +380,15 @@ def _refit_shares(graph: Graph, cm: CostModel, choice: dict[str, Candidate], tot
     return largest_remainder(total, ratios)
 
 
-def _work_s(cm: CostModel, node: Node, r: int) -> float:
-    """Forward + backward seconds of the whole op on rank r, without the kernel floor."""
-    grad = node.name in cm.requires_grad
-    bwd = (2.0 if node.op_class in MATMUL_LIKE else 1.0) if grad else 0.0
-    from hap.cost import _dtype_of
-    if node.op_class in MATMUL_LIKE:
-        t = node.flops / cm.cluster.flop_rate(r, node.op_class, _dtype_of(node))
-    else:
-        t = node.bytes / cm.cluster.memory_rate(r)
-    return t * (1 + bwd)
-
-
 def lower_bound_s(graph: Graph, cm: CostModel) -> float:
-    """All work spread perfectly over all ranks' rates, no communication, no kernel floors."""
+    """All work spread perfectly over all ranks' rates, no communication, no kernel floors (where
+    ops are timed on this machine, the whole op's time is its work)."""
     total = 0.0
     for node in graph:
         if node.kind != "op" or node.op_class in ("view",):
             continue
-        rates = [1.0 / _work_s(cm, node, r) for r in range(cm.n) if _work_s(cm, node, r) > 0]
+        works = [cm.whole_s(node, r) for r in range(cm.n)]
+        rates = [1.0 / w for w in works if w > 0]
         if rates:
             total += 1.0 / sum(rates)
     return total

@@ -1,0 +1,103 @@
+"""``device = "cpu"`` on a fresh machine: measure this machine once, on first use, and cache it.
+
+The shipped ``profiles/devices/cpu.json`` was measured on the development machine; another
+machine (or the same VM type on a busier host) computes and communicates at other rates, and
+an emulated CPU cluster's predicted step time would be off by that ratio. So the first time a
+cluster names ``device = "cpu"``, hap runs ``hap-profile --quick`` (2 single-thread processes,
+~10 s, progress on stderr) and caches the profile under ``$HAP_CACHE_DIR`` (default
+``~/.cache/hap``), keyed by host, CPU model and torch version; later plans read the cache.
+The cached profile also sets ``measure_ops``: planning then times each matmul-class node at
+the exact per-rank shapes on this CPU (``hap.optimer``).
+
+``HAP_CPU_PROFILE`` chooses: ``auto`` (default: cache, else calibrate), ``shipped`` (the
+shipped numbers, no measuring: what the test suite uses, for reproducible plans), or a path
+to a profile JSON. Delete the cache file (its path is printed) to recalibrate.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from hap.errors import ClusterFileError
+
+MODES = ("auto", "shipped")
+
+
+def mode() -> str:
+    return os.environ.get("HAP_CPU_PROFILE", "auto").strip() or "auto"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("HAP_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "hap")
+    return Path(root)
+
+
+def cache_path() -> Path:
+    from hap.profile import cpu_model
+
+    key = f"{socket.gethostname()}-{cpu_model()}-torch{torch.__version__}-{platform.python_version()}"
+    return cache_dir() / ("cpu-" + re.sub(r"[^A-Za-z0-9_.+-]+", "_", key)[:150] + ".json")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def calibrate(out: Path) -> dict:
+    """Run ``hap-profile --quick`` on 2 processes into ``out``; return the profile dict."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"hap: calibrating device \"cpu\" on this machine (first use, ~10 s; cached in {out})",
+          file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_out = Path(tmp) / "cpu.json"
+        cmd = [sys.executable, "-m", "hap.profile", "--quick", "--nproc", "2", "--port", str(_free_port()),
+               "--out", str(tmp_out)]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        p = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, env=env, timeout=600)
+        if p.returncode != 0 or not tmp_out.exists():
+            raise ClusterFileError(
+                f"calibrating device \"cpu\" failed (`{' '.join(cmd)}` exited {p.returncode}); "
+                "set HAP_CPU_PROFILE=shipped to plan with the shipped profiles/devices/cpu.json")
+        profile = json.loads(tmp_out.read_text())
+    profile["name"] = "cpu"
+    profile["measure_ops"] = True
+    profile.setdefault("provenance", {})["calibration"] = (
+        "on first use of device \"cpu\" by hap.calibrate (hap-profile --quick, 2 processes); "
+        f"delete {out} to recalibrate")
+    tmp_file = out.with_suffix(".tmp")
+    tmp_file.write_text(json.dumps(profile, indent=1) + "\n")
+    tmp_file.replace(out)  # atomic: a concurrent planner never reads half a file
+    return profile
+
+
+def local_cpu_profile():
+    """The DeviceProfile for ``device = "cpu"``: None means "use the shipped file"."""
+    from hap.cluster import DeviceProfile, load_device
+
+    m = mode()
+    if m == "shipped":
+        return None
+    if m != "auto":
+        path = Path(m).expanduser()
+        if not path.is_file():
+            raise ClusterFileError(f"HAP_CPU_PROFILE={m}: no such file; use 'auto', 'shipped' or a profile JSON path")
+        return load_device(str(path))
+    path = cache_path()
+    if path.is_file():
+        try:
+            return DeviceProfile.from_json(json.loads(path.read_text()), str(path))
+        except (json.JSONDecodeError, ClusterFileError):
+            pass  # a damaged cache is measured again
+    return DeviceProfile.from_json(calibrate(path), str(path))

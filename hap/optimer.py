@@ -1,0 +1,129 @@
+"""Measured compute for the local CPU: time a matmul-class node at the exact per-rank shapes.
+
+A roofline (flops / rate + floor) misses how much slower a CPU matmul runs on the thin shapes
+a small share gives: one thread of this project's VM does 1024x1024 weights at ~50 GFLOP/s
+for 64 rows and ~80 for 192, so proportional shares leave the slower rank the bottleneck.
+Where a device profile says ``"measure_ops": true`` (the on-first-use calibration of
+``device = "cpu"``, see ``hap.calibrate``) and the planning process runs on that device,
+the cost model asks this module for the forward + backward seconds of each matmul, conv
+and attention node at the shapes rank ``r`` will run, and scales them by the rank's
+``slowdown`` as the emulation does. Timings are memoised per (op, shapes), so a plan
+measures each distinct shape once (a few ms each), single-threaded as torchrun runs ranks.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from hap.graph import Graph, Node, TensorMeta
+
+REPEATS = 5
+MAX_CALL_S = 0.5  # an op slower than this (analytic estimate) is not timed: the roofline is used
+_memo: dict[tuple, float | None] = {}
+
+
+def _decode(arg: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(arg, dict):
+        if "node" in arg and len(arg) == 1:
+            return tensors[arg["node"]]
+        if "dtype" in arg and len(arg) == 1:
+            return getattr(torch, arg["dtype"])
+        if "device" in arg and len(arg) == 1:
+            return torch.device("cpu")
+        return {k: _decode(v, tensors) for k, v in arg.items()}
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(_decode(v, tensors) for v in arg)
+    return arg
+
+
+def _overload(target: str):
+    ns, name, overload = target.split(".")
+    return getattr(getattr(getattr(torch.ops, ns), name), overload)
+
+
+def _key_of(x: Any) -> Any:
+    if isinstance(x, dict):
+        return tuple(sorted((k, _key_of(v)) for k, v in x.items()))
+    if isinstance(x, (list, tuple)):
+        return tuple(_key_of(v) for v in x)
+    return x
+
+
+def time_node(graph: Graph, node: Node, shapes: dict[str, tuple[int, ...]], grad_inputs: set[str],
+              backward: bool) -> float | None:
+    """Median seconds of ``node``'s forward (+ backward if ``backward``) with its tensor inputs at
+    ``shapes`` (input node name -> local shape), or None if it cannot be run standalone."""
+    metas: dict[str, TensorMeta] = {}
+    for name in node.inputs():
+        m = graph[name].meta
+        if not isinstance(m, TensorMeta):
+            return None
+        metas[name] = m
+    key = (node.target, _key_of(node.args), _key_of(node.kwargs), backward,
+           tuple(sorted((n, shapes[n], metas[n].dtype, n in grad_inputs) for n in metas)))
+    if key in _memo:
+        return _memo[key]
+    _memo[key] = None
+    if any(0 in shapes[n] for n in metas):
+        _memo[key] = 0.0
+        return 0.0
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as torchrun runs each rank (OMP_NUM_THREADS=1)
+        g = torch.Generator().manual_seed(0)
+        tensors: dict[str, torch.Tensor] = {}
+        for n, m in metas.items():
+            dt = getattr(torch, m.dtype)
+            if m.is_float:
+                t = torch.randn(shapes[n], generator=g).to(dt)
+                t.requires_grad_(backward and n in grad_inputs)
+            else:
+                t = torch.zeros(shapes[n], dtype=dt)
+            tensors[n] = t
+        fn = _overload(node.target)
+        args, kwargs = _decode(node.args, tensors), _decode(node.kwargs, tensors)
+        leaves = [t for t in tensors.values() if t.requires_grad]
+
+        def step() -> None:
+            out = fn(*args, **kwargs)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            if leaves and out.requires_grad:
+                torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+        step()  # warm-up: allocation, kernel selection
+        samples = []
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - t0)
+        _memo[key] = statistics.median(samples)
+    except Exception:  # an op that needs its real neighbours (index ranges, ...): the roofline decides
+        _memo[key] = None
+    finally:
+        torch.set_num_threads(threads)
+    return _memo[key]
+
+
+def local_shape(meta: TensorMeta, placement, lengths_of) -> tuple[int, ...] | None:
+    """Shape of a tensor under ``placement`` on one rank; ``lengths_of(size, unit)`` gives the
+    rank's length of a sharded dim. None for a placement the tensor cannot have."""
+    shape = list(meta.shape)
+    if placement.kind == "S":
+        d = placement.dim if placement.dim >= 0 else placement.dim + len(shape)
+        if not 0 <= d < len(shape) or shape[d] % placement.unit:
+            return None
+        shape[d] = lengths_of(shape[d], placement.unit)
+    return tuple(shape)
+
+
+def clear() -> None:
+    _memo.clear()
+
+
+def estimate_ok(flops: float, rate: float) -> bool:
+    return math.isfinite(flops) and flops * 3 / max(rate, 1.0) < MAX_CALL_S

@@ -1,0 +1,106 @@
+"""device = "cpu" on a fresh machine: calibration on first use, its cache, per-collective fits,
+and plan-time timing of matmul-class ops at the ranks' exact shapes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import hap.calibrate
+from hap import optimer
+from hap.api import plan_graph
+from hap.cluster import ClusterFileError, DeviceProfile, Link, cluster_from_dict, load_cluster
+from hap.cost import CostModel, collective_s
+from hap.placement import R, S, Splitter
+from hap.rules import Candidate
+from tests.helpers import ROOT, captured, load_example
+
+S0 = S(0)
+SHIPPED = json.loads((ROOT / "profiles" / "devices" / "cpu.json").read_text())
+
+
+def test_first_use_calibrates_once_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("HAP_CPU_PROFILE", "auto")
+    monkeypatch.setenv("HAP_CACHE_DIR", str(tmp_path))
+    cluster = load_cluster(None)  # the default cluster names device = "cpu": measured now (~10 s)
+    prof = cluster.profile(0)
+    cache = hap.calibrate.cache_path()
+    assert cache.is_file() and cache.parent == tmp_path
+    assert prof.measure_ops and "calibration" in prof.provenance
+    assert prof.flop_per_s["matmul"]["fp32"] > 0 and prof.memory_bytes_per_s > 0
+    assert prof.provenance["flop_per_s.matmul.fp32"].startswith("measured:")
+    assert prof.intra_node.collectives and "all_reduce" in prof.intra_node.collectives  # 2 processes measured
+    # the second plan reads the cache and does not measure again
+    monkeypatch.setattr(hap.calibrate, "calibrate", lambda out: pytest.fail("calibrated twice"))
+    assert load_cluster(None).profile(0) == prof
+
+
+def test_profile_modes(tmp_path, monkeypatch):
+    monkeypatch.setenv("HAP_CPU_PROFILE", "shipped")
+    assert not load_cluster(None).profile(0).measure_ops
+    own = dict(SHIPPED, memory_bytes=2**30)
+    (tmp_path / "mine.json").write_text(json.dumps(own))
+    monkeypatch.setenv("HAP_CPU_PROFILE", str(tmp_path / "mine.json"))
+    assert load_cluster(None).profile(0).memory_bytes == 2**30
+    monkeypatch.setenv("HAP_CPU_PROFILE", str(tmp_path / "missing.json"))
+    with pytest.raises(ClusterFileError, match="HAP_CPU_PROFILE"):
+        load_cluster(None)
+
+
+def test_per_collective_fits_round_trip_and_drive_the_cost():
+    d = json.loads(json.dumps(SHIPPED))
+    d["intra_node"]["collectives"] = {"all_reduce": {"alpha_s": 1e-3, "bytes_per_s": 1e9},
+                                      "all_gather.padded": {"alpha_s": 2e-3, "bytes_per_s": 5e8}}
+    prof = DeviceProfile.from_json(d)
+    assert DeviceProfile.from_json(prof.to_json()) == prof
+    link = prof.intra_node
+    assert link.for_collective("all_reduce") == (1e-3, 1e9)
+    assert link.for_collective("all_gather.padded") == (2e-3, 5e8)
+    assert link.for_collective("all_to_all.grouped") == (link.alpha_s, link.bytes_per_s)  # not fitted: the link
+    even = (0.5, 0.5)
+    assert collective_s("all_reduce", 1e6, even, link, "") == pytest.approx(2 * 1e-3 + 1e6 / 1e9)
+    plain = Link(link.alpha_s, link.bytes_per_s)
+    assert collective_s("all_gather", 1e6, even, link, "padded") == pytest.approx(2e-3 + 0.5e6 / 5e8)
+    assert collective_s("all_to_all", 1e6, even, link, "grouped") == collective_s("all_to_all", 1e6, even,
+                                                                                  plain, "grouped")
+    d["intra_node"]["collectives"]["all_reduce"] = {"alpha_s": 1e-3}
+    with pytest.raises(ClusterFileError, match="collectives.all_reduce.bytes_per_s"):
+        DeviceProfile.from_json(d)
+
+
+def _measuring_cluster(tmp_path):
+    path = tmp_path / "cpu-measured.json"
+    path.write_text(json.dumps(dict(SHIPPED, measure_ops=True)))
+    return cluster_from_dict({"nodes": [{"device": str(path), "count": 1, "slowdown": 1.0, "node": "a"},
+                                        {"device": str(path), "count": 1, "slowdown": 3.0, "node": "a"}]})
+
+
+def test_timed_ops_follow_shapes_and_slowdown(tmp_path):
+    optimer.clear()
+    graph = captured(load_example("mlp"), batch_size=256)[2]
+    cluster = _measuring_cluster(tmp_path)
+    cm = CostModel(graph, cluster, Splitter((192, 64)))
+    lin = next(n for n in graph if n.op_class == "matmul" and n.name == "linear_1")
+    batch_split = Candidate("b", tuple(S0 if i == 0 else R for i in range(3)), S0, split=(256, 1))
+    fast, slow = cm.compute_s(lin, batch_split)
+    whole_fast, whole_slow = cm.whole_s(lin, 0), cm.whole_s(lin, 1)
+    assert whole_slow == pytest.approx(3 * whole_fast)  # the same timing, dilated as the emulation does
+    assert 0 < fast <= whole_fast * 1.0001
+    assert slow >= 3 * 0.25 * whole_fast * 0.9999  # never below its share of the whole op
+    for r, t in enumerate((fast, slow)):
+        a, b = cm.affine_s(lin, batch_split, r)  # the secant the share refit uses
+        f = (0.75, 0.25)[r]
+        assert a >= 0 and b >= 0
+        assert a * f + b == pytest.approx(t, rel=1e-6) and a + b == pytest.approx(cm.whole_s(lin, r), rel=1e-6)
+
+
+def test_plan_with_timed_ops_keeps_its_invariants(tmp_path):
+    optimer.clear()
+    graph = captured(load_example("mlp"), batch_size=256)[2]
+    plan = plan_graph(graph, _measuring_cluster(tmp_path))
+    assert sum(plan.shares) == 256 and plan.shares[0] > plan.shares[1]
+    assert plan.lower_bound_step_s <= plan.predicted_step_s
+    for name, b in plan.baselines.items():
+        if b.get("predicted_step_s") is not None:
+            assert plan.predicted_step_s <= b["predicted_step_s"] * (1 + 1e-9), name
+
