@@ -265,6 +265,8 @@ def _ck_all_reduce_grads(n, r):
     errs.close("all_reduce_grads again", a.grad, torch.full((3, 4), tot * n))
     if total is None or abs(total - 0.25 * tot) > 1e-6:
         errs.msgs.append(f"all_reduce_grads loss: {total} != {0.25 * tot}")
+    hr.all_reduce_grads([a])  # the same bucket again, without a new backward: its grads view the buffer
+    errs.close("all_reduce_grads twice", a.grad, torch.full((3, 4), tot * n * n))
     total = hr.all_reduce_grads([], loss=torch.tensor(float(r)))  # no replicated params: a scalar all_reduce
     if total is None or abs(total - (n - 1) * n / 2) > 1e-9:
         errs.msgs.append(f"all_reduce_grads loss without params: {total}")

@@ -82,50 +82,67 @@ def _local_step() -> None:
 # non-differentiable implementations (dim already normalised, lengths validated, world > 1)
 # ----------------------------------------------------------------------------------------------
 
+def _blocks(x: torch.Tensor, dim: int) -> tuple[int, int]:
+    """(A, B) with x viewed as [A, x.shape[dim], B]: a rank's shard of dim is then A rows of
+    contiguous runs, so shards move without transposing the tensor."""
+    return math.prod(x.shape[:dim]), math.prod(x.shape[dim + 1:])
+
+
+def _with_dim(x: torch.Tensor, dim: int, length: int) -> tuple[int, ...]:
+    shape = list(x.shape)
+    shape[dim] = length
+    return tuple(shape)
+
+
 def _gather_impl(x: torch.Tensor, dim: int, ls: tuple[int, ...], form: str) -> torch.Tensor:
     n, r = _d.world_size(), _d.rank()
-    x0 = x.movedim(dim, 0)
-    rest = tuple(x0.shape[1:])
+    a, b = _blocks(x, dim)
     total = sum(ls)
-    out = x0.new_empty((total, *rest))
-    if total == 0:
+    if total == 0 or a * b == 0:
         _local_step()
-    elif form == "padded":
+        return x.new_empty(_with_dim(x, dim, total))
+    x3 = x.reshape(a, ls[r], b)
+    if form == "padded":
         m = max(ls)
-        buf = x0.new_zeros((m, *rest))
-        buf[: ls[r]] = x0
-        full = x0.new_empty((n * m, *rest))
-        _d._all_gather_equal(full, buf)
-        full = full.view(n, m, *rest)
-        torch.cat([full[i, : ls[i]] for i in range(n)], dim=0, out=out)
+        buf = x.new_zeros((a, m, b))
+        buf[:, : ls[r]] = x3
+        full = x.new_empty((n * a * m * b,))
+        _d._all_gather_equal(full, buf.reshape(-1))
+        full = full.view(n, a, m, b)
+        parts = [full[i, :, : ls[i]] for i in range(n)]
     else:
-        inp = torch.cat([x0.contiguous()] * n, dim=0) if n > 1 else x0.contiguous()
-        _d._all_to_all(out, inp, list(ls), [ls[r]] * n)
-    return out.movedim(0, dim).contiguous()
+        mine = x3.reshape(-1)
+        inp = torch.cat([mine] * n) if n > 1 else mine
+        counts = [a * v * b for v in ls]
+        flat = x.new_empty((sum(counts),))
+        _d._all_to_all(flat, inp, counts, [mine.numel()] * n)
+        parts = [p.view(a, v, b) for p, v in zip(flat.split(counts), ls)]
+    return torch.cat(parts, dim=1).view(_with_dim(x, dim, total))
 
 
 def _reduce_scatter_impl(x: torch.Tensor, dim: int, ls: tuple[int, ...], form: str) -> torch.Tensor:
     n, r = _d.world_size(), _d.rank()
-    x0 = x.movedim(dim, 0)
-    rest = tuple(x0.shape[1:])
+    a, b = _blocks(x, dim)
     offs = _offsets(ls)
-    if sum(ls) == 0:
+    if sum(ls) == 0 or a * b == 0:
         _local_step()
-        out = x0.new_zeros((0, *rest))
-    elif form == "padded":
+        return x.new_zeros(_with_dim(x, dim, ls[r]))
+    x3 = x.reshape(a, x.shape[dim], b)
+    if form == "padded":
         m = max(ls)
-        buf = x0.new_zeros((n * m, *rest))
+        buf = x.new_zeros((n, a, m, b))
         for i in range(n):
             if ls[i]:
-                buf[i * m: i * m + ls[i]] = x0[offs[i]: offs[i] + ls[i]]
-        res = x0.new_empty((m, *rest))
-        _d._reduce_scatter_equal(res, buf)
-        out = res[: ls[r]]
+                buf[i, :, : ls[i]] = x3[:, offs[i]: offs[i] + ls[i]]
+        res = x.new_empty((a * m * b,))
+        _d._reduce_scatter_equal(res, buf.view(-1))
+        out = res.view(a, m, b)[:, : ls[r]]
     else:
-        recv = x0.new_empty((n * ls[r], *rest))
-        _d._all_to_all(recv, x0.contiguous(), [ls[r]] * n, list(ls))
-        out = recv.view(n, ls[r], *rest).sum(0)
-    return out.movedim(0, dim).contiguous()
+        send = torch.cat([x3[:, offs[i]: offs[i] + ls[i]].reshape(-1) for i in range(n)])
+        recv = x.new_empty((n * a * ls[r] * b,))
+        _d._all_to_all(recv, send, [a * ls[r] * b] * n, [a * v * b for v in ls])
+        out = recv.view(n, a, ls[r], b).sum(0)
+    return out.reshape(_with_dim(x, dim, ls[r]))
 
 
 def _all_reduce_impl(x: torch.Tensor) -> torch.Tensor:
@@ -415,16 +432,36 @@ def all_reduce_grads(params: Iterable[torch.Tensor], bucket_mb: float = 25.0,
     return total
 
 
+_BUCKETS: dict[tuple, torch.Tensor] = {}  # flat all-reduce buffers, kept from step to step
+
+
+def _bucket_buffer(bucket: list[torch.Tensor], extra: int) -> torch.Tensor:
+    """The flat buffer of this bucket: allocated once and reused every step, as DDP's buckets are
+    (a fresh multi-MB buffer per step is page-faulted in again each time: ~2-4 ms per 8 MB here)."""
+    g = bucket[0].grad
+    key = (tuple(id(p) for p in bucket), extra, g.dtype, g.device)
+    buf = _BUCKETS.get(key)
+    numel = sum(p.numel() for p in bucket) + extra
+    if buf is None or buf.numel() != numel:
+        if len(_BUCKETS) > 64:  # parameters come and go (tests, several models): forget old buckets
+            _BUCKETS.clear()
+        buf = _BUCKETS[key] = torch.empty(numel, dtype=g.dtype, device=g.device)
+    return buf
+
+
 def _reduce_bucket(bucket: list[torch.Tensor], loss: torch.Tensor | None = None) -> float | None:
     with torch.no_grad():
         parts = [p.grad.reshape(-1) for p in bucket]
         if loss is not None:
             parts.append(loss.detach().reshape(-1).to(parts[0].dtype))
-        flat = torch.cat(parts)
+        flat = _bucket_buffer(bucket, 0 if loss is None else parts[-1].numel())
+        if any(x.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for x in parts):
+            parts = [x.clone() for x in parts]  # reduced again without a new backward: grads view `flat`
+        torch.cat(parts, out=flat)
         _d._all_reduce(flat)
         off = 0
-        for p in bucket:
+        for p in bucket:  # the gradients become views of the reduced buffer: no copy back
             k = p.grad.numel()
-            p.grad.copy_(flat[off: off + k].view_as(p.grad))
+            p.grad = flat[off: off + k].view_as(p)
             off += k
         return float(flat[off:].sum().item()) if loss is not None else None
