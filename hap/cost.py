@@ -96,11 +96,11 @@ class CostModel:
         elif node.kind == "param" and isinstance(node.meta, TensorMeta):
             # the optimizer step of this rank's part: zero_grad writes the gradient, the update
             # reads weight and gradient and writes the weight, each state tensor is read and written;
-            # a replicated parameter's gradient also goes into the flat all-reduce bucket and back
+            # a replicated parameter's gradient also goes into the flat all-reduce bucket
             fracs = self.fractions(cand.split)
             passes = 4 + 2 * self.opt_states
             if cand.split is None and self.n > 1 and node.name in self.requires_grad:
-                passes += 4  # the gradient is copied into its all-reduce bucket and back
+                passes += 2  # the gradient is copied into its all-reduce bucket (and then viewed there)
             res = tuple(node.meta.nbytes * f * passes / self.cluster.memory_rate(r) for r, f in enumerate(fracs))
         elif node.kind != "op" or node.op_class == "view":
             res = (0.0,) * self.n
@@ -223,7 +223,43 @@ class CostModel:
         return parts
 
 
+def _local_extra_s(cm: CostModel, kind: str, nbytes: float, fs: tuple[float, ...],
+                   fd: tuple[float, ...] | None = None) -> float:
+    """What emulated slowdown adds to a collective: its local work (padding, packing and unpacking
+    copies through memory, a few kernels) runs on each rank at the rank's speed. hap-profile's
+    α-β already hold that work at full speed; a rank ``s`` times slower adds ``(s - 1)`` times it,
+    and the collective waits for the slowest rank."""
+    worst = 0.0
+    n = cm.n
+    for r in range(n):
+        s = cm.cluster.ranks[r].slowdown
+        if s <= 1.0:
+            continue
+        prof = cm.cluster.profile(r)
+        if kind == "all_to_all":
+            moved = 2 * (max(fs) + max(fd or fs)) * nbytes
+        elif kind == "all_reduce":
+            moved = 2 * nbytes
+        else:  # all-gather / reduce-scatter: pack n pieces of the largest shard, unpack the whole
+            moved = 2 * (nbytes + n * max(fs) * nbytes)
+        local = moved / prof.memory_bytes_per_s + 4 * prof.kernel_floor_s
+        worst = max(worst, (s - 1.0) * local)
+    return worst
+
+
 def _conversion(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, grad: bool) -> Conversion:
+    conv = _conversion_wire(cm, meta, src, dst, grad)
+    if conv.kind in ("none", "slice", "partial") or conv.seconds == INF:
+        return conv
+    fs = cm._fr(meta, src) if src.kind == "S" else (1 / cm.n,) * cm.n
+    fd = cm._fr(meta, dst) if dst.kind == "S" else None
+    if conv.kind == "reduce_scatter":
+        fs = fd or fs
+    extra = _local_extra_s(cm, conv.kind, meta.nbytes, fs, fd)
+    return Conversion(conv.kind, conv.form, conv.seconds + extra * (2 if grad else 1))
+
+
+def _conversion_wire(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, grad: bool) -> Conversion:
     if src == dst:
         return Conversion("none", "", 0.0)
     if src.kind == "R":
