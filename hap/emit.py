@@ -280,7 +280,8 @@ LENGTHS = {{
 {lengths}
 }}
 SHAPES = {shapes}  # state_dict key -> shape the plan was made for
-REPLICATED_PARAMS = {replicated}  # their gradients are all-reduced after backward
+GRAD_BUCKETS = {grad_buckets}  # replicated params: gradients all-reduced in these buckets, in this order
+GRAD_OVERLAP = {grad_overlap}  # True: each bucket is all-reduced during backward, as soon as it is complete
 DEVICE = torch.device("cpu")
 RANK = 0
 
@@ -419,7 +420,7 @@ def main():
     if ck is not None:
         load_optimizer_state(opt, params, ck["optimizer"], ck["model"])
         torch.set_rng_state(ck["rng"])
-    replicated = [params[n] for n in REPLICATED_PARAMS]
+    grad_sync = hr.GradSync([[params[n] for n in b] for b in GRAD_BUCKETS], overlap=GRAD_OVERLAP)
     offset = sum(SHARES[:RANK])
     losses, step_s = [], []
     last_saved = ck["path"] if ck else None
@@ -434,7 +435,7 @@ def main():
         loss = forward(params, buffers, batch)
         opt.zero_grad(set_to_none=True)  # backward writes fresh gradients: no zeroing pass
         loss.backward()
-        global_loss = hr.all_reduce_grads(replicated, loss=loss)  # the loss rides in the last bucket
+        global_loss = grad_sync.finish(loss)  # the loss rides in the last bucket
         if global_loss != global_loss or abs(global_loss) == float("inf"):
             hr.shutdown()
             print(f"train.py: loss is {{global_loss}} at step {{step}}; stopping. Last good checkpoint: "
@@ -529,7 +530,8 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         slowdown=tuple(r.slowdown for r in plan.cluster.ranks),
         devices=tuple(r.device for r in plan.cluster.ranks),
         params="\n".join(params), buffers="\n".join(buffers), inputs=input_dims,
-        lengths="\n".join(lengths), replicated=[n for n in plan.grad_synced],
+        lengths="\n".join(lengths), grad_buckets=plan.predicted.get("grad_buckets", [list(plan.grad_synced)]),
+        grad_overlap=bool(plan.predicted.get("grad_overlap", False)),
         unpack="\n".join(unpack + lens_lines), body="\n".join(body),
         shapes={k: tuple(n.meta.shape) for n in g if n.kind in ("param", "buffer") and isinstance(n.meta, TensorMeta)
                 for k in (n.aliases or [n.target])},

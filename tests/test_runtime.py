@@ -344,7 +344,57 @@ def _ck_emulation(n, r):
     return errs.msgs
 
 
+def _ck_grad_sync(n, r):
+    """Buckets all-reduced during backward (overlap) and after it give the summed gradients and the
+    global loss, two steps in a row; a parameter this rank never used contributes zeros."""
+    errs = _Errs()
+    for overlap in (True, False):
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(8, 8) for _ in range(3)]
+        unused = torch.nn.Parameter(torch.ones(5))
+        params = [p for m in layers for p in m.parameters()]
+        # backward completes the last layer first: the plan's bucket order
+        buckets = [list(layers[2].parameters()), list(layers[1].parameters()) + [unused],
+                   list(layers[0].parameters())]
+        sync = hr.GradSync(buckets, overlap=overlap)
+        for step in range(2):
+            for p in params + [unused]:
+                p.grad = None
+            x = torch.full((4, 8), float(r + 1 + step))
+            y = x
+            for m in layers:
+                y = torch.relu(m(y))
+            loss = y.sum() * (r + 1)
+            loss.backward()
+            want = {}
+            for i in range(n):  # what the sum over ranks must be: recompute every rank's grads here
+                xi = torch.full((4, 8), float(i + 1 + step))
+                yi = xi
+                for m in layers:
+                    yi = torch.relu(torch.nn.functional.linear(yi, m.weight.detach(), m.bias.detach()))
+                want_loss = float(yi.sum()) * (i + 1)
+                want[i] = want_loss
+            got = sync.finish(loss)
+            if abs(got - sum(want.values())) > 1e-3 * abs(sum(want.values())):
+                errs.msgs.append(f"overlap={overlap} step {step}: loss {got} != {sum(want.values())}")
+            ref = [torch.zeros_like(p) for p in params]
+            for i in range(n):
+                xi = torch.full((4, 8), float(i + 1 + step))
+                ws = [p.detach().clone().requires_grad_(True) for p in params]
+                yi = xi
+                for k in range(3):
+                    yi = torch.relu(torch.nn.functional.linear(yi, ws[2 * k], ws[2 * k + 1]))
+                (yi.sum() * (i + 1)).backward()
+                for a, w in zip(ref, ws):
+                    a += w.grad
+            for k, (p, want_g) in enumerate(zip(params, ref)):
+                errs.close(f"grad_sync overlap={overlap} step {step} param {k}", p.grad, want_g, atol=1e-5, rtol=1e-6)
+            errs.close(f"grad_sync overlap={overlap} unused", unused.grad, torch.zeros(5))
+    return errs.msgs
+
+
 CHECKS = {
+    "grad_sync": _ck_grad_sync,
     "all_gather": _ck_all_gather,
     "reduce_scatter": _ck_reduce_scatter,
     "all_reduce": _ck_all_reduce,

@@ -21,9 +21,11 @@ from .collectives import (
 )
 from .dist import device, init, is_distributed, local_rank, rank, shutdown, world_size
 from .emulate import end_segment, set_emulation
+from .grad_sync import GradSync
 from .ops import sync_batch_norm
 
 __all__ = [
+    "GradSync",
     "all_gather",
     "all_reduce",
     "all_reduce_grads",

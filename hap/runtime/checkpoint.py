@@ -81,7 +81,8 @@ def load(path: str | Path, model_state: dict[str, torch.Tensor]) -> dict[str, An
     except Exception as e:  # torn or foreign file
         raise CheckpointError(f"{p} is not a readable hap checkpoint: {e}") from e
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise CheckpointError(f"{p} is not a hap checkpoint (format {ck.get('format') if isinstance(ck, dict) else '?'})")
+        fmt = ck.get('format') if isinstance(ck, dict) else '?'
+        raise CheckpointError(f"{p} is not a hap checkpoint (format {fmt})")
     want = fingerprint(model_state)
     if [tuple(x) for x in ck["fingerprint"]] != [(k, list(s)) for k, s in want]:
         theirs = {k: s for k, s in ck["fingerprint"]}

@@ -221,6 +221,21 @@ def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | No
     emulate.after_comm()
 
 
+def _all_reduce_async(t: torch.Tensor):
+    """Start an in-place sum over ranks of a contiguous tensor; ``_wait`` the returned work."""
+    emulate.before_comm()
+    work = dist.all_reduce(t, async_op=True)
+    emulate.after_comm()
+    return work
+
+
+def _wait(work) -> None:
+    """Wait for an async collective (waiting is not compute: the emulation clock restarts)."""
+    emulate.before_comm()
+    work.wait()
+    emulate.after_comm()
+
+
 def _all_reduce(t: torch.Tensor) -> None:
     """In-place sum over ranks of a contiguous tensor."""
     emulate.before_comm()
