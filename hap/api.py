@@ -124,13 +124,19 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
         shares, (choice, ev, status) = new, again
     if n > 1 and prop != even:
         run("hap_even", even, user_pin)
+    if "dp_proportional" in results and not user_pins:  # data parallel with shares fitted to the timed work
+        dp_cm = CostModel(graph, cluster, Splitter(prop), optimizer)
+        dp_shares = refit_shares(graph, dp_cm, results["dp_proportional"][1], total)
+        if dp_shares != prop:
+            run("hap_dp_refit", dp_shares, dp_pin)
     # Prefer the simplest result (speed-proportional shares) unless another is at least
     # 1% faster; never one slower than a baseline.
     best_s = min(r[2].step_s for r in results.values())
     limit = min([best_s * 1.01] + [results[k][2].step_s for k in ("dp_even", "dp_proportional") if k in results])
     if user_pins:  # the user asked for this strategy: baselines are for comparison only
         limit = min(r[2].step_s for k, r in results.items() if k.startswith("hap")) * 1.01
-    order = ["hap", "dp_proportional"] + [k for k in results if k.startswith("hap_refit")] + ["hap_even", "dp_even"]
+    order = (["hap", "dp_proportional"] + [k for k in results if k.startswith("hap_refit")]
+             + ["hap_dp_refit", "hap_even", "dp_even"])
     best_tag = next(k for k in order if k in results and results[k][2].step_s <= limit
                     and (not user_pins or k.startswith("hap")))
     shares, choice, ev, status = results[best_tag]
@@ -192,7 +198,8 @@ def assemble_plan(graph: Graph, cluster: Cluster, shares: tuple[int, ...], choic
     moves = [{"producer": m.producer, "src": str(m.src), "dst": str(m.dst), "kind": m.conversion.kind,
               "form": m.conversion.form, "seconds": m.conversion.seconds} for m in ev.moves]
     predicted = {"step_s": ev.step_s, "compute_s": list(ev.compute_s), "critical_compute_s": ev.critical_compute_s,
-                 "comm_s": ev.comm_s, "grad_sync_s": ev.grad_sync_s, "memory_bytes": list(ev.memory_bytes)}
+                 "comm_s": ev.comm_s, "grad_sync_s": ev.grad_sync_s, "memory_bytes": list(ev.memory_bytes),
+                 "grad_buckets": ev.grad_buckets, "grad_overlap": ev.grad_overlap}
     lb = lower_bound_s(graph, cm)
     return Plan(graph, cluster, tuple(shares), nodes, moves, ev.grad_synced, predicted, baselines or {}, lb,
                 solve_s, status, optimizer, strategy, spec, warnings or [])

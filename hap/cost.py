@@ -32,8 +32,8 @@ from hap.placement import Placement, Splitter
 from hap.rules import Candidate
 
 MATMUL_LIKE = ("matmul", "conv", "attention")
+GRAD_BUCKET_BYTES = 4 * 2**20  # gradient buckets: small enough to overlap a few-MB model, large enough for α
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
-GRAD_BUCKET_BYTES = 25 * 2**20
 INF = float("inf")
 
 
@@ -185,8 +185,9 @@ class CostModel:
         return _conversion(self, meta, src, dst, grad)
 
     def grad_sync_s(self, meta: TensorMeta) -> float:
-        """Bandwidth term of the bucketed all-reduce of a replicated parameter's gradient,
-        plus a latency per 25 MiB bucket it fills (``grad_sync_latency_s`` is the first)."""
+        """The MILP's additive proxy of a replicated parameter's gradient all-reduce: the bandwidth
+        term plus a latency per GRAD_BUCKET_BYTES it fills (``grad_sync_latency_s`` is the first).
+        ``solve.evaluate`` then schedules the real buckets, overlapped with backward where it can."""
         if self.n <= 1:
             return 0.0
         a, bw = self.link.for_collective("all_reduce")
@@ -196,6 +197,10 @@ class CostModel:
     def grad_sync_latency_s(self) -> float:
         """Latency of the first gradient bucket, paid once when any parameter is replicated."""
         return 2 * (self.n - 1) * self.link.for_collective("all_reduce")[0] if self.n > 1 else 0.0
+
+    def all_reduce_s(self, nbytes: float) -> float:
+        """One all-reduce of a flat gradient bucket over all ranks."""
+        return collective_s("all_reduce", nbytes, (1 / self.n,) * self.n, self.link, "")
 
     # ---- memory ----------------------------------------------------------------------
     def memory_bytes(self, node: Node, cand: Candidate) -> tuple[float, ...]:

@@ -36,7 +36,7 @@ import pulp
 
 if TYPE_CHECKING:
     from hap.cluster import Cluster
-from hap.cost import INF, Conversion, CostModel
+from hap.cost import GRAD_BUCKET_BYTES, INF, MATMUL_LIKE, Conversion, CostModel
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph, Node, TensorMeta
 from hap.placement import Placement, R, S, largest_remainder
@@ -112,6 +112,8 @@ class Evaluation:
     memory_bytes: tuple[float, ...]
     moves: list[Moved] = field(default_factory=list)
     grad_synced: list[str] = field(default_factory=list)
+    grad_buckets: list[list[str]] = field(default_factory=list)  # all-reduced in this order
+    grad_overlap: bool = False  # buckets launch during backward, as their gradients are ready
 
 
 def readers(graph: Graph) -> dict[str, list[tuple[str, int]]]:
@@ -151,15 +153,59 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
             conv = cm.conversion(node.meta, src, q, node.name in cm.requires_grad)
             moves.append(Moved(node.name, src, q, conv))
             comm += conv.seconds
-    gs = 0.0
-    synced = []
-    for p in graph.params():
-        if choice[p.name].output.kind == "R" and isinstance(p.meta, TensorMeta):
-            gs += cm.grad_sync_s(p.meta)
-            synced.append(p.name)
-    if synced:
-        gs += cm.grad_sync_latency_s()
-    return Evaluation(critical + comm + gs, tuple(per_rank), critical, comm, gs, tuple(mem), moves, synced)
+    synced = [p.name for p in graph.params()
+              if choice[p.name].output.kind == "R" and isinstance(p.meta, TensorMeta) and p.name in cm.requires_grad]
+    # overlap only where backward runs no collective of its own (they would queue behind the buckets)
+    overlap = cm.n > 1 and not any(m.conversion.kind not in ("none", "slice", "partial") for m in moves)
+    buckets, gs = grad_sync_schedule(graph, cm, choice, synced, overlap)
+    return Evaluation(critical + comm + gs, tuple(per_rank), critical, comm, gs, tuple(mem), moves,
+                      [p for b in buckets for p in b], buckets, overlap)
+
+
+def grad_sync_schedule(graph: Graph, cm: CostModel, choice: dict[str, Candidate], synced: list[str],
+                       overlap: bool) -> tuple[list[list[str]], float]:
+    """Buckets of the replicated parameters' gradients, in the order backward completes them, and
+    the all-reduce time left exposed after backward.
+
+    Backward visits nodes in reverse; a parameter's gradient is complete once its first reader's
+    (in forward order) backward ran. Each bucket (up to GRAD_BUCKET_BYTES) is all-reduced when its
+    last gradient is ready and the previous bucket is done (one process group: collectives run in
+    order); with ``overlap`` off, or for the last bucket, that is after backward.
+    """
+    if not synced or cm.n <= 1:
+        return ([synced] if synced else []), 0.0
+    order = {node.name: i for i, node in enumerate(graph)}
+    first_reader: dict[str, int] = {}
+    for node in graph.ops():
+        for ref in node.inputs():
+            first_reader.setdefault(ref, order[node.name])
+    # backward time (slowest rank per node) accumulated from the loss back to each node
+    done_at: dict[int, float] = {}
+    clock = 0.0
+    for node in reversed(list(graph)):
+        if node.kind == "op" and node.name in cm.requires_grad:
+            t = cm.compute_s(node, choice[node.name])
+            share = 2 / 3 if node.op_class in MATMUL_LIKE else 1 / 2
+            clock += max(t) * share
+        done_at[order[node.name]] = clock
+    bwd_total = clock
+    ready = {p: done_at.get(first_reader.get(p, 0), bwd_total) for p in synced}
+    params = sorted(synced, key=lambda p: (ready[p], -order[p]))
+    buckets: list[list[str]] = [[]]
+    size = 0
+    for p in params:  # a bucket closes once it holds GRAD_BUCKET_BYTES
+        buckets[-1].append(p)
+        size += graph[p].meta.nbytes
+        if size >= GRAD_BUCKET_BYTES:
+            buckets.append([])
+            size = 0
+    buckets = [b for b in buckets if b]
+    end = 0.0
+    for i, b in enumerate(buckets):
+        nbytes = sum(graph[p].meta.nbytes for p in b)
+        start = max(ready[b[-1]] if overlap and i < len(buckets) - 1 else bwd_total, end)
+        end = start + cm.all_reduce_s(nbytes)
+    return buckets, max(end - bwd_total, 0.0)
 
 
 # ---------------------------------------------------------------------------------------
