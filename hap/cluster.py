@@ -85,6 +85,7 @@ class DeviceProfile:
     intra_node_kind: str
     provenance: dict[str, str]
     measure_ops: bool = False  # plan-time timing of matmul-class ops on this machine (hap.optimer)
+    overlap_comm: bool = True  # collectives can run while the device computes (False: CPU ranks share cores)
 
     def compute_rate(self, op_class: str, dtype: str) -> float:
         """Achieved flop/s for an op class ("matmul", "conv", "attention", ...) and dtype.
@@ -114,6 +115,7 @@ class DeviceProfile:
             },
             "provenance": dict(self.provenance),
             **({"measure_ops": True} if self.measure_ops else {}),
+            **({"overlap_comm": False} if not self.overlap_comm else {}),
         }
 
     @classmethod
@@ -189,6 +191,7 @@ class DeviceProfile:
             intra_node_kind=kind,
             provenance=dict(provenance),
             measure_ops=bool(d.get("measure_ops", False)),
+            overlap_comm=bool(d.get("overlap_comm", True)),
         )
 
 

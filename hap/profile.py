@@ -582,8 +582,13 @@ def build_profile(per_rank: list[dict[str, Any]], device: torch.device, settings
     prov["environment"] = "; ".join(f"{k}={v}" for k, v in env.items())
     prov["settings"] = (f"hap-profile{' --quick' if settings.quick else ''}, {settings.repeats} repeats, "
                         f"samples of >= {settings.min_sample_s} s; every sample in samples/<this file's name> beside it")
+    if device.type == "cpu":
+        prov["overlap_comm"] = ("measured: not overlapped. With as many ranks as cores, gloo's all-reduce threads "
+                                "compete with the ranks' compute; bucketed all-reduce during backward measured no "
+                                "faster than after it (1024-wide MLP, 2 ranks on 2 cores, 2026-11-22)")
     return {
         "name": device_name(device),
+        **({"overlap_comm": False} if device.type == "cpu" else {}),
         "memory_bytes": memory_bytes,
         "flop_per_s": flop,
         "memory_bytes_per_s": _sig(mem["pointwise"].value),

@@ -156,7 +156,9 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
     synced = [p.name for p in graph.params()
               if choice[p.name].output.kind == "R" and isinstance(p.meta, TensorMeta) and p.name in cm.requires_grad]
     # overlap only where backward runs no collective of its own (they would queue behind the buckets)
-    overlap = cm.n > 1 and not any(m.conversion.kind not in ("none", "slice", "partial") for m in moves)
+    # and where the devices compute while they communicate (CPU ranks share the cores gloo needs)
+    overlap = (cm.n > 1 and all(cm.cluster.profile(r).overlap_comm for r in range(cm.n))
+               and not any(m.conversion.kind not in ("none", "slice", "partial") for m in moves))
     buckets, gs = grad_sync_schedule(graph, cm, choice, synced, overlap)
     return Evaluation(critical + comm + gs, tuple(per_rank), critical, comm, gs, tuple(mem), moves,
                       [p for b in buckets for p in b], buckets, overlap)

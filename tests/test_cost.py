@@ -1,6 +1,8 @@
 """Relations of the cost model (not magic numbers)."""
 from __future__ import annotations
 
+import pytest
+
 from hap.cluster import Link, load_cluster
 from hap.cost import CostModel, collective_s
 from hap.graph import TensorMeta
@@ -67,3 +69,29 @@ def test_slower_rank_computes_slower_and_replication_costs_the_slowest():
     assert rep[1] > 2.5 * rep[0]
     shard = next(c for c in cands.values() if c.output == S(0))
     assert max(cm.compute_s(node, shard)) < max(rep)
+
+
+def test_gradient_buckets_overlap_backward_only_where_the_devices_can(monkeypatch):
+    from hap.api import plan_graph
+    from hap.simulate import plan_choice
+    from hap.solve import grad_sync_schedule
+
+    monkeypatch.setenv("HAP_MLP_WIDTH", "1024")  # 8.8 MB of gradients: three 4 MiB buckets
+    graph = captured(load_example("mlp"), batch_size=512)[2]
+    pins = {p.name: "R" for p in graph.params()}  # data parallel: every gradient is all-reduced
+    for name, can in (("v100x8", True), ("default", False)):  # GPUs overlap; CPU ranks share the cores
+        cluster = load_cluster(ROOT / "profiles" / "clusters" / f"{name}.toml")
+        plan = plan_graph(graph, cluster, pins=pins)
+        cm = CostModel(graph, cluster, Splitter(plan.shares))
+        choice = plan_choice(plan)
+        synced = [p.name for p in graph.params()]
+        buckets, exposed = grad_sync_schedule(graph, cm, choice, synced, overlap=can)
+        assert plan.predicted["grad_overlap"] is can and plan.predicted["grad_buckets"] == buckets
+        assert sorted(p for b in buckets for p in b) == sorted(synced)
+        serial = sum(cm.all_reduce_s(sum(graph[p].meta.nbytes for p in b)) for b in buckets)
+        assert plan.predicted["grad_sync_s"] == exposed
+        if can:
+            assert len(buckets) == 3 and exposed < serial  # the first buckets hide behind backward
+            assert grad_sync_schedule(graph, cm, choice, synced, overlap=False)[1] == pytest.approx(serial)
+        else:
+            assert exposed == pytest.approx(serial)
