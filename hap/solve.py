@@ -395,6 +395,9 @@ def _safe(name: str) -> str:
 # ---------------------------------------------------------------------------------------
 # re-fitting the shares with placements fixed (HAP's ratio LP)
 # ---------------------------------------------------------------------------------------
+TRUST_REGION = 0.10  # refit with timed ops: shares within 10% of speed-proportional
+
+
 def refit_shares(graph: Graph, cm: CostModel, choice: dict[str, Candidate], total: int) -> tuple[int, ...]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -406,6 +409,15 @@ def _refit_shares(graph: Graph, cm: CostModel, choice: dict[str, Candidate], tot
     prob = pulp.LpProblem("hap_ratios", pulp.LpMinimize)
     x = [pulp.LpVariable(f"x_{r}", 0, 1) for r in range(n)]
     prob += pulp.lpSum(x) == 1
+    if any(cm.cluster.profile(r).measure_ops for r in range(n)):
+        # timed ops: a trust region of +-10% around the speed-proportional shares. The secants come
+        # from single timings that scatter +-10-20% on a shared machine; a larger move on their
+        # word alone is not supported (it moved 1:3 shares to 210:46 on one noisy run)
+        speeds = [cm.cluster.speed(r) for r in range(n)]
+        for r in range(n):
+            p = speeds[r] / sum(speeds)
+            prob += x[r] >= (1 - TRUST_REGION) * p
+            prob += x[r] <= (1 + TRUST_REGION) * p
     obj = []
     for node in graph:
         c = choice[node.name]

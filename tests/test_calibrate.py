@@ -99,6 +99,8 @@ def test_plan_with_timed_ops_keeps_its_invariants(tmp_path):
     graph = captured(load_example("mlp"), batch_size=256)[2]
     plan = plan_graph(graph, _measuring_cluster(tmp_path))
     assert sum(plan.shares) == 256 and plan.shares[0] > plan.shares[1]
+    # the share refit on timed ops stays within 10% of speed-proportional (192 : 64), +1 rounding
+    assert abs(plan.shares[1] - 64) <= 0.10 * 64 + 1
     assert plan.lower_bound_step_s <= plan.predicted_step_s
     for name, b in plan.baselines.items():
         if b.get("predicted_step_s") is not None:
