@@ -11,7 +11,7 @@ A cluster file (TOML) lists kinds of machines; device profiles (JSON, in
     device = "V100-16GB"          # a profile name in profiles/devices/, or a path to a .json profile
     count = 8                     # devices (ranks) per node
     repeat = 2                    # identical nodes (default 1)
-    slowdown = 1.0                # CPU emulation: this rank computes N times slower (default 1)
+    slowdown = 1.0                # CPU emulation: this rank's forward + backward run N times slower (default 1)
     node = "localhost"            # optional: entries with the same node name share one machine
 
 Ranks are numbered in file order: entries, then repeats, then devices within a node.

@@ -92,7 +92,7 @@ class CostModel:
         if node.kind == "input" and isinstance(node.meta, TensorMeta):
             # reading the batch: a rank reads its own samples (S) or all of them (R)
             fracs = self.fractions(cand.split)
-            res = tuple(node.meta.nbytes * f / self.cluster.memory_rate(r) for r, f in enumerate(fracs))
+            res = tuple(node.meta.nbytes * f / self.cluster.profile(r).memory_bytes_per_s for r, f in enumerate(fracs))
         elif node.kind == "param" and isinstance(node.meta, TensorMeta):
             # the optimizer step of this rank's part: zero_grad writes the gradient, the update
             # reads weight and gradient and writes the weight, each state tensor is read and written;
@@ -101,14 +101,15 @@ class CostModel:
             passes = 4 + 2 * self.opt_states
             if cand.split is None and self.n > 1 and node.name in self.requires_grad:
                 passes += 2  # the gradient is copied into its all-reduce bucket (and then viewed there)
-            res = tuple(node.meta.nbytes * f * passes / self.cluster.memory_rate(r) for r, f in enumerate(fracs))
+            # (not dilated by an emulated slowdown, which slows the model's forward + backward only)
+            res = tuple(node.meta.nbytes * f * passes / self.cluster.profile(r).memory_bytes_per_s
+                        for r, f in enumerate(fracs))
         elif node.kind != "op" or node.op_class == "view":
             res = (0.0,) * self.n
         else:
             fracs = self.fractions(cand.split)
             res = tuple(self._affine_s(node, r)[0] * fracs[r] + self._affine_s(node, r)[1] for r in range(self.n))
-            if node.op_class in MATMUL_LIKE:
-                res = tuple(self._measured_s(node, cand, r, t, fracs[r]) for r, t in enumerate(res))
+            res = tuple(self._measured_s(node, cand, r, t, fracs[r]) for r, t in enumerate(res))
         self._node_cache[key] = res
         return res
 
@@ -124,9 +125,13 @@ class CostModel:
         return t * (1 + bwd), kernels * self.cluster.kernel_floor(r)
 
     def _measures(self, node: Node, cand: Candidate | None, r: int) -> bool:
-        return (node.op_class in MATMUL_LIKE and self.cluster.profile(r).measure_ops
+        """Whether ``node`` is timed on this machine for rank ``r``: every op but views and creations
+        (their own dispatch and autograd overhead is most of a small op's time), as the program
+        calls it (no rewritten arguments, no special emit), not too slow to time."""
+        return (node.kind == "op" and node.op_class not in ("view", "creation") and self.cluster.profile(r).measure_ops
                 and (cand is None or (cand.emit == "call" and not cand.rewrite))
-                and optimer.estimate_ok(node.flops, self.cluster.profile(r).compute_rate(node.op_class, "fp32")))
+                and optimer.estimate_ok(node.flops, self.cluster.profile(r).compute_rate(node.op_class, "fp32"))
+                and optimer.estimate_ok(node.bytes, self.cluster.profile(r).memory_bytes_per_s))
 
     def _timed(self, node: Node, shapes: dict[str, tuple[int, ...]], r: int) -> float | None:
         t = optimer.time_node(self.graph, node, shapes, self.requires_grad, node.name in self.requires_grad)

@@ -429,9 +429,10 @@ def main():
         if args.fail_at_step == step and args.fail_rank == RANK and restarts == 0:
             print(f"train.py: rank {{RANK}} fails at step {{step}} (--fail-at-step test hook)", flush=True)
             os._exit(17)
-        full = spec.batch(step, GLOBAL_BATCH)  # this step's global batch; each rank keeps its share
-        batch = [x.narrow(0, offset, SHARES[RANK]).to(DEVICE) if d == 0 else x.to(DEVICE)
-                 for x, d in zip(full, INPUTS)]
+        with hr.undilated():  # --emulate slows forward + backward only, as the referee's baseline does
+            full = spec.batch(step, GLOBAL_BATCH)  # this step's global batch; each rank keeps its share
+            batch = [x.narrow(0, offset, SHARES[RANK]).to(DEVICE) if d == 0 else x.to(DEVICE)
+                     for x, d in zip(full, INPUTS)]
         loss = forward(params, buffers, batch)
         opt.zero_grad(set_to_none=True)  # backward writes fresh gradients: no zeroing pass
         loss.backward()
@@ -441,8 +442,8 @@ def main():
             print(f"train.py: loss is {{global_loss}} at step {{step}}; stopping. Last good checkpoint: "
                   f"{{last_saved or 'none (use --save DIR --save-every K)'}}", file=sys.stderr)
             sys.exit(3)
-        opt.step()
-        hr.end_segment()
+        with hr.undilated():
+            opt.step()
         step_s.append(time.perf_counter() - t0)
         losses.append(global_loss)
         if RANK == 0:

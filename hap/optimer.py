@@ -1,13 +1,14 @@
-"""Measured compute for the local CPU: time a matmul-class node at the exact per-rank shapes.
+"""Measured compute for the local CPU: time an op node at the exact per-rank shapes.
 
 A roofline (flops / rate + floor) misses how much slower a CPU matmul runs on the thin shapes
 a small share gives: one thread of this project's VM does 1024x1024 weights at ~50 GFLOP/s
 for 64 rows and ~80 for 192, so proportional shares leave the slower rank the bottleneck.
 Where a device profile says ``"measure_ops": true`` (the on-first-use calibration of
 ``device = "cpu"``, see ``hap.calibrate``) and the planning process runs on that device,
-the cost model asks this module for the forward + backward seconds of each matmul, conv
-and attention node at the shapes rank ``r`` will run, and scales them by the rank's
-``slowdown`` as the emulation does. Timings are memoised per (op, shapes), so a plan
+the cost model asks this module for the forward + backward seconds of each op node (views
+and creations aside) at the shapes rank ``r`` will run, and scales them by the rank's
+``slowdown`` as the emulation does; for a small op that time is mostly its dispatch and
+autograd overhead, which a per-kernel floor underestimated 2-3x. Timings are memoised per (op, shapes), so a plan
 measures each distinct shape once (a few ms each), single-threaded as torchrun runs ranks.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ from .collectives import (
     to_partial,
 )
 from .dist import device, init, is_distributed, local_rank, rank, shutdown, world_size
-from .emulate import end_segment, set_emulation
+from .emulate import end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .ops import sync_batch_norm
 
@@ -45,5 +45,6 @@ __all__ = [
     "sum_scalar",
     "sync_batch_norm",
     "to_partial",
+    "undilated",
     "world_size",
 ]

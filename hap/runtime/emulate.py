@@ -4,12 +4,15 @@ With `set_emulation(s)`, every communication (forward and backward collectives, 
 all-reduce) and `end_segment()` first waits (busy) `(s - 1) x` the wall time this rank spent since the end
 of its previous communication (its compute in that segment), so the rank behaves like a device
 `s` times slower. The clock restarts after each communication, so neither the wait nor the time
-spent waiting for other ranks counts as compute.
+spent waiting for other ranks counts as compute. What runs inside `undilated()` (the emitted
+program's batch loading and optimizer step) is not slowed: the emulated device is slower at the
+model's forward and backward, the definition hapcheck's even data-parallel baseline uses.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 _slowdown: float = 1.0
 _seg_start: float = time.perf_counter()
@@ -59,6 +62,18 @@ def after_comm() -> None:
     """Start the next compute segment."""
     global _seg_start
     _seg_start = time.perf_counter()
+
+
+@contextmanager
+def undilated():
+    """Work that the emulated device does not slow: the segment so far is dilated first, and the
+    clock restarts after the block (loading the batch, the optimizer step: the emulated slowdown
+    is of the model's forward and backward compute, as in hapcheck's even-DDP baseline)."""
+    before_comm()
+    try:
+        yield
+    finally:
+        after_comm()
 
 
 def end_segment() -> None:
