@@ -26,8 +26,8 @@ class LM(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=DIM, n_layer=LAYERS, n_head=HEADS,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, bos_token_id=0, eos_token_id=0,
-                            attn_implementation="sdpa")
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, bos_token_id=0,
+                            eos_token_id=0, attn_implementation="sdpa")
         self.hf = GPT2LMHeadModel(config)  # initialised N(0, 0.02) by transformers
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

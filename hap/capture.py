@@ -204,7 +204,8 @@ def _explain_export_failure(e: Exception) -> str:
     if "data-dependent" in text.lower() or "guard" in text.lower() or "GuardOnDataDependent" in type(e).__name__:
         hint = ("data-dependent control flow: a Python `if`/loop or shape depends on tensor values. "
                 "Rewrite it with torch.where / torch.cond, or compute the condition outside the model")
-    return f"cannot capture the model: {type(e).__name__}: {first[:300]}\n  at {where or 'unknown location'}\n  fix: {hint}"
+    return (f"cannot capture the model: {type(e).__name__}: {first[:300]}\n"
+            f"  at {where or 'unknown location'}\n  fix: {hint}")
 
 
 def _rename(obj: Any, renamed: dict[str, str]) -> Any:

@@ -309,7 +309,7 @@ class Cluster:
         except (KeyError, TypeError, ValueError) as e:
             raise ClusterFileError(
                 f"cluster JSON is malformed ({type(e).__name__}: {e}); write it with Cluster.to_json"
-            )
+            ) from None
         cluster.lint()
         return cluster
 
@@ -347,11 +347,11 @@ def load_device(name_or_path: str | Path) -> DeviceProfile:
     try:
         text = path.read_text()
     except OSError as e:
-        raise ClusterFileError(f"device profile {path} cannot be read: {e.strerror or e}")
+        raise ClusterFileError(f"device profile {path} cannot be read: {e.strerror or e}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ClusterFileError(f"{path}: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}")
+        raise ClusterFileError(f"{path}: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
     return DeviceProfile.from_json(data, str(path))
 
 
@@ -365,9 +365,9 @@ def load_cluster(path: str | Path | None = None) -> Cluster:
         with open(file, "rb") as f:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
-        raise ClusterFileError(f"{file}: TOML syntax error: {e}")
+        raise ClusterFileError(f"{file}: TOML syntax error: {e}") from None
     except OSError as e:
-        raise ClusterFileError(f"cluster file {file} cannot be read: {e.strerror or e}")
+        raise ClusterFileError(f"cluster file {file} cannot be read: {e.strerror or e}") from None
     return cluster_from_dict(data, source=str(file), base_dir=file.parent)
 
 

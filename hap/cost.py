@@ -32,7 +32,7 @@ from hap.placement import Placement, Splitter
 from hap.rules import Candidate
 
 MATMUL_LIKE = ("matmul", "conv", "attention")
-GRAD_BUCKET_BYTES = 4 * 2**20  # gradient buckets: small enough to overlap a few-MB model, large enough for α
+GRAD_BUCKET_BYTES = 25 * 2**20  # gradient buckets, as DDP's default: on 64 ranks a 4 MiB bucket is α-bound
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 INF = float("inf")
 

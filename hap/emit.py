@@ -476,7 +476,7 @@ def torchrun_commands(plan: Plan, script: str) -> list[str]:
     if len(nodes) == 1:
         return [f"torchrun --standalone --nproc-per-node {plan.num_ranks} {script} --steps 100"]
     cmds = []
-    for i, (node, ranks) in enumerate(sorted(nodes.items())):
+    for i, (_node, ranks) in enumerate(sorted(nodes.items())):
         dev = plan.cluster.ranks[ranks[0]].device
         cmds.append(f"node {i} ({len(ranks)}x {dev}, ranks {ranks[0]}-{ranks[-1]}): torchrun --nnodes {len(nodes)} "
                     f"--node-rank {i} --nproc-per-node {len(ranks)} --master-addr $MASTER --master-port 29500 "
@@ -517,7 +517,8 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
     for (size, unit), var in sorted(em.lengths_used.items()):
         ls = em.lengths(size, unit)
         lengths.append(f"    ({size}, {unit}): {ls},")
-        lens_lines.append(f"    {var} = LENGTHS[{size}, {unit}][RANK]  # this rank's part of a dim of {size}, split {ls}")
+        lens_lines.append(f"    {var} = LENGTHS[{size}, {unit}][RANK]"
+                          f"  # this rank's part of a dim of {size}, split {ls}")
     input_dims = [0 if em.out_placement(n.name).is_shard else None for n in inputs]
     script = os.path.relpath(out_dir / "train.py") if not os.path.isabs(str(out_dir)) else str(out_dir / "train.py")
     rank_lines = "\n".join(

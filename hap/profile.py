@@ -581,7 +581,8 @@ def build_profile(per_rank: list[dict[str, Any]], device: torch.device, settings
         prov["intra_node.alpha_s"] = prov["intra_node.bytes_per_s"]
     prov["environment"] = "; ".join(f"{k}={v}" for k, v in env.items())
     prov["settings"] = (f"hap-profile{' --quick' if settings.quick else ''}, {settings.repeats} repeats, "
-                        f"samples of >= {settings.min_sample_s} s; every sample in samples/<this file's name> beside it")
+                        f"samples of >= {settings.min_sample_s} s; "
+                        "every sample in samples/<this file's name> beside it")
     if device.type == "cpu":
         prov["overlap_comm"] = ("measured: not overlapped. With as many ranks as cores, gloo's all-reduce threads "
                                 "compete with the ranks' compute; bucketed all-reduce during backward measured no "

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hap.simulate import Timeline
 
-COLORS = {"compute": "#2e7d32", "backward": "#66bb6a", "step": "#6a1b9a", "comm": "#ef6c00", "sync": "#c62828", "idle": "#e0e0e0"}
+COLORS = {"compute": "#2e7d32", "backward": "#66bb6a", "step": "#6a1b9a", "comm": "#ef6c00", "sync": "#c62828",
+          "idle": "#e0e0e0"}
 MAX_RANK_ROWS = 16  # larger clusters: the first and last ranks of each device kind, with a note
 
 

@@ -49,7 +49,8 @@ BAD = {
     "missing cluster": (lambda t: ["examples/mlp.py", "--cluster", "nope.toml"], "nope.toml"),
     "malformed cluster": (lambda t: ["examples/mlp.py", "--cluster", _toml(t, "[[nodes]\ndevice = 'cpu'\n")],
                           "line"),
-    "unknown device": (lambda t: ["examples/mlp.py", "--cluster", _toml(t, "[[nodes]]\ndevice = 'V100-16G'\ncount = 2\n")],
+    "unknown device": (lambda t: ["examples/mlp.py", "--cluster",
+                                  _toml(t, "[[nodes]]\ndevice = 'V100-16G'\ncount = 2\n")],
                        "V100-16GB"),
     "data-dependent control flow": (lambda t: [_spec(t, DATA_DEPENDENT)], "control flow"),
 }

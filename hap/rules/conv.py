@@ -22,8 +22,8 @@ def conv(node: Node, ctx: RuleContext) -> list[Candidate]:
     cands = []
     if not unbatched:
         for u in ctx.shard_units(x.shape[0]):
-            cands.append(Candidate("batch:S(0)" if u == 1 else f"batch:S(0/{u})", (S(0, u), R) + ((R,) if has_bias else ()),
-                                   S(0, u), split=(x.shape[0], u)))
+            name = "batch:S(0)" if u == 1 else f"batch:S(0/{u})"
+            cands.append(Candidate(name, (S(0, u), R) + ((R,) if has_bias else ()), S(0, u), split=(x.shape[0], u)))
     if groups == 1 and not unbatched:
         for u in _channel_units(ctx, w.shape[0]):
             cands.append(Candidate("out:S(1)" if u == 1 else f"out:S(1/{u})",

@@ -26,4 +26,5 @@ def test_example_trains_exactly(example):
                         "profiles/clusters/default.toml"], check=False, cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)
     last = (p.stdout.strip().splitlines() or [""])[-1]
-    assert p.returncode == 0 and last.startswith("ok"), f"hapcheck exact {example}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    assert p.returncode == 0 and last.startswith("ok"), \
+        f"hapcheck exact {example}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
