@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The measured benchmarks (a) and (b) of docs/benchmarks.md, in the order they were run there.
+# Run from the repository root with the project installed and ../shared beside it; each line
+# prints its own result. Start from an empty ~/.cache/hap to include the first-use calibration.
+set -u
+echo "== load $(cat /proc/loadavg) $(date -u)"
+echo "== (a) hapcheck bench mlp 1024/256 x3"
+for i in 1 2 3; do HAP_MLP_WIDTH=1024 HAP_MLP_BATCH=256 python ../shared/checks/hapcheck.py bench examples/mlp.py profiles/clusters/default.toml | tail -1; done
+echo "== (a) hapcheck bench mlp 1024/1024 x2"
+for i in 1 2; do HAP_MLP_WIDTH=1024 HAP_MLP_BATCH=1024 python ../shared/checks/hapcheck.py bench examples/mlp.py profiles/clusters/default.toml | tail -1; done
+echo "== (a) hapcheck bench mlp 512/1024"
+HAP_MLP_WIDTH=512 HAP_MLP_BATCH=1024 python ../shared/checks/hapcheck.py bench examples/mlp.py profiles/clusters/default.toml | tail -1
+echo "== (a) hapcheck bench gpt, cnn"
+python ../shared/checks/hapcheck.py bench examples/gpt.py profiles/clusters/default.toml | tail -1
+python ../shared/checks/hapcheck.py bench examples/cnn.py profiles/clusters/default.toml | tail -1
+echo "== (a) emulated_hetero 1024/256, 3 rounds"
+HAP_MLP_WIDTH=1024 HAP_MLP_BATCH=256 python benchmarks/emulated_hetero.py examples/mlp.py --rounds 3 | tail -6
+echo "== (b) DDP overhead, data parallel pinned"
+HAP_MLP_WIDTH=1024 HAP_MLP_BATCH=256 python benchmarks/ddp_overhead.py examples/mlp.py --pin-dp --rounds 3 | tail -6
+echo "== (b) DDP overhead, hap's plan"
+HAP_MLP_WIDTH=1024 HAP_MLP_BATCH=256 python benchmarks/ddp_overhead.py examples/mlp.py --rounds 3 | tail -6
+echo "== load $(cat /proc/loadavg) $(date -u)"
