@@ -9,7 +9,7 @@ artifact, never ``fx.Node`` objects.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -93,6 +93,44 @@ def iter_refs(obj: Any) -> Iterator[str]:
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from iter_refs(v)
+
+
+def decode_arg(a: Any, values: Mapping[str, Any], device: Any = None) -> Any:
+    """A node argument as the Python value an ATen call takes: ``{"node": n}`` is ``values[n]``,
+    ``{"dtype"|"memory_format"|"layout": x}`` is ``torch.x``, ``{"device": ..}`` is ``device``
+    (default CPU), ``{"float": r}`` is the float (the encodings ``hap.capture`` writes)."""
+    import torch
+
+    if isinstance(a, dict) and len(a) == 1:  # an encoded value has exactly one key
+        (key, v), = a.items()
+        if key == "node":
+            return values[v]
+        if key in ("dtype", "memory_format", "layout"):
+            return getattr(torch, v)
+        if key == "device":
+            return torch.device("cpu") if device is None else device
+        if key == "float":
+            return float(v)
+    if isinstance(a, dict):  # keyword arguments
+        return {k: decode_arg(v, values, device) for k, v in a.items()}
+    if isinstance(a, (list, tuple)):
+        return type(a)(decode_arg(x, values, device) for x in a)
+    return a
+
+
+def resolve_target(target: str) -> Any:
+    """The callable of a node's target: ``operator.getitem``, or the ATen overload
+    ``torch.ops.<ns>.<op>.<overload>``."""
+    import operator
+
+    import torch
+
+    if target == "getitem":
+        return operator.getitem
+    obj = torch.ops
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 @dataclass

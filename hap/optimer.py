@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hap.graph import Graph, Node, TensorMeta
+from hap.graph import Graph, Node, TensorMeta, decode_arg, resolve_target
 
 REPEATS = 9
 MAX_CALL_S = 0.5  # an op slower than this (analytic estimate) is not timed: the roofline is used
@@ -36,25 +36,6 @@ def _evict() -> None:
     if not _scratch:
         _scratch.append(torch.empty(EVICT_BYTES // 4))
     _scratch[0].fill_(1.0)
-
-
-def _decode(arg: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(arg, dict):
-        if "node" in arg and len(arg) == 1:
-            return tensors[arg["node"]]
-        if "dtype" in arg and len(arg) == 1:
-            return getattr(torch, arg["dtype"])
-        if "device" in arg and len(arg) == 1:
-            return torch.device("cpu")
-        return {k: _decode(v, tensors) for k, v in arg.items()}
-    if isinstance(arg, (list, tuple)):
-        return type(arg)(_decode(v, tensors) for v in arg)
-    return arg
-
-
-def _overload(target: str):
-    ns, name, overload = target.split(".")
-    return getattr(getattr(getattr(torch.ops, ns), name), overload)
 
 
 def _key_of(x: Any) -> Any:
@@ -96,8 +77,8 @@ def time_node(graph: Graph, node: Node, shapes: dict[str, tuple[int, ...]], grad
             else:
                 t = torch.zeros(shapes[n], dtype=dt)
             tensors[n] = t
-        fn = _overload(node.target)
-        args, kwargs = _decode(node.args, tensors), _decode(node.kwargs, tensors)
+        fn = resolve_target(node.target)
+        args, kwargs = decode_arg(node.args, tensors), {k: decode_arg(v, tensors) for k, v in node.kwargs.items()}
         leaves = [t for t in tensors.values() if t.requires_grad]
 
         def step() -> None:

@@ -3,7 +3,6 @@ every sharding candidate of every node against the single-device values, rank by
 from __future__ import annotations
 
 import importlib.util
-import operator
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +11,7 @@ import torch
 
 from hap.capture import capture
 from hap.emit import Emitter
-from hap.graph import Graph, TensorMeta
+from hap.graph import Graph, TensorMeta, decode_arg, resolve_target
 from hap.placement import Placement, Splitter
 from hap.rules import Candidate, RuleContext, view_units
 from hap.solve import all_candidates
@@ -37,34 +36,6 @@ def captured(mod, batch_size: int | None = None, seed: int = 0):
     return model, batch, capture(model, batch)
 
 
-def _decode(a, values):
-    if isinstance(a, dict):
-        if "node" in a and len(a) == 1:
-            return values[a["node"]]
-        if "dtype" in a:
-            return getattr(torch, a["dtype"])
-        if "device" in a:
-            return torch.device("cpu")
-        if "memory_format" in a:
-            return getattr(torch, a["memory_format"])
-        if "layout" in a:
-            return getattr(torch, a["layout"])
-        if "float" in a:
-            return float(a["float"])
-    if isinstance(a, list):
-        return [_decode(x, values) for x in a]
-    return a
-
-
-def resolve(target: str):
-    if target == "getitem":
-        return operator.getitem
-    obj = torch.ops
-    for part in target.split(".")[0:]:
-        obj = getattr(obj, part)
-    return obj
-
-
 def run_graph(graph: Graph, model: torch.nn.Module, batch) -> dict[str, object]:
     """Every node's value on one device (a fresh copy of the buffers: batch_norm mutates them)."""
     sd = {k: v.detach().clone() for k, v in model.named_buffers()}  # non-persistent ones too
@@ -76,8 +47,8 @@ def run_graph(graph: Graph, model: torch.nn.Module, batch) -> dict[str, object]:
         elif n.kind == "input":
             values[n.name] = batch[int(n.target)]
         else:
-            values[n.name] = resolve(n.target)(*_decode(n.args, values),
-                                               **{k: _decode(v, values) for k, v in n.kwargs.items()})
+            values[n.name] = resolve_target(n.target)(*decode_arg(n.args, values),
+                                                      **{k: decode_arg(v, values) for k, v in n.kwargs.items()})
     return values
 
 
