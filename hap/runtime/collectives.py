@@ -402,9 +402,7 @@ def all_reduce_grads(params: Iterable[torch.Tensor], bucket_mb: float = 25.0,
         if id(p) not in seen:
             seen.add(id(p))
             plist.append(p)
-    for p in plist:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+    fill_missing_grads(plist)
     if not _d.is_distributed() or not plist:
         if loss is not None:
             return sum_scalar(loss)
@@ -449,7 +447,16 @@ def _bucket_buffer(bucket: list[torch.Tensor], extra: int) -> torch.Tensor:
     return buf
 
 
-def _reduce_bucket(bucket: list[torch.Tensor], loss: torch.Tensor | None = None) -> float | None:
+def fill_missing_grads(params: Iterable[torch.Tensor]) -> None:
+    """A parameter this rank did not use gets a zero gradient: its addend to the sum."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+
+
+def pack_bucket(bucket: list[torch.Tensor], loss: torch.Tensor | None = None) -> torch.Tensor:
+    """The bucket's gradients (and the loss, last) copied into its persistent flat buffer."""
+    fill_missing_grads(bucket)
     with torch.no_grad():
         parts = [p.grad.reshape(-1) for p in bucket]
         if loss is not None:
@@ -458,10 +465,21 @@ def _reduce_bucket(bucket: list[torch.Tensor], loss: torch.Tensor | None = None)
         if any(x.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for x in parts):
             parts = [x.clone() for x in parts]  # reduced again without a new backward: grads view `flat`
         torch.cat(parts, out=flat)
-        _d._all_reduce(flat)
-        off = 0
-        for p in bucket:  # the gradients become views of the reduced buffer: no copy back
-            k = p.grad.numel()
-            p.grad = flat[off: off + k].view_as(p)
-            off += k
-        return float(flat[off:].sum().item()) if loss is not None else None
+    return flat
+
+
+def unpack_bucket(bucket: list[torch.Tensor], flat: torch.Tensor, has_loss: bool) -> float | None:
+    """After the all-reduce: the gradients become views of the reduced buffer (no copy back);
+    returns the summed loss if it rode along."""
+    off = 0
+    for p in bucket:
+        k = p.numel()
+        p.grad = flat[off: off + k].view_as(p)
+        off += k
+    return float(flat[off:].sum().item()) if has_loss else None
+
+
+def _reduce_bucket(bucket: list[torch.Tensor], loss: torch.Tensor | None = None) -> float | None:
+    flat = pack_bucket(bucket, loss)
+    _d._all_reduce(flat)
+    return unpack_bucket(bucket, flat, loss is not None)

@@ -49,7 +49,7 @@ def _spin(seconds: float) -> None:
 
 
 def before_comm() -> None:
-    """Sleep the emulated extra compute time of the segment that ends here."""
+    """Wait (busy) the emulated extra compute time of the segment that ends here."""
     global _total_sleep
     if _slowdown > 1.0:
         extra = (_slowdown - 1.0) * (time.perf_counter() - _seg_start)

@@ -7,7 +7,8 @@ backward goes on computing earlier layers (as DDP does); ``finish`` launches wha
 step's loss riding in the last bucket, waits, and leaves every gradient as a view of its reduced
 buffer. Buckets launch strictly in order, so every rank issues the same collectives in the same
 order. Without ``overlap`` (plans whose backward runs its own collectives, which would queue behind
-a bucket) everything is reduced in ``finish``.
+a bucket, and devices that cannot compute while they communicate, such as CPU ranks sharing the
+cores) everything is reduced in ``finish``.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from . import dist as _d
-from .collectives import _bucket_buffer, sum_scalar
+from .collectives import fill_missing_grads, pack_bucket, sum_scalar, unpack_bucket
 
 
 class GradSync:
@@ -49,18 +50,7 @@ class GradSync:
             self._launch(self._next, None)
 
     def _launch(self, i: int, loss: torch.Tensor | None) -> None:
-        bucket = self.buckets[i]
-        with torch.no_grad():
-            for p in bucket:
-                if p.grad is None:  # this rank did not use it: it adds nothing
-                    p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            parts = [p.grad.reshape(-1) for p in bucket]
-            if loss is not None:
-                parts.append(loss.detach().reshape(-1).to(parts[0].dtype))
-            flat = _bucket_buffer(bucket, 0 if loss is None else parts[-1].numel())
-            if any(x.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for x in parts):
-                parts = [x.clone() for x in parts]
-            torch.cat(parts, out=flat)
+        flat = pack_bucket(self.buckets[i], loss)
         work = _d._all_reduce_async(flat)
         self._works.append((i, flat, work, loss is not None))
         self._next = i + 1
@@ -69,23 +59,18 @@ class GradSync:
         """After backward: reduce what is left, wait for every bucket; returns the global loss."""
         if not _d.is_distributed() or not self.buckets:
             for b in self.buckets:
-                for p in b:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                fill_missing_grads(b)
             self._reset()
             return sum_scalar(loss)
+        # the hooks never launch the last bucket, so the loss always rides in it
         while self._next < len(self.buckets):
             last = self._next == len(self.buckets) - 1
             self._launch(self._next, loss if last else None)
-        total = None
+        total = 0.0
         for i, flat, work, has_loss in self._works:
             _d._wait(work)
-            off = 0
-            for p in self.buckets[i]:  # the gradients become views of the reduced buffer
-                k = p.numel()
-                p.grad = flat[off: off + k].view_as(p)
-                off += k
+            summed = unpack_bucket(self.buckets[i], flat, has_loss)
             if has_loss:
-                total = float(flat[off:].sum().item())
+                total = summed
         self._reset()
-        return total if total is not None else sum_scalar(loss)
+        return total
