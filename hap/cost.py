@@ -108,15 +108,25 @@ class CostModel:
             res = (0.0,) * self.n
         else:
             fracs = self.fractions(cand.split)
-            res = tuple(self._affine_s(node, r)[0] * fracs[r] + self._affine_s(node, r)[1] for r in range(self.n))
-            res = tuple(self._measured_s(node, cand, r, t, fracs[r]) for r, t in enumerate(res))
+            res = []
+            for r in range(self.n):
+                work, fixed = self._affine_s(node, r)
+                res.append(self._measured_s(node, cand, r, work * fracs[r] + fixed, fracs[r]))
+            res = tuple(res)
         self._node_cache[key] = res
         return res
+
+    def backward_factor(self, node: Node) -> float:
+        """Backward work of a node as a multiple of its forward: 2 for matmul-like ops (gradients of
+        both operands), 1 for the rest, 0 without a gradient path."""
+        if node.name not in self.requires_grad:
+            return 0.0
+        return 2.0 if node.op_class in MATMUL_LIKE else 1.0
 
     def _affine_s(self, node: Node, r: int) -> tuple[float, float]:
         """The roofline of an op node on rank r: (seconds of the whole op's work, fixed seconds)."""
         grad = node.name in self.requires_grad
-        bwd = (2.0 if node.op_class in MATMUL_LIKE else 1.0) if grad else 0.0
+        bwd = self.backward_factor(node)
         if node.op_class in MATMUL_LIKE:
             t = node.flops / self.cluster.flop_rate(r, node.op_class, _dtype_of(node))
         else:

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hap.cost import MATMUL_LIKE, CostModel
+from hap.cost import CostModel
 from hap.errors import HapError
 from hap.graph import Graph, TensorMeta
 from hap.placement import Splitter
@@ -136,7 +136,7 @@ def _split(cm: CostModel, graph: Graph, name: str, total: tuple[float, ...]) -> 
     node = graph[name]
     if node.kind != "op" or name not in cm.requires_grad or not any(total):
         return total, (0.0,) * len(total)
-    bwd = 2.0 if node.op_class in MATMUL_LIKE else 1.0
+    bwd = cm.backward_factor(node)
     fwd, back = [], []
     for r, t in enumerate(total):
         floor = cm.cluster.kernel_floor(r)

@@ -36,7 +36,7 @@ import pulp
 
 if TYPE_CHECKING:
     from hap.cluster import Cluster
-from hap.cost import GRAD_BUCKET_BYTES, INF, MATMUL_LIKE, Conversion, CostModel
+from hap.cost import GRAD_BUCKET_BYTES, INF, Conversion, CostModel
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph, Node, TensorMeta
 from hap.placement import Placement, R, S, largest_remainder
@@ -186,9 +186,8 @@ def grad_sync_schedule(graph: Graph, cm: CostModel, choice: dict[str, Candidate]
     clock = 0.0
     for node in reversed(list(graph)):
         if node.kind == "op" and node.name in cm.requires_grad:
-            t = cm.compute_s(node, choice[node.name])
-            share = 2 / 3 if node.op_class in MATMUL_LIKE else 1 / 2
-            clock += max(t) * share
+            bwd = cm.backward_factor(node)
+            clock += max(cm.compute_s(node, choice[node.name])) * bwd / (1 + bwd)
         done_at[order[node.name]] = clock
     bwd_total = clock
     ready = {p: done_at.get(first_reader.get(p, 0), bwd_total) for p in synced}
