@@ -265,6 +265,14 @@ def _ck_all_reduce_grads(n, r):
     errs.close("all_reduce_grads again", a.grad, torch.full((3, 4), tot * n))
     if total is None or abs(total - 0.25 * tot) > 1e-6:
         errs.msgs.append(f"all_reduce_grads loss: {total} != {0.25 * tot}")
+    kept = a.grad  # held, so a fresh buffer could not land at the same address
+    first = kept.untyped_storage().data_ptr()
+    a.grad = torch.full((3, 4), 1.0)  # a new step's gradient: reduced in the same, persistent buffer
+    hr.all_reduce_grads([a], loss=torch.tensor(0.0))
+    if a.grad.untyped_storage().data_ptr() != first:
+        errs.msgs.append("all_reduce_grads allocated a new bucket buffer for the same bucket")
+    errs.close("all_reduce_grads persistent bucket", a.grad, torch.full((3, 4), float(n)))
+    a.grad = torch.full((3, 4), tot * n)
     hr.all_reduce_grads([a])  # the same bucket again, without a new backward: its grads view the buffer
     errs.close("all_reduce_grads twice", a.grad, torch.full((3, 4), tot * n * n))
     total = hr.all_reduce_grads([], loss=torch.tensor(float(r)))  # no replicated params: a scalar all_reduce
@@ -526,6 +534,26 @@ def test_single_process_identity(single):
         hr.all_gather(x, 0, (2, 2))
     with pytest.raises(ValueError, match="form"):
         hr.all_gather(x, 0, (4,), "zigzag")
+
+
+def test_emulation_busy_waits_and_skips_undilated_work():
+    """The slow rank's extra time is spent busy (CPU time, not a sleep), and what runs inside
+    hr.undilated() (batch loading, the optimizer step) is not dilated."""
+    hr.set_emulation(3.0)
+    try:
+        with hr.undilated():
+            _busy(0.02)
+        s0, c0 = emulate.total_sleep(), time.thread_time()
+        hr.end_segment()  # nothing computed since the undilated block: nothing to add
+        assert emulate.total_sleep() - s0 < 0.005
+        _busy(0.02)
+        s0, c0 = emulate.total_sleep(), time.thread_time()
+        hr.end_segment()
+        extra = emulate.total_sleep() - s0
+        assert 0.035 <= extra <= 0.4  # 2 x the ~20 ms segment
+        assert time.thread_time() - c0 >= 0.5 * extra  # busy: this thread's CPU time grew with it
+    finally:
+        hr.set_emulation(1.0)
 
 
 def test_single_process_grads_and_bn(single):
