@@ -77,6 +77,7 @@ class CostModel:
         self.opt_states = OPTIMIZER_STATES.get(optimizer, 2)
         self.requires_grad = requires_grad(graph)
         self._node_cache: dict[tuple[str, str], tuple[float, ...]] = {}
+        self._move_cache: dict[tuple, tuple[float, ...] | None] = {}
 
     # ---- compute -------------------------------------------------------------------
     def fractions(self, split: tuple[int, int] | None) -> tuple[float, ...]:
@@ -205,6 +206,26 @@ class CostModel:
     def conversion(self, meta: TensorMeta, src: Placement, dst: Placement, grad: bool = True) -> Conversion:
         return _conversion(self, meta, src, dst, grad)
 
+    def measured_move_s(self, meta: TensorMeta, src: Placement, dst: Placement, form: str,
+                        grad: bool) -> tuple[float, ...] | None:
+        """Per rank, the timed local work of moving ``meta`` from ``src`` to ``dst`` (forward +
+        backward if ``grad``), where every rank's profile asks for measured ops; else None."""
+        if not all(self.cluster.profile(r).measure_ops for r in range(self.n)):
+            return None
+        slowest_memory = min(self.cluster.profile(r).memory_bytes_per_s for r in range(self.n))
+        if not optimer.estimate_ok(8 * meta.nbytes, slowest_memory):
+            return None
+        key = (meta.shape, meta.dtype, src, dst, form, grad)
+        if key not in self._move_cache:
+            lengths = {}
+            for p in (src, dst):
+                if p.kind == "S":
+                    d = p.dim if p.dim >= 0 else p.dim + meta.ndim
+                    lengths[d] = self.splitter.lengths(meta.shape[d], p.unit)
+            out = [optimer.time_move(meta, src, dst, form, lengths, r, self.n, grad) for r in range(self.n)]
+            self._move_cache[key] = None if any(t is None for t in out) else tuple(out)
+        return self._move_cache[key]
+
     def grad_sync_s(self, meta: TensorMeta) -> float:
         """The MILP's additive proxy of a replicated parameter's gradient all-reduce: the bandwidth
         term plus a latency per GRAD_BUCKET_BYTES it fills (``grad_sync_latency_s`` is the first).
@@ -249,28 +270,35 @@ class CostModel:
         return parts
 
 
-def _local_extra_s(cm: CostModel, kind: str, nbytes: float, fs: tuple[float, ...],
-                   fd: tuple[float, ...] | None = None) -> float:
-    """What emulated slowdown adds to a collective: its local work (padding, packing and unpacking
-    copies through memory, a few kernels) runs on each rank at the rank's speed. hap-profile's
-    α-β already hold that work at full speed; a rank ``s`` times slower adds ``(s - 1)`` times it,
-    and the collective waits for the slowest rank."""
-    worst = 0.0
-    n = cm.n
-    for r in range(n):
-        s = cm.cluster.ranks[r].slowdown
-        if s <= 1.0:
-            continue
-        prof = cm.cluster.profile(r)
-        if kind == "all_to_all":
-            moved = 2 * (max(fs) + max(fd or fs)) * nbytes
-        elif kind == "all_reduce":
-            moved = 2 * nbytes
-        else:  # all-gather / reduce-scatter: pack n pieces of the largest shard, unpack the whole
-            moved = 2 * (nbytes + n * max(fs) * nbytes)
-        local = moved / prof.memory_bytes_per_s + 4 * prof.kernel_floor_s
-        worst = max(worst, (s - 1.0) * local)
-    return worst
+def _local_work_s(cm: CostModel, kind: str, nbytes: float, fs: tuple[float, ...],
+                  fd: tuple[float, ...] | None, r: int) -> float:
+    """A formula for a collective's local work on rank r at full speed (padding, packing and
+    unpacking copies through memory, a few kernels), one direction."""
+    prof = cm.cluster.profile(r)
+    if kind == "all_to_all":
+        moved = 2 * (max(fs) + max(fd or fs)) * nbytes
+    elif kind == "all_reduce":
+        moved = 2 * nbytes
+    else:  # all-gather / reduce-scatter: pack n pieces of the largest shard, unpack the whole
+        moved = 2 * (nbytes + cm.n * max(fs) * nbytes)
+    return moved / prof.memory_bytes_per_s + 4 * prof.kernel_floor_s
+
+
+def _local_extra_s(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, conv: Conversion,
+                   fs: tuple[float, ...], fd: tuple[float, ...] | None, grad: bool) -> float:
+    """What a collective's local work adds to its α-β wire time (forward + backward). hap-profile's
+    α-β hold that work at full speed for the layouts it measured (dim-0 shards), about the formula
+    of ``_local_work_s``. The work runs at the rank's speed, so a rank ``s`` times slower adds
+    ``(s - 1)`` times it, and the collective waits for the slowest rank. Where the profiles ask for
+    measured ops (``measure_ops``) the work is timed at this tensor's shape, split and placements
+    (``hap.optimer.time_move``): a rank adds ``s x`` its measured work less what the α-β hold."""
+    passes = 2 if grad else 1
+    formula = [_local_work_s(cm, conv.kind, meta.nbytes, fs, fd, r) * passes for r in range(cm.n)]
+    measured = cm.measured_move_s(meta, src, dst, conv.form, grad)
+    if measured is None:
+        return max((cm.cluster.ranks[r].slowdown - 1.0) * formula[r] for r in range(cm.n))
+    worst = max(cm.cluster.ranks[r].slowdown * measured[r] for r in range(cm.n))
+    return max(0.0, worst - min(formula))
 
 
 def _conversion(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, grad: bool) -> Conversion:
@@ -281,8 +309,8 @@ def _conversion(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement,
     fd = cm._fr(meta, dst) if dst.kind == "S" else None
     if conv.kind == "reduce_scatter":
         fs = fd or fs
-    extra = _local_extra_s(cm, conv.kind, meta.nbytes, fs, fd)
-    return Conversion(conv.kind, conv.form, conv.seconds + extra * (2 if grad else 1))
+    extra = _local_extra_s(cm, meta, src, dst, conv, fs, fd, grad)
+    return Conversion(conv.kind, conv.form, conv.seconds + extra)
 
 
 def _conversion_wire(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, grad: bool) -> Conversion:

@@ -63,6 +63,10 @@ class Settings:
     stream_elems: int
     coll_bytes: list[int]
     cpu_time: bool = False  # True: CPU compute timed in thread CPU time (see Bench.time)
+    # seconds of samples per collective case: a CPU all-reduce of 8 MiB scatters 10-40 ms call to
+    # call, and the 12 samples of the first calibrations put two runs minutes apart at 0.49 and
+    # 0.79 GB/s
+    comm_budget_s: float = 0.25
 
     @classmethod
     def make(cls, cuda: bool, quick: bool, repeats: int | None) -> Settings:
@@ -188,7 +192,7 @@ class Bench:
         loops = self.agree_max(max(1, min(int(min_s / once), 100000)))  # collectives must match
         repeats = self.s.repeats
         if comm:  # one call per sample, many samples
-            loops, repeats = 1, self.agree_max(max(4 * self.s.repeats, min(int(4 * min_s / once), 200)))
+            loops, repeats = 1, self.agree_max(max(4 * self.s.repeats, min(int(self.s.comm_budget_s / once), 200)))
         samples = []
         for _ in range(repeats):
             self.barrier()  # every process measures at the same time
@@ -399,19 +403,22 @@ def fit_collectives(ms: list[Measurement]) -> tuple[dict[str, Any], float, float
 
 
 def _fit_formula(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
-    """(α, bytes/s) minimising Σ ((ca α + cb / bw - t) / t)^2 over α >= 0, 1/bw >= 0."""
-    w = [1 / (t * t) for _, _, t in rows]
-    saa = sum(wi * a * a for wi, (a, _, _) in zip(w, rows))
-    sbb = sum(wi * b * b for wi, (_, b, _) in zip(w, rows))
-    sab = sum(wi * a * b for wi, (a, b, _) in zip(w, rows))
-    sat = sum(wi * a * t for wi, (a, _, t) in zip(w, rows))
-    sbt = sum(wi * b * t for wi, (_, b, t) in zip(w, rows))
-    det = saa * sbb - sab * sab
-    alpha, inv_bw = ((sbb * sat - sab * sbt) / det, (saa * sbt - sab * sat) / det) if det > 0 else (0.0, 0.0)
-    if alpha < 0:
-        alpha, inv_bw = 0.0, sbt / sbb
-    if inv_bw <= 0:
-        alpha, inv_bw = sat / saa, 1e-12
+    """(α, bytes/s) with t = ca·α + cb/bw through the smallest and the largest transfers: the
+    quarter of the rows with the smallest bandwidth term ``cb`` fixes α, the quarter with the
+    largest fixes the bandwidth. Mid-size CPU collectives are erratic (a 1 MiB gloo all-reduce's
+    quartiles were 1.3 and 4.9 ms in one run), and a relative least-squares fit through them put
+    one calibration's 8.8 MB gradient all-reduce at 31 ms where the training step took ~18."""
+    rows = sorted(rows, key=lambda r: r[1])
+    k = max(1, len(rows) // 4)
+    lo = [sum(col) for col in zip(*rows[:k])]
+    hi = [sum(col) for col in zip(*rows[-k:])]
+    det = lo[0] * hi[1] - lo[1] * hi[0]
+    alpha, inv_bw = ((lo[2] * hi[1] - lo[1] * hi[2]) / det, (lo[0] * hi[2] - lo[2] * hi[0]) / det) \
+        if abs(det) > 1e-300 else (0.0, 0.0)
+    if alpha < 0:  # through the origin, from the large transfers
+        alpha, inv_bw = 0.0, hi[2] / hi[1]
+    if inv_bw <= 0:  # latency-bound throughout
+        alpha, inv_bw = hi[2] / hi[0], 1e-12
     return alpha, 1 / inv_bw
 
 

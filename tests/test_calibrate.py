@@ -111,3 +111,34 @@ def test_plan_with_timed_ops_keeps_its_invariants(tmp_path):
         if b.get("predicted_step_s") is not None:
             assert plan.predicted_step_s <= b["predicted_step_s"] * (1 + 1e-9), name
 
+
+
+def test_collective_local_work_is_timed_and_dilated(tmp_path):
+    """With measured ops, a resharding move costs its α-β wire time plus its timed local work on the
+    slowest rank (dilated by the slowdown, less what the α-β already hold); without, a formula."""
+    optimer.clear()
+    from hap.cost import Conversion, _conversion_wire, _local_extra_s
+    from hap.graph import TensorMeta
+    from hap.placement import P
+
+    graph = captured(load_example("mlp"), batch_size=256)[2]
+    meta = TensorMeta((512, 512), "float32")
+    measuring = CostModel(graph, _measuring_cluster(tmp_path), Splitter((192, 64)))
+    wire = _conversion_wire(measuring, meta, S(1), R, True)
+    local = measuring.measured_move_s(meta, S(1), R, wire.form, True)
+    assert local is not None and all(t > 0 for t in local)
+    assert measuring.measured_move_s(meta, R, S(0), "", True) is None  # a slice sends nothing
+    moved = measuring.conversion(meta, S(1), R, True)
+    fs = measuring._fr(meta, S(1))
+    extra = _local_extra_s(measuring, meta, S(1), R, Conversion(wire.kind, wire.form, 0.0), fs, None, True)
+    assert moved.seconds == pytest.approx(wire.seconds + extra)
+    assert extra == pytest.approx(max(0.0, max(3 * local[1], local[0]) - _formula_min(measuring, meta, fs)))
+    shipped = CostModel(graph, cluster_from_dict({"nodes": [{"device": "cpu", "count": 2}]}), Splitter((128, 128)))
+    assert shipped.measured_move_s(meta, S(1), R, "grouped", True) is None
+    assert shipped.measured_move_s(meta, P, R, "", True) is None
+
+
+def _formula_min(cm, meta, fs):
+    from hap.cost import _local_work_s
+
+    return min(_local_work_s(cm, "all_gather", meta.nbytes, fs, None, r) * 2 for r in range(cm.n))

@@ -92,3 +92,16 @@ def test_fits_recover_alpha_beta():
         assert a == pytest.approx(5e-5, rel=1e-3) and b == pytest.approx(2e9, rel=1e-3)
     assert set(per) == {"all_reduce", "all_gather.padded.uneven", "all_gather.grouped.uneven",
                         "reduce_scatter.padded.even"}
+
+
+def test_collective_fit_ignores_erratic_mid_sizes():
+    """α from the smallest transfers, bandwidth from the largest: a mid-size point 3x off (as 1 MiB
+    gloo all-reduces are on a busy VM) does not move the fit."""
+    from hap.profile import _fit_formula
+
+    alpha, bw = 4e-4, 5e8
+    sizes = [2**12, 2**16, 2**20, 2**23]
+    rows = [(2.0, nb / 1.0, 2 * alpha + nb / bw) for nb in sizes]  # all-reduce on 2 ranks: ca=2, cb=T
+    rows[2] = (rows[2][0], rows[2][1], 3 * rows[2][2])
+    a, b = _fit_formula(rows)
+    assert a == pytest.approx(alpha, rel=1e-9) and b == pytest.approx(bw, rel=1e-9)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -601,3 +602,58 @@ def test_single_process_emulation(single):
     with pytest.raises(ValueError):
         hr.set_emulation(0.5)
     assert math.isclose(emulate.slowdown(), 1.0)
+
+
+def test_collectives_inside_undilated_dilate_nothing():
+    """The gradient buckets' all-reduce runs inside hr.undilated() (as hapcheck's baseline does not
+    slow its gradient cat): a collective there must not dilate the segment before the block again."""
+    hr.set_emulation(3.0)
+    try:
+        hr.end_segment()
+        _busy(0.02)
+        s0 = emulate.total_sleep()
+        with hr.undilated():
+            first = emulate.total_sleep() - s0  # the segment before the block: dilated once
+            _busy(0.01)
+            emulate.before_comm()  # what a collective's primitive does
+            emulate.after_comm()
+            inside = emulate.total_sleep() - s0 - first
+        assert 0.035 <= first <= 0.4
+        assert inside == 0.0
+    finally:
+        hr.set_emulation(1.0)
+
+
+def test_local_work_only_runs_the_local_half_of_collectives():
+    """The planner's timing mode: rank 1 of 2 packs and unpacks as in a run, nothing is sent, and
+    the process is single again afterwards."""
+    from hap.runtime import dist as hd
+
+    x = torch.randn(4, 6, requires_grad=True)
+    with hd.local_work_only(1, 2):
+        assert hr.is_distributed() and hr.rank() == 1
+        out = hr.all_gather(x, 1, (2, 6), form="grouped")  # rank 1 holds 6 of 8 columns
+        assert out.shape == (4, 8)
+        out.sum().backward()  # reduce-scatter back: rank 1's 6 columns
+        assert x.grad.shape == x.shape
+        assert hr.reduce_scatter(torch.ones(4, 8), 0, (1, 3)).shape == (3, 8)
+    assert not hr.is_distributed() and hr.rank() == 0
+    with hd.local_work_only(0, 2), pytest.raises(RuntimeError, match="process group is active"):
+        with hd.local_work_only(0, 2):
+            pass
+    assert not hr.is_distributed()
+
+
+def test_host_allocator_keeps_freed_memory(monkeypatch):
+    from hap.runtime import host_memory
+
+    monkeypatch.setattr(host_memory, "_done", None)
+    monkeypatch.setenv("HAP_KEEP_HOST_MEMORY", "0")
+    assert host_memory.keep_freed_memory() is False
+    monkeypatch.setattr(host_memory, "_done", None)
+    monkeypatch.delenv("HAP_KEEP_HOST_MEMORY")
+    import platform
+
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert host_memory.keep_freed_memory() is True
+        assert host_memory.keep_freed_memory() is True  # once per process

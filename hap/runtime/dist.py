@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import emulate
+from .host_memory import keep_freed_memory
 
 
 @dataclass
@@ -33,6 +34,7 @@ class _State:
     owns_group: bool = False  # we called init_process_group (so shutdown destroys it)
     initialized: bool = False  # init() was called
     rs_fallback: bool = False  # backend lacks reduce_scatter_tensor: all_reduce + slice instead
+    dry: bool = False  # local_work_only(): the primitives send nothing (plan-time timing)
 
 
 _S = _State()
@@ -54,8 +56,10 @@ def init(backend: str | None = None) -> tuple[int, int]:
     Reads RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR / MASTER_PORT through the env://
     rendezvous). Without WORLD_SIZE, or with WORLD_SIZE=1, runs as one process and creates no
     process group. `backend=None` picks "nccl" when CUDA is available, else "gloo". If a process
-    group already exists (a test harness or the user made it), it is adopted as is.
+    group already exists (a test harness or the user made it), it is adopted as is. The host
+    allocator keeps freed memory from here on (``host_memory.keep_freed_memory``).
     """
+    keep_freed_memory()
     if dist.is_available() and dist.is_initialized():
         _S.rank, _S.world = dist.get_rank(), dist.get_world_size()
         _S.local_rank = _env_int("LOCAL_RANK", _S.rank)
@@ -131,6 +135,21 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+@contextlib.contextmanager
+def local_work_only(rank_: int, world: int):
+    """Act as rank ``rank_`` of ``world`` without a process group: every collective does its local
+    work (packing, unpacking, autograd) but the raw primitives send nothing and leave their outputs
+    as they are. The planner times a collective's local work this way (``hap.optimer``); nothing
+    else may use it."""
+    if _S.world > 1 or _S.dry:
+        raise RuntimeError("hap.runtime.local_work_only: a process group is active")
+    _S.rank, _S.world, _S.dry = rank_, world, True
+    try:
+        yield
+    finally:
+        _S.rank, _S.world, _S.dry = 0, 1, False
+
+
 def is_distributed() -> bool:
     """True when collectives really communicate (world size > 1)."""
     return _S.world > 1
@@ -179,6 +198,8 @@ _rs_fn = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_s
 
 def _all_gather_equal(out: torch.Tensor, inp: torch.Tensor) -> None:
     """out (world*k, ...) <- concat over ranks of inp (k, ...). Equal sizes on every rank."""
+    if _S.dry:
+        return
     emulate.before_comm()
     o, i = _wire(out), _wire(inp)
     if _ag_fn is not None:
@@ -192,6 +213,8 @@ def _all_gather_equal(out: torch.Tensor, inp: torch.Tensor) -> None:
 
 def _reduce_scatter_equal(out: torch.Tensor, inp: torch.Tensor) -> None:
     """out (k, ...) <- rank's k-row block of the sum over ranks of inp (world*k, ...)."""
+    if _S.dry:
+        return
     emulate.before_comm()
     if _rs_fn is not None and not _S.rs_fallback:
         try:
@@ -213,6 +236,8 @@ def _reduce_scatter_equal(out: torch.Tensor, inp: torch.Tensor) -> None:
 def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None,
                 in_splits: list[int] | None) -> None:
     """all_to_all_single along dim 0 (None splits = equal)."""
+    if _S.dry:
+        return
     emulate.before_comm()
     o, i = _wire(out), _wire(inp)
     dist.all_to_all_single(o, i, out_splits, in_splits)
@@ -223,6 +248,8 @@ def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | No
 
 def _all_reduce_async(t: torch.Tensor):
     """Start an in-place sum over ranks of a contiguous tensor; ``_wait`` the returned work."""
+    if _S.dry:
+        return None
     emulate.before_comm()
     work = dist.all_reduce(t, async_op=True)
     emulate.after_comm()
@@ -231,6 +258,8 @@ def _all_reduce_async(t: torch.Tensor):
 
 def _wait(work) -> None:
     """Wait for an async collective (waiting is not compute: the emulation clock restarts)."""
+    if work is None:  # local_work_only()
+        return
     emulate.before_comm()
     work.wait()
     emulate.after_comm()
@@ -238,12 +267,16 @@ def _wait(work) -> None:
 
 def _all_reduce(t: torch.Tensor) -> None:
     """In-place sum over ranks of a contiguous tensor."""
+    if _S.dry:
+        return
     emulate.before_comm()
     dist.all_reduce(t)
     emulate.after_comm()
 
 
 def _broadcast(t: torch.Tensor, src: int) -> None:
+    if _S.dry:
+        return
     emulate.before_comm()
     dist.broadcast(t, src)
     emulate.after_comm()

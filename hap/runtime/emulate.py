@@ -17,6 +17,7 @@ from contextlib import contextmanager
 _slowdown: float = 1.0
 _seg_start: float = time.perf_counter()
 _total_sleep: float = 0.0
+_undilated_depth: int = 0  # inside undilated(): nothing is dilated, collectives included
 
 
 def set_emulation(slowdown: float) -> None:
@@ -51,7 +52,7 @@ def _spin(seconds: float) -> None:
 def before_comm() -> None:
     """Wait (busy) the emulated extra compute time of the segment that ends here."""
     global _total_sleep
-    if _slowdown > 1.0:
+    if _slowdown > 1.0 and not _undilated_depth:
         extra = (_slowdown - 1.0) * (time.perf_counter() - _seg_start)
         if extra > 0:
             _spin(extra)
@@ -68,11 +69,15 @@ def after_comm() -> None:
 def undilated():
     """Work that the emulated device does not slow: the segment so far is dilated first, and the
     clock restarts after the block (loading the batch, the optimizer step: the emulated slowdown
-    is of the model's forward and backward compute, as in hapcheck's even-DDP baseline)."""
+    is of the model's forward and backward compute, as in hapcheck's even-DDP baseline). Collectives
+    inside the block (the gradient buckets' all-reduce) dilate nothing either."""
+    global _undilated_depth
     before_comm()
+    _undilated_depth += 1
     try:
         yield
     finally:
+        _undilated_depth -= 1
         after_comm()
 
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from . import dist as _d
+from . import emulate
 from .collectives import fill_missing_grads, pack_bucket, sum_scalar, unpack_bucket
 
 
@@ -62,15 +63,18 @@ class GradSync:
                 fill_missing_grads(b)
             self._reset()
             return sum_scalar(loss)
-        # the hooks never launch the last bucket, so the loss always rides in it
-        while self._next < len(self.buckets):
-            last = self._next == len(self.buckets) - 1
-            self._launch(self._next, loss if last else None)
-        total = 0.0
-        for i, flat, work, has_loss in self._works:
-            _d._wait(work)
-            summed = unpack_bucket(self.buckets[i], flat, has_loss)
-            if has_loss:
-                total = summed
+        # packing and unpacking the buckets is the gradient sync's work, not the model's compute:
+        # an emulated slow device does not dilate it (nor does hapcheck's baseline its gradient cat)
+        with emulate.undilated():
+            # the hooks never launch the last bucket, so the loss always rides in it
+            while self._next < len(self.buckets):
+                last = self._next == len(self.buckets) - 1
+                self._launch(self._next, loss if last else None)
+            total = 0.0
+            for i, flat, work, has_loss in self._works:
+                _d._wait(work)
+                summed = unpack_bucket(self.buckets[i], flat, has_loss)
+                if has_loss:
+                    total = summed
         self._reset()
         return total
