@@ -4,12 +4,13 @@
 # prints its own result. Start from an empty ~/.cache/hap to include the first-use calibration.
 set -u
 echo "== load $(cat /proc/loadavg) $(date -u)"
-echo "== (a) hapcheck bench mlp 1024/256 x3"
-for i in 1 2 3; do HAP_MLP_WIDTH=1024 HAP_MLP_BATCH=256 python ../shared/checks/hapcheck.py bench examples/mlp.py profiles/clusters/default.toml | tail -1; done
-echo "== (a) hapcheck bench mlp 1024/1024 x2"
-for i in 1 2; do HAP_MLP_WIDTH=1024 HAP_MLP_BATCH=1024 python ../shared/checks/hapcheck.py bench examples/mlp.py profiles/clusters/default.toml | tail -1; done
-echo "== (a) hapcheck bench mlp 512/1024"
-HAP_MLP_WIDTH=512 HAP_MLP_BATCH=1024 python ../shared/checks/hapcheck.py bench examples/mlp.py profiles/clusters/default.toml | tail -1
+echo "== (a) hapcheck bench mlp 1024/1024 x3 (compute-bound)"
+for i in 1 2 3; do HAP_MLP_WIDTH=1024 HAP_MLP_BATCH=1024 python ../shared/checks/hapcheck.py bench examples/mlp.py profiles/clusters/default.toml | tail -1; done
+echo "== (a) hapcheck bench mlp 2048x2/512 and 768x6/1024 (other compute-bound shapes)"
+HAP_MLP_WIDTH=2048 HAP_MLP_DEPTH=2 HAP_MLP_BATCH=512 python ../shared/checks/hapcheck.py bench examples/mlp.py profiles/clusters/default.toml | tail -1
+HAP_MLP_WIDTH=768 HAP_MLP_DEPTH=6 HAP_MLP_BATCH=1024 python ../shared/checks/hapcheck.py bench examples/mlp.py profiles/clusters/default.toml | tail -1
+echo "== (a) hapcheck bench mlp 1024/256 x2 (8.8 MB of gradients against ~45 ms of compute)"
+for i in 1 2; do HAP_MLP_WIDTH=1024 HAP_MLP_BATCH=256 python ../shared/checks/hapcheck.py bench examples/mlp.py profiles/clusters/default.toml | tail -1; done
 echo "== (a) hapcheck bench gpt, cnn"
 python ../shared/checks/hapcheck.py bench examples/gpt.py profiles/clusters/default.toml | tail -1
 python ../shared/checks/hapcheck.py bench examples/cnn.py profiles/clusters/default.toml | tail -1
