@@ -394,8 +394,6 @@ def main():
         hr.shutdown()
         sys.exit(f"train.py: rank {{RANK}}: {{wrong}}; start the ranks in the plan's order (see the docstring) "
                  "or re-plan for this cluster")
-    if args.emulate:
-        hr.set_emulation(SLOWDOWN[RANK])
     spec = load_spec(SPEC)
     torch.manual_seed(args.seed)
     model = spec.model()
@@ -424,6 +422,8 @@ def main():
     offset = sum(SHARES[:RANK])
     losses, step_s = [], []
     last_saved = ck["path"] if ck else None
+    if args.emulate:  # from here on: the set-up above is not the emulated device's compute
+        hr.set_emulation(SLOWDOWN[RANK])
     for step in range(start, args.steps):
         t0 = time.perf_counter()
         if args.fail_at_step == step and args.fail_rank == RANK and restarts == 0:

@@ -64,3 +64,14 @@ def test_emit_needs_a_spec_and_refuses_non_empty_dirs(tmp_path, program):
     assert (tmp_path / "mine.txt").read_text() == "keep"
     with pytest.raises(HapError, match="spec"):
         emit_program(plan, tmp_path / "new", spec=None)
+
+
+def test_emulation_starts_with_the_training_loop(program):
+    """Set-up (loading the spec, building the model, the optimizer's first import of torch._dynamo:
+    ~3 s here) is not the emulated device's compute: with the clock started earlier, the slow
+    rank waited 2 x that in its first step (step 0 took ~4 s)."""
+    _, text = program
+    main = text[text.index("def main("):]
+    at = main.index("hr.set_emulation(SLOWDOWN[RANK])")
+    assert main.index("torch.optim.SGD") < at and main.index("hr.GradSync(") < at
+    assert at < main.index("for step in range(") and "hr.set_emulation" not in main[:at]
