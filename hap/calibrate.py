@@ -4,7 +4,7 @@ The shipped ``profiles/devices/cpu.json`` was measured on the development machin
 machine (or the same VM type on a busier host) computes and communicates at other rates, and
 an emulated CPU cluster's predicted step time would be off by that ratio. So the first time a
 cluster names ``device = "cpu"``, hap runs ``hap-profile --quick`` (2 single-thread processes,
-~10 s, progress on stderr) and caches the profile under ``$HAP_CACHE_DIR`` (default
+~20 s, progress on stderr) and caches the profile under ``$HAP_CACHE_DIR`` (default
 ``~/.cache/hap``), keyed by host, CPU model and torch version; later plans read the cache.
 The cached profile also sets ``measure_ops``: planning then times each matmul-class node at
 the exact per-rank shapes on this CPU (``hap.optimer``).
@@ -58,7 +58,7 @@ def _free_port() -> int:
 def calibrate(out: Path) -> dict:
     """Run ``hap-profile --quick`` on 2 processes into ``out``; return the profile dict."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"hap: calibrating device \"cpu\" on this machine (first use, ~10 s; cached in {out})",
+    print(f"hap: calibrating device \"cpu\" on this machine (first use, ~20 s; cached in {out})",
           file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_out = Path(tmp) / "cpu.json"
