@@ -22,7 +22,7 @@ SHIPPED = json.loads((ROOT / "profiles" / "devices" / "cpu.json").read_text())
 def test_first_use_calibrates_once_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("HAP_CPU_PROFILE", "auto")
     monkeypatch.setenv("HAP_CACHE_DIR", str(tmp_path))
-    cluster = load_cluster(None)  # the default cluster names device = "cpu": measured now (~10 s)
+    cluster = load_cluster(None)  # the default cluster names device = "cpu": measured now (~20 s)
     prof = cluster.profile(0)
     cache = hap.calibrate.cache_path()
     assert cache.is_file() and cache.parent == tmp_path
