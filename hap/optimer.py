@@ -38,6 +38,19 @@ def _evict() -> None:
     _scratch[0].fill_(1.0)
 
 
+def _median_s(step, repeats: int) -> float:
+    """Median seconds of ``step()`` over ``repeats`` samples, after one warm-up call (allocation,
+    kernel selection), with the core's private caches evicted before each sample."""
+    step()
+    samples = []
+    for _ in range(repeats):
+        _evict()
+        t0 = time.perf_counter()
+        step()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
 def _key_of(x: Any) -> Any:
     if isinstance(x, dict):
         return tuple(sorted((k, _key_of(v)) for k, v in x.items()))
@@ -88,14 +101,7 @@ def time_node(graph: Graph, node: Node, shapes: dict[str, tuple[int, ...]], grad
             if leaves and out.requires_grad:
                 torch.autograd.grad(out, leaves, torch.ones_like(out))
 
-        step()  # warm-up: allocation, kernel selection
-        samples = []
-        for _ in range(REPEATS):
-            _evict()
-            t0 = time.perf_counter()
-            step()
-            samples.append(time.perf_counter() - t0)
-        _memo[key] = statistics.median(samples)
+        _memo[key] = _median_s(step, REPEATS)
     except Exception:  # an op that needs its real neighbours (index ranges, ...): the roofline decides
         _memo[key] = None
     finally:
@@ -124,23 +130,18 @@ def time_move(meta: TensorMeta, src, dst, form: str, lengths: dict[int, tuple[in
     if key in _memo:
         return _memo[key]
     _memo[key] = None
+    sd, dd = src.dim % meta.ndim, dst.dim % meta.ndim  # the sharded dims (where S), non-negative
     shape = list(meta.shape)
     if src.kind == "S":
-        d = src.dim if src.dim >= 0 else src.dim + meta.ndim
-        shape[d] = lengths[d][rank]
+        shape[sd] = lengths[sd][rank]
 
     def call(x: torch.Tensor) -> torch.Tensor:
         if src.kind == "P":
-            if dst.kind == "R":
-                return hr.all_reduce(x)
-            d = dst.dim % meta.ndim
-            return hr.reduce_scatter(x, d, lengths[d], form=form)
-        d = src.dim % meta.ndim
+            return hr.all_reduce(x) if dst.kind == "R" else hr.reduce_scatter(x, dd, lengths[dd], form=form)
         if dst.kind in ("R", "P"):
-            out = hr.all_gather(x, d, lengths[d], form=form)
+            out = hr.all_gather(x, sd, lengths[sd], form=form)
             return hr.to_partial(out) if dst.kind == "P" else out
-        d2 = dst.dim % meta.ndim
-        return hr.all_to_all(x, d, lengths[d], d2, lengths[d2], form=form)
+        return hr.all_to_all(x, sd, lengths[sd], dd, lengths[dd], form=form)
 
     threads = torch.get_num_threads()
     torch.set_flush_denormal(True)  # the primitives leave their outputs unwritten: no denormal slow paths
@@ -154,14 +155,7 @@ def time_move(meta: TensorMeta, src, dst, form: str, lengths: dict[int, tuple[in
                 if backward:
                     torch.autograd.grad(out, [x], torch.ones_like(out))
 
-            step()
-            samples = []
-            for _ in range(MOVE_REPEATS):
-                _evict()
-                t0 = time.perf_counter()
-                step()
-                samples.append(time.perf_counter() - t0)
-        _memo[key] = statistics.median(samples)
+            _memo[key] = _median_s(step, MOVE_REPEATS)
     except Exception:  # a move the runtime cannot make standalone: the formula decides
         _memo[key] = None
     finally:
