@@ -5,7 +5,7 @@ all-reduce) and `end_segment()` first waits (busy) `(s - 1) x` the wall time thi
 of its previous communication (its compute in that segment), so the rank behaves like a device
 `s` times slower. The clock restarts after each communication, so neither the wait nor the time
 spent waiting for other ranks counts as compute. What runs inside `undilated()` (the emitted
-program's batch loading and optimizer step) is not slowed: the emulated device is slower at the
+program's batch loading, gradient-bucket sync and optimizer step) is not slowed: the emulated device is slower at the
 model's forward and backward, the definition hapcheck's even data-parallel baseline uses.
 """
 
