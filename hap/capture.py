@@ -40,7 +40,7 @@ VIEW_OPS = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.defa
 CREATION_OPS = {"aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.zeros.default",
                 "aten.ones.default", "aten.full.default", "aten.empty.memory_format", "aten.scalar_tensor.default",
                 "aten.zeros_like.default", "aten.ones_like.default", "aten.full_like.default",
-                "aten.tril.default", "aten.triu.default"}
+                "aten.tril.default", "aten.triu.default", "torch.tensor"}
 NORM_OPS = {"aten.layer_norm.default", "aten.batch_norm.default", "aten.group_norm.default",
             "aten.rms_norm.default", "aten.native_layer_norm.default", "aten.instance_norm.default"}
 REDUCTION_WORDS = ("sum", "mean", "amax", "amin", "max", "min", "softmax", "log_softmax", "loss", "norm",
@@ -216,14 +216,34 @@ def _rename(obj: Any, renamed: dict[str, str]) -> Any:
     return obj
 
 
+MAX_CONSTANT_NUMEL = 4096  # a larger tensor made inside forward belongs in a registered buffer
+
+
+def _constant_node(name: str, fqn: str, value: torch.Tensor) -> Node:
+    """A tensor that forward makes from literals (``torch.tensor([])`` in a library's cache code,
+    ``torch.tensor(0)`` in T5's label shifting), which torch.export lifts into the program:
+    it becomes a creation op that every rank runs, so the value lives in the plan and the
+    emitted program, and nobody edits the library."""
+    meta = _meta_of(value)
+    if value.is_meta:
+        raise CaptureError(f"forward creates the tensor constant {fqn} on the meta device, so its value is unknown")
+    if value.numel() > MAX_CONSTANT_NUMEL:
+        raise CaptureError(f"forward creates the tensor constant {fqn} of shape {tuple(value.shape)} from literals; "
+                           "register it with self.register_buffer(...) in __init__ so it is model state")
+    device = {"device": str(value.device)}
+    if value.numel() == 0:  # no values: only the shape matters (torch.tensor([]) cannot make every empty shape)
+        args, target = [list(value.shape)], "aten.zeros.default"
+    else:
+        args, target = [_encode(value.tolist(), fqn)], "torch.tensor"
+    return Node(name, "op", target, args, {"dtype": _encode(value.dtype, fqn), "device": device}, meta, "creation",
+                0.0, float(value.numel() * value.element_size()), f"{fqn} (a constant made inside forward)")
+
+
 def _graph_from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module, name: str) -> Graph:
     sig = ep.graph_signature
     inputs_to_params = dict(sig.inputs_to_parameters)
     inputs_to_buffers = dict(sig.inputs_to_buffers)
-    if getattr(sig, "inputs_to_lifted_tensor_constants", None):
-        consts = list(sig.inputs_to_lifted_tensor_constants.values())
-        raise CaptureError(f"the model creates tensor constants inside forward ({', '.join(consts[:3])}); "
-                           "register them with self.register_buffer(...) in __init__ so every rank gets them")
+    inputs_to_constants = dict(getattr(sig, "inputs_to_lifted_tensor_constants", None) or {})
     # state_dict keys that alias one tensor (tied weights) share one placeholder
     aliases: dict[int, list[str]] = {}
     for k, v in model.state_dict(keep_vars=True).items():
@@ -254,6 +274,9 @@ def _graph_from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module,
                     continue
                 first_of_group[group[0]] = n.name
                 nodes.append(Node(n.name, "param", key, meta=meta, aliases=by_key.get(key, [key])))
+            elif n.name in inputs_to_constants:
+                fqn = inputs_to_constants[n.name]
+                nodes.append(_constant_node(n.name, fqn, ep.constants[fqn]))
             elif n.name in inputs_to_buffers:
                 key = inputs_to_buffers[n.name]
                 nodes.append(Node(n.name, "buffer", key, meta=meta, aliases=by_key.get(key, [key])))
@@ -286,5 +309,13 @@ def _graph_from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module,
         shape = loss.shape if isinstance(loss, TensorMeta) else loss
         raise CaptureError(f"forward(*batch) must return the scalar training loss, it returned shape {shape}; "
                            "reduce it, e.g. F.cross_entropy(logits, y) (reduction='mean')")
+    if not loss.is_float:
+        raise CaptureError(f"forward(*batch) returned a {loss.dtype} scalar ({g[loss_name].source or loss_name}), "
+                           "which has no gradient; return the float training loss, e.g. F.cross_entropy(logits, y) "
+                           "rather than a count or an argmax")
+    if loss_name not in g.requires_grad():
+        raise CaptureError(f"forward(*batch) returned a loss that no parameter's gradient flows into "
+                           f"({g[loss_name].source or loss_name}): it is computed without the parameters, after "
+                           ".detach(), or under torch.no_grad(); return the loss that training differentiates")
     g.lint()
     return g

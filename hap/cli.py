@@ -8,11 +8,13 @@ message and no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -42,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pin", action="append", default=[], metavar="NODE=PLACEMENT",
                     help="fix a node's placement, e.g. --pin p_fc_weight=S(0) (repeatable)")
     ap.add_argument("--time-limit", type=float, default=20.0, help="seconds per MILP solve (default 20)")
+    ap.add_argument("--verbose", "-v", action="store_true",
+                    help="log the planner's steps and what the solver printed (to stderr)")
     return ap.parse_args(argv)
 
 
@@ -49,7 +53,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=140)
     out = Console() if sys.stdout.isatty() else Console(width=140)
-    logging.basicConfig(level=logging.ERROR)
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    with _verbose_log(args.verbose):
+        return _run(args, out, err)
+
+
+@contextlib.contextmanager
+def _verbose_log(verbose: bool) -> Iterator[None]:
+    """With --verbose, the planner's log (what solvers printed included) goes to stderr."""
+    if not verbose:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    hap_log = logging.getLogger("hap")
+    level, propagate = hap_log.level, hap_log.propagate
+    hap_log.setLevel(logging.INFO)
+    hap_log.addHandler(handler)
+    hap_log.propagate = False
+    try:
+        yield
+    finally:
+        hap_log.removeHandler(handler)
+        hap_log.setLevel(level)
+        hap_log.propagate = propagate
+
+
+def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     try:
         return _main(args, out, err)
     except HapError as e:
@@ -63,10 +93,11 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
     from hap.api import plan_graph
     from hap.cluster import load_cluster
+    from hap.emit import check_emit_dir
     from hap.spec import capture_spec, load_spec
 
-    if args.emit and Path(args.emit).exists() and any(Path(args.emit).iterdir()) and not args.force:
-        raise HapError(f"{args.emit} is not empty; choose an empty directory or pass --force")
+    if args.emit:
+        check_emit_dir(Path(args.emit), args.force)
     if args.run and not args.emit:
         raise HapError("--run needs --emit DIR (the program it runs)")
     cluster = load_cluster(args.cluster)

@@ -568,8 +568,11 @@ def _cluster_path(path: str | Path | None) -> Path:
             file = clusters / f"{file}.toml"
     if not file.is_file():
         examples = ", ".join(sorted(p.name for p in clusters.glob("*.toml"))) if clusters.is_dir() else ""
+        what = "is a directory, not a cluster file" if file.is_dir() else "does not exist"
+        inside = sorted(p.name for p in file.glob("*.toml")) if file.is_dir() else []
+        hint = f"; did you mean {file / inside[0]}?" if inside else ""
         raise ClusterFileError(
-            f"cluster file {file} does not exist; see {clusters}/ for examples"
+            f"cluster file {file} {what}{hint}; give a TOML file, see {clusters}/ for examples"
             + (f" ({examples})" if examples else "")
         )
     return file

@@ -75,7 +75,7 @@ class CostModel:
         self.n = cluster.num_ranks
         self.link = cluster.group_link()
         self.opt_states = OPTIMIZER_STATES.get(optimizer, 2)
-        self.requires_grad = requires_grad(graph)
+        self.requires_grad = graph.requires_grad()
         self._node_cache: dict[tuple[str, str], tuple[float, ...]] = {}
         self._move_cache: dict[tuple, tuple[float, ...] | None] = {}
 
@@ -345,16 +345,3 @@ def _conversion_wire(cm: CostModel, meta: TensorMeta, src: Placement, dst: Place
 def _dtype_of(node: Node) -> str:
     m = node.meta if isinstance(node.meta, TensorMeta) else (node.meta[0] if node.meta else None)
     return SHORT_DTYPE.get(m.dtype, "fp32") if m is not None else "fp32"
-
-
-def requires_grad(graph: Graph) -> set[str]:
-    """Nodes whose value depends on a parameter through float ops (they have a backward)."""
-    out: set[str] = set()
-    for n in graph:
-        if n.kind == "param":
-            out.add(n.name)
-        elif n.kind == "op" and any(i in out for i in n.inputs()):
-            m = n.meta if isinstance(n.meta, TensorMeta) else (n.meta[0] if n.meta else None)
-            if m is not None and m.is_float and n.target not in ("aten.detach.default",):
-                out.add(n.name)
-    return out

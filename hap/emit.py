@@ -4,7 +4,8 @@ The forward is straight-line code over local shards, one line per captured ATen 
 each commented with the model source it came from and its placements; collectives of
 ``hap.runtime`` appear where the plan moves a tensor between placements. Shape
 arguments are specialised to the rank's local lengths. The program imports the model
-spec by path and ``hap.runtime``, nothing of the planner.
+spec by its path relative to ``train.py`` (no path of the planning machine) and
+``hap.runtime``, nothing of the planner.
 """
 from __future__ import annotations
 
@@ -242,6 +243,11 @@ Run it (every rank runs this same file; gloo on CPU, NCCL on CUDA):
 {commands}
 Plan {digest}: strategy {strategy}, predicted step {step_ms:.2f} ms, global batch {global_batch}.
 {rank_lines}
+Every node needs hap installed and, at the same places relative to each other, this
+train.py and the model spec {spec_rel} (with the modules it imports): e.g. one
+checkout of the repository on every node. plan.json is the plan's record; train.py
+does not read it.
+
 The forward below is the captured ATen graph over this rank's local shards. Each line
 names its placements (R replicated, S(d) sharded on dim d, P partial sum) and the model
 source it came from; hr.* calls are the collectives the plan chose.
@@ -261,7 +267,7 @@ from hap.runtime.checks import device_mismatch
 from hap.runtime.sharded_ops import class_loss_count, embedding_bag_rows, vocab_embedding  # noqa: F401
 
 aten = torch.ops.aten
-SPEC = {spec!r}
+SPEC = {spec!r}  # the model spec, relative to this file
 PLAN_DIGEST = {digest!r}
 WORLD_SIZE = {world}
 GLOBAL_BATCH = {global_batch}
@@ -292,6 +298,9 @@ def forward(params, buffers, batch):
 
 
 def load_spec(path):
+    if not os.path.isfile(path):
+        sys.exit(f"train.py: the model spec {{path}} is missing on this node; copy it there at the same place "
+                 f"relative to train.py (SPEC = {{SPEC!r}})")
     spec = importlib.util.spec_from_file_location("hap_user_spec", path)
     if spec is None or spec.loader is None:
         sys.exit(f"train.py: cannot load the model spec {{path}}")
@@ -394,7 +403,7 @@ def main():
         hr.shutdown()
         sys.exit(f"train.py: rank {{RANK}}: {{wrong}}; start the ranks in the plan's order (see the docstring) "
                  "or re-plan for this cluster")
-    spec = load_spec(SPEC)
+    spec = load_spec(os.path.join(os.path.dirname(os.path.abspath(__file__)), SPEC))
     torch.manual_seed(args.seed)
     model = spec.model()
     resume_from = args.resume or (args.save if restarts > 0 and args.save and ckpt.latest(args.save) else None)
@@ -484,16 +493,31 @@ def torchrun_commands(plan: Plan, script: str) -> list[str]:
     return cmds
 
 
+def check_emit_dir(out_dir: Path, force: bool) -> None:
+    """The output directory must be a directory, empty unless ``force`` (then train.py and
+    plan.json are overwritten, nothing else there is touched)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HapError(f"--emit {out_dir}: this is an existing file, not a directory; the program is written "
+                       f"as DIR/train.py + DIR/plan.json, so give a new or empty directory (e.g. --emit "
+                       f"{out_dir.with_suffix('')}_out)")
+    for parent in out_dir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise HapError(f"--emit {out_dir}: {parent} is a file, so no directory can be made below it")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise HapError(f"{out_dir} is not empty; choose an empty directory or pass --force to overwrite "
+                       "train.py and plan.json there")
+
+
 def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = False) -> Path:
     if not spec:
         raise HapError("emitting a program needs the model spec file it imports: plan.emit(dir, spec='model.py')")
     spec_path = Path(spec).resolve()
     if not spec_path.exists():
         raise HapError(f"model spec {spec} does not exist")
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise HapError(f"{out_dir} is not empty; choose an empty directory or pass --force to overwrite "
-                       "train.py and plan.json there")
+    check_emit_dir(out_dir, force)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # the spec is found relative to train.py, so the program runs on any node with the same layout
+    spec_rel = Path(os.path.relpath(spec_path, out_dir.resolve())).as_posix()
     em = Emitter(plan)
     body = em.forward_lines()
     g = plan.graph
@@ -528,7 +552,7 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         commands="\n".join("  " + c for c in torchrun_commands(plan, script)),
         digest=plan.digest(), strategy=plan.strategy, step_ms=plan.predicted_step_s * 1e3,
         global_batch=plan.global_batch, rank_lines=rank_lines,
-        spec=str(spec_path), world=plan.num_ranks, shares=tuple(plan.shares),
+        spec=spec_rel, spec_rel=spec_rel, world=plan.num_ranks, shares=tuple(plan.shares),
         slowdown=tuple(r.slowdown for r in plan.cluster.ranks),
         devices=tuple(r.device for r in plan.cluster.ranks),
         params="\n".join(params), buffers="\n".join(buffers), inputs=input_dims,

@@ -119,14 +119,16 @@ def decode_arg(a: Any, values: Mapping[str, Any], device: Any = None) -> Any:
 
 
 def resolve_target(target: str) -> Any:
-    """The callable of a node's target: ``operator.getitem``, or the ATen overload
-    ``torch.ops.<ns>.<op>.<overload>``."""
+    """The callable of a node's target: ``operator.getitem``, ``torch.tensor`` (a literal
+    constant), or the ATen overload ``torch.ops.<ns>.<op>.<overload>``."""
     import operator
 
     import torch
 
     if target == "getitem":
         return operator.getitem
+    if target == "torch.tensor":  # a literal constant made inside forward
+        return torch.tensor
     obj = torch.ops
     for part in target.split("."):
         obj = getattr(obj, part)
@@ -166,6 +168,18 @@ class Graph:
         for n in self.nodes:
             for i in dict.fromkeys(n.inputs()):
                 out[i].append(n.name)
+        return out
+
+    def requires_grad(self) -> set[str]:
+        """Nodes whose value depends on a parameter through float ops (they have a backward)."""
+        out: set[str] = set()
+        for n in self.nodes:
+            if n.kind == "param":
+                out.add(n.name)
+            elif n.kind == "op" and any(i in out for i in n.inputs()):
+                m = n.meta if isinstance(n.meta, TensorMeta) else (n.meta[0] if n.meta else None)
+                if m is not None and m.is_float and n.target not in ("aten.detach.default",):
+                    out.add(n.name)
         return out
 
     def to_json(self) -> dict:

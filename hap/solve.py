@@ -40,6 +40,7 @@ from hap.cost import GRAD_BUCKET_BYTES, INF, Conversion, CostModel
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph, Node, TensorMeta
 from hap.placement import Placement, R, S, largest_remainder
+from hap.quiet import library_output
 from hap.rules import Candidate, RuleContext, candidates
 
 log = logging.getLogger(__name__)
@@ -356,7 +357,7 @@ def _solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candida
         s = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s)
     t_build = time.perf_counter() - t0
     try:
-        prob.solve(s)
+        solver_text = run_solver(prob, s)
     except pulp.PulpSolverError:
         if solver == "highs":
             return _solve_placements(graph, cm, cands, pin, tie, time_limit_s, "cbc", memory)
@@ -365,6 +366,8 @@ def _solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candida
              len(prob.variables()), len(prob.constraints), t_build, time.perf_counter() - t0 - t_build)
     status = pulp.LpSolution.get(prob.sol_status, str(prob.sol_status))
     if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        if solver_text.strip():
+            log.error("the solver printed:\n%s", solver_text.rstrip())
         raise InfeasiblePlan(f"the solver found no plan ({status}, {pulp.LpStatus[prob.status]})")
     choice = {}
     for node in graph:
@@ -373,6 +376,17 @@ def _solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candida
         choice[node.name] = own.get(best.name, next(iter(own.values())))
     obj = pulp.value(prob.objective) or 0.0
     return MilpResult(choice, status, float(obj), time.perf_counter() - t0)
+
+
+def run_solver(prob: pulp.LpProblem, solver: Any) -> str:
+    """Solve ``prob`` with what the solver library prints to stdout (from C, past
+    ``sys.stdout``) captured, and return that text: it goes to the log at INFO, so
+    ``hap-plan --json`` stays one JSON object."""
+    with library_output() as printed:
+        prob.solve(solver)
+    if printed.text.strip():
+        log.info("%s printed:\n%s", type(solver).__name__, printed.text.rstrip())
+    return printed.text
 
 
 def memory_report(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> list[dict[str, float]]:
@@ -432,7 +446,10 @@ def _refit_shares(graph: Graph, cm: CostModel, choice: dict[str, Candidate], tot
             prob += tv >= a * x[r] + b
         obj.append(tv)
     prob += pulp.lpSum(obj)
-    prob.solve(pulp.HiGHS(msg=False, mip=False))
+    solver_text = run_solver(prob, pulp.HiGHS(msg=False, mip=False))
+    if prob.sol_status != pulp.LpSolutionOptimal:
+        log.warning("the share LP ended %s; keeping its last ratios. The solver printed:\n%s",
+                    pulp.LpSolution.get(prob.sol_status, prob.sol_status), solver_text.rstrip())
     ratios = [max(v.value() or 0.0, 0.0) for v in x]
     if sum(ratios) <= 0:
         return tuple(largest_remainder(total, [1.0] * n))

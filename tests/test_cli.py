@@ -53,6 +53,11 @@ BAD = {
                                   _toml(t, "[[nodes]]\ndevice = 'V100-16G'\ncount = 2\n")],
                        "V100-16GB"),
     "data-dependent control flow": (lambda t: [_spec(t, DATA_DEPENDENT)], "control flow"),
+    "integer loss": (lambda t: [_spec(t, LOSS.format(loss="self.lin(x).argmax()"))], "int64 scalar"),
+    "loss without gradient": (lambda t: [_spec(t, LOSS.format(loss="self.lin(x).detach().mean()"))],
+                              "no parameter's gradient"),
+    "cluster is a directory": (lambda t: ["examples/mlp.py", "--cluster", "profiles/clusters"], "is a directory"),
+    "emit into a file": (lambda t: ["examples/mlp.py", "--emit", _toml(t, "user data")], "existing file"),
 }
 
 
@@ -79,6 +84,20 @@ def batch(step, bs): return (torch.randn(bs, 3),)
 """
 
 
+LOSS = """
+import torch
+BATCH_SIZE = 4
+class M(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+    def forward(self, x):
+        return {loss}
+def model(): return M()
+def batch(step, bs): return (torch.randn(bs, 3),)
+"""
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_user_mistakes_exit_2_with_a_message(case, tmp_path):
     make, needle = BAD[case]
@@ -93,3 +112,52 @@ def test_emit_refuses_a_non_empty_directory(tmp_path):
     p = run("examples/mlp.py", "--emit", str(tmp_path))
     assert p.returncode == 2 and "--force" in p.stderr
     assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_emit_into_a_file_leaves_it_alone(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("user data")
+    p = run("examples/mlp.py", "--emit", str(f), "--force")
+    assert p.returncode == 2 and "existing file" in p.stderr and "Traceback" not in p.stderr
+    assert f.read_text() == "user data"
+
+
+FD1_BANNER = "Running FakeHiGHS 9.9 (stand-in): printed from C to descriptor 1"
+
+
+def _solve_printing_to_fd1(monkeypatch):
+    """Make every HiGHS solve print a banner from C, through the C library's buffered stdout
+    (not sys.stdout), the way highspy >= 1.16 does."""
+    import ctypes
+
+    import pulp
+
+    libc = ctypes.CDLL(None)
+    real = pulp.HiGHS.actualSolve
+
+    def printing(self, lp, **kw):
+        libc.printf((FD1_BANNER + "\n").encode())
+        return real(self, lp, **kw)
+
+    monkeypatch.setattr(pulp.HiGHS, "actualSolve", printing)
+
+
+def test_json_stays_one_object_when_the_solver_prints_to_fd1(monkeypatch, capfd):
+    from hap.cli import main
+
+    _solve_printing_to_fd1(monkeypatch)
+    assert main(["examples/mlp.py", "--json", "--time-limit", "5"]) == 0
+    out, err = capfd.readouterr()
+    assert FD1_BANNER not in out
+    assert json.loads(out)["global_batch"] > 0  # the whole of stdout is one JSON object
+    assert FD1_BANNER not in err  # shown only with --verbose
+
+
+def test_table_has_no_banner_and_verbose_shows_it(monkeypatch, capfd):
+    from hap.cli import main
+
+    _solve_printing_to_fd1(monkeypatch)
+    assert main(["examples/mlp.py", "--verbose", "--time-limit", "5"]) == 0
+    out, err = capfd.readouterr()
+    assert FD1_BANNER not in out and "batch share" in out
+    assert FD1_BANNER in err

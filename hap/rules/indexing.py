@@ -49,7 +49,7 @@ def index_select(node: Node, ctx: RuleContext) -> list[Candidate]:
 
 @rule("aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.zeros.default",
       "aten.ones.default", "aten.full.default", "aten.empty.memory_format", "aten.scalar_tensor.default",
-      "aten.eye.default", "aten.linspace.default", "aten._assert_tensor_metadata.default")
+      "aten.eye.default", "aten.linspace.default", "aten._assert_tensor_metadata.default", "torch.tensor")
 def creation(node: Node, ctx: RuleContext) -> list[Candidate]:
     """Tensors made from nothing (and metadata asserts) are cheap: every rank makes its own."""
     return []
