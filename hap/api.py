@@ -93,15 +93,30 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
 
     infeasible: dict[str, str] = {}
 
+    cands_by_shares = {prop: cands}
+
+    def candidates_for(shares: tuple[int, ...]) -> dict:
+        # which shardings are legal depends on the shares (no zero-length shard of a weight or
+        # feature dim), so every share vector is solved over its own candidates: the ones that
+        # emit finds again from the plan
+        if shares not in cands_by_shares:
+            cands_by_shares[shares] = all_candidates(graph, RuleContext(graph, Splitter(shares), ctx.units),
+                                                     strict=strict)
+        return cands_by_shares[shares]
+
     def run(tag: str, shares: tuple[int, ...], pin=None) -> tuple[dict, Evaluation, str] | None:
         cm = CostModel(graph, cluster, Splitter(shares), optimizer)
+        own = candidates_for(shares)
+        if pin is user_pin and any(not any(c.output == p for c in own[name]) for name, p in user_pins.items()):
+            infeasible[tag] = "these shares leave a pinned placement without a legal candidate"
+            return None  # e.g. a pinned weight shard that would be empty on a rank with a zero share
         try:
-            res = solve_placements(graph, cm, cands, pin=pin, time_limit_s=time_limit_s)
+            res = solve_placements(graph, cm, own, pin=pin, time_limit_s=time_limit_s)
         except InfeasiblePlan as e:
             if tag != "hap":
                 infeasible[tag] = str(e)
                 return None
-            raise _explain_memory(graph, cluster, cm, cands, pin, optimizer) from e
+            raise _explain_memory(graph, cluster, cm, own, pin, optimizer) from e
         ev = evaluate(graph, cm, res.choice)
         results[tag] = (shares, res.choice, ev, res.status)
         return res.choice, ev, res.status

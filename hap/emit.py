@@ -243,10 +243,9 @@ Run it (every rank runs this same file; gloo on CPU, NCCL on CUDA):
 {commands}
 Plan {digest}: strategy {strategy}, predicted step {step_ms:.2f} ms, global batch {global_batch}.
 {rank_lines}
-Every node needs hap installed and, at the same places relative to each other, this
-train.py and the model spec {spec_rel} (with the modules it imports): e.g. one
-checkout of the repository on every node. plan.json is the plan's record; train.py
-does not read it.
+Every node needs hap installed, this train.py, and the model spec (with the modules it
+imports) at {spec_rel} relative to this file's folder: one checkout of the repository
+on every node does it. plan.json is the plan's record; train.py does not read it.
 
 The forward below is the captured ATen graph over this rank's local shards. Each line
 names its placements (R replicated, S(d) sharded on dim d, P partial sum) and the model
@@ -263,7 +262,7 @@ import torch
 
 import hap.runtime as hr
 from hap.runtime import checkpoint as ckpt
-from hap.runtime.checks import device_mismatch
+from hap.runtime.checks import device_mismatch, placement_mismatch
 from hap.runtime.sharded_ops import class_loss_count, embedding_bag_rows, vocab_embedding  # noqa: F401
 
 aten = torch.ops.aten
@@ -274,6 +273,7 @@ GLOBAL_BATCH = {global_batch}
 SHARES = {shares}  # samples of each step's global batch per rank
 SLOWDOWN = {slowdown}  # per-rank compute dilation used by --emulate (CPU emulation only)
 EXPECTED_DEVICES = {devices}
+PLACES = {places}  # per rank: (node, local rank, processes on that node), as torchrun starts them
 # placeholder -> (state_dict keys, sharded dim or None, per-rank lengths)
 PARAMS = {{
 {params}
@@ -398,7 +398,7 @@ def main():
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     RANK, _ = hr.init()
     DEVICE = hr.device()
-    wrong = device_mismatch(EXPECTED_DEVICES[RANK], DEVICE)
+    wrong = device_mismatch(EXPECTED_DEVICES[RANK], DEVICE) or placement_mismatch(*PLACES[RANK])
     if wrong:
         hr.shutdown()
         sys.exit(f"train.py: rank {{RANK}}: {{wrong}}; start the ranks in the plan's order (see the docstring) "
@@ -478,6 +478,15 @@ if __name__ == "__main__":
 '''
 
 
+def rank_places(plan: Plan) -> tuple[tuple[int, int, int], ...]:
+    """Per rank: (node index in torchrun's --node-rank order, local rank, processes on that node)."""
+    nodes: dict[int, list[int]] = {}
+    for r in plan.cluster.ranks:
+        nodes.setdefault(r.node, []).append(r.rank)
+    index = {node: i for i, node in enumerate(sorted(nodes))}
+    return tuple((index[r.node], nodes[r.node].index(r.rank), len(nodes[r.node])) for r in plan.cluster.ranks)
+
+
 def torchrun_commands(plan: Plan, script: str) -> list[str]:
     nodes: dict[int, list[int]] = {}
     for r in plan.cluster.ranks:
@@ -544,7 +553,7 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         lens_lines.append(f"    {var} = LENGTHS[{size}, {unit}][RANK]"
                           f"  # this rank's part of a dim of {size}, split {ls}")
     input_dims = [0 if em.out_placement(n.name).is_shard else None for n in inputs]
-    script = os.path.relpath(out_dir / "train.py") if not os.path.isabs(str(out_dir)) else str(out_dir / "train.py")
+    script = os.path.relpath(out_dir / "train.py")  # from where hap-plan ran: no path of this machine
     rank_lines = "\n".join(
         f"  rank {r.rank}: {r.device} (node {r.node}), {plan.shares[r.rank]} samples/step" for r in plan.cluster.ranks)
     text = TEMPLATE.format(
@@ -554,7 +563,7 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         global_batch=plan.global_batch, rank_lines=rank_lines,
         spec=spec_rel, spec_rel=spec_rel, world=plan.num_ranks, shares=tuple(plan.shares),
         slowdown=tuple(r.slowdown for r in plan.cluster.ranks),
-        devices=tuple(r.device for r in plan.cluster.ranks),
+        devices=tuple(r.device for r in plan.cluster.ranks), places=rank_places(plan),
         params="\n".join(params), buffers="\n".join(buffers), inputs=input_dims,
         lengths="\n".join(lengths), grad_buckets=plan.predicted.get("grad_buckets", [list(plan.grad_synced)]),
         grad_overlap=bool(plan.predicted.get("grad_overlap", False)),

@@ -3,6 +3,7 @@ every sharding candidate of every node against the single-device values, rank by
 from __future__ import annotations
 
 import importlib.util
+import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +19,13 @@ from hap.solve import all_candidates
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def load_example(name: str):
@@ -36,19 +44,39 @@ def captured(mod, batch_size: int | None = None, seed: int = 0):
     return model, batch, capture(model, batch)
 
 
-def run_graph(graph: Graph, model: torch.nn.Module, batch) -> dict[str, object]:
+class GraphValues(dict):
+    """Every node's final value, plus what each op read and wrote at the moment it ran: in-place
+    ops (T5's ``shifted[..., 1:] = ...``, BatchNorm's counters) change a tensor after it was made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs_at: dict[str, list] = {}
+        self.output_at: dict[str, object] = {}
+
+
+def _snapshot(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach().clone()
+    if isinstance(v, (list, tuple)):
+        return type(v)(_snapshot(x) for x in v)
+    return v
+
+
+def run_graph(graph: Graph, model: torch.nn.Module, batch) -> GraphValues:
     """Every node's value on one device (a fresh copy of the buffers: batch_norm mutates them)."""
     sd = {k: v.detach().clone() for k, v in model.named_buffers()}  # non-persistent ones too
     sd |= {k: v.detach().clone() for k, v in model.state_dict().items()}
-    values: dict[str, object] = {}
+    values = GraphValues()
     for n in graph:
         if n.kind in ("param", "buffer"):
             values[n.name] = sd[n.target]
         elif n.kind == "input":
             values[n.name] = batch[int(n.target)]
         else:
+            values.inputs_at[n.name] = [_snapshot(values[i]) for i in n.inputs()]
             values[n.name] = resolve_target(n.target)(*decode_arg(n.args, values),
                                                       **{k: decode_arg(v, values) for k, v in n.kwargs.items()})
+            values.output_at[n.name] = _snapshot(values[n.name])
     return values
 
 
@@ -83,13 +111,13 @@ def check_candidate(graph: Graph, values: dict, name: str, cand: Candidate, spli
     refs = [f"in{i}" for i in range(len(node.inputs()))]
     expr = em.expression(node, cand, refs)
     outs = []
-    target_full = None
-    if len(node.inputs()) > 1:
-        target_full = values[node.inputs()[1]]
+    at = getattr(values, "inputs_at", {})
+    inputs = at[name] if name in at else [values[ref] for ref in node.inputs()]
+    target_full = inputs[1] if len(inputs) > 1 else None
     for r in range(n):
         ns = {"aten": torch.ops.aten, "torch": torch, "RANK": r, "DEVICE": torch.device("cpu")}
-        for i, (ref, p) in enumerate(zip(node.inputs(), cand.inputs)):
-            ns[f"in{i}"] = local_value(values[ref], p, splitter, r, noise_seed=i)
+        for i, (full_in, p) in enumerate(zip(inputs, cand.inputs)):
+            ns[f"in{i}"] = local_value(full_in, p, splitter, r, noise_seed=i)
         for (size, unit), var in em.lengths_used.items():
             ns[var] = splitter.lengths(size, unit)[r]
 
@@ -102,7 +130,7 @@ def check_candidate(graph: Graph, values: dict, name: str, cand: Candidate, spli
         ns["class_loss_count"] = class_loss_count
         ns["vocab_embedding"] = vocab_embedding
         outs.append(eval(expr, ns))
-    full = values[name]
+    full = getattr(values, "output_at", {}).get(name, values[name])
     fulls = full if isinstance(full, (list, tuple)) else [full]
     locs = [o if isinstance(o, (list, tuple)) else [o] for o in outs]
     for k, f in enumerate(fulls):

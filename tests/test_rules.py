@@ -15,10 +15,11 @@ from tests.helpers import captured, check_all_candidates, load_example, run_grap
 SHARES = {2: (5, 3), 3: (4, 0, 4)}
 
 
-HF_EXAMPLES = ["hf_gpt2", "hf_bert", "hf_llama"]
+HF_EXAMPLES = ["hf_gpt2", "hf_bert", "hf_llama", "hf_usage"]
 
 
-@pytest.mark.parametrize("example", ["mlp", "gpt", "cnn", "vgg19", "vit", "bert", "bert_moe", "dlrm", *HF_EXAMPLES])
+@pytest.mark.parametrize("example", ["mlp", "gpt", "cnn", "vgg19", "vit", "bert", "bert_moe", "dlrm", *HF_EXAMPLES,
+                                     "hf_usage", "torch_transformer"])
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_every_candidate_is_exact(example, ranks):
     if example in HF_EXAMPLES:
@@ -29,6 +30,19 @@ def test_every_candidate_is_exact(example, ranks):
     assert torch.allclose(values[graph.loss], model(*batch)), "captured graph must compute the model's loss"
     checked, errors = check_all_candidates(graph, values, SHARES[ranks])
     assert checked > 3 * len(graph.ops()) // 2
+    assert not errors, "\n".join(errors[:10])
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_every_candidate_of_t5_as_documented_is_exact(ranks, monkeypatch):
+    """T5's label shifting and relative position buckets (to.device, min.other, where.ScalarOther)."""
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("HAP_HF_MODEL", "t5")
+    model, batch, graph = captured(load_example("hf_usage"), batch_size=8)
+    values = run_graph(graph, model, batch)
+    assert torch.allclose(values[graph.loss], model(*batch))
+    checked, errors = check_all_candidates(graph, values, SHARES[ranks])
+    assert checked > len(graph.ops())
     assert not errors, "\n".join(errors[:10])
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 import hap.runtime as hr
 from hap.runtime import emulate
+from tests.helpers import free_port
 
 FORMS = ("padded", "grouped")
 LENGTH_SETS = {2: [(1, 4), (0, 3)], 3: [(5, 0, 3), (0, 0, 4), (2, 2, 2)]}
@@ -447,18 +447,12 @@ def _worker(rank, world, store_path, port, out_dir):
             json.dump(results, f)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_world(world, use_env):
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
-        port = _free_port() if use_env else None
+        port = free_port() if use_env else None
         procs = [ctx.Process(target=_worker, args=(r, world, os.path.join(tmp, "store"), port, tmp))
                  for r in range(world)]
         for p in procs:

@@ -59,6 +59,8 @@ def pointwise_candidates(node: Node, ctx: RuleContext) -> list[Candidate]:
             if ok and any(p.is_shard for p in ins):
                 cands.append(Candidate(f"S({d})" if u == 1 else f"S({d}/{u})", tuple(ins), S(d, u),
                                        split=(out.shape[d], u)))
+    if not out.is_float:  # a cast to integers truncates: not linear, so partial sums do not pass
+        return cands
     if base in LINEAR_ALL and refs and not _adds_constant(node, base):
         cands.append(Candidate("P", tuple(P for _ in refs), P))
     elif base in LINEAR_FIRST and refs and node.args and node.args[0] == {"node": refs[0]}:
@@ -77,3 +79,28 @@ def pointwise(node: Node, ctx: RuleContext) -> list[Candidate]:
 def in_place(node: Node, ctx: RuleContext) -> list[Candidate]:
     """In-place updates (BatchNorm's num_batches_tracked += 1) run on every rank's own replica."""
     return []
+
+
+@rule("aten.pad.default", "aten.constant_pad_nd.default")
+def pad(node: Node, ctx: RuleContext) -> list[Candidate]:
+    """Padding changes only the dims it pads (``pad`` lists (before, after) pairs from the last
+    dim backwards): any other dim may stay sharded, HF's label shifting keeps its batch split."""
+    x = ctx.meta(node.inputs()[0])
+    pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", [])
+    padded = {x.ndim - 1 - i // 2 for i, p in enumerate(pads) if p}
+    cands = []
+    for d in range(x.ndim):
+        if d in padded:
+            continue
+        for u in ctx.shard_units(x.shape[d]):
+            cands.append(Candidate(f"S({d})" if u == 1 else f"S({d}/{u})", (S(d, u),), S(d, u),
+                                   split=(x.shape[d], u)))
+    return cands
+
+
+@rule("aten.minimum.default", "aten.min.other", "aten.max.other", "aten.to.device", "aten.where.ScalarOther",
+      "aten.where.ScalarSelf", "aten.where.Scalar")
+def pointwise_overloads(node: Node, ctx: RuleContext) -> list[Candidate]:
+    """Elementwise overloads whose op names also have reductions (``min.other`` beside
+    ``min.default``), registered one by one."""
+    return pointwise_candidates(node, ctx)

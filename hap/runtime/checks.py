@@ -1,6 +1,8 @@
-"""Start-up checks of an emitted program: is this rank on the device the plan expects?"""
+"""Start-up checks of an emitted program: is this rank on the device, and on the node, the
+plan expects?"""
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -24,3 +26,20 @@ def device_mismatch(expected: str, device: torch.device) -> str | None:
             return f"the plan expects {expected} ({m.group(1)} GB), this {props.name} has " \
                    f"{props.total_memory / 2**30:.0f} GiB"
     return None
+
+
+def placement_mismatch(node: int, local_rank: int, local_world: int) -> str | None:
+    """None when torchrun started this rank where the plan puts it: node ``node`` (torchrun's
+    ``--node-rank``, GROUP_RANK), local rank ``local_rank`` of ``local_world`` processes there.
+    A node started with another ``--node-rank`` or ``--nproc-per-node`` gives its ranks
+    other devices' shares, so it is refused. One torchrun agent for the whole job (one
+    process, or ``--standalone`` emulating a cluster on one machine) has no nodes to mix up."""
+    env = {k: os.environ.get(k) for k in ("GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    if any(v is None for v in env.values()) or int(os.environ.get("GROUP_WORLD_SIZE", "1")) <= 1:
+        return None
+    got = (int(env["GROUP_RANK"]), int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"]))
+    if got == (node, local_rank, local_world):
+        return None
+    return (f"torchrun started it as local rank {got[1]} of {got[2]} on node {got[0]} (--node-rank {got[0]}), "
+            f"but the plan puts it at local rank {local_rank} of {local_world} on node {node}: start node {node} "
+            f"with --node-rank {node} --nproc-per-node {local_world}")

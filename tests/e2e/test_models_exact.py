@@ -1,6 +1,6 @@
-"""End to end: the emitted SPMD programs of the model-coverage examples train exactly what
-single-device training trains (hapcheck exact: torchrun with gloo, 3 SGD steps, losses
-and parameters compared), on the default 2-rank emulated cluster with uneven shares."""
+"""End to end: the emitted SPMD programs of the model-coverage examples, and of models used
+the way their documentation shows, train exactly what single-device training trains
+(torchrun with gloo, 3 SGD steps, losses and parameters compared) on uneven clusters."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.harness import run_exact
 
 ROOT = Path(__file__).resolve().parents[2]
 HAPCHECK = Path(__file__).resolve().parents[3] / "shared" / "checks" / "hapcheck.py"
@@ -28,3 +30,29 @@ def test_example_trains_exactly(example):
     last = (p.stdout.strip().splitlines() or [""])[-1]
     assert p.returncode == 0 and last.startswith("ok"), \
         f"hapcheck exact {example}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+
+
+# HuggingFace models called as their documentation shows (model(input_ids=..., labels=...).loss, library
+# defaults: use_cache, attn_implementation), and torch's nn.TransformerEncoder, on uneven 2- and 3-rank
+# clusters; global batches chosen so that every rank of the plan gets samples
+DOCUMENTED = [
+    ("hf_usage", {"HAP_HF_MODEL": "gpt2"}, "default"),
+    ("hf_usage", {"HAP_HF_MODEL": "bert", "HAP_BATCH": "24"}, "default"),
+    ("hf_usage", {"HAP_HF_MODEL": "vit", "HAP_BATCH": "24"}, "default"),
+    ("torch_transformer", {}, "default"),
+    ("hf_usage", {"HAP_HF_MODEL": "llama"}, "cpu-1-2-4"),
+    ("hf_usage", {"HAP_HF_MODEL": "t5"}, "cpu-1-2-4"),
+]
+
+
+@pytest.mark.parametrize("example,env,cluster", DOCUMENTED,
+                         ids=[f"{e}-{v.get('HAP_HF_MODEL', '')}-{c}".replace("--", "-") for e, v, c in DOCUMENTED])
+def test_models_used_as_documented_train_exactly(example, env, cluster, monkeypatch, tmp_path):
+    if example.startswith("hf_"):
+        pytest.importorskip("transformers")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)  # read by the spec here and by every rank that torchrun starts
+    plan, loss_err, param_err = run_exact(str(ROOT / "examples" / f"{example}.py"),
+                                          str(ROOT / "profiles" / "clusters" / f"{cluster}.toml"), tmp_path)
+    assert min(plan.shares) > 0 and len(set(plan.shares)) > 1, plan.shares  # uneven, every rank computes
+    assert loss_err <= 1e-5 and param_err <= 1e-4, (loss_err, param_err)

@@ -1,0 +1,88 @@
+"""HuggingFace transformers models used the way their documentation shows:
+``model(input_ids=..., labels=...).loss`` (or ``pixel_values=``), each built from a
+small config with the library's defaults (default ``attn_implementation``, default
+``use_cache``); nothing is tuned for hap. Compare ``examples/hf_gpt2.py``, which
+computes the loss from the logits itself.
+
+Needs the optional extra: pip install -e '.[hf]' (transformers >= 5). No weights are
+downloaded: every model is initialised from its config. Dropout is 0 so distributed
+training is exactly single-device training.
+
+Environment variables:
+  HAP_HF_MODEL=gpt2|llama|t5|bert|vit   which model (default gpt2):
+      gpt2   GPT2LMHeadModel, causal LM (labels = input_ids, shifted inside the model)
+      llama  LlamaForCausalLM, grouped-query attention, rotary embeddings
+      t5     T5ForConditionalGeneration, encoder-decoder (decoder inputs made from labels)
+      bert   BertForSequenceClassification, 3 classes
+      vit    ViTForImageClassification on 16x16 images, 5 classes
+  HAP_BATCH=N                           global batch (default 12)
+"""
+import os
+
+import torch
+from torch import nn
+
+MODEL = os.environ.get("HAP_HF_MODEL", "gpt2")
+BATCH_SIZE = int(os.environ.get("HAP_BATCH", "12"))
+VOCAB, SEQ, DIM, LAYERS, HEADS, FFN = 128, 16, 32, 2, 4, 64
+CLASSES, IMAGE = {"bert": 3, "vit": 5}.get(MODEL, 0), 16
+
+
+def hf_model() -> nn.Module:
+    """The model as its documentation builds it: a config (library defaults) and a class."""
+    import transformers as tf
+
+    if MODEL == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=DIM, n_layer=LAYERS,
+                                                n_head=HEADS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                                bos_token_id=0, eos_token_id=0))
+    if MODEL == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN,
+                                                  num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                                  num_key_value_heads=HEADS // 2, max_position_embeddings=SEQ))
+    if MODEL == "t5":
+        return tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=VOCAB, d_model=DIM, d_kv=DIM // HEADS,
+                                                         d_ff=FFN, num_layers=LAYERS, num_heads=HEADS,
+                                                         dropout_rate=0.0, decoder_start_token_id=0,
+                                                         pad_token_id=0))
+    if MODEL == "bert":
+        return tf.BertForSequenceClassification(tf.BertConfig(
+            vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            intermediate_size=FFN, max_position_embeddings=SEQ, num_labels=CLASSES, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0))
+    if MODEL == "vit":
+        return tf.ViTForImageClassification(tf.ViTConfig(
+            image_size=IMAGE, patch_size=4, num_channels=3, hidden_size=DIM, num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS, intermediate_size=FFN, num_labels=CLASSES, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0))
+    raise ValueError(f"HAP_HF_MODEL={MODEL!r}: choose gpt2, llama, t5, bert or vit")
+
+
+class Documented(nn.Module):
+    """forward(*batch) returns the loss the model computes from its documented keywords."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = hf_model()
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if MODEL == "vit":
+            return self.model(pixel_values=inputs, labels=labels).loss
+        return self.model(input_ids=inputs, labels=labels).loss
+
+
+def model() -> nn.Module:
+    return Documented()
+
+
+def batch(step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(13000 + step)
+    if MODEL == "vit":
+        return torch.randn(batch_size, 3, IMAGE, IMAGE, generator=g), torch.randint(0, CLASSES, (batch_size,),
+                                                                                   generator=g)
+    ids = torch.randint(1, VOCAB, (batch_size, SEQ), generator=g)
+    if MODEL == "bert":
+        return ids, torch.randint(0, CLASSES, (batch_size,), generator=g)
+    if MODEL == "t5":  # a target sequence of its own; the model shifts it right for the decoder's input
+        return ids, torch.randint(1, VOCAB, (batch_size, SEQ // 2), generator=g)
+    return ids, ids.clone()  # causal LM: the labels are the inputs, the model shifts them
