@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from hap.cluster import Cluster, Link
 from hap import optimer
 from hap.graph import SHORT_DTYPE, Graph, Node, TensorMeta
+from hap.moves import move
 from hap.placement import Placement, Splitter
 from hap.rules import Candidate
 
@@ -303,7 +304,7 @@ def _local_extra_s(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placeme
 
 def _conversion(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, grad: bool) -> Conversion:
     conv = _conversion_wire(cm, meta, src, dst, grad)
-    if conv.kind in ("none", "slice", "partial") or conv.seconds == INF:
+    if not move(src, dst).is_collective:
         return conv
     fs = cm._fr(meta, src) if src.kind == "S" else (1 / cm.n,) * cm.n
     fd = cm._fr(meta, dst) if dst.kind == "S" else None
@@ -314,32 +315,22 @@ def _conversion(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement,
 
 
 def _conversion_wire(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, grad: bool) -> Conversion:
-    if src == dst:
-        return Conversion("none", "", 0.0)
-    if src.kind == "R":
-        return Conversion("slice" if dst.kind == "S" else "partial", "", 0.0)
-    nbytes = meta.nbytes
-    link = cm.link
-    if src.kind == "P" and dst.kind == "R":
-        t = collective_s("all_reduce", nbytes, (1 / cm.n,) * cm.n, link, "")
-        return Conversion("all_reduce", "", t * (2 if grad else 1))
-    if src.kind == "S":
-        fs = cm._fr(meta, src)
-        if dst.kind in ("R", "P"):
-            best = min(("padded", "grouped"), key=lambda f: collective_s("all_gather", nbytes, fs, link, f))
-            t = collective_s("all_gather", nbytes, fs, link, best)
-            return Conversion("all_gather", best, t * (2 if grad else 1))
-        fd = cm._fr(meta, dst)
-        best = min(("padded", "grouped"), key=lambda f: collective_s("all_to_all", nbytes, fs, link, f, fd))
-        t = collective_s("all_to_all", nbytes, fs, link, best, fd)
-        tb = collective_s("all_to_all", nbytes, fd, link, best, fs) if grad else 0.0
-        return Conversion("all_to_all", best, t + tb)
-    if src.kind == "P" and dst.kind == "S":
-        fd = cm._fr(meta, dst)
-        best = min(("padded", "grouped"), key=lambda f: collective_s("reduce_scatter", nbytes, fd, link, f))
-        t = collective_s("reduce_scatter", nbytes, fd, link, best)
-        return Conversion("reduce_scatter", best, t * (2 if grad else 1))
-    return Conversion("none", "", INF)
+    """The α-β wire time of ``move(src, dst)``: forward, plus its dual in backward if ``grad``,
+    in the cheaper of its forms (by forward time)."""
+    mv = move(src, dst)
+    if not mv.is_collective:
+        return Conversion(mv.kind, "", 0.0)
+    f = cm._fr(meta, src) if src.is_shard else None
+    g = cm._fr(meta, dst) if dst.is_shard else None
+    forward = (f or g or (1 / cm.n,) * cm.n, g)  # (the sharded side's fractions, the other side's)
+    backward = (g, f) if mv.kind == "all_to_all" else forward  # the reverse all-to-all
+
+    def wire(kind: str, fracs: tuple, form: str) -> float:
+        return collective_s(kind, meta.nbytes, fracs[0], cm.link, form, fracs[1])
+
+    form = min(mv.forms, key=lambda fm: wire(mv.kind, forward, fm))
+    t = wire(mv.kind, forward, form) + (wire(mv.backward, backward, form) if grad else 0.0)
+    return Conversion(mv.kind, form, t)
 
 
 def _dtype_of(node: Node) -> str:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from hap.errors import HapError
 from hap.graph import Graph, Node, TensorMeta
+from hap.moves import move
 from hap.placement import Placement, Splitter
 
 if TYPE_CHECKING:
@@ -73,27 +74,10 @@ class Emitter:
         meta = self.graph[name].meta
         assert isinstance(meta, TensorMeta), f"cannot move list-valued {name}"
         var = f"{name}__{_pname(want)}"
-        if have.kind == "R":
-            if want.kind == "S":
-                d, ls = self.shard_lengths(meta, want)
-                expr = f"hr.slice_local({name}, {d}, {ls})"
-            else:
-                expr = f"hr.to_partial({name})"
-        elif have.kind == "P":
-            if want.kind == "R":
-                expr = f"hr.all_reduce({name})"
-            else:
-                d, ls = self.shard_lengths(meta, want)
-                expr = f"hr.reduce_scatter({name}, {d}, {ls}, form={self.form(name, want)!r})"
-        else:
-            d, ls = self.shard_lengths(meta, have)
-            if want.kind in ("R", "P"):
-                expr = f"hr.all_gather({name}, {d}, {ls}, form={self.form(name, want)!r})"
-                if want.kind == "P":
-                    expr = f"hr.to_partial({expr})"
-            else:
-                d2, ls2 = self.shard_lengths(meta, want)
-                expr = f"hr.all_to_all({name}, {d}, {ls}, {d2}, {ls2}, form={self.form(name, want)!r})"
+        mv = move(have, want)
+        src = self.shard_lengths(meta, have) if have.is_shard else None
+        dst = self.shard_lengths(meta, want) if want.is_shard else None
+        expr = mv.code(name, src, dst, self.form(name, want) if mv.forms != ("",) else "")
         self.lines.append(f"    {var} = {expr}  # {have} -> {want}  ({source})")
         self.converted[key] = var
         return var

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from hap.graph import Graph, Node, TensorMeta, decode_arg, resolve_target
+from hap.moves import move
 
 REPEATS = 9
 MAX_CALL_S = 0.5  # an op slower than this (analytic estimate) is not timed: the roofline is used
@@ -121,10 +122,10 @@ def time_move(meta: TensorMeta, src, dst, form: str, lengths: dict[int, tuple[in
     cannot be run standalone. The emulation slows this work with the rank, so on a 3x slower rank a
     dim-1 all-gather of a 1024x1024 weight cost ~11 ms more than the wire time; a formula of the
     bytes it copies had it at ~3."""
-    import hap.runtime as hr
     from hap.runtime import dist as hd
 
-    if src.kind == "R" or src == dst or not meta.is_float:
+    mv = move(src, dst)
+    if not mv.is_collective or src.kind == "R" or not meta.is_float:
         return None
     key = ("move", meta.shape, meta.dtype, str(src), str(dst), form, _key_of(lengths), rank, world, backward)
     if key in _memo:
@@ -135,13 +136,11 @@ def time_move(meta: TensorMeta, src, dst, form: str, lengths: dict[int, tuple[in
     if src.kind == "S":
         shape[sd] = lengths[sd][rank]
 
+    src_shard = (sd, lengths[sd]) if src.kind == "S" else None
+    dst_shard = (dd, lengths[dd]) if dst.kind == "S" else None
+
     def call(x: torch.Tensor) -> torch.Tensor:
-        if src.kind == "P":
-            return hr.all_reduce(x) if dst.kind == "R" else hr.reduce_scatter(x, dd, lengths[dd], form=form)
-        if dst.kind in ("R", "P"):
-            out = hr.all_gather(x, sd, lengths[sd], form=form)
-            return hr.to_partial(out) if dst.kind == "P" else out
-        return hr.all_to_all(x, sd, lengths[sd], dd, lengths[dd], form=form)
+        return mv.apply(x, src_shard, dst_shard, form)
 
     threads = torch.get_num_threads()
     torch.set_flush_denormal(True)  # the primitives leave their outputs unwritten: no denormal slow paths

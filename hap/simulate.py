@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from hap.cost import CostModel
 from hap.errors import HapError
 from hap.graph import Graph, TensorMeta
+from hap.moves import move
 from hap.placement import Splitter
 from hap.rules import Candidate, RuleContext, view_units
 from hap.solve import all_candidates, evaluate, readers
@@ -202,9 +203,8 @@ def simulate(plan: Plan, cluster: Cluster | None = None, mode: str = "aligned", 
         return fwd, m.conversion.seconds - fwd
 
     def move_label(m, back: bool) -> str:
-        dual = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather"}.get(m.conversion.kind,
-                                                                                     m.conversion.kind)
-        kind = dual if back else m.conversion.kind
+        mv = move(m.src, m.dst)
+        kind = mv.backward if back else mv.kind
         src, dst = (m.dst, m.src) if back else (m.src, m.dst)
         form = f" {m.conversion.form}" if m.conversion.form else ""
         return f"{kind}{form} {m.producer} {src}->{dst}"
