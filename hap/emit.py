@@ -235,18 +235,11 @@ The forward below is the captured ATen graph over this rank's local shards. Each
 names its placements (R replicated, S(d) sharded on dim d, P partial sum) and the model
 source it came from; hr.* calls are the collectives the plan chose.
 """
-import argparse
-import importlib.util
-import json
-import os
 import sys
-import time
 
 import torch
 
 import hap.runtime as hr
-from hap.runtime import checkpoint as ckpt
-from hap.runtime.checks import device_mismatch, placement_mismatch
 from hap.runtime.sharded_ops import class_loss_count, embedding_bag_rows, vocab_embedding  # noqa: F401
 
 aten = torch.ops.aten
@@ -281,180 +274,8 @@ def forward(params, buffers, batch):
 {body}
 
 
-def load_spec(path):
-    if not os.path.isfile(path):
-        sys.exit(f"train.py: the model spec {{path}} is missing on this node; copy it there at the same place "
-                 f"relative to train.py (SPEC = {{SPEC!r}})")
-    spec = importlib.util.spec_from_file_location("hap_user_spec", path)
-    if spec is None or spec.loader is None:
-        sys.exit(f"train.py: cannot load the model spec {{path}}")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def local_state(model):
-    """This rank's shards of the single-device model's parameters and buffers."""
-    sd = {{**dict(model.named_buffers()), **model.state_dict()}}  # non-persistent buffers too
-    wrong = [f"{{k}} is {{list(sd[k].shape) if k in sd else 'missing'}}, the plan has {{list(shape)}}"
-             for k, shape in SHAPES.items() if k not in sd or tuple(sd[k].shape) != shape]
-    if wrong:
-        hr.shutdown()
-        sys.exit("train.py: the spec built a different model than the one planned (" + "; ".join(wrong[:3]) +
-                 "); run with the same spec and environment (e.g. its HAP_* size variables) or re-plan")
-    params, buffers = {{}}, {{}}
-    for name, (keys, dim, lengths) in PARAMS.items():
-        full = sd[keys[0]].detach()
-        if dim is not None:
-            full = full.narrow(dim, sum(lengths[:RANK]), lengths[RANK])
-        params[name] = torch.nn.Parameter(full.clone().to(DEVICE))
-    for name, key in BUFFERS.items():
-        buffers[name] = sd[key].detach().clone().to(DEVICE)
-    return params, buffers
-
-
-def full_state_dict(model, params, buffers):
-    """The consolidated state_dict, under the single-device model's keys (all ranks take part)."""
-    out = {{}}
-    for name, (keys, dim, lengths) in PARAMS.items():
-        full = gather(params[name].detach(), dim, lengths)
-        for k in keys:
-            out[k] = full.cpu()
-    for name, key in BUFFERS.items():
-        out[key] = buffers[name].cpu()
-    return {{k: out[k] for k in model.state_dict() if k in out}}
-
-
-def gather(local, dim, lengths):
-    if dim is None:
-        return local.detach().clone()
-    return hr.gather_full(local, "S", dim, lengths)
-
-
-def shard(full, dim, lengths):
-    if dim is None:
-        return full.clone()
-    return full.narrow(dim, sum(lengths[:RANK]), lengths[RANK]).clone()
-
-
-def full_optimizer_state(opt, params):
-    """Optimizer state per parameter, full tensors under the parameter's first state_dict key."""
-    out = {{}}
-    for name, (keys, dim, lengths) in PARAMS.items():
-        p = params[name]
-        out[keys[0]] = {{k: gather(v, dim, lengths).cpu() if torch.is_tensor(v) and v.shape == p.shape and v.dim()
-                        else v for k, v in opt.state.get(p, {{}}).items()}}
-    return out
-
-
-def load_optimizer_state(opt, params, state, model_state):
-    """This rank's slices of a checkpoint's full optimizer state (momenta shaped like their parameter)."""
-    for name, (keys, dim, lengths) in PARAMS.items():
-        entries = state.get(keys[0], {{}})
-        full_shape = model_state[keys[0]].shape
-        if entries:
-            opt.state[params[name]] = {{k: shard(v, dim, lengths).to(DEVICE)
-                                       if torch.is_tensor(v) and v.dim() and v.shape == full_shape else v
-                                       for k, v in entries.items()}}
-
-
 def main():
-    global RANK, DEVICE
-    ap = argparse.ArgumentParser(description="hap-emitted SPMD training program")
-    ap.add_argument("--steps", type=int, default=10, help="train until this many steps are done")
-    ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--log-json", default=None, help="rank 0 writes losses and step times here")
-    ap.add_argument("--dump-params", default=None, help="rank 0 saves the full state_dict after the last step")
-    ap.add_argument("--emulate", action="store_true", help="dilate each rank's compute by its SLOWDOWN (CPU emulation)")
-    ap.add_argument("--save", default=None, metavar="DIR", help="write checkpoints to DIR")
-    ap.add_argument("--save-every", type=int, default=0, metavar="K", help="checkpoint every K steps (and at the end)")
-    ap.add_argument("--resume", default=None, metavar="DIR", help="continue from the latest checkpoint in DIR")
-    ap.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)  # fault-injection test hook
-    ap.add_argument("--fail-rank", type=int, default=0, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != WORLD_SIZE:
-        sys.exit(f"train.py: this plan needs {{WORLD_SIZE}} ranks, but WORLD_SIZE={{world}}; run it with "
-                 f"torchrun --nproc-per-node {{WORLD_SIZE}} (or re-plan for {{world}} ranks)")
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    RANK, _ = hr.init()
-    DEVICE = hr.device()
-    wrong = device_mismatch(EXPECTED_DEVICES[RANK], DEVICE) or placement_mismatch(*PLACES[RANK])
-    if wrong:
-        hr.shutdown()
-        sys.exit(f"train.py: rank {{RANK}}: {{wrong}}; start the ranks in the plan's order (see the docstring) "
-                 "or re-plan for this cluster")
-    spec = load_spec(os.path.join(os.path.dirname(os.path.abspath(__file__)), SPEC))
-    torch.manual_seed(args.seed)
-    model = spec.model()
-    resume_from = args.resume or (args.save if restarts > 0 and args.save and ckpt.latest(args.save) else None)
-    start = 0
-    ck = None
-    if resume_from:
-        try:
-            ck = ckpt.load(resume_from, model.state_dict())
-        except ckpt.CheckpointError as e:
-            hr.shutdown()
-            print(f"train.py: {{e}}", file=sys.stderr)
-            sys.exit(2)
-        model.load_state_dict(ck["model"])
-        start = ck["step"]
-        if RANK == 0:
-            print(f"resuming from {{ck['path']}} at step {{start}}", flush=True)
-    params, buffers = local_state(model)
-    trainable = list(params.values())
-    opt = (torch.optim.SGD(trainable, lr=args.lr) if args.optimizer == "sgd"
-           else torch.optim.Adam(trainable, lr=args.lr))
-    if ck is not None:
-        load_optimizer_state(opt, params, ck["optimizer"], ck["model"])
-        torch.set_rng_state(ck["rng"])
-    grad_sync = hr.GradSync([[params[n] for n in b] for b in GRAD_BUCKETS], overlap=GRAD_OVERLAP)
-    offset = sum(SHARES[:RANK])
-    losses, step_s = [], []
-    last_saved = ck["path"] if ck else None
-    if args.emulate:  # from here on: the set-up above is not the emulated device's compute
-        hr.set_emulation(SLOWDOWN[RANK])
-    for step in range(start, args.steps):
-        t0 = time.perf_counter()
-        if args.fail_at_step == step and args.fail_rank == RANK and restarts == 0:
-            print(f"train.py: rank {{RANK}} fails at step {{step}} (--fail-at-step test hook)", flush=True)
-            os._exit(17)
-        with hr.undilated():  # --emulate slows forward + backward only, as the referee's baseline does
-            full = spec.batch(step, GLOBAL_BATCH)  # this step's global batch; each rank keeps its share
-            batch = [x.narrow(0, offset, SHARES[RANK]).to(DEVICE) if d == 0 else x.to(DEVICE)
-                     for x, d in zip(full, INPUTS)]
-        loss = forward(params, buffers, batch)
-        opt.zero_grad(set_to_none=True)  # backward writes fresh gradients: no zeroing pass
-        loss.backward()
-        global_loss = grad_sync.finish(loss)  # the loss rides in the last bucket
-        if global_loss != global_loss or abs(global_loss) == float("inf"):
-            hr.shutdown()
-            print(f"train.py: loss is {{global_loss}} at step {{step}}; stopping. Last good checkpoint: "
-                  f"{{last_saved or 'none (use --save DIR --save-every K)'}}", file=sys.stderr)
-            sys.exit(3)
-        with hr.undilated():
-            opt.step()
-        step_s.append(time.perf_counter() - t0)
-        losses.append(global_loss)
-        if RANK == 0:
-            print(f"step {{step:4d}}  loss {{global_loss:.6f}}  {{step_s[-1] * 1e3:8.1f}} ms", flush=True)
-        done = step + 1
-        if args.save and ((args.save_every and done % args.save_every == 0) or done == args.steps):
-            model_state = full_state_dict(model, params, buffers)
-            opt_state = full_optimizer_state(opt, params)
-            if RANK == 0:
-                last_saved = str(ckpt.save(args.save, done, model_state, opt_state, args.optimizer, PLAN_DIGEST))
-    if args.dump_params:
-        state = full_state_dict(model, params, buffers)
-        if RANK == 0:
-            torch.save(state, args.dump_params)
-    if args.log_json and RANK == 0:
-        with open(args.log_json, "w") as f:
-            json.dump({{"losses": losses, "step_s": step_s, "world_size": WORLD_SIZE, "first_step": start}}, f)
-    hr.shutdown()
+    hr.program.main(sys.modules[__name__])  # hap.runtime's training loop over this plan's tables and forward
 
 
 if __name__ == "__main__":

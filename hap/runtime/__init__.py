@@ -7,6 +7,7 @@ gradient all-reduce, synchronised batch norm, and slow-device emulation on one C
 This package imports nothing else from hap (nor PuLP): an emitted program needs only torch and it.
 """
 
+from . import program  # the training loop of train.py
 from .collectives import (
     all_gather,
     all_reduce,
@@ -37,6 +38,7 @@ __all__ = [
     "init",
     "is_distributed",
     "local_rank",
+    "program",
     "rank",
     "reduce_scatter",
     "set_emulation",

@@ -1,0 +1,213 @@
+"""The fixed part of every emitted ``train.py``: its command line, start-up checks, state
+sharding, the training loop and checkpoints. ``train.py`` holds what its plan decides (the
+tables and the forward over local shards) and calls ``main(sys.modules[__name__])``.
+
+The program module provides:
+  SPEC            the model spec, relative to train.py
+  PLAN_DIGEST, WORLD_SIZE, GLOBAL_BATCH, SHARES, SLOWDOWN, EXPECTED_DEVICES, PLACES
+  PARAMS          placeholder -> (state_dict keys, sharded dim or None, per-rank lengths)
+  BUFFERS         placeholder -> state_dict key
+  INPUTS          per batch tensor: 0 (sharded on dim 0 by SHARES) or None (replicated)
+  SHAPES          state_dict key -> the shape the plan was made for
+  GRAD_BUCKETS, GRAD_OVERLAP   the gradient all-reduce of replicated parameters
+  forward(params, buffers, batch) -> this rank's addend of the loss
+and reads the globals RANK and DEVICE, which ``main`` sets once the process group is up.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .checks import device_mismatch, placement_mismatch
+from .collectives import gather_full
+from .dist import device, init, shutdown
+from .emulate import set_emulation, undilated
+from .grad_sync import GradSync
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="hap-emitted SPMD training program")
+    ap.add_argument("--steps", type=int, default=10, help="train until this many steps are done")
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-json", default=None, help="rank 0 writes losses and step times here")
+    ap.add_argument("--dump-params", default=None, help="rank 0 saves the full state_dict after the last step")
+    ap.add_argument("--emulate", action="store_true", help="dilate each rank's compute by its SLOWDOWN (CPU emulation)")
+    ap.add_argument("--save", default=None, metavar="DIR", help="write checkpoints to DIR")
+    ap.add_argument("--save-every", type=int, default=0, metavar="K", help="checkpoint every K steps (and at the end)")
+    ap.add_argument("--resume", default=None, metavar="DIR", help="continue from the latest checkpoint in DIR")
+    return ap.parse_args(argv)
+
+
+def stop(message: str, code: int = 2) -> None:
+    """Leave the process group, print ``message`` and exit: a user's mistake, no traceback."""
+    shutdown()
+    print(f"train.py: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def load_spec(program: ModuleType) -> ModuleType:
+    """The model spec, found relative to train.py (the same layout on every node)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(program.__file__)), program.SPEC)
+    if not os.path.isfile(path):
+        stop(f"the model spec {path} is missing on this node; copy it there at the same place relative to "
+             f"train.py (SPEC = {program.SPEC!r})")
+    spec = importlib.util.spec_from_file_location("hap_user_spec", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.dirname(path))
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rank_slice(full: torch.Tensor, dim: int | None, lengths, rank: int) -> torch.Tensor:
+    return full if dim is None else full.narrow(dim, sum(lengths[:rank]), lengths[rank])
+
+
+def local_state(program: ModuleType, model: torch.nn.Module):
+    """This rank's shards of the single-device model's parameters and buffers."""
+    sd = {**dict(model.named_buffers()), **model.state_dict()}  # non-persistent buffers too
+    wrong = [f"{k} is {list(sd[k].shape) if k in sd else 'missing'}, the plan has {list(shape)}"
+             for k, shape in program.SHAPES.items() if k not in sd or tuple(sd[k].shape) != shape]
+    if wrong:
+        stop("the spec built a different model than the one planned (" + "; ".join(wrong[:3]) +
+             "); run with the same spec and environment (e.g. its HAP_* size variables) or re-plan", 1)
+    params = {name: torch.nn.Parameter(_rank_slice(sd[keys[0]].detach(), dim, lengths, program.RANK)
+                                       .clone().to(program.DEVICE))
+              for name, (keys, dim, lengths) in program.PARAMS.items()}
+    buffers = {name: sd[key].detach().clone().to(program.DEVICE) for name, key in program.BUFFERS.items()}
+    return params, buffers
+
+
+def _gather(local: torch.Tensor, dim: int | None, lengths) -> torch.Tensor:
+    return local.detach().clone() if dim is None else gather_full(local, "S", dim, lengths)
+
+
+def full_state_dict(program: ModuleType, model: torch.nn.Module, params, buffers) -> dict[str, torch.Tensor]:
+    """The consolidated state_dict, under the single-device model's keys (all ranks take part)."""
+    out = {}
+    for name, (keys, dim, lengths) in program.PARAMS.items():
+        full = _gather(params[name].detach(), dim, lengths)
+        for k in keys:
+            out[k] = full.cpu()
+    for name, key in program.BUFFERS.items():
+        out[key] = buffers[name].cpu()
+    return {k: out[k] for k in model.state_dict() if k in out}
+
+
+def full_optimizer_state(program: ModuleType, opt: torch.optim.Optimizer, params) -> dict[str, dict[str, Any]]:
+    """Optimizer state per parameter, full tensors under the parameter's first state_dict key."""
+    out = {}
+    for name, (keys, dim, lengths) in program.PARAMS.items():
+        p = params[name]
+        out[keys[0]] = {k: _gather(v, dim, lengths).cpu() if torch.is_tensor(v) and v.shape == p.shape and v.dim()
+                        else v for k, v in opt.state.get(p, {}).items()}
+    return out
+
+
+def load_optimizer_state(program: ModuleType, opt: torch.optim.Optimizer, params, state, model_state) -> None:
+    """This rank's slices of a checkpoint's full optimizer state (momenta shaped like their parameter)."""
+    for name, (keys, dim, lengths) in program.PARAMS.items():
+        entries = state.get(keys[0], {})
+        full_shape = model_state[keys[0]].shape
+        if entries:
+            opt.state[params[name]] = {k: _rank_slice(v, dim, lengths, program.RANK).clone().to(program.DEVICE)
+                                       if torch.is_tensor(v) and v.dim() and v.shape == full_shape else v
+                                       for k, v in entries.items()}
+
+
+def start(program: ModuleType) -> int:
+    """Join the process group and check this rank is where the plan puts it; returns the
+    torchrun restart count. Sets the program's RANK and DEVICE."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != program.WORLD_SIZE:
+        sys.exit(f"train.py: this plan needs {program.WORLD_SIZE} ranks, but WORLD_SIZE={world}; run it with "
+                 f"torchrun --nproc-per-node {program.WORLD_SIZE} (or re-plan for {world} ranks)")
+    program.RANK, _ = init()
+    program.DEVICE = device()
+    wrong = (device_mismatch(program.EXPECTED_DEVICES[program.RANK], program.DEVICE)
+             or placement_mismatch(*program.PLACES[program.RANK]))
+    if wrong:
+        stop(f"rank {program.RANK}: {wrong}; start the ranks in the plan's order (see the docstring) or re-plan "
+             "for this cluster", 1)
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def main(program: ModuleType, argv: list[str] | None = None) -> None:
+    """Train the program's model: each rank its share of every global batch, one optimizer step
+    per batch, checkpoints that resume under any plan."""
+    args = parse_args(argv)
+    restarts = start(program)
+    rank = program.RANK
+    spec = load_spec(program)
+    torch.manual_seed(args.seed)
+    model = spec.model()
+    # after a crash under --max-restarts, the restarted job resumes from its own latest checkpoint
+    resume_from = args.resume or (args.save if restarts > 0 and args.save and ckpt.latest(args.save) else None)
+    start_step, ck = 0, None
+    if resume_from:
+        try:
+            ck = ckpt.load(resume_from, model.state_dict())
+        except ckpt.CheckpointError as e:
+            stop(str(e))
+        model.load_state_dict(ck["model"])
+        start_step = ck["step"]
+        if rank == 0:
+            print(f"resuming from {ck['path']} at step {start_step}", flush=True)
+    params, buffers = local_state(program, model)
+    trainable = list(params.values())
+    opt = (torch.optim.SGD(trainable, lr=args.lr) if args.optimizer == "sgd"
+           else torch.optim.Adam(trainable, lr=args.lr))
+    if ck is not None:
+        load_optimizer_state(program, opt, params, ck["optimizer"], ck["model"])
+        torch.set_rng_state(ck["rng"])
+    grad_sync = GradSync([[params[n] for n in b] for b in program.GRAD_BUCKETS], overlap=program.GRAD_OVERLAP)
+    offset, share = sum(program.SHARES[:rank]), program.SHARES[rank]
+    losses, step_s = [], []
+    last_saved = ck["path"] if ck else None
+    if args.emulate:  # from here on: the set-up above is not the emulated device's compute
+        set_emulation(program.SLOWDOWN[rank])
+    for step in range(start_step, args.steps):
+        t0 = time.perf_counter()
+        with undilated():  # --emulate slows forward + backward only
+            full = spec.batch(step, program.GLOBAL_BATCH)  # this step's global batch; each rank keeps its share
+            batch = [x.narrow(0, offset, share).to(program.DEVICE) if d == 0 else x.to(program.DEVICE)
+                     for x, d in zip(full, program.INPUTS)]
+        loss = program.forward(params, buffers, batch)
+        opt.zero_grad(set_to_none=True)  # backward writes fresh gradients: no zeroing pass
+        loss.backward()
+        global_loss = grad_sync.finish(loss)  # the loss rides in the last bucket
+        if global_loss != global_loss or abs(global_loss) == float("inf"):
+            stop(f"loss is {global_loss} at step {step}; stopping. Last good checkpoint: "
+                 f"{last_saved or 'none (use --save DIR --save-every K)'}", 3)
+        with undilated():
+            opt.step()
+        step_s.append(time.perf_counter() - t0)
+        losses.append(global_loss)
+        if rank == 0:
+            print(f"step {step:4d}  loss {global_loss:.6f}  {step_s[-1] * 1e3:8.1f} ms", flush=True)
+        done = step + 1
+        if args.save and ((args.save_every and done % args.save_every == 0) or done == args.steps):
+            model_state = full_state_dict(program, model, params, buffers)
+            opt_state = full_optimizer_state(program, opt, params)
+            if rank == 0:
+                last_saved = str(ckpt.save(args.save, done, model_state, opt_state, args.optimizer,
+                                           program.PLAN_DIGEST))
+    if args.dump_params:
+        state = full_state_dict(program, model, params, buffers)
+        if rank == 0:
+            torch.save(state, args.dump_params)
+    if args.log_json and rank == 0:
+        with open(args.log_json, "w") as f:
+            json.dump({"losses": losses, "step_s": step_s, "world_size": program.WORLD_SIZE,
+                       "first_step": start_step}, f)
+    shutdown()
