@@ -7,20 +7,20 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from hap.baselines import dp_pin
 from hap.capture import capture
 from hap.cluster import Cluster, load_cluster
 from hap.cost import CostModel
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph
 from hap.placement import Splitter
-from hap.plan import Plan
+from hap.plan import Plan, assemble_plan
 from hap.rules import RuleContext, has_rule, view_units
 from hap.solve import (
     Evaluation,
     all_candidates,
     evaluate,
     even_shares,
-    lower_bound_s,
     memory_report,
     refit_shares,
     solve_placements,
@@ -79,15 +79,8 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
     cands = all_candidates(graph, ctx, strict=strict)
     user_pins = _parse_pins(graph, cands, pins or {})
 
-    def user_pin(node, c) -> bool:
+    def user_pin(node, c, _own) -> bool:
         return node.name not in user_pins or c.output == user_pins[node.name]
-
-    def dp_pin(node, c) -> bool:
-        if node.kind == "param":
-            return c.output.kind == "R"
-        if node.kind == "input":
-            return c.output.kind == "S" or len(cands[node.name]) == 1
-        return True
 
     results: dict[str, tuple[tuple[int, ...], dict, Evaluation, str]] = {}
 
@@ -110,13 +103,14 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
         if pin is user_pin and any(not any(c.output == p for c in own[name]) for name, p in user_pins.items()):
             infeasible[tag] = "these shares leave a pinned placement without a legal candidate"
             return None  # e.g. a pinned weight shard that would be empty on a rank with a zero share
+        restrict = None if pin is None else (lambda node, c: pin(node, c, own[node.name]))
         try:
-            res = solve_placements(graph, cm, own, pin=pin, time_limit_s=time_limit_s)
+            res = solve_placements(graph, cm, own, pin=restrict, time_limit_s=time_limit_s)
         except InfeasiblePlan as e:
             if tag != "hap":
                 infeasible[tag] = str(e)
                 return None
-            raise _explain_memory(graph, cluster, cm, own, pin, optimizer) from e
+            raise _explain_memory(graph, cluster, cm, own, restrict, optimizer) from e
         ev = evaluate(graph, cm, res.choice)
         results[tag] = (shares, res.choice, ev, res.status)
         return res.choice, ev, res.status
@@ -198,26 +192,6 @@ def table_notes(plan: Plan) -> list[str]:
         else:
             notes.append(f"embedding table {name} is replicated (cheaper than resharding its lookups here)")
     return notes
-
-
-def assemble_plan(graph: Graph, cluster: Cluster, shares: tuple[int, ...], choice: dict, ev: Evaluation,
-                  status: str, *, strategy: str, optimizer: str = "sgd", spec: str | None = None,
-                  solve_s: float = 0.0, baselines: dict | None = None, warnings: list[str] | None = None) -> Plan:
-    """A Plan from a solved assignment and its evaluation (also used by ``hap.baselines``)."""
-    cm = CostModel(graph, cluster, Splitter(shares), optimizer)
-    nodes = {}
-    for node in graph:
-        c = choice[node.name]
-        nodes[node.name] = {"candidate": c.name, "inputs": [str(p) for p in c.inputs], "output": str(c.output),
-                            "target": node.target, "source": node.source, "module": node.module}
-    moves = [{"producer": m.producer, "src": str(m.src), "dst": str(m.dst), "kind": m.conversion.kind,
-              "form": m.conversion.form, "seconds": m.conversion.seconds} for m in ev.moves]
-    predicted = {"step_s": ev.step_s, "compute_s": list(ev.compute_s), "critical_compute_s": ev.critical_compute_s,
-                 "comm_s": ev.comm_s, "grad_sync_s": ev.grad_sync_s, "memory_bytes": list(ev.memory_bytes),
-                 "grad_buckets": ev.grad_buckets, "grad_overlap": ev.grad_overlap}
-    lb = lower_bound_s(graph, cm)
-    return Plan(graph, cluster, tuple(shares), nodes, moves, ev.grad_synced, predicted, baselines or {}, lb,
-                solve_s, status, optimizer, strategy, spec, warnings or [])
 
 
 def _explain_memory(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin,

@@ -18,12 +18,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from hap.api import assemble_plan
 from hap.cluster import Cluster
 from hap.cost import CostModel
 from hap.graph import Graph, Node, TensorMeta
 from hap.placement import Splitter
-from hap.plan import Plan
+from hap.plan import Plan, assemble_plan
 from hap.rules import Candidate, RuleContext, view_units
 from hap.solve import (
     all_candidates,
@@ -57,14 +56,11 @@ def solve_pinned(graph: Graph, cluster: Cluster, shares: tuple[int, ...], pin: P
     wrapped = None if pin is None else (lambda node, c: pin(node, c, cands[node.name]))
     res = solve_placements(graph, cm, cands, pin=wrapped, time_limit_s=time_limit_s)
     ev = evaluate(graph, cm, res.choice)
-    return plan_from(graph, cluster, shares, res.choice, ev, res.status, strategy=strategy, optimizer=optimizer,
+    return assemble_plan(graph, cluster, shares, res.choice, ev, res.status, strategy=strategy, optimizer=optimizer,
                      spec=spec, solve_s=time.perf_counter() - t0)
 
 
-plan_from = assemble_plan  # one implementation, in hap.api
-
-
-def _dp_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
+def dp_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
     if node.kind == "param":
         return c.output.kind == "R"
     if node.kind == "input":
@@ -72,7 +68,7 @@ def _dp_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
     return True
 
 
-def _fsdp_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
+def fsdp_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
     if node.kind == "param":
         # sharded on dim 0 where the rules allow it (unit 1 first), else replicated
         dim0 = [x for x in cands if x.output.kind == "S" and x.output.dim == 0]
@@ -85,7 +81,7 @@ def _fsdp_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
     return True
 
 
-def _megatron_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
+def megatron_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
     if node.kind == "param":
         m = node.meta
         if isinstance(m, TensorMeta) and m.ndim >= 2 and any(x.output.kind == "S" and x.output.dim in (0, 1)
@@ -99,18 +95,18 @@ def _megatron_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
 
 def dp_even(graph: Graph, cluster: Cluster, **kw) -> Plan:
     n = cluster.num_ranks
-    return solve_pinned(graph, cluster, even_shares(n, _global_batch(graph, n)), _dp_pin, "dp_even", **kw)
+    return solve_pinned(graph, cluster, even_shares(n, _global_batch(graph, n)), dp_pin, "dp_even", **kw)
 
 
 def dp_proportional(graph: Graph, cluster: Cluster, **kw) -> Plan:
     n = cluster.num_ranks
-    return solve_pinned(graph, cluster, speed_shares(cluster, _global_batch(graph, n)), _dp_pin,
+    return solve_pinned(graph, cluster, speed_shares(cluster, _global_batch(graph, n)), dp_pin,
                         "dp_proportional", **kw)
 
 
 def fsdp_even(graph: Graph, cluster: Cluster, **kw) -> Plan:
     n = cluster.num_ranks
-    return solve_pinned(graph, cluster, even_shares(n, _global_batch(graph, n)), _fsdp_pin, "fsdp_even", **kw)
+    return solve_pinned(graph, cluster, even_shares(n, _global_batch(graph, n)), fsdp_pin, "fsdp_even", **kw)
 
 
 def megatron_tp_even(graph: Graph, cluster: Cluster, **kw) -> Plan | None:
@@ -118,7 +114,7 @@ def megatron_tp_even(graph: Graph, cluster: Cluster, **kw) -> Plan | None:
     matrices = [p for p in graph.params() if isinstance(p.meta, TensorMeta) and p.meta.ndim >= 2]
     if n < 2 or not matrices:
         return None
-    return solve_pinned(graph, cluster, even_shares(n, _global_batch(graph, n)), _megatron_pin, "megatron_tp_even",
+    return solve_pinned(graph, cluster, even_shares(n, _global_batch(graph, n)), megatron_pin, "megatron_tp_even",
                         **kw)
 
 

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hap.graph import Graph
+from hap.placement import Splitter
 
 if TYPE_CHECKING:
     from hap.cluster import Cluster
+    from hap.solve import Evaluation
 
 
 @dataclass
@@ -134,3 +136,26 @@ class Plan:
         from hap.emit import emit_program
 
         return emit_program(self, Path(out_dir), spec=spec or self.spec, force=force)
+
+
+def assemble_plan(graph: Graph, cluster: Cluster, shares: tuple[int, ...], choice: dict, ev: Evaluation,
+                  status: str, *, strategy: str, optimizer: str = "sgd", spec: str | None = None,
+                  solve_s: float = 0.0, baselines: dict | None = None, warnings: list[str] | None = None) -> Plan:
+    """A Plan from a solved assignment and its evaluation (the search's and every baseline's)."""
+    from hap.cost import CostModel
+    from hap.solve import lower_bound_s
+
+    cm = CostModel(graph, cluster, Splitter(shares), optimizer)
+    nodes = {}
+    for node in graph:
+        c = choice[node.name]
+        nodes[node.name] = {"candidate": c.name, "inputs": [str(p) for p in c.inputs], "output": str(c.output),
+                            "target": node.target, "source": node.source, "module": node.module}
+    moves = [{"producer": m.producer, "src": str(m.src), "dst": str(m.dst), "kind": m.conversion.kind,
+              "form": m.conversion.form, "seconds": m.conversion.seconds} for m in ev.moves]
+    predicted = {"step_s": ev.step_s, "compute_s": list(ev.compute_s), "critical_compute_s": ev.critical_compute_s,
+                 "comm_s": ev.comm_s, "grad_sync_s": ev.grad_sync_s, "memory_bytes": list(ev.memory_bytes),
+                 "grad_buckets": ev.grad_buckets, "grad_overlap": ev.grad_overlap}
+    lb = lower_bound_s(graph, cm)
+    return Plan(graph, cluster, tuple(shares), nodes, moves, ev.grad_synced, predicted, baselines or {}, lb,
+                solve_s, status, optimizer, strategy, spec, warnings or [])

@@ -245,7 +245,10 @@ def _ck_misc(n, r):
     return errs.msgs
 
 
-def _ck_all_reduce_grads(n, r):
+def _ck_grad_sync_buckets(n, r):
+    """GradSync without overlap: a tied parameter listed twice is reduced once, a None gradient is
+    this rank's zero addend, an f64 parameter gets a bucket of its own dtype, the loss rides along,
+    and each bucket's buffer persists from step to step."""
     errs = _Errs()
     a = torch.zeros(3, 4, requires_grad=True)
     b = torch.zeros(5, requires_grad=True)
@@ -256,29 +259,29 @@ def _ck_all_reduce_grads(n, r):
     c.grad = torch.full((2, 2), 0.5 * r, dtype=torch.float64)
     if r != 0:
         d.grad = torch.ones(6)
-    hr.all_reduce_grads([a, b, c, d, a], bucket_mb=1e-5)  # tiny buckets: several all_reduces; `a` tied
+    sync = hr.GradSync([[a, b], [c, d, a]], overlap=False)
+    total = sync.finish(torch.tensor(0.25 * (r + 1)))
     tot = n * (n + 1) / 2
-    errs.close("all_reduce_grads a", a.grad, torch.full((3, 4), tot))
-    errs.close("all_reduce_grads b", b.grad, torch.arange(5.0) * tot)
-    errs.close("all_reduce_grads c (f64)", c.grad, torch.full((2, 2), 0.5 * (n - 1) * n / 2, dtype=torch.float64))
-    errs.close("all_reduce_grads d (None on rank 0)", d.grad, torch.full((6,), float(n - 1)))
-    total = hr.all_reduce_grads([a], loss=torch.tensor(0.25 * (r + 1)))  # default bucket; the loss rides along
-    errs.close("all_reduce_grads again", a.grad, torch.full((3, 4), tot * n))
-    if total is None or abs(total - 0.25 * tot) > 1e-6:
-        errs.msgs.append(f"all_reduce_grads loss: {total} != {0.25 * tot}")
+    errs.close("grad sync a", a.grad, torch.full((3, 4), tot))
+    errs.close("grad sync b", b.grad, torch.arange(5.0) * tot)
+    errs.close("grad sync c (f64)", c.grad, torch.full((2, 2), 0.5 * (n - 1) * n / 2, dtype=torch.float64))
+    errs.close("grad sync d (None on rank 0)", d.grad, torch.full((6,), float(n - 1)))
+    if abs(total - 0.25 * tot) > 1e-6:
+        errs.msgs.append(f"grad sync loss: {total} != {0.25 * tot}")
+    if c.grad.dtype != torch.float64:
+        errs.msgs.append(f"grad sync turned the f64 gradient into {c.grad.dtype}")
     kept = a.grad  # held, so a fresh buffer could not land at the same address
     first = kept.untyped_storage().data_ptr()
     a.grad = torch.full((3, 4), 1.0)  # a new step's gradient: reduced in the same, persistent buffer
-    hr.all_reduce_grads([a], loss=torch.tensor(0.0))
+    sync.finish(torch.tensor(0.0))
     if a.grad.untyped_storage().data_ptr() != first:
-        errs.msgs.append("all_reduce_grads allocated a new bucket buffer for the same bucket")
-    errs.close("all_reduce_grads persistent bucket", a.grad, torch.full((3, 4), float(n)))
-    a.grad = torch.full((3, 4), tot * n)
-    hr.all_reduce_grads([a])  # the same bucket again, without a new backward: its grads view the buffer
-    errs.close("all_reduce_grads twice", a.grad, torch.full((3, 4), tot * n * n))
-    total = hr.all_reduce_grads([], loss=torch.tensor(float(r)))  # no replicated params: a scalar all_reduce
-    if total is None or abs(total - (n - 1) * n / 2) > 1e-9:
-        errs.msgs.append(f"all_reduce_grads loss without params: {total}")
+        errs.msgs.append("grad sync allocated a new bucket buffer for the same bucket")
+    errs.close("grad sync persistent bucket", a.grad, torch.full((3, 4), float(n)))
+    sync.finish(torch.tensor(0.0))  # the same buckets again, without a new backward: grads view the buffer
+    errs.close("grad sync twice", a.grad, torch.full((3, 4), float(n * n)))
+    total = hr.GradSync([], overlap=False).finish(torch.tensor(float(r)))  # no replicated params
+    if abs(total - (n - 1) * n / 2) > 1e-9:
+        errs.msgs.append(f"grad sync loss without params: {total}")
     return errs.msgs
 
 
@@ -410,7 +413,7 @@ CHECKS = {
     "all_to_all": _ck_all_to_all,
     "slice_local_to_partial": _ck_slice_partial,
     "misc": _ck_misc,
-    "all_reduce_grads": _ck_all_reduce_grads,
+    "grad_sync_buckets": _ck_grad_sync_buckets,
     "sync_batch_norm": _ck_sync_batch_norm,
     "emulation": _ck_emulation,
 }
@@ -555,9 +558,8 @@ def test_single_process_grads_and_bn(single):
     a = torch.zeros(3, requires_grad=True)
     b = torch.zeros(2, requires_grad=True)
     a.grad = torch.ones(3)
-    assert hr.all_reduce_grads([a, b]) is None
+    assert hr.GradSync([[a, b]], overlap=False).finish(torch.tensor(1.5)) == 1.5
     assert torch.equal(a.grad, torch.ones(3)) and torch.equal(b.grad, torch.zeros(2))
-    assert hr.all_reduce_grads([a], loss=torch.tensor(1.5)) == 1.5
     x = torch.randn(6, 3, 2)
     w, bb = torch.randn(3), torch.randn(3)
     rm, rv, rm2, rv2 = torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3)

@@ -11,7 +11,6 @@ from . import program  # the training loop of train.py
 from .collectives import (
     all_gather,
     all_reduce,
-    all_reduce_grads,
     all_to_all,
     broadcast_,
     gather_full,
@@ -29,7 +28,6 @@ __all__ = [
     "GradSync",
     "all_gather",
     "all_reduce",
-    "all_reduce_grads",
     "all_to_all",
     "broadcast_",
     "device",

@@ -387,49 +387,6 @@ def gather_full(x: torch.Tensor, placement_kind: str, dim: int, lengths: Sequenc
     raise ValueError(f"hap.runtime.gather_full: placement_kind must be 'R', 'S' or 'P', got {placement_kind!r}")
 
 
-def all_reduce_grads(params: Iterable[torch.Tensor], bucket_mb: float = 25.0,
-                     loss: torch.Tensor | None = None) -> float | None:
-    """Sum `.grad` of replicated params over ranks, in place, one all_reduce per bucket.
-
-    A param whose `.grad` is None gets zeros first (a rank may not have touched it). A param listed
-    twice is reduced once. Buckets group params by (device, dtype) up to `bucket_mb` MiB each.
-    With `loss` (this rank's addend of the global loss), returns the global loss: it rides in the
-    last bucket, so a step pays one collective latency for both, not two.
-    """
-    seen: set[int] = set()
-    plist: list[torch.Tensor] = []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            plist.append(p)
-    fill_missing_grads(plist)
-    if not _d.is_distributed() or not plist:
-        if loss is not None:
-            return sum_scalar(loss)
-        _local_step()
-        return None
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for p in plist:
-        groups.setdefault((p.grad.device, p.grad.dtype), []).append(p)
-    limit = max(1, int(bucket_mb * 2**20))
-    buckets: list[list[torch.Tensor]] = []
-    for key in sorted(groups, key=lambda k: (str(k[0]), str(k[1]))):  # same order on every rank
-        bucket: list[torch.Tensor] = []
-        size = 0
-        for p in groups[key]:
-            bucket.append(p)
-            size += p.grad.numel() * p.grad.element_size()
-            if size >= limit:
-                buckets.append(bucket)
-                bucket, size = [], 0
-        if bucket:
-            buckets.append(bucket)
-    total = None
-    for i, bucket in enumerate(buckets):
-        total = _reduce_bucket(bucket, loss if i == len(buckets) - 1 else None)
-    return total
-
-
 _BUCKETS: dict[tuple, torch.Tensor] = {}  # flat all-reduce buffers, kept from step to step
 
 
@@ -477,9 +434,3 @@ def unpack_bucket(bucket: list[torch.Tensor], flat: torch.Tensor, has_loss: bool
         p.grad = flat[off: off + k].view_as(p)
         off += k
     return float(flat[off:].sum().item()) if has_loss else None
-
-
-def _reduce_bucket(bucket: list[torch.Tensor], loss: torch.Tensor | None = None) -> float | None:
-    flat = pack_bucket(bucket, loss)
-    _d._all_reduce(flat)
-    return unpack_bucket(bucket, flat, loss is not None)

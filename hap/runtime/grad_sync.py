@@ -26,10 +26,12 @@ class GradSync:
         seen: set[int] = set()
         self.buckets: list[list[torch.Tensor]] = []
         for b in buckets:
-            mine = [p for p in b if id(p) not in seen]
+            mine = [p for p in b if id(p) not in seen]  # a tied parameter is reduced once
             seen.update(id(p) for p in mine)
-            if mine:
-                self.buckets.append(mine)
+            kinds: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            for p in mine:  # one flat buffer holds one dtype on one device
+                kinds.setdefault((p.device, p.dtype), []).append(p)
+            self.buckets.extend(kinds.values())
         self.overlap = overlap and _d.is_distributed()
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
         self._reset()

@@ -20,7 +20,8 @@ def sync_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     Training: global per-channel mean, then global biased variance from the summed squared deviations
     (two passes, exact), both through differentiable all-reduces; running stats are updated in place
     as PyTorch does (running_var from the unbiased variance). Eval: running stats, no communication.
-    The gradients of `weight` and `bias` are this rank's addends (P): sum them with all_reduce_grads.
+    The gradients of `weight` and `bias` are this rank's addends (P): GradSync sums them with the
+    other replicated gradients.
     """
     ls = _lengths(lengths, "sync_batch_norm")
     if x.dim() < 2:
