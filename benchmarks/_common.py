@@ -11,8 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# Even data parallel with emulated slow ranks: the same semantics as the referee's baseline
-# (hapcheck.py bench): each rank sleeps (slowdown - 1) x its forward + backward time, then one
+# Even data parallel with emulated slow ranks, emulated as --emulate does it: each rank
+# waits (slowdown - 1) x its forward + backward time, then one
 # flat all-reduce of all gradients, then SGD.
 DDP_EMULATED = r'''
 import json, os, sys, time, importlib.util, torch, torch.distributed as dist

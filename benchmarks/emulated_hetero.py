@@ -5,7 +5,7 @@
 
 Plans the spec for the cluster (default: 2 CPU ranks, slowdowns 1 and 3), emits train.py,
 then alternates `rounds` times: the emitted program under torchrun with --emulate, and the
-referee's even data-parallel baseline (each rank sleeps (slowdown - 1) x its compute). Prints
+even data-parallel baseline (each rank waits (slowdown - 1) x its compute). Prints
 per-round median step times (first 2 steps skipped), the overall medians, the speed-up, the
 plan's predicted step (aligned, = the solver's objective) and the finer segment timeline's,
 and |predicted - measured| / measured. The machine's load average is printed too: other

@@ -5,8 +5,8 @@ all-reduce) and `end_segment()` first waits (busy) `(s - 1) x` the wall time thi
 of its previous communication (its compute in that segment), so the rank behaves like a device
 `s` times slower. The clock restarts after each communication, so neither the wait nor the time
 spent waiting for other ranks counts as compute. What runs inside `undilated()` (the emitted
-program's batch loading, gradient-bucket sync and optimizer step) is not slowed: the emulated device is slower at the
-model's forward and backward, the definition hapcheck's even data-parallel baseline uses.
+program's batch loading, gradient-bucket sync and optimizer step) is not slowed: an emulated device
+is slower at the model's forward and backward compute, and at nothing else (the host does the rest).
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def after_comm() -> None:
 def undilated():
     """Work that the emulated device does not slow: the segment so far is dilated first, and the
     clock restarts after the block (loading the batch, the optimizer step: the emulated slowdown
-    is of the model's forward and backward compute, as in hapcheck's even-DDP baseline). Collectives
-    inside the block (the gradient buckets' all-reduce) dilate nothing either."""
+    is of the model's forward and backward compute only). Collectives inside the block (the
+    gradient buckets' all-reduce) dilate nothing either."""
     global _undilated_depth
     before_comm()
     _undilated_depth += 1

@@ -66,7 +66,7 @@ class GradSync:
             self._reset()
             return sum_scalar(loss)
         # packing and unpacking the buckets is the gradient sync's work, not the model's compute:
-        # an emulated slow device does not dilate it (nor does hapcheck's baseline its gradient cat)
+        # an emulated slow device does not dilate it: emulation slows forward and backward only
         with emulate.undilated():
             # the hooks never launch the last bucket, so the loss always rides in it
             while self._next < len(self.buckets):
