@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from hap.baselines import dp_pin
+from hap.calibrate import measured
 from hap.capture import capture
 from hap.cluster import Cluster, load_cluster
 from hap.cost import CostModel
@@ -64,6 +65,7 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
     (``{"p_fc_weight": "S(0)"}``: a parameter sharded on dim 0), as a user constraint."""
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
+    cluster = measured(cluster, say)  # device "cpu": this machine, measured on first use
     n = cluster.num_ranks
     inputs = [x for x in graph if x.kind == "input"]
     total = inputs[0].meta.shape[0] if inputs and inputs[0].meta.shape else n

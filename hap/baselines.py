@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from hap.calibrate import measured
 from hap.cluster import Cluster
 from hap.cost import CostModel
 from hap.graph import Graph, Node, TensorMeta
@@ -50,6 +51,7 @@ def solve_pinned(graph: Graph, cluster: Cluster, shares: tuple[int, ...], pin: P
                  optimizer: str = "sgd", time_limit_s: float = 20.0, spec: str | None = None) -> Plan:
     """The MILP with ``shares`` fixed and ``pin`` restricting candidates, as a Plan."""
     t0 = time.perf_counter()
+    cluster = measured(cluster)  # device "cpu": this machine, measured on first use
     ctx = RuleContext(graph, Splitter(shares), view_units(graph))
     cands = all_candidates(graph, ctx)
     cm = CostModel(graph, cluster, Splitter(shares), optimizer)

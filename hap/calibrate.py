@@ -3,7 +3,8 @@
 The shipped ``profiles/devices/cpu.json`` was measured on the development machine; another
 machine (or the same VM type on a busier host) computes and communicates at other rates, and
 an emulated CPU cluster's predicted step time would be off by that ratio. So the first time a
-cluster names ``device = "cpu"``, hap runs ``hap-profile --quick`` (2 single-thread processes,
+plan needs the cost of ``device = "cpu"`` (``measured``, which the planner calls; loading a
+cluster file never measures), hap runs ``hap-profile --quick`` (2 single-thread processes,
 ~20 s, progress on stderr) and caches the profile under ``$HAP_CACHE_DIR`` (default
 ``~/.cache/hap``), keyed by host, CPU model and torch version; later plans read the cache.
 The cached profile also sets ``measure_ops``: planning then times each matmul-class node at
@@ -15,6 +16,7 @@ to a profile JSON. Delete the cache file (its path is printed) to recalibrate.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -23,11 +25,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from hap.errors import ClusterFileError
+from hap.machine import DeviceProfile, cpu_model, load_device
+
+if TYPE_CHECKING:
+    from hap.cluster import Cluster
 
 MODES = ("auto", "shipped")
 
@@ -43,8 +51,6 @@ def cache_dir() -> Path:
 
 
 def cache_path() -> Path:
-    from hap.profile import cpu_model
-
     key = f"{socket.gethostname()}-{cpu_model()}-torch{torch.__version__}-{platform.python_version()}"
     return cache_dir() / ("cpu-" + re.sub(r"[^A-Za-z0-9_.+-]+", "_", key)[:150] + ".json")
 
@@ -82,22 +88,36 @@ def calibrate(out: Path) -> dict:
     return profile
 
 
-def local_cpu_profile():
-    """The DeviceProfile for ``device = "cpu"``: None means "use the shipped file"."""
-    from hap.cluster import DeviceProfile, load_device
-
+def cpu_profile_now() -> tuple[DeviceProfile | None, bool]:
+    """What device "cpu" is without measuring anything: (a profile, or None for the shipped
+    profiles/devices/cpu.json; whether this machine still has to be measured)."""
     m = mode()
     if m == "shipped":
-        return None
+        return None, False
     if m != "auto":
         path = Path(m).expanduser()
         if not path.is_file():
             raise ClusterFileError(f"HAP_CPU_PROFILE={m}: no such file; use 'auto', 'shipped' or a profile JSON path")
-        return load_device(str(path))
+        return load_device(str(path)), False
     path = cache_path()
     if path.is_file():
         try:
-            return DeviceProfile.from_json(json.loads(path.read_text()), str(path))
+            return DeviceProfile.from_json(json.loads(path.read_text()), str(path)), False
         except (json.JSONDecodeError, ClusterFileError):
             pass  # a damaged cache is measured again
-    return DeviceProfile.from_json(calibrate(path), str(path))
+    return None, True
+
+
+def measured(cluster: Cluster, progress: Callable[[str], None] | None = None) -> Cluster:
+    """``cluster`` with every device that stands in for this machine measured (once: the result is
+    cached, see ``cache_path``). Planning calls this where the cost of "cpu" is first needed."""
+    if not cluster.pending_calibration:
+        return cluster
+    if progress is not None:
+        progress('measuring this machine for device "cpu" (first use, ~20 s)')
+    path = cache_path()
+    profile = DeviceProfile.from_json(calibrate(path), str(path))
+    devices = dict(cluster.devices)
+    for name in cluster.pending_calibration:
+        devices[name] = profile
+    return dataclasses.replace(cluster, devices=devices, pending_calibration=())

@@ -92,6 +92,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
     from hap.api import plan_graph
+    from hap.calibrate import measured
     from hap.cluster import load_cluster
     from hap.emit import check_emit_dir
     from hap.spec import capture_spec, load_spec
@@ -103,6 +104,8 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
     cluster = load_cluster(args.cluster)
     mod = load_spec(args.spec)
     with err.status("capturing the model with torch.export") as status:
+        cluster = measured(cluster, lambda msg: status.update(msg))  # device "cpu" on first use
+        status.update("capturing the model with torch.export")
         graph = capture_spec(mod, args.batch_size)
         status.update(f"planning {len(graph)} nodes for {cluster.num_ranks} ranks")
         plan = plan_graph(graph, cluster, optimizer=args.optimizer, strict=args.strict,

@@ -22,177 +22,28 @@ numbered in order of first appearance.
 from __future__ import annotations
 
 import difflib
-import json
 import math
-import os
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hap.errors import ClusterFileError
+from hap.machine import (  # noqa: F401  (the cluster file's vocabulary, re-exported)
+    DeviceProfile,
+    Link,
+    _is_int,
+    _is_number,
+    known_devices,
+    load_device,
+    profiles_dir,
+)
 
 DEFAULT_INTER_NODE_ALPHA_US = 30.0
 _TOP_KEYS = ("name", "description", "network", "nodes")
 _NETWORK_KEYS = ("inter_node_gbps", "inter_node_alpha_us")
 _NODE_KEYS = ("device", "count", "repeat", "slowdown", "node")
-_DTYPE_ALIASES = {
-    "float32": "fp32",
-    "float": "fp32",
-    "float16": "fp16",
-    "half": "fp16",
-    "bfloat16": "bf16",
-    "tensorfloat32": "tf32",
-}
-
-
-@dataclass(frozen=True)
-class Link:
-    """α-β model of a link: a message of b bytes takes alpha_s + b / bytes_per_s.
-
-    ``collectives`` optionally refines it per collective ("all_reduce", "all_gather.padded",
-    "all_to_all.grouped", ...): the (alpha_s, bytes_per_s) that ``hap.cost.collective_s``'s formula
-    for that collective was fitted to by hap-profile on this link; others use the link's pair.
-    """
-
-    alpha_s: float
-    bytes_per_s: float
-    collectives: Mapping[str, tuple[float, float]] | None = field(default=None, compare=False, hash=False)
-
-    def for_collective(self, key: str) -> tuple[float, float]:
-        """(alpha_s, bytes_per_s) for a collective key such as "all_gather.padded"."""
-        fits = self.collectives or {}
-        if key in fits:
-            return fits[key]
-        kind = key.split(".")[0]
-        return fits.get(kind, (self.alpha_s, self.bytes_per_s))
-
-    def time_s(self, nbytes: float) -> float:
-        return self.alpha_s + nbytes / self.bytes_per_s
-
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    """Achieved (not peak) rates of one device kind; `provenance` says where each number came from."""
-
-    name: str
-    memory_bytes: int
-    flop_per_s: dict[str, dict[str, float]]
-    memory_bytes_per_s: float
-    kernel_floor_s: float
-    intra_node: Link
-    intra_node_kind: str
-    provenance: dict[str, str]
-    measure_ops: bool = False  # plan-time timing of matmul-class ops on this machine (hap.optimer)
-    overlap_comm: bool = True  # collectives can run while the device computes (False: CPU ranks share cores)
-
-    def compute_rate(self, op_class: str, dtype: str) -> float:
-        """Achieved flop/s for an op class ("matmul", "conv", "attention", ...) and dtype.
-
-        An unknown op class counts as "matmul"; an unknown dtype gets the class's fp32 rate.
-        """
-        rates = self.flop_per_s.get(op_class) or self.flop_per_s["matmul"]
-        key = _normalize_dtype(dtype)
-        if key in rates:
-            return rates[key]
-        return rates.get("fp32", self.flop_per_s["matmul"]["fp32"])
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "memory_bytes": self.memory_bytes,
-            "flop_per_s": {c: dict(r) for c, r in self.flop_per_s.items()},
-            "memory_bytes_per_s": self.memory_bytes_per_s,
-            "kernel_floor_s": self.kernel_floor_s,
-            "intra_node": {
-                "kind": self.intra_node_kind,
-                "bytes_per_s": self.intra_node.bytes_per_s,
-                "alpha_s": self.intra_node.alpha_s,
-                **({"collectives": {k: {"alpha_s": a, "bytes_per_s": b}
-                                    for k, (a, b) in self.intra_node.collectives.items()}}
-                   if self.intra_node.collectives else {}),
-            },
-            "provenance": dict(self.provenance),
-            **({"measure_ops": True} if self.measure_ops else {}),
-            **({"overlap_comm": False} if not self.overlap_comm else {}),
-        }
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any], where: str = "device profile") -> DeviceProfile:
-        """Build from the profile JSON format; ClusterFileError (naming `where`) if malformed."""
-        if not isinstance(d, Mapping):
-            raise ClusterFileError(f"{where}: a device profile must be a JSON object, got {type(d).__name__}")
-        fix = "see profiles/devices/V100-16GB.json for the format"
-
-        def need(key: str, container: Mapping[str, Any] = d, path: str = "") -> Any:
-            if key not in container:
-                raise ClusterFileError(f"{where}: missing key '{path}{key}' ({fix})")
-            return container[key]
-
-        def number(value: Any, path: str, positive: bool = True) -> float:
-            ok = _is_number(value) and (value > 0 if positive else value >= 0)
-            if not ok:
-                want = "a number > 0" if positive else "a number >= 0"
-                raise ClusterFileError(f"{where}: '{path}' must be {want}, got {value!r} ({fix})")
-            return float(value)
-
-        name = need("name")
-        if not isinstance(name, str) or not name:
-            raise ClusterFileError(f"{where}: 'name' must be a non-empty string, got {name!r}")
-        memory = need("memory_bytes")
-        if not _is_int(memory) or memory <= 0:
-            raise ClusterFileError(f"{where}: 'memory_bytes' must be an integer > 0, got {memory!r} ({fix})")
-        flops_raw = need("flop_per_s")
-        if not isinstance(flops_raw, Mapping):
-            raise ClusterFileError(f"{where}: 'flop_per_s' must be an object of op class -> dtype -> flop/s")
-        flops: dict[str, dict[str, float]] = {}
-        for op_class, rates in flops_raw.items():
-            if not isinstance(rates, Mapping) or not rates:
-                raise ClusterFileError(
-                    f"{where}: 'flop_per_s.{op_class}' must be a non-empty object of dtype -> flop/s ({fix})"
-                )
-            flops[op_class] = {dt: number(v, f"flop_per_s.{op_class}.{dt}") for dt, v in rates.items()}
-        if "fp32" not in flops.get("matmul", {}):
-            raise ClusterFileError(
-                f"{where}: missing key 'flop_per_s.matmul.fp32' (the fallback rate; {fix})"
-            )
-        link = need("intra_node")
-        if not isinstance(link, Mapping):
-            raise ClusterFileError(f"{where}: 'intra_node' must be an object with kind, bytes_per_s, alpha_s")
-        kind = need("kind", link, "intra_node.")
-        if not isinstance(kind, str):
-            raise ClusterFileError(f"{where}: 'intra_node.kind' must be a string such as 'nvlink', 'pcie'")
-        fits: dict[str, tuple[float, float]] = {}
-        raw_fits = link.get("collectives", {})
-        if not isinstance(raw_fits, Mapping):
-            raise ClusterFileError(f"{where}: 'intra_node.collectives' must be an object of collective -> "
-                                   "{alpha_s, bytes_per_s} (written by hap-profile)")
-        for key, fit in raw_fits.items():
-            path = f"intra_node.collectives.{key}."
-            if not isinstance(fit, Mapping):
-                raise ClusterFileError(f"{where}: '{path[:-1]}' must be an object with alpha_s and bytes_per_s")
-            fits[key] = (number(need("alpha_s", fit, path), path + "alpha_s", positive=False),
-                         number(need("bytes_per_s", fit, path), path + "bytes_per_s"))
-        provenance = d.get("provenance", {})
-        if not isinstance(provenance, Mapping) or not all(isinstance(v, str) for v in provenance.values()):
-            raise ClusterFileError(f"{where}: 'provenance' must be an object of key path -> source string")
-        return cls(
-            name=name,
-            memory_bytes=int(memory),
-            flop_per_s=flops,
-            memory_bytes_per_s=number(need("memory_bytes_per_s"), "memory_bytes_per_s"),
-            kernel_floor_s=number(need("kernel_floor_s"), "kernel_floor_s", positive=False),
-            intra_node=Link(
-                alpha_s=number(need("alpha_s", link, "intra_node."), "intra_node.alpha_s", positive=False),
-                bytes_per_s=number(need("bytes_per_s", link, "intra_node."), "intra_node.bytes_per_s"),
-                collectives=fits or None,
-            ),
-            intra_node_kind=kind,
-            provenance=dict(provenance),
-            measure_ops=bool(d.get("measure_ops", False)),
-            overlap_comm=bool(d.get("overlap_comm", True)),
-        )
 
 
 @dataclass(frozen=True)
@@ -210,6 +61,8 @@ class Cluster:
     devices: dict[str, DeviceProfile]
     inter_node: Link
     source: str  # the file it was loaded from, or a description
+    # devices whose profile stands in until this machine is measured (hap.calibrate.measured)
+    pending_calibration: tuple[str, ...] = ()
 
     @property
     def num_ranks(self) -> int:
@@ -330,31 +183,6 @@ class Cluster:
         assert self.inter_node.bytes_per_s > 0 and self.inter_node.alpha_s >= 0
 
 
-def profiles_dir() -> Path:
-    """$HAP_PROFILES if set, else the repository's profiles/ folder."""
-    env = os.environ.get("HAP_PROFILES")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "profiles"
-
-
-def known_devices() -> list[str]:
-    folder = profiles_dir() / "devices"
-    return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
-
-
-def load_device(name_or_path: str | Path) -> DeviceProfile:
-    """A profile by name (profiles/devices/<name>.json, case-insensitive) or by path to a .json file."""
-    path = _device_path(str(name_or_path))
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ClusterFileError(f"device profile {path} cannot be read: {e.strerror or e}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ClusterFileError(f"{path}: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
-    return DeviceProfile.from_json(data, str(path))
-
-
 def load_cluster(path: str | Path | None = None) -> Cluster:
     """Load a cluster TOML file; None means profiles/clusters/default.toml.
 
@@ -391,6 +219,7 @@ def cluster_from_dict(
 
     devices: dict[str, DeviceProfile] = {}
     by_ref: dict[str, str] = {}  # device string in the file -> profile name
+    to_measure: list[str] = []  # profiles that stand in for a measurement of this machine
     ranks: list[RankInfo] = []
     node_ids: dict[str, int] = {}
     num_nodes = 0
@@ -424,7 +253,9 @@ def cluster_from_dict(
                 candidate = base_dir / ref
                 profile = load_device(candidate if candidate.exists() else ref)
             else:
-                profile = _load_device_for(ref, where)
+                profile, pending = _load_device_for(ref, where)
+                if pending:
+                    to_measure.append(profile.name)
             if profile.name in devices and devices[profile.name] != profile:
                 raise ClusterFileError(f"{where}: two different profiles are both named {profile.name!r}")
             devices[profile.name] = profile
@@ -470,25 +301,13 @@ def cluster_from_dict(
     else:
         inter = Link(alpha_s=alpha_us / 1e6, bytes_per_s=gbps * 1e9 / 8)
 
-    cluster = Cluster(name=name, ranks=tuple(ranks), devices=devices, inter_node=inter, source=source)
+    cluster = Cluster(name=name, ranks=tuple(ranks), devices=devices, inter_node=inter, source=source,
+                      pending_calibration=tuple(to_measure))
     cluster.lint()
     return cluster
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def _normalize_dtype(dtype: Any) -> str:
-    key = str(dtype).lower().removeprefix("torch.")
-    return _DTYPE_ALIASES.get(key, key)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _positive_int(value: Any, key: str, where: str) -> int:
@@ -512,43 +331,19 @@ def _check_keys(table: Mapping[str, Any], allowed: Sequence[str], source: str, w
         )
 
 
-def _device_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if name_or_path.endswith(".json") or os.sep in name_or_path or "/" in name_or_path:
-        if path.is_file():
-            return path
-        raise ClusterFileError(
-            f"device profile {path} does not exist (profiles live in {profiles_dir() / 'devices'})"
-        )
-    folder = profiles_dir() / "devices"
-    exact = folder / f"{name_or_path}.json"
-    if exact.is_file():
-        return exact
-    known = known_devices()
-    folded = [k for k in known if k.lower() == name_or_path.lower()]
-    if len(folded) == 1:
-        return folder / f"{folded[0]}.json"
-    by_upper = {k.upper(): k for k in known}
-    close = [
-        by_upper[k] for k in difflib.get_close_matches(name_or_path.upper(), list(by_upper), n=3, cutoff=0.5)
-    ]
-    suggestion = f"Closest known: {', '.join(close)}. " if close else ""
-    raise ClusterFileError(
-        f"unknown device {name_or_path!r}. {suggestion}Known devices: {', '.join(known) or '(none)'}. "
-        f"To add one, write {folder / (name_or_path + '.json')} (copy a profile there and edit it), "
-        "or set HAP_PROFILES to another profiles folder"
-    )
-
-
-def _load_device_for(ref: str, where: str) -> DeviceProfile:
+def _load_device_for(ref: str, where: str) -> tuple[DeviceProfile, bool]:
+    """The profile of a device reference, and whether it stands in for a measurement still to be
+    made: device "cpu" is this machine, measured where its cost is first needed
+    (``hap.calibrate.measured``), never while a file is parsed."""
     try:
-        if ref.strip().lower() == "cpu":  # this machine: calibrated on first use (hap.calibrate)
-            from hap.calibrate import local_cpu_profile
+        if ref.strip().lower() == "cpu":
+            from hap.calibrate import cpu_profile_now
 
-            local = local_cpu_profile()
+            local, pending = cpu_profile_now()
             if local is not None:
-                return local
-        return load_device(ref)
+                return local, False
+            return load_device(ref), pending
+        return load_device(ref), False
     except ClusterFileError as e:
         raise ClusterFileError(f"{where}: {e}") from None
 

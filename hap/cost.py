@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hap.cluster import Cluster, Link
+    from hap.cluster import Cluster
 from hap import optimer
 from hap.graph import SHORT_DTYPE, Graph, Node, TensorMeta
+from hap.machine import collective_s  # noqa: F401  (priced here; tests and the profiler import it from hap.machine)
 from hap.moves import move
 from hap.placement import Placement, Splitter
 from hap.rules import Candidate
@@ -36,26 +37,6 @@ MATMUL_LIKE = ("matmul", "conv", "attention")
 GRAD_BUCKET_BYTES = 25 * 2**20  # gradient buckets, as DDP's default: on 64 ranks a 4 MiB bucket is α-bound
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 INF = float("inf")
-
-
-def collective_s(kind: str, nbytes: float, fracs: tuple[float, ...], link: Link, form: str,
-                 fracs_dst: tuple[float, ...] | None = None) -> float:
-    n = len(fracs)
-    if n <= 1 or nbytes == 0:
-        return 0.0
-    a, bw = link.for_collective(kind if kind == "all_reduce" else f"{kind}.{form}")
-    if kind == "all_reduce":
-        return 2 * (n - 1) * a + 2 * (n - 1) / n * nbytes / bw
-    if kind in ("all_gather", "reduce_scatter"):
-        if form == "padded":
-            return (n - 1) * a + (n - 1) * max(fracs) * nbytes / bw
-        return n * a + nbytes / bw
-    if kind == "all_to_all":
-        fd = fracs_dst or fracs
-        if form == "padded":
-            return (n - 1) * a + (n - 1) * max(fracs) * max(fd) * nbytes / bw
-        return n * a + max(fs * (1 - fdd) for fs, fdd in zip(fracs, fd)) * nbytes / bw
-    raise ValueError(kind)
 
 
 @dataclass(frozen=True)

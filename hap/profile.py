@@ -18,7 +18,7 @@ Measures what a `torchrun` rank of an emitted ``train.py`` achieves on this mach
 - with 2 or more processes: α-β of every collective the plans use, through ``hap.runtime``
   (all-reduce, all-gather, reduce-scatter, all-to-all; even, and uneven 3:1 splits in the
   padded and grouped forms), each fitted by least squares, and the link (α, bytes/s) fitted
-  jointly to all of them in the cost model's own formulas (``hap.cost.collective_s``).
+  jointly to all of them in the cost model's own formulas (``hap.machine.collective_s``).
 
 Every number is the median of ``--repeats`` samples; the JSON keeps the samples, the median
 and the spread ((max - min) / median) of every measurement, and the environment: torch,
@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from hap.machine import cpu_model
 
 CPU_MEMORY_BUDGET = 8 * 2**30  # what an emulated CPU rank may use: a budget, not a measurement
 UNEVEN = 3  # uneven collectives split the tensor 3:1:1:... over the ranks
@@ -368,10 +370,9 @@ def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def fit_collectives(ms: list[Measurement]) -> tuple[dict[str, Any], float, float, dict[str, tuple[float, float]]]:
     """Per collective (kind, form, even/uneven): α + bytes·β; the link (α, bytes/s) in
-    ``hap.cost.collective_s``'s terms, fitted to all points jointly (relative least squares); and
+    ``hap.machine.collective_s``'s terms, fitted to all points jointly (relative least squares); and
     that pair fitted per collective and form (what the cost model uses where the profile has it)."""
-    from hap.cluster import Link
-    from hap.cost import collective_s
+    from hap.machine import Link, collective_s
 
     groups: dict[str, list[Measurement]] = {}
     for m in ms:
@@ -461,16 +462,6 @@ def measure(settings: Settings, device: torch.device, progress: Callable[[str], 
 # ---------------------------------------------------------------------------------------
 def _sig(x: float) -> float:
     return float(f"{x:.4g}")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def environment(device: torch.device, nproc: int) -> dict[str, Any]:
@@ -573,11 +564,11 @@ def build_profile(per_rank: list[dict[str, Any]], device: torch.device, settings
         what = (f"hap.runtime all_reduce / all_gather / reduce_scatter / all_to_all over {nproc} processes, "
                 f"{min(settings.coll_bytes)}-{max(settings.coll_bytes)} bytes, even and uneven {UNEVEN}:1 "
                 "splits, padded and grouped, median of per-call wall times; joint relative least "
-                f"squares in hap.cost.collective_s's formulas (per collective: {fits})")
+                f"squares in hap.machine.collective_s's formulas (per collective: {fits})")
         prov["intra_node.bytes_per_s"] = f"measured: {what}, {tag}"
         prov["intra_node.alpha_s"] = prov["intra_node.bytes_per_s"]
         prov["intra_node.collectives"] = ("measured: the same samples, fitted per collective and form in "
-                                          f"hap.cost.collective_s's formulas, {tag}")
+                                          f"hap.machine.collective_s's formulas, {tag}")
         detail["collectives"] = per_kind
         detail["collective_samples"] = [m.to_json() for m in _slowest([r["collectives"] for r in per_rank])]
     else:

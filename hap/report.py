@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import io
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from hap.plan import Plan
+if TYPE_CHECKING:  # a report reads a Plan; Plan.summary() renders with this module
+    from hap.plan import Plan
 
 
 def _ms(s: float) -> str:

@@ -22,7 +22,15 @@ SHIPPED = json.loads((ROOT / "profiles" / "devices" / "cpu.json").read_text())
 def test_first_use_calibrates_once_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("HAP_CPU_PROFILE", "auto")
     monkeypatch.setenv("HAP_CACHE_DIR", str(tmp_path))
-    cluster = load_cluster(None)  # the default cluster names device = "cpu": measured now (~20 s)
+    monkeypatch.setattr(hap.calibrate, "calibrate", lambda out: pytest.fail("parsing a cluster file measured"))
+    cluster = load_cluster(None)  # the default cluster names device = "cpu": nothing measured yet
+    assert cluster.pending_calibration == ("cpu",)
+    monkeypatch.undo()
+    monkeypatch.setenv("HAP_CPU_PROFILE", "auto")
+    monkeypatch.setenv("HAP_CACHE_DIR", str(tmp_path))
+    said = []
+    cluster = hap.calibrate.measured(cluster, said.append)  # where the cost is first needed (~20 s)
+    assert said and "measuring" in said[0] and not cluster.pending_calibration
     prof = cluster.profile(0)
     cache = hap.calibrate.cache_path()
     assert cache.is_file() and cache.parent == tmp_path

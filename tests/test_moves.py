@@ -55,8 +55,9 @@ def test_emitted_line_and_timed_call_agree(src, dst):
 def test_the_cost_model_prices_the_dual_in_backward():
     """A gradient-carrying all-gather costs its forward plus the reduce-scatter of the same bytes."""
     from hap.cluster import load_cluster
-    from hap.cost import _conversion_wire, collective_s
+    from hap.cost import _conversion_wire
     from hap.graph import Graph, Node, TensorMeta
+    from hap.machine import collective_s
     from hap.placement import Splitter
 
     meta = TensorMeta((64, 256), "float32")

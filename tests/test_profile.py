@@ -72,7 +72,7 @@ def test_fits_recover_alpha_beta():
     a, b = _fit_line(xs, [1e-4 + x / 1e9 for x in xs])
     assert a == pytest.approx(1e-4, rel=1e-6) and 1 / b == pytest.approx(1e9, rel=1e-6)
     from hap.cluster import Link
-    from hap.cost import collective_s
+    from hap.machine import collective_s
     from hap.profile import Measurement
 
     link = Link(5e-5, 2e9)
