@@ -10,7 +10,6 @@ spec by its path relative to ``train.py`` (no path of the planning machine) and
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,8 +21,7 @@ from hap.placement import Placement, Splitter
 
 if TYPE_CHECKING:
     from hap.plan import Plan
-from hap.rules import Candidate, Local, RuleContext, is_ref, view_units
-from hap.rules.loss import CLASS_LOSSES, REDUCTION_ARG
+from hap.rules import RENDERERS, Candidate, Local, RuleContext, is_ref, view_units
 from hap.solve import all_candidates
 
 
@@ -90,8 +88,6 @@ class Emitter:
 
     def render(self, a: Any, refs: list[str]) -> str:
         if isinstance(a, Local):
-            if a.what == "off":
-                return f"OFFSETS[{a.size}, {a.unit}][RANK]"
             return self.len_var(a.size, a.unit)
         if is_ref(a):
             return refs.pop(0)
@@ -143,73 +139,17 @@ class Emitter:
         return self.lines
 
     def expression(self, node: Node, cand: Candidate, refs: list[str]) -> str:
+        """The right-hand side of a node's line: the ATen call with local arguments, or the
+        rendering its rule's family registered for the candidate (``hap.rules.renders``)."""
         if node.target == "getitem":
             return f"{refs[0]}[{node.args[1]}]"
-        kind = cand.emit
-        if kind == "call" or kind == "loss_sum":
+        if cand.emit == "call":
             return self.call(node, cand, refs)
-        if kind == "mean_partial":
-            x = self.graph[node.inputs()[0]].out
-            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            if node.target == "aten.mean.default" or not dims:
-                return f"aten.sum.default({refs[0]}) / {x.numel}"
-            dims = [dims] if isinstance(dims, int) else dims
-            count = math.prod(x.shape[d] for d in dims)
-            keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-            return f"aten.sum.dim_IntList({refs[0]}, {list(dims)}, {keep!r}) / {count}"
-        if kind == "loss_partial":
-            ridx = REDUCTION_ARG[node.target]
-            args = list(node.args)
-            while len(args) <= ridx:
-                args.append(_default_arg(node.target, len(args)))
-            args[ridx] = 2  # sum
-            kwargs = {k: v for k, v in node.kwargs.items() if k != "reduction"}
-            summed = self.call(node, cand, refs, args, kwargs)
-            if node.target in CLASS_LOSSES:
-                target_meta = self.graph[node.inputs()[1]].out
-                if target_meta.is_float:  # class probabilities: every sample counts
-                    x = self.graph[node.inputs()[0]].out
-                    return f"{summed} / {x.numel // x.shape[1] if x.ndim > 1 else 1}"
-                weight = args[2] if len(args) > 2 else None
-                ignore = args[4] if len(args) > 4 and not is_ref(args[4]) else -100
-                wexpr = refs[node.inputs().index(weight["node"])] if is_ref(weight) else "None"
-                tref = refs[1]
-                return f"{summed} / class_loss_count({tref}, {wexpr}, {ignore})"
-            x = self.graph[node.inputs()[0]].out
-            return f"{summed} / {x.numel}"
-        if kind == "sync_batch_norm":
-            a = node.args
-            refs_it = list(refs)
-            vals = [self.render(x, refs_it) for x in a[:8]]
-            x_meta = self.graph[node.inputs()[0]].out
-            ls = self.lengths(x_meta.shape[0], 1)
-            return (f"hr.sync_batch_norm({vals[0]}, {vals[1]}, {vals[2]}, {vals[3]}, {vals[4]}, "
-                    f"training={vals[5]}, momentum={vals[6]}, eps={vals[7]}, lengths={ls})")
-        if kind == "vocab_embedding":
-            w = self.graph[node.inputs()[0]].out
-            ls = self.lengths(w.shape[0], 1)
-            offs = tuple(sum(ls[:r]) for r in range(len(ls)))
-            return f"vocab_embedding({refs[0]}, {refs[1]}, {offs}[RANK], {ls}[RANK])"
-        if kind == "embedding_bag_rows":
-            # embedding_bag.padding_idx(weight, indices, offsets, scale_grad, mode, sparse, psw, last, pad)
-            w = self.graph[node.inputs()[0]].out
-            ls = self.lengths(w.shape[0], 1)
-            offs = tuple(sum(ls[:r]) for r in range(len(ls)))
-            a = list(node.args) + [None] * (9 - len(node.args))
-            it = iter(refs[3:])
-            psw = next(it) if is_ref(a[6]) else "None"
-            return (f"embedding_bag_rows({refs[0]}, {refs[1]}, {refs[2]}, {offs}[RANK], {ls}[RANK], {w.shape[0]}, "
-                    f"mode={a[4]!r}, per_sample_weights={psw}, include_last_offset={bool(a[7])!r}, "
-                    f"padding_idx={a[8]!r})")
-        raise HapError(f"unknown emit kind {kind!r} for {node.name}")
-
-
-def _default_arg(target: str, i: int) -> Any:
-    if target in CLASS_LOSSES:
-        return [None, None, None, 1, -100, 0.0][i]
-    if target == "aten.binary_cross_entropy_with_logits.default":
-        return [None, None, None, None, 1][i]
-    return None
+        render = RENDERERS.get(cand.emit)
+        if render is None:
+            raise HapError(f"no rendering registered for {cand.emit!r} ({node.name}); a rule's family registers "
+                           "it with @renders in hap/rules/")
+        return render(self, node, cand, refs)
 
 
 def _pname(p: Placement) -> str:

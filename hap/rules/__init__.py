@@ -29,12 +29,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Local:
-    """A per-rank integer in emitted code: the local length (or offset) of a dim of
-    ``size`` split in blocks of ``unit``; ``scale`` multiplies it (merged dims)."""
+    """A per-rank integer in emitted code: the local length of a dim of ``size`` split in
+    blocks of ``unit``; ``scale`` multiplies it (merged dims)."""
 
     size: int
     unit: int = 1
-    what: str = "len"  # "len" | "off"
+    what: str = "len"  # the local length (the one kind of per-rank integer a rule rewrites in)
     scale: int = 1
 
 
@@ -55,6 +55,20 @@ class Candidate:
 
 RuleFn = Callable[[Node, "RuleContext"], list[Candidate]]
 RULES: dict[str, RuleFn] = {}
+# how a candidate whose ``emit`` is not "call" is written into train.py, registered by the
+# op family that makes such candidates, next to its rule: fn(emitter, node, candidate, refs),
+# where refs are the local variables of the node's inputs and the emitter offers call(),
+# render(), lengths() and graph
+Renderer = Callable[[Any, Node, Candidate, list[str]], str]
+RENDERERS: dict[str, Renderer] = {}
+
+
+def renders(kind: str) -> Callable[[Renderer], Renderer]:
+    def register(fn: Renderer) -> Renderer:
+        RENDERERS[kind] = fn
+        return fn
+
+    return register
 FAMILIES = ("matmul", "pointwise", "reduction", "norm", "shape", "embedding", "conv", "attention", "loss",
             "indexing")
 
@@ -224,6 +238,7 @@ def local_shape(shape: tuple[int, ...], dim: int, unit: int, scale: int = 1, siz
 
 
 __all__ = [
+    "RENDERERS",
     "Candidate",
     "Local",
     "P",
@@ -237,6 +252,7 @@ __all__ = [
     "is_ref",
     "local_shape",
     "norm_dim",
+    "renders",
     "rule",
     "view_groups",
     "view_units",

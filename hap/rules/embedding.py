@@ -3,7 +3,7 @@ table (vocabulary parallel: each rank looks up the rows it owns, others give 0, 
 from __future__ import annotations
 
 from hap.graph import Node
-from hap.rules import Candidate, P, R, RuleContext, S, rule
+from hap.rules import Candidate, P, R, RuleContext, S, is_ref, renders, rule
 
 
 @rule("aten.embedding.default")
@@ -54,3 +54,27 @@ def one_hot(node: Node, ctx: RuleContext) -> list[Candidate]:
             for d in range(idx.ndim) for u in ctx.shard_units(idx.shape[d])]
 
 
+def _row_block(em, node: Node) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per rank: the first row and the number of rows of the table it owns."""
+    ls = em.lengths(em.graph[node.inputs()[0]].out.shape[0], 1)
+    return tuple(sum(ls[:r]) for r in range(len(ls))), ls
+
+
+@renders("vocab_embedding")
+def vocab_embedding(em, node: Node, cand: Candidate, refs: list[str]) -> str:
+    """Rows of the table sharded: each rank looks up the ids it owns, zeros elsewhere (P)."""
+    offs, ls = _row_block(em, node)
+    return f"vocab_embedding({refs[0]}, {refs[1]}, {offs}[RANK], {ls}[RANK])"
+
+
+@renders("embedding_bag_rows")
+def embedding_bag_rows(em, node: Node, cand: Candidate, refs: list[str]) -> str:
+    """Rows of a bag table sharded: each rank sums the rows it owns into a partial bag (P).
+    embedding_bag.padding_idx(weight, indices, offsets, scale_grad, mode, sparse, psw, last, pad)."""
+    offs, ls = _row_block(em, node)
+    a = list(node.args) + [None] * (9 - len(node.args))
+    psw = refs[3] if is_ref(a[6]) else "None"
+    rows = em.graph[node.inputs()[0]].out.shape[0]
+    return (f"embedding_bag_rows({refs[0]}, {refs[1]}, {refs[2]}, {offs}[RANK], {ls}[RANK], {rows}, "
+            f"mode={a[4]!r}, per_sample_weights={psw}, include_last_offset={bool(a[7])!r}, "
+            f"padding_idx={a[8]!r})")

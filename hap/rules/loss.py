@@ -3,8 +3,10 @@ count, giving P (never a mean of local means). Cross-entropy / NLL with ignore_i
 class weights all-reduce the denominator (a scalar) at run time."""
 from __future__ import annotations
 
+from typing import Any
+
 from hap.graph import Node
-from hap.rules import Candidate, P, R, RuleContext, S, arg, rule
+from hap.rules import Candidate, P, R, RuleContext, S, arg, is_ref, renders, rule
 
 # target -> position of the `reduction` argument
 REDUCTION_ARG = {
@@ -57,7 +59,38 @@ def loss(node: Node, ctx: RuleContext) -> list[Candidate]:
                 cands.append(Candidate(name, tuple(ins), S(tdim[d], u), split=(x.shape[d], u)))
             else:
                 cands.append(Candidate(name + "->P", tuple(ins), P, split=(x.shape[d], u),
-                                       emit="loss_partial" if red == 1 else "loss_sum"))
+                                       emit="loss_partial" if red == 1 else "call"))
     return cands
 
 
+@renders("loss_partial")
+def loss_partial(em, node: Node, cand: Candidate, refs: list[str]) -> str:
+    """A mean loss over a sharded batch: this rank's summed loss divided by the global count
+    (for class losses, the global count of targets that are not ignored, or their weights)."""
+    ridx = REDUCTION_ARG[node.target]
+    args = list(node.args)
+    while len(args) <= ridx:
+        args.append(_default_arg(node.target, len(args)))
+    args[ridx] = 2  # sum
+    kwargs = {k: v for k, v in node.kwargs.items() if k != "reduction"}
+    summed = em.call(node, cand, refs, args, kwargs)
+    if node.target in CLASS_LOSSES:
+        target_meta = em.graph[node.inputs()[1]].out
+        if target_meta.is_float:  # class probabilities: every sample counts
+            x = em.graph[node.inputs()[0]].out
+            return f"{summed} / {x.numel // x.shape[1] if x.ndim > 1 else 1}"
+        weight = args[2] if len(args) > 2 else None
+        ignore = args[4] if len(args) > 4 and not is_ref(args[4]) else -100
+        wexpr = refs[node.inputs().index(weight["node"])] if is_ref(weight) else "None"
+        return f"{summed} / class_loss_count({refs[1]}, {wexpr}, {ignore})"
+    x = em.graph[node.inputs()[0]].out
+    return f"{summed} / {x.numel}"
+
+
+def _default_arg(target: str, i: int) -> Any:
+    """The default of positional argument ``i`` of a loss op, where the capture left it out."""
+    if target in CLASS_LOSSES:
+        return [None, None, None, 1, -100, 0.0][i]
+    if target == "aten.binary_cross_entropy_with_logits.default":
+        return [None, None, None, None, 1][i]
+    return None

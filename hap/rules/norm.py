@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hap.graph import Node
-from hap.rules import Candidate, R, RuleContext, S, arg, rule
+from hap.rules import Candidate, R, RuleContext, S, arg, renders, rule
 
 
 def _leading(node: Node, ctx: RuleContext, n_norm: int) -> list[Candidate]:
@@ -43,3 +43,13 @@ def batch_norm(node: Node, ctx: RuleContext) -> list[Candidate]:
         cands.append(Candidate("S(0)", ins, S(0), split=(x.shape[0], 1),
                                emit="sync_batch_norm" if training else "call"))
     return cands
+
+
+@renders("sync_batch_norm")
+def sync_batch_norm(em, node: Node, cand: Candidate, refs: list[str]) -> str:
+    """BatchNorm in training mode over a sharded batch: global statistics (hr.sync_batch_norm)."""
+    refs_it = list(refs)
+    vals = [em.render(x, refs_it) for x in node.args[:8]]
+    ls = em.lengths(em.graph[node.inputs()[0]].out.shape[0], 1)
+    return (f"hr.sync_batch_norm({vals[0]}, {vals[1]}, {vals[2]}, {vals[3]}, {vals[4]}, "
+            f"training={vals[5]}, momentum={vals[6]}, eps={vals[7]}, lengths={ls})")

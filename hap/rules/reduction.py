@@ -5,8 +5,10 @@ local means), so uneven shards stay exact.
 """
 from __future__ import annotations
 
+import math
+
 from hap.graph import Node
-from hap.rules import Candidate, P, RuleContext, S, arg, norm_dim, rule
+from hap.rules import Candidate, P, RuleContext, S, arg, norm_dim, renders, rule
 
 
 def _reduced_dims(node: Node, ndim: int, dim_index: int = 1) -> list[int]:
@@ -74,3 +76,16 @@ def along_dim(node: Node, ctx: RuleContext) -> list[Candidate]:
     dim_index = 2 if node.target == "aten.topk.default" else 1
     d = arg(node, dim_index, "dim", -1)
     return keep_dim_candidates(node, ctx, [norm_dim(d, x.ndim)] if x.ndim else [], keepdim=True)
+
+
+@renders("mean_partial")
+def mean_partial(em, node: Node, cand: Candidate, refs: list[str]) -> str:
+    """A mean over a sharded dim: the local sum divided by the global count (never a mean of means)."""
+    x = em.graph[node.inputs()[0]].out
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if node.target == "aten.mean.default" or not dims:
+        return f"aten.sum.default({refs[0]}) / {x.numel}"
+    dims = [dims] if isinstance(dims, int) else dims
+    count = math.prod(x.shape[d] for d in dims)
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    return f"aten.sum.dim_IntList({refs[0]}, {list(dims)}, {keep!r}) / {count}"
