@@ -19,7 +19,7 @@ from .collectives import (
     sum_scalar,
     to_partial,
 )
-from .dist import device, init, is_distributed, local_rank, rank, shutdown, world_size
+from .dist import device, init, is_distributed, leave, local_rank, rank, shutdown, world_size
 from .emulate import end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .ops import sync_batch_norm
@@ -35,6 +35,7 @@ __all__ = [
     "gather_full",
     "init",
     "is_distributed",
+    "leave",
     "local_rank",
     "program",
     "rank",

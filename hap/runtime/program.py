@@ -29,7 +29,7 @@ import torch
 from . import checkpoint as ckpt
 from .checks import device_mismatch, placement_mismatch
 from .collectives import gather_full
-from .dist import device, init, shutdown
+from .dist import device, init, leave, shutdown
 from .emulate import set_emulation, undilated
 from .grad_sync import GradSync
 
@@ -210,4 +210,4 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
         with open(args.log_json, "w") as f:
             json.dump({"losses": losses, "step_s": step_s, "world_size": program.WORLD_SIZE,
                        "first_step": start_step}, f)
-    shutdown()
+    leave(0)  # every rank done communicating, then out without gloo's teardown
