@@ -1,4 +1,4 @@
-"""Measure this machine as the `cpu` device profile: now `hap-profile` (hap/profile.py).
+"""Measure this machine as the `cpu` device profile: now `hap-profile` (hap/profile/).
 
     python profiles/measure_cpu.py [--repeats 7]    # == hap-profile --out profiles/devices/cpu.json
 

@@ -6,7 +6,9 @@ import json
 import pytest
 
 from hap.cluster import DeviceProfile
-from hap.profile import FORMAT, _fit_line, fit_collectives, main, run
+from hap.profile import main, run
+from hap.profile.fit import _fit_line, fit_collectives
+from hap.profile.harness import FORMAT
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def test_quick_profile_provenance(quick_profile, tmp_path):
     assert detail["measurements"]["pointwise"]["unit"] == "bytes/s"
     # written as a profile the cluster loader accepts, with the samples beside it
     from hap.cluster import load_device
-    from hap.profile import write
+    from hap.profile.document import write
 
     out, side = write(p, tmp_path / "devices" / "cpu.json")
     assert load_device(out).name == "cpu" and "detail" not in json.loads(out.read_text())
@@ -57,7 +59,7 @@ def test_quick_profile_provenance(quick_profile, tmp_path):
 
 
 def test_cli_writes_json(tmp_path, monkeypatch):
-    monkeypatch.setattr("hap.profile.run", lambda **kw: {"name": "cpu", "flop_per_s": {"matmul": {"fp32": 1.0}},
+    monkeypatch.setattr("hap.profile.launch.run", lambda **kw: {"name": "cpu", "flop_per_s": {"matmul": {"fp32": 1.0}},
                                                         "memory_bytes": 1, "memory_bytes_per_s": 1.0,
                                                         "kernel_floor_s": 0.0, "intra_node": {
                                                             "kind": "x", "bytes_per_s": 1.0, "alpha_s": 0.0}})
@@ -73,7 +75,7 @@ def test_fits_recover_alpha_beta():
     assert a == pytest.approx(1e-4, rel=1e-6) and 1 / b == pytest.approx(1e9, rel=1e-6)
     from hap.cluster import Link
     from hap.machine import collective_s
-    from hap.profile import Measurement
+    from hap.profile.harness import Measurement
 
     link = Link(5e-5, 2e9)
     ms = []
@@ -97,7 +99,7 @@ def test_fits_recover_alpha_beta():
 def test_collective_fit_ignores_erratic_mid_sizes():
     """α from the smallest transfers, bandwidth from the largest: a mid-size point 3x off (as 1 MiB
     gloo all-reduces are on a busy VM) does not move the fit."""
-    from hap.profile import _fit_formula
+    from hap.profile.fit import _fit_formula
 
     alpha, bw = 4e-4, 5e8
     sizes = [2**12, 2**16, 2**20, 2**23]

@@ -1,0 +1,6 @@
+"""``python -m hap.profile``: the ``hap-profile`` command (also what torchrun runs)."""
+import sys
+
+from hap.profile.launch import main
+
+sys.exit(main())
