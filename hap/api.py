@@ -1,6 +1,7 @@
 """``hap.synthesize``: capture → cost → solve, returning a Plan."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -167,7 +168,7 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
     plan = assemble_plan(graph, cluster, shares, choice, ev, status, strategy=strategy, optimizer=optimizer,
                          spec=spec, solve_s=time.perf_counter() - t0, baselines=baselines,
                          warnings=list(dict.fromkeys(warnings)))
-    plan.notes = table_notes(plan)
+    plan = dataclasses.replace(plan, notes=table_notes(plan))
     plan.lint()
     return plan
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -114,12 +115,13 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.compare:
         from hap.baselines import fsdp_even, megatron_tp_even
 
+        more = {}
         for name, fn in (("fsdp_even", fsdp_even), ("megatron_tp_even", megatron_tp_even)):
             b = fn(graph, cluster, optimizer=args.optimizer, time_limit_s=args.time_limit)
             if b is not None:
-                plan.baselines[name] = {"predicted_step_s": b.predicted_step_s, "shares": list(b.shares),
-                                        "comm_s": b.predicted["comm_s"] + b.predicted["grad_sync_s"],
-                                        "feasible": True}
+                more[name] = {"predicted_step_s": b.predicted_step_s, "shares": list(b.shares),
+                              "comm_s": b.predicted["comm_s"] + b.predicted["grad_sync_s"], "feasible": True}
+        plan = dataclasses.replace(plan, baselines={**plan.baselines, **more})
     if args.timeline:
         from hap.simulate import simulate, timeline_for_baseline
         from hap.timeline import draw

@@ -9,6 +9,7 @@ spec by its path relative to ``train.py`` (no path of the planning machine) and
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -317,8 +318,7 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
                 for k in (n.aliases or [n.target])},
     )
     (out_dir / "train.py").write_text(text)
-    plan.spec = str(spec_path)
-    (out_dir / "plan.json").write_text(json.dumps(plan.to_json(), indent=1))
+    (out_dir / "plan.json").write_text(json.dumps(dataclasses.replace(plan, spec=str(spec_path)).to_json(), indent=1))
     return out_dir / "train.py"
 
 

@@ -27,3 +27,7 @@ class InfeasiblePlan(HapError):
 
 class UnsupportedOp(HapError):
     """An op has no sharding rule and strict mode forbids running it replicated."""
+
+
+class PlanFileError(HapError):
+    """A plan (plan.json, or a Plan built by hand) is malformed or inconsistent."""

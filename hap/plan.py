@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hap.errors import PlanFileError
 from hap.graph import Graph
 from hap.placement import Splitter
 
@@ -22,8 +23,11 @@ if TYPE_CHECKING:
     from hap.solve import Evaluation
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """Built once, by ``assemble_plan`` (or ``from_json``); a changed plan is a new one
+    (``dataclasses.replace``)."""
+
     graph: Graph
     cluster: Cluster
     shares: tuple[int, ...]
@@ -59,14 +63,22 @@ class Plan:
 
     # ---- checks ------------------------------------------------------------------------
     def lint(self) -> None:
-        assert len(self.shares) == self.cluster.num_ranks, "one share per rank"
-        assert all(s >= 0 for s in self.shares), f"negative share in {self.shares}"
+        """Raise PlanFileError where the plan contradicts itself."""
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise PlanFileError(f"plan of {self.graph.model_name or 'the model'}: {what}")
+
+        need(len(self.shares) == self.cluster.num_ranks,
+             f"{len(self.shares)} shares for {self.cluster.num_ranks} ranks; one share per rank")
+        need(all(s >= 0 for s in self.shares), f"negative share in {self.shares}")
         first_input = next((n for n in self.graph if n.kind == "input"), None)
         if first_input is not None and first_input.meta.shape:
-            assert sum(self.shares) == first_input.meta.shape[0], "shares must sum to the global batch"
-        for n in self.graph:
-            assert n.name in self.nodes, f"node {n.name} has no placement"
-        assert self.lower_bound_step_s <= self.predicted_step_s * 1.0001
+            need(sum(self.shares) == first_input.meta.shape[0],
+                 f"shares {self.shares} sum to {sum(self.shares)}, not the global batch {first_input.meta.shape[0]}")
+        missing = [n.name for n in self.graph if n.name not in self.nodes]
+        need(not missing, f"nodes without a placement: {', '.join(missing[:5])}")
+        need(self.lower_bound_step_s <= self.predicted_step_s * 1.0001,
+             f"the lower bound {self.lower_bound_step_s} exceeds the predicted step {self.predicted_step_s}")
 
     # ---- JSON ----------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -106,18 +118,29 @@ class Plan:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Plan:
+        """A plan from its JSON; a file that is not one raises PlanFileError saying what is wrong."""
         from hap.cluster import Cluster
 
-        return cls(
-            graph=Graph.from_json(d["graph"]),
-            cluster=Cluster.from_json(d["cluster"]),
-            shares=tuple(int(r["batch_share"]) for r in d["ranks"]),
-            nodes=d["nodes"], moves=d["moves"], grad_synced=d["grad_synced"], predicted=d["predicted"],
-            baselines=d["baselines"], lower_bound_step_s=d["lower_bound_step_s"], solve_s=d["solve_s"],
-            solver_status=d["solver_status"], optimizer=d.get("optimizer", "sgd"),
-            strategy=d.get("strategy", "hap"), spec=d.get("spec"), warnings=d.get("warnings", []),
-            notes=d.get("notes", []),
-        )
+        if not isinstance(d, dict) or d.get("format") not in (None, "hap-plan/1"):
+            raise PlanFileError("not a hap plan (format hap-plan/1): re-plan with hap-plan --emit")
+        try:
+            plan = cls(
+                graph=Graph.from_json(d["graph"]),
+                cluster=Cluster.from_json(d["cluster"]),
+                shares=tuple(int(r["batch_share"]) for r in d["ranks"]),
+                nodes=d["nodes"], moves=d["moves"], grad_synced=d["grad_synced"], predicted=d["predicted"],
+                baselines=d["baselines"], lower_bound_step_s=d["lower_bound_step_s"], solve_s=d["solve_s"],
+                solver_status=d["solver_status"], optimizer=d.get("optimizer", "sgd"),
+                strategy=d.get("strategy", "hap"), spec=d.get("spec"), warnings=d.get("warnings", []),
+                notes=d.get("notes", []),
+            )
+        except KeyError as e:
+            raise PlanFileError(f"the plan lacks {e.args[0]!r}; re-plan with this version of hap") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise PlanFileError(f"the plan is malformed ({type(e).__name__}: {e}); re-plan with this version of hap") \
+                from None
+        plan.lint()
+        return plan
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1))

@@ -90,6 +90,24 @@ def test_plan_json_round_trip(graphs):
     assert set(d["baselines"]) >= {"dp_even", "dp_proportional"}
 
 
+def test_a_plan_is_built_once_and_a_bad_plan_file_says_what_is_wrong(graphs):
+    import dataclasses
+
+    from hap.errors import PlanFileError
+
+    plan = plan_graph(graphs["gpt"], load_cluster(None))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.spec = "elsewhere.py"
+    d = json.loads(json.dumps(plan.to_json()))
+    with pytest.raises(PlanFileError, match="lacks 'ranks'"):
+        Plan.from_json({k: v for k, v in d.items() if k != "ranks"})
+    uneven = dict(d, ranks=[dict(r, batch_share=r["batch_share"] + 1) for r in d["ranks"]])
+    with pytest.raises(PlanFileError, match="global batch"):
+        Plan.from_json(uneven)
+    with pytest.raises(PlanFileError, match="hap-plan/1"):
+        Plan.from_json(dict(d, format="something-else/2"))
+
+
 def test_gpt2_small_on_64_gpus_plans_quickly(monkeypatch):
     for k, v in dict(LAYERS=12, DIM=768, HEADS=12, VOCAB=50257, SEQ=256, BATCH=64).items():
         monkeypatch.setenv(f"HAP_GPT_{k}", str(v))
