@@ -22,8 +22,7 @@ from hap.placement import Placement, Splitter
 
 if TYPE_CHECKING:
     from hap.plan import Plan
-from hap.rules import RENDERERS, Candidate, Local, RuleContext, is_ref, view_units
-from hap.solve import all_candidates
+from hap.rules import RENDERERS, Candidate, Local, is_ref
 
 
 class Emitter:
@@ -31,16 +30,7 @@ class Emitter:
         self.plan = plan
         self.graph: Graph = plan.graph
         self.splitter = Splitter(plan.shares)
-        ctx = RuleContext(self.graph, self.splitter, view_units(self.graph))
-        cands = all_candidates(self.graph, ctx)
-        self.choice: dict[str, Candidate] = {}
-        for node in self.graph:
-            want = plan.nodes[node.name]["candidate"]
-            match = [c for c in cands[node.name] if c.name == want]
-            if not match:
-                raise HapError(f"plan.json names candidate {want!r} for {node.name}, which the rules no longer "
-                               "offer; re-plan with this version of hap")
-            self.choice[node.name] = match[0]
+        self.choice: dict[str, Candidate] = plan.choice()
         self.lengths_used: dict[tuple[int, int], str] = {}
         self.converted: dict[tuple[str, Placement], str] = {}
         self.lines: list[str] = []

@@ -20,6 +20,7 @@ from hap.placement import Splitter
 
 if TYPE_CHECKING:
     from hap.cluster import Cluster
+    from hap.rules import Candidate
     from hap.solve import Evaluation
 
 
@@ -52,6 +53,16 @@ class Plan:
     @property
     def global_batch(self) -> int:
         return sum(self.shares)
+
+    def choice(self) -> dict[str, Candidate]:
+        """The candidate chosen for every node, as the plan carries it (no rules are run again)."""
+        from hap.rules import Candidate
+
+        try:
+            return {name: Candidate.from_json(n) for name, n in self.nodes.items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanFileError(f"the plan's node choices are incomplete ({type(e).__name__}: {e}); re-plan with "
+                                "this version of hap") from None
 
     @property
     def predicted_step_s(self) -> float:
@@ -140,6 +151,7 @@ class Plan:
             raise PlanFileError(f"the plan is malformed ({type(e).__name__}: {e}); re-plan with this version of hap") \
                 from None
         plan.lint()
+        plan.choice()  # every node's candidate decodes
         return plan
 
     def save(self, path: str | Path) -> None:
@@ -172,8 +184,7 @@ def assemble_plan(graph: Graph, cluster: Cluster, shares: tuple[int, ...], choic
     nodes = {}
     for node in graph:
         c = choice[node.name]
-        nodes[node.name] = {"candidate": c.name, "inputs": [str(p) for p in c.inputs], "output": str(c.output),
-                            "target": node.target, "source": node.source, "module": node.module}
+        nodes[node.name] = {**c.to_json(), "target": node.target, "source": node.source, "module": node.module}
     moves = [{"producer": m.producer, "src": str(m.src), "dst": str(m.dst), "kind": m.conversion.kind,
               "form": m.conversion.form, "seconds": m.conversion.seconds} for m in ev.moves]
     predicted = {"step_s": ev.step_s, "compute_s": list(ev.compute_s), "critical_compute_s": ev.critical_compute_s,

@@ -34,8 +34,8 @@ from hap.errors import HapError
 from hap.graph import Graph, TensorMeta
 from hap.moves import move
 from hap.placement import Splitter
-from hap.rules import Candidate, RuleContext, view_units
-from hap.solve import all_candidates, evaluate, readers
+from hap.rules import Candidate
+from hap.solve import evaluate, readers
 
 if TYPE_CHECKING:
     from hap.cluster import Cluster
@@ -117,19 +117,8 @@ class Timeline:
 
 
 def plan_choice(plan: Plan) -> dict[str, Candidate]:
-    """The candidate objects a plan names, regenerated from the rules (as ``hap.emit.Emitter`` does)."""
-    graph = plan.graph
-    ctx = RuleContext(graph, Splitter(plan.shares), view_units(graph))
-    cands = all_candidates(graph, ctx)
-    choice = {}
-    for node in graph:
-        want = plan.nodes[node.name]["candidate"]
-        match = [c for c in cands[node.name] if c.name == want]
-        if not match:
-            raise HapError(f"the plan names candidate {want!r} for {node.name}, which the rules no longer offer; "
-                           "re-plan with this version of hap")
-        choice[node.name] = match[0]
-    return choice
+    """The candidate objects the plan carries."""
+    return plan.choice()
 
 
 def _split(cm: CostModel, graph: Graph, name: str, total: tuple[float, ...]) -> tuple[tuple, tuple]:

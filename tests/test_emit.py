@@ -89,3 +89,17 @@ def test_the_program_is_its_plan_and_a_short_main(program):
     assert len(main.body) == 1 and "hr.program.main" in ast.unparse(main)
 
 
+
+
+def test_the_plan_carries_its_choice_so_emit_runs_no_rules(program, tmp_path, monkeypatch):
+    """Emitting a plan (here reloaded from plan.json) needs no rule: with every rule gone, the
+    same program comes out."""
+    import hap.rules
+    from hap.plan import Plan
+
+    plan, text = program
+    again = Plan.from_json(plan.to_json())
+    monkeypatch.setattr(hap.rules, "RULES", {})
+    emit_program(again, tmp_path / "out", spec=str(ROOT / "examples" / "gpt.py"))
+    body = (tmp_path / "out" / "train.py").read_text()
+    assert body[body.index("def forward"):] == text[text.index("def forward"):]

@@ -52,6 +52,43 @@ class Candidate:
         ins = ", ".join(str(p) for p in self.inputs)
         return f"{self.name}: ({ins}) -> {self.output}"
 
+    def to_json(self) -> dict[str, Any]:
+        """Everything emitting the candidate needs, so a plan carries its choice, not a name
+        that the rules of another version of hap might no longer offer."""
+        return {"candidate": self.name, "inputs": [str(p) for p in self.inputs], "output": str(self.output),
+                "split": list(self.split) if self.split else None, "emit": self.emit,
+                "rewrite": [[i, _encode_local(v)] for i, v in self.rewrite], "extra": _encode_local(list(self.extra))}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Candidate:
+        from hap.placement import parse
+
+        return cls(d["candidate"], tuple(parse(p) for p in d["inputs"]), parse(d["output"]),
+                   tuple(d["split"]) if d.get("split") else None, d.get("emit", "call"),
+                   tuple((int(i), _decode_local(v)) for i, v in d.get("rewrite", [])),
+                   tuple(_decode_local(d.get("extra", []))))
+
+
+def _encode_local(v: Any) -> Any:
+    if isinstance(v, Local):
+        return {"local": [v.size, v.unit, v.what, v.scale]}
+    if isinstance(v, (list, tuple)):
+        return [_encode_local(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _encode_local(x) for k, x in v.items()}
+    return v
+
+
+def _decode_local(v: Any) -> Any:
+    if isinstance(v, dict) and set(v) == {"local"}:
+        size, unit, what, scale = v["local"]
+        return Local(size, unit, what, scale)
+    if isinstance(v, list):
+        return [_decode_local(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _decode_local(x) for k, x in v.items()}
+    return v
+
 
 RuleFn = Callable[[Node, "RuleContext"], list[Candidate]]
 RULES: dict[str, RuleFn] = {}
