@@ -67,24 +67,7 @@ def _toml(tmp_path, text: str) -> str:
     return str(f)
 
 
-DATA_DEPENDENT = """
-import torch
-BATCH_SIZE = 4
-class M(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(3, 1)
-    def forward(self, x):
-        y = self.lin(x)
-        if y.sum() > 0:
-            return y.mean()
-        return -y.mean()
-def model(): return M()
-def batch(step, bs): return (torch.randn(bs, 3),)
-"""
-
-
-LOSS = """
+SPEC = """
 import torch
 BATCH_SIZE = 4
 class M(torch.nn.Module):
@@ -92,10 +75,12 @@ class M(torch.nn.Module):
         super().__init__()
         self.lin = torch.nn.Linear(3, 2)
     def forward(self, x):
-        return {loss}
+        {forward}
 def model(): return M()
 def batch(step, bs): return (torch.randn(bs, 3),)
 """
+DATA_DEPENDENT = SPEC.format(forward="y = self.lin(x)\n        return y.mean() if y.sum() > 0 else -y.mean()")
+LOSS = SPEC.replace("{forward}", "return {loss}")
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
