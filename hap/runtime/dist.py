@@ -182,13 +182,12 @@ def leave(code: int = 0) -> NoReturn:
     """End this rank's process once every rank is done communicating.
 
     gloo can abort a rank ("terminate called without an active exception") while its process
-    group is destroyed or its threads are torn down at interpreter exit, when peers tear down at
-    the same moment: seen about once in 8 two-agent runs on a loaded 2-core machine, after the
-    last step. A rank that aborts there fails the whole job after it trained, and under
+    group is destroyed or its threads are torn down at interpreter exit and peers tear down at
+    the same moment; a rank that aborts there fails a job that has trained, and under
     ``--nnodes 2`` the other agent then waits out its exit barrier. So every rank passes a
-    barrier (no collective is in flight anywhere after it), then checks in at the rendezvous
-    store (not gloo) until all have, then leaves without running the process group's
-    destructors. Output is flushed first; files the program wrote are closed already.
+    barrier (no collective is in flight anywhere after it), checks in at the rendezvous store
+    (not gloo) until all have, and leaves without running the process group's destructors.
+    Output is flushed first; files the program wrote are closed already.
     """
     if _S.world > 1 and _S.owns_group and dist.is_initialized():
         with contextlib.suppress(Exception):  # leaving anyway: the other ranks' exit says the rest
