@@ -159,7 +159,7 @@ class CostModel:
         if t is None:
             return roofline
         # a share of an op costs at least its share of the whole op and at most the whole op:
-        # single timings scatter 10-20%, and a 192-row matmul once timed slower than the 256-row one
+        # single timings scatter 10-20%, enough to time a share above the whole
         whole = self.whole_s(node, r)
         return min(max(t, frac * whole), whole)
 

@@ -119,9 +119,8 @@ def time_move(meta: TensorMeta, src, dst, form: str, lengths: dict[int, tuple[in
     placement ``src`` to ``dst`` (``hap.runtime``'s collective, forward + backward if ``backward``):
     packing, unpacking and autograd, the raw send left out (``local_work_only``). ``lengths`` maps a
     tensor dim to its per-rank lengths. None where the move is not a collective (R -> S, R -> P) or
-    cannot be run standalone. The emulation slows this work with the rank, so on a 3x slower rank a
-    dim-1 all-gather of a 1024x1024 weight cost ~11 ms more than the wire time; a formula of the
-    bytes it copies had it at ~3."""
+    cannot be run standalone. The emulation slows this work with the rank, and a formula of the
+    bytes it copies misses most of it (packing, autograd), so it is timed."""
     from hap.runtime import dist as hd
 
     mv = move(src, dst)

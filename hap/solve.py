@@ -424,8 +424,8 @@ def _refit_shares(graph: Graph, cm: CostModel, choice: dict[str, Candidate], tot
     prob += pulp.lpSum(x) == 1
     if any(cm.cluster.profile(r).measure_ops for r in range(n)):
         # timed ops: a trust region of +-10% around the speed-proportional shares. The secants come
-        # from single timings that scatter +-10-20% on a shared machine; a larger move on their
-        # word alone is not supported (it moved 1:3 shares to 210:46 on one noisy run)
+        # from single timings that scatter +-10-20% on a shared machine, so a larger move on their
+        # word alone is noise, not a better plan
         speeds = [cm.cluster.speed(r) for r in range(n)]
         for r in range(n):
             p = speeds[r] / sum(speeds)

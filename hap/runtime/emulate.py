@@ -42,8 +42,8 @@ def total_sleep() -> float:
 
 def _spin(seconds: float) -> None:
     """Stay busy for ``seconds``: a slower device is busy, not idle. A sleeping process comes back
-    to a cold core (caches, clock, the VM's vCPU) and ran its next segment ~15% slower on this
-    project's VM, which the emulated device would not."""
+    to a cold core (caches, clock, the VM's vCPU) and runs its next segment slower, which the
+    emulated device would not."""
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         pass

@@ -2,9 +2,8 @@
 
 glibc returns large freed blocks to the kernel (``munmap`` above ``M_MMAP_THRESHOLD``, heap
 trimming above ``M_TRIM_THRESHOLD``), so a training step that frees and re-allocates the same
-activations page-faults them in again every step. On this project's 2-core VM the slow rank of a
-1:3 MLP took 2,000-3,500 minor faults per step and its forward + backward ran 4-8% slower than
-with the memory kept (0 faults per step after the second). jemalloc and tcmalloc, which PyTorch
+activations page-faults them in again every step, and an emulated slow rank dilates those
+faults with its compute (docs/benchmarks.md has the measurement). jemalloc and tcmalloc, which PyTorch
 recommends for CPU training, keep freed memory the same way. Set ``HAP_KEEP_HOST_MEMORY=0`` to
 leave the allocator as it is.
 """
