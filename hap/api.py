@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from hap.baselines import dp_pin
+from hap.baselines import baseline_setup, dp_pin
 from hap.calibrate import measured
 from hap.capture import capture
 from hap.cluster import Cluster, load_cluster
@@ -119,8 +119,8 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
         return res.choice, ev, res.status
 
     say("solving data-parallel baselines")
-    run("dp_even", even, dp_pin)
-    run("dp_proportional", prop, dp_pin)
+    for name in ("dp_even", "dp_proportional"):
+        run(name, *baseline_setup(name, cluster, total))
     say("solving placements (MILP)")
     choice, ev, status = run("hap", prop, user_pin)
     shares = prop

@@ -95,29 +95,45 @@ def megatron_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
     return True
 
 
+# each baseline once: (how its shares are set, which placements it pins). The search
+# (hap.api.plan_graph) solves the data-parallel ones with the same definitions.
+SETUPS: dict[str, tuple[str, Callable[[Node, Candidate, list[Candidate]], bool]]] = {
+    "dp_even": ("even", dp_pin),
+    "dp_proportional": ("speed", dp_pin),
+    "fsdp_even": ("even", fsdp_pin),
+    "megatron_tp_even": ("even", megatron_pin),
+}
+
+
+def baseline_setup(name: str, cluster: Cluster, total: int) -> tuple[tuple[int, ...], Pin]:
+    """The shares and the pin of baseline ``name`` for a global batch of ``total``."""
+    how, pin = SETUPS[name]
+    shares = even_shares(cluster.num_ranks, total) if how == "even" else speed_shares(cluster, total)
+    return shares, pin
+
+
+def _solve_baseline(name: str, graph: Graph, cluster: Cluster, **kw) -> Plan:
+    shares, pin = baseline_setup(name, cluster, _global_batch(graph, cluster.num_ranks))
+    return solve_pinned(graph, cluster, shares, pin, name, **kw)
+
+
 def dp_even(graph: Graph, cluster: Cluster, **kw) -> Plan:
-    n = cluster.num_ranks
-    return solve_pinned(graph, cluster, even_shares(n, _global_batch(graph, n)), dp_pin, "dp_even", **kw)
+    return _solve_baseline("dp_even", graph, cluster, **kw)
 
 
 def dp_proportional(graph: Graph, cluster: Cluster, **kw) -> Plan:
-    n = cluster.num_ranks
-    return solve_pinned(graph, cluster, speed_shares(cluster, _global_batch(graph, n)), dp_pin,
-                        "dp_proportional", **kw)
+    return _solve_baseline("dp_proportional", graph, cluster, **kw)
 
 
 def fsdp_even(graph: Graph, cluster: Cluster, **kw) -> Plan:
-    n = cluster.num_ranks
-    return solve_pinned(graph, cluster, even_shares(n, _global_batch(graph, n)), fsdp_pin, "fsdp_even", **kw)
+    return _solve_baseline("fsdp_even", graph, cluster, **kw)
 
 
 def megatron_tp_even(graph: Graph, cluster: Cluster, **kw) -> Plan | None:
-    n = cluster.num_ranks
     matrices = [p for p in graph.params() if isinstance(p.meta, TensorMeta) and p.meta.ndim >= 2]
-    if n < 2 or not matrices:
+    if cluster.num_ranks < 2 or not matrices:
         return None
-    return solve_pinned(graph, cluster, even_shares(n, _global_batch(graph, n)), megatron_pin, "megatron_tp_even",
-                        **kw)
+    return _solve_baseline("megatron_tp_even", graph, cluster, **kw)
 
 
 def baseline(name: str, graph: Graph, cluster: Cluster, **kw) -> Plan | None:
