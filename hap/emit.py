@@ -66,7 +66,7 @@ class Emitter:
         mv = move(have, want)
         src = self.shard_lengths(meta, have) if have.is_shard else None
         dst = self.shard_lengths(meta, want) if want.is_shard else None
-        expr = mv.code(name, src, dst, self.form(name, want) if mv.forms != ("",) else "")
+        expr = mv.code(name, src, dst, self.form(name, want))  # a move without uneven forms ignores it
         self.lines.append(f"    {var} = {expr}  # {have} -> {want}  ({source})")
         self.converted[key] = var
         return var
@@ -216,21 +216,16 @@ if __name__ == "__main__":
 
 def rank_places(plan: Plan) -> tuple[tuple[int, int, int], ...]:
     """Per rank: (node index in torchrun's --node-rank order, local rank, processes on that node)."""
-    nodes: dict[int, list[int]] = {}
-    for r in plan.cluster.ranks:
-        nodes.setdefault(r.node, []).append(r.rank)
-    index = {node: i for i, node in enumerate(sorted(nodes))}
-    return tuple((index[r.node], nodes[r.node].index(r.rank), len(nodes[r.node])) for r in plan.cluster.ranks)
+    nodes = plan.cluster.nodes()  # node indices are torchrun's --node-rank order
+    return tuple((r.node, nodes[r.node].index(r.rank), len(nodes[r.node])) for r in plan.cluster.ranks)
 
 
 def torchrun_commands(plan: Plan, script: str) -> list[str]:
-    nodes: dict[int, list[int]] = {}
-    for r in plan.cluster.ranks:
-        nodes.setdefault(r.node, []).append(r.rank)
+    nodes = plan.cluster.nodes()
     if len(nodes) == 1:
         return [f"torchrun --standalone --nproc-per-node {plan.num_ranks} {script} --steps 100"]
     cmds = []
-    for i, (_node, ranks) in enumerate(sorted(nodes.items())):
+    for i, ranks in enumerate(nodes):
         dev = plan.cluster.ranks[ranks[0]].device
         cmds.append(f"node {i} ({len(ranks)}x {dev}, ranks {ranks[0]}-{ranks[-1]}): torchrun --nnodes {len(nodes)} "
                     f"--node-rank {i} --nproc-per-node {len(ranks)} --master-addr $MASTER --master-port 29500 "
