@@ -9,7 +9,7 @@
                       dim 0 or 1 (column / row parallel, the solve picks), the batch replicated
 
 Every function returns a full ``Plan`` (``strategy`` names the baseline), scored by
-``hap.solve.evaluate`` like the plans ``hap.api.plan_graph`` returns, so it can be
+``hap.solve.evaluate`` like the plans ``hap.search`` returns, so it can be
 simulated, drawn as a timeline and emitted. ``megatron_tp_even`` returns None where the
 model has no weight matrix to shard.
 """
@@ -96,7 +96,7 @@ def megatron_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
 
 
 # each baseline once: (how its shares are set, which placements it pins). The search
-# (hap.api.plan_graph) solves the data-parallel ones with the same definitions.
+# (hap.search) solves the data-parallel ones with the same definitions.
 SETUPS: dict[str, tuple[str, Callable[[Node, Candidate, list[Candidate]], bool]]] = {
     "dp_even": ("even", dp_pin),
     "dp_proportional": ("speed", dp_pin),

@@ -114,13 +114,13 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
                           progress=lambda msg: status.update(msg))
     if args.compare:
         from hap.baselines import fsdp_even, megatron_tp_even
+        from hap.plan import BaselineResult
 
         more = {}
         for name, fn in (("fsdp_even", fsdp_even), ("megatron_tp_even", megatron_tp_even)):
             b = fn(graph, cluster, optimizer=args.optimizer, time_limit_s=args.time_limit)
             if b is not None:
-                more[name] = {"predicted_step_s": b.predicted_step_s, "shares": list(b.shares),
-                              "comm_s": b.predicted["comm_s"] + b.predicted["grad_sync_s"], "feasible": True}
+                more[name] = BaselineResult(b.predicted_step_s, b.shares, b.predicted.exposed_comm_s)
         plan = dataclasses.replace(plan, baselines={**plan.baselines, **more})
     if args.timeline:
         from hap.simulate import simulate, timeline_for_baseline

@@ -167,20 +167,27 @@ class Cluster:
         return cluster
 
     def lint(self) -> None:
-        """Internal invariants: ranks 0..n-1, nodes 0..m-1, every device present, rates > 0."""
-        assert self.ranks, "a cluster has at least one rank"
-        assert [r.rank for r in self.ranks] == list(range(len(self.ranks))), "ranks numbered 0..n-1 in order"
-        assert {r.node for r in self.ranks} == set(range(self.num_nodes)), "nodes numbered 0..m-1"
+        """Raise ClusterFileError unless ranks are 0..n-1, nodes 0..m-1, every device has a
+        profile and every rate is positive."""
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ClusterFileError(f"cluster {self.name}: {what}")
+
+        need(bool(self.ranks), "a cluster has at least one rank")
+        need([r.rank for r in self.ranks] == list(range(len(self.ranks))), "ranks are numbered 0..n-1 in order")
+        need({r.node for r in self.ranks} == set(range(self.num_nodes)), "nodes are numbered 0..m-1")
         for r in self.ranks:
-            assert r.device in self.devices, f"rank {r.rank}: device {r.device!r} has no profile"
-            assert r.slowdown > 0 and math.isfinite(r.slowdown), f"rank {r.rank}: slowdown {r.slowdown}"
+            need(r.device in self.devices, f"rank {r.rank}: device {r.device!r} has no profile")
+            need(r.slowdown > 0 and math.isfinite(r.slowdown), f"rank {r.rank}: slowdown {r.slowdown} is not > 0")
         for name, p in self.devices.items():
-            assert p.memory_bytes > 0, name
-            assert p.memory_bytes_per_s > 0 and p.kernel_floor_s >= 0, name
-            assert p.intra_node.bytes_per_s > 0 and p.intra_node.alpha_s >= 0, name
-            assert all(v > 0 for rates in p.flop_per_s.values() for v in rates.values()), name
-            assert p.flop_per_s["matmul"]["fp32"] > 0, name
-        assert self.inter_node.bytes_per_s > 0 and self.inter_node.alpha_s >= 0
+            need(p.memory_bytes > 0, f"device {name}: memory must be > 0")
+            need(p.memory_bytes_per_s > 0 and p.kernel_floor_s >= 0, f"device {name}: memory bandwidth must be > 0")
+            need(p.intra_node.bytes_per_s > 0 and p.intra_node.alpha_s >= 0,
+                 f"device {name}: intra-node link bandwidth must be > 0")
+            need(all(v > 0 for rates in p.flop_per_s.values() for v in rates.values()),
+                 f"device {name}: every compute rate must be > 0")
+            need(p.flop_per_s.get("matmul", {}).get("fp32", 0) > 0, f"device {name}: needs a matmul fp32 rate")
+        need(self.inter_node.bytes_per_s > 0 and self.inter_node.alpha_s >= 0, "inter-node bandwidth must be > 0")
 
 
 def load_cluster(path: str | Path | None = None) -> Cluster:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def ran_replicated(plan: Plan, name: str) -> bool:
     """Whether node ``name`` ran on every rank over whole tensors (its all-``R`` candidate)."""
     chosen = plan.nodes[name]
-    return chosen["candidate"] == "R" and chosen["output"] == "R"
+    return chosen.candidate.name == "R" and chosen.output == "R"
 
 
 def coverage(plan: Plan) -> dict[str, Any]:

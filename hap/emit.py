@@ -73,8 +73,8 @@ class Emitter:
 
     def form(self, name: str, want: Placement) -> str:
         for m in self.plan.moves:
-            if m["producer"] == name and m["dst"] == str(want) and m["form"]:
-                return m["form"]
+            if m.producer == name and m.dst == str(want) and m.form:
+                return m.form
         return "padded"
 
     def render(self, a: Any, refs: list[str]) -> str:
@@ -296,8 +296,9 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         slowdown=tuple(r.slowdown for r in plan.cluster.ranks),
         devices=tuple(r.device for r in plan.cluster.ranks), places=rank_places(plan),
         params="\n".join(params), buffers="\n".join(buffers), inputs=input_dims,
-        lengths="\n".join(lengths), grad_buckets=plan.predicted.get("grad_buckets", [list(plan.grad_synced)]),
-        grad_overlap=bool(plan.predicted.get("grad_overlap", False)),
+        lengths="\n".join(lengths),
+        grad_buckets=[list(b) for b in plan.predicted.grad_buckets] or [list(plan.grad_synced)],
+        grad_overlap=plan.predicted.grad_overlap,
         unpack="\n".join(unpack + lens_lines), body="\n".join(body),
         shapes={k: tuple(n.meta.shape) for n in g if n.kind in ("param", "buffer") and isinstance(n.meta, TensorMeta)
                 for k in (n.aliases or [n.target])},

@@ -188,15 +188,24 @@ class Graph:
 
     @classmethod
     def from_json(cls, d: dict) -> Graph:
-        return cls([Node.from_json(x) for x in d["nodes"]], d["loss"], d["num_inputs"], d.get("model_name", ""))
+        g = cls([Node.from_json(x) for x in d["nodes"]], d["loss"], d["num_inputs"], d.get("model_name", ""))
+        g.lint()
+        return g
 
     def lint(self) -> None:
+        """Raise CaptureError unless every node reads only earlier nodes and the loss is a scalar."""
+        from hap.errors import CaptureError
+
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise CaptureError(f"graph of {self.model_name or 'the model'}: {what}")
+
         seen: set[str] = set()
         for n in self.nodes:
-            assert n.name not in seen, f"duplicate node {n.name}"
+            need(n.name not in seen, f"duplicate node {n.name}")
             for i in n.inputs():
-                assert i in seen, f"{n.name} reads {i} before it is defined"
+                need(i in seen, f"{n.name} reads {i} before it is defined")
             seen.add(n.name)
-        assert self.loss in seen, f"loss {self.loss} is not a node"
+        need(self.loss in seen, f"loss {self.loss} is not a node")
         loss = self[self.loss].meta
-        assert isinstance(loss, TensorMeta) and loss.shape == (), "loss must be a scalar"
+        need(isinstance(loss, TensorMeta) and loss.shape == (), "the loss must be a scalar")

@@ -8,20 +8,120 @@ true status.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hap.errors import PlanFileError
+from hap.errors import HapError, PlanFileError
 from hap.graph import Graph
 from hap.placement import Splitter
+from hap.rules import Candidate
 
 if TYPE_CHECKING:
     from hap.cluster import Cluster
-    from hap.rules import Candidate
     from hap.solve import Evaluation
+
+
+@dataclass(frozen=True)
+class NodeChoice:
+    """What the plan chose for one graph node: its candidate, and where the node came from."""
+
+    candidate: Candidate
+    target: str
+    source: str = ""
+    module: str = ""
+
+    @property
+    def output(self) -> str:
+        return str(self.candidate.output)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.candidate.to_json(), "target": self.target, "source": self.source, "module": self.module}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> NodeChoice:
+        return cls(Candidate.from_json(d), str(d["target"]), d.get("source") or "", d.get("module") or "")
+
+
+@dataclass(frozen=True)
+class PlannedMove:
+    """One resharding collective the program runs: ``producer``'s output, from ``src`` to ``dst``."""
+
+    producer: str
+    src: str
+    dst: str
+    kind: str
+    form: str
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PlannedMove:
+        return cls(str(d["producer"]), str(d["src"]), str(d["dst"]), str(d["kind"]), str(d.get("form") or ""),
+                   float(d["seconds"]))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The cost model's account of one step: per-rank compute and memory, the exposed
+    communication, and how gradients are bucketed for their reduction."""
+
+    step_s: float
+    compute_s: tuple[float, ...]
+    critical_compute_s: float
+    comm_s: float
+    grad_sync_s: float
+    memory_bytes: tuple[int, ...]
+    grad_buckets: tuple[tuple[str, ...], ...] = ()
+    grad_overlap: bool = False
+
+    @property
+    def exposed_comm_s(self) -> float:
+        return self.comm_s + self.grad_sync_s
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step_s": self.step_s, "compute_s": list(self.compute_s),
+                "critical_compute_s": self.critical_compute_s, "comm_s": self.comm_s,
+                "grad_sync_s": self.grad_sync_s, "memory_bytes": [int(m) for m in self.memory_bytes],
+                "grad_buckets": [list(b) for b in self.grad_buckets], "grad_overlap": self.grad_overlap}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Prediction:
+        return cls(float(d["step_s"]), tuple(float(x) for x in d["compute_s"]), float(d["critical_compute_s"]),
+                   float(d["comm_s"]), float(d["grad_sync_s"]), tuple(int(x) for x in d["memory_bytes"]),
+                   tuple(tuple(str(n) for n in b) for b in d.get("grad_buckets", [])),
+                   bool(d.get("grad_overlap", False)))
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    """A baseline solved on the same cost model: its step time and shares, or why it is infeasible."""
+
+    predicted_step_s: float | None
+    shares: tuple[int, ...] = ()
+    comm_s: float = 0.0
+    reason: str = ""
+
+    @property
+    def feasible(self) -> bool:
+        return self.predicted_step_s is not None
+
+    def to_json(self) -> dict[str, Any]:
+        if not self.feasible:
+            return {"predicted_step_s": None, "feasible": False, "reason": self.reason}
+        return {"predicted_step_s": self.predicted_step_s, "shares": list(self.shares), "comm_s": self.comm_s,
+                "feasible": True}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> BaselineResult:
+        step = d.get("predicted_step_s")
+        return cls(None if step is None else float(step), tuple(int(x) for x in d.get("shares", [])),
+                   float(d.get("comm_s", 0.0)), str(d.get("reason", "")))
 
 
 @dataclass(frozen=True)
@@ -32,19 +132,19 @@ class Plan:
     graph: Graph
     cluster: Cluster
     shares: tuple[int, ...]
-    nodes: dict[str, dict[str, Any]]  # name -> {candidate, inputs, output, target, source, module}
-    moves: list[dict[str, Any]]  # {producer, src, dst, kind, form, seconds}
-    grad_synced: list[str]
-    predicted: dict[str, Any]  # step_s, compute_s (per rank), critical_compute_s, comm_s, grad_sync_s, memory_bytes
-    baselines: dict[str, dict[str, Any]]  # name -> {predicted_step_s, shares, ...}
+    nodes: dict[str, NodeChoice]  # every graph node by name
+    moves: tuple[PlannedMove, ...]
+    grad_synced: tuple[str, ...]
+    predicted: Prediction
+    baselines: dict[str, BaselineResult]  # by baseline name (hap.baselines)
     lower_bound_step_s: float
     solve_s: float
     solver_status: str
     optimizer: str = "sgd"
     strategy: str = "hap"  # which search result won: hap | dp_even | dp_proportional
     spec: str | None = None  # path of the model spec file (needed to emit)
-    warnings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # why notable choices were made
+    warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # why notable choices were made
 
     @property
     def num_ranks(self) -> int:
@@ -56,20 +156,15 @@ class Plan:
 
     def choice(self) -> dict[str, Candidate]:
         """The candidate chosen for every node, as the plan carries it (no rules are run again)."""
-        from hap.rules import Candidate
-
-        try:
-            return {name: Candidate.from_json(n) for name, n in self.nodes.items()}
-        except (KeyError, TypeError, ValueError) as e:
-            raise PlanFileError(f"the plan's node choices are incomplete ({type(e).__name__}: {e}); re-plan with "
-                                "this version of hap") from None
+        return {name: n.candidate for name, n in self.nodes.items()}
 
     @property
     def predicted_step_s(self) -> float:
-        return float(self.predicted["step_s"])
+        return self.predicted.step_s
 
     def digest(self) -> str:
-        body = json.dumps({"nodes": self.nodes, "shares": self.shares}, sort_keys=True)
+        nodes = {name: n.to_json() for name, n in self.nodes.items()}
+        body = json.dumps({"nodes": nodes, "shares": list(self.shares)}, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()[:12]
 
     # ---- checks ------------------------------------------------------------------------
@@ -99,8 +194,8 @@ class Plan:
             ranks.append({
                 "rank": r, "device": info.device, "node": info.node, "slowdown": info.slowdown,
                 "batch_share": int(self.shares[r]),
-                "compute_s": self.predicted["compute_s"][r],
-                "memory_bytes": int(self.predicted["memory_bytes"][r]),
+                "compute_s": self.predicted.compute_s[r],
+                "memory_bytes": int(self.predicted.memory_bytes[r]),
                 "memory_capacity_bytes": int(self.cluster.memory_bytes(r)),
             })
         return {
@@ -113,16 +208,16 @@ class Plan:
             "optimizer": self.optimizer,
             "ranks": ranks,
             "predicted_step_s": self.predicted_step_s,
-            "predicted": self.predicted,
-            "baselines": self.baselines,
+            "predicted": self.predicted.to_json(),
+            "baselines": {k: b.to_json() for k, b in self.baselines.items()},
             "lower_bound_step_s": self.lower_bound_step_s,
             "solve_s": self.solve_s,
             "solver_status": self.solver_status,
-            "nodes": self.nodes,
-            "moves": self.moves,
-            "grad_synced": self.grad_synced,
-            "warnings": self.warnings,
-            "notes": self.notes,
+            "nodes": {name: n.to_json() for name, n in self.nodes.items()},
+            "moves": [m.to_json() for m in self.moves],
+            "grad_synced": list(self.grad_synced),
+            "warnings": list(self.warnings),
+            "notes": list(self.notes),
             "cluster": self.cluster.to_json(),
             "graph": self.graph.to_json(),
         }
@@ -139,19 +234,24 @@ class Plan:
                 graph=Graph.from_json(d["graph"]),
                 cluster=Cluster.from_json(d["cluster"]),
                 shares=tuple(int(r["batch_share"]) for r in d["ranks"]),
-                nodes=d["nodes"], moves=d["moves"], grad_synced=d["grad_synced"], predicted=d["predicted"],
-                baselines=d["baselines"], lower_bound_step_s=d["lower_bound_step_s"], solve_s=d["solve_s"],
-                solver_status=d["solver_status"], optimizer=d.get("optimizer", "sgd"),
-                strategy=d.get("strategy", "hap"), spec=d.get("spec"), warnings=d.get("warnings", []),
-                notes=d.get("notes", []),
+                nodes={name: NodeChoice.from_json(n) for name, n in d["nodes"].items()},
+                moves=tuple(PlannedMove.from_json(m) for m in d["moves"]),
+                grad_synced=tuple(str(x) for x in d["grad_synced"]),
+                predicted=Prediction.from_json(d["predicted"]),
+                baselines={str(k): BaselineResult.from_json(b) for k, b in d["baselines"].items()},
+                lower_bound_step_s=float(d["lower_bound_step_s"]), solve_s=float(d["solve_s"]),
+                solver_status=str(d["solver_status"]), optimizer=d.get("optimizer", "sgd"),
+                strategy=d.get("strategy", "hap"), spec=d.get("spec"), warnings=tuple(d.get("warnings", [])),
+                notes=tuple(d.get("notes", [])),
             )
         except KeyError as e:
             raise PlanFileError(f"the plan lacks {e.args[0]!r}; re-plan with this version of hap") from None
+        except HapError as e:  # its graph or cluster contradicts itself
+            raise PlanFileError(f"the plan is malformed: {e}; re-plan with this version of hap") from None
         except (TypeError, ValueError, AttributeError) as e:
             raise PlanFileError(f"the plan is malformed ({type(e).__name__}: {e}); re-plan with this version of hap") \
                 from None
         plan.lint()
-        plan.choice()  # every node's candidate decodes
         return plan
 
     def save(self, path: str | Path) -> None:
@@ -175,21 +275,27 @@ class Plan:
 
 def assemble_plan(graph: Graph, cluster: Cluster, shares: tuple[int, ...], choice: dict, ev: Evaluation,
                   status: str, *, strategy: str, optimizer: str = "sgd", spec: str | None = None,
-                  solve_s: float = 0.0, baselines: dict | None = None, warnings: list[str] | None = None) -> Plan:
+                  solve_s: float = 0.0, baselines: dict[str, BaselineResult] | None = None,
+                  warnings: list[str] | None = None) -> Plan:
     """A Plan from a solved assignment and its evaluation (the search's and every baseline's)."""
     from hap.cost import CostModel
     from hap.solve import lower_bound_s
 
     cm = CostModel(graph, cluster, Splitter(shares), optimizer)
-    nodes = {}
-    for node in graph:
-        c = choice[node.name]
-        nodes[node.name] = {**c.to_json(), "target": node.target, "source": node.source, "module": node.module}
-    moves = [{"producer": m.producer, "src": str(m.src), "dst": str(m.dst), "kind": m.conversion.kind,
-              "form": m.conversion.form, "seconds": m.conversion.seconds} for m in ev.moves]
-    predicted = {"step_s": ev.step_s, "compute_s": list(ev.compute_s), "critical_compute_s": ev.critical_compute_s,
-                 "comm_s": ev.comm_s, "grad_sync_s": ev.grad_sync_s, "memory_bytes": list(ev.memory_bytes),
-                 "grad_buckets": ev.grad_buckets, "grad_overlap": ev.grad_overlap}
+    nodes = {node.name: NodeChoice(choice[node.name], node.target, node.source or "", node.module or "")
+             for node in graph}
+    moves = tuple(PlannedMove(m.producer, str(m.src), str(m.dst), m.conversion.kind, m.conversion.form or "",
+                              m.conversion.seconds) for m in ev.moves)
     lb = lower_bound_s(graph, cm)
-    return Plan(graph, cluster, tuple(shares), nodes, moves, ev.grad_synced, predicted, baselines or {}, lb,
-                solve_s, status, optimizer, strategy, spec, warnings or [])
+    return Plan(graph, cluster, tuple(shares), nodes, moves, tuple(ev.grad_synced), prediction(ev),
+                baselines or {}, lb, solve_s, status, optimizer, strategy, spec, tuple(warnings or ()))
+
+
+def prediction(ev: Evaluation) -> Prediction:
+    return Prediction(ev.step_s, tuple(ev.compute_s), ev.critical_compute_s, ev.comm_s, ev.grad_sync_s,
+                      tuple(int(m) for m in ev.memory_bytes), tuple(tuple(b) for b in ev.grad_buckets),
+                      bool(ev.grad_overlap))
+
+
+def baseline_result(ev: Evaluation, shares: tuple[int, ...]) -> BaselineResult:
+    return BaselineResult(ev.step_s, tuple(shares), ev.comm_s + ev.grad_sync_s)

@@ -25,12 +25,12 @@ def ranks_table(plan: Plan) -> Table:
                     f"global batch {plan.global_batch}")
     for col in ("rank", "device", "node", "batch share", "compute ms", "comm ms", "memory GiB", "capacity GiB"):
         t.add_column(col, justify="right" if col not in ("device",) else "left")
-    comm = plan.predicted["comm_s"] + plan.predicted["grad_sync_s"]
+    comm = plan.predicted.exposed_comm_s
     for r in range(plan.num_ranks):
         info = plan.cluster.ranks[r]
         dev = info.device + (f" (x{info.slowdown:g} slower)" if info.slowdown != 1 else "")
-        t.add_row(str(r), dev, str(info.node), str(plan.shares[r]), _ms(plan.predicted["compute_s"][r]), _ms(comm),
-                  _gb(plan.predicted["memory_bytes"][r]), _gb(plan.cluster.memory_bytes(r)))
+        t.add_row(str(r), dev, str(info.node), str(plan.shares[r]), _ms(plan.predicted.compute_s[r]), _ms(comm),
+                  _gb(plan.predicted.memory_bytes[r]), _gb(plan.cluster.memory_bytes(r)))
     return t
 
 
@@ -42,12 +42,12 @@ def strategy_table(plan: Plan, max_rows: int = 40) -> Table:
     for n in plan.graph:
         info = plan.nodes[n.name]
         if n.kind == "param":
-            key = (n.target.rsplit(".", 1)[0], "param " + n.target.rsplit(".", 1)[-1], info["output"], "")
+            key = (n.target.rsplit(".", 1)[0], "param " + n.target.rsplit(".", 1)[-1], info.output, "")
         elif n.kind == "op" and n.op_class in ("matmul", "conv", "attention", "norm") or \
                 (n.kind == "op" and "loss" in n.target) or n.name == plan.graph.loss:
-            ins = ",".join(info["inputs"])
+            ins = ",".join(str(p) for p in info.candidate.inputs)
             key = (n.module.split(" ")[0] or "-", n.target.replace("aten.", "").rsplit(".", 1)[0],
-                   f"{ins} -> {info['output']}", n.source.split("  ")[0])
+                   f"{ins} -> {info.output}", n.source.split("  ")[0])
         else:
             continue
         rows.setdefault(key, []).append(n.name)
@@ -66,10 +66,10 @@ def baselines_table(plan: Plan) -> Table:
     hap = plan.predicted_step_s
     t.add_row(f"hap ({plan.strategy})", _ms(hap), "1.00x", _short(plan.shares))
     for k, v in plan.baselines.items():
-        if v.get("predicted_step_s") is None:
+        if not v.feasible:
             t.add_row(k, "does not fit", "", "")
             continue
-        t.add_row(k, _ms(v["predicted_step_s"]), f"{v['predicted_step_s'] / hap:.2f}x", _short(v.get("shares", [])))
+        t.add_row(k, _ms(v.predicted_step_s), f"{v.predicted_step_s / hap:.2f}x", _short(v.shares))
     t.add_row("lower bound", _ms(plan.lower_bound_step_s), f"{plan.lower_bound_step_s / hap:.2f}x", "")
     return t
 
@@ -85,8 +85,8 @@ def render(plan: Plan, console: Console) -> None:
     console.print(strategy_table(plan))
     console.print(baselines_table(plan))
     p = plan.predicted
-    console.print(f"predicted step {_ms(p['step_s'])} ms = compute {_ms(p['critical_compute_s'])} + resharding "
-                  f"{_ms(p['comm_s'])} + gradient all-reduce {_ms(p['grad_sync_s'])}; "
+    console.print(f"predicted step {_ms(p.step_s)} ms = compute {_ms(p.critical_compute_s)} + resharding "
+                  f"{_ms(p.comm_s)} + gradient all-reduce {_ms(p.grad_sync_s)}; "
                   f"solver: {plan.solver_status} in {plan.solve_s:.2f} s")
     for note in plan.notes:
         console.print(f"note: {note}")

@@ -34,7 +34,6 @@ from hap.errors import HapError
 from hap.graph import Graph, TensorMeta
 from hap.moves import move
 from hap.placement import Splitter
-from hap.rules import Candidate
 from hap.solve import evaluate, readers
 
 if TYPE_CHECKING:
@@ -116,11 +115,6 @@ class Timeline:
                 "per_rank": self.per_rank(), "segments": [s.to_json() for s in self.segments]}
 
 
-def plan_choice(plan: Plan) -> dict[str, Candidate]:
-    """The candidate objects the plan carries."""
-    return plan.choice()
-
-
 def _split(cm: CostModel, graph: Graph, name: str, total: tuple[float, ...]) -> tuple[tuple, tuple]:
     """(forward, backward) parts of a node's per-rank compute."""
     node = graph[name]
@@ -151,7 +145,7 @@ def simulate(plan: Plan, cluster: Cluster | None = None, mode: str = "aligned", 
     if n != plan.num_ranks:
         raise HapError(f"the plan is for {plan.num_ranks} ranks; cluster {cluster.name} has {n}")
     cm = CostModel(graph, cluster, Splitter(plan.shares), plan.optimizer)
-    choice = plan_choice(plan)
+    choice = plan.choice()
     ev = evaluate(graph, cm, choice)
     # where each move happens: before its first reader (forward), after that reader's backward
     order = {node.name: i for i, node in enumerate(graph)}

@@ -32,8 +32,8 @@ def test_data_parallel_baselines_match_the_plans_own(mlp, cluster):
     for p, key in ((de, "dp_even"), (dprop, "dp_proportional")):
         p.lint()
         assert p.strategy == key
-        assert all(p.nodes[x.name]["output"] == "R" for x in mlp.params())
-        assert p.predicted_step_s == pytest.approx(plan.baselines[key]["predicted_step_s"], rel=1e-6)
+        assert all(p.nodes[x.name].output == "R" for x in mlp.params())
+        assert p.predicted_step_s == pytest.approx(plan.baselines[key].predicted_step_s, rel=1e-6)
         assert plan.predicted_step_s <= p.predicted_step_s * (1 + 1e-9)
 
 
@@ -42,12 +42,12 @@ def test_fsdp_shards_parameters_on_dim0(mlp, cluster):
     p.lint()
     assert p.shares == even_shares(2, _batch(mlp))
     for x in mlp.params():
-        assert p.nodes[x.name]["output"].startswith("S(0"), (x.name, p.nodes[x.name])
+        assert p.nodes[x.name].output.startswith("S(0"), (x.name, p.nodes[x.name])
     # every sharded parameter is gathered before use: some all-gather moves exist
-    assert any(m["kind"] == "all_gather" for m in p.moves)
+    assert any(m.kind == "all_gather" for m in p.moves)
     # parameter state per rank is about half of data parallel's
     de = dp_even(mlp, cluster)
-    assert max(p.predicted["memory_bytes"]) < max(de.predicted["memory_bytes"])
+    assert max(p.predicted.memory_bytes) < max(de.predicted.memory_bytes)
 
 
 def test_megatron_shards_matrices_and_replicates_the_batch(mlp, cluster):
@@ -56,10 +56,10 @@ def test_megatron_shards_matrices_and_replicates_the_batch(mlp, cluster):
     p.lint()
     for x in mlp.params():
         if isinstance(x.meta, TensorMeta) and x.meta.ndim == 2:
-            assert p.nodes[x.name]["output"] in ("S(0)", "S(1)"), x.name
+            assert p.nodes[x.name].output in ("S(0)", "S(1)"), x.name
     for x in mlp:
         if x.kind == "input":
-            assert p.nodes[x.name]["output"] == "R"
+            assert p.nodes[x.name].output == "R"
 
 
 def test_baseline_by_name(mlp, cluster):

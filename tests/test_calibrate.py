@@ -116,8 +116,8 @@ def test_plan_with_timed_ops_keeps_its_invariants(tmp_path):
     assert abs(plan.shares[1] - 64) <= 0.10 * 64 + 1
     assert plan.lower_bound_step_s <= plan.predicted_step_s
     for name, b in plan.baselines.items():
-        if b.get("predicted_step_s") is not None:
-            assert plan.predicted_step_s <= b["predicted_step_s"] * (1 + 1e-9), name
+        if b.feasible:
+            assert plan.predicted_step_s <= b.predicted_step_s * (1 + 1e-9), name
 
 
 

@@ -73,7 +73,6 @@ def test_slower_rank_computes_slower_and_replication_costs_the_slowest():
 
 def test_gradient_buckets_overlap_backward_only_where_the_devices_can(monkeypatch):
     from hap.api import plan_graph
-    from hap.simulate import plan_choice
     from hap.solve import grad_sync_schedule
 
     monkeypatch.setenv("HAP_MLP_WIDTH", "2048")  # 34 MB of gradients: two 25 MiB buckets
@@ -83,13 +82,13 @@ def test_gradient_buckets_overlap_backward_only_where_the_devices_can(monkeypatc
         cluster = load_cluster(ROOT / "profiles" / "clusters" / f"{name}.toml")
         plan = plan_graph(graph, cluster, pins=pins)
         cm = CostModel(graph, cluster, Splitter(plan.shares))
-        choice = plan_choice(plan)
+        choice = plan.choice()
         synced = [p.name for p in graph.params()]
         buckets, exposed = grad_sync_schedule(graph, cm, choice, synced, overlap=can)
-        assert plan.predicted["grad_overlap"] is can and plan.predicted["grad_buckets"] == buckets
+        assert plan.predicted.grad_overlap is can and plan.predicted.grad_buckets == tuple(map(tuple, buckets))
         assert sorted(p for b in buckets for p in b) == sorted(synced)
         serial = sum(cm.all_reduce_s(sum(graph[p].meta.nbytes for p in b)) for b in buckets)
-        assert plan.predicted["grad_sync_s"] == exposed
+        assert plan.predicted.grad_sync_s == exposed
         if can:
             assert len(buckets) == 2 and exposed < serial  # the first bucket hides behind backward
             assert grad_sync_schedule(graph, cm, choice, synced, overlap=False)[1] == pytest.approx(serial)

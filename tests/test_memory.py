@@ -38,12 +38,12 @@ def test_model_too_big_for_16gb_replicated_gets_an_uneven_sharded_plan():
     graph = meta_graph(16384, 4)
     cluster = load_cluster(MIXED)
     plan = plan_graph(graph, cluster, optimizer="adam")
-    assert plan.baselines["dp_even"]["feasible"] is False  # data parallelism does not fit a V100
+    assert plan.baselines["dp_even"].feasible is False  # data parallelism does not fit a V100
     for r in range(cluster.num_ranks):
-        assert plan.predicted["memory_bytes"][r] <= cluster.memory_bytes(r)
-    sharded = [n.name for n in graph.params() if plan.nodes[n.name]["output"].startswith("S")]
+        assert plan.predicted.memory_bytes[r] <= cluster.memory_bytes(r)
+    sharded = [n.name for n in graph.params() if plan.nodes[n.name].output.startswith("S")]
     assert sharded, "parameters must be sharded to fit"
-    mem = plan.predicted["memory_bytes"]
+    mem = plan.predicted.memory_bytes
     assert len(set(round(m) for m in mem)) > 1, f"state should be sharded unevenly: {mem}"
     assert min(mem) > 0.05 * max(mem), "every card holds a real part of the state"
 

@@ -35,7 +35,7 @@ def test_example_captures_and_plans(example):
     plan.lint()
     assert len(plan.shares) == 2 and min(plan.shares) >= 0 and sum(plan.shares) == mod.BATCH_SIZE
     assert set(plan.nodes) == {n.name for n in plan.graph}
-    best_baseline = min(b["predicted_step_s"] for b in plan.baselines.values())
+    best_baseline = min(b.predicted_step_s for b in plan.baselines.values())
     assert {"dp_even", "dp_proportional"} <= set(plan.baselines)
     assert plan.predicted_step_s <= best_baseline * 1.0001
     assert 0 < plan.lower_bound_step_s <= plan.predicted_step_s * 1.0001

@@ -27,7 +27,7 @@ def test_never_worse_than_baselines_nor_better_than_bound(graphs, example):
         plan = plan_graph(graphs[example], load_cluster(path))
         plan.lint()
         for name, b in plan.baselines.items():
-            assert plan.predicted_step_s <= b["predicted_step_s"] * (1 + 1e-9), (path.name, name)
+            assert plan.predicted_step_s <= b.predicted_step_s * (1 + 1e-9), (path.name, name)
         assert 0 < plan.lower_bound_step_s <= plan.predicted_step_s, path.name
         assert sum(plan.shares) == plan.global_batch and min(plan.shares) >= 0
 
@@ -65,8 +65,8 @@ def test_communication_bound_mlp_is_sharded_and_beats_hap_headline(monkeypatch):
     graph = captured(load_example("mlp"))[2]
     plan = plan_graph(graph, load_cluster(ROOT / "profiles" / "clusters" / "hap-paper.toml"))
     big = [n for n in graph.params() if n.meta.numel >= 8192 * 8192]
-    assert big and all(plan.nodes[n.name]["output"].startswith("S") for n in big)
-    assert plan.baselines["dp_even"]["predicted_step_s"] / plan.predicted_step_s >= 2.41
+    assert big and all(plan.nodes[n.name].output.startswith("S") for n in big)
+    assert plan.baselines["dp_even"].predicted_step_s / plan.predicted_step_s >= 2.41
 
 
 def test_inter_node_network_is_what_data_parallel_pays():
@@ -77,7 +77,7 @@ def test_inter_node_network_is_what_data_parallel_pays():
     two = plan_graph(graph, cluster_from_dict({"network": {"inter_node_gbps": 10.4},
                                                "nodes": [{"device": "V100-16GB", "count": 4, "repeat": 2}]},
                                               source="test"))
-    assert two.baselines["dp_even"]["predicted_step_s"] > 3 * one.baselines["dp_even"]["predicted_step_s"]
+    assert two.baselines["dp_even"].predicted_step_s > 3 * one.baselines["dp_even"].predicted_step_s
 
 
 def test_plan_json_round_trip(graphs):
@@ -106,6 +106,18 @@ def test_a_plan_is_built_once_and_a_bad_plan_file_says_what_is_wrong(graphs):
         Plan.from_json(uneven)
     with pytest.raises(PlanFileError, match="hap-plan/1"):
         Plan.from_json(dict(d, format="something-else/2"))
+    # a cluster or graph that contradicts itself is a bad plan file too, not an AssertionError
+    lost = dict(d, cluster=dict(d["cluster"], devices={}))
+    with pytest.raises(PlanFileError, match="has no profile"):
+        Plan.from_json(lost)
+    loss = d["graph"]["loss"]
+    reordered = dict(d, graph=dict(d["graph"], nodes=[n for n in d["graph"]["nodes"] if n["name"] != loss]))
+    with pytest.raises(PlanFileError, match="loss"):
+        Plan.from_json(reordered)
+    # every record is frozen and typed, and survives JSON unchanged
+    assert isinstance(plan.moves, tuple) and isinstance(plan.predicted.compute_s, tuple)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.predicted.step_s = 0.0
 
 
 def test_gpt2_small_on_64_gpus_plans_quickly(monkeypatch):
@@ -117,4 +129,4 @@ def test_gpt2_small_on_64_gpus_plans_quickly(monkeypatch):
     total = time.perf_counter() - t0
     assert plan.solve_s < 10, plan.solve_s
     assert total < 60, total
-    assert plan.predicted_step_s <= plan.baselines["dp_even"]["predicted_step_s"]
+    assert plan.predicted_step_s <= plan.baselines["dp_even"].predicted_step_s

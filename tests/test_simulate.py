@@ -44,11 +44,11 @@ def test_timeline_structure_and_round_trip(graph):
     phases = [s.phase for s in tl.segments]
     assert phases.index("backward") > max(i for i, p in enumerate(phases) if p == "forward")
     per = tl.per_rank()
-    # what each rank computes is the cost model's per-rank compute (plan.predicted["compute_s"])
+    # what each rank computes is the cost model's per-rank compute (plan.predicted.compute_s)
     for r, d in enumerate(per):
-        assert d["compute_s"] == pytest.approx(plan.predicted["compute_s"][r], rel=1e-6, abs=1e-12)
+        assert d["compute_s"] == pytest.approx(plan.predicted.compute_s[r], rel=1e-6, abs=1e-12)
     comm = sum(s.comm_s for s in tl.segments)
-    assert comm == pytest.approx(plan.predicted["comm_s"] + plan.predicted["grad_sync_s"], rel=1e-9, abs=1e-15)
+    assert comm == pytest.approx(plan.predicted.comm_s + plan.predicted.grad_sync_s, rel=1e-9, abs=1e-15)
     again = Plan.from_json(plan.to_json())
     assert _close(simulate(again).step_s, plan.predicted_step_s)
     d = tl.to_json()
@@ -59,7 +59,7 @@ def test_timeline_structure_and_round_trip(graph):
 def test_timeline_for_baseline_and_step_times(graph):
     plan = plan_graph(graph, load_cluster("default"), time_limit_s=10)
     base = timeline_for_baseline(plan, "dp_even")
-    assert _close(base.step_s, plan.baselines["dp_even"]["predicted_step_s"])
+    assert _close(base.step_s, plan.baselines["dp_even"].predicted_step_s)
     st = step_times(plan)
     assert _close(st["aligned_s"], st["predicted_s"]) and st["segments_s"] <= st["aligned_s"] * (1 + 1e-9)
     with pytest.raises(ValueError):

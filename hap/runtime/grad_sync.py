@@ -1,7 +1,7 @@
 """Gradient all-reduce of the replicated parameters, overlapped with backward.
 
 The plan lists the replicated parameters in buckets, in the order backward completes them
-(``plan.predicted["grad_buckets"]``). With ``overlap``, a hook on each parameter launches its
+(``plan.predicted.grad_buckets``). With ``overlap``, a hook on each parameter launches its
 bucket's all-reduce asynchronously as soon as the bucket's last gradient is accumulated, while
 backward goes on computing earlier layers (as DDP does); ``finish`` launches what is left with the
 step's loss riding in the last bucket, waits, and leaves every gradient as a view of its reduced

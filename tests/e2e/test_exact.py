@@ -31,9 +31,9 @@ def test_forced_tensor_parallel_is_exact(tmp_path):
     pins = {"p_hidden_1_weight": "S(0)", "p_hidden_1_bias": "S(0)", "p_hidden_2_weight": "S(1)"}
     plan, loss_err, param_err = run_exact(str(ROOT / "examples/mlp.py"), str(CLUSTERS / "default.toml"),
                                           tmp_path, pins=pins)
-    assert plan.nodes["p_hidden_1_weight"]["output"] == "S(0)"
-    assert plan.nodes["p_hidden_2_weight"]["output"] == "S(1)"
-    assert any(m["kind"] in ("all_gather", "all_reduce", "reduce_scatter") for m in plan.moves)
+    assert plan.nodes["p_hidden_1_weight"].output == "S(0)"
+    assert plan.nodes["p_hidden_2_weight"].output == "S(1)"
+    assert any(m.kind in ("all_gather", "all_reduce", "reduce_scatter") for m in plan.moves)
     assert loss_err < TOL and param_err < TOL, (loss_err, param_err)
 
 
@@ -41,9 +41,9 @@ def test_slow_network_shards_parameters_and_is_exact(tmp_path):
     """On a 0.1 Gbit/s network the solver itself shards large layers instead of all-reducing them."""
     plan, loss_err, param_err = run_exact(str(ROOT / "examples/mlp.py"), str(CLUSTERS / "cpu-slow-net.toml"),
                                           tmp_path)
-    sharded = [n for n, v in plan.nodes.items() if n.startswith("p_") and v["output"].startswith("S")]
+    sharded = [n for n, v in plan.nodes.items() if n.startswith("p_") and v.output.startswith("S")]
     assert sharded, "expected sharded parameters on a slow network"
-    assert plan.predicted_step_s < plan.baselines["dp_even"]["predicted_step_s"] / 1.5
+    assert plan.predicted_step_s < plan.baselines["dp_even"].predicted_step_s / 1.5
     assert loss_err < TOL and param_err < TOL, (loss_err, param_err)
 
 
@@ -72,7 +72,7 @@ def test_row_sharded_embedding_bags_are_exact(tmp_path):
     pins = {"p_tables_0_weight": "S(0)", "p_tables_1_weight": "S(0)"}
     plan, loss_err, param_err = run_exact(str(ROOT / "examples/dlrm.py"), str(CLUSTERS / "default.toml"),
                                           tmp_path, pins=pins)
-    assert plan.nodes["embedding_bag"]["candidate"] == "rows:P"
+    assert plan.nodes["embedding_bag"].candidate.name == "rows:P"
     assert any("sharded by rows" in n for n in plan.notes)
     assert loss_err < TOL and param_err < TOL, (loss_err, param_err)
 

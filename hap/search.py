@@ -1,0 +1,243 @@
+"""The search: which share vectors and pins are solved, and which result becomes the plan.
+
+Each attempt is one MILP (``hap.solve.solve_placements``) over the candidates that its
+share vector allows:
+
+    dp_even, dp_proportional   the data-parallel baselines (``hap.baselines.SETUPS``)
+    hap                        free placements, shares proportional to device speed
+    hap_refit0..2              free placements, shares re-fitted to the timed work of the last
+                               hap result (kept only while the step gets faster)
+    hap_even                   free placements, even shares
+    hap_dp_refit               data parallel, shares re-fitted to dp_proportional's timed work
+
+The plan keeps the simplest result within 1% of the fastest (``PREFERENCE``), and never
+one slower than a feasible data-parallel baseline. A user's pins bind every hap attempt;
+the baselines are then only for comparison.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hap.baselines import baseline_setup, dp_pin
+from hap.calibrate import measured
+from hap.cluster import Cluster
+from hap.cost import CostModel
+from hap.errors import InfeasiblePlan
+from hap.graph import Graph, Node
+from hap.placement import Placement, Splitter
+from hap.plan import BaselineResult, Plan, assemble_plan, baseline_result
+from hap.rules import Candidate, RuleContext, has_rule, view_units
+from hap.solve import (
+    Evaluation,
+    all_candidates,
+    evaluate,
+    even_shares,
+    memory_report,
+    refit_shares,
+    solve_placements,
+    speed_shares,
+)
+
+log = logging.getLogger(__name__)
+
+Pin = Callable[[Node, Candidate, list[Candidate]], bool]
+DATA_PARALLEL = ("dp_even", "dp_proportional")
+REFIT_ROUNDS = 3
+PREFER_WITHIN = 1.01  # a simpler result is kept unless another is at least 1% faster
+PREFERENCE = ("hap", "dp_proportional", "hap_refit*", "hap_dp_refit", "hap_even", "dp_even")  # simplest first
+
+
+@dataclass(frozen=True)
+class Attempt:
+    name: str
+    shares: tuple[int, ...]
+    pin: Pin | None  # restricts each node's candidates; None: free placements
+
+
+@dataclass(frozen=True)
+class Result:
+    attempt: Attempt
+    choice: dict[str, Candidate]
+    evaluation: Evaluation
+    status: str
+
+    @property
+    def step_s(self) -> float:
+        return self.evaluation.step_s
+
+
+class Search:
+    """Solves attempts on one graph and cluster; every share vector over its own candidates
+    (no zero-length shard of a weight or feature dim), the ones emit finds again from the plan."""
+
+    def __init__(self, graph: Graph, cluster: Cluster, *, optimizer: str, strict: bool, time_limit_s: float,
+                 user_pins: dict[str, Placement]):
+        self.graph, self.cluster, self.optimizer = graph, cluster, optimizer
+        self.strict, self.time_limit_s, self.user_pins = strict, time_limit_s, user_pins
+        self.units = view_units(graph)
+        self._cands: dict[tuple[int, ...], dict[str, list[Candidate]]] = {}
+        self.results: dict[str, Result] = {}
+        self.infeasible: dict[str, str] = {}
+
+    def candidates(self, shares: tuple[int, ...]) -> dict[str, list[Candidate]]:
+        if shares not in self._cands:
+            ctx = RuleContext(self.graph, Splitter(shares), self.units)
+            self._cands[shares] = all_candidates(self.graph, ctx, strict=self.strict)
+        return self._cands[shares]
+
+    def cost_model(self, shares: tuple[int, ...]) -> CostModel:
+        return CostModel(self.graph, self.cluster, Splitter(shares), self.optimizer)
+
+    def user_pin(self, node: Node, c: Candidate, _cands: list[Candidate]) -> bool:
+        return node.name not in self.user_pins or c.output == self.user_pins[node.name]
+
+    def hap(self, name: str, shares: tuple[int, ...]) -> Attempt:
+        return Attempt(name, shares, self.user_pin)
+
+    def solve(self, attempt: Attempt) -> Result | None:
+        """Solve ``attempt``; None (with the reason in ``infeasible``) where it has no
+        plan, except for "hap", whose failure is the user's error."""
+        own = self.candidates(attempt.shares)
+        if attempt.pin == self.user_pin and any(not any(c.output == p for c in own[name])
+                                                for name, p in self.user_pins.items()):
+            self.infeasible[attempt.name] = "these shares leave a pinned placement without a legal candidate"
+            return None  # e.g. a pinned weight shard that would be empty on a rank with a zero share
+        pin = attempt.pin
+        restrict = None if pin is None else (lambda node, c: pin(node, c, own[node.name]))
+        cm = self.cost_model(attempt.shares)
+        try:
+            res = solve_placements(self.graph, cm, own, pin=restrict, time_limit_s=self.time_limit_s)
+        except InfeasiblePlan as e:
+            if attempt.name != "hap":
+                self.infeasible[attempt.name] = str(e)
+                return None
+            raise explain_memory(self.graph, self.cluster, cm, own, restrict, self.optimizer) from e
+        result = Result(attempt, res.choice, evaluate(self.graph, cm, res.choice), res.status)
+        self.results[attempt.name] = result
+        return result
+
+    def best(self) -> Result:
+        fastest = min(r.step_s for r in self.results.values())
+        if self.user_pins:  # the user asked for this strategy: baselines are for comparison only
+            limit = min(r.step_s for k, r in self.results.items() if k.startswith("hap")) * PREFER_WITHIN
+        else:
+            limit = min([fastest * PREFER_WITHIN] + [self.results[k].step_s for k in DATA_PARALLEL
+                                                     if k in self.results])
+        for pattern in PREFERENCE:
+            for name, r in self.results.items():
+                matches = name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
+                if matches and r.step_s <= limit and (not self.user_pins or name.startswith("hap")):
+                    return r
+        raise AssertionError("the fastest result is always within the limit")
+
+    def baselines(self) -> dict[str, BaselineResult]:
+        out = {}
+        for k in DATA_PARALLEL:
+            if k in self.results:
+                out[k] = baseline_result(self.results[k].evaluation, self.results[k].attempt.shares)
+            else:  # does not fit the devices' memory: no step time to compare
+                out[k] = BaselineResult(None, reason=self.infeasible.get(k, ""))
+        return out
+
+
+def search(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bool = False,
+           time_limit_s: float = 20.0, spec: str | None = None, pins: dict[str, str] | None = None,
+           progress: Callable[[str], None] | None = None) -> Plan:
+    """Solve every attempt for ``graph`` on ``cluster`` and return the preferred one as a Plan."""
+    say = progress or (lambda msg: None)
+    t0 = time.perf_counter()
+    cluster = measured(cluster, say)  # device "cpu": this machine, measured on first use
+    n = cluster.num_ranks
+    inputs = [x for x in graph if x.kind == "input"]
+    total = inputs[0].meta.shape[0] if inputs and inputs[0].meta.shape else n
+    if total < 1:
+        raise InfeasiblePlan("the global batch is empty; give batch() a batch_size of at least 1")
+    warnings = [f"{x.target} has no sharding rule; it runs replicated ({x.source or x.name})"
+                for x in graph.ops() if not has_rule(x.target)]
+    for w in dict.fromkeys(warnings):
+        log.warning(w)
+    prop, even = speed_shares(cluster, total), even_shares(n, total)
+    s = Search(graph, cluster, optimizer=optimizer, strict=strict, time_limit_s=time_limit_s, user_pins={})
+    say(f"enumerating candidates for {len(graph)} nodes")
+    s.user_pins = parse_pins(graph, s.candidates(prop), pins or {})
+
+    say("solving data-parallel baselines")
+    for name in DATA_PARALLEL:
+        s.solve(Attempt(name, *baseline_setup(name, cluster, total)))
+    say("solving placements (MILP)")
+    best = s.solve(s.hap("hap", prop))
+    for it in range(REFIT_ROUNDS):
+        new = refit_shares(graph, s.cost_model(best.attempt.shares), best.choice, total)
+        if new == best.attempt.shares:
+            break
+        say(f"re-fitting shares, round {it + 1}")
+        again = s.solve(s.hap(f"hap_refit{it}", new))
+        if again is None or again.step_s >= best.step_s * (1 - 1e-6):
+            break
+        best = again
+    if n > 1 and prop != even:
+        s.solve(s.hap("hap_even", even))
+    if "dp_proportional" in s.results and not s.user_pins:  # data parallel with shares fitted to the timed work
+        dp_shares = refit_shares(graph, s.cost_model(prop), s.results["dp_proportional"].choice, total)
+        if dp_shares != prop:
+            s.solve(Attempt("hap_dp_refit", dp_shares, dp_pin))
+
+    won = s.best()
+    shares = won.attempt.shares
+    idle = [r for r, x in enumerate(shares) if x == 0]
+    if idle:
+        warnings.append(f"{len(idle)} of {n} ranks get no samples of the global batch of {total} (ranks "
+                        f"{idle[0]}..{idle[-1]}): they only take part in sharded layers; a global batch of at "
+                        f"least {n} (--batch-size) gives every rank data")
+    strategy = "hap" if won.attempt.name.startswith("hap") else won.attempt.name
+    return assemble_plan(graph, cluster, shares, won.choice, won.evaluation, won.status, strategy=strategy,
+                         optimizer=optimizer, spec=spec, solve_s=time.perf_counter() - t0,
+                         baselines=s.baselines(), warnings=list(dict.fromkeys(warnings)))
+
+
+def explain_memory(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin, optimizer: str) -> InfeasiblePlan:
+    """The least memory any assignment needs (each tensor sharded as far as its rules allow),
+    and which rank it still overfills by how much, as an error with fixes."""
+    choice = {}
+    for node in graph:
+        allowed = [c for c in cands[node.name] if pin is None or pin(node, c)] or cands[node.name]
+        choice[node.name] = min(allowed, key=lambda c: max(cm.memory_bytes(node, c)))
+    report = memory_report(graph, cm, choice)
+    over = [(row["total"] - cluster.memory_bytes(r), r) for r, row in enumerate(report)]
+    excess, r = max(over)
+    if excess <= 0:
+        return InfeasiblePlan("the solver found no plan that meets every constraint, though the memory would fit; "
+                              "check the --pin placements you gave")
+    row = report[r]
+    gb = 1e9
+    fixes = ["a smaller global batch (--batch-size)", "a cluster with more memory per device"]
+    if optimizer != "sgd":
+        fixes.insert(0, "--optimizer sgd (no optimizer state)")
+    return InfeasiblePlan(
+        f"no plan fits in memory: rank {r} ({cluster.ranks[r].device}) needs at least {row['total'] / gb:.1f} GB "
+        f"(parameters {row['parameters'] / gb:.1f}, gradients {row['gradients'] / gb:.1f}, optimizer "
+        f"{row['optimizer'] / gb:.1f}, activations {row['activations'] / gb:.1f}) even with every tensor sharded "
+        f"as far as the rules allow, and has {cluster.memory_bytes(r) / gb:.1f} GB. Try: {'; '.join(fixes)}.")
+
+
+def parse_pins(graph: Graph, cands: dict, pins: dict[str, str]) -> dict[str, Placement]:
+    """The user's ``--pin NODE=PLACEMENT`` pins, each checked against what the node's rules offer."""
+    from hap.placement import parse
+
+    out = {}
+    for name, text in pins.items():
+        if name not in graph:
+            params = ", ".join(n.name for n in graph.params()[:6])
+            raise InfeasiblePlan(f"--pin {name}={text}: no node named {name!r} (parameters are e.g. {params})")
+        try:
+            p = parse(text)
+        except ValueError as e:
+            raise InfeasiblePlan(f"--pin {name}={text}: {e}") from None
+        offered = sorted({str(c.output) for c in cands[name]})
+        if str(p) not in offered:
+            raise InfeasiblePlan(f"--pin {name}={text}: {name} can only be placed as {', '.join(offered)}")
+        out[name] = p
+    return out
