@@ -14,19 +14,21 @@ from hap.search import search
 
 
 def synthesize(model: torch.nn.Module, example_batch: Sequence[torch.Tensor], cluster: str | Cluster | None = None,
-               *, optimizer: str = "sgd", strict: bool = False, time_limit_s: float = 20.0, spec: str | None = None,
-               progress: Callable[[str], None] | None = None) -> Plan:
+               *, optimizer: str = "sgd", precision: str = "fp32", strict: bool = False, time_limit_s: float = 20.0,
+               spec: str | None = None, progress: Callable[[str], None] | None = None) -> Plan:
     """Plan ``model`` (whose ``forward(*example_batch)`` returns the loss) for ``cluster``.
 
     ``cluster`` is a cluster TOML path, a loaded ``Cluster`` or None for the embedded default.
-    The global batch is dim 0 of the example batch.
+    The global batch is dim 0 of the example batch. ``precision`` is fp32 (the default: the
+    program trains exactly what fp32 trains), bf16, fp16 (autocast; fp16 with loss scaling)
+    or auto (``hap.precision.choose``).
     """
     say = progress or (lambda msg: None)
     say("capturing the model with torch.export")
     graph = capture(model, example_batch)
     cl = cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
-    return plan_graph(graph, cl, optimizer=optimizer, strict=strict, time_limit_s=time_limit_s, spec=spec,
-                      progress=say)
+    return plan_graph(graph, cl, optimizer=optimizer, precision=precision, strict=strict, time_limit_s=time_limit_s,
+                      spec=spec, progress=say)
 
 
 def plan_spec(spec: str, cluster: str | Cluster | None = None, *, batch_size: int | None = None, **kw) -> Plan:
@@ -42,12 +44,12 @@ def plan_spec(spec: str, cluster: str | Cluster | None = None, *, batch_size: in
 
 def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bool = False,
                time_limit_s: float = 20.0, spec: str | None = None, pins: dict[str, str] | None = None,
-               progress: Callable[[str], None] | None = None) -> Plan:
+               precision: str = "fp32", progress: Callable[[str], None] | None = None) -> Plan:
     """Solve ``graph`` for ``cluster`` (``hap.search``). ``pins`` fixes the output placement of
     named nodes (``{"p_fc_weight": "S(0)"}``: a parameter sharded on dim 0), as a user constraint."""
     plan = search(graph, cluster, optimizer=optimizer, strict=strict, time_limit_s=time_limit_s, spec=spec,
-                  pins=pins, progress=progress)
-    plan = dataclasses.replace(plan, notes=tuple(table_notes(plan)))
+                  pins=pins, precision=precision, progress=progress)
+    plan = dataclasses.replace(plan, notes=plan.notes + tuple(table_notes(plan)))
     plan.lint()
     return plan
 

@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=10, help="with --run: training steps (default 10)")
     ap.add_argument("--batch-size", type=int, default=None, help="global batch (default: the spec's BATCH_SIZE)")
     ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="memory model of optimizer state")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32",
+                    help="compute dtype: fp32 (default, exactly what fp32 trains), bf16 or fp16 autocast with fp32 "
+                         "master weights (fp16 with loss scaling), or auto: the fastest every device runs at speed")
     ap.add_argument("--timeline", metavar="PNG", default=None,
                     help="draw the per-rank timeline of the plan and of dp_even to PNG")
     ap.add_argument("--compare", action="store_true",
@@ -109,7 +112,7 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
         status.update("capturing the model with torch.export")
         graph = capture_spec(mod, args.batch_size)
         status.update(f"planning {len(graph)} nodes for {cluster.num_ranks} ranks")
-        plan = plan_graph(graph, cluster, optimizer=args.optimizer, strict=args.strict,
+        plan = plan_graph(graph, cluster, optimizer=args.optimizer, precision=args.precision, strict=args.strict,
                           time_limit_s=args.time_limit, spec=str(Path(args.spec).resolve()), pins=_pins(args.pin),
                           progress=lambda msg: status.update(msg))
     if args.compare:
@@ -118,7 +121,7 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
 
         more = {}
         for name, fn in (("fsdp_even", fsdp_even), ("megatron_tp_even", megatron_tp_even)):
-            b = fn(graph, cluster, optimizer=args.optimizer, time_limit_s=args.time_limit)
+            b = fn(plan.graph, cluster, optimizer=args.optimizer, time_limit_s=args.time_limit)
             if b is not None:
                 more[name] = BaselineResult(b.predicted_step_s, b.shares, b.predicted.exposed_comm_s)
         plan = dataclasses.replace(plan, baselines={**plan.baselines, **more})

@@ -143,6 +143,13 @@ class Emitter:
         return render(self, node, cand, refs)
 
 
+PRECISION_TEXT = {
+    "fp32": "fp32",
+    "bf16": "bf16 autocast (fp32 master weights)",
+    "fp16": "fp16 autocast with dynamic loss scaling (fp32 master weights)",
+}
+
+
 def _pname(p: Placement) -> str:
     return str(p).replace("(", "").replace(")", "").replace("/", "u")
 
@@ -156,7 +163,7 @@ TEMPLATE = '''\
 
 Run it (every rank runs this same file; gloo on CPU, NCCL on CUDA):
 {commands}
-Plan {digest}: strategy {strategy}, predicted step {step_ms:.2f} ms, global batch {global_batch}.
+Plan {digest}: strategy {strategy}, {precision_text}, predicted step {step_ms:.2f} ms, global batch {global_batch}.
 {rank_lines}
 Every node needs hap installed, this train.py, and the model spec (with the modules it
 imports) at {spec_rel} relative to this file's folder: one checkout of the repository
@@ -196,6 +203,7 @@ LENGTHS = {{
 SHAPES = {shapes}  # state_dict key -> shape the plan was made for
 GRAD_BUCKETS = {grad_buckets}  # replicated params: gradients all-reduced in these buckets, in this order
 GRAD_OVERLAP = {grad_overlap}  # True: each bucket is all-reduced during backward, as soon as it is complete
+PRECISION = {precision!r}  # forward runs under torch.autocast with this dtype (fp32: no autocast)
 DEVICE = torch.device("cpu")
 RANK = 0
 
@@ -298,7 +306,8 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         params="\n".join(params), buffers="\n".join(buffers), inputs=input_dims,
         lengths="\n".join(lengths),
         grad_buckets=[list(b) for b in plan.predicted.grad_buckets] or [list(plan.grad_synced)],
-        grad_overlap=plan.predicted.grad_overlap,
+        grad_overlap=plan.predicted.grad_overlap, precision=plan.precision,
+        precision_text=PRECISION_TEXT[plan.precision],
         unpack="\n".join(unpack + lens_lines), body="\n".join(body),
         shapes={k: tuple(n.meta.shape) for n in g if n.kind in ("param", "buffer") and isinstance(n.meta, TensorMeta)
                 for k in (n.aliases or [n.target])},

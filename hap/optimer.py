@@ -70,7 +70,7 @@ def time_node(graph: Graph, node: Node, shapes: dict[str, tuple[int, ...]], grad
         if not isinstance(m, TensorMeta):
             return None
         metas[name] = m
-    key = (node.target, _key_of(node.args), _key_of(node.kwargs), backward,
+    key = (node.target, _key_of(node.args), _key_of(node.kwargs), backward, graph.precision,
            tuple(sorted((n, shapes[n], metas[n].dtype, n in grad_inputs) for n in metas)))
     if key in _memo:
         return _memo[key]
@@ -95,8 +95,11 @@ def time_node(graph: Graph, node: Node, shapes: dict[str, tuple[int, ...]], grad
         args, kwargs = decode_arg(node.args, tensors), {k: decode_arg(v, tensors) for k, v in node.kwargs.items()}
         leaves = [t for t in tensors.values() if t.requires_grad]
 
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(graph.precision)
+
         def step() -> None:
-            out = fn(*args, **kwargs)
+            with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):  # as the program runs
+                out = fn(*args, **kwargs)
             if isinstance(out, (tuple, list)):
                 out = out[0]
             if leaves and out.requires_grad:

@@ -159,6 +159,11 @@ class Plan:
         return {name: n.candidate for name, n in self.nodes.items()}
 
     @property
+    def precision(self) -> str:
+        """The autocast dtype the program trains in ("fp32": no autocast)."""
+        return self.graph.precision
+
+    @property
     def predicted_step_s(self) -> float:
         return self.predicted.step_s
 
@@ -204,6 +209,7 @@ class Plan:
             "spec": self.spec,
             "digest": self.digest(),
             "strategy": self.strategy,
+            "precision": self.precision,
             "global_batch": self.global_batch,
             "optimizer": self.optimizer,
             "ranks": ranks,
@@ -276,7 +282,7 @@ class Plan:
 def assemble_plan(graph: Graph, cluster: Cluster, shares: tuple[int, ...], choice: dict, ev: Evaluation,
                   status: str, *, strategy: str, optimizer: str = "sgd", spec: str | None = None,
                   solve_s: float = 0.0, baselines: dict[str, BaselineResult] | None = None,
-                  warnings: list[str] | None = None) -> Plan:
+                  warnings: list[str] | None = None, notes: list[str] | None = None) -> Plan:
     """A Plan from a solved assignment and its evaluation (the search's and every baseline's)."""
     from hap.cost import CostModel
     from hap.solve import lower_bound_s
@@ -288,7 +294,8 @@ def assemble_plan(graph: Graph, cluster: Cluster, shares: tuple[int, ...], choic
                               m.conversion.seconds) for m in ev.moves)
     lb = lower_bound_s(graph, cm)
     return Plan(graph, cluster, tuple(shares), nodes, moves, tuple(ev.grad_synced), prediction(ev),
-                baselines or {}, lb, solve_s, status, optimizer, strategy, spec, tuple(warnings or ()))
+                baselines or {}, lb, solve_s, status, optimizer, strategy, spec, tuple(warnings or ()),
+                tuple(notes or ()))
 
 
 def prediction(ev: Evaluation) -> Prediction:

@@ -47,7 +47,7 @@ class Settings:
         if quick:
             # also the on-first-use calibration of device "cpu" (hap.calibrate): collectives up to
             # 8 MiB, the gradient all-reduce of a few-million-parameter model
-            return cls(True, repeats or 3, 0.002, [256, 1024], [64], [(2, 16, 16)], [(1, 2, 64, 32)],
+            return cls(True, repeats or 3, 0.002, [256, 1024], [256], [(2, 16, 16)], [(1, 2, 64, 32)],
                        2**24, [2**12, 2**16, 2**20, 2**23])  # 64 MiB streams: out of cache, as in a step
         return cls(False, repeats or 7, 0.04, [256, 512, 1024], [256, 512], [(8, 64, 32), (16, 32, 56)],
                    [(4, 8, 256, 64), (2, 8, 512, 64)], 2**24, [2**10 * 4**i for i in range(8)])

@@ -4,7 +4,8 @@ Layout of ``DIR`` (full tensors under the single-device ``state_dict`` names, so
 checkpoint written by one plan resumes under any other, on any number of ranks):
 
   DIR/step_000120.pt   {"format", "step", "model": state_dict, "optimizer": {key: {name: tensor}},
-                        "optimizer_kind", "rng": torch RNG state, "data_position", "fingerprint", "plan"}
+                        "optimizer_kind", "rng": torch RNG state, "data_position", "fingerprint", "plan",
+                        "scaler": fp16 loss-scaler state or None}
   DIR/latest           the file name of the newest complete checkpoint
 
 Each file is written to a temporary name in DIR and renamed into place (atomic on POSIX),
@@ -39,7 +40,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save(directory: str | Path, step: int, model_state: dict, optimizer_state: dict, optimizer_kind: str,
-         plan_digest: str, keep: int = 2) -> Path:
+         plan_digest: str, keep: int = 2, scaler: dict | None = None) -> Path:
     """Write checkpoint ``step`` (call on one rank only) and point ``latest`` at it."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -48,6 +49,7 @@ def save(directory: str | Path, step: int, model_state: dict, optimizer_state: d
         "format": FORMAT, "step": step, "data_position": step, "model": model_state,
         "optimizer": optimizer_state, "optimizer_kind": optimizer_kind, "rng": torch.get_rng_state(),
         "fingerprint": fingerprint(model_state), "plan": plan_digest,
+        "scaler": scaler,
     }
     _atomic_write(d / name, lambda p: torch.save(payload, p))
     _atomic_write(d / "latest", lambda p: p.write_text(name + "\n"))

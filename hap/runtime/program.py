@@ -10,6 +10,7 @@ The program module provides:
   INPUTS          per batch tensor: 0 (sharded on dim 0 by SHARES) or None (replicated)
   SHAPES          state_dict key -> the shape the plan was made for
   GRAD_BUCKETS, GRAD_OVERLAP   the gradient all-reduce of replicated parameters
+  PRECISION       "fp32", or the autocast dtype "bf16" / "fp16" forward runs under
   forward(params, buffers, batch) -> this rank's addend of the loss
 and reads the globals RANK and DEVICE, which ``main`` sets once the process group is up.
 """
@@ -32,6 +33,7 @@ from .collectives import gather_full
 from .dist import device, init, leave, shutdown
 from .emulate import set_emulation, undilated
 from .grad_sync import GradSync
+from .precision import Precision
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -171,6 +173,9 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
         load_optimizer_state(program, opt, params, ck["optimizer"], ck["model"])
         torch.set_rng_state(ck["rng"])
     grad_sync = GradSync([[params[n] for n in b] for b in program.GRAD_BUCKETS], overlap=program.GRAD_OVERLAP)
+    amp = Precision(getattr(program, "PRECISION", "fp32"), program.DEVICE)
+    if ck is not None:
+        amp.load_state_dict(ck.get("scaler"))
     offset, share = sum(program.SHARES[:rank]), program.SHARES[rank]
     losses, step_s = [], []
     last_saved = ck["path"] if ck else None
@@ -182,15 +187,16 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
             full = spec.batch(step, program.GLOBAL_BATCH)  # this step's global batch; each rank keeps its share
             batch = [x.narrow(0, offset, share).to(program.DEVICE) if d == 0 else x.to(program.DEVICE)
                      for x, d in zip(full, program.INPUTS)]
-        loss = program.forward(params, buffers, batch)
+        with amp.autocast():
+            loss = program.forward(params, buffers, batch)
         opt.zero_grad(set_to_none=True)  # backward writes fresh gradients: no zeroing pass
-        loss.backward()
-        global_loss = grad_sync.finish(loss)  # the loss rides in the last bucket
+        amp.backward(loss)
+        global_loss = grad_sync.finish(loss.detach().float())  # the loss rides in the last bucket
         if global_loss != global_loss or abs(global_loss) == float("inf"):
             stop(f"loss is {global_loss} at step {step}; stopping. Last good checkpoint: "
                  f"{last_saved or 'none (use --save DIR --save-every K)'}", 3)
         with undilated():
-            opt.step()
+            amp.step(opt)  # fp16: every rank skips the step if any rank's gradients overflowed
         step_s.append(time.perf_counter() - t0)
         losses.append(global_loss)
         if rank == 0:
@@ -201,7 +207,7 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
             opt_state = full_optimizer_state(program, opt, params)
             if rank == 0:
                 last_saved = str(ckpt.save(args.save, done, model_state, opt_state, args.optimizer,
-                                           program.PLAN_DIGEST))
+                                           program.PLAN_DIGEST, scaler=amp.state_dict()))
     if args.dump_params:
         state = full_state_dict(program, model, params, buffers)
         if rank == 0:
@@ -209,5 +215,5 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
     if args.log_json and rank == 0:
         with open(args.log_json, "w") as f:
             json.dump({"losses": losses, "step_s": step_s, "world_size": program.WORLD_SIZE,
-                       "first_step": start_step}, f)
+                       "first_step": start_step, "precision": amp.name, "skipped_steps": amp.skipped}, f)
     leave(0)  # every rank done communicating, then out without gloo's teardown
