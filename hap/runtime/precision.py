@@ -7,8 +7,13 @@ gradients hold an inf or NaN is skipped while the scale backs off. The ranks hol
 shards of the gradients, so one rank can overflow where another does not; a skip on some
 ranks only would let the replicas diverge. ``ShardedGradScaler`` (torch's scaler for sharded
 gradients) all-reduces the found-inf flag over the process group before deciding, with
-``GradScaler``'s defaults, so the decision is the one single-device training makes under
-``torch.amp.GradScaler``.
+``GradScaler``'s defaults; a single process uses ``torch.amp.GradScaler`` itself.
+
+The decision is single-device training's except at the edge of fp16's range: a rank's
+gradient is a partial sum over its share of the batch, computed in fp16 before the ranks
+add them up in fp32, and a partial sum can overflow where the whole sum does not (terms of
+opposite sign), or the other way round. Then the scale backs off one step earlier or later
+than on one device (docs/precision.md); every rank still takes the same decision.
 """
 from __future__ import annotations
 
@@ -29,10 +34,13 @@ class Precision:
         self.scaler = None
         if name == "fp16":
             import torch.distributed as dist
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-            group = dist.group.WORLD if dist.is_initialized() else None
-            self.scaler = ShardedGradScaler(device.type, process_group=group)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+                self.scaler = ShardedGradScaler(device.type, process_group=dist.group.WORLD)
+            else:
+                self.scaler = torch.amp.GradScaler(device.type)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.name == "fp32":

@@ -37,29 +37,39 @@ def torchrun(nproc: int, script: Path, args: list[str], timeout: int = 300,
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
-def reference(spec_path: str, steps: int, lr: float, global_batch: int):
+def reference(spec_path: str, steps: int, lr: float, global_batch: int, precision: str = "fp32"):
+    """Single-device training of the spec: under torch.autocast for bf16 / fp16, with
+    torch.amp.GradScaler's defaults for fp16."""
     spec = load_spec(spec_path)
     torch.manual_seed(0)
     model = spec.model()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
     losses = []
     for step in range(steps):
-        loss = model(*spec.batch(step, global_batch))
+        with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
+            loss = model(*spec.batch(step, global_batch))
         losses.append(float(loss.detach()))
         opt.zero_grad()
-        loss.backward()
-        opt.step()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def plan_for(spec_path: str, cluster: str, pins: dict[str, str] | None = None):
-    return plan_spec(spec_path, cluster, pins=pins)
+def plan_for(spec_path: str, cluster: str, pins: dict[str, str] | None = None, precision: str = "fp32"):
+    return plan_spec(spec_path, cluster, pins=pins, precision=precision)
 
 
 def run_exact(spec_path: str, cluster: str, tmp: Path, steps: int = 3, lr: float = 0.05,
-              pins: dict[str, str] | None = None):
-    """Returns (plan, max relative loss error, max relative parameter error)."""
-    plan = plan_for(spec_path, cluster, pins)
+              pins: dict[str, str] | None = None, precision: str = "fp32"):
+    """Returns (plan, max relative loss error, max relative parameter error); the run's
+    --log-json is at tmp/log.json."""
+    plan = plan_for(spec_path, cluster, pins, precision)
     emit_program(plan, tmp / "out", spec=spec_path)
     log, dump = tmp / "log.json", tmp / "params.pt"
     p = torchrun(plan.num_ranks, tmp / "out" / "train.py",
@@ -68,7 +78,7 @@ def run_exact(spec_path: str, cluster: str, tmp: Path, steps: int = 3, lr: float
     assert GLOO_TEARDOWN not in p.stderr
     got_losses = json.loads(log.read_text())["losses"]
     got = torch.load(dump, weights_only=True)
-    want_losses, want = reference(spec_path, steps, lr, plan.global_batch)
+    want_losses, want = reference(spec_path, steps, lr, plan.global_batch, precision)
     assert len(got_losses) == steps
     loss_err = max(abs(a - b) / (abs(b) + 1e-12) for a, b in zip(got_losses, want_losses))
     assert set(got) == set(want), f"state_dict keys differ: {set(got) ^ set(want)}"
