@@ -58,6 +58,7 @@ class CostModel:
         self.link = cluster.group_link()
         self.opt_states = OPTIMIZER_STATES.get(optimizer, 2)
         self.requires_grad = graph.requires_grad()
+        self.grad_wire = 0.5 if graph.grad_reduce == "bf16" else 1.0  # bytes sent per gradient byte
         self._node_cache: dict[tuple[str, str], tuple[float, ...]] = {}
         self._move_cache: dict[tuple, tuple[float, ...] | None] = {}
 
@@ -216,15 +217,19 @@ class CostModel:
             return 0.0
         a, bw = self.link.for_collective("all_reduce")
         lat = 2 * (self.n - 1) * a * meta.nbytes / GRAD_BUCKET_BYTES
-        return lat + 2 * (self.n - 1) / self.n * meta.nbytes / bw
+        return lat + 2 * (self.n - 1) / self.n * meta.nbytes * self.grad_wire / bw
 
     def grad_sync_latency_s(self) -> float:
         """Latency of the first gradient bucket, paid once when any parameter is replicated."""
         return 2 * (self.n - 1) * self.link.for_collective("all_reduce")[0] if self.n > 1 else 0.0
 
     def all_reduce_s(self, nbytes: float) -> float:
-        """One all-reduce of a flat gradient bucket over all ranks."""
+        """One all-reduce of ``nbytes`` over all ranks."""
         return collective_s("all_reduce", nbytes, (1 / self.n,) * self.n, self.link, "")
+
+    def grad_bucket_s(self, nbytes: float) -> float:
+        """The all-reduce of a bucket holding ``nbytes`` of fp32 gradients, in the graph's ``grad_reduce`` dtype."""
+        return self.all_reduce_s(nbytes * self.grad_wire)
 
     # ---- memory ----------------------------------------------------------------------
     def memory_bytes(self, node: Node, cand: Candidate) -> tuple[float, ...]:

@@ -142,6 +142,7 @@ class Graph:
     num_inputs: int
     model_name: str = ""
     precision: str = "fp32"  # the autocast dtype the node metas describe (hap.precision.autocast_graph)
+    grad_reduce: str = "fp32"  # the dtype replicated parameters' gradients are all-reduced in
 
     def __post_init__(self) -> None:
         self._by_name = {n.name: n for n in self.nodes}
@@ -185,12 +186,13 @@ class Graph:
 
     def to_json(self) -> dict:
         return {"model_name": self.model_name, "loss": self.loss, "num_inputs": self.num_inputs,
-                "precision": self.precision, "nodes": [n.to_json() for n in self.nodes]}
+                "precision": self.precision, "grad_reduce": self.grad_reduce,
+                "nodes": [n.to_json() for n in self.nodes]}
 
     @classmethod
     def from_json(cls, d: dict) -> Graph:
         g = cls([Node.from_json(x) for x in d["nodes"]], d["loss"], d["num_inputs"], d.get("model_name", ""),
-                d.get("precision", "fp32"))
+                d.get("precision", "fp32"), d.get("grad_reduce", "fp32"))
         g.lint()
         return g
 

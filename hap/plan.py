@@ -210,6 +210,7 @@ class Plan:
             "digest": self.digest(),
             "strategy": self.strategy,
             "precision": self.precision,
+            "grad_reduce": self.graph.grad_reduce,
             "global_batch": self.global_batch,
             "optimizer": self.optimizer,
             "ranks": ranks,

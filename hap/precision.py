@@ -67,6 +67,16 @@ def _tensor_meta(x: object) -> TensorMeta | None:
     return None
 
 
+def training_graph(graph: Graph, precision: str, grad_reduce: str = "fp32") -> Graph:
+    """``graph`` as it trains: node dtypes under ``precision``'s autocast, gradients all-reduced
+    in ``grad_reduce`` (fp32, or bf16: half the bytes on the wire)."""
+    if grad_reduce not in ("fp32", "bf16"):
+        from hap.errors import HapError
+
+        raise HapError(f"gradient reduction dtype {grad_reduce!r} is not one of fp32, bf16")
+    return dataclasses.replace(autocast_graph(graph, precision), grad_reduce=grad_reduce)
+
+
 def autocast_graph(graph: Graph, precision: str) -> Graph:
     """``graph`` with every node's dtype as it runs under autocast with ``precision`` (and each
     op's bytes counted at those widths); the graph itself for fp32. Parameters stay fp32: they

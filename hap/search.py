@@ -29,8 +29,8 @@ from hap.errors import InfeasiblePlan
 from hap.graph import Graph, Node
 from hap.placement import Placement, Splitter
 from hap.plan import BaselineResult, Plan, assemble_plan, baseline_result
-from hap.precision import autocast_graph
 from hap.precision import choose as choose_precision
+from hap.precision import training_graph
 from hap.rules import Candidate, RuleContext, has_rule, view_units
 from hap.solve import (
     Evaluation,
@@ -147,16 +147,17 @@ class Search:
 
 def search(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bool = False,
            time_limit_s: float = 20.0, spec: str | None = None, pins: dict[str, str] | None = None,
-           precision: str = "fp32", progress: Callable[[str], None] | None = None) -> Plan:
-    """Solve every attempt for ``graph`` on ``cluster`` in ``precision`` (``hap.precision.CHOICES``)
-    and return the preferred one as a Plan."""
+           precision: str = "fp32", grad_reduce: str = "fp32",
+           progress: Callable[[str], None] | None = None) -> Plan:
+    """Solve every attempt for ``graph`` on ``cluster`` in ``precision`` (``hap.precision.CHOICES``),
+    gradients all-reduced in ``grad_reduce``, and return the preferred one as a Plan."""
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
     cluster = measured(cluster, say)  # device "cpu": this machine, measured on first use
     precision, why = choose_precision(cluster, precision)
     if precision != "fp32":
         say(f"finding each node's dtype under {precision} autocast")
-    graph = autocast_graph(graph, precision)
+    graph = training_graph(graph, precision, grad_reduce)
     n = cluster.num_ranks
     inputs = [x for x in graph if x.kind == "input"]
     total = inputs[0].meta.shape[0] if inputs and inputs[0].meta.shape else n
@@ -201,6 +202,9 @@ def search(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bo
                         f"least {n} (--batch-size) gives every rank data")
     strategy = "hap" if won.attempt.name.startswith("hap") else won.attempt.name
     notes = [f"precision {precision}: {why}"]
+    if grad_reduce != "fp32":
+        notes.append(f"gradients are all-reduced in {grad_reduce}: half the bytes of fp32, each rank's gradient "
+                     "rounded to 8 mantissa bits before the sum")
     if precision == "fp32":
         notes += faster_precision(graph, cluster, won, optimizer)
     return assemble_plan(graph, cluster, shares, won.choice, won.evaluation, won.status, strategy=strategy,
@@ -214,7 +218,7 @@ def faster_precision(graph: Graph, cluster: Cluster, won: Result, optimizer: str
     auto, _ = choose_precision(cluster, "auto")
     if auto == "fp32":
         return []
-    low = autocast_graph(graph, auto)
+    low = training_graph(graph, auto, graph.grad_reduce)
     cm = CostModel(low, cluster, Splitter(won.attempt.shares), optimizer)
     step = evaluate(low, cm, won.choice).step_s
     if step >= won.step_s:

@@ -206,7 +206,7 @@ def grad_sync_schedule(graph: Graph, cm: CostModel, choice: dict[str, Candidate]
     for i, b in enumerate(buckets):
         nbytes = sum(graph[p].meta.nbytes for p in b)
         start = max(ready[b[-1]] if overlap and i < len(buckets) - 1 else bwd_total, end)
-        end = start + cm.all_reduce_s(nbytes)
+        end = start + cm.grad_bucket_s(nbytes)
     return buckets, max(end - bwd_total, 0.0)
 
 

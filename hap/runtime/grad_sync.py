@@ -9,6 +9,10 @@ buffer. Buckets launch strictly in order, so every rank issues the same collecti
 order. Without ``overlap`` (plans whose backward runs its own collectives, which would queue behind
 a bucket, and devices that cannot compute while they communicate, such as CPU ranks sharing the
 cores) everything is reduced in ``finish``.
+
+With ``reduce_dtype`` (bf16), each bucket is all-reduced as a bf16 copy and the sum copied
+back into the fp32 gradients: half the bytes on the wire, for gradients rounded to 8 mantissa
+bits before the sum (docs/precision.md). The loss then rides in a separate fp32 all-reduce.
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ from .collectives import fill_missing_grads, pack_bucket, sum_scalar, unpack_buc
 
 
 class GradSync:
-    def __init__(self, buckets: Sequence[Sequence[torch.Tensor]], overlap: bool = True) -> None:
+    def __init__(self, buckets: Sequence[Sequence[torch.Tensor]], overlap: bool = True,
+                 reduce_dtype: torch.dtype | None = None) -> None:
+        self.reduce_dtype = reduce_dtype
         seen: set[int] = set()
         self.buckets: list[list[torch.Tensor]] = []
         for b in buckets:
@@ -53,9 +59,16 @@ class GradSync:
             self._launch(self._next, None)
 
     def _launch(self, i: int, loss: torch.Tensor | None) -> None:
-        flat = pack_bucket(self.buckets[i], loss)
-        work = _d._all_reduce_async(flat)
-        self._works.append((i, flat, work, loss is not None))
+        if self.reduce_dtype is None or self.reduce_dtype == self.buckets[i][0].dtype:
+            flat = pack_bucket(self.buckets[i], loss)
+            self._works.append((i, flat, flat, _d._all_reduce_async(flat), loss is not None))
+        else:
+            flat = pack_bucket(self.buckets[i])
+            wire = flat.to(self.reduce_dtype)
+            self._works.append((i, flat, wire, _d._all_reduce_async(wire), False))
+            if loss is not None:
+                total = loss.detach().reshape(1).to(flat.dtype)
+                self._works.append((-1, total, total, _d._all_reduce_async(total), True))
         self._next = i + 1
 
     def finish(self, loss: torch.Tensor) -> float:
@@ -73,8 +86,13 @@ class GradSync:
                 last = self._next == len(self.buckets) - 1
                 self._launch(self._next, loss if last else None)
             total = 0.0
-            for i, flat, work, has_loss in self._works:
+            for i, flat, wire, work, has_loss in self._works:
                 _d._wait(work)
+                if i < 0:  # the loss, reduced on its own
+                    total = float(wire.sum().item())
+                    continue
+                if wire is not flat:
+                    flat.copy_(wire)
                 summed = unpack_bucket(self.buckets[i], flat, has_loss)
                 if has_loss:
                     total = summed

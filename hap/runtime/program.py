@@ -11,6 +11,7 @@ The program module provides:
   SHAPES          state_dict key -> the shape the plan was made for
   GRAD_BUCKETS, GRAD_OVERLAP   the gradient all-reduce of replicated parameters
   PRECISION       "fp32", or the autocast dtype "bf16" / "fp16" forward runs under
+  GRAD_REDUCE     the dtype the replicated parameters' gradients are summed in: "fp32" or "bf16"
   forward(params, buffers, batch) -> this rank's addend of the loss
 and reads the globals RANK and DEVICE, which ``main`` sets once the process group is up.
 """
@@ -172,7 +173,9 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
     if ck is not None:
         load_optimizer_state(program, opt, params, ck["optimizer"], ck["model"])
         torch.set_rng_state(ck["rng"])
-    grad_sync = GradSync([[params[n] for n in b] for b in program.GRAD_BUCKETS], overlap=program.GRAD_OVERLAP)
+    reduce_dtype = {"fp32": None, "bf16": torch.bfloat16}[getattr(program, "GRAD_REDUCE", "fp32")]
+    grad_sync = GradSync([[params[n] for n in b] for b in program.GRAD_BUCKETS], overlap=program.GRAD_OVERLAP,
+                         reduce_dtype=reduce_dtype)
     amp = Precision(getattr(program, "PRECISION", "fp32"), program.DEVICE)
     if ck is not None:
         amp.load_state_dict(ck.get("scaler"))
@@ -215,5 +218,6 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
     if args.log_json and rank == 0:
         with open(args.log_json, "w") as f:
             json.dump({"losses": losses, "step_s": step_s, "world_size": program.WORLD_SIZE,
-                       "first_step": start_step, "precision": amp.name, "skipped_steps": amp.skipped}, f)
+                       "first_step": start_step, "precision": amp.name,
+                       "grad_reduce": getattr(program, "GRAD_REDUCE", "fp32"), "skipped_steps": amp.skipped}, f)
     leave(0)  # every rank done communicating, then out without gloo's teardown

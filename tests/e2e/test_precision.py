@@ -23,21 +23,26 @@ LOSS_TOL, PARAM_TOL = 1e-2, 2e-2
 MEGATRON = {"p_hidden_1_weight": "S(0)", "p_hidden_1_bias": "S(0)", "p_hidden_2_weight": "S(1)"}
 
 
-@pytest.mark.parametrize("precision,spec,cluster,pins", [
-    ("bf16", "examples/mlp.py", "default", MEGATRON),  # sharded weights: bf16 activations resharded, 1:3
-    ("fp16", "examples/gpt.py", "cpu-1-2-4", None),     # attention, layer norm, tied embeddings on 3 uneven ranks
+@pytest.mark.parametrize("precision,spec,cluster,pins,grad_reduce", [
+    ("bf16", "examples/mlp.py", "default", MEGATRON, "fp32"),  # sharded weights: bf16 activations resharded, 1:3
+    ("fp16", "examples/gpt.py", "cpu-1-2-4", None, "fp32"),     # attention, layer norm, tied embeddings, 1:2:4
+    ("bf16", "examples/cnn.py", "cpu-1-2-4", None, "bf16"),     # gradients summed in bf16
 ])
-def test_mixed_precision_is_exact(precision, spec, cluster, pins, tmp_path, monkeypatch):
+def test_mixed_precision_is_exact(precision, spec, cluster, pins, grad_reduce, tmp_path, monkeypatch):
     if pins:  # wide enough that the pinned tensor-parallel plan gives the faster rank more (192:64)
         monkeypatch.setenv("HAP_MLP_WIDTH", "512")
         monkeypatch.setenv("HAP_MLP_BATCH", "256")
     plan, loss_err, param_err = run_exact(str(ROOT / spec), str(CLUSTERS / f"{cluster}.toml"), tmp_path,
-                                          pins=pins, precision=precision)
+                                          pins=pins, precision=precision, grad_reduce=grad_reduce)
     assert plan.precision == precision and len(set(plan.shares)) > 1
     if pins:
         assert plan.nodes["p_hidden_2_weight"].output == "S(1)"
         assert any(m.kind in ("all_gather", "all_reduce", "reduce_scatter", "all_to_all") for m in plan.moves)
-    assert json.loads((tmp_path / "log.json").read_text())["precision"] == precision
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert (log["precision"], log["grad_reduce"]) == (precision, grad_reduce)
+    assert (plan.precision, plan.graph.grad_reduce) == (precision, grad_reduce)
+    if grad_reduce == "bf16":
+        assert plan.predicted.grad_sync_s > 0, "the cnn's gradients should be all-reduced"
     assert loss_err < LOSS_TOL and param_err < PARAM_TOL, (loss_err, param_err)
 
 
