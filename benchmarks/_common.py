@@ -13,11 +13,13 @@ sys.path.insert(0, str(ROOT))
 
 # Even data parallel with emulated slow ranks, emulated as --emulate does it: each rank
 # waits (slowdown - 1) x its forward + backward time, then one
-# flat all-reduce of all gradients, then SGD.
+# flat all-reduce of all gradients, then SGD. Forward runs under autocast with the
+# precision of the last argument (fp32: none), as DDP + AMP users run it.
 DDP_EMULATED = r'''
 import json, os, sys, time, importlib.util, torch, torch.distributed as dist
 spec_path, gb, steps, shares, slow, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
     json.loads(sys.argv[4]), json.loads(sys.argv[5]), sys.argv[6]
+low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(sys.argv[7] if len(sys.argv) > 7 else "fp32")
 s = importlib.util.spec_from_file_location("spec", spec_path); spec = importlib.util.module_from_spec(s)
 sys.path.insert(0, os.path.dirname(os.path.abspath(spec_path))); s.loader.exec_module(spec)
 dist.init_process_group("gloo"); r = dist.get_rank()
@@ -28,7 +30,8 @@ for step in range(steps):
     full = spec.batch(step, gb)
     mine = tuple(x[lo:lo + shares[r]] for x in full)
     c0 = time.perf_counter()
-    loss = model(*mine) * (shares[r] / gb)
+    with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
+        loss = model(*mine) * (shares[r] / gb)
     loss.backward()
     c = time.perf_counter() - c0
     time.sleep(max(0.0, (slow[r] - 1.0) * c))
@@ -76,12 +79,12 @@ def load_avg() -> str:
         return "?"
 
 
-def plan_and_emit(spec: str, cluster: str, out: Path):
-    """Plan ``spec`` for ``cluster`` with hap's API and emit train.py into ``out``."""
+def plan_and_emit(spec: str, cluster: str, out: Path, precision: str = "fp32"):
+    """Plan ``spec`` for ``cluster`` in ``precision`` with hap's API and emit train.py into ``out``."""
     from hap.api import plan_spec
     from hap.emit import emit_program
 
-    plan = plan_spec(spec, cluster)
+    plan = plan_spec(spec, cluster, precision=precision)
     emit_program(plan, out, spec=spec, force=True)
     return plan
 

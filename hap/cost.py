@@ -59,6 +59,7 @@ class CostModel:
         self.opt_states = OPTIMIZER_STATES.get(optimizer, 2)
         self.requires_grad = graph.requires_grad()
         self.grad_wire = 0.5 if graph.grad_reduce == "bf16" else 1.0  # bytes sent per gradient byte
+        self.cast_copies = _cast_copies(graph)
         self._node_cache: dict[tuple[str, str], tuple[float, ...]] = {}
         self._move_cache: dict[tuple, tuple[float, ...] | None] = {}
 
@@ -250,11 +251,29 @@ class CostModel:
             parts["parameters"] = local
             parts["gradients"] = local
             parts["optimizer"] = tuple(x * self.opt_states for x in local)
+            if node.name in self.cast_copies:  # autocast's low-precision copy, saved for backward
+                parts["activations"] = tuple(x * self.cast_copies[node.name] for x in local)
         elif node.kind == "buffer":
             parts["parameters"] = (float(meta.nbytes),) * self.n
         elif node.kind == "input" or (node.op_class != "view" and node.name in self.requires_grad):
             parts["activations"] = local
         return parts
+
+
+def _cast_copies(graph: Graph) -> dict[str, float]:
+    """Parameters that autocast copies into the low dtype for a matmul-class reader (the copy is
+    saved for backward), with the copy's bytes per byte of the fp32 parameter."""
+    if graph.precision == "fp32":
+        return {}
+    out: dict[str, float] = {}
+    for node in graph.ops():
+        m = node.meta if isinstance(node.meta, TensorMeta) else None
+        if node.op_class in MATMUL_LIKE and m is not None and m.dtype in ("bfloat16", "float16"):
+            for ref in node.inputs():
+                p = graph[ref]
+                if p.kind == "param" and isinstance(p.meta, TensorMeta) and p.meta.dtype == "float32":
+                    out[ref] = 0.5
+    return out
 
 
 def _local_work_s(cm: CostModel, kind: str, nbytes: float, fs: tuple[float, ...],
