@@ -7,7 +7,7 @@ Plans the DLRM example for the cluster twice (--precision fp32 and bf16), emits 
 trains each for ``steps`` steps under torchrun (same seed, same batches) and compares the two
 loss curves: the largest per-step relative difference, and the largest difference of their
 20-step moving averages (the per-step noise of a small batch averaged out). Draws both curves
-and the relative difference to ``--plot``.
+and the relative difference to ``--plot``. Exits 1 when a step differs by more than TOLERANCE.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, plan_and_emit, torchrun
 
 WINDOW = 20
+TOLERANCE = 0.01  # per step: |bf16 - fp32| / fp32
 
 
 def moving(xs: list[float], w: int) -> list[float]:
@@ -72,6 +73,9 @@ def main() -> int:
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)
         print(f"wrote {args.plot}")
+    if max(rel) > TOLERANCE:
+        print(f"FAIL: the bf16 curve leaves the {TOLERANCE:.0%} tolerance of the fp32 curve")
+        return 1
     return 0
 
 
