@@ -23,15 +23,21 @@ LOSS_TOL, PARAM_TOL = 1e-2, 2e-2
 MEGATRON = {"p_hidden_1_weight": "S(0)", "p_hidden_1_bias": "S(0)", "p_hidden_2_weight": "S(1)"}
 
 
-@pytest.mark.parametrize("precision,spec,cluster,pins,grad_reduce", [
-    ("bf16", "examples/mlp.py", "default", MEGATRON, "fp32"),  # sharded weights: bf16 activations resharded, 1:3
-    ("fp16", "examples/gpt.py", "cpu-1-2-4", None, "fp32"),     # attention, layer norm, tied embeddings, 1:2:4
-    ("bf16", "examples/cnn.py", "cpu-1-2-4", None, "bf16"),     # gradients summed in bf16
-])
-def test_mixed_precision_is_exact(precision, spec, cluster, pins, grad_reduce, tmp_path, monkeypatch):
-    if pins:  # wide enough that the pinned tensor-parallel plan gives the faster rank more (192:64)
-        monkeypatch.setenv("HAP_MLP_WIDTH", "512")
-        monkeypatch.setenv("HAP_MLP_BATCH", "256")
+WIDE_MLP = {"HAP_MLP_WIDTH": "512", "HAP_MLP_BATCH": "256"}  # the pinned tensor-parallel plan gets 192:64
+
+
+@pytest.mark.parametrize("precision,spec,cluster,pins,grad_reduce,env", [
+    ("bf16", "examples/mlp.py", "default", MEGATRON, "fp32", WIDE_MLP),  # sharded weights: bf16 activations resharded
+    ("fp16", "examples/gpt.py", "cpu-1-2-4", None, "fp32", {}),  # attention, layer norm, tied embeddings, 1:2:4
+    ("bf16", "examples/cnn.py", "cpu-1-2-4", None, "bf16", {}),  # gradients summed in bf16
+    # HF GPT-2 as documented: its `.to(float32)` calls stay conversions under autocast
+    ("bf16", "examples/hf_usage.py", "cpu-1-2-4", None, "fp32", {"HAP_HF_MODEL": "gpt2"}),
+], ids=["mlp-tp-bf16", "gpt-fp16", "cnn-bf16-grad-bf16", "hf-gpt2-bf16"])
+def test_mixed_precision_is_exact(precision, spec, cluster, pins, grad_reduce, env, tmp_path, monkeypatch):
+    if "HAP_HF_MODEL" in env:
+        pytest.importorskip("transformers")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)  # read by the spec here and by every rank torchrun starts
     plan, loss_err, param_err = run_exact(str(ROOT / spec), str(CLUSTERS / f"{cluster}.toml"), tmp_path,
                                           pins=pins, precision=precision, grad_reduce=grad_reduce)
     assert plan.precision == precision and len(set(plan.shares)) > 1
