@@ -85,7 +85,8 @@ def render(plan: Plan, console: Console) -> None:
     console.print(strategy_table(plan))
     console.print(baselines_table(plan))
     p = plan.predicted
-    console.print(f"predicted step {_ms(p.step_s)} ms = compute {_ms(p.critical_compute_s)} + resharding "
+    console.print(f"predicted step {_ms(p.step_s)} ms in {plan.precision} (gradients all-reduced in "
+                  f"{plan.graph.grad_reduce}) = compute {_ms(p.critical_compute_s)} + resharding "
                   f"{_ms(p.comm_s)} + gradient all-reduce {_ms(p.grad_sync_s)}; "
                   f"solver: {plan.solver_status} in {plan.solve_s:.2f} s")
     for note in plan.notes:
