@@ -105,3 +105,13 @@ def steady(path: Path, skip: int = 2) -> list[float]:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def print_table(lines: list[str], out: str | None) -> int:
+    """Print a markdown table (and write it to ``out``); the benchmark's exit code."""
+    text = "\n".join(lines)
+    if out:
+        Path(out).write_text(text + "\n")
+    print()
+    print(text)
+    return 0

@@ -18,6 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import print_table  # noqa: E402
 
 from hap.api import plan_graph
 from hap.baselines import BASELINES, baseline
@@ -74,12 +76,7 @@ def main() -> int:
                          f"{ms(lb)} | {hap_s / lb:.2f} | {base['dp_even'] / hap_s:.2f}x | {'yes' if ok else 'NO'} | "
                          f"{hap_solve:.1f} | {base_solve:.1f} |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print()
-    print(text)
-    return 0
+    return print_table(lines, args.out)
 
 
 if __name__ == "__main__":

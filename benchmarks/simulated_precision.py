@@ -22,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import print_table  # noqa: E402
 
 
 def ms(x: float | None) -> str:
@@ -64,12 +66,7 @@ def main() -> int:
                          f"{ratio(even, hap)} | {ratio(prop, hap)} | {ms(fp32.predicted_step_s)} | {ms(even32)} | "
                          f"{ratio(even32, hap)} | {took:.0f} |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print()
-    print(text)
-    return 0
+    return print_table(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -20,21 +20,23 @@ BATCH_SIZE = int(os.environ.get("HAP_GPT_BATCH", "16"))
 
 
 class Block(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dim: int = DIM, heads: int = HEADS) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(DIM)
-        self.qkv = nn.Linear(DIM, 3 * DIM)
-        self.proj = nn.Linear(DIM, DIM)
-        self.ln2 = nn.LayerNorm(DIM)
-        self.fc = nn.Linear(DIM, 4 * DIM)
-        self.fc_out = nn.Linear(4 * DIM, DIM)
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, 4 * dim)
+        self.fc_out = nn.Linear(4 * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(DIM, dim=2)
-        q = q.view(b, t, HEADS, c // HEADS).transpose(1, 2)
-        k = k.view(b, t, HEADS, c // HEADS).transpose(1, 2)
-        v = v.view(b, t, HEADS, c // HEADS).transpose(1, 2)
+        h = self.heads
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        q = q.view(b, t, h, c // h).transpose(1, 2)
+        k = k.view(b, t, h, c // h).transpose(1, 2)
+        v = v.view(b, t, h, c // h).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).reshape(b, t, c)
         x = x + self.proj(y)
@@ -43,13 +45,15 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, vocab: int = VOCAB, seq: int = SEQ, dim: int = DIM, layers: int = LAYERS,
+                 heads: int = HEADS) -> None:
         super().__init__()
-        self.tok = nn.Embedding(VOCAB, DIM)
-        self.pos = nn.Embedding(SEQ, DIM)
-        self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
-        self.ln_f = nn.LayerNorm(DIM)
-        self.head = nn.Linear(DIM, VOCAB, bias=False)
+        self.vocab = vocab
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(seq, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
         self.head.weight = self.tok.weight  # tied embeddings
         nn.init.normal_(self.tok.weight, std=0.02)  # GPT-2's initialisation
         nn.init.normal_(self.pos.weight, std=0.02)
@@ -61,7 +65,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         logits = self.head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
+        return F.cross_entropy(logits.view(-1, self.vocab), targets.view(-1))
 
 
 def model() -> nn.Module:

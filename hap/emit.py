@@ -197,6 +197,7 @@ BUFFERS = {{
 {buffers}
 }}
 INPUTS = {inputs}  # per batch tensor: sharded on dim 0 by SHARES (0) or replicated (None)
+INPUT_SAMPLES = {input_samples}  # per batch tensor: (shape of one sample, dtype)
 LENGTHS = {{
 {lengths}
 }}
@@ -305,6 +306,7 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         slowdown=tuple(r.slowdown for r in plan.cluster.ranks),
         devices=tuple(r.device for r in plan.cluster.ranks), places=rank_places(plan),
         params="\n".join(params), buffers="\n".join(buffers), inputs=input_dims,
+        input_samples=tuple((tuple(n.meta.shape[1:]), n.meta.dtype) for n in inputs),
         lengths="\n".join(lengths),
         grad_buckets=[list(b) for b in plan.predicted.grad_buckets] or [list(plan.grad_synced)],
         grad_overlap=plan.predicted.grad_overlap, precision=plan.precision, grad_reduce=plan.graph.grad_reduce,

@@ -1,6 +1,7 @@
-"""The model spec protocol: a Python file defining ``model()``, ``batch(step, batch_size)``
-and ``BATCH_SIZE``. Loading it turns every mistake into a ``SpecError`` that says what
-is missing and how to fix it."""
+"""The model spec protocol: a Python file defining ``model()``, ``BATCH_SIZE`` and its data,
+either ``batch(step, batch_size)`` or ``dataset(split)`` (a map-style torch Dataset for
+"train" and "val", with an optional ``collate(samples)``; docs/data.md). Loading it turns
+every mistake into a ``SpecError`` that says what is missing and how to fix it."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,7 +13,8 @@ from types import ModuleType
 from hap.errors import SpecError
 
 PROTOCOL = ("a spec file defines model() -> nn.Module whose forward(*batch) returns the loss, "
-            "batch(step, batch_size) -> tuple of tensors, and BATCH_SIZE = int (see examples/mlp.py)")
+            "BATCH_SIZE = int, and either batch(step, batch_size) -> tuple of tensors (see examples/mlp.py) "
+            "or dataset(split) -> torch.utils.data.Dataset for 'train' and 'val' (see examples/chargpt.py)")
 
 
 def load_spec(path: str | Path) -> ModuleType:
@@ -33,11 +35,14 @@ def load_spec(path: str | Path) -> ModuleType:
         tb = traceback.extract_tb(e.__traceback__)
         where = next((f"{fr.filename}:{fr.lineno}" for fr in reversed(tb) if fr.filename == str(p)), str(path))
         raise SpecError(f"model spec {path} failed to import at {where}: {type(e).__name__}: {e}") from e
-    missing = [n for n in ("model", "batch", "BATCH_SIZE") if not hasattr(mod, n)]
+    missing = [n for n in ("model", "BATCH_SIZE") if not hasattr(mod, n)]
+    if not hasattr(mod, "batch") and not hasattr(mod, "dataset"):
+        missing.append("batch or dataset")
     if missing:
         raise SpecError(f"model spec {path} lacks {', '.join(missing)}; {PROTOCOL}")
-    if not callable(mod.model) or not callable(mod.batch):
-        raise SpecError(f"model spec {path}: model and batch must be functions; {PROTOCOL}")
+    data = mod.dataset if hasattr(mod, "dataset") else mod.batch
+    if not callable(mod.model) or not callable(data):
+        raise SpecError(f"model spec {path}: model and {data.__name__} must be functions; {PROTOCOL}")
     if not isinstance(mod.BATCH_SIZE, int) or mod.BATCH_SIZE < 1:
         raise SpecError(f"model spec {path}: BATCH_SIZE must be a positive int, not {mod.BATCH_SIZE!r}")
     return mod
@@ -67,10 +72,7 @@ def build(mod: ModuleType, batch_size: int | None = None, seed: int = 0, meta: b
         raise SpecError(f"model() raised {type(e).__name__}: {e}") from e
     if not isinstance(model, torch.nn.Module):
         raise SpecError(f"model() returned a {type(model).__name__}, not a torch.nn.Module")
-    try:
-        batch = mod.batch(0, bs)
-    except Exception as e:
-        raise SpecError(f"batch(0, {bs}) raised {type(e).__name__}: {e}") from e
+    batch = example_batch(mod, bs)
     if isinstance(batch, torch.Tensor):
         batch = (batch,)
     if not isinstance(batch, (tuple, list)) or not all(isinstance(b, torch.Tensor) for b in batch):
@@ -82,6 +84,33 @@ def build(mod: ModuleType, batch_size: int | None = None, seed: int = 0, meta: b
     if on_meta:
         batch = [b.to("meta") for b in batch]
     return model, tuple(batch)
+
+
+def example_batch(mod: ModuleType, bs: int):
+    """The first global batch: ``batch(0, bs)``, or the collated first ``bs`` items of the
+    documented order of ``dataset("train")`` (epoch 0 of seed 0)."""
+    import torch
+
+    if not hasattr(mod, "dataset"):
+        try:
+            return mod.batch(0, bs)
+        except Exception as e:
+            raise SpecError(f"batch(0, {bs}) raised {type(e).__name__}: {e}") from e
+    try:
+        ds = mod.dataset("train")
+        n = len(ds)
+    except Exception as e:
+        raise SpecError(f"dataset('train') raised {type(e).__name__}: {e}") from e
+    if n < bs:
+        raise SpecError(f"dataset('train') has {n} items, fewer than one global batch of {bs}; "
+                        "give a smaller --batch-size")
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:bs].tolist()
+    collate = getattr(mod, "collate", None) or torch.utils.data.default_collate
+    try:
+        return collate([ds[i] for i in idx])
+    except Exception as e:
+        raise SpecError(f"collating {bs} items of dataset('train') raised {type(e).__name__}: {e}; a dataset "
+                        "item is a tuple of tensors (or give the spec a collate(samples))") from e
 
 
 def capture_spec(mod: ModuleType, batch_size: int | None = None):

@@ -4,7 +4,8 @@ Layout of ``DIR`` (full tensors under the single-device ``state_dict`` names, so
 checkpoint written by one plan resumes under any other, on any number of ranks):
 
   DIR/step_000120.pt   {"format", "step", "model": state_dict, "optimizer": {key: {name: tensor}},
-                        "optimizer_kind", "rng": torch RNG state, "data_position", "fingerprint", "plan",
+                        "optimizer_kind", "rng": torch RNG state, "fingerprint", "plan",
+                        "data_position": {"step", and for dataset specs "epoch", "step_in_epoch"},
                         "scaler": fp16 loss-scaler state or None}
   DIR/latest           the file name of the newest complete checkpoint
 
@@ -40,13 +41,13 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save(directory: str | Path, step: int, model_state: dict, optimizer_state: dict, optimizer_kind: str,
-         plan_digest: str, keep: int = 2, scaler: dict | None = None) -> Path:
+         plan_digest: str, keep: int = 2, scaler: dict | None = None, data_position: dict | None = None) -> Path:
     """Write checkpoint ``step`` (call on one rank only) and point ``latest`` at it."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}.pt"
     payload: dict[str, Any] = {
-        "format": FORMAT, "step": step, "data_position": step, "model": model_state,
+        "format": FORMAT, "step": step, "data_position": data_position or {"step": step}, "model": model_state,
         "optimizer": optimizer_state, "optimizer_kind": optimizer_kind, "rng": torch.get_rng_state(),
         "fingerprint": fingerprint(model_state), "plan": plan_digest,
         "scaler": scaler,

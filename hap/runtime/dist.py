@@ -296,12 +296,12 @@ def _wait(work) -> None:
     emulate.after_comm()
 
 
-def _all_reduce(t: torch.Tensor) -> None:
-    """In-place sum over ranks of a contiguous tensor."""
-    if _S.dry:
+def _all_reduce(t: torch.Tensor, op: str = "sum") -> None:
+    """In-place sum (or ``op="max"``) over ranks of a contiguous tensor."""
+    if _S.dry or not is_distributed():
         return
     emulate.before_comm()
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     emulate.after_comm()
 
 

@@ -8,6 +8,7 @@ The program module provides:
   PARAMS          placeholder -> (state_dict keys, sharded dim or None, per-rank lengths)
   BUFFERS         placeholder -> state_dict key
   INPUTS          per batch tensor: 0 (sharded on dim 0 by SHARES) or None (replicated)
+  INPUT_SAMPLES   per batch tensor: (shape of one sample, dtype)
   SHAPES          state_dict key -> the shape the plan was made for
   GRAD_BUCKETS, GRAD_OVERLAP   the gradient all-reduce of replicated parameters
   PRECISION       "fp32", or the autocast dtype "bf16" / "fp16" forward runs under
@@ -30,8 +31,9 @@ import torch
 
 from . import checkpoint as ckpt
 from .checks import device_mismatch, placement_mismatch
-from .collectives import gather_full
-from .dist import device, init, leave, shutdown
+from .collectives import gather_full, sum_scalar
+from .data import RankData, val_batches
+from .dist import _all_reduce, device, init, leave, shutdown
 from .emulate import set_emulation, undilated
 from .grad_sync import GradSync
 from .precision import Precision
@@ -49,6 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--save", default=None, metavar="DIR", help="write checkpoints to DIR")
     ap.add_argument("--save-every", type=int, default=0, metavar="K", help="checkpoint every K steps (and at the end)")
     ap.add_argument("--resume", default=None, metavar="DIR", help="continue from the latest checkpoint in DIR")
+    ap.add_argument("--prefetch", type=int, default=4, metavar="N",
+                    help="dataset specs: batches each of the rank's data workers reads ahead (0: fetch each batch "
+                         "when it is needed, in the training loop)")
+    ap.add_argument("--eval-every", type=int, default=0, metavar="K",
+                    help="dataset specs: report the validation loss every K steps (and after the last)")
+    ap.add_argument("--eval-batches", type=int, default=8, metavar="N",
+                    help="global batches of the val split each validation reads (default 8)")
     return ap.parse_args(argv)
 
 
@@ -128,6 +137,26 @@ def load_optimizer_state(program: ModuleType, opt: torch.optim.Optimizer, params
                                        for k, v in entries.items()}
 
 
+def validate(program: ModuleType, spec: ModuleType, params, buffers, amp, max_batches: int) -> float:
+    """Mean loss over the first ``max_batches`` global batches of ``dataset("val")``, each rank
+    computing its share. The forward is the training graph's (dropout and batch statistics as in
+    training); the buffers and RNG state are restored afterwards, so validating does not change
+    what training computes."""
+    saved = {k: v.clone() for k, v in buffers.items()}
+    rng = torch.get_rng_state()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch in val_batches(spec, program.RANK, program.SHARES, program.INPUTS, program.INPUT_SAMPLES,
+                                 program.DEVICE, max_batches):
+            with amp.autocast():
+                total += sum_scalar(program.forward(params, buffers, batch).float())
+            n += 1
+    for k, v in saved.items():
+        buffers[k].copy_(v)
+    torch.set_rng_state(rng)
+    return total / max(n, 1)
+
+
 def start(program: ModuleType) -> int:
     """Join the process group and check this rank is where the plan puts it; returns the
     torchrun restart count. Sets the program's RANK and DEVICE."""
@@ -179,17 +208,16 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
     amp = Precision(getattr(program, "PRECISION", "fp32"), program.DEVICE)
     if ck is not None:
         amp.load_state_dict(ck.get("scaler"))
-    offset, share = sum(program.SHARES[:rank]), program.SHARES[rank]
-    losses, step_s = [], []
+    data = RankData(spec, rank, program.SHARES, program.INPUTS, program.INPUT_SAMPLES, args.seed, start_step,
+                    args.steps, args.prefetch, program.DEVICE)
+    losses, step_s, val = [], [], []
     last_saved = ck["path"] if ck else None
     if args.emulate:  # from here on: the set-up above is not the emulated device's compute
         set_emulation(program.SLOWDOWN[rank])
     for step in range(start_step, args.steps):
         t0 = time.perf_counter()
         with undilated():  # --emulate slows forward + backward only
-            full = spec.batch(step, program.GLOBAL_BATCH)  # this step's global batch; each rank keeps its share
-            batch = [x.narrow(0, offset, share).to(program.DEVICE) if d == 0 else x.to(program.DEVICE)
-                     for x, d in zip(full, program.INPUTS)]
+            batch = data.next(step)  # this rank's share of the step's global batch
         with amp.autocast():
             loss = program.forward(params, buffers, batch)
         opt.zero_grad(set_to_none=True)  # backward writes fresh gradients: no zeroing pass
@@ -203,21 +231,30 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
         step_s.append(time.perf_counter() - t0)
         losses.append(global_loss)
         if rank == 0:
-            print(f"step {step:4d}  loss {global_loss:.6f}  {step_s[-1] * 1e3:8.1f} ms", flush=True)
+            print(f"step {step:4d}  loss {global_loss:.6f}  {step_s[-1] * 1e3:8.1f} ms  "
+                  f"data wait {data.waits[-1] / step_s[-1]:4.0%}", flush=True)
         done = step + 1
+        if args.eval_every and hasattr(spec, "dataset") and (done % args.eval_every == 0 or done == args.steps):
+            val.append({"step": done, "loss": validate(program, spec, params, buffers, amp, args.eval_batches)})
+            if rank == 0:
+                print(f"step {step:4d}  val loss {val[-1]['loss']:.6f}", flush=True)
         if args.save and ((args.save_every and done % args.save_every == 0) or done == args.steps):
             model_state = full_state_dict(program, model, params, buffers)
             opt_state = full_optimizer_state(program, opt, params)
             if rank == 0:
                 last_saved = str(ckpt.save(args.save, done, model_state, opt_state, args.optimizer,
-                                           program.PLAN_DIGEST, scaler=amp.state_dict()))
+                                           program.PLAN_DIGEST, scaler=amp.state_dict(),
+                                           data_position=data.position(done)))
     if args.dump_params:
         state = full_state_dict(program, model, params, buffers)
         if rank == 0:
             torch.save(state, args.dump_params)
+    waits = torch.tensor(data.waits, dtype=torch.float64)
+    _all_reduce(waits, "max")  # a step waits for the slowest rank's batch
+    data.close()
     if args.log_json and rank == 0:
         with open(args.log_json, "w") as f:
-            json.dump({"losses": losses, "step_s": step_s, "world_size": program.WORLD_SIZE,
-                       "first_step": start_step, "precision": amp.name,
+            json.dump({"losses": losses, "step_s": step_s, "data_wait_s": waits.tolist(), "val_losses": val,
+                       "world_size": program.WORLD_SIZE, "first_step": start_step, "precision": amp.name,
                        "grad_reduce": getattr(program, "GRAD_REDUCE", "fp32"), "skipped_steps": amp.skipped}, f)
     leave(0)  # every rank done communicating, then out without gloo's teardown

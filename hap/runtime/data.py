@@ -1,0 +1,216 @@
+"""A rank's share of every global batch, fetched by torch's DataLoader, and remote files
+read through fsspec with a local cache.
+
+The global order (every run, under any plan and any number of ranks, sees the same global
+batches; docs/data.md):
+
+    epoch e        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed + e))
+    step k of e    the global batch is perm[k*B:(k+1)*B]; the last incomplete batch is dropped
+    rank r         takes positions [offset_r, offset_r + share_r) of that batch
+
+Global step ``s`` is step ``s mod steps_per_epoch`` of epoch ``s // steps_per_epoch``, so a
+checkpoint's step is its data position. A rank's ``DataLoader`` gets a batch sampler that
+yields only that rank's indices, so it fetches only its own samples; with ``prefetch > 0``
+its worker processes fetch up to ``prefetch`` batches per worker ahead of use (read-ahead),
+and with ``prefetch == 0`` the training loop fetches each batch itself when it needs it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+WORKERS = 2  # worker processes per rank when reading ahead
+
+
+class GlobalOrder:
+    """The documented order of a dataset of ``size`` items in global batches of ``batch``
+    (``shuffle=False``: in index order every epoch, as validation reads)."""
+
+    def __init__(self, size: int, batch: int, seed: int, shuffle: bool = True) -> None:
+        if size < batch:
+            raise ValueError(f"the dataset has {size} items, fewer than one global batch of {batch}; use a "
+                             "smaller --batch-size when planning or a larger dataset")
+        self.size, self.batch, self.seed, self.shuffle = size, batch, seed, shuffle
+        self.steps_per_epoch = size // batch
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, step within the epoch) of global step ``step``."""
+        return divmod(step, self.steps_per_epoch)
+
+    def indices(self, step: int) -> torch.Tensor:
+        """Dataset indices of global step ``step``'s batch, in order."""
+        epoch, k = self.position(step)
+        if not self.shuffle:
+            return torch.arange(k * self.batch, (k + 1) * self.batch)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm = (epoch, torch.randperm(self.size, generator=g))
+        return self._perm[1][k * self.batch:(k + 1) * self.batch]
+
+
+class RankBatches(Sampler[list[int]]):
+    """Batch sampler: this rank's positions of the global batches of steps ``start..stop-1``.
+    ``shares_at(step)`` gives every rank's share at a step (shares may change between steps)."""
+
+    def __init__(self, order: GlobalOrder, rank: int, shares_at: Callable[[int], Sequence[int]], start: int,
+                 stop: int) -> None:
+        self.order, self.rank, self.shares_at, self.start, self.stop = order, rank, shares_at, start, stop
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            shares = self.shares_at(step)
+            lo = sum(shares[:self.rank])
+            yield self.order.indices(step)[lo:lo + shares[self.rank]].tolist()
+
+
+class _Collate:
+    """The spec's collate (default: torch's ``default_collate``); an empty share becomes empty
+    tensors shaped like the plan's inputs, without fetching anything."""
+
+    def __init__(self, collate: Callable | None, empty: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> None:
+        self.collate, self.empty = collate or default_collate, empty
+
+    def __call__(self, samples: list[Any]) -> tuple[torch.Tensor, ...]:
+        if not samples:
+            return tuple(torch.empty((0, *tail), dtype=dt) for tail, dt in self.empty)
+        out = self.collate(samples)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def loader(ds: Dataset, batches: RankBatches, collate: Callable | None,
+           empty: Sequence[tuple[tuple[int, ...], torch.dtype]], prefetch: int) -> DataLoader:
+    """The rank's DataLoader over its batches: ``prefetch`` batches per worker read ahead in
+    ``WORKERS`` worker processes, or (``prefetch == 0``) each batch fetched when it is needed."""
+    if prefetch <= 0:
+        return DataLoader(ds, batch_sampler=batches, collate_fn=_Collate(collate, empty), num_workers=0)
+    return DataLoader(ds, batch_sampler=batches, collate_fn=_Collate(collate, empty), num_workers=WORKERS,
+                      prefetch_factor=prefetch, persistent_workers=False)
+
+
+class Timed:
+    """Iterate ``it`` and keep how long each ``next`` waited: the training loop's data wait."""
+
+    def __init__(self, it: Iterator) -> None:
+        self.it, self.waits = it, []
+
+    def __iter__(self) -> Timed:
+        return self
+
+    def __next__(self) -> Any:
+        t0 = time.perf_counter()
+        item = next(self.it)
+        self.waits.append(time.perf_counter() - t0)
+        return item
+
+
+class RankData:
+    """This rank's batches for steps ``start..stop-1``, from a spec's ``dataset("train")`` (each
+    rank fetches only its share, read ahead by ``prefetch``) or its ``batch(step, B)`` (every
+    rank builds the global batch and keeps its slice). ``waits`` holds each step's data wait.
+    Inputs the plan replicates (``inputs[i] is None``) are assembled from every rank's share."""
+
+    def __init__(self, spec: Any, rank: int, shares: Sequence[int], inputs: Sequence[int | None],
+                 samples: Sequence[tuple[tuple[int, ...], str]], seed: int, start: int, stop: int, prefetch: int,
+                 device: torch.device) -> None:
+        self.spec, self.rank, self.shares, self.inputs, self.device = spec, rank, list(shares), inputs, device
+        self.empty = [(tuple(shape), getattr(torch, dt)) for shape, dt in samples]
+        self.offset = sum(self.shares[:rank])
+        self.order: GlobalOrder | None = None
+        self._timed: Timed | None = None
+        self._plain_waits: list[float] = []
+        if hasattr(spec, "dataset"):
+            ds = spec.dataset("train")
+            self.order = GlobalOrder(len(ds), sum(self.shares), seed)
+            batches = RankBatches(self.order, rank, lambda _step: self.shares, start, stop)
+            self._timed = Timed(iter(loader(ds, batches, getattr(spec, "collate", None), self.empty, prefetch)))
+
+    @property
+    def waits(self) -> list[float]:
+        return self._timed.waits if self._timed is not None else self._plain_waits
+
+    def position(self, step: int) -> dict[str, int]:
+        """Where step ``step`` is in the data: global step, and for a dataset its epoch and step in it."""
+        if self.order is None:
+            return {"step": step}
+        epoch, k = self.order.position(step)
+        return {"step": step, "epoch": epoch, "step_in_epoch": k}
+
+    def next(self, step: int) -> list[torch.Tensor]:
+        if self._timed is None:
+            t0 = time.perf_counter()
+            full = self.spec.batch(step, sum(self.shares))
+            full = tuple(full) if isinstance(full, (tuple, list)) else (full,)
+            self._plain_waits.append(time.perf_counter() - t0)
+            share = self.shares[self.rank]
+            return [x.narrow(0, self.offset, share).to(self.device) if d == 0 else x.to(self.device)
+                    for x, d in zip(full, self.inputs)]
+        return assemble(next(self._timed), self.inputs, self.shares, self.device)
+
+    def close(self) -> None:
+        self._timed = None  # the DataLoader's workers exit with their iterator
+
+
+def assemble(local: Sequence[torch.Tensor], inputs: Sequence[int | None], shares: Sequence[int],
+             device: torch.device) -> list[torch.Tensor]:
+    """The forward's batch from this rank's share: sharded inputs as they are, replicated ones
+    (``inputs[i] is None``) gathered from every rank's share."""
+    from .collectives import gather_full
+
+    return [x.to(device) if d == 0 else gather_full(x.to(device), "S", 0, shares) for x, d in zip(local, inputs)]
+
+
+def val_batches(spec: Any, rank: int, shares: Sequence[int], inputs: Sequence[int | None], samples,
+                device: torch.device, max_batches: int) -> Iterator[list[torch.Tensor]]:
+    """This rank's share of the first ``max_batches`` global batches of ``dataset("val")``, in
+    index order (no read-ahead: validation is occasional)."""
+    ds = spec.dataset("val")
+    order = GlobalOrder(len(ds), sum(shares), 0, shuffle=False)
+    n = min(max_batches, order.steps_per_epoch)
+    empty = [(tuple(shape), getattr(torch, dt)) for shape, dt in samples]
+    for batch in loader(ds, RankBatches(order, rank, lambda _step: shares, 0, n), getattr(spec, "collate", None),
+                        empty, 0):
+        yield assemble(batch, inputs, shares, device)
+
+
+# ---------------------------------------------------------------------------------------
+# remote files
+# ---------------------------------------------------------------------------------------
+def cache_dir() -> str:
+    root = os.environ.get("HAP_DATA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "hap", "data")
+    return root
+
+
+def open_url(url: str, mode: str = "rb", cache: str | None = None, **storage_options: Any):
+    """Open a dataset file by URL (``s3://``, ``gs://``, ``https://``, ``file://``, a path, or any
+    fsspec protocol) through fsspec's whole-file cache: the first open downloads it to ``cache``
+    (default ``$HAP_DATA_CACHE`` or ``~/.cache/hap/data``), later opens, by any process on this
+    machine, read the local copy. Remote protocols need their fsspec driver (``s3fs``, ``gcsfs``;
+    ``https`` needs ``aiohttp``)."""
+    import fsspec
+
+    if "://" not in url or url.startswith("file://"):
+        return fsspec.open(url, mode).open()  # already local: nothing to cache
+    protocol = url.split("://", 1)[0]
+    return fsspec.open(f"filecache::{url}", mode, filecache={"cache_storage": cache or cache_dir()},
+                       **{protocol: storage_options} if storage_options else {}).open()
+
+
+def fetch(url: str, cache: str | None = None, **storage_options: Any) -> str:
+    """A local path holding ``url``'s bytes, downloaded once through the cache of ``open_url``."""
+    import fsspec
+
+    if "://" not in url or url.startswith("file://"):
+        return url.removeprefix("file://")
+    protocol = url.split("://", 1)[0]
+    return fsspec.open_local(f"filecache::{url}", filecache={"cache_storage": cache or cache_dir()},
+                             **{protocol: storage_options} if storage_options else {})
