@@ -37,6 +37,24 @@ def torchrun(nproc: int, script: Path, args: list[str], timeout: int = 300,
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
+def global_batches(spec, global_batch: int, seed: int = 0):
+    """The documented global order: ``batch(step, B)``, or for a dataset spec epoch e's
+    ``randperm(len, seed + e)``, step k of the epoch taking ``perm[k*B:(k+1)*B]`` (docs/data.md)."""
+    if not hasattr(spec, "dataset"):
+        step = 0
+        while True:
+            yield spec.batch(step, global_batch)
+            step += 1
+    ds = spec.dataset("train")
+    collate = getattr(spec, "collate", torch.utils.data.default_collate)
+    epoch = 0
+    while True:
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed + epoch))
+        for k in range(len(ds) // global_batch):
+            yield tuple(collate([ds[int(i)] for i in perm[k * global_batch:(k + 1) * global_batch]]))
+        epoch += 1
+
+
 def reference(spec_path: str, steps: int, lr: float, global_batch: int, precision: str = "fp32"):
     """Single-device training of the spec: under torch.autocast for bf16 / fp16, with
     torch.amp.GradScaler's defaults for fp16."""
@@ -47,9 +65,10 @@ def reference(spec_path: str, steps: int, lr: float, global_batch: int, precisio
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
     losses = []
-    for step in range(steps):
+    data = global_batches(spec, global_batch)
+    for _ in range(steps):
         with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
-            loss = model(*spec.batch(step, global_batch))
+            loss = model(*next(data))
         losses.append(float(loss.detach()))
         opt.zero_grad()
         (scaler.scale(loss) if scaler else loss).backward()
