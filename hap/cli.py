@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--run", action="store_true", help="after --emit, run the program under torchrun here")
     ap.add_argument("--steps", type=int, default=10, help="with --run: training steps (default 10)")
     ap.add_argument("--batch-size", type=int, default=None, help="global batch (default: the spec's BATCH_SIZE)")
-    ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="memory model of optimizer state")
+    ap.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd",
+                    help="the optimizer whose state the plan's memory counts; train.py's default --optimizer")
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32",
                     help="compute dtype: fp32 (default, exactly what fp32 trains), bf16 or fp16 autocast with fp32 "
                          "master weights (fp16 with loss scaling), or auto: the fastest every device runs at speed")

@@ -205,6 +205,7 @@ SHAPES = {shapes}  # state_dict key -> shape the plan was made for
 GRAD_BUCKETS = {grad_buckets}  # replicated params: gradients all-reduced in these buckets, in this order
 GRAD_OVERLAP = {grad_overlap}  # True: each bucket is all-reduced during backward, as soon as it is complete
 PRECISION = {precision!r}  # forward runs under torch.autocast with this dtype (fp32: no autocast)
+OPTIMIZER = {optimizer!r}  # the default of --optimizer: the optimizer whose state the plan's memory counts
 GRAD_REDUCE = {grad_reduce!r}  # the dtype GRAD_BUCKETS are all-reduced in
 DEVICE = torch.device("cpu")
 RANK = 0
@@ -309,7 +310,8 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         input_samples=tuple((tuple(n.meta.shape[1:]), n.meta.dtype) for n in inputs),
         lengths="\n".join(lengths),
         grad_buckets=[list(b) for b in plan.predicted.grad_buckets] or [list(plan.grad_synced)],
-        grad_overlap=plan.predicted.grad_overlap, precision=plan.precision, grad_reduce=plan.graph.grad_reduce,
+        grad_overlap=plan.predicted.grad_overlap, precision=plan.precision, optimizer=plan.optimizer,
+        grad_reduce=plan.graph.grad_reduce,
         precision_text=PRECISION_TEXT[plan.precision],
         unpack="\n".join(unpack + lens_lines), body="\n".join(body),
         shapes={k: tuple(n.meta.shape) for n in g if n.kind in ("param", "buffer") and isinstance(n.meta, TensorMeta)

@@ -75,7 +75,7 @@ def test_emulation_starts_with_the_training_loop():
 
     main = inspect.getsource(loop.main)
     at = main.index("set_emulation(program.SLOWDOWN[rank])")
-    assert main.index("torch.optim.SGD") < at and main.index("GradSync(") < at
+    assert main.index("optim.build(") < at and main.index("GradSync(") < at
     assert at < main.index("for step in range(") and "set_emulation" not in main[:at]
 
 

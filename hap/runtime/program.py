@@ -12,6 +12,7 @@ The program module provides:
   SHAPES          state_dict key -> the shape the plan was made for
   GRAD_BUCKETS, GRAD_OVERLAP   the gradient all-reduce of replicated parameters
   PRECISION       "fp32", or the autocast dtype "bf16" / "fp16" forward runs under
+  OPTIMIZER       the default of --optimizer
   GRAD_REDUCE     the dtype the replicated parameters' gradients are summed in: "fp32" or "bf16"
   forward(params, buffers, batch) -> this rank's addend of the loss
 and reads the globals RANK and DEVICE, which ``main`` sets once the process group is up.
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from . import optim
 from .checks import device_mismatch, placement_mismatch
 from .collectives import gather_full, sum_scalar
 from .data import RankData, val_batches
@@ -39,11 +41,11 @@ from .grad_sync import GradSync
 from .precision import Precision
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, default_optimizer: str = "sgd") -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="hap-emitted SPMD training program")
     ap.add_argument("--steps", type=int, default=10, help="train until this many steps are done")
-    ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    ap.add_argument("--lr", type=float, default=0.01, help="the peak learning rate (default 0.01)")
+    optim.add_arguments(ap, default_optimizer)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-json", default=None, help="rank 0 writes losses and step times here")
     ap.add_argument("--dump-params", default=None, help="rank 0 saves the full state_dict after the last step")
@@ -137,6 +139,20 @@ def load_optimizer_state(program: ModuleType, opt: torch.optim.Optimizer, params
                                        for k, v in entries.items()}
 
 
+def progress_line(step: int, steps: int, loss: float, lr: float, norm: float | None, step_s: list[float],
+                  wait_s: float, samples: int, tokens: int) -> str:
+    """Rank 0's line per step: loss, learning rate, gradient norm (when clipping), throughput,
+    the data wait's share of the step and the time left at the recent pace."""
+    recent = step_s[-20:]
+    pace = sum(recent) / len(recent)
+    left = (steps - step - 1) * pace
+    eta = f"{left / 60:.0f}m{left % 60:02.0f}s" if left >= 60 else f"{left:.0f}s"
+    rate = f"{tokens / pace:,.0f} tok/s" if tokens != samples else f"{samples / pace:,.0f} samples/s"
+    gnorm = f"  grad-norm {norm:.3g}" if norm is not None else ""
+    return (f"step {step:4d}  loss {loss:.6f}  lr {lr:.3g}{gnorm}  {step_s[-1] * 1e3:7.1f} ms  {rate}  "
+            f"data wait {wait_s / step_s[-1]:3.0%}  eta {eta}")
+
+
 def validate(program: ModuleType, spec: ModuleType, params, buffers, amp, max_batches: int) -> float:
     """Mean loss over the first ``max_batches`` global batches of ``dataset("val")``, each rank
     computing its share. The forward is the training graph's (dropout and batch statistics as in
@@ -177,8 +193,11 @@ def start(program: ModuleType) -> int:
 def main(program: ModuleType, argv: list[str] | None = None) -> None:
     """Train the program's model: each rank its share of every global batch, one optimizer step
     per batch, checkpoints that resume under any plan."""
-    args = parse_args(argv)
+    args = parse_args(argv, getattr(program, "OPTIMIZER", "sgd"))
     restarts = start(program)
+    wrong = optim.check(args)
+    if wrong:
+        stop(wrong)
     rank = program.RANK
     spec = load_spec(program)
     torch.manual_seed(args.seed)
@@ -196,9 +215,9 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
         if rank == 0:
             print(f"resuming from {ck['path']} at step {start_step}", flush=True)
     params, buffers = local_state(program, model)
-    trainable = list(params.values())
-    opt = (torch.optim.SGD(trainable, lr=args.lr) if args.optimizer == "sgd"
-           else torch.optim.Adam(trainable, lr=args.lr))
+    opt = optim.build(args, params, {name: len(program.SHAPES[keys[0]]) for name, (keys, _, _) in
+                                     program.PARAMS.items()})
+    sharded = [name for name, (_, dim, _) in program.PARAMS.items() if dim is not None]
     if ck is not None:
         load_optimizer_state(program, opt, params, ck["optimizer"], ck["model"])
         torch.set_rng_state(ck["rng"])
@@ -210,7 +229,9 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
         amp.load_state_dict(ck.get("scaler"))
     data = RankData(spec, rank, program.SHARES, program.INPUTS, program.INPUT_SAMPLES, args.seed, start_step,
                     args.steps, args.prefetch, program.DEVICE)
-    losses, step_s, val = [], [], []
+    losses, step_s, val, lrs, norms = [], [], [], [], []
+    samples = program.GLOBAL_BATCH
+    tokens = samples * next((x[0][0] for x in program.INPUT_SAMPLES if len(x[0]) == 1 and x[1] == "int64"), 1)
     last_saved = ck["path"] if ck else None
     if args.emulate:  # from here on: the set-up above is not the emulated device's compute
         set_emulation(program.SLOWDOWN[rank])
@@ -227,12 +248,17 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
             stop(f"loss is {global_loss} at step {step}; stopping. Last good checkpoint: "
                  f"{last_saved or 'none (use --save DIR --save-every K)'}", 3)
         with undilated():
+            amp.unscale(opt)  # fp16: true gradients before they are measured and clipped
+            if args.clip_grad_norm:
+                norms.append(optim.clip_grad_norm(params, sharded, args.clip_grad_norm))
+            lrs.append(optim.lr_at(step, args))
+            optim.set_lr(opt, lrs[-1])
             amp.step(opt)  # fp16: every rank skips the step if any rank's gradients overflowed
         step_s.append(time.perf_counter() - t0)
         losses.append(global_loss)
         if rank == 0:
-            print(f"step {step:4d}  loss {global_loss:.6f}  {step_s[-1] * 1e3:8.1f} ms  "
-                  f"data wait {data.waits[-1] / step_s[-1]:4.0%}", flush=True)
+            print(progress_line(step, args.steps, global_loss, lrs[-1], norms[-1] if norms else None, step_s,
+                                data.waits[-1], samples, tokens), flush=True)
         done = step + 1
         if args.eval_every and hasattr(spec, "dataset") and (done % args.eval_every == 0 or done == args.steps):
             val.append({"step": done, "loss": validate(program, spec, params, buffers, amp, args.eval_batches)})
@@ -255,6 +281,7 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
     if args.log_json and rank == 0:
         with open(args.log_json, "w") as f:
             json.dump({"losses": losses, "step_s": step_s, "data_wait_s": waits.tolist(), "val_losses": val,
+                       "lr": lrs, "grad_norm": norms,
                        "world_size": program.WORLD_SIZE, "first_step": start_step, "precision": amp.name,
                        "grad_reduce": getattr(program, "GRAD_REDUCE", "fp32"), "skipped_steps": amp.skipped}, f)
     leave(0)  # every rank done communicating, then out without gloo's teardown

@@ -55,23 +55,49 @@ def global_batches(spec, global_batch: int, seed: int = 0):
         epoch += 1
 
 
-def reference(spec_path: str, steps: int, lr: float, global_batch: int, precision: str = "fp32"):
+def reference(spec_path: str, steps: int, lr: float, global_batch: int, precision: str = "fp32",
+              train: dict | None = None):
     """Single-device training of the spec: under torch.autocast for bf16 / fp16, with
-    torch.amp.GradScaler's defaults for fp16."""
+    torch.amp.GradScaler's defaults for fp16; ``train`` holds the optimizer flags (optimizer,
+    weight_decay, betas, clip, warmup, schedule, min_lr) as train.py documents them."""
+    import math
+
+    t = {"optimizer": "sgd", "weight_decay": 0.0, "betas": (0.9, 0.999), "clip": None, "warmup": 0,
+         "schedule": "constant", "min_lr": 0.0, **(train or {})}
     spec = load_spec(spec_path)
     torch.manual_seed(0)
     model = spec.model()
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    params = list(model.parameters())
+    if t["optimizer"] == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, weight_decay=t["weight_decay"])
+    else:
+        cls = torch.optim.AdamW if t["optimizer"] == "adamw" else torch.optim.Adam
+        opt = cls(params, lr=lr, betas=t["betas"], weight_decay=t["weight_decay"])
+
+    def lr_at(s: int) -> float:
+        w = t["warmup"]
+        if s < w:
+            return lr * (s + 1) / w
+        if t["schedule"] == "cosine":
+            return t["min_lr"] + (lr - t["min_lr"]) * 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, steps - w)))
+        return lr
+
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
     losses = []
     data = global_batches(spec, global_batch)
-    for _ in range(steps):
+    for step in range(steps):
         with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
             loss = model(*next(data))
         losses.append(float(loss.detach()))
         opt.zero_grad()
         (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
+        if t["clip"]:
+            torch.nn.utils.clip_grad_norm_(params, t["clip"])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
         if scaler:
             scaler.step(opt)
             scaler.update()
@@ -86,19 +112,21 @@ def plan_for(spec_path: str, cluster: str, pins: dict[str, str] | None = None, p
 
 
 def run_exact(spec_path: str, cluster: str, tmp: Path, steps: int = 3, lr: float = 0.05,
-              pins: dict[str, str] | None = None, precision: str = "fp32", grad_reduce: str = "fp32"):
+              pins: dict[str, str] | None = None, precision: str = "fp32", grad_reduce: str = "fp32",
+              train: dict | None = None, train_args: list[str] = ()):
     """Returns (plan, max relative loss error, max relative parameter error); the run's
     --log-json is at tmp/log.json."""
     plan = plan_for(spec_path, cluster, pins, precision, grad_reduce)
     emit_program(plan, tmp / "out", spec=spec_path)
     log, dump = tmp / "log.json", tmp / "params.pt"
     p = torchrun(plan.num_ranks, tmp / "out" / "train.py",
-                 ["--steps", str(steps), "--lr", str(lr), "--log-json", str(log), "--dump-params", str(dump)])
+                 ["--steps", str(steps), "--lr", str(lr), "--log-json", str(log), "--dump-params", str(dump),
+                  *train_args])
     assert p.returncode == 0, f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     assert GLOO_TEARDOWN not in p.stderr
     got_losses = json.loads(log.read_text())["losses"]
     got = torch.load(dump, weights_only=True)
-    want_losses, want = reference(spec_path, steps, lr, plan.global_batch, precision)
+    want_losses, want = reference(spec_path, steps, lr, plan.global_batch, precision, train)
     assert len(got_losses) == steps
     loss_err = max(abs(a - b) / (abs(b) + 1e-12) for a, b in zip(got_losses, want_losses))
     assert set(got) == set(want), f"state_dict keys differ: {set(got) ^ set(want)}"
