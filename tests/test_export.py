@@ -1,0 +1,35 @@
+"""hap-export: a checkpoint as the single-device state_dict in safetensors, tied weights included."""
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from hap.export import main as hap_export
+from hap.runtime import checkpoint as ckpt
+from tests.helpers import load_example
+
+
+def test_a_checkpoint_exports_to_safetensors_that_load_into_the_model(tmp_path, capsys):
+    gpt = load_example("gpt")
+    torch.manual_seed(0)
+    model = gpt.model()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state["head.weight"] = state["tok.weight"]  # tied, as a gathered checkpoint holds them
+    ckpt.save(tmp_path / "ck", 7, state, {}, "sgd", "plan")
+    assert hap_export([str(tmp_path / "ck"), "--out", str(tmp_path / "model.safetensors")]) == 0
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    fresh = gpt.model()
+    fresh.load_state_dict(loaded)
+    assert fresh.head.weight is fresh.tok.weight and torch.equal(fresh.tok.weight, state["tok.weight"])
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_exporting_what_is_not_a_checkpoint_exits_2_and_says_why(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert hap_export([str(tmp_path / "empty"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    assert hap_export([str(tmp_path / "other.pt"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no checkpoint" in err and "not a hap checkpoint" in err
+    assert not (tmp_path / "x.safetensors").exists()
