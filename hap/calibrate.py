@@ -70,7 +70,8 @@ def calibrate(out: Path) -> dict:
         tmp_out = Path(tmp) / "cpu.json"
         cmd = [sys.executable, "-m", "hap.profile", "--quick", "--nproc", "2", "--port", str(_free_port()),
                "--out", str(tmp_out)]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        # CUDA hidden: on a GPU machine the profiler would otherwise measure cuda:0 and cuda:1
+        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
         p = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, env=env, timeout=600)
         if p.returncode != 0 or not tmp_out.exists():
             raise ClusterFileError(

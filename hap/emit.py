@@ -262,6 +262,12 @@ def check_emit_dir(out_dir: Path, force: bool) -> None:
 def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = False) -> Path:
     if not spec:
         raise HapError("emitting a program needs the model spec file it imports: plan.emit(dir, spec='model.py')")
+    from hap.runtime.checks import backend_for
+
+    try:
+        backend_for([r.device for r in plan.cluster.ranks])
+    except ValueError as e:
+        raise HapError(f"cannot emit a program for {plan.cluster.name}: {e}") from None
     spec_path = Path(spec).resolve()
     if not spec_path.exists():
         raise HapError(f"model spec {spec} does not exist")

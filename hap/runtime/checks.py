@@ -7,24 +7,43 @@ import re
 
 import torch
 
+MEMORY_SLACK = 0.10  # a card reports less than its label (an "L4-24GB" has 24.1e9 bytes, 22.5 GiB)
+
+
+def backend_for(expected: tuple[str, ...] | list[str]) -> str:
+    """The process-group backend of a plan whose ranks expect these devices: gloo when every
+    rank is a CPU rank (also on a machine that has GPUs), else NCCL. A plan that mixes CPU and
+    GPU ranks cannot run as one NCCL or gloo job: ValueError."""
+    cpu = [d == "cpu" for d in expected]
+    if all(cpu):
+        return "gloo"
+    if any(cpu):
+        raise ValueError(f"the plan mixes CPU and GPU ranks ({', '.join(sorted(set(expected)))}); one job runs "
+                         "on CPUs (gloo) or on GPUs (NCCL): re-plan for a cluster of one kind")
+    return "nccl"
+
 
 def device_mismatch(expected: str, device: torch.device) -> str | None:
     """None when ``device`` is the kind the plan expects for this rank (``"cpu"``, ``"V100-16GB"``
-    ...), else a sentence saying what differs."""
+    ...), else a sentence saying what differs. A GPU matches by its model's name on word
+    boundaries ("A10" is not an "A100" or an "A10G"), with at least the planned memory (less
+    than ``MEMORY_SLACK`` short of the label); a MIG slice is refused: it has a part of the
+    card's compute and memory that the plan did not count."""
     if expected == "cpu":
         return None if device.type == "cpu" else f"the plan expects a CPU rank, this rank runs on {device}"
     if device.type != "cuda":
         return f"the plan expects a {expected} GPU, but this rank has no CUDA device"
     props = torch.cuda.get_device_properties(device)
-    model = expected.split("-")[0].upper()  # "V100-16GB" -> "V100"
-    if model not in props.name.upper().replace(" ", ""):
+    name = props.name.upper()
+    if "MIG" in name.split() or name.startswith("MIG") or " MIG " in f" {name} ":
+        return f"the plan expects a whole {expected}, this rank has a MIG slice ({props.name})"
+    model = re.escape(expected.split("-")[0].upper())  # "V100-16GB" -> "V100"
+    if not re.search(rf"(?<![A-Z0-9]){model}(?![A-Z0-9])", name):
         return f"the plan expects a {expected}, this rank has a {props.name}"
     m = re.search(r"(\d+)GB", expected.upper())
-    if m:
-        want = int(m.group(1)) * 2**30
-        if abs(props.total_memory - want) > 0.15 * want:
-            return f"the plan expects {expected} ({m.group(1)} GB), this {props.name} has " \
-                   f"{props.total_memory / 2**30:.0f} GiB"
+    if m and props.total_memory < int(m.group(1)) * 1e9 * (1 - MEMORY_SLACK):
+        return (f"the plan expects {expected} ({m.group(1)} GB), this {props.name} has "
+                f"{props.total_memory / 1e9:.1f} GB")
     return None
 
 

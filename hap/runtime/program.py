@@ -32,7 +32,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import optim
-from .checks import device_mismatch, placement_mismatch
+from .checks import backend_for, device_mismatch, placement_mismatch
 from .collectives import gather_full, sum_scalar
 from .data import RankData, val_batches
 from .dist import _all_reduce, device, init, leave, shutdown
@@ -180,14 +180,31 @@ def start(program: ModuleType) -> int:
     if world != program.WORLD_SIZE:
         sys.exit(f"train.py: this plan needs {program.WORLD_SIZE} ranks, but WORLD_SIZE={world}; run it with "
                  f"torchrun --nproc-per-node {program.WORLD_SIZE} (or re-plan for {world} ranks)")
-    program.RANK, _ = init()
+    try:
+        backend = backend_for(program.EXPECTED_DEVICES)
+    except ValueError as e:
+        sys.exit(f"train.py: {e}")
+    program.RANK, _ = init(backend)
     program.DEVICE = device()
     wrong = (device_mismatch(program.EXPECTED_DEVICES[program.RANK], program.DEVICE)
              or placement_mismatch(*program.PLACES[program.RANK]))
-    if wrong:
-        stop(f"rank {program.RANK}: {wrong}; start the ranks in the plan's order (see the docstring) or re-plan "
-             "for this cluster", 1)
+    agree_or_stop(f"rank {program.RANK}: {wrong}; start the ranks in the plan's order (see the docstring) or "
+                  "re-plan for this cluster" if wrong else None)
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def agree_or_stop(wrong: str | None) -> None:
+    """A rank that fails its start-up check prints why first, then every rank learns (one
+    all-reduce) whether any rank failed, and all of them stop together: no rank waits in a
+    collective that a stopped rank never enters."""
+    if wrong:
+        print(f"train.py: {wrong}", file=sys.stderr, flush=True)
+    failed = int(sum_scalar(1.0 if wrong else 0.0))
+    if failed:
+        if not wrong:
+            print(f"train.py: stopping: {failed} other rank(s) failed their start-up check (see their message)",
+                  file=sys.stderr, flush=True)
+        leave(1)
 
 
 def main(program: ModuleType, argv: list[str] | None = None) -> None:
