@@ -26,6 +26,8 @@ import torch.distributed as dist
 from . import emulate
 from .host_memory import keep_freed_memory
 
+GROUP_TIMEOUT = timedelta(minutes=30)
+
 
 @dataclass
 class _State:
@@ -72,7 +74,9 @@ def init(backend: str | None = None) -> tuple[int, int]:
     else:
         world = _env_int("WORLD_SIZE", 1)
         rank_ = _env_int("RANK", 0)
-        _S.local_rank = _env_int("LOCAL_RANK", rank_)
+        # a launcher that sets no LOCAL_RANK: ranks fill each node's GPUs in order
+        fallback = rank_ % torch.cuda.device_count() if torch.cuda.is_available() and backend != "gloo" else rank_
+        _S.local_rank = _env_int("LOCAL_RANK", fallback)
         if world <= 1:
             _S.rank, _S.world, _S.backend, _S.owns_group = 0, 1, None, False
         else:
@@ -85,10 +89,13 @@ def init(backend: str | None = None) -> tuple[int, int]:
             if backend == "nccl":
                 torch.cuda.set_device(_S.local_rank)
             store = _S.store = _attempt_store(rank_, world)
+            # longer than a checkpoint write, during which the other ranks wait in a collective
             if store is None:
-                dist.init_process_group(backend=backend, init_method="env://", rank=rank_, world_size=world)
+                dist.init_process_group(backend=backend, init_method="env://", rank=rank_, world_size=world,
+                                        timeout=GROUP_TIMEOUT)
             else:
-                dist.init_process_group(backend=backend, store=store, rank=rank_, world_size=world)
+                dist.init_process_group(backend=backend, store=store, rank=rank_, world_size=world,
+                                        timeout=GROUP_TIMEOUT)
             _S.rank, _S.world, _S.backend, _S.owns_group = rank_, world, backend, True
     use_cuda = _S.backend == "nccl" if _S.world > 1 else (backend != "gloo" and torch.cuda.is_available())
     if use_cuda:
