@@ -1,10 +1,10 @@
 """``hap-export``: a hap checkpoint as the single-device model's ``state_dict`` in safetensors,
 for use outside hap (``transformers``' ``from_pretrained`` reads the same format).
 
-    hap-export CKPT --out model.safetensors     # CKPT: a checkpoint file, or a --save DIR (its latest)
+    hap-export CKPT --out model.safetensors     # CKPT: a step_* directory, or a --save DIR (its latest)
 
-Checkpoints hold full tensors under the single-device names (``hap.runtime.checkpoint``), so
-exporting is a format change. Tensors that share storage (tied weights) are written as
+Checkpoints hold each rank's shards under the single-device names (``hap.runtime.checkpoint``);
+exporting assembles the whole tensors in one process. Tensors that share storage (tied weights) are written as
 separate copies, as safetensors requires; loading them back ties nothing.
 """
 from __future__ import annotations
@@ -23,26 +23,17 @@ def export(path: str | Path, out: str | Path) -> dict[str, tuple[int, ...]]:
     except ImportError:
         raise SystemExit("hap-export: writing safetensors needs the safetensors package: "
                          "pip install safetensors") from None
-    p = Path(path)
-    target = ckpt.latest(p) if p.is_dir() else p
-    if target is None or not target.exists():
-        raise ckpt.CheckpointError(f"{path} holds no checkpoint (no 'latest' file or no such file); give a "
-                                   "checkpoint file or the --save directory of a run")
-    import torch
-
-    state = torch.load(target, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != ckpt.FORMAT:
-        raise ckpt.CheckpointError(f"{target} is not a hap checkpoint")
-    tensors = {k: v.detach().contiguous().clone() for k, v in state["model"].items()}
+    state, meta = ckpt.full_state(path)
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"format": "pt", "source": f"hap checkpoint {target.name}",
-                                           "step": str(state["step"])})
+    save_file(tensors, str(out), metadata={"format": "pt", "source": f"hap checkpoint {Path(meta['path']).name}",
+                                           "step": str(meta["step"])})
     return {k: tuple(v.shape) for k, v in tensors.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hap-export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoint", help="a checkpoint file (step_*.pt) or a --save directory (its latest)")
+    ap.add_argument("checkpoint", help="a checkpoint (a step_* directory) or a --save directory (its latest)")
     ap.add_argument("--out", required=True, help="the .safetensors file to write")
     args = ap.parse_args(argv)
     try:

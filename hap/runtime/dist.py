@@ -303,6 +303,16 @@ def _wait(work) -> None:
     emulate.after_comm()
 
 
+def barrier() -> None:
+    """Every rank waits here for the others (nothing in a single process)."""
+    if _S.dry or not is_distributed():
+        return
+    if _S.backend == "nccl":
+        dist.barrier(device_ids=[_S.local_rank])
+    else:
+        dist.barrier()
+
+
 def _all_reduce(t: torch.Tensor, op: str = "sum") -> None:
     """In-place sum (or ``op="max"``) over ranks of a contiguous tensor."""
     if _S.dry or not is_distributed():

@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -35,7 +36,7 @@ from . import optim
 from .checks import backend_for, device_mismatch, placement_mismatch
 from .collectives import gather_full, sum_scalar
 from .data import RankData, val_batches
-from .dist import _all_reduce, device, init, leave, shutdown
+from .dist import _all_reduce, barrier, device, init, leave, shutdown
 from .emulate import set_emulation, undilated
 from .grad_sync import GradSync
 from .precision import Precision
@@ -118,25 +119,84 @@ def full_state_dict(program: ModuleType, model: torch.nn.Module, params, buffers
     return {k: out[k] for k in model.state_dict() if k in out}
 
 
-def full_optimizer_state(program: ModuleType, opt: torch.optim.Optimizer, params) -> dict[str, dict[str, Any]]:
-    """Optimizer state per parameter, full tensors under the parameter's first state_dict key."""
-    out = {}
-    for name, (keys, dim, lengths) in program.PARAMS.items():
-        p = params[name]
-        out[keys[0]] = {k: _gather(v, dim, lengths).cpu() if torch.is_tensor(v) and v.shape == p.shape and v.dim()
-                        else v for k, v in opt.state.get(p, {}).items()}
-    return out
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
-def load_optimizer_state(program: ModuleType, opt: torch.optim.Optimizer, params, state, model_state) -> None:
-    """This rank's slices of a checkpoint's full optimizer state (momenta shaped like their parameter)."""
+def checkpoint_state(program: ModuleType, params, buffers, opt) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's tensors for a checkpoint (its shards; replicated tensors under one key on
+    every rank) and the layout that says how shards make whole tensors (hap.runtime.checkpoint)."""
+    r = program.RANK
+    tensors: dict[str, torch.Tensor] = {}
+    layout, states, kept = {}, {}, {}
     for name, (keys, dim, lengths) in program.PARAMS.items():
-        entries = state.get(keys[0], {})
-        full_shape = model_state[keys[0]].shape
-        if entries:
-            opt.state[params[name]] = {k: _rank_slice(v, dim, lengths, program.RANK).clone().to(program.DEVICE)
-                                       if torch.is_tensor(v) and v.dim() and v.shape == full_shape else v
-                                       for k, v in entries.items()}
+        key, p = keys[0], params[name].detach()
+        entry = {"shape": list(program.SHAPES[key]), "dim": dim, "lengths": list(lengths) if lengths else None,
+                 "aliases": list(keys), "dtype": _dtype(p)}
+        layout[key] = entry
+        tensors[f"model/{key}" if dim is None else f"model/{key}/{r}"] = p
+        states[key] = {}
+        for sname, v in opt.state.get(params[name], {}).items():
+            if torch.is_tensor(v) and v.dim() and v.shape == p.shape:  # a moment: sharded like its parameter
+                tensors[f"optim/{key}/{sname}" if dim is None else f"optim/{key}/{sname}/{r}"] = v
+                states[key][sname] = {**entry, "dtype": _dtype(v)}
+            elif torch.is_tensor(v):  # a scalar such as Adam's step: the same on every rank
+                tensors[f"optim/{key}/{sname}"] = v
+                states[key][sname] = {"shape": list(v.shape), "dim": None, "lengths": None, "dtype": _dtype(v)}
+    for name, key in program.BUFFERS.items():
+        tensors[f"model/{key}"] = buffers[name]
+        kept[key] = {"shape": list(buffers[name].shape), "dim": None, "lengths": None, "dtype": _dtype(buffers[name])}
+    return tensors, {"layout": layout, "optimizer": states, "buffers": kept}
+
+
+def restore(program: ModuleType, meta: dict[str, Any], params, buffers, opt) -> None:
+    """Load a checkpoint's tensors into this rank's shards under this plan (another plan's
+    shards are read where they overlap this rank's slice)."""
+    r = program.RANK
+    by_alias = {alias: key for key, e in meta["layout"].items() for alias in e["aliases"]}
+    wanted: dict[str, torch.Tensor] = {}
+    fills = []  # (parameter name or None, optimizer state or buffer name, make)
+    for name, (keys, dim, lengths) in program.PARAMS.items():
+        key = by_alias[keys[0]]
+        buf, make = ckpt.request(f"model/{key}", meta["layout"][key], dim, lengths, r)
+        wanted.update(buf)
+        fills.append((name, None, make))
+        for sname, st in meta["optimizer"].get(key, {}).items():
+            buf, make = ckpt.request(f"optim/{key}/{sname}", st, dim if st["dim"] is not None else None, lengths, r)
+            wanted.update(buf)
+            fills.append((name, sname, make))
+    for name, key in program.BUFFERS.items():
+        buf, make = ckpt.request(f"model/{key}", meta["buffers"][key], None, None, r)
+        wanted.update(buf)
+        fills.append((None, name, make))
+    ckpt.load(meta["path"], wanted)
+    with torch.no_grad():
+        for name, sname, make in fills:
+            if name is None:
+                buffers[sname].copy_(make())
+            elif sname is None:
+                params[name].copy_(make())
+            else:
+                opt.state[params[name]][sname] = make().clone().to(program.DEVICE)
+
+
+def resume_point(program: ModuleType, resume_from: str | None) -> dict[str, Any] | None:
+    """Rank 0 decides whether and from which checkpoint to resume and tells every rank (one
+    all-reduce), so ranks never start at different steps; every rank then reads that step's meta."""
+    step = -1.0
+    if program.RANK == 0 and resume_from:
+        try:
+            step = float(ckpt.read_meta(resume_from)["step"])
+        except ckpt.CheckpointError as e:
+            print(f"train.py: {e}", file=sys.stderr, flush=True)
+            step = -2.0
+    step = sum_scalar(step if program.RANK == 0 else 0.0)
+    if step == -2.0:
+        stop("rank 0 could not resume (its message above)")
+    if step < 0:
+        return None
+    p = Path(resume_from)
+    return ckpt.read_meta(p if (p / ckpt.META).exists() else p / f"step_{int(step):06d}")
 
 
 def progress_line(step: int, steps: int, loss: float, lr: float, norm: float | None, step_s: list[float],
@@ -221,23 +281,22 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
     model = spec.model()
     # after a crash under --max-restarts, the restarted job resumes from its own latest checkpoint
     resume_from = args.resume or (args.save if restarts > 0 and args.save and ckpt.latest(args.save) else None)
-    start_step, ck = 0, None
-    if resume_from:
-        try:
-            ck = ckpt.load(resume_from, model.state_dict())
-        except ckpt.CheckpointError as e:
-            stop(str(e))
-        model.load_state_dict(ck["model"])
-        start_step = ck["step"]
-        if rank == 0:
-            print(f"resuming from {ck['path']} at step {start_step}", flush=True)
+    ck = resume_point(program, resume_from)
     params, buffers = local_state(program, model)
     opt = optim.build(args, params, {name: len(program.SHAPES[keys[0]]) for name, (keys, _, _) in
                                      program.PARAMS.items()})
     sharded = [name for name, (_, dim, _) in program.PARAMS.items() if dim is not None]
+    start_step = 0
     if ck is not None:
-        load_optimizer_state(program, opt, params, ck["optimizer"], ck["model"])
+        try:
+            ckpt.check_model(ck, program.SHAPES)
+        except ckpt.CheckpointError as e:
+            stop(str(e))
+        restore(program, ck, params, buffers, opt)
         torch.set_rng_state(ck["rng"])
+        start_step = ck["step"]
+        if rank == 0:
+            print(f"resuming from {ck['path']} at step {start_step}", flush=True)
     reduce_dtype = {"fp32": None, "bf16": torch.bfloat16}[getattr(program, "GRAD_REDUCE", "fp32")]
     grad_sync = GradSync([[params[n] for n in b] for b in program.GRAD_BUCKETS], overlap=program.GRAD_OVERLAP,
                          reduce_dtype=reduce_dtype)
@@ -282,12 +341,10 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
             if rank == 0:
                 print(f"step {step:4d}  val loss {val[-1]['loss']:.6f}", flush=True)
         if args.save and ((args.save_every and done % args.save_every == 0) or done == args.steps):
-            model_state = full_state_dict(program, model, params, buffers)
-            opt_state = full_optimizer_state(program, opt, params)
-            if rank == 0:
-                last_saved = str(ckpt.save(args.save, done, model_state, opt_state, args.optimizer,
-                                           program.PLAN_DIGEST, scaler=amp.state_dict(),
-                                           data_position=data.position(done)))
+            tensors, layout = checkpoint_state(program, params, buffers, opt)
+            meta = {**layout, "data_position": data.position(done), "optimizer_kind": args.optimizer,
+                    "plan": program.PLAN_DIGEST, "rng": torch.get_rng_state(), "scaler": amp.state_dict()}
+            last_saved = str(ckpt.save(args.save, done, tensors, meta, rank, barrier))
     if args.dump_params:
         state = full_state_dict(program, model, params, buffers)
         if rank == 0:
