@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from hap.cluster import Cluster
 
 MODES = ("auto", "shipped")
+# the α-β fits are made in hap.machine.collective_s's terms: a cached calibration made under
+# other formulas (or by a profiler of another suite) is measured again
+PROFILE_VERSION = 2
 
 
 def mode() -> str:
@@ -51,7 +54,8 @@ def cache_dir() -> Path:
 
 
 def cache_path() -> Path:
-    key = f"{socket.gethostname()}-{cpu_model()}-torch{torch.__version__}-{platform.python_version()}"
+    key = (f"{socket.gethostname()}-{cpu_model()}-torch{torch.__version__}-{platform.python_version()}"
+           f"-v{PROFILE_VERSION}")
     return cache_dir() / ("cpu-" + re.sub(r"[^A-Za-z0-9_.+-]+", "_", key)[:150] + ".json")
 
 

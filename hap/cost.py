@@ -9,13 +9,10 @@ costs at least the device's floor. Backward is 2x forward for matmul-like ops an
 for the rest; nodes that need no gradient have no backward.
 
 Communication (α-β over the link the collective is bound by: the network when the
-ranks span machines, else the intra-node link), with fractions f_r of the sharded dim:
-  all-reduce         2(N-1)α + 2(N-1)/N · T/β
-  all-gather padded  (N-1)α + (N-1)·max f · T/β      (pad every shard to the largest)
-  all-gather grouped N·α + T/β                        (one broadcast per owner)
-  reduce-scatter     same as all-gather (its dual)
-  all-to-all padded  (N-1)α + (N-1)·max f_src·max f_dst · T/β
-  all-to-all grouped N·α + max_r f_src,r (1 - f_dst,r) · T/β
+ranks span machines, else the intra-node link): latency terms plus the bytes the busiest
+rank sends or receives in hap.runtime's implementation over β (``hap.machine.wire_bytes``,
+which lists them per collective and form; ``tests/test_moves.py`` checks them against the
+bytes the implementation hands to the backend).
 A forward collective's backward is its dual (all-gather ↔ reduce-scatter, all-reduce ↔
 all-reduce, all-to-all ↔ reverse all-to-all); R→S and R→P are free both ways.
 """

@@ -245,21 +245,40 @@ def _device_path(name_or_path: str) -> Path:
 
 def collective_s(kind: str, nbytes: float, fracs: tuple[float, ...], link: Link, form: str,
                  fracs_dst: tuple[float, ...] | None = None) -> float:
+    """α-β time of a collective over a tensor of ``nbytes`` split by ``fracs`` (see ``wire_bytes``)."""
     n = len(fracs)
     if n <= 1 or nbytes == 0:
         return 0.0
     a, bw = link.for_collective(kind if kind == "all_reduce" else f"{kind}.{form}")
+    latency = {"all_reduce": 2 * (n - 1), "padded": n - 1}.get(kind if kind == "all_reduce" else form, n)
+    return latency * a + wire_bytes(kind, nbytes, fracs, form, fracs_dst) / bw
+
+
+def wire_bytes(kind: str, nbytes: float, fracs: tuple[float, ...], form: str,
+               fracs_dst: tuple[float, ...] | None = None) -> float:
+    """Bytes the busiest rank sends or receives (a full-duplex link carries both at once) in
+    ``hap.runtime``'s implementation of the collective:
+
+      all-reduce          2(N-1)/N · T                        (ring)
+      all-gather padded   (N-1) · max f · T                   (every shard padded to the largest)
+      all-gather grouped  max_r max((N-1) f_r, 1 - f_r) · T   (an all-to-all: rank r sends its
+                                                               shard to each of the N-1 others)
+      reduce-scatter      the same as all-gather (its dual)
+      all-to-all padded   (N-1) · max f_src · max f_dst · T
+      all-to-all grouped  max_r max(f_src,r (1 - f_dst,r), f_dst,r (1 - f_src,r)) · T
+    """
+    n = len(fracs)
     if kind == "all_reduce":
-        return 2 * (n - 1) * a + 2 * (n - 1) / n * nbytes / bw
+        return 2 * (n - 1) / n * nbytes
     if kind in ("all_gather", "reduce_scatter"):
         if form == "padded":
-            return (n - 1) * a + (n - 1) * max(fracs) * nbytes / bw
-        return n * a + nbytes / bw
+            return (n - 1) * max(fracs) * nbytes
+        return max(max((n - 1) * f, 1 - f) for f in fracs) * nbytes
     if kind == "all_to_all":
         fd = fracs_dst or fracs
         if form == "padded":
-            return (n - 1) * a + (n - 1) * max(fracs) * max(fd) * nbytes / bw
-        return n * a + max(fs * (1 - fdd) for fs, fdd in zip(fracs, fd)) * nbytes / bw
+            return (n - 1) * max(fracs) * max(fd) * nbytes
+        return max(max(fs * (1 - fdd), fdd * (1 - fs)) for fs, fdd in zip(fracs, fd)) * nbytes
     raise ValueError(kind)
 
 

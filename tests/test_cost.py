@@ -23,16 +23,18 @@ def test_all_reduce_is_no_dearer_than_reduce_scatter_plus_all_gather():
 
 
 def test_padded_and_grouped_cross_over():
-    fr = (0.55, 0.25, 0.1, 0.1)  # uneven: padding wastes (N-1)*0.55 of the bytes
-    small_padded = collective_s("all_gather", 1e3, fr, LINK, "padded")
-    small_grouped = collective_s("all_gather", 1e3, fr, LINK, "grouped")
-    big_padded = collective_s("all_gather", 1e9, fr, LINK, "padded")
-    big_grouped = collective_s("all_gather", 1e9, fr, LINK, "grouped")
-    assert small_padded < small_grouped, "latency-bound: one padded collective wins"
-    assert big_grouped < big_padded, "bandwidth-bound and uneven: grouped wins"
-    even = (0.25,) * 4
-    assert collective_s("all_gather", 1e9, even, LINK, "padded") <= collective_s("all_gather", 1e9, even, LINK,
-                                                                                 "grouped")
+    """The grouped all-gather is an all-to-all in which the largest owner sends its shard N-1
+    times: as many bytes as padding every shard to it, so it never beats padded. A grouped
+    all-to-all moves only what changes owner: it wins once bandwidth-bound and uneven."""
+    fr = (0.55, 0.25, 0.1, 0.1)
+    for nbytes in (1e3, 1e9):
+        assert collective_s("all_gather", nbytes, fr, LINK, "padded") <= \
+            collective_s("all_gather", nbytes, fr, LINK, "grouped")
+    to = (0.1, 0.1, 0.25, 0.55)
+    small = [collective_s("all_to_all", 1e3, fr, LINK, form, to) for form in ("padded", "grouped")]
+    big = [collective_s("all_to_all", 1e9, fr, LINK, form, to) for form in ("padded", "grouped")]
+    assert small[0] < small[1], "latency-bound: one padded collective wins"
+    assert big[1] < big[0], "bandwidth-bound and uneven: grouped wins"
 
 
 def test_collectives_grow_with_bytes_and_ranks():

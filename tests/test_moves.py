@@ -72,3 +72,47 @@ def test_the_cost_model_prices_the_dual_in_backward():
     back = collective_s("reduce_scatter", meta.nbytes, fr, cm.link, fwd.form)
     assert fwd.kind == "all_gather" and fwd.seconds > 0
     assert both.seconds == pytest.approx(fwd.seconds + back)
+
+
+@pytest.mark.parametrize("kind", ["all_gather", "reduce_scatter", "all_to_all"])
+@pytest.mark.parametrize("form", ["padded", "grouped"])
+@pytest.mark.parametrize("lengths", [(6, 2), (5, 3, 0, 4), (1, 1, 10)])
+def test_the_bytes_charged_are_the_bytes_the_implementation_moves(monkeypatch, kind, form, lengths):
+    """For every rank, the bytes hap.runtime hands the backend to send and to receive (its own
+    share excluded); the cost model charges the busiest rank's (hap.machine.wire_bytes)."""
+    from hap.machine import wire_bytes
+    from hap.runtime import dist as hd
+
+    n, cols, elem = len(lengths), 3, 4  # fp32 tensors of sum(lengths) x 3
+    total = sum(lengths) * cols * elem
+    fr = tuple(v / sum(lengths) for v in lengths)
+    dst_lengths = tuple(reversed(lengths))  # all-to-all: rows -> columns of another split
+    busiest = 0.0
+    for r in range(n):
+        moved = {"send": 0, "recv": 0}
+
+        def count(size, splits_send, splits_recv, r=r, moved=moved):
+            moved["send"] += sum(s for i, s in enumerate(splits_send) if i != r) * size
+            moved["recv"] += sum(s for i, s in enumerate(splits_recv) if i != r) * size
+
+        monkeypatch.setattr(hd, "_all_gather_equal", lambda out, inp, r=r: count(
+            inp.element_size(), [inp.numel()] * n, [inp.numel()] * n))
+        monkeypatch.setattr(hd, "_reduce_scatter_equal", lambda out, inp, r=r: count(
+            inp.element_size(), [out.numel()] * n, [out.numel()] * n))
+        monkeypatch.setattr(hd, "_all_to_all", lambda out, inp, os_, is_, r=r: count(
+            inp.element_size(), is_ or [inp.numel() // n] * n, os_ or [out.numel() // n] * n))
+        with hd.local_work_only(r, n):
+            if kind == "all_gather":
+                hr.all_gather(torch.ones(lengths[r], cols), 0, lengths, form=form)
+            elif kind == "reduce_scatter":
+                hr.reduce_scatter(torch.ones(sum(lengths), cols), 0, lengths, form=form)
+            else:
+                x = torch.ones(lengths[r], sum(dst_lengths))
+                hr.all_to_all(x, 0, lengths, 1, dst_lengths, form=form)
+        busiest = max(busiest, moved["send"], moved["recv"])
+    if kind == "all_to_all":
+        total = sum(lengths) * sum(dst_lengths) * elem
+        want = wire_bytes(kind, total, fr, form, tuple(v / sum(dst_lengths) for v in dst_lengths))
+    else:
+        want = wire_bytes(kind, total, fr, form)
+    assert busiest == pytest.approx(want, rel=1e-9), (busiest, want)
