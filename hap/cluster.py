@@ -88,7 +88,8 @@ class Cluster:
         return self.profile(rank).kernel_floor_s * self.ranks[rank].slowdown
 
     def memory_bytes(self, rank: int) -> int:
-        return self.profile(rank).memory_bytes
+        """The memory a plan may fill on ``rank``: its device's, less the device's reserve."""
+        return self.profile(rank).usable_memory_bytes
 
     def speed(self, rank: int) -> float:
         """Relative speed of `rank` (fp32 matmul flop/s), for speed-proportional shares."""

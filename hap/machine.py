@@ -65,6 +65,12 @@ class DeviceProfile:
     provenance: dict[str, str]
     measure_ops: bool = False  # plan-time timing of matmul-class ops on this machine (hap.optimer)
     overlap_comm: bool = True  # collectives can run while the device computes (False: CPU ranks share cores)
+    memory_reserve_bytes: int = 0  # kept free below memory_bytes: the CUDA context and NCCL's buffers
+
+    @property
+    def usable_memory_bytes(self) -> int:
+        """What a plan may fill: the device's memory less the reserve."""
+        return self.memory_bytes - self.memory_reserve_bytes
 
     def compute_rate(self, op_class: str, dtype: str) -> float:
         """Achieved flop/s for an op class ("matmul", "conv", "attention", ...) and dtype.
@@ -95,6 +101,7 @@ class DeviceProfile:
             "provenance": dict(self.provenance),
             **({"measure_ops": True} if self.measure_ops else {}),
             **({"overlap_comm": False} if not self.overlap_comm else {}),
+            **({"memory_reserve_bytes": self.memory_reserve_bytes} if self.memory_reserve_bytes else {}),
         }
 
     @classmethod
@@ -171,6 +178,7 @@ class DeviceProfile:
             provenance=dict(provenance),
             measure_ops=bool(d.get("measure_ops", False)),
             overlap_comm=bool(d.get("overlap_comm", True)),
+            memory_reserve_bytes=int(d.get("memory_reserve_bytes", 0)),
         )
 
 

@@ -357,3 +357,13 @@ def test_random_invalid_clusters_raise_cluster_file_error(entries, index, field,
 def test_junk_documents_raise_cluster_file_error(data):
     with pytest.raises(ClusterFileError):
         cluster_from_dict(data)
+
+
+def test_capacity_is_what_a_card_reports_less_a_reserve():
+    """An "L4-24GB" reports 23034 MiB, not 24 GiB, and the CUDA context and NCCL's buffers need
+    room too: a plan may fill the reported memory less 1 GiB."""
+    nodes = [{"device": "L4-24GB", "count": 1}, {"device": "T4-16GB", "count": 1}]
+    cluster = cluster_from_dict({"network": {"inter_node_gbps": 10}, "nodes": nodes})
+    assert cluster.memory_bytes(0) == 23034 * 2**20 - 2**30
+    assert cluster.memory_bytes(1) == 15360 * 2**20 - 2**30
+    assert load_cluster(None).memory_bytes(0) == load_device("cpu").memory_bytes  # no reserve on a CPU

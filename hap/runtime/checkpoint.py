@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,9 @@ def save(directory: str | Path, step: int, tensors: Mapping[str, torch.Tensor], 
         d.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died while writing
     barrier()
-    _dcp().save(dict(tensors), checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # one process (no group) is a legitimate single-rank save
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        _dcp().save(dict(tensors), checkpoint_id=str(tmp))
     if rank == 0:
         torch.save({"format": FORMAT, "step": step, **meta}, tmp / META)
         shutil.rmtree(d / name, ignore_errors=True)
