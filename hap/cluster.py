@@ -21,6 +21,7 @@ numbered in order of first appearance.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import tomllib
@@ -281,6 +282,9 @@ def cluster_from_dict(
                 ranks.append(
                     RankInfo(rank=len(ranks), device=by_ref[ref], node=node, slowdown=float(slowdown))
                 )
+    # ranks are numbered node by node, as torchrun gives each node (in --node-rank order) a
+    # contiguous block; entries of one node need not be next to each other in the file
+    ranks = [dataclasses.replace(r, rank=i) for i, r in enumerate(sorted(ranks, key=lambda r: r.node))]
 
     network = data.get("network")
     if network is not None and not isinstance(network, Mapping):

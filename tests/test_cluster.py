@@ -181,9 +181,10 @@ def test_named_nodes_share_a_machine():
             "nodes": [cpu_entry(node="a"), cpu_entry(node="b"), cpu_entry(node="a", slowdown=2)],
         }
     )
-    assert [r.node for r in cluster.ranks] == [0, 1, 0]
-    assert cluster.group_link([0, 2]) == load_device("cpu").intra_node
-    assert cluster.group_link([0, 1]).bytes_per_s == pytest.approx(1e9 / 8)
+    # numbered node by node: the second "a" entry is rank 1
+    assert [(r.node, r.slowdown) for r in cluster.ranks] == [(0, 1.0), (0, 2.0), (1, 1.0)]
+    assert cluster.group_link([0, 1]) == load_device("cpu").intra_node
+    assert cluster.group_link([0, 2]).bytes_per_s == pytest.approx(1e9 / 8)
 
 
 @pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.stem)
@@ -367,3 +368,39 @@ def test_capacity_is_what_a_card_reports_less_a_reserve():
     assert cluster.memory_bytes(0) == 23034 * 2**20 - 2**30
     assert cluster.memory_bytes(1) == 15360 * 2**20 - 2**30
     assert load_cluster(None).memory_bytes(0) == load_device("cpu").memory_bytes  # no reserve on a CPU
+
+
+def test_ranks_are_numbered_node_by_node_as_torchrun_starts_them(tmp_path):
+    """Entries of one node need not be adjacent in the file; torchrun gives each node a
+    contiguous block of ranks in --node-rank order, so the plan numbers them that way too."""
+    from hap.emit import rank_places, torchrun_commands
+
+    cluster = load_cluster(write(tmp_path, """
+        [network]
+        inter_node_gbps = 10
+        [[nodes]]
+        device = "V100-16GB"
+        count = 2
+        node = "a"
+        [[nodes]]
+        device = "T4-16GB"
+        count = 1
+        node = "b"
+        [[nodes]]
+        device = "P100-16GB"
+        count = 1
+        node = "a"
+    """))
+    assert [(r.rank, r.node, r.device) for r in cluster.ranks] == [
+        (0, 0, "V100-16GB"), (1, 0, "V100-16GB"), (2, 0, "P100-16GB"), (3, 1, "T4-16GB")]
+    assert cluster.nodes() == [[0, 1, 2], [3]]
+
+    class Plan:  # what the emitter reads of a plan for its commands and placements
+        pass
+
+    plan = Plan()
+    plan.cluster, plan.num_ranks = cluster, 4
+    cmds = torchrun_commands(plan, "train.py")
+    assert "--node-rank 0 --nproc-per-node 3" in cmds[0] and "ranks 0-2" in cmds[0]
+    assert "--node-rank 1 --nproc-per-node 1" in cmds[1] and "ranks 3-3" in cmds[1]
+    assert rank_places(plan) == ((0, 0, 3), (0, 1, 3), (0, 2, 3), (1, 0, 1))
