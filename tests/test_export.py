@@ -28,6 +28,8 @@ def test_a_sharded_checkpoint_exports_to_safetensors_that_load_into_the_model(tm
             tensors[f"model/{key}"] = v
             layout[key] = {"shape": list(v.shape), "dim": None, "lengths": None, "aliases": aliases}
     ckpt.save(tmp_path / "ck", 7, tensors, {"layout": layout, "optimizer": {}, "buffers": {}}, 0, lambda: None)
+    assert {"model/tok.weight/0", "model/tok.weight/1", "model/ln_f.bias"} <= ckpt.stored_keys(
+        str(tmp_path / "ck" / "step_000007"))
     assert hap_export([str(tmp_path / "ck"), "--out", str(tmp_path / "model.safetensors")]) == 0
     loaded = load_file(tmp_path / "model.safetensors")
     assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)

@@ -169,6 +169,11 @@ def _narrow(full: torch.Tensor, dim: int | None, lengths: Sequence[int] | None, 
     return full.narrow(dim, lo, hi - lo)
 
 
+def stored_keys(path: str) -> set[str]:
+    """The names of the tensors a checkpoint holds."""
+    return set(_dcp().FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
 def load(path: str, tensors: dict[str, torch.Tensor]) -> None:
     """Fill ``tensors`` (every rank its own keys) from the DCP checkpoint at ``path``."""
     if tensors:

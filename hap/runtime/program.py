@@ -146,6 +146,8 @@ def checkpoint_state(program: ModuleType, params, buffers, opt) -> tuple[dict[st
     for name, key in program.BUFFERS.items():
         tensors[f"model/{key}"] = buffers[name]
         kept[key] = {"shape": list(buffers[name].shape), "dim": None, "lengths": None, "dtype": _dtype(buffers[name])}
+    if program.DEVICE.type == "cuda":  # each GPU's generator: random ops on it continue where they were
+        tensors[f"rng/cuda/{r}"] = torch.cuda.get_rng_state(program.DEVICE)
     return tensors, {"layout": layout, "optimizer": states, "buffers": kept}
 
 
@@ -169,7 +171,12 @@ def restore(program: ModuleType, meta: dict[str, Any], params, buffers, opt) -> 
         buf, make = ckpt.request(f"model/{key}", meta["buffers"][key], None, None, r)
         wanted.update(buf)
         fills.append((None, name, make))
+    cuda_rng = f"rng/cuda/{r}"
+    if program.DEVICE.type == "cuda" and cuda_rng in ckpt.stored_keys(meta["path"]):
+        wanted[cuda_rng] = torch.empty_like(torch.cuda.get_rng_state(program.DEVICE))
     ckpt.load(meta["path"], wanted)
+    if cuda_rng in wanted:
+        torch.cuda.set_rng_state(wanted[cuda_rng], program.DEVICE)
     with torch.no_grad():
         for name, sname, make in fills:
             if name is None:
