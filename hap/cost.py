@@ -72,9 +72,12 @@ class CostModel:
         if key in self._node_cache:
             return self._node_cache[key]
         if node.kind == "input" and isinstance(node.meta, TensorMeta):
-            # reading the batch: a rank reads its own samples (S) or all of them (R)
+            # reading the batch: a rank reads its own samples (S) or all of them (R), in host
+            # memory, and a GPU rank copies them over its host link (PCIe)
             fracs = self.fractions(cand.split)
-            res = tuple(node.meta.nbytes * f / self.cluster.profile(r).memory_bytes_per_s for r, f in enumerate(fracs))
+            res = tuple(node.meta.nbytes * f / (self.cluster.profile(r).host_bytes_per_s
+                                                 or self.cluster.profile(r).memory_bytes_per_s)
+                        for r, f in enumerate(fracs))
         elif node.kind == "param" and isinstance(node.meta, TensorMeta):
             # the optimizer step of this rank's part: zero_grad writes the gradient, the update
             # reads weight and gradient and writes the weight, each state tensor is read and written;

@@ -66,6 +66,7 @@ class DeviceProfile:
     measure_ops: bool = False  # plan-time timing of matmul-class ops on this machine (hap.optimer)
     overlap_comm: bool = True  # collectives can run while the device computes (False: CPU ranks share cores)
     memory_reserve_bytes: int = 0  # kept free below memory_bytes: the CUDA context and NCCL's buffers
+    host_bytes_per_s: float | None = None  # host -> device copy rate (PCIe); None: the batch is in host memory
 
     @property
     def usable_memory_bytes(self) -> int:
@@ -102,6 +103,7 @@ class DeviceProfile:
             **({"measure_ops": True} if self.measure_ops else {}),
             **({"overlap_comm": False} if not self.overlap_comm else {}),
             **({"memory_reserve_bytes": self.memory_reserve_bytes} if self.memory_reserve_bytes else {}),
+            **({"host_bytes_per_s": self.host_bytes_per_s} if self.host_bytes_per_s else {}),
         }
 
     @classmethod
@@ -179,6 +181,8 @@ class DeviceProfile:
             measure_ops=bool(d.get("measure_ops", False)),
             overlap_comm=bool(d.get("overlap_comm", True)),
             memory_reserve_bytes=int(d.get("memory_reserve_bytes", 0)),
+            host_bytes_per_s=(number(d["host_bytes_per_s"], "host_bytes_per_s") if "host_bytes_per_s" in d
+                              else None),
         )
 
 

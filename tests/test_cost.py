@@ -96,3 +96,20 @@ def test_gradient_buckets_overlap_backward_only_where_the_devices_can(monkeypatc
             assert grad_sync_schedule(graph, cm, choice, synced, overlap=False)[1] == pytest.approx(serial)
         else:
             assert exposed == pytest.approx(serial)
+
+
+def test_a_gpu_rank_reads_its_batch_over_the_host_link():
+    """The batch is host work plus a copy over PCIe, not a read at the GPU's memory bandwidth."""
+    from hap.rules import Candidate
+
+    graph = captured(load_example("mlp"))[2]
+    x = next(n for n in graph if n.kind == "input")
+    cluster = load_cluster(ROOT / "profiles" / "clusters" / "v100x8.toml")
+    cm = CostModel(graph, cluster, Splitter((8,) * 8))
+    shard = Candidate("S", (), S(0), split=(x.meta.shape[0], 1))
+    v100 = cluster.profile(0)
+    assert v100.host_bytes_per_s and v100.host_bytes_per_s < v100.memory_bytes_per_s / 10
+    assert cm.compute_s(x, shard)[0] == pytest.approx(x.meta.nbytes / 8 / v100.host_bytes_per_s)
+    cpus = load_cluster(None)
+    cpu = CostModel(graph, cpus, Splitter((48, 16)))
+    assert cpu.compute_s(x, shard)[0] == pytest.approx(x.meta.nbytes * 48 / 64 / cpus.profile(0).memory_bytes_per_s)

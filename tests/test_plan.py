@@ -9,7 +9,7 @@ import time
 import pytest
 
 from hap.api import plan_graph
-from hap.cluster import load_cluster
+from hap.cluster import cluster_from_dict, load_cluster
 from hap.plan import Plan
 from tests.helpers import ROOT, captured, load_example
 
@@ -48,10 +48,13 @@ def test_shares_follow_speed(graphs, example, cluster, speeds):
         assert abs(share - want) <= 0.15 * want, (plan.shares, speeds)
 
 
-def test_paper_cluster_gives_v100s_more_of_a_compute_bound_model(monkeypatch):
+def test_v100s_get_more_of_a_compute_bound_model_than_p100s(monkeypatch):
+    """One machine of 4 V100 + 4 P100: the CNN's compute dominates its gradient all-reduce. (On
+    the paper's 10.4 Gbit/s cluster the all-reduce dominates this small CNN, and even shares tie.)"""
     monkeypatch.setenv("HAP_CNN_BATCH", "2048")
     graph = captured(load_example("cnn"))[2]
-    cluster = load_cluster(ROOT / "profiles" / "clusters" / "hap-paper.toml")
+    cluster = cluster_from_dict({"nodes": [{"device": "V100-16GB", "count": 4, "node": "box"},
+                                           {"device": "P100-16GB", "count": 4, "node": "box"}]})
     plan = plan_graph(graph, cluster)
     v100 = [s for s, r in zip(plan.shares, cluster.ranks) if r.device.startswith("V100")]
     p100 = [s for s, r in zip(plan.shares, cluster.ranks) if r.device.startswith("P100")]

@@ -87,13 +87,15 @@ class _Collate:
 
 
 def loader(ds: Dataset, batches: RankBatches, collate: Callable | None,
-           empty: Sequence[tuple[tuple[int, ...], torch.dtype]], prefetch: int) -> DataLoader:
+           empty: Sequence[tuple[tuple[int, ...], torch.dtype]], prefetch: int, pin: bool = False) -> DataLoader:
     """The rank's DataLoader over its batches: ``prefetch`` batches per worker read ahead in
-    ``WORKERS`` worker processes, or (``prefetch == 0``) each batch fetched when it is needed."""
+    ``WORKERS`` worker processes, or (``prefetch == 0``) each batch fetched when it is needed.
+    ``pin``: batches land in pinned host memory, so the copy to the GPU runs asynchronously."""
     if prefetch <= 0:
-        return DataLoader(ds, batch_sampler=batches, collate_fn=_Collate(collate, empty), num_workers=0)
+        return DataLoader(ds, batch_sampler=batches, collate_fn=_Collate(collate, empty), num_workers=0,
+                          pin_memory=pin)
     return DataLoader(ds, batch_sampler=batches, collate_fn=_Collate(collate, empty), num_workers=WORKERS,
-                      prefetch_factor=prefetch, persistent_workers=False)
+                      prefetch_factor=prefetch, persistent_workers=False, pin_memory=pin)
 
 
 class Ahead:
@@ -166,7 +168,8 @@ class RankData:
             ds = spec.dataset("train")
             self.order = GlobalOrder(len(ds), sum(self.shares), seed)
             batches = RankBatches(self.order, rank, lambda _step: self.shares, start, stop)
-            it = iter(loader(ds, batches, getattr(spec, "collate", None), self.empty, prefetch))
+            it = iter(loader(ds, batches, getattr(spec, "collate", None), self.empty, prefetch,
+                             pin=device.type == "cuda"))
             self._timed = Timed(Ahead(it, prefetch) if prefetch > 0 else it)
 
     @property
@@ -201,7 +204,9 @@ def assemble(local: Sequence[torch.Tensor], inputs: Sequence[int | None], shares
     (``inputs[i] is None``) gathered from every rank's share."""
     from .collectives import gather_full
 
-    return [x.to(device) if d == 0 else gather_full(x.to(device), "S", 0, shares) for x, d in zip(local, inputs)]
+    cuda = device.type == "cuda"  # pinned batches: the copy overlaps what the GPU still has queued
+    return [x.to(device, non_blocking=cuda) if d == 0 else gather_full(x.to(device, non_blocking=cuda), "S", 0, shares)
+            for x, d in zip(local, inputs)]
 
 
 def val_batches(spec: Any, rank: int, shares: Sequence[int], inputs: Sequence[int | None], samples,
