@@ -207,6 +207,8 @@ GRAD_OVERLAP = {grad_overlap}  # True: each bucket is all-reduced during backwar
 PRECISION = {precision!r}  # forward runs under torch.autocast with this dtype (fp32: no autocast)
 OPTIMIZER = {optimizer!r}  # the default of --optimizer: the optimizer whose state the plan's memory counts
 GRAD_REDUCE = {grad_reduce!r}  # the dtype GRAD_BUCKETS are all-reduced in
+REBALANCE = {rebalance}  # True: only the batch follows SHARES (no parameter shards, no resharding), so
+# the program may move samples between ranks while it runs, recomputing LENGTHS from new shares
 DEVICE = torch.device("cpu")
 RANK = 0
 
@@ -223,6 +225,13 @@ def main():
 if __name__ == "__main__":
     main()
 '''
+
+
+def rebalanceable(plan: Plan) -> bool:
+    """Whether shares can change at run time: every parameter replicated and no resharding
+    collective, so the batch (and the LENGTHS derived from it) is all that follows the shares."""
+    return (plan.num_ranks > 1 and all(n.output == "R" for name, n in plan.nodes.items()
+                                       if plan.graph[name].kind == "param") and not plan.moves)
 
 
 def rank_places(plan: Plan) -> tuple[tuple[int, int, int], ...]:
@@ -317,7 +326,7 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         lengths="\n".join(lengths),
         grad_buckets=[list(b) for b in plan.predicted.grad_buckets] or [list(plan.grad_synced)],
         grad_overlap=plan.predicted.grad_overlap, precision=plan.precision, optimizer=plan.optimizer,
-        grad_reduce=plan.graph.grad_reduce,
+        grad_reduce=plan.graph.grad_reduce, rebalance=rebalanceable(plan),
         precision_text=PRECISION_TEXT[plan.precision],
         unpack="\n".join(unpack + lens_lines), body="\n".join(body),
         shapes={k: tuple(n.meta.shape) for n in g if n.kind in ("param", "buffer") and isinstance(n.meta, TensorMeta)

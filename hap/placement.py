@@ -11,8 +11,9 @@ A unit keeps views exact: ``[B, T, 768] S(2/64)`` views as ``[B, T, 12, 64] S(2)
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+
+from hap.runtime.shares import split_lengths  # the one rule, shared with train.py
 
 
 @dataclass(frozen=True, order=True)
@@ -59,20 +60,6 @@ def parse(s: str) -> Placement:
     raise ValueError(f"not a placement: {s!r} (expected R, P, S(d) or S(d/u))")
 
 
-def largest_remainder(total: int, ratios: Sequence[float]) -> tuple[int, ...]:
-    """Integer parts of ``total`` proportional to ``ratios`` that sum to ``total``.
-
-    Floors first, then the remainder goes to the largest fractional parts (ties to the
-    lower rank), as HAP does; a zero ratio gets zero.
-    """
-    s = float(sum(ratios))
-    assert s > 0 and total >= 0
-    exact = [total * r / s for r in ratios]
-    parts = [int(x) for x in exact]
-    order = sorted(range(len(ratios)), key=lambda i: (-(exact[i] - parts[i]), i))
-    for i in order[: total - sum(parts)]:
-        parts[i] += 1
-    return tuple(parts)
 
 
 @dataclass(frozen=True)
@@ -96,12 +83,7 @@ class Splitter:
 
     def lengths(self, size: int, unit: int = 1) -> tuple[int, ...]:
         assert size % unit == 0, (size, unit)
-        blocks = size // unit
-        if blocks == self.total:
-            return tuple(unit * s for s in self.shares)
-        if self.total == 0:
-            return (size,) + (0,) * (self.num_ranks - 1)
-        return tuple(unit * b for b in largest_remainder(blocks, self.shares))
+        return split_lengths(size, unit, self.shares)
 
     def fractions(self, size: int, unit: int = 1) -> tuple[float, ...]:
         return tuple(x / size for x in self.lengths(size, unit)) if size else (0.0,) * self.num_ranks

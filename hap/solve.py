@@ -39,9 +39,10 @@ if TYPE_CHECKING:
 from hap.cost import GRAD_BUCKET_BYTES, INF, Conversion, CostModel
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph, Node, TensorMeta
-from hap.placement import Placement, R, S, largest_remainder
+from hap.placement import Placement, R, S
 from hap.quiet import library_output
 from hap.rules import Candidate, RuleContext, candidates
+from hap.runtime.shares import largest_remainder
 
 log = logging.getLogger(__name__)
 

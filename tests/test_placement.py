@@ -7,8 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hap.placement import P, R, S, Splitter, largest_remainder, parse
+from hap.placement import P, R, S, Splitter, parse
 from hap.rules.shape import view_map
+from hap.runtime.shares import largest_remainder
 
 
 @given(st.integers(0, 10_000), st.lists(st.floats(0.01, 100), min_size=1, max_size=64))

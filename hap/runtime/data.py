@@ -158,19 +158,30 @@ class RankData:
     def __init__(self, spec: Any, rank: int, shares: Sequence[int], inputs: Sequence[int | None],
                  samples: Sequence[tuple[tuple[int, ...], str]], seed: int, start: int, stop: int, prefetch: int,
                  device: torch.device) -> None:
-        self.spec, self.rank, self.shares, self.inputs, self.device = spec, rank, list(shares), inputs, device
+        self.spec, self.rank, self.inputs, self.device = spec, rank, inputs, device
+        self.schedule: list[tuple[int, tuple[int, ...]]] = [(start, tuple(shares))]  # (from step, shares)
         self.empty = [(tuple(shape), getattr(torch, dt)) for shape, dt in samples]
-        self.offset = sum(self.shares[:rank])
         self.order: GlobalOrder | None = None
         self._timed: Timed | None = None
         self._plain_waits: list[float] = []
+        # a change of shares takes effect this many steps on: the loader has drawn the indices
+        # of the steps it reads ahead under the old shares already
+        self.lookahead = 1
         if hasattr(spec, "dataset"):
             ds = spec.dataset("train")
-            self.order = GlobalOrder(len(ds), sum(self.shares), seed)
-            batches = RankBatches(self.order, rank, lambda _step: self.shares, start, stop)
+            self.order = GlobalOrder(len(ds), sum(shares), seed)
+            batches = RankBatches(self.order, rank, self.shares_at, start, stop)
+            self.lookahead = WORKERS * prefetch + prefetch + 2 if prefetch > 0 else 1
             it = iter(loader(ds, batches, getattr(spec, "collate", None), self.empty, prefetch,
                              pin=device.type == "cuda"))
             self._timed = Timed(Ahead(it, prefetch) if prefetch > 0 else it)
+
+    def shares_at(self, step: int) -> tuple[int, ...]:
+        return next(sh for s, sh in reversed(self.schedule) if s <= step)
+
+    def reshare(self, shares: Sequence[int], from_step: int) -> None:
+        """Every rank's shares from ``from_step`` on (at least ``lookahead`` steps ahead)."""
+        self.schedule.append((from_step, tuple(shares)))
 
     @property
     def waits(self) -> list[float]:
@@ -184,15 +195,16 @@ class RankData:
         return {"step": step, "epoch": epoch, "step_in_epoch": k}
 
     def next(self, step: int) -> list[torch.Tensor]:
+        shares = self.shares_at(step)
         if self._timed is None:
             t0 = time.perf_counter()
-            full = self.spec.batch(step, sum(self.shares))
+            full = self.spec.batch(step, sum(shares))
             full = tuple(full) if isinstance(full, (tuple, list)) else (full,)
             self._plain_waits.append(time.perf_counter() - t0)
-            share = self.shares[self.rank]
-            return [x.narrow(0, self.offset, share).to(self.device) if d == 0 else x.to(self.device)
+            offset, share = sum(shares[:self.rank]), shares[self.rank]
+            return [x.narrow(0, offset, share).to(self.device) if d == 0 else x.to(self.device)
                     for x, d in zip(full, self.inputs)]
-        return assemble(next(self._timed), self.inputs, self.shares, self.device)
+        return assemble(next(self._timed), self.inputs, shares, self.device)
 
     def close(self) -> None:
         self._timed = None  # the DataLoader's workers exit with their iterator

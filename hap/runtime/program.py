@@ -14,6 +14,7 @@ The program module provides:
   PRECISION       "fp32", or the autocast dtype "bf16" / "fp16" forward runs under
   OPTIMIZER       the default of --optimizer
   GRAD_REDUCE     the dtype the replicated parameters' gradients are summed in: "fp32" or "bf16"
+  LENGTHS         (size, unit) -> per-rank lengths of a sharded dim; REBALANCE: whether shares may change
   forward(params, buffers, batch) -> this rank's addend of the loss
 and reads the globals RANK and DEVICE, which ``main`` sets once the process group is up.
 """
@@ -37,9 +38,10 @@ from .checks import backend_for, device_mismatch, placement_mismatch
 from .collectives import gather_full, sum_scalar
 from .data import RankData, val_batches
 from .dist import _all_reduce, barrier, device, init, leave, shutdown
-from .emulate import set_emulation, undilated
+from .emulate import end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .precision import Precision
+from .shares import Rebalancer, split_lengths
 
 
 def parse_args(argv: list[str] | None = None, default_optimizer: str = "sgd") -> argparse.Namespace:
@@ -61,6 +63,10 @@ def parse_args(argv: list[str] | None = None, default_optimizer: str = "sgd") ->
                     help="dataset specs: report the validation loss every K steps (and after the last)")
     ap.add_argument("--eval-batches", type=int, default=8, metavar="N",
                     help="global batches of the val split each validation reads (default 8)")
+    ap.add_argument("--no-rebalance", action="store_true",
+                    help="keep the plan's shares (default: move samples to ranks measured faster, see REBALANCE)")
+    ap.add_argument("--slowdown-at", action="append", default=[], metavar="STEP:RANK:FACTOR",
+                    help="with --emulate: from STEP on, RANK computes FACTOR times slower (repeatable)")
     return ap.parse_args(argv)
 
 
@@ -220,6 +226,28 @@ def progress_line(step: int, steps: int, loss: float, lr: float, norm: float | N
             f"data wait {wait_s / step_s[-1]:3.0%}  eta {eta}")
 
 
+def slowdown_schedule(specs: list[str], rank: int) -> dict[int, float]:
+    """``--slowdown-at STEP:RANK:FACTOR`` entries for this rank: step -> its emulated slowdown."""
+    out = {}
+    for text in specs:
+        try:
+            step, r, factor = text.split(":")
+            step, r, factor = int(step), int(r), float(factor)
+        except ValueError:
+            stop(f"--slowdown-at {text}: expected STEP:RANK:FACTOR, e.g. --slowdown-at 8:0:4")
+        if r == rank:
+            out[step] = factor
+    return out
+
+
+def use_shares(program: ModuleType, shares: tuple[int, ...]) -> None:
+    """From this step on every rank takes ``shares`` of the global batch: the program's SHARES
+    and the lengths of every sharded (batch-derived) dim follow."""
+    program.SHARES = tuple(shares)
+    for (size, unit) in list(program.LENGTHS):
+        program.LENGTHS[size, unit] = split_lengths(size, unit, shares)
+
+
 def validate(program: ModuleType, spec: ModuleType, params, buffers, amp, max_batches: int) -> float:
     """Mean loss over the first ``max_batches`` global batches of ``dataset("val")``, each rank
     computing its share. The forward is the training graph's (dropout and batch statistics as in
@@ -316,16 +344,30 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
     samples = program.GLOBAL_BATCH
     tokens = samples * next((x[0][0] for x in program.INPUT_SAMPLES if len(x[0]) == 1 and x[1] == "int64"), 1)
     last_saved = ck["path"] if ck else None
+    slowdowns = slowdown_schedule(args.slowdown_at, rank) if args.emulate else {}
+    balancer = (Rebalancer(program.SHARES) if program.WORLD_SIZE > 1 and getattr(program, "REBALANCE", False)
+                and not args.no_rebalance else None)
+    pending: dict[int, tuple[int, ...]] = {}  # step -> the shares every rank takes from it on
+    events, compute_log = [], []
     if args.emulate:  # from here on: the set-up above is not the emulated device's compute
         set_emulation(program.SLOWDOWN[rank])
     for step in range(start_step, args.steps):
+        if step in slowdowns:
+            set_emulation(slowdowns[step])
+        if step in pending:
+            use_shares(program, pending.pop(step))
         t0 = time.perf_counter()
         with undilated():  # --emulate slows forward + backward only
             batch = data.next(step)  # this rank's share of the step's global batch
+        c0 = time.perf_counter()
         with amp.autocast():
             loss = program.forward(params, buffers, batch)
         opt.zero_grad(set_to_none=True)  # backward writes fresh gradients: no zeroing pass
         amp.backward(loss)
+        end_segment()  # the emulated slowdown of this step's compute, spent now so it is measured
+        if program.DEVICE.type == "cuda":
+            torch.cuda.synchronize(program.DEVICE)
+        compute_s = time.perf_counter() - c0
         global_loss = grad_sync.finish(loss.detach().float())  # the loss rides in the last bucket
         if global_loss != global_loss or abs(global_loss) == float("inf"):
             stop(f"loss is {global_loss} at step {step}; stopping. Last good checkpoint: "
@@ -337,6 +379,19 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
             lrs.append(optim.lr_at(step, args))
             optim.set_lr(opt, lrs[-1])
             amp.step(opt)  # fp16: every rank skips the step if any rank's gradients overflowed
+            if balancer is not None:
+                every = torch.zeros(program.WORLD_SIZE, dtype=torch.float64, device=program.DEVICE)
+                every[rank] = compute_s
+                _all_reduce(every)  # each rank's compute, the same on every rank
+                compute_log.append(every.tolist())
+                decided = balancer.observe(compute_log[-1])
+                if decided is not None:
+                    at = step + data.lookahead
+                    pending[at] = decided[0]
+                    data.reshare(decided[0], at)
+                    events.append({"step": at, "shares": list(decided[0]), "reason": decided[1]})
+                    if rank == 0:
+                        print(f"re-balancing from step {at}: shares {list(decided[0])} ({decided[1]})", flush=True)
         step_s.append(time.perf_counter() - t0)
         losses.append(global_loss)
         if rank == 0:
@@ -364,5 +419,6 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
             json.dump({"losses": losses, "step_s": step_s, "data_wait_s": waits.tolist(), "val_losses": val,
                        "lr": lrs, "grad_norm": norms,
                        "world_size": program.WORLD_SIZE, "first_step": start_step, "precision": amp.name,
-                       "grad_reduce": getattr(program, "GRAD_REDUCE", "fp32"), "skipped_steps": amp.skipped}, f)
+                       "grad_reduce": getattr(program, "GRAD_REDUCE", "fp32"), "skipped_steps": amp.skipped,
+                       "rebalance": events, "compute_s": compute_log}, f)
     leave(0)  # every rank done communicating, then out without gloo's teardown

@@ -1,0 +1,30 @@
+"""Re-balancing while training runs: a rank slowed mid-run (emulated) gets fewer samples from
+a step boundary on, and training stays exactly what one device trains (the global batch never
+changes) — for a synthetic-batch spec, and for a dataset spec whose ranks then read only
+their new shares."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.e2e.harness import ROOT, run_exact
+
+CLUSTERS = ROOT / "profiles" / "clusters"
+
+
+@pytest.mark.parametrize("spec,cluster,extra", [
+    # a character GPT from a dataset spec on 3 ranks: its views of the batch dim follow the new
+    # shares (LENGTHS), and each rank reads its new share
+    ("examples/chargpt.py", "cpu-1-2-4", ["--prefetch", "0"]),
+    ("examples/mlp.py", "default", []),  # a synthetic-batch spec
+])
+def test_a_slowed_rank_is_rebalanced_and_training_stays_exact(spec, cluster, extra, tmp_path, monkeypatch):
+    monkeypatch.setenv("HAP_MLP_WIDTH", "512")  # compute-bound enough that 4x slower shows
+    monkeypatch.setenv("HAP_MLP_BATCH", "256")
+    plan, loss_err, param_err = run_exact(str(ROOT / spec), str(CLUSTERS / f"{cluster}.toml"), tmp_path, steps=10,
+                                          train_args=["--emulate", "--slowdown-at", "2:0:4", *extra])
+    events = json.loads((tmp_path / "log.json").read_text())["rebalance"]
+    assert all(sum(e["shares"]) == plan.global_batch for e in events)
+    assert any(e["step"] <= 9 and e["shares"][0] < plan.shares[0] for e in events), (plan.shares, events)
+    assert loss_err < 1e-5 and param_err < 1e-5, (loss_err, param_err)

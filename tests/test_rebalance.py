@@ -1,0 +1,38 @@
+"""Re-balancing decisions (hap.runtime.shares.Rebalancer): a rank measured slower gets fewer
+samples, noise within the minimum gain changes nothing, and a change waits out its cooldown."""
+from __future__ import annotations
+
+from hap.runtime.shares import COOLDOWN, WINDOW, Rebalancer, split_lengths
+
+
+def test_a_rank_that_slows_gives_samples_to_the_others():
+    rb = Rebalancer((768, 256))
+    for _ in range(COOLDOWN):  # both ranks take 100 ms: the plan was right
+        assert rb.observe((0.100, 0.100)) is None
+    decided = None
+    for _ in range(WINDOW):  # rank 0 now takes 4x as long per sample
+        decided = rb.observe((0.400, 0.100)) or decided
+    assert decided is not None
+    shares, reason = decided
+    assert sum(shares) == 1024 and shares[0] < 768 and "predicted to fall" in reason
+    # rank 0: 0.4 s / 768 samples, rank 1: 0.1 s / 256: speeds 1920 : 2560 samples/s
+    assert abs(shares[0] - 1024 * 1920 / (1920 + 2560)) <= 1
+
+
+def test_noise_within_the_minimum_gain_changes_nothing_and_changes_wait_for_the_cooldown():
+    rb = Rebalancer((512, 512))
+    for step in range(20):
+        jitter = 0.004 if step % 2 else -0.004
+        assert rb.observe((0.100 + jitter, 0.100 - jitter)) is None
+    rb = Rebalancer((512, 512))
+    first = [rb.observe((0.300, 0.100)) for _ in range(COOLDOWN)]
+    assert first[-1] is not None and not any(first[:-1])
+    assert all(rb.observe((0.300, 0.100)) is None for _ in range(COOLDOWN - 1))
+
+
+def test_lengths_follow_the_shares_with_the_planner_rule():
+    from hap.placement import Splitter
+
+    for shares in ((12, 4), (5, 11), (7, 0, 9)):
+        for size, unit in ((16, 1), (512, 32), (100, 1), (16 * 3, 3)):
+            assert split_lengths(size, unit, shares) == Splitter(shares).lengths(size, unit)
