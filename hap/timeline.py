@@ -94,3 +94,66 @@ def draw(timelines: dict[str, Timeline], path: str | Path, title: str | None = N
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def draw_run(log: dict, path: str | Path) -> Path:
+    """A training run as it went (``train.py --log-json``): per step and rank, the measured
+    compute and the rest of the step (waiting for the slowest rank, communication, the
+    optimizer), stacked; each re-balancing step is marked with the shares it set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    compute, step_s = log.get("compute_s") or [], log["step_s"]
+    if not compute:
+        raise ValueError("this log has no per-rank compute (compute_s): it comes from a run that re-balances "
+                         "(a data-parallel plan without --no-rebalance)")
+    first = int(log.get("first_step", 0))
+    steps = list(range(first, first + len(compute)))
+    n = len(compute[0])
+    fig, axes = plt.subplots(n, 1, figsize=(10, 1.2 + 1.3 * n), sharex=True, squeeze=False)
+    for r, ax in enumerate(axes[:, 0]):
+        c = [row[r] * 1e3 for row in compute]
+        rest = [max(0.0, s * 1e3 - x) for s, x in zip(step_s, c)]
+        ax.bar(steps, c, color=COLORS["compute"], width=0.9, label="compute")
+        ax.bar(steps, rest, bottom=c, color=COLORS["idle"], width=0.9, label="wait, communication, optimizer")
+        ax.set_ylabel(f"rank {r}\nms")
+        for e in log.get("rebalance", []):
+            ax.axvline(e["step"] - 0.5, color=COLORS["sync"], linewidth=1)
+            if r == 0:
+                ax.annotate(f" shares {e['shares']}", (e["step"] - 0.5, ax.get_ylim()[1] * 0.95), fontsize=7,
+                            color=COLORS["sync"], va="top", ha="left",
+                            bbox={"facecolor": "white", "alpha": 0.85, "linewidth": 0})
+    axes[0, 0].legend(loc="upper left", fontsize=7)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle("measured compute per rank and step (red: re-balancing)")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hap.timeline LOG.json --out run.png``: draw a run's --log-json."""
+    import argparse
+    import json
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m hap.timeline", description=main.__doc__)
+    ap.add_argument("log", help="the --log-json of a train.py run")
+    ap.add_argument("--out", required=True, help="the PNG to write")
+    args = ap.parse_args(argv)
+    try:
+        log = json.loads(Path(args.log).read_text())
+        draw_run(log, args.out)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"python -m hap.timeline: {args.log}: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
