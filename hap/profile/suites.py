@@ -118,7 +118,7 @@ def floor_measurements(b: Bench) -> dict[str, Measurement]:
 # collectives through hap.runtime
 # ---------------------------------------------------------------------------------------
 def _split(total: int, n: int, uneven: bool) -> tuple[int, ...]:
-    from hap.placement import largest_remainder
+    from hap.runtime.shares import largest_remainder
 
     return largest_remainder(total, [UNEVEN if (uneven and r == 0) else 1 for r in range(n)])
 

@@ -338,6 +338,10 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
     amp = Precision(getattr(program, "PRECISION", "fp32"), program.DEVICE)
     if ck is not None:
         amp.load_state_dict(ck.get("scaler"))
+    saved = tuple(ck.get("shares") or ()) if ck is not None else ()
+    if (getattr(program, "REBALANCE", False) and len(saved) == program.WORLD_SIZE
+            and sum(saved) == program.GLOBAL_BATCH and saved != tuple(program.SHARES)):
+        use_shares(program, saved)  # a re-balanced run resumes on the shares it had reached
     data = RankData(spec, rank, program.SHARES, program.INPUTS, program.INPUT_SAMPLES, args.seed, start_step,
                     args.steps, args.prefetch, program.DEVICE)
     losses, step_s, val, lrs, norms = [], [], [], [], []
@@ -405,6 +409,7 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
         if args.save and ((args.save_every and done % args.save_every == 0) or done == args.steps):
             tensors, layout = checkpoint_state(program, params, buffers, opt)
             meta = {**layout, "data_position": data.position(done), "optimizer_kind": args.optimizer,
+                    "shares": list(data.shares_at(done)),
                     "plan": program.PLAN_DIGEST, "rng": torch.get_rng_state(), "scaler": amp.state_dict()}
             last_saved = str(ckpt.save(args.save, done, tensors, meta, rank, barrier))
     if args.dump_params:

@@ -44,7 +44,7 @@ def test_dataset_checkpoint_resumes_on_three_ranks_as_if_uninterrupted(tmp_path)
 
 def test_validation_reports_the_val_loss_and_leaves_training_unchanged(tmp_path):
     _, train = emit(tmp_path, "out", "default", SPEC)
-    common = ["--lr", "0.1", "--steps", "7"]
+    common = ["--lr", "0.1", "--steps", "7", "--no-rebalance"]  # bitwise: the same shares in both runs
     ok(torchrun(2, train, common + ["--dump-params", str(tmp_path / "plain.pt")]))
     p = ok(torchrun(2, train, common + ["--eval-every", "3", "--eval-batches", "4", "--log-json",
                                         str(tmp_path / "log.json"), "--dump-params", str(tmp_path / "eval.pt")]))
