@@ -425,12 +425,12 @@ def pack_bucket(bucket: list[torch.Tensor], loss: torch.Tensor | None = None) ->
     return flat
 
 
-def unpack_bucket(bucket: list[torch.Tensor], flat: torch.Tensor, has_loss: bool) -> float | None:
+def unpack_bucket(bucket: list[torch.Tensor], flat: torch.Tensor, has_loss: bool) -> torch.Tensor | None:
     """After the all-reduce: the gradients become views of the reduced buffer (no copy back);
-    returns the summed loss if it rode along."""
+    returns the summed values that rode along after them (the loss first), if any did."""
     off = 0
     for p in bucket:
         k = p.numel()
         p.grad = flat[off: off + k].view_as(p)
         off += k
-    return float(flat[off:].sum().item()) if has_loss else None
+    return flat[off:].detach().clone() if has_loss else None

@@ -67,16 +67,27 @@ class GradSync:
             wire = flat.to(self.reduce_dtype)
             self._works.append((i, flat, wire, _d._all_reduce_async(wire), False))
             if loss is not None:
-                total = loss.detach().reshape(1).to(flat.dtype)
+                total = loss.detach().reshape(-1).to(flat.dtype)
                 self._works.append((-1, total, total, _d._all_reduce_async(total), True))
         self._next = i + 1
 
-    def finish(self, loss: torch.Tensor) -> float:
-        """After backward: reduce what is left, wait for every bucket; returns the global loss."""
+    def finish(self, loss: torch.Tensor, riders: torch.Tensor | None = None) -> float:
+        """After backward: reduce what is left, wait for every bucket; returns the global loss.
+        ``riders`` (a 1-D tensor, e.g. each rank's measurement in its own slot) are summed over
+        ranks in the same collective as the loss, into ``self.riders``."""
+        payload = loss.detach().reshape(1).float()
+        if riders is not None:
+            payload = torch.cat([payload, riders.detach().reshape(-1).float().to(payload.device)])
+        self.riders = None
         if not _d.is_distributed() or not self.buckets:
             for b in self.buckets:
                 fill_missing_grads(b)
             self._reset()
+            if _d.is_distributed() and riders is not None:
+                _d._all_reduce(payload)
+                self.riders = payload[1:]
+                return float(payload[0])
+            self.riders = payload[1:] if riders is not None else None
             return sum_scalar(loss)
         # packing and unpacking the buckets is the gradient sync's work, not the model's compute:
         # an emulated slow device does not dilate it: emulation slows forward and backward only
@@ -84,17 +95,19 @@ class GradSync:
             # the hooks never launch the last bucket, so the loss always rides in it
             while self._next < len(self.buckets):
                 last = self._next == len(self.buckets) - 1
-                self._launch(self._next, loss if last else None)
-            total = 0.0
+                self._launch(self._next, payload if last else None)
+            summed = payload
             for i, flat, wire, work, has_loss in self._works:
                 _d._wait(work)
-                if i < 0:  # the loss, reduced on its own
-                    total = float(wire.sum().item())
+                if i < 0:  # the loss and riders, reduced on their own
+                    summed = wire.detach().clone()
                     continue
                 if wire is not flat:
                     flat.copy_(wire)
-                summed = unpack_bucket(self.buckets[i], flat, has_loss)
-                if has_loss:
-                    total = summed
+                got = unpack_bucket(self.buckets[i], flat, has_loss)
+                if got is not None:
+                    summed = got
         self._reset()
-        return total
+        if riders is not None:
+            self.riders = summed[1:]
+        return float(summed[0])

@@ -372,7 +372,11 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
         if program.DEVICE.type == "cuda":
             torch.cuda.synchronize(program.DEVICE)
         compute_s = time.perf_counter() - c0
-        global_loss = grad_sync.finish(loss.detach().float())  # the loss rides in the last bucket
+        riders = None
+        if balancer is not None:  # each rank's compute, in its slot, summed with the loss: no extra collective
+            riders = torch.zeros(program.WORLD_SIZE, dtype=torch.float64)
+            riders[rank] = compute_s
+        global_loss = grad_sync.finish(loss.detach().float(), riders)  # the loss rides in the last bucket
         if global_loss != global_loss or abs(global_loss) == float("inf"):
             stop(f"loss is {global_loss} at step {step}; stopping. Last good checkpoint: "
                  f"{last_saved or 'none (use --save DIR --save-every K)'}", 3)
@@ -384,10 +388,7 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
             optim.set_lr(opt, lrs[-1])
             amp.step(opt)  # fp16: every rank skips the step if any rank's gradients overflowed
             if balancer is not None:
-                every = torch.zeros(program.WORLD_SIZE, dtype=torch.float64, device=program.DEVICE)
-                every[rank] = compute_s
-                _all_reduce(every)  # each rank's compute, the same on every rank
-                compute_log.append(every.tolist())
+                compute_log.append([float(x) for x in grad_sync.riders])  # every rank's compute, on every rank
                 decided = balancer.observe(compute_log[-1])
                 if decided is not None:
                     at = step + data.lookahead
