@@ -14,9 +14,10 @@ CLUSTERS = ROOT / "profiles" / "clusters"
 
 
 @pytest.mark.parametrize("spec,cluster,extra", [
-    # a character GPT from a dataset spec on 3 ranks: its views of the batch dim follow the new
-    # shares (LENGTHS), and each rank reads its new share
-    ("examples/chargpt.py", "cpu-1-2-4", ["--prefetch", "0"]),
+    # a character GPT from a dataset spec: its views of the batch dim follow the new shares
+    # (LENGTHS), and each rank reads its new share. Two ranks on this 2-core machine: with three,
+    # the emulation's busy waiting takes cores from the others and blurs what each rank measures
+    ("examples/chargpt.py", "default", ["--prefetch", "0"]),
     ("examples/mlp.py", "default", []),  # a synthetic-batch spec
 ])
 def test_a_slowed_rank_is_rebalanced_and_training_stays_exact(spec, cluster, extra, tmp_path, monkeypatch):
