@@ -21,10 +21,11 @@ CLUSTERS = ROOT / "profiles" / "clusters"
     ("examples/mlp.py", "default", []),  # a synthetic-batch spec
 ])
 def test_a_slowed_rank_is_rebalanced_and_training_stays_exact(spec, cluster, extra, tmp_path, monkeypatch):
-    monkeypatch.setenv("HAP_MLP_WIDTH", "512")  # compute-bound enough that 4x slower shows
+    monkeypatch.setenv("HAP_MLP_WIDTH", "512")  # compute-bound enough that the slowdown shows
+    # rank 0 becomes 8x slower: a gain far above the 10% threshold, whatever else the machine runs
     monkeypatch.setenv("HAP_MLP_BATCH", "256")
     plan, loss_err, param_err = run_exact(str(ROOT / spec), str(CLUSTERS / f"{cluster}.toml"), tmp_path, steps=10,
-                                          train_args=["--emulate", "--slowdown-at", "2:0:4", *extra])
+                                          train_args=["--emulate", "--slowdown-at", "2:0:8", *extra])
     events = json.loads((tmp_path / "log.json").read_text())["rebalance"]
     assert all(sum(e["shares"]) == plan.global_batch for e in events)
     assert any(e["step"] <= 9 and e["shares"][0] < plan.shares[0] for e in events), (plan.shares, events)
