@@ -230,8 +230,8 @@ if __name__ == "__main__":
 def rebalanceable(plan: Plan) -> bool:
     """Whether shares can change at run time: every parameter replicated and no resharding
     collective, so the batch (and the LENGTHS derived from it) is all that follows the shares."""
-    return (plan.num_ranks > 1 and all(n.output == "R" for name, n in plan.nodes.items()
-                                       if plan.graph[name].kind == "param") and not plan.moves)
+    return plan.num_ranks > 1 and all(plan.nodes[p.name].output == "R" for p in plan.graph.params()) \
+        and not plan.moves
 
 
 def rank_places(plan: Plan) -> tuple[tuple[int, int, int], ...]:

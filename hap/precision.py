@@ -93,7 +93,7 @@ def autocast_graph(graph: Graph, precision: str) -> Graph:
         values: dict[str, object] = {}
         for node in graph:
             meta = node.meta
-            if node.kind in ("input", "param", "buffer") or node.kind != "op":
+            if node.kind != "op":
                 if isinstance(meta, TensorMeta):
                     values[node.name] = torch.empty(meta.shape, dtype=getattr(torch, meta.dtype))
                 nodes.append(node)

@@ -175,11 +175,9 @@ def stored_keys(path: str) -> set[str]:
 
 
 def load(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Fill ``tensors`` (every rank its own keys) from the DCP checkpoint at ``path``."""
-    if tensors:
-        _dcp().load(tensors, checkpoint_id=path)
-    else:  # a rank that needs nothing still takes part in the collective load
-        _dcp().load({}, checkpoint_id=path)
+    """Fill ``tensors`` (every rank its own keys; a rank that needs nothing still takes part in
+    the collective load) from the DCP checkpoint at ``path``."""
+    _dcp().load(tensors, checkpoint_id=path)
 
 
 def full_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

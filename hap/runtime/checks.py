@@ -35,16 +35,20 @@ def device_mismatch(expected: str, device: torch.device) -> str | None:
         return f"the plan expects a {expected} GPU, but this rank has no CUDA device"
     props = torch.cuda.get_device_properties(device)
     name = props.name.upper()
-    if "MIG" in name.split() or name.startswith("MIG") or " MIG " in f" {name} ":
+    if _has_word(name, "MIG"):
         return f"the plan expects a whole {expected}, this rank has a MIG slice ({props.name})"
-    model = re.escape(expected.split("-")[0].upper())  # "V100-16GB" -> "V100"
-    if not re.search(rf"(?<![A-Z0-9]){model}(?![A-Z0-9])", name):
+    if not _has_word(name, expected.split("-")[0].upper()):  # "V100-16GB" -> "V100"
         return f"the plan expects a {expected}, this rank has a {props.name}"
     m = re.search(r"(\d+)GB", expected.upper())
     if m and props.total_memory < int(m.group(1)) * 1e9 * (1 - MEMORY_SLACK):
         return (f"the plan expects {expected} ({m.group(1)} GB), this {props.name} has "
                 f"{props.total_memory / 1e9:.1f} GB")
     return None
+
+
+def _has_word(text: str, word: str) -> bool:
+    """``word`` in ``text`` with no letter or digit on either side ("A10" is not in "A100")."""
+    return re.search(rf"(?<![A-Z0-9]){re.escape(word)}(?![A-Z0-9])", text) is not None
 
 
 def placement_mismatch(node: int, local_rank: int, local_world: int) -> str | None:

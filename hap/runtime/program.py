@@ -351,15 +351,14 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
     slowdowns = slowdown_schedule(args.slowdown_at, rank) if args.emulate else {}
     balancer = (Rebalancer(program.SHARES) if program.WORLD_SIZE > 1 and getattr(program, "REBALANCE", False)
                 and not args.no_rebalance else None)
-    pending: dict[int, tuple[int, ...]] = {}  # step -> the shares every rank takes from it on
     events, compute_log = [], []
     if args.emulate:  # from here on: the set-up above is not the emulated device's compute
         set_emulation(program.SLOWDOWN[rank])
     for step in range(start_step, args.steps):
         if step in slowdowns:
             set_emulation(slowdowns[step])
-        if step in pending:
-            use_shares(program, pending.pop(step))
+        if data.shares_at(step) != tuple(program.SHARES):  # a re-balancing decided earlier starts here
+            use_shares(program, data.shares_at(step))
         t0 = time.perf_counter()
         with undilated():  # --emulate slows forward + backward only
             batch = data.next(step)  # this rank's share of the step's global batch
@@ -392,7 +391,6 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
                 decided = balancer.observe(compute_log[-1])
                 if decided is not None:
                     at = step + data.lookahead
-                    pending[at] = decided[0]
                     data.reshare(decided[0], at)
                     events.append({"step": at, "shares": list(decided[0]), "reason": decided[1]})
                     if rank == 0:
