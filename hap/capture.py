@@ -8,6 +8,7 @@ from. Plain ``torch.fx.symbolic_trace`` cannot trace HuggingFace models; export 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import operator
@@ -178,12 +179,83 @@ def capture(model: torch.nn.Module, example_batch: Sequence[torch.Tensor], name:
         ep = torch.export.export(model, example_batch, strict=False)
     except Exception as e:  # export raises many types; turn them into one clear message
         raise CaptureError(_explain_export_failure(e)) from e
+    graph = _graph_from_export(_inlined(ep), model, name or type(model).__name__)
+    # the same model at twice the batch tells which sizes follow the batch (micro-batches run
+    # the program at other batch sizes); a model that does not export at 2B keeps fixed sizes
+    doubled = tuple(torch.cat([b, b]) for b in example_batch)
+    try:
+        twice = _graph_from_export(_inlined(torch.export.export(model, doubled, strict=False)), model, graph.model_name)
+    except Exception as e:  # export raises many types: the plan then runs whole batches only
+        log.info("the model does not capture at twice the batch (%s): micro-batches are off", e)
+        return graph
+    return classify_batch(graph, twice, int(example_batch[0].shape[0]))
+
+
+def _inlined(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     if any(n.op == "get_attr" for n in ep.graph.nodes):
         # no_grad / autocast regions (HuggingFace rotary embeddings run under @torch.no_grad) are
         # exported as higher-order ops over submodules; an empty decomposition table inlines them
         # and keeps the high-level ATen ops
         ep = ep.run_decompositions({})
-    return _graph_from_export(ep, model, name or type(model).__name__)
+    return ep
+
+
+# ops whose integer arguments are sizes: a size that follows the batch is rewritten per
+# (micro-)batch; any other integer (a user's `loss / batch_size`) keeps the global batch's value
+SIZE_ARG_OPS = VIEW_OPS | CREATION_OPS | {
+    "aten.new_zeros.default", "aten.new_ones.default", "aten.new_empty.default", "aten.new_full.default",
+    "aten.repeat.default", "aten.narrow.default", "aten.empty.memory_format", "aten.randn.default",
+    "aten.rand.default", "aten.randint.low", "aten.randint.default"}
+
+
+def classify_batch(graph: Graph, twice: Graph, batch: int) -> Graph:
+    """Mark, from captures at batch B and 2B, each output dim and size argument as f*B + c
+    (``Node.batch_dims``, ``Node.batch_args``). Graphs that differ in anything but sizes, or a
+    size that is not an integer multiple of B plus a constant, leave the graph unclassified."""
+    if [(n.name, n.target) for n in graph] != [(n.name, n.target) for n in twice]:
+        log.info("the graphs at batch %d and %d differ: micro-batches are off", batch, 2 * batch)
+        return graph
+
+    def affine(a: int, b: int) -> list[int] | None:
+        if (b - a) % batch:
+            return None
+        f = (b - a) // batch
+        return [f, a - f * batch]
+
+    nodes = []
+    for n, m in zip(graph, twice):
+        one = n.meta[0] if isinstance(n.meta, list) and n.meta else n.meta
+        two = m.meta[0] if isinstance(m.meta, list) and m.meta else m.meta
+        dims = []
+        if isinstance(one, TensorMeta) and isinstance(two, TensorMeta):
+            if one.ndim != two.ndim:
+                return graph
+            dims = [affine(a, b) for a, b in zip(one.shape, two.shape)]
+            if None in dims:
+                return graph
+        sizes: dict[str, list[int]] = {}
+        if n.target in SIZE_ARG_OPS:
+            for path, a, b in _int_pairs(n.args, m.args, "") + _int_pairs(n.kwargs, m.kwargs, "k."):
+                if a != b:
+                    fc = affine(a, b)
+                    if fc is None:
+                        return graph
+                    sizes[path] = fc
+        nodes.append(dataclasses.replace(n, batch_dims=dims, batch_args=sizes))
+    return dataclasses.replace(graph, nodes=nodes, batch_size=batch)
+
+
+def _int_pairs(a: Any, b: Any, path: str) -> list[tuple[str, int, int]]:
+    """(path, value at B, value at 2B) of every integer in two argument structures."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return []
+    if isinstance(a, int) and isinstance(b, int):
+        return [(path.rstrip("."), a, b)]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return [x for i, (u, v) in enumerate(zip(a, b)) for x in _int_pairs(u, v, f"{path}{i}.")]
+    if isinstance(a, dict) and isinstance(b, dict) and "node" not in a:
+        return [x for k in a if k in b for x in _int_pairs(a[k], b[k], f"{path}{k}.")]
+    return []
 
 
 def _explain_export_failure(e: Exception) -> str:

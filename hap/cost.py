@@ -46,12 +46,17 @@ class Conversion:
 
 
 class CostModel:
-    def __init__(self, graph: Graph, cluster: Cluster, splitter: Splitter, optimizer: str = "sgd") -> None:
+    def __init__(self, graph: Graph, cluster: Cluster, splitter: Splitter, optimizer: str = "sgd",
+                 micro_batches: tuple[int, ...] = ()) -> None:
         assert splitter.num_ranks == cluster.num_ranks
         self.graph = graph
         self.cluster = cluster
         self.splitter = splitter
         self.n = cluster.num_ranks
+        # per rank: micro-batches its share runs in. Activations that follow the batch are kept
+        # for the largest micro-batch only; every op launches once per micro-batch
+        self.micro = tuple(micro_batches) or (1,) * self.n
+        self.micro_scale = tuple(-(-s // k) / s if s else 1.0 for s, k in zip(splitter.shares, self.micro))
         self.link = cluster.group_link()
         self.opt_states = OPTIMIZER_STATES.get(optimizer, 2)
         self.requires_grad = graph.requires_grad()
@@ -96,7 +101,8 @@ class CostModel:
             res = []
             for r in range(self.n):
                 work, fixed = self._affine_s(node, r)
-                res.append(self._measured_s(node, cand, r, work * fracs[r] + fixed, fracs[r]))
+                res.append(self._measured_s(node, cand, r, work * fracs[r] + fixed, fracs[r])
+                           + (self.micro[r] - 1) * fixed)
             res = tuple(res)
         self._node_cache[key] = res
         return res
@@ -256,8 +262,14 @@ class CostModel:
         elif node.kind == "buffer":
             parts["parameters"] = (float(meta.nbytes),) * self.n
         elif node.kind == "input" or (node.op_class != "view" and node.name in self.requires_grad):
-            parts["activations"] = local
+            follows = node.kind == "input" or any(f for f, _ in node.batch_dims)
+            parts["activations"] = tuple(x * m for x, m in zip(local, self.micro_scale)) if follows else local
         return parts
+
+    def batch_activations(self, node: Node, cand: Candidate) -> tuple[float, ...]:
+        """Per rank, the activation bytes of this node that micro-batches divide (0 for the rest)."""
+        follows = node.kind == "input" or any(f for f, _ in node.batch_dims)
+        return self.memory_parts(node, cand)["activations"] if follows and self.graph.batch_size else (0.0,) * self.n
 
 
 def _cast_copies(graph: Graph) -> dict[str, float]:

@@ -25,13 +25,26 @@ if TYPE_CHECKING:
 from hap.rules import RENDERERS, Candidate, Local, is_ref
 
 
+class Code(str):
+    """A Python expression that ``repr`` writes as itself (a collective's lengths in train.py)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 class Emitter:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.graph: Graph = plan.graph
         self.splitter = Splitter(plan.shares)
         self.choice: dict[str, Candidate] = plan.choice()
-        self.lengths_used: dict[tuple[int, int], str] = {}
+        self.lengths_used: dict[tuple[int, int], str] = {}  # fixed dims read per rank: (size, unit) -> variable
+        self.length_keys: set[tuple[int, int]] = set()  # fixed dims of LENGTHS (per rank or whole)
+        self.rows_used: set[int] = set()  # samples-per-row factors f of batch dims the forward reads
+        self.total_used = False  # the forward reads B, the samples of its (micro-)batch over all ranks
+        # why the program cannot run other batch sizes than the plan's (micro-batches); empty: it can
+        self.fixed_batch: list[str] = [] if plan.graph.batch_size else \
+            ["the model did not capture at twice the batch, so hap cannot tell which sizes follow the batch"]
         self.converted: dict[tuple[str, Placement], str] = {}
         self.lines: list[str] = []
 
@@ -41,9 +54,41 @@ class Emitter:
 
     def len_var(self, size: int, unit: int = 1) -> str:
         key = (size, unit)
+        self.length_keys.add(key)
         if key not in self.lengths_used:
             self.lengths_used[key] = f"n{size}" if unit == 1 else f"n{size}_{unit}"
         return self.lengths_used[key]
+
+    def batch_factor(self, fc: list[int] | None, size: int, unit: int, where: str) -> int:
+        """f when a size of ``f*B`` follows the batch and splits as ``f`` x each rank's samples
+        (0: a fixed size). A size that follows the batch in any other way pins the batch size."""
+        if not fc or not fc[0]:
+            return 0
+        f, c = fc
+        if c == 0 and self.lengths(size, unit) == tuple(f * n for n in self.plan.shares):
+            return f
+        self.fixed_batch.append(f"{where} has {size} = {f}*B{c:+d} elements, sharded {unit} at a time")
+        return 0
+
+    def rows(self, f: int) -> str:
+        """Per-rank lengths of a batch dim with ``f`` elements per sample, in this (micro-)batch."""
+        if f == 1:
+            return "ROWS"
+        self.rows_used.add(f)
+        return f"rows{f}"
+
+    def tensor_lengths(self, name: str, p: Placement) -> tuple[int, Code]:
+        """(dim, expression of every rank's length) of tensor ``name`` sharded as ``p``: a batch dim
+        follows ROWS, any other dim reads LENGTHS."""
+        node = self.graph[name]
+        meta = node.meta[0] if isinstance(node.meta, list) else node.meta
+        d = p.dim if p.dim >= 0 else p.dim + meta.ndim
+        size = meta.shape[d]
+        f = self.batch_factor(node.batch_dims[d] if node.batch_dims else None, size, p.unit, f"{name} dim {d}")
+        if f:
+            return d, Code(self.rows(f))
+        self.length_keys.add((size, p.unit))
+        return d, Code(f"LENGTHS[{size}, {p.unit}]")
 
     def shard_lengths(self, meta: TensorMeta, p: Placement) -> tuple[int, tuple[int, ...]]:
         d = p.dim if p.dim >= 0 else p.dim + meta.ndim
@@ -64,8 +109,8 @@ class Emitter:
         assert isinstance(meta, TensorMeta), f"cannot move list-valued {name}"
         var = f"{name}__{_pname(want)}"
         mv = move(have, want)
-        src = self.shard_lengths(meta, have) if have.is_shard else None
-        dst = self.shard_lengths(meta, want) if want.is_shard else None
+        src = self.tensor_lengths(name, have) if have.is_shard else None
+        dst = self.tensor_lengths(name, want) if want.is_shard else None
         expr = mv.code(name, src, dst, self.form(name, want))  # a move without uneven forms ignores it
         self.lines.append(f"    {var} = {expr}  # {have} -> {want}  ({source})")
         self.converted[key] = var
@@ -77,9 +122,18 @@ class Emitter:
                 return m.form
         return "padded"
 
-    def render(self, a: Any, refs: list[str]) -> str:
+    def render(self, a: Any, refs: list[str], node: Node | None = None, path: str = "") -> str:
+        """Argument ``a`` as code; ``node`` and ``path`` place it in the node's arguments, so a
+        size that follows the batch is written in terms of the (micro-)batch the forward runs."""
+        fc = node.batch_args.get(path.rstrip(".")) if node is not None else None
         if isinstance(a, Local):
-            return self.len_var(a.size, a.unit)
+            f = self.batch_factor(list(a.batch) or fc, a.size, a.unit, f"an argument of {node.name}" if node else
+                                  "an argument")
+            return f"{self.rows(f)}[RANK]" if f else self.len_var(a.size, a.unit)
+        if isinstance(a, int) and not isinstance(a, bool) and fc and fc[0]:
+            self.total_used = True
+            f, c = fc
+            return ("B" if f == 1 else f"{f} * B") + (f" {'+' if c > 0 else '-'} {abs(c)}" if c else "")
         if is_ref(a):
             return refs.pop(0)
         if isinstance(a, dict):
@@ -95,7 +149,7 @@ class Emitter:
                 return f"float({a['float']!r})"
             raise HapError(f"cannot emit argument {a!r}")
         if isinstance(a, (list, tuple)):
-            return "[" + ", ".join(self.render(x, refs) for x in a) + "]"
+            return "[" + ", ".join(self.render(x, refs, node, f"{path}{i}.") for i, x in enumerate(a)) + "]"
         return repr(a)
 
     def call(self, node: Node, cand: Candidate, refs: list[str], args: list | None = None,
@@ -104,9 +158,9 @@ class Emitter:
         for i, v in cand.rewrite:
             args[i] = v
         refs = list(refs)
-        parts = [self.render(a, refs) for a in args]
+        parts = [self.render(a, refs, node, f"{i}.") for i, a in enumerate(args)]
         kw = node.kwargs if kwargs is None else kwargs
-        parts += [f"{k}={self.render(v, refs)}" for k, v in kw.items()]
+        parts += [f"{k}={self.render(v, refs, node, f'k.{k}.')}" for k, v in kw.items()]
         return f"{target or node.target}({', '.join(parts)})"
 
     # ---- the forward ---------------------------------------------------------------------
@@ -200,7 +254,11 @@ INPUTS = {inputs}  # per batch tensor: sharded on dim 0 by SHARES (0) or replica
 INPUT_SAMPLES = {input_samples}  # per batch tensor: (shape of one sample, dtype)
 LENGTHS = {{
 {lengths}
-}}
+}}  # (size, unit) -> per-rank lengths of a sharded dim that does not follow the batch
+ROWS = SHARES  # per-rank samples of the batch forward runs: a micro-batch's under --micro-batches
+MICRO_BATCHES = {micro}  # per rank: micro-batches its share runs in (the default of --micro-batches)
+LOCKSTEP = {lockstep}  # True: forward runs collectives, so every rank runs as many micro-batches
+FIXED_BATCH = {fixed_batch!r}  # why the forward only runs whole global batches (empty: it runs any)
 SHAPES = {shapes}  # state_dict key -> shape the plan was made for
 GRAD_BUCKETS = {grad_buckets}  # replicated params: gradients all-reduced in these buckets, in this order
 GRAD_OVERLAP = {grad_overlap}  # True: each bucket is all-reduced during backward, as soon as it is complete
@@ -232,6 +290,12 @@ def rebalanceable(plan: Plan) -> bool:
     collective, so the batch (and the LENGTHS derived from it) is all that follows the shares."""
     return plan.num_ranks > 1 and all(plan.nodes[p.name].output == "R" for p in plan.graph.params()) \
         and not plan.moves
+
+
+def lockstep(plan: Plan) -> bool:
+    """Whether forward runs collectives (resharding, batch statistics), so that every rank must
+    call it equally often; a data-parallel forward is local (its loss count is deferred)."""
+    return bool(plan.moves) or any(c.emit == "sync_batch_norm" for c in plan.choice().values())
 
 
 def rank_places(plan: Plan) -> tuple[tuple[int, int, int], ...]:
@@ -302,13 +366,13 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
             unpack.append(f"    {n.name} = buffers[{n.name!r}]")
     inputs = [n for n in g if n.kind == "input"]
     unpack.append(f"    {', '.join(n.name for n in inputs)}{',' if len(inputs) == 1 else ''} = batch")
-    lengths = []
-    lens_lines = []
-    for (size, unit), var in sorted(em.lengths_used.items()):
-        ls = em.lengths(size, unit)
-        lengths.append(f"    ({size}, {unit}): {ls},")
-        lens_lines.append(f"    {var} = LENGTHS[{size}, {unit}][RANK]"
-                          f"  # this rank's part of a dim of {size}, split {ls}")
+    lengths = [f"    ({size}, {unit}): {em.lengths(size, unit)}," for size, unit in sorted(em.length_keys)]
+    lens_lines = [f"    {var} = LENGTHS[{size}, {unit}][RANK]  # this rank's part of a dim of {size}"
+                  for (size, unit), var in sorted(em.lengths_used.items())]
+    lens_lines += [f"    rows{f} = tuple({f} * n for n in ROWS)  # per-rank lengths of a dim of {f} per sample"
+                   for f in sorted(em.rows_used)]
+    if em.total_used:
+        lens_lines.append("    B = sum(ROWS)  # samples in this (micro-)batch, over all ranks")
     input_dims = [0 if em.out_placement(n.name).is_shard else None for n in inputs]
     script = os.path.relpath(out_dir / "train.py")  # from where hap-plan ran: no path of this machine
     rank_lines = "\n".join(
@@ -327,6 +391,8 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         grad_buckets=[list(b) for b in plan.predicted.grad_buckets] or [list(plan.grad_synced)],
         grad_overlap=plan.predicted.grad_overlap, precision=plan.precision, optimizer=plan.optimizer,
         grad_reduce=plan.graph.grad_reduce, rebalance=rebalanceable(plan),
+        micro=tuple(plan.micro_batches) or (1,) * plan.num_ranks, lockstep=lockstep(plan),
+        fixed_batch=tuple(dict.fromkeys(em.fixed_batch)),
         precision_text=PRECISION_TEXT[plan.precision],
         unpack="\n".join(unpack + lens_lines), body="\n".join(body),
         shapes={k: tuple(n.meta.shape) for n in g if n.kind in ("param", "buffer") and isinstance(n.meta, TensorMeta)

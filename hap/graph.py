@@ -56,6 +56,11 @@ class Node:
     source: str = ""  # "examples/gpt.py:40  q, k, v = self.qkv(...)"
     module: str = ""  # "blocks.0.qkv (Linear)"
     aliases: list[str] = field(default_factory=list)  # params: every state_dict key of this tensor (tied weights)
+    # how sizes follow the global batch B (hap.capture.classify_batch): per dim of the (first)
+    # output [f, c] with size f*B + c (f == 0: a fixed size), and for shape arguments, their
+    # path ("1.0": args[1][0]; "k.size": kwargs["size"]) -> [f, c]; empty when not classified
+    batch_dims: list = field(default_factory=list)
+    batch_args: dict = field(default_factory=dict)
 
     def inputs(self) -> list[str]:
         """Names of the tensor nodes this node reads, in argument order (with repeats)."""
@@ -143,6 +148,7 @@ class Graph:
     model_name: str = ""
     precision: str = "fp32"  # the autocast dtype the node metas describe (hap.precision.autocast_graph)
     grad_reduce: str = "fp32"  # the dtype replicated parameters' gradients are all-reduced in
+    batch_size: int = 0  # the global batch the nodes' batch_dims / batch_args refer to (0: not classified)
 
     def __post_init__(self) -> None:
         self._by_name = {n.name: n for n in self.nodes}
@@ -186,13 +192,13 @@ class Graph:
 
     def to_json(self) -> dict:
         return {"model_name": self.model_name, "loss": self.loss, "num_inputs": self.num_inputs,
-                "precision": self.precision, "grad_reduce": self.grad_reduce,
+                "precision": self.precision, "grad_reduce": self.grad_reduce, "batch_size": self.batch_size,
                 "nodes": [n.to_json() for n in self.nodes]}
 
     @classmethod
     def from_json(cls, d: dict) -> Graph:
         g = cls([Node.from_json(x) for x in d["nodes"]], d["loss"], d["num_inputs"], d.get("model_name", ""),
-                d.get("precision", "fp32"), d.get("grad_reduce", "fp32"))
+                d.get("precision", "fp32"), d.get("grad_reduce", "fp32"), d.get("batch_size", 0))
         g.lint()
         return g
 

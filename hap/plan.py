@@ -145,6 +145,8 @@ class Plan:
     spec: str | None = None  # path of the model spec file (needed to emit)
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()  # why notable choices were made
+    # per rank: how many micro-batches it runs its share in (to fit its memory); () is 1 each
+    micro_batches: tuple[int, ...] = ()
 
     @property
     def num_ranks(self) -> int:
@@ -199,6 +201,7 @@ class Plan:
             ranks.append({
                 "rank": r, "device": info.device, "node": info.node, "slowdown": info.slowdown,
                 "batch_share": int(self.shares[r]),
+                "micro_batches": int(self.micro_batches[r]) if self.micro_batches else 1,
                 "compute_s": self.predicted.compute_s[r],
                 "memory_bytes": int(self.predicted.memory_bytes[r]),
                 "memory_capacity_bytes": int(self.cluster.memory_bytes(r)),
@@ -250,6 +253,7 @@ class Plan:
                 solver_status=str(d["solver_status"]), optimizer=d.get("optimizer", "sgd"),
                 strategy=d.get("strategy", "hap"), spec=d.get("spec"), warnings=tuple(d.get("warnings", [])),
                 notes=tuple(d.get("notes", [])),
+                micro_batches=tuple(int(r.get("micro_batches", 1)) for r in d["ranks"]),
             )
         except KeyError as e:
             raise PlanFileError(f"the plan lacks {e.args[0]!r}; re-plan with this version of hap") from None

@@ -29,7 +29,10 @@ def ranks_table(plan: Plan) -> Table:
     for r in range(plan.num_ranks):
         info = plan.cluster.ranks[r]
         dev = info.device + (f" (x{info.slowdown:g} slower)" if info.slowdown != 1 else "")
-        t.add_row(str(r), dev, str(info.node), str(plan.shares[r]), _ms(plan.predicted.compute_s[r]), _ms(comm),
+        share = str(plan.shares[r])
+        if plan.micro_batches and plan.micro_batches[r] > 1:  # micro-batches to fit memory
+            share += f" in {plan.micro_batches[r]} micro-batches"
+        t.add_row(str(r), dev, str(info.node), share, _ms(plan.predicted.compute_s[r]), _ms(comm),
                   _gb(plan.predicted.memory_bytes[r]), _gb(plan.cluster.memory_bytes(r)))
     return t
 

@@ -16,6 +16,7 @@ the baselines are then only for comparison.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -65,6 +66,7 @@ class Result:
     choice: dict[str, Candidate]
     evaluation: Evaluation
     status: str
+    micro_batches: tuple[int, ...] = ()  # per rank, where its share runs in micro-batches to fit memory
 
     @property
     def step_s(self) -> float:
@@ -90,8 +92,8 @@ class Search:
             self._cands[shares] = all_candidates(self.graph, ctx, strict=self.strict)
         return self._cands[shares]
 
-    def cost_model(self, shares: tuple[int, ...]) -> CostModel:
-        return CostModel(self.graph, self.cluster, Splitter(shares), self.optimizer)
+    def cost_model(self, shares: tuple[int, ...], micro_batches: tuple[int, ...] = ()) -> CostModel:
+        return CostModel(self.graph, self.cluster, Splitter(shares), self.optimizer, micro_batches)
 
     def user_pin(self, node: Node, c: Candidate, _cands: list[Candidate]) -> bool:
         return node.name not in self.user_pins or c.output == self.user_pins[node.name]
@@ -113,11 +115,20 @@ class Search:
         try:
             res = solve_placements(self.graph, cm, own, pin=restrict, time_limit_s=self.time_limit_s)
         except InfeasiblePlan as e:
-            if attempt.name != "hap":
-                self.infeasible[attempt.name] = str(e)
-                return None
-            raise explain_memory(self.graph, self.cluster, cm, own, restrict, self.optimizer) from e
-        result = Result(attempt, res.choice, evaluate(self.graph, cm, res.choice), res.status)
+            # too little memory on some rank: run shares there in micro-batches, if that fits
+            micro = fit_micro_batches(self.graph, self.cluster, cm, own, restrict)
+            try:
+                if micro is None:
+                    raise e
+                cm = self.cost_model(attempt.shares, micro)
+                res = solve_placements(self.graph, cm, own, pin=restrict, time_limit_s=self.time_limit_s)
+            except InfeasiblePlan as again:
+                if attempt.name != "hap":
+                    self.infeasible[attempt.name] = str(again)
+                    return None
+                raise explain_memory(self.graph, self.cluster, cm, own, restrict, self.optimizer) from again
+        result = Result(attempt, res.choice, evaluate(self.graph, cm, res.choice), res.status,
+                        tuple(cm.micro) if max(cm.micro) > 1 else ())
         self.results[attempt.name] = result
         return result
 
@@ -207,9 +218,35 @@ def search(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bo
                      "rounded to 8 mantissa bits before the sum")
     if precision == "fp32":
         notes += faster_precision(graph, cluster, won, optimizer)
-    return assemble_plan(graph, cluster, shares, won.choice, won.evaluation, won.status, strategy=strategy,
+    if won.micro_batches:
+        notes += micro_batch_notes(cluster, shares, won.micro_batches)
+        coupled = sorted({x.source or x.name for x in graph.ops() if couples_samples(x)})
+        if coupled:
+            warnings.append("micro-batches change what this model trains: its forward couples the samples of a "
+                            "batch (BatchNorm in training mode at " + "; ".join(coupled[:3]) + "), so statistics "
+                            "are taken per micro-batch, as under gradient accumulation on one device")
+    plan = assemble_plan(graph, cluster, shares, won.choice, won.evaluation, won.status, strategy=strategy,
                          optimizer=optimizer, spec=spec, solve_s=time.perf_counter() - t0,
                          baselines=s.baselines(), warnings=list(dict.fromkeys(warnings)), notes=notes)
+    return dataclasses.replace(plan, micro_batches=won.micro_batches)
+
+
+def couples_samples(node: Node) -> bool:
+    """Whether an op mixes the samples of its batch (so micro-batches compute something else)."""
+    return node.target in ("aten.batch_norm.default", "aten._native_batch_norm_legit_functional.default") and \
+        bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False))
+
+
+def micro_batch_notes(cluster: Cluster, shares: tuple[int, ...], micro: tuple[int, ...]) -> list[str]:
+    """Say which ranks run micro-batches and why: compute share is not memory share."""
+    gb = 1e9
+    out = []
+    for r, (share, k) in enumerate(zip(shares, micro)):
+        if k > 1:
+            out.append(f"rank {r} ({cluster.ranks[r].device}) runs its {share} samples in {k} micro-batches of at "
+                       f"most {-(-share // k)} to fit its {cluster.memory_bytes(r) / gb:.3g} GB: its share follows "
+                       "its speed, its micro-batches its memory")
+    return out
 
 
 def faster_precision(graph: Graph, cluster: Cluster, won: Result, optimizer: str) -> list[str]:
@@ -227,13 +264,44 @@ def faster_precision(graph: Graph, cluster: Cluster, won: Result, optimizer: str
             f"{step * 1e3:.2f} ms per step, {won.step_s / step:.2f}x faster than fp32's {won.step_s * 1e3:.2f} ms"]
 
 
-def explain_memory(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin, optimizer: str) -> InfeasiblePlan:
-    """The least memory any assignment needs (each tensor sharded as far as its rules allow),
-    and which rank it still overfills by how much, as an error with fixes."""
+def least_memory_choice(graph: Graph, cm: CostModel, cands: dict, pin) -> dict[str, Candidate]:
+    """Each node's candidate that keeps the least memory on its fullest rank (every tensor
+    sharded as far as its rules and pins allow): what any plan needs at least."""
     choice = {}
     for node in graph:
         allowed = [c for c in cands[node.name] if pin is None or pin(node, c)] or cands[node.name]
         choice[node.name] = min(allowed, key=lambda c: max(cm.memory_bytes(node, c)))
+    return choice
+
+
+def fit_micro_batches(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin) -> tuple[int, ...] | None:
+    """Per rank, the fewest micro-batches that let the least-memory assignment fit: a rank keeps
+    only its largest micro-batch's activations (of the tensors that follow the batch). None when
+    no number does (the parameter state alone overfills a rank) or the graph's sizes were not
+    classified (``hap.capture.classify_batch``)."""
+    if not graph.batch_size:
+        return None
+    choice = least_memory_choice(graph, cm, cands, pin)
+    report = memory_report(graph, cm, choice)
+    counts = []
+    for r, row in enumerate(report):
+        over = row["total"] - cluster.memory_bytes(r)
+        share = cm.splitter.shares[r]
+        if over <= 0 or share <= 1:
+            counts.append(1)
+            continue
+        divisible = sum(cm.batch_activations(node, choice[node.name])[r] for node in graph)
+        largest = int(share * (1 - over / divisible)) if divisible > over else 0  # samples per micro-batch
+        if largest < 1:
+            return None
+        counts.append(-(-share // largest))
+    return tuple(counts) if max(counts) > 1 else None
+
+
+def explain_memory(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin, optimizer: str) -> InfeasiblePlan:
+    """The least memory any assignment needs (each tensor sharded as far as its rules allow),
+    and which rank it still overfills by how much, as an error with fixes."""
+    choice = least_memory_choice(graph, cm, cands, pin)
     report = memory_report(graph, cm, choice)
     over = [(row["total"] - cluster.memory_bytes(r), r) for r, row in enumerate(report)]
     excess, r = max(over)
@@ -242,6 +310,7 @@ def explain_memory(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, p
                               "check the --pin placements you gave")
     row = report[r]
     gb = 1e9
+    micro = f" and its samples in {cm.micro[r]} micro-batches" if cm.micro[r] > 1 else ""
     fixes = ["a smaller global batch (--batch-size)", "a cluster with more memory per device"]
     if optimizer != "sgd":
         fixes.insert(0, "--optimizer sgd (no optimizer state)")
@@ -249,7 +318,7 @@ def explain_memory(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, p
         f"no plan fits in memory: rank {r} ({cluster.ranks[r].device}) needs at least {row['total'] / gb:.1f} GB "
         f"(parameters {row['parameters'] / gb:.1f}, gradients {row['gradients'] / gb:.1f}, optimizer "
         f"{row['optimizer'] / gb:.1f}, activations {row['activations'] / gb:.1f}) even with every tensor sharded "
-        f"as far as the rules allow, and has {cluster.memory_bytes(r) / gb:.1f} GB. Try: {'; '.join(fixes)}.")
+        f"as far as the rules allow{micro}, and has {cluster.memory_bytes(r) / gb:.1f} GB. Try: {'; '.join(fixes)}.")
 
 
 def parse_pins(graph: Graph, cands: dict, pins: dict[str, str]) -> dict[str, Placement]:

@@ -368,7 +368,7 @@ def _solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candida
     status = pulp.LpSolution.get(prob.sol_status, str(prob.sol_status))
     if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
         if solver_text.strip():
-            log.error("the solver printed:\n%s", solver_text.rstrip())
+            log.info("the solver printed:\n%s", solver_text.rstrip())
         raise InfeasiblePlan(f"the solver found no plan ({status}, {pulp.LpStatus[prob.status]})")
     choice = {}
     for node in graph:

@@ -104,10 +104,8 @@ def check_candidate(graph: Graph, values: dict, name: str, cand: Candidate, spli
     single-device output in its placement, else a description of the mismatch."""
     node = graph[name]
     n = splitter.num_ranks
-    fake_plan = SimpleNamespace(graph=graph, shares=splitter.shares, nodes={}, moves=[])
-    em = Emitter.__new__(Emitter)
-    em.plan, em.graph, em.splitter = fake_plan, graph, splitter
-    em.lengths_used, em.converted, em.lines, em.choice = {}, {}, [], {}
+    fake_plan = SimpleNamespace(graph=graph, shares=splitter.shares, nodes={}, moves=[], choice=dict)
+    em = Emitter(fake_plan)
     refs = [f"in{i}" for i in range(len(node.inputs()))]
     expr = em.expression(node, cand, refs)
     outs = []
@@ -120,8 +118,11 @@ def check_candidate(graph: Graph, values: dict, name: str, cand: Candidate, spli
             ns[f"in{i}"] = local_value(full_in, p, splitter, r, noise_seed=i)
         for (size, unit), var in em.lengths_used.items():
             ns[var] = splitter.lengths(size, unit)[r]
+        ns["LENGTHS"] = {key: splitter.lengths(*key) for key in em.length_keys}
+        ns["ROWS"], ns["B"] = splitter.shares, splitter.total
+        ns.update({f"rows{f}": tuple(f * x for x in splitter.shares) for f in em.rows_used})
 
-        def class_loss_count(t, w, ii, _full=target_full):
+        def class_loss_count(t, w, ii, total=None, _full=target_full):
             keep = _full != ii
             return float(keep.sum()) if w is None else float(w[_full.clamp(min=0)][keep].sum())
 

@@ -36,6 +36,13 @@ class Local:
     unit: int = 1
     what: str = "len"  # the local length (the one kind of per-rank integer a rule rewrites in)
     scale: int = 1
+    batch: tuple[int, ...] = ()  # (f, c) when size is f*B + c of the global batch B (Node.batch_dims)
+
+    @classmethod
+    def of(cls, node: Node, dim: int, unit: int = 1) -> Local:
+        """The local length of dim ``dim`` of ``node``'s output."""
+        fc = tuple(node.batch_dims[dim]) if node.batch_dims else ()
+        return cls(node.out.shape[dim], unit, batch=fc if fc and fc[0] else ())
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ class Candidate:
 
 def _encode_local(v: Any) -> Any:
     if isinstance(v, Local):
-        return {"local": [v.size, v.unit, v.what, v.scale]}
+        return {"local": [v.size, v.unit, v.what, v.scale, list(v.batch)]}
     if isinstance(v, (list, tuple)):
         return [_encode_local(x) for x in v]
     if isinstance(v, dict):
@@ -81,8 +88,8 @@ def _encode_local(v: Any) -> Any:
 
 def _decode_local(v: Any) -> Any:
     if isinstance(v, dict) and set(v) == {"local"}:
-        size, unit, what, scale = v["local"]
-        return Local(size, unit, what, scale)
+        size, unit, what, scale, *batch = v["local"]
+        return Local(size, unit, what, scale, tuple(batch[0]) if batch else ())
     if isinstance(v, list):
         return [_decode_local(x) for x in v]
     if isinstance(v, dict):

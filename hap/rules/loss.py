@@ -82,7 +82,8 @@ def loss_partial(em, node: Node, cand: Candidate, refs: list[str]) -> str:
         weight = args[2] if len(args) > 2 else None
         ignore = args[4] if len(args) > 4 and not is_ref(args[4]) else -100
         wexpr = refs[node.inputs().index(weight["node"])] if is_ref(weight) else "None"
-        return f"{summed} / class_loss_count({refs[1]}, {wexpr}, {ignore})"
+        total = em.graph[node.inputs()[1]].out.numel  # the global batch's targets: micro-batches' stand-in
+        return f"{summed} / class_loss_count({refs[1]}, {wexpr}, {ignore}, {total})"
     x = em.graph[node.inputs()[0]].out
     return f"{summed} / {x.numel}"
 

@@ -50,6 +50,6 @@ def sync_batch_norm(em, node: Node, cand: Candidate, refs: list[str]) -> str:
     """BatchNorm in training mode over a sharded batch: global statistics (hr.sync_batch_norm)."""
     refs_it = list(refs)
     vals = [em.render(x, refs_it) for x in node.args[:8]]
-    ls = em.lengths(em.graph[node.inputs()[0]].out.shape[0], 1)
+    _, ls = em.tensor_lengths(node.inputs()[0], S(0))
     return (f"hr.sync_batch_norm({vals[0]}, {vals[1]}, {vals[2]}, {vals[3]}, {vals[4]}, "
             f"training={vals[5]}, momentum={vals[6]}, eps={vals[7]}, lengths={ls})")

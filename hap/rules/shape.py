@@ -54,13 +54,13 @@ def view(node: Node, ctx: RuleContext) -> list[Candidate]:
         rewrite: tuple = ()
         if node.target in ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"):
             shape = list(dst.shape)
-            shape[o] = Local(dst.shape[o], u2)
+            shape[o] = Local.of(node, o, u2)
             rewrite = ((1, shape),)
         elif node.target == "aten.unflatten.int":
             dim = norm_dim(arg(node, 1, "dim"), src.ndim)
             sizes = list(dst.shape[dim:dim + len(arg(node, 2, "sizes"))])
             if dim <= o < dim + len(sizes):
-                sizes[o - dim] = Local(dst.shape[o], u2)
+                sizes[o - dim] = Local.of(node, o, u2)
             rewrite = ((2, sizes),)
         cands.append(Candidate(f"{S(d, u)}->{S(o, u2)}", (S(d, u),), S(o, u2), rewrite=rewrite))
     cands.append(Candidate("P", (P,), P))
@@ -124,7 +124,7 @@ def expand(node: Node, ctx: RuleContext) -> list[Candidate]:
         di = d - off
         for u in ctx.shard_units(dst.shape[d]):
             sizes = list(arg(node, 1, "size"))
-            sizes[d] = Local(dst.shape[d], u)
+            sizes[d] = Local.of(node, d, u)
             if di >= 0 and src.shape[di] == dst.shape[d]:
                 cands.append(Candidate(f"S({d})" if u == 1 else f"S({d}/{u})", (S(di, u),), S(d, u),
                                        rewrite=((1, sizes),)))

@@ -39,6 +39,7 @@ class GradSync:
                 kinds.setdefault((p.device, p.dtype), []).append(p)
             self.buckets.extend(kinds.values())
         self.overlap = overlap and _d.is_distributed()
+        self.hold = False  # set while backward runs a micro-batch that is not the step's last
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
         self._reset()
         if self.overlap:
@@ -52,6 +53,8 @@ class GradSync:
         self._works: list[tuple[int, torch.Tensor, object, bool]] = []
 
     def _ready(self, p: torch.Tensor) -> None:
+        if self.hold:  # a micro-batch's backward before the last: its gradients are not complete
+            return
         i = self._bucket_of[id(p)]
         self._left[i] -= 1
         # launch every complete bucket in order, but keep the last one for finish() and the loss

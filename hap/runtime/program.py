@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from . import optim
+from . import micro, optim
 from .checks import backend_for, device_mismatch, placement_mismatch
 from .collectives import gather_full, sum_scalar
 from .data import RankData, val_batches
@@ -42,6 +42,7 @@ from .emulate import end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .precision import Precision
 from .shares import Rebalancer, split_lengths
+from .sharded_ops import count_deferred
 
 
 def parse_args(argv: list[str] | None = None, default_optimizer: str = "sgd") -> argparse.Namespace:
@@ -63,6 +64,9 @@ def parse_args(argv: list[str] | None = None, default_optimizer: str = "sgd") ->
                     help="dataset specs: report the validation loss every K steps (and after the last)")
     ap.add_argument("--eval-batches", type=int, default=8, metavar="N",
                     help="global batches of the val split each validation reads (default 8)")
+    ap.add_argument("--micro-batches", type=int, default=None, metavar="K",
+                    help="each rank runs its share of a step in K micro-batches, accumulating gradients, one "
+                         "optimizer step per global batch (default: the plan's MICRO_BATCHES, chosen to fit memory)")
     ap.add_argument("--no-rebalance", action="store_true",
                     help="keep the plan's shares (default: move samples to ranks measured faster, see REBALANCE)")
     ap.add_argument("--slowdown-at", action="append", default=[], metavar="STEP:RANK:FACTOR",
@@ -243,9 +247,58 @@ def slowdown_schedule(specs: list[str], rank: int) -> dict[int, float]:
 def use_shares(program: ModuleType, shares: tuple[int, ...]) -> None:
     """From this step on every rank takes ``shares`` of the global batch: the program's SHARES
     and the lengths of every sharded (batch-derived) dim follow."""
-    program.SHARES = tuple(shares)
+    program.SHARES = program.ROWS = tuple(shares)
     for (size, unit) in list(program.LENGTHS):
         program.LENGTHS[size, unit] = split_lengths(size, unit, shares)
+
+
+def micro_counts(program: ModuleType, flag: int | None) -> tuple[int, ...]:
+    """Per rank, how many micro-batches it runs its share in: ``--micro-batches K`` for every
+    rank, else the plan's MICRO_BATCHES; a forward made for whole batches only runs 1."""
+    if flag is not None and flag < 1:
+        stop(f"--micro-batches {flag}: give 1 or more micro-batches per step")
+    counts = (flag,) * program.WORLD_SIZE if flag is not None else \
+        tuple(getattr(program, "MICRO_BATCHES", None) or (1,) * program.WORLD_SIZE)
+    fixed = getattr(program, "FIXED_BATCH", ("this program predates micro-batches",))
+    if max(counts) > 1 and fixed:
+        stop(f"--micro-batches {max(counts)}: this plan's forward only runs whole global batches ("
+             f"{'; '.join(fixed)}); run without --micro-batches or re-plan with a smaller --batch-size")
+    return counts
+
+
+def run_micro_batches(program: ModuleType, params, buffers, batch, counts: tuple[int, ...], grad_sync: GradSync,
+                      amp: Precision) -> tuple[torch.Tensor, tuple[float, float] | None]:
+    """Forward and backward over this rank's share of the step in micro-batches (hap.runtime.micro),
+    gradients accumulating; gradient buckets are reduced after the last. Returns the summed loss
+    addend and, when class-loss counts were deferred, (this rank's true count, the stand-in)."""
+    lockstep = getattr(program, "LOCKSTEP", True)
+    rows = micro.schedule(program.SHARES, counts, lockstep)
+    if len(rows) == 1:
+        program.ROWS = program.SHARES
+        with amp.autocast():
+            loss = program.forward(params, buffers, batch)
+        amp.backward(loss)
+        return loss.detach(), None
+    mine = micro.runs(rows, program.RANK, lockstep)
+    total = None
+    with count_deferred() as seen:
+        for j in mine:
+            program.ROWS = rows[j]
+            with undilated():
+                part = micro.take(batch, program.INPUTS, program.SHARES, rows, j, program.RANK)
+            grad_sync.hold = j != mine[-1]  # buckets are complete after the last micro-batch
+            with amp.autocast():
+                loss = program.forward(params, buffers, part)
+            amp.backward(loss)
+            total = loss.detach() if total is None else total + loss.detach()
+            if j == mine[0] and len(seen) > 1:
+                stop("--micro-batches: this model computes more than one class loss with ignored targets per "
+                     "forward, whose counts micro-batches cannot defer; run without --micro-batches")
+    grad_sync.hold = False
+    program.ROWS = program.SHARES
+    if not seen:
+        return total, None
+    return total, (float(sum(c for c, _ in seen)), seen[0][1])
 
 
 def validate(program: ModuleType, spec: ModuleType, params, buffers, amp, max_batches: int) -> float:
@@ -352,6 +405,7 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
     balancer = (Rebalancer(program.SHARES) if program.WORLD_SIZE > 1 and getattr(program, "REBALANCE", False)
                 and not args.no_rebalance else None)
     events, compute_log = [], []
+    counts = micro_counts(program, args.micro_batches)
     if args.emulate:  # from here on: the set-up above is not the emulated device's compute
         set_emulation(program.SLOWDOWN[rank])
     for step in range(start_step, args.steps):
@@ -363,19 +417,26 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
         with undilated():  # --emulate slows forward + backward only
             batch = data.next(step)  # this rank's share of the step's global batch
         c0 = time.perf_counter()
-        with amp.autocast():
-            loss = program.forward(params, buffers, batch)
         opt.zero_grad(set_to_none=True)  # backward writes fresh gradients: no zeroing pass
-        amp.backward(loss)
+        loss, counted = run_micro_batches(program, params, buffers, batch, counts, grad_sync, amp)
         end_segment()  # the emulated slowdown of this step's compute, spent now so it is measured
         if program.DEVICE.type == "cuda":
             torch.cuda.synchronize(program.DEVICE)
         compute_s = time.perf_counter() - c0
-        riders = None
-        if balancer is not None:  # each rank's compute, in its slot, summed with the loss: no extra collective
-            riders = torch.zeros(program.WORLD_SIZE, dtype=torch.float64)
-            riders[rank] = compute_s
-        global_loss = grad_sync.finish(loss.detach().float(), riders)  # the loss rides in the last bucket
+        riders = []  # summed over ranks with the loss, in the last gradient bucket: no extra collective
+        if balancer is not None:  # each rank's compute, in its slot
+            riders = [compute_s if r == rank else 0.0 for r in range(program.WORLD_SIZE)]
+        if counted is not None:  # this rank's class-loss count of its micro-batches (count_deferred)
+            riders.append(float(counted[0]))
+        global_loss = grad_sync.finish(loss.float(), torch.tensor(riders, dtype=torch.float64) if riders else None)
+        if counted is not None:  # the stand-in denominator becomes the global batch's true count
+            fix = counted[1] / float(grad_sync.riders[-1])
+            if fix != 1.0:
+                global_loss *= fix
+                with torch.no_grad():
+                    for p in params.values():
+                        if p.grad is not None:
+                            p.grad.mul_(fix)
         if global_loss != global_loss or abs(global_loss) == float("inf"):
             stop(f"loss is {global_loss} at step {step}; stopping. Last good checkpoint: "
                  f"{last_saved or 'none (use --save DIR --save-every K)'}", 3)
@@ -386,8 +447,8 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
             lrs.append(optim.lr_at(step, args))
             optim.set_lr(opt, lrs[-1])
             amp.step(opt)  # fp16: every rank skips the step if any rank's gradients overflowed
-            if balancer is not None:
-                compute_log.append([float(x) for x in grad_sync.riders])  # every rank's compute, on every rank
+            if balancer is not None:  # every rank's compute, on every rank
+                compute_log.append([float(x) for x in grad_sync.riders[:program.WORLD_SIZE]])
                 decided = balancer.observe(compute_log[-1])
                 if decided is not None:
                     at = step + data.lookahead

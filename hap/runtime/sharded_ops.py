@@ -2,6 +2,9 @@
 except where a docstring says so)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from .collectives import sum_scalar
@@ -18,15 +21,38 @@ def vocab_embedding(weight_rows: torch.Tensor, idx: torch.Tensor, offset: int, l
     return out * owned.unsqueeze(-1).to(out.dtype)
 
 
-def class_loss_count(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int) -> float:
+_deferred: list[tuple[torch.Tensor, float]] | None = None  # see count_deferred
+
+
+def class_loss_count(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
+                     total: float | None = None) -> float:
     """The global denominator of a mean cross-entropy / NLL over a sharded batch: the number
-    (or total class weight) of targets that are not ``ignore_index``, summed over ranks."""
+    (or total class weight) of targets that are not ``ignore_index``, summed over ranks (one
+    all-reduce). Under ``count_deferred`` (micro-batches) it records this rank's count and
+    returns ``total``, the number of targets in the global batch, without communicating."""
     keep = target != ignore_index
     if weight is None:
         local = keep.sum()
     else:
         local = weight[target.clamp(min=0)].masked_fill(~keep, 0).sum()
+    if _deferred is not None and total is not None:
+        _deferred.append((local.detach().double(), float(total)))
+        return float(total)
     return sum_scalar(local.detach().double())
+
+
+@contextmanager
+def count_deferred() -> Iterator[list[tuple[torch.Tensor, float]]]:
+    """Class-loss denominators become a stand-in (the global batch's number of targets), and the
+    true local counts are collected in the yielded list: micro-batches of one step may differ in
+    number per rank, so a count cannot be all-reduced inside forward; the program sums the
+    counts over ranks once per step and rescales gradients and loss by stand-in / true count."""
+    global _deferred
+    _deferred = []
+    try:
+        yield _deferred
+    finally:
+        _deferred = None
 
 
 def embedding_bag_rows(weight_rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, offset: int,

@@ -17,11 +17,14 @@ SAME = {"optimizer": "adamw", "weight_decay": 1.0, "clip": 0.05, "warmup": 2, "s
 
 
 @pytest.mark.parametrize("cluster,pins", [("default", MEGATRON), ("cpu-1-2-4", None)])
-def test_adamw_cosine_and_global_norm_clipping_are_exact(cluster, pins, tmp_path, monkeypatch):
+def test_adamw_cosine_clipping_and_micro_batches_are_exact(cluster, pins, tmp_path, monkeypatch):
+    # sharded weights: every rank runs 2 micro-batches in lockstep through the resharding
+    # collectives; data parallel: each rank's share in 2 pieces of its own
     monkeypatch.setenv("HAP_MLP_WIDTH", "512")
     monkeypatch.setenv("HAP_MLP_BATCH", "256")
     plan, loss_err, param_err = run_exact(str(ROOT / "examples/mlp.py"), str(CLUSTERS / f"{cluster}.toml"), tmp_path,
-                                          steps=5, lr=1e-3, pins=pins, train=SAME, train_args=FLAGS)
+                                          steps=5, lr=1e-3, pins=pins, train=SAME,
+                                          train_args=[*FLAGS, "--micro-batches", "2"])
     assert len(set(plan.shares)) > 1
     if pins:
         assert plan.nodes["p_hidden_1_weight"].output == "S(0)"
@@ -29,3 +32,22 @@ def test_adamw_cosine_and_global_norm_clipping_are_exact(cluster, pins, tmp_path
     assert min(log["grad_norm"]) > 0.05, log["grad_norm"]  # the clipping was active every step
     assert log["lr"][:2] == pytest.approx([5e-4, 1e-3]) and log["lr"][-1] < log["lr"][2]
     assert loss_err < 1e-5 and param_err < 1e-4, (loss_err, param_err)
+
+
+def test_micro_batches_chosen_for_small_memory_ranks_are_exact_with_ignored_targets(tmp_path):
+    # two CPU ranks with 1.5 MB each, the second 2x slower: the plan cuts each rank's share into
+    # its own number of micro-batches (the shares follow speed, the micro-batches memory), and
+    # the cross-entropy's count of kept targets is summed over every rank's micro-batches
+    profile = json.loads((ROOT / "profiles/devices/cpu.json").read_text())
+    profile["memory_bytes"] = 1_500_000
+    (tmp_path / "cpu-small.json").write_text(json.dumps(profile))
+    (tmp_path / "small.toml").write_text('name = "cpu-small-memory"\n'
+                                         '[[nodes]]\ndevice = "cpu-small.json"\ncount = 1\nnode = "localhost"\n'
+                                         '[[nodes]]\ndevice = "cpu-small.json"\ncount = 1\nnode = "localhost"\n'
+                                         'slowdown = 2.0\n')
+    plan, loss_err, param_err = run_exact(str(ROOT / "tests/models/masked_lm.py"), str(tmp_path / "small.toml"),
+                                          tmp_path, steps=3, lr=0.05)
+    assert plan.shares[0] > plan.shares[1] and plan.micro_batches[0] > plan.micro_batches[1] > 1, \
+        (plan.shares, plan.micro_batches)
+    assert any("micro-batches" in n for n in plan.notes)
+    assert loss_err < 1e-5 and param_err < 1e-5, (loss_err, param_err)
