@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--grad-reduce", choices=["fp32", "bf16"], default="fp32",
                     help="dtype of the gradient all-reduce: fp32 (default) or bf16 (half the bytes; each rank's "
                          "gradient rounded to bf16 before the sum, see docs/precision.md)")
+    ap.add_argument("--recompute", choices=["auto", "all", "none"], default="auto",
+                    help="activation checkpointing of the model's repeated blocks: auto (default: the fewest blocks "
+                         "that let activations fit, only where memory is tight), all, or none")
     ap.add_argument("--timeline", metavar="PNG", default=None,
                     help="draw the per-rank timeline of the plan and of dp_even to PNG")
     ap.add_argument("--compare", action="store_true",
@@ -117,7 +120,7 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
         graph = capture_spec(mod, args.batch_size)
         status.update(f"planning {len(graph)} nodes for {cluster.num_ranks} ranks")
         plan = plan_graph(graph, cluster, optimizer=args.optimizer, precision=args.precision,
-                          grad_reduce=args.grad_reduce, strict=args.strict,
+                          grad_reduce=args.grad_reduce, strict=args.strict, recompute=args.recompute,
                           time_limit_s=args.time_limit, spec=str(Path(args.spec).resolve()), pins=_pins(args.pin),
                           progress=lambda msg: status.update(msg))
     if args.compare:

@@ -47,7 +47,7 @@ class Conversion:
 
 class CostModel:
     def __init__(self, graph: Graph, cluster: Cluster, splitter: Splitter, optimizer: str = "sgd",
-                 micro_batches: tuple[int, ...] = ()) -> None:
+                 micro_batches: tuple[int, ...] = (), recompute: tuple[str, ...] = ()) -> None:
         assert splitter.num_ranks == cluster.num_ranks
         self.graph = graph
         self.cluster = cluster
@@ -64,6 +64,34 @@ class CostModel:
         self.cast_copies = _cast_copies(graph)
         self._node_cache: dict[tuple[str, str], tuple[float, ...]] = {}
         self._move_cache: dict[tuple, tuple[float, ...] | None] = {}
+        self._recompute(graph, recompute)
+
+    def _recompute(self, graph: Graph, blocks: tuple[str, ...]) -> None:
+        """Activation checkpointing of ``blocks`` (``Graph.blocks``): their ops run forward again in
+        backward; of their activations only what is read outside the block stays saved, and while
+        backward recomputes one block its activations are back (the largest block, per rank, at
+        data-parallel fractions, is reserved in every rank's memory)."""
+        self.recompute = tuple(blocks)
+        self.recomputed: set[str] = set()
+        self.dropped: set[str] = set()
+        self.recompute_peak = (0.0,) * self.n
+        if not blocks:
+            return
+        users, all_blocks = graph.users(), graph.blocks()
+        total = self.splitter.total or 1
+        peaks = [0.0] * self.n
+        for b in blocks:
+            names = all_blocks[b]
+            inside = set(names)
+            self.recomputed |= inside
+            self.dropped |= {x for x in names if x != graph.loss and all(u in inside for u in users[x])}
+            saved = [graph[x] for x in names if graph[x].op_class != "view" and x in self.requires_grad
+                     and isinstance(graph[x].meta, TensorMeta)]
+            for r in range(self.n):
+                frac = self.splitter.shares[r] / total * self.micro_scale[r]
+                peaks[r] = max(peaks[r], sum(x.meta.nbytes * (frac if any(f for f, _ in x.batch_dims) else 1.0)
+                                             for x in saved))
+        self.recompute_peak = tuple(peaks)
 
     # ---- compute -------------------------------------------------------------------
     def fractions(self, split: tuple[int, int] | None) -> tuple[float, ...]:
@@ -103,6 +131,9 @@ class CostModel:
                 work, fixed = self._affine_s(node, r)
                 res.append(self._measured_s(node, cand, r, work * fracs[r] + fixed, fracs[r])
                            + (self.micro[r] - 1) * fixed)
+            if node.name in self.recomputed:  # its forward runs again in backward
+                again = 1.0 + 1.0 / (1.0 + self.backward_factor(node))
+                res = [t * again for t in res]
             res = tuple(res)
         self._node_cache[key] = res
         return res
@@ -261,6 +292,8 @@ class CostModel:
                 parts["activations"] = tuple(x * self.cast_copies[node.name] for x in local)
         elif node.kind == "buffer":
             parts["parameters"] = (float(meta.nbytes),) * self.n
+        elif node.name in self.dropped:  # recomputed in backward, not saved (the peak is reserved apart)
+            pass
         elif node.kind == "input" or (node.op_class != "view" and node.name in self.requires_grad):
             follows = node.kind == "input" or any(f for f, _ in node.batch_dims)
             parts["activations"] = tuple(x * m for x, m in zip(local, self.micro_scale)) if follows else local

@@ -46,6 +46,7 @@ class Emitter:
         self.fixed_batch: list[str] = [] if plan.graph.batch_size else \
             ["the model did not capture at twice the batch, so hap cannot tell which sizes follow the batch"]
         self.converted: dict[tuple[str, Placement], str] = {}
+        self.made_in_block: list[tuple[str, Placement]] = []  # conversions since the current block began
         self.lines: list[str] = []
 
     # ---- helpers -----------------------------------------------------------------------
@@ -114,6 +115,7 @@ class Emitter:
         expr = mv.code(name, src, dst, self.form(name, want))  # a move without uneven forms ignores it
         self.lines.append(f"    {var} = {expr}  # {have} -> {want}  ({source})")
         self.converted[key] = var
+        self.made_in_block.append(key)
         return var
 
     def form(self, name: str, want: Placement) -> str:
@@ -167,21 +169,48 @@ class Emitter:
     def forward_lines(self) -> list[str]:
         g = self.graph
         self.lines = []
+        recomputed = {name: b for b in getattr(self.plan, "recompute", ()) for name in g.blocks()[b]}
+        block, start, inside = None, 0, []
         for node in g:
             if node.kind != "op":
                 continue
+            if recomputed.get(node.name) != block:
+                if block is not None:
+                    self.recompute_block(block, start, inside)
+                block, start, inside = recomputed.get(node.name), len(self.lines), []
+                self.made_in_block: list[tuple[str, Placement]] = []
+            inside.append(node.name)
             cand = self.choice[node.name]
             src = _short_source(node.source)
             refs = [self.ref(r, p, src) for r, p in zip(node.inputs(), cand.inputs)]
             expr = self.expression(node, cand, refs)
             tag = f"{','.join(str(p) for p in cand.inputs)} -> {cand.output}" if cand.inputs else str(cand.output)
             self.lines.append(f"    {node.name} = {expr}  # {tag}  {src}")
+        if block is not None:
+            self.recompute_block(block, start, inside)
         loss = g.loss
         want = Placement("P")
         var = self.ref(loss, want, "the loss: every rank holds its addend") if self.out_placement(loss) != want \
             else loss
         self.lines.append(f"    return {var}")
         return self.lines
+
+    def recompute_block(self, block: str, start: int, names: list[str]) -> None:
+        """Turn the lines from ``start`` on (block ``block``'s ops) into a function that
+        ``hr.recompute`` runs under activation checkpointing: it returns what later lines read."""
+        inside = set(names)
+        users = self.graph.users()
+        outs = [n for n in names if n == self.graph.loss or any(u not in inside for u in users[n])]
+        for key in self.made_in_block:  # a conversion made inside is local to the function
+            self.converted.pop(key, None)
+        if not outs:
+            return
+        fn = "block_" + "".join(ch if ch.isalnum() else "_" for ch in block)
+        body = ["    " + line for line in self.lines[start:]]
+        self.lines[start:] = [f"    def {fn}():  # {block}: its forward runs again in backward (activation "
+                              "checkpointing)", *body,
+                              f"        return {', '.join(outs)},",
+                              f"    {', '.join(outs)}, = hr.recompute({fn})"]
 
     def expression(self, node: Node, cand: Candidate, refs: list[str]) -> str:
         """The right-hand side of a node's line: the ATen call with local arguments, or the

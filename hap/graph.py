@@ -190,6 +190,26 @@ class Graph:
                     out.add(n.name)
         return out
 
+    def blocks(self) -> dict[str, list[str]]:
+        """The model's repeated blocks, the units activation checkpointing recomputes: label ->
+        op nodes in order. A block is an item of a module list (``blocks.3``, ``model.layers.0``:
+        the module path up to its first integer); a block whose ops are interleaved with others
+        is split into contiguous runs (``blocks.3``, ``blocks.3#2``)."""
+        out: dict[str, list[str]] = {}
+        last = None
+        for n in self.ops():
+            path = n.module.split(" (")[0].split(".") if n.module else []
+            cut = next((i for i, part in enumerate(path) if part.isdigit()), None)
+            label = ".".join(path[:cut + 1]) if cut is not None else None
+            if label is not None and label != last:
+                runs = sum(1 for k in out if k == label or k.startswith(label + "#"))
+                label_run = label if not runs else f"{label}#{runs + 1}"
+                out[label_run] = []
+            if label is not None:
+                out[list(out)[-1]].append(n.name)
+            last = label
+        return out
+
     def to_json(self) -> dict:
         return {"model_name": self.model_name, "loss": self.loss, "num_inputs": self.num_inputs,
                 "precision": self.precision, "grad_reduce": self.grad_reduce, "batch_size": self.batch_size,

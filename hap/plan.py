@@ -147,6 +147,7 @@ class Plan:
     notes: tuple[str, ...] = ()  # why notable choices were made
     # per rank: how many micro-batches it runs its share in (to fit its memory); () is 1 each
     micro_batches: tuple[int, ...] = ()
+    recompute: tuple[str, ...] = ()  # blocks (Graph.blocks) whose forward runs again in backward
 
     @property
     def num_ranks(self) -> int:
@@ -216,6 +217,7 @@ class Plan:
             "grad_reduce": self.graph.grad_reduce,
             "global_batch": self.global_batch,
             "optimizer": self.optimizer,
+            "recompute": list(self.recompute),
             "ranks": ranks,
             "predicted_step_s": self.predicted_step_s,
             "predicted": self.predicted.to_json(),
@@ -254,6 +256,7 @@ class Plan:
                 strategy=d.get("strategy", "hap"), spec=d.get("spec"), warnings=tuple(d.get("warnings", [])),
                 notes=tuple(d.get("notes", [])),
                 micro_batches=tuple(int(r.get("micro_batches", 1)) for r in d["ranks"]),
+                recompute=tuple(str(b) for b in d.get("recompute", [])),
             )
         except KeyError as e:
             raise PlanFileError(f"the plan lacks {e.args[0]!r}; re-plan with this version of hap") from None

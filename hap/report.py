@@ -42,18 +42,23 @@ def strategy_table(plan: Plan, max_rows: int = 40) -> Table:
     for col in ("module", "op", "placements", "source"):
         t.add_column(col)
     rows: OrderedDict[tuple, list] = OrderedDict()
-    for n in plan.graph:
+    blocks = plan.graph.blocks() if plan.recompute else {}
+    recomputed = {name for b in plan.recompute for name in blocks[b]}
+    shown: set[str] = set()
+    for n in plan.graph.ops():  # each parameter's row comes just before the first op that reads it
+        for ref in n.inputs():
+            p = plan.graph[ref]
+            if p.kind == "param" and ref not in shown:
+                shown.add(ref)
+                key = (p.target.rsplit(".", 1)[0], "param " + p.target.rsplit(".", 1)[-1], plan.nodes[ref].output, "")
+                rows.setdefault(key, []).append(ref)
         info = plan.nodes[n.name]
-        if n.kind == "param":
-            key = (n.target.rsplit(".", 1)[0], "param " + n.target.rsplit(".", 1)[-1], info.output, "")
-        elif n.kind == "op" and n.op_class in ("matmul", "conv", "attention", "norm") or \
-                (n.kind == "op" and "loss" in n.target) or n.name == plan.graph.loss:
+        if n.op_class in ("matmul", "conv", "attention", "norm") or "loss" in n.target or n.name == plan.graph.loss:
             ins = ",".join(str(p) for p in info.candidate.inputs)
-            key = (n.module.split(" ")[0] or "-", n.target.replace("aten.", "").rsplit(".", 1)[0],
-                   f"{ins} -> {info.output}", n.source.split("  ")[0])
-        else:
-            continue
-        rows.setdefault(key, []).append(n.name)
+            mod = (n.module.split(" ")[0] or "-") + (" (recomputed)" if n.name in recomputed else "")
+            key = (mod, n.target.replace("aten.", "").rsplit(".", 1)[0], f"{ins} -> {info.output}",
+                   n.source.split("  ")[0])
+            rows.setdefault(key, []).append(n.name)
     for i, ((mod, op, pl, src), names) in enumerate(rows.items()):
         if i >= max_rows:
             t.add_row("...", f"{len(rows) - max_rows} more rows", "", "")

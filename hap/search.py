@@ -26,7 +26,7 @@ from hap.baselines import baseline_setup, dp_pin
 from hap.calibrate import measured
 from hap.cluster import Cluster
 from hap.cost import CostModel
-from hap.errors import InfeasiblePlan
+from hap.errors import HapError, InfeasiblePlan
 from hap.graph import Graph, Node
 from hap.placement import Placement, Splitter
 from hap.plan import BaselineResult, Plan, assemble_plan, baseline_result
@@ -67,6 +67,7 @@ class Result:
     evaluation: Evaluation
     status: str
     micro_batches: tuple[int, ...] = ()  # per rank, where its share runs in micro-batches to fit memory
+    recompute: tuple[str, ...] = ()  # blocks (Graph.blocks) recomputed in backward to fit memory
 
     @property
     def step_s(self) -> float:
@@ -78,8 +79,10 @@ class Search:
     (no zero-length shard of a weight or feature dim), the ones emit finds again from the plan."""
 
     def __init__(self, graph: Graph, cluster: Cluster, *, optimizer: str, strict: bool, time_limit_s: float,
-                 user_pins: dict[str, Placement]):
+                 user_pins: dict[str, Placement], recompute: str = "auto"):
         self.graph, self.cluster, self.optimizer = graph, cluster, optimizer
+        self.recompute = recompute  # auto: blocks recomputed only where memory is tight; all; none
+        self.all_blocks = tuple(graph.blocks()) if recompute == "all" else ()
         self.strict, self.time_limit_s, self.user_pins = strict, time_limit_s, user_pins
         self.units = view_units(graph)
         self._cands: dict[tuple[int, ...], dict[str, list[Candidate]]] = {}
@@ -92,8 +95,10 @@ class Search:
             self._cands[shares] = all_candidates(self.graph, ctx, strict=self.strict)
         return self._cands[shares]
 
-    def cost_model(self, shares: tuple[int, ...], micro_batches: tuple[int, ...] = ()) -> CostModel:
-        return CostModel(self.graph, self.cluster, Splitter(shares), self.optimizer, micro_batches)
+    def cost_model(self, shares: tuple[int, ...], micro_batches: tuple[int, ...] = (),
+                   recompute: tuple[str, ...] = ()) -> CostModel:
+        return CostModel(self.graph, self.cluster, Splitter(shares), self.optimizer, micro_batches,
+                         recompute or self.all_blocks)
 
     def user_pin(self, node: Node, c: Candidate, _cands: list[Candidate]) -> bool:
         return node.name not in self.user_pins or c.output == self.user_pins[node.name]
@@ -114,23 +119,50 @@ class Search:
         cm = self.cost_model(attempt.shares)
         try:
             res = solve_placements(self.graph, cm, own, pin=restrict, time_limit_s=self.time_limit_s)
+            ev = evaluate(self.graph, cm, res.choice)
         except InfeasiblePlan as e:
-            # too little memory on some rank: run shares there in micro-batches, if that fits
-            micro = fit_micro_batches(self.graph, self.cluster, cm, own, restrict)
-            try:
-                if micro is None:
-                    raise e
-                cm = self.cost_model(attempt.shares, micro)
-                res = solve_placements(self.graph, cm, own, pin=restrict, time_limit_s=self.time_limit_s)
-            except InfeasiblePlan as again:
+            fitted = self.fit_memory(attempt, own, restrict)
+            if fitted is None:
                 if attempt.name != "hap":
-                    self.infeasible[attempt.name] = str(again)
+                    self.infeasible[attempt.name] = str(e)
                     return None
-                raise explain_memory(self.graph, self.cluster, cm, own, restrict, self.optimizer) from again
-        result = Result(attempt, res.choice, evaluate(self.graph, cm, res.choice), res.status,
-                        tuple(cm.micro) if max(cm.micro) > 1 else ())
+                raise explain_memory(self.graph, self.cluster, cm, own, restrict, self.optimizer) from e
+            cm, res, ev = fitted
+        result = Result(attempt, res.choice, ev, res.status, tuple(cm.micro) if max(cm.micro) > 1 else (),
+                        cm.recompute)
         self.results[attempt.name] = result
         return result
+
+    def fit_memory(self, attempt: Attempt, own: dict, restrict) -> tuple[CostModel, object, Evaluation] | None:
+        """Where activations overfill some rank: the fastest of running shares there in micro-batches,
+        recomputing the fewest blocks in backward (activation checkpointing), or both; None when
+        none of them fits."""
+        shares, options = attempt.shares, []
+        micro = fit_micro_batches(self.graph, self.cluster, self.cost_model(shares), own, restrict)
+        if micro is not None:
+            options.append((micro, ()))
+        blocks = tuple(self.graph.blocks()) if self.recompute == "auto" else ()
+        if blocks:
+            fewest = next((k for k in range(1, len(blocks) + 1)
+                           if fits(self.graph, self.cluster, self.cost_model(shares, (), blocks[:k]), own, restrict)),
+                          None)
+            if fewest is not None:
+                options.append(((), blocks[:fewest]))
+            else:  # every block recomputed and the rest in micro-batches
+                both = fit_micro_batches(self.graph, self.cluster, self.cost_model(shares, (), blocks), own, restrict)
+                if both is not None:
+                    options.append((both, blocks))
+        best = None
+        for micro_batches, recompute in options:
+            cm = self.cost_model(shares, micro_batches, recompute)
+            try:
+                res = solve_placements(self.graph, cm, own, pin=restrict, time_limit_s=self.time_limit_s)
+            except InfeasiblePlan:
+                continue
+            ev = evaluate(self.graph, cm, res.choice)
+            if best is None or ev.step_s < best[2].step_s:
+                best = (cm, res, ev)
+        return best
 
     def best(self) -> Result:
         fastest = min(r.step_s for r in self.results.values())
@@ -158,7 +190,7 @@ class Search:
 
 def search(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bool = False,
            time_limit_s: float = 20.0, spec: str | None = None, pins: dict[str, str] | None = None,
-           precision: str = "fp32", grad_reduce: str = "fp32",
+           precision: str = "fp32", grad_reduce: str = "fp32", recompute: str = "auto",
            progress: Callable[[str], None] | None = None) -> Plan:
     """Solve every attempt for ``graph`` on ``cluster`` in ``precision`` (``hap.precision.CHOICES``),
     gradients all-reduced in ``grad_reduce``, and return the preferred one as a Plan."""
@@ -179,7 +211,10 @@ def search(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bo
     for w in dict.fromkeys(warnings):
         log.warning(w)
     prop, even = speed_shares(cluster, total), even_shares(n, total)
-    s = Search(graph, cluster, optimizer=optimizer, strict=strict, time_limit_s=time_limit_s, user_pins={})
+    if recompute not in ("auto", "all", "none"):
+        raise HapError(f"recompute={recompute!r}: give auto, all or none")
+    s = Search(graph, cluster, optimizer=optimizer, strict=strict, time_limit_s=time_limit_s, user_pins={},
+               recompute=recompute)
     say(f"enumerating candidates for {len(graph)} nodes")
     s.user_pins = parse_pins(graph, s.candidates(prop), pins or {})
 
@@ -218,6 +253,12 @@ def search(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bo
                      "rounded to 8 mantissa bits before the sum")
     if precision == "fp32":
         notes += faster_precision(graph, cluster, won, optimizer)
+    if won.recompute:
+        blocks = graph.blocks()
+        notes.append(f"activation checkpointing: {len(won.recompute)} of {len(blocks)} blocks ("
+                     f"{_span(won.recompute)}) run their forward again in backward, keeping only their outputs"
+                     + (" (--recompute all)" if recompute == "all" else ", so that activations fit every rank's "
+                        "memory"))
     if won.micro_batches:
         notes += micro_batch_notes(cluster, shares, won.micro_batches)
         coupled = sorted({x.source or x.name for x in graph.ops() if couples_samples(x)})
@@ -228,7 +269,11 @@ def search(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bo
     plan = assemble_plan(graph, cluster, shares, won.choice, won.evaluation, won.status, strategy=strategy,
                          optimizer=optimizer, spec=spec, solve_s=time.perf_counter() - t0,
                          baselines=s.baselines(), warnings=list(dict.fromkeys(warnings)), notes=notes)
-    return dataclasses.replace(plan, micro_batches=won.micro_batches)
+    return dataclasses.replace(plan, micro_batches=won.micro_batches, recompute=won.recompute)
+
+
+def _span(labels: tuple[str, ...]) -> str:
+    return labels[0] if len(labels) == 1 else f"{labels[0]} .. {labels[-1]}"
 
 
 def couples_samples(node: Node) -> bool:
@@ -272,6 +317,12 @@ def least_memory_choice(graph: Graph, cm: CostModel, cands: dict, pin) -> dict[s
         allowed = [c for c in cands[node.name] if pin is None or pin(node, c)] or cands[node.name]
         choice[node.name] = min(allowed, key=lambda c: max(cm.memory_bytes(node, c)))
     return choice
+
+
+def fits(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin) -> bool:
+    """Whether the least-memory assignment fits every rank under ``cm``."""
+    report = memory_report(graph, cm, least_memory_choice(graph, cm, cands, pin))
+    return all(row["total"] <= cluster.memory_bytes(r) for r, row in enumerate(report))
 
 
 def fit_micro_batches(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin) -> tuple[int, ...] | None:

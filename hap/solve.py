@@ -139,6 +139,7 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
             per_rank[r] += t[r]
         for r, b in enumerate(cm.memory_bytes(node, c)):
             mem[r] += b
+    mem = [m + peak for m, peak in zip(mem, cm.recompute_peak)]  # one recomputed block's activations
     moves = []
     comm = 0.0
     rd = readers(graph)
@@ -344,7 +345,7 @@ def _solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candida
                 coeffs.append((v, b))
                 best = max(best, b)
             worst += best
-        cap = float(cm.cluster.memory_bytes(r))
+        cap = float(cm.cluster.memory_bytes(r)) - cm.recompute_peak[r]
         if worst <= cap:
             continue  # cannot bind
         key = (cap, tuple((v.name, b) for v, b in coeffs))
@@ -397,7 +398,8 @@ def memory_report(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> 
         for part, per_rank in cm.memory_parts(node, choice[node.name]).items():
             for r, b in enumerate(per_rank):
                 out[r][part] += b
-    for row in out:
+    for row, peak in zip(out, cm.recompute_peak):
+        row["activations"] += peak  # the block that backward recomputes holds its activations again
         row["total"] = sum(row.values())
     return out
 

@@ -2,6 +2,8 @@
 cards differ, and a model that cannot fit gets an error naming the rank and the bytes."""
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 import torch.nn as nn
@@ -54,3 +56,50 @@ def test_model_that_cannot_fit_names_rank_bytes_and_fixes():
         plan_graph(graph, load_cluster(MIXED), optimizer="adam")
     msg = str(e.value)
     assert "rank" in msg and "GB" in msg and "parameters" in msg and "optimizer" in msg and "Try:" in msg
+
+
+class Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class Deep(nn.Module):
+    def __init__(self, width: int, depth: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x.pow(2).mean()
+
+
+def test_activations_of_one_sample_over_a_card_fit_by_recomputing_the_fewest_blocks():
+    # 8 sequences of 16k tokens on 8 V100s: one sample per card, so micro-batches cannot help;
+    # a block keeps 10 x 16k x 1024 x 4 B = 0.67 GB of activations, 24 blocks 16 GB
+    from rich.console import Console
+
+    from hap.report import plan_text, strategy_table
+
+    with torch.device("meta"):
+        graph = capture(Deep(1024, 24), (torch.randn(8, 16384, 1024),))
+    cluster = load_cluster(ROOT / "profiles" / "clusters" / "v100x8.toml")
+    with pytest.raises(InfeasiblePlan):
+        plan_graph(graph, cluster, recompute="none")
+    plan = plan_graph(graph, cluster)
+    assert not plan.micro_batches or max(plan.micro_batches) == 1
+    assert 0 < len(plan.recompute) < 24 and plan.recompute[0] == "blocks.0"
+    for r in range(cluster.num_ranks):
+        assert plan.predicted.memory_bytes[r] <= cluster.memory_bytes(r)
+    assert f"activation checkpointing: {len(plan.recompute)} of 24 blocks" in plan_text(plan)
+    buf = io.StringIO()
+    Console(file=buf, width=200).print(strategy_table(plan, max_rows=1000))
+    text = buf.getvalue()
+    assert "blocks.0.fc1 (recomputed)" in text and f"blocks.{len(plan.recompute)}.fc1 (recomputed)" not in text
+    # recomputing costs a forward of each recomputed block again: more compute than all blocks kept
+    everything = plan_graph(graph, cluster, recompute="all")
+    assert everything.predicted.critical_compute_s > plan.predicted.critical_compute_s

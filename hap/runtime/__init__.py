@@ -22,7 +22,7 @@ from .collectives import (
 from .dist import device, init, is_distributed, leave, local_rank, rank, shutdown, world_size
 from .emulate import end_segment, set_emulation, undilated
 from .grad_sync import GradSync
-from .ops import sync_batch_norm
+from .ops import recompute, sync_batch_norm
 
 __all__ = [
     "GradSync",
@@ -38,6 +38,7 @@ __all__ = [
     "leave",
     "local_rank",
     "program",
+    "recompute",
     "rank",
     "reduce_scatter",
     "set_emulation",

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from . import dist as _d
 from .collectives import _lengths, all_reduce
@@ -59,3 +60,11 @@ def sync_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
             unbiased = var.detach() * (count / (count - 1))
             running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
     return y.to(x.dtype)
+
+
+def recompute(block):
+    """Run ``block()`` (a function of no arguments returning a tuple of tensors) under activation
+    checkpointing: its intermediate activations are not kept, and backward runs its forward
+    again (with the same random state) to get them. Collectives inside run again too, on every
+    rank in the same order, since every rank recomputes the same blocks."""
+    return torch.utils.checkpoint.checkpoint(block, use_reentrant=False)

@@ -51,3 +51,17 @@ def test_micro_batches_chosen_for_small_memory_ranks_are_exact_with_ignored_targ
         (plan.shares, plan.micro_batches)
     assert any("micro-batches" in n for n in plan.notes)
     assert loss_err < 1e-5 and param_err < 1e-5, (loss_err, param_err)
+
+
+@pytest.mark.parametrize("spec,cluster", [("gpt", "cpu-1-2-4"), ("mlp", "cpu-slow-net")])
+def test_recomputed_blocks_in_micro_batches_train_exactly(spec, cluster, tmp_path):
+    # activation checkpointing reruns each block's forward in backward, inside every micro-batch,
+    # with the block's resharding collectives (mlp on cpu-slow-net is tensor parallel): the same gradients
+    plan, loss_err, param_err = run_exact(str(ROOT / f"examples/{spec}.py"), str(CLUSTERS / f"{cluster}.toml"),
+                                          tmp_path, steps=3, recompute="all", train_args=["--micro-batches", "2"])
+    assert plan.recompute == tuple(plan.graph.blocks())
+    text = (tmp_path / "out" / "train.py").read_text()
+    assert text.count("= hr.recompute(block_") == len(plan.recompute)
+    if spec == "mlp":
+        assert plan.moves and "hr.all_gather" in text.split("def block_hidden_2")[1].split("hr.recompute")[0]
+    assert loss_err < 1e-5 and param_err < 1e-4, (loss_err, param_err)
