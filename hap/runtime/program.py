@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None, default_optimizer: str = "sgd") ->
     ap.add_argument("--micro-batches", type=int, default=None, metavar="K",
                     help="each rank runs its share of a step in K micro-batches, accumulating gradients, one "
                          "optimizer step per global batch (default: the plan's MICRO_BATCHES, chosen to fit memory)")
+    ap.add_argument("--tensorboard", default=None, metavar="DIR",
+                    help="rank 0 writes each step's loss, lr, grad-norm and throughput as TensorBoard event files "
+                         "to DIR (pip install 'hap[tensorboard]')")
     ap.add_argument("--no-rebalance", action="store_true",
                     help="keep the plan's shares (default: move samples to ranks measured faster, see REBALANCE)")
     ap.add_argument("--slowdown-at", action="append", default=[], metavar="STEP:RANK:FACTOR",
@@ -228,6 +231,18 @@ def progress_line(step: int, steps: int, loss: float, lr: float, norm: float | N
     gnorm = f"  grad-norm {norm:.3g}" if norm is not None else ""
     return (f"step {step:4d}  loss {loss:.6f}  lr {lr:.3g}{gnorm}  {step_s[-1] * 1e3:7.1f} ms  {rate}  "
             f"data wait {wait_s / step_s[-1]:3.0%}  eta {eta}")
+
+
+def tensorboard_writer(logdir: str | None, rank: int):
+    """Rank 0's TensorBoard writer for ``--tensorboard DIR`` (None without it, and on other ranks)."""
+    if not logdir or rank != 0:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        stop(f"--tensorboard {logdir}: the tensorboard package is not installed; pip install 'hap[tensorboard]' "
+             "(or run without --tensorboard: --log-json records the same values)")
+    return SummaryWriter(logdir)
 
 
 def slowdown_schedule(specs: list[str], rank: int) -> dict[int, float]:
@@ -406,6 +421,7 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
                 and not args.no_rebalance else None)
     events, compute_log = [], []
     counts = micro_counts(program, args.micro_batches)
+    board = tensorboard_writer(args.tensorboard, rank)
     if args.emulate:  # from here on: the set-up above is not the emulated device's compute
         set_emulation(program.SLOWDOWN[rank])
     for step in range(start_step, args.steps):
@@ -461,11 +477,21 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
         if rank == 0:
             print(progress_line(step, args.steps, global_loss, lrs[-1], norms[-1] if norms else None, step_s,
                                 data.waits[-1], samples, tokens), flush=True)
+        if board is not None:
+            board.add_scalar("train/loss", global_loss, step)
+            board.add_scalar("train/lr", lrs[-1], step)
+            if norms:
+                board.add_scalar("train/grad_norm", norms[-1], step)
+            board.add_scalar("train/step_s", step_s[-1], step)
+            board.add_scalar("train/tokens_per_s" if tokens != samples else "train/samples_per_s",
+                             tokens / step_s[-1], step)
         done = step + 1
         if args.eval_every and hasattr(spec, "dataset") and (done % args.eval_every == 0 or done == args.steps):
             val.append({"step": done, "loss": validate(program, spec, params, buffers, amp, args.eval_batches)})
             if rank == 0:
                 print(f"step {step:4d}  val loss {val[-1]['loss']:.6f}", flush=True)
+            if board is not None:
+                board.add_scalar("val/loss", val[-1]["loss"], done)
         if args.save and ((args.save_every and done % args.save_every == 0) or done == args.steps):
             tensors, layout = checkpoint_state(program, params, buffers, opt)
             meta = {**layout, "data_position": data.position(done), "optimizer_kind": args.optimizer,
@@ -476,6 +502,8 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
         state = full_state_dict(program, model, params, buffers)
         if rank == 0:
             torch.save(state, args.dump_params)
+    if board is not None:
+        board.close()
     waits = torch.tensor(data.waits, dtype=torch.float64)
     _all_reduce(waits, "max")  # a step waits for the slowest rank's batch
     data.close()

@@ -24,13 +24,22 @@ def test_adamw_cosine_clipping_and_micro_batches_are_exact(cluster, pins, tmp_pa
     monkeypatch.setenv("HAP_MLP_BATCH", "256")
     plan, loss_err, param_err = run_exact(str(ROOT / "examples/mlp.py"), str(CLUSTERS / f"{cluster}.toml"), tmp_path,
                                           steps=5, lr=1e-3, pins=pins, train=SAME,
-                                          train_args=[*FLAGS, "--micro-batches", "2"])
+                                          train_args=[*FLAGS, "--micro-batches", "2", "--tensorboard",
+                                                      str(tmp_path / "tb")])
     assert len(set(plan.shares)) > 1
     if pins:
         assert plan.nodes["p_hidden_1_weight"].output == "S(0)"
     log = json.loads((tmp_path / "log.json").read_text())
     assert min(log["grad_norm"]) > 0.05, log["grad_norm"]  # the clipping was active every step
     assert log["lr"][:2] == pytest.approx([5e-4, 1e-3]) and log["lr"][-1] < log["lr"][2]
+    # --tensorboard: rank 0's event files hold what --log-json holds
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(log["losses"], rel=1e-6)
+    assert [e.value for e in events.Scalars("train/grad_norm")] == pytest.approx(log["grad_norm"], rel=1e-6)
+    assert [e.step for e in events.Scalars("train/lr")] == list(range(5))
     assert loss_err < 1e-5 and param_err < 1e-4, (loss_err, param_err)
 
 
