@@ -276,6 +276,9 @@ PLACES = {places}  # per rank: (node, local rank, processes on that node), as to
 PARAMS = {{
 {params}
 }}
+PARAM_SPLITS = {{
+{param_splits}
+}}  # sharded placeholder -> (size, unit) of its sharded dim: its lengths follow SHARES as LENGTHS do
 BUFFERS = {{
 {buffers}
 }}
@@ -294,8 +297,8 @@ GRAD_OVERLAP = {grad_overlap}  # True: each bucket is all-reduced during backwar
 PRECISION = {precision!r}  # forward runs under torch.autocast with this dtype (fp32: no autocast)
 OPTIMIZER = {optimizer!r}  # the default of --optimizer: the optimizer whose state the plan's memory counts
 GRAD_REDUCE = {grad_reduce!r}  # the dtype GRAD_BUCKETS are all-reduced in
-REBALANCE = {rebalance}  # True: only the batch follows SHARES (no parameter shards, no resharding), so
-# the program may move samples between ranks while it runs, recomputing LENGTHS from new shares
+REBALANCE = {rebalance}  # True: the program may change SHARES while it runs (measured speeds), moving
+# samples and parameter shards between ranks and recomputing LENGTHS and PARAMS from the new shares
 DEVICE = torch.device("cpu")
 RANK = 0
 
@@ -315,10 +318,10 @@ if __name__ == "__main__":
 
 
 def rebalanceable(plan: Plan) -> bool:
-    """Whether shares can change at run time: every parameter replicated and no resharding
-    collective, so the batch (and the LENGTHS derived from it) is all that follows the shares."""
-    return plan.num_ranks > 1 and all(plan.nodes[p.name].output == "R" for p in plan.graph.params()) \
-        and not plan.moves
+    """Whether shares can change at run time: every per-rank length in the forward is read from
+    ROWS, LENGTHS or PARAMS, which the program recomputes from new shares (the global batch
+    stays), so any plan of more than one rank can."""
+    return plan.num_ranks > 1
 
 
 def lockstep(plan: Plan) -> bool:
@@ -380,13 +383,14 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
     em = Emitter(plan)
     body = em.forward_lines()
     g = plan.graph
-    params, buffers, unpack = [], [], []
+    params, buffers, unpack, param_splits = [], [], [], []
     for n in g:
         if n.kind == "param":
             p = em.out_placement(n.name)
             if p.is_shard:
                 d, ls = em.shard_lengths(n.meta, p)
                 params.append(f"    {n.name!r}: ({tuple(n.aliases or [n.target])!r}, {d}, {ls}),  # {p}")
+                param_splits.append(f"    {n.name!r}: ({n.meta.shape[d]}, {p.unit}),")
             else:
                 params.append(f"    {n.name!r}: ({tuple(n.aliases or [n.target])!r}, None, None),  # R")
             unpack.append(f"    {n.name} = params[{n.name!r}]")
@@ -414,7 +418,7 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         spec=spec_rel, spec_rel=spec_rel, world=plan.num_ranks, shares=tuple(plan.shares),
         slowdown=tuple(r.slowdown for r in plan.cluster.ranks),
         devices=tuple(r.device for r in plan.cluster.ranks), places=rank_places(plan),
-        params="\n".join(params), buffers="\n".join(buffers), inputs=input_dims,
+        params="\n".join(params), param_splits="\n".join(param_splits), buffers="\n".join(buffers), inputs=input_dims,
         input_samples=tuple((tuple(n.meta.shape[1:]), n.meta.dtype) for n in inputs),
         lengths="\n".join(lengths),
         grad_buckets=[list(b) for b in plan.predicted.grad_buckets] or [list(plan.grad_synced)],

@@ -36,3 +36,27 @@ def test_lengths_follow_the_shares_with_the_planner_rule():
     for shares in ((12, 4), (5, 11), (7, 0, 9)):
         for size, unit in ((16, 1), (512, 32), (100, 1), (16 * 3, 3)):
             assert split_lengths(size, unit, shares) == Splitter(shares).lengths(size, unit)
+
+
+def test_work_that_does_not_follow_the_share_stops_the_shares_from_running_away():
+    # rank 0 takes 6 ms whatever its share (launch costs of small ops), rank 1 0.05 ms a sample:
+    # the first change believes compute is proportional to the share; once both points are
+    # measured the line through them shows that no further move pays
+    rb = Rebalancer((32, 32))
+    cost = [lambda s: 0.006 + 1e-6 * s, lambda s: 5e-5 * s]
+    changes = []
+    for _ in range(40):
+        decided = rb.observe(tuple(cost[r](rb.shares[r]) for r in range(2)))
+        if decided:
+            changes.append(decided[0])
+    assert len(changes) == 1, changes
+    assert changes[0][0] < 32
+
+
+def test_balanced_shares_equalise_affine_compute():
+    from hap.runtime.shares import balanced
+
+    # a + b x share: rank 0 has 10 ms of fixed work, both 1 ms a sample: rank 1 takes 10 more
+    assert balanced(100, [(0.010, 0.001), (0.0, 0.001)]) == (45, 55)
+    assert balanced(100, [(0.0, 0.001), (0.0, 0.003)]) == (75, 25)
+    assert balanced(100, [(0.0, 0.0), (0.0, 0.001)]) is None  # no rate: no proposal

@@ -54,17 +54,18 @@ def one_hot(node: Node, ctx: RuleContext) -> list[Candidate]:
             for d in range(idx.ndim) for u in ctx.shard_units(idx.shape[d])]
 
 
-def _row_block(em, node: Node) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Per rank: the first row and the number of rows of the table it owns."""
-    ls = em.lengths(em.graph[node.inputs()[0]].out.shape[0], 1)
-    return tuple(sum(ls[:r]) for r in range(len(ls))), ls
+def _row_block(em, node: Node) -> tuple[str, str]:
+    """This rank's first row and number of rows of the table it owns, as code (the table's rows
+    follow LENGTHS, which a re-balancing program updates)."""
+    _, ls = em.tensor_lengths(node.inputs()[0], S(0))
+    return f"sum({ls}[:RANK])", f"{ls}[RANK]"
 
 
 @renders("vocab_embedding")
 def vocab_embedding(em, node: Node, cand: Candidate, refs: list[str]) -> str:
     """Rows of the table sharded: each rank looks up the ids it owns, zeros elsewhere (P)."""
     offs, ls = _row_block(em, node)
-    return f"vocab_embedding({refs[0]}, {refs[1]}, {offs}[RANK], {ls}[RANK])"
+    return f"vocab_embedding({refs[0]}, {refs[1]}, {offs}, {ls})"
 
 
 @renders("embedding_bag_rows")
@@ -75,6 +76,6 @@ def embedding_bag_rows(em, node: Node, cand: Candidate, refs: list[str]) -> str:
     a = list(node.args) + [None] * (9 - len(node.args))
     psw = refs[3] if is_ref(a[6]) else "None"
     rows = em.graph[node.inputs()[0]].out.shape[0]
-    return (f"embedding_bag_rows({refs[0]}, {refs[1]}, {refs[2]}, {offs}[RANK], {ls}[RANK], {rows}, "
+    return (f"embedding_bag_rows({refs[0]}, {refs[1]}, {refs[2]}, {offs}, {ls}, {rows}, "
             f"mode={a[4]!r}, per_sample_weights={psw}, include_last_offset={bool(a[7])!r}, "
             f"padding_idx={a[8]!r})")

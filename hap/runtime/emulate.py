@@ -18,6 +18,8 @@ _slowdown: float = 1.0
 _seg_start: float = time.perf_counter()
 _total_sleep: float = 0.0
 _undilated_depth: int = 0  # inside undilated(): nothing is dilated, collectives included
+_comm_start: float = _seg_start  # when the current collective began (after its segment's dilation)
+_comm_total: float = 0.0  # seconds spent in collectives so far
 
 
 def set_emulation(slowdown: float) -> None:
@@ -51,18 +53,26 @@ def _spin(seconds: float) -> None:
 
 def before_comm() -> None:
     """Wait (busy) the emulated extra compute time of the segment that ends here."""
-    global _total_sleep
+    global _total_sleep, _comm_start
     if _slowdown > 1.0 and not _undilated_depth:
         extra = (_slowdown - 1.0) * (time.perf_counter() - _seg_start)
         if extra > 0:
             _spin(extra)
             _total_sleep += extra
+    _comm_start = time.perf_counter()
+
+
+def comm_seconds() -> float:
+    """Seconds this rank has spent inside collectives (sending, and waiting for other ranks),
+    emulated or not: a step's wall time less this is the rank's own compute."""
+    return _comm_total
 
 
 def after_comm() -> None:
     """Start the next compute segment."""
-    global _seg_start
+    global _seg_start, _comm_total
     _seg_start = time.perf_counter()
+    _comm_total += _seg_start - _comm_start
 
 
 @contextmanager

@@ -38,7 +38,7 @@ from .checks import backend_for, device_mismatch, placement_mismatch
 from .collectives import gather_full, sum_scalar
 from .data import RankData, val_batches
 from .dist import _all_reduce, barrier, device, init, leave, shutdown
-from .emulate import end_segment, set_emulation, undilated
+from .emulate import comm_seconds, end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .precision import Precision
 from .shares import Rebalancer, split_lengths
@@ -261,10 +261,42 @@ def slowdown_schedule(specs: list[str], rank: int) -> dict[int, float]:
 
 def use_shares(program: ModuleType, shares: tuple[int, ...]) -> None:
     """From this step on every rank takes ``shares`` of the global batch: the program's SHARES
-    and the lengths of every sharded (batch-derived) dim follow."""
+    and ROWS, and the lengths of every sharded dim (LENGTHS, the sharded PARAMS) follow."""
     program.SHARES = program.ROWS = tuple(shares)
     for (size, unit) in list(program.LENGTHS):
         program.LENGTHS[size, unit] = split_lengths(size, unit, shares)
+    for name, (size, unit) in getattr(program, "PARAM_SPLITS", {}).items():
+        keys, dim, _ = program.PARAMS[name]
+        program.PARAMS[name] = (keys, dim, split_lengths(size, unit, shares))
+
+
+def move_shards(program: ModuleType, params, opt, before: dict[str, tuple[int, ...] | None]) -> None:
+    """After ``use_shares``: every rank's sharded parameters and their optimizer moments are cut
+    again from their ``before`` lengths to the new ones (one parameter at a time, gathered whole
+    and sliced), in memory, in the same order on every rank; gradients start afresh."""
+    with torch.no_grad():
+        for name, (_, dim, lengths) in program.PARAMS.items():
+            if dim is None or tuple(before[name]) == tuple(lengths):
+                continue
+            p, r = params[name], program.RANK
+
+            def recut(t: torch.Tensor) -> torch.Tensor:
+                full = gather_full(t, "S", dim, before[name])
+                return full.narrow(dim, sum(lengths[:r]), lengths[r]).clone()
+
+            state = opt.state.get(p, {})
+            for k, v in list(state.items()):
+                if torch.is_tensor(v) and v.dim() and v.shape == p.shape:
+                    state[k] = recut(v)
+            p.data = recut(p)
+            p.grad = None
+
+
+def shares_allowed(program: ModuleType, shares: tuple[int, ...]) -> bool:
+    """Shares a re-balancing may move to: none leaves a rank without its part of a dim that
+    every rank holds part of now (a weight or feature dim of length 0 on a rank is not run)."""
+    return all(0 in ls or 0 not in split_lengths(size, unit, shares)
+               for (size, unit), ls in program.LENGTHS.items())
 
 
 def micro_counts(program: ModuleType, flag: int | None) -> tuple[int, ...]:
@@ -385,6 +417,10 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
     # after a crash under --max-restarts, the restarted job resumes from its own latest checkpoint
     resume_from = args.resume or (args.save if restarts > 0 and args.save and ckpt.latest(args.save) else None)
     ck = resume_point(program, resume_from)
+    saved = tuple(ck.get("shares") or ()) if ck is not None else ()
+    if (getattr(program, "REBALANCE", False) and len(saved) == program.WORLD_SIZE
+            and sum(saved) == program.GLOBAL_BATCH and saved != tuple(program.SHARES)):
+        use_shares(program, saved)  # a re-balanced run resumes on the shares (and shard lengths) it had reached
     params, buffers = local_state(program, model)
     opt = optim.build(args, params, {name: len(program.SHAPES[keys[0]]) for name, (keys, _, _) in
                                      program.PARAMS.items()})
@@ -406,10 +442,6 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
     amp = Precision(getattr(program, "PRECISION", "fp32"), program.DEVICE)
     if ck is not None:
         amp.load_state_dict(ck.get("scaler"))
-    saved = tuple(ck.get("shares") or ()) if ck is not None else ()
-    if (getattr(program, "REBALANCE", False) and len(saved) == program.WORLD_SIZE
-            and sum(saved) == program.GLOBAL_BATCH and saved != tuple(program.SHARES)):
-        use_shares(program, saved)  # a re-balanced run resumes on the shares it had reached
     data = RankData(spec, rank, program.SHARES, program.INPUTS, program.INPUT_SAMPLES, args.seed, start_step,
                     args.steps, args.prefetch, program.DEVICE)
     losses, step_s, val, lrs, norms = [], [], [], [], []
@@ -417,8 +449,8 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
     tokens = samples * next((x[0][0] for x in program.INPUT_SAMPLES if len(x[0]) == 1 and x[1] == "int64"), 1)
     last_saved = ck["path"] if ck else None
     slowdowns = slowdown_schedule(args.slowdown_at, rank) if args.emulate else {}
-    balancer = (Rebalancer(program.SHARES) if program.WORLD_SIZE > 1 and getattr(program, "REBALANCE", False)
-                and not args.no_rebalance else None)
+    balancer = (Rebalancer(program.SHARES, lambda shares: shares_allowed(program, shares))
+                if program.WORLD_SIZE > 1 and getattr(program, "REBALANCE", False) and not args.no_rebalance else None)
     events, compute_log = [], []
     counts = micro_counts(program, args.micro_batches)
     board = tensorboard_writer(args.tensorboard, rank)
@@ -428,17 +460,20 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
         if step in slowdowns:
             set_emulation(slowdowns[step])
         if data.shares_at(step) != tuple(program.SHARES):  # a re-balancing decided earlier starts here
+            before = {name: lengths for name, (_, _, lengths) in program.PARAMS.items()}
             use_shares(program, data.shares_at(step))
+            with undilated():  # moving shards is not the emulated device's compute
+                move_shards(program, params, opt, before)
         t0 = time.perf_counter()
         with undilated():  # --emulate slows forward + backward only
             batch = data.next(step)  # this rank's share of the step's global batch
-        c0 = time.perf_counter()
+        c0, comm0 = time.perf_counter(), comm_seconds()
         opt.zero_grad(set_to_none=True)  # backward writes fresh gradients: no zeroing pass
         loss, counted = run_micro_batches(program, params, buffers, batch, counts, grad_sync, amp)
         end_segment()  # the emulated slowdown of this step's compute, spent now so it is measured
         if program.DEVICE.type == "cuda":
             torch.cuda.synchronize(program.DEVICE)
-        compute_s = time.perf_counter() - c0
+        compute_s = time.perf_counter() - c0 - (comm_seconds() - comm0)  # not the time spent in collectives
         riders = []  # summed over ranks with the loss, in the last gradient bucket: no extra collective
         if balancer is not None:  # each rank's compute, in its slot
             riders = [compute_s if r == rank else 0.0 for r in range(program.WORLD_SIZE)]

@@ -6,16 +6,18 @@ uses it too): a dim of the global batch size gets exactly the shares; any other 
 blocks is split in the same ratio by largest remainder.
 
 ``Rebalancer`` watches each rank's measured compute per step (forward + backward, the emulated
-slowdown included; not wall time, which a fast rank spends waiting in collectives). When the
-shares proportional to the measured speeds would shorten the slowest rank's compute by at
-least ``MIN_GAIN``, measured over ``WINDOW`` steps, and the last change is ``COOLDOWN`` steps
-back, it proposes them. Every rank sees the same all-reduced measurements and so takes the
+slowdown included; not the time spent in collectives, where a fast rank waits for the slow
+ones). It models each rank's compute as proportional to its share, and after a change as the
+line through the rank's last two shares (work that does not follow the share, such as small
+ops' launch costs, then stops the shares from running away). When the shares that equalise
+the modelled compute would shorten the slowest rank's by at least ``MIN_GAIN``, measured over
+``WINDOW`` steps, and the last change is ``COOLDOWN`` steps back, it proposes them. Every rank sees the same all-reduced measurements and so takes the
 same decision. The global batch never changes, so training stays what it was.
 """
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 WINDOW = 3  # steps of measurements a decision is based on
 MIN_GAIN = 0.10  # the predicted slowest compute must fall by at least this fraction
@@ -50,10 +52,13 @@ def split_lengths(size: int, unit: int, shares: Sequence[int]) -> tuple[int, ...
 
 
 class Rebalancer:
-    def __init__(self, shares: Sequence[int]) -> None:
+    def __init__(self, shares: Sequence[int], allowed: Callable[[tuple[int, ...]], bool] | None = None) -> None:
         self.shares = tuple(shares)
+        self.allowed = allowed  # shares the program can run (no weight dim cut to nothing on a rank)
         self.history: list[tuple[float, ...]] = []  # per step: every rank's compute seconds
         self.since_change = 0
+        # per rank: (share, median compute) under the shares before the current ones
+        self.before: list[tuple[int, float] | None] = [None] * len(self.shares)
 
     def observe(self, compute_s: Sequence[float]) -> tuple[tuple[int, ...], str] | None:
         """Record one step's per-rank compute; returns (new shares, reason) when re-balancing pays."""
@@ -63,21 +68,54 @@ class Rebalancer:
             return None
         recent = self.history[-WINDOW:]
         per_rank = [statistics.median(step[r] for step in recent) for r in range(len(self.shares))]
-        # seconds per sample of each rank; a rank with no samples keeps its last known rate
-        rate = [c / s if s else None for c, s in zip(per_rank, self.shares)]
-        known = [x for x in rate if x]
-        if not known:
+        lines = [self.line(r, c) for r, c in enumerate(per_rank)]
+        proposal = balanced(sum(self.shares), lines)
+        if proposal is None:
             return None
-        rate = [x if x else min(known) for x in rate]
-        speed = [1.0 / x for x in rate]
-        proposal = largest_remainder(sum(self.shares), speed)
         now = max(c for c, s in zip(per_rank, self.shares) if s) if any(self.shares) else 0.0
-        then = max(s * x for s, x in zip(proposal, rate))
+        then = max(a + b * s for (a, b), s in zip(lines, proposal))
         if proposal == self.shares or now <= 0 or then > now * (1 - MIN_GAIN):
+            return None
+        if self.allowed is not None and not self.allowed(proposal):
             return None
         reason = (f"measured compute per step {', '.join(f'{c * 1e3:.1f}' for c in per_rank)} ms "
                   f"(median of {WINDOW} steps); the slowest rank's {now * 1e3:.1f} ms is predicted to fall to "
                   f"{then * 1e3:.1f} ms")
+        self.before = [(s, c) for s, c in zip(self.shares, per_rank)]
         self.shares = proposal
         self.since_change = 0
         return proposal, reason
+
+    def line(self, r: int, compute: float) -> tuple[float, float]:
+        """Rank r's compute as a + b x its share: through its last two measured shares where it
+        has two (fixed per-step work, such as small ops' launch costs, does not move with the
+        share), else proportional to its share."""
+        share = self.shares[r]
+        rates = [c / s for c, s in zip(self.history[-1], self.shares) if s]
+        fallback = min(rates) if rates else 1.0
+        if self.before[r] is not None and self.before[r][0] != share:
+            s0, c0 = self.before[r]
+            slope = (compute - c0) / (share - s0)
+            floor = 0.05 * (compute / share if share else fallback)  # noise must not make a rank free
+            slope = max(slope, floor)
+            return max(compute - slope * share, 0.0), slope
+        return 0.0, compute / share if share else fallback
+
+
+def balanced(total: int, lines: Sequence[tuple[float, float]]) -> tuple[int, ...] | None:
+    """Integer shares summing to ``total`` that minimise the slowest rank's a + b x share:
+    the common finishing time T by bisection, each rank's (T - a) / b samples, rounded by
+    largest remainder."""
+    if not lines or total <= 0 or any(b <= 0 for _, b in lines):
+        return None
+    lo, hi = 0.0, max(a + b * total for a, b in lines)
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if sum(max(0.0, (mid - a) / b) for a, b in lines) >= total:
+            hi = mid
+        else:
+            lo = mid
+    parts = [max(0.0, (hi - a) / b) for a, b in lines]
+    if not sum(parts) > 0:
+        return None
+    return largest_remainder(total, parts)

@@ -59,17 +59,17 @@ def reference(spec_path: str, steps: int, lr: float, global_batch: int, precisio
               train: dict | None = None):
     """Single-device training of the spec: under torch.autocast for bf16 / fp16, with
     torch.amp.GradScaler's defaults for fp16; ``train`` holds the optimizer flags (optimizer,
-    weight_decay, betas, clip, warmup, schedule, min_lr) as train.py documents them."""
+    momentum, weight_decay, betas, clip, warmup, schedule, min_lr) as train.py documents them."""
     import math
 
-    t = {"optimizer": "sgd", "weight_decay": 0.0, "betas": (0.9, 0.999), "clip": None, "warmup": 0,
+    t = {"optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0, "betas": (0.9, 0.999), "clip": None, "warmup": 0,
          "schedule": "constant", "min_lr": 0.0, **(train or {})}
     spec = load_spec(spec_path)
     torch.manual_seed(0)
     model = spec.model()
     params = list(model.parameters())
     if t["optimizer"] == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, weight_decay=t["weight_decay"])
+        opt = torch.optim.SGD(params, lr=lr, momentum=t["momentum"], weight_decay=t["weight_decay"])
     else:
         cls = torch.optim.AdamW if t["optimizer"] == "adamw" else torch.optim.Adam
         opt = cls(params, lr=lr, betas=t["betas"], weight_decay=t["weight_decay"])

@@ -30,3 +30,27 @@ def test_a_slowed_rank_is_rebalanced_and_training_stays_exact(spec, cluster, ext
     assert all(sum(e["shares"]) == plan.global_batch for e in events)
     assert any(e["step"] <= 9 and e["shares"][0] < plan.shares[0] for e in events), (plan.shares, events)
     assert loss_err < 1e-5 and param_err < 1e-5, (loss_err, param_err)
+
+
+def test_a_plan_that_shards_weights_moves_its_shards_when_it_rebalances(tmp_path, monkeypatch):
+    # Megatron-style weights sharded along the share ratio: a re-balancing re-cuts every sharded
+    # weight and its momentum to the new ratio, in memory, and the collectives follow (SGD with
+    # momentum: Adam would turn the rounding noise of this MLP's dead units into lr-sized steps)
+    from hap.runtime.checkpoint import read_meta
+    from hap.runtime.shares import split_lengths
+
+    monkeypatch.setenv("HAP_MLP_WIDTH", "512")
+    monkeypatch.setenv("HAP_MLP_BATCH", "256")
+    pins = {"p_hidden_1_weight": "S(0)", "p_hidden_1_bias": "S(0)", "p_hidden_2_weight": "S(1)"}
+    plan, loss_err, param_err = run_exact(
+        str(ROOT / "examples/mlp.py"), str(CLUSTERS / "default.toml"), tmp_path, steps=10, pins=pins,
+        train={"momentum": 0.9},
+        train_args=["--momentum", "0.9", "--emulate", "--slowdown-at", "2:0:8", "--save", str(tmp_path / "ck")])
+    assert plan.nodes["p_hidden_1_weight"].output == "S(0)" and plan.moves
+    events = json.loads((tmp_path / "log.json").read_text())["rebalance"]
+    assert events and events[0]["shares"][0] < plan.shares[0], (plan.shares, events)
+    assert loss_err < 1e-5 and param_err < 1e-4, (loss_err, param_err)
+    meta = read_meta(tmp_path / "ck")  # the last checkpoint holds the shards as cut at the end
+    final = events[-1]["shares"]
+    assert meta["shares"] == final
+    assert meta["layout"]["hidden.1.weight"]["lengths"] == list(split_lengths(512, 1, final))
