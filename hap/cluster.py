@@ -42,6 +42,8 @@ from hap.machine import (  # noqa: F401  (the cluster file's vocabulary, re-expo
 )
 
 DEFAULT_INTER_NODE_ALPHA_US = 30.0
+# collectives (and forms) whose every rank sends to every other rank at once
+ALL_TO_ALL_PATTERN = ("all_to_all.padded", "all_to_all.grouped", "all_gather.grouped", "reduce_scatter.grouped")
 _TOP_KEYS = ("name", "description", "network", "nodes")
 _NETWORK_KEYS = ("inter_node_gbps", "inter_node_alpha_us")
 _NODE_KEYS = ("device", "count", "repeat", "slowdown", "node")
@@ -113,10 +115,18 @@ class Cluster:
             # one device kind: its per-collective fits hold; mixed kinds: the conservative pair
             fits = links[0].collectives if len(links) == 1 else None
             return Link(alpha_s=alpha, bytes_per_s=bandwidth, collectives=fits)
-        return Link(
-            alpha_s=max(alpha, self.inter_node.alpha_s),
-            bytes_per_s=min(bandwidth, self.inter_node.bytes_per_s),
-        )
+        alpha, bandwidth = max(alpha, self.inter_node.alpha_s), min(bandwidth, self.inter_node.bytes_per_s)
+        # every rank of a node sends through the node's one network link: a ring crosses it once
+        # each way (as one rank's traffic), but in an all-to-all pattern (all-to-all, and the
+        # grouped all-gather / reduce-scatter built on it) each of a node's g ranks sends the
+        # share of its bytes bound for the other nodes' ranks through it at once
+        n = len(infos)
+        g = max(sum(1 for i in infos if i.node == node) for node in {i.node for i in infos})
+        crowd = g * (n - g) / (n - 1)
+        fits = None
+        if crowd > 1:
+            fits = {key: (alpha, bandwidth / crowd) for key in ALL_TO_ALL_PATTERN}
+        return Link(alpha_s=alpha, bytes_per_s=bandwidth, collectives=fits)
 
     def nodes(self) -> list[list[int]]:
         """Ranks of each node, by node index."""

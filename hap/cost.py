@@ -287,6 +287,10 @@ class CostModel:
         if node.kind == "param":
             parts["parameters"] = local
             parts["gradients"] = local
+            if not p.is_shard and self.n > 1 and node.name in self.requires_grad:
+                # a replicated gradient is all-reduced from a persistent bucket, which holds the
+                # last step's sum while backward writes this step's fresh gradient
+                parts["gradients"] = tuple(2 * x for x in local)
             parts["optimizer"] = tuple(x * self.opt_states for x in local)
             if node.name in self.cast_copies:  # autocast's low-precision copy, saved for backward
                 parts["activations"] = tuple(x * self.cast_copies[node.name] for x in local)

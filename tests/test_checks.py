@@ -83,3 +83,25 @@ def test_a_plan_that_mixes_cpu_and_gpu_ranks_is_not_emitted(tmp_path):
     with pytest.raises(HapError, match="mixes CPU and GPU ranks"):
         emit_program(plan, tmp_path / "out", spec=str(ROOT / "examples/mlp.py"))
     assert not (tmp_path / "out" / "train.py").exists()
+
+
+def test_each_rank_of_a_mixed_node_finds_its_planned_kind_of_gpu(monkeypatch):
+    from hap.runtime.checks import planned_gpu
+
+    # one node whose CUDA order (fastest first) is A100, A100, V100, V100, while the cluster file
+    # lists the V100s first: ranks 0-1 are planned on V100s, ranks 2-3 on A100s; a second node of T4s
+    names = ["NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-80GB", "Tesla V100-SXM2-16GB", "Tesla V100-SXM2-16GB"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(names))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: SimpleNamespace(name=names[d.index], total_memory=(80 if "A100" in names[d.index]
+                                                                                     else 16) * 2**30))
+    expected = ["V100-16GB", "V100-16GB", "A100-80GB", "A100-80GB"]
+    places = [(0, 0, 4), (0, 1, 4), (0, 2, 4), (0, 3, 4)]
+    assert [planned_gpu(expected, places, r) for r in range(4)] == [2, 3, 0, 1]
+    # a node of one model: each rank takes its local rank's GPU, as torchrun's LOCAL_RANK would
+    names[:] = ["Tesla V100-SXM2-16GB"] * 4
+    assert [planned_gpu(["V100-16GB"] * 4, places, r) for r in range(4)] == [0, 1, 2, 3]
+    # too few GPUs of the planned model: no index (the device check then names both devices)
+    assert planned_gpu(expected, places, 2) is None
+    assert planned_gpu(["cpu"] * 4, places, 0) is None

@@ -404,3 +404,17 @@ def test_ranks_are_numbered_node_by_node_as_torchrun_starts_them(tmp_path):
     assert "--node-rank 0 --nproc-per-node 3" in cmds[0] and "ranks 0-2" in cmds[0]
     assert "--node-rank 1 --nproc-per-node 1" in cmds[1] and "ranks 3-3" in cmds[1]
     assert rank_places(plan) == ((0, 0, 3), (0, 1, 3), (0, 2, 3), (1, 0, 1))
+
+
+def test_the_ranks_of_a_node_share_its_network_link_in_all_to_all_patterns():
+    # 8 nodes of 8 GPUs: in an all-to-all each rank sends 56/63 of its bytes off its node, and the
+    # 8 ranks of a node send them through its one link at once; a ring crosses it as one rank
+    cluster = load_cluster(profiles_dir() / "clusters" / "hap-paper.toml")
+    link = cluster.group_link()
+    crowd = 8 * 56 / 63
+    for key in ("all_to_all.grouped", "all_to_all.padded", "all_gather.grouped", "reduce_scatter.grouped"):
+        assert link.for_collective(key)[1] == pytest.approx(link.bytes_per_s / crowd)
+    for key in ("all_reduce", "all_gather.padded", "reduce_scatter.padded"):
+        assert link.for_collective(key)[1] == link.bytes_per_s
+    one_per_node = load_cluster(profiles_dir() / "clusters" / "cpu-2-nodes.toml").group_link()
+    assert one_per_node.for_collective("all_to_all.grouped")[1] == one_per_node.bytes_per_s

@@ -113,3 +113,15 @@ def test_a_gpu_rank_reads_its_batch_over_the_host_link():
     cpus = load_cluster(None)
     cpu = CostModel(graph, cpus, Splitter((48, 16)))
     assert cpu.compute_s(x, shard)[0] == pytest.approx(x.meta.nbytes * 48 / 64 / cpus.profile(0).memory_bytes_per_s)
+
+
+def test_a_replicated_gradient_is_counted_twice_its_bucket_beside_the_fresh_one():
+    graph = captured(load_example("mlp"))[2]
+    cm = CostModel(graph, load_cluster(None), Splitter((48, 16)))
+    w = graph["p_hidden_1_weight"]
+    from hap.rules import Candidate
+
+    replicated = cm.memory_parts(w, Candidate("R", (), R))
+    sharded = cm.memory_parts(w, Candidate("S(0)", (), S(0), split=(256, 1)))
+    assert replicated["gradients"] == tuple(2 * x for x in replicated["parameters"])
+    assert sharded["gradients"] == sharded["parameters"]  # a shard's gradient is not all-reduced from a bucket

@@ -9,6 +9,7 @@ from hap.cluster import DeviceProfile
 from hap.profile import main, run
 from hap.profile.fit import _fit_line, fit_collectives
 from hap.profile.harness import FORMAT
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,15 @@ def test_collective_fit_ignores_erratic_mid_sizes():
     rows[2] = (rows[2][0], rows[2][1], 3 * rows[2][2])
     a, b = _fit_formula(rows)
     assert a == pytest.approx(alpha, rel=1e-9) and b == pytest.approx(bw, rel=1e-9)
+
+
+@pytest.mark.parametrize("name,gib,profile", [
+    ("Tesla V100-SXM2-16GB", 15.77, "V100-16GB"), ("NVIDIA A100-SXM4-80GB", 79.2, "A100-80GB"),
+    ("NVIDIA L4", 22.5, "L4-24GB"), ("Tesla T4", 14.75, "T4-16GB"), ("NVIDIA H100 80GB HBM3", 79.6, "H100-80GB"),
+    ("NVIDIA A10", 22.3, "A10-24GB"), ("Tesla P100-PCIE-16GB", 15.9, "P100-16GB"),
+])
+def test_a_measured_gpu_profile_is_named_as_the_shipped_one_of_its_kind(name, gib, profile):
+    from hap.profile.document import gpu_profile_name
+
+    assert gpu_profile_name(name, int(gib * 2**30)) == profile
+    assert (ROOT / "profiles" / "devices" / f"{profile}.json").exists()

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import socket
 import statistics
 from pathlib import Path
@@ -56,12 +57,25 @@ def _nvidia_driver() -> str:
         return "unknown"
 
 
+MARKETED_GB = (8, 12, 16, 24, 32, 40, 48, 64, 80, 94, 96, 128, 141, 144, 192, 288)
+
+
 def device_name(device: torch.device) -> str:
+    """The profile name a device gets: its model and the memory it is sold with, as the shipped
+    profiles are named ("V100-16GB" for a "Tesla V100-SXM2-16GB", "L4-24GB" for an "NVIDIA L4",
+    which reports ~22 GiB): a measured profile then replaces the shipped one of its kind."""
     if device.type != "cuda":
         return "cpu"
     p = torch.cuda.get_device_properties(device)
-    short = p.name.replace("NVIDIA ", "").replace("Tesla ", "").split()[0]
-    return f"{short}-{round(p.total_memory / 2**30)}GB"
+    return gpu_profile_name(p.name, p.total_memory)
+
+
+def gpu_profile_name(name: str, total_memory: int) -> str:
+    model = name.replace("NVIDIA ", "").replace("Tesla ", "").split()[0].split("-")[0]
+    labelled = re.search(r"(\d+)\s*GB", name)
+    gib = total_memory / 2**30
+    gb = int(labelled.group(1)) if labelled else next((m for m in MARKETED_GB if m >= gib - 0.5), round(gib))
+    return f"{model}-{gb}GB"
 
 
 def _slowest(per_rank: list[list[Measurement]]) -> list[Measurement]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 
 import torch
 
@@ -44,6 +45,21 @@ def device_mismatch(expected: str, device: torch.device) -> str | None:
         return (f"the plan expects {expected} ({m.group(1)} GB), this {props.name} has "
                 f"{props.total_memory / 1e9:.1f} GB")
     return None
+
+
+def planned_gpu(expected: Sequence[str], places: Sequence[tuple[int, int, int]], rank: int) -> int | None:
+    """The CUDA device index of ``rank``: the n-th visible GPU of the model the plan put it on,
+    where n counts the ranks before it on its node planned on that model. On a node of one GPU
+    model this is the local rank; on a mixed node it finds each rank its kind of card whatever
+    order CUDA lists them in (fastest first by default, not the cluster file's order). None for
+    a CPU rank, or when the node has too few such GPUs (the device check then says so)."""
+    if expected[rank] == "cpu" or not torch.cuda.is_available():
+        return None
+    node, local, _ = places[rank]
+    nth = sum(1 for r, p in enumerate(places) if p[0] == node and p[1] < local and expected[r] == expected[rank])
+    matching = [i for i in range(torch.cuda.device_count())
+                if device_mismatch(expected[rank], torch.device("cuda", i)) is None]
+    return matching[nth] if nth < len(matching) else None
 
 
 def _has_word(text: str, word: str) -> bool:

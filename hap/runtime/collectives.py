@@ -349,6 +349,17 @@ def sum_scalar(x: float | torch.Tensor) -> float:
     return float(t.item())
 
 
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """A 0-dim tensor's sum over ranks, as a tensor on the same device (not differentiable; no
+    ``.item()``, so a GPU rank does not wait for its queued kernels)."""
+    t = x.detach().reshape(1).clone()
+    if _d.is_distributed():
+        _d._all_reduce(t)
+    else:
+        _local_step()
+    return t.reshape(())
+
+
 def broadcast_(t: torch.Tensor, src: int = 0) -> None:
     """In place: every rank's `t` becomes rank `src`'s."""
     if not _d.is_distributed():

@@ -56,14 +56,15 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"hap.runtime: environment variable {name}={v!r} is not an integer") from None
 
 
-def init(backend: str | None = None) -> tuple[int, int]:
+def init(backend: str | None = None, gpu: int | None = None) -> tuple[int, int]:
     """Join the SPMD group started by torchrun; returns (rank, world_size).
 
     Reads RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR / MASTER_PORT through the env://
     rendezvous). Without WORLD_SIZE, or with WORLD_SIZE=1, runs as one process and creates no
     process group. `backend=None` picks "nccl" when CUDA is available, else "gloo". If a process
     group already exists (a test harness or the user made it), it is adopted as is. The host
-    allocator keeps freed memory from here on (``host_memory.keep_freed_memory``).
+    allocator keeps freed memory from here on (``host_memory.keep_freed_memory``). ``gpu`` is the
+    CUDA device index to use (``checks.planned_gpu``); by default LOCAL_RANK's.
     """
     keep_freed_memory()
     if dist.is_available() and dist.is_initialized():
@@ -87,7 +88,7 @@ def init(backend: str | None = None) -> tuple[int, int]:
             if backend is None:
                 backend = "nccl" if torch.cuda.is_available() else "gloo"
             if backend == "nccl":
-                torch.cuda.set_device(_S.local_rank)
+                torch.cuda.set_device(_S.local_rank if gpu is None else gpu)
             store = _S.store = _attempt_store(rank_, world)
             # longer than a checkpoint write, during which the other ranks wait in a collective
             if store is None:
@@ -99,7 +100,7 @@ def init(backend: str | None = None) -> tuple[int, int]:
             _S.rank, _S.world, _S.backend, _S.owns_group = rank_, world, backend, True
     use_cuda = _S.backend == "nccl" if _S.world > 1 else (backend != "gloo" and torch.cuda.is_available())
     if use_cuda:
-        _S.device = torch.device("cuda", _S.local_rank)
+        _S.device = torch.device("cuda", _S.local_rank if gpu is None else gpu)
         torch.cuda.set_device(_S.device)
     else:
         _S.device = torch.device("cpu")

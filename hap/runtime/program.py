@@ -34,7 +34,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import micro, optim
-from .checks import backend_for, device_mismatch, placement_mismatch
+from .checks import backend_for, device_mismatch, placement_mismatch, planned_gpu
 from .collectives import gather_full, sum_scalar
 from .data import RankData, val_batches
 from .dist import _all_reduce, barrier, device, init, leave, shutdown
@@ -379,7 +379,9 @@ def start(program: ModuleType) -> int:
         backend = backend_for(program.EXPECTED_DEVICES)
     except ValueError as e:
         sys.exit(f"train.py: {e}")
-    program.RANK, _ = init(backend)
+    rank = int(os.environ.get("RANK", "0"))  # the GPU of this rank's planned model on a node with several
+    gpu = planned_gpu(program.EXPECTED_DEVICES, program.PLACES, rank) if backend == "nccl" else None
+    program.RANK, _ = init(backend, gpu)
     program.DEVICE = device()
     wrong = (device_mismatch(program.EXPECTED_DEVICES[program.RANK], program.DEVICE)
              or placement_mismatch(*program.PLACES[program.RANK]))

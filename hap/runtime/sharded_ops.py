@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .collectives import sum_scalar
+from .collectives import sum_over_ranks
 
 
 def vocab_embedding(weight_rows: torch.Tensor, idx: torch.Tensor, offset: int, length: int) -> torch.Tensor:
@@ -27,9 +27,10 @@ _deferred: list[tuple[torch.Tensor, float]] | None = None  # see count_deferred
 def class_loss_count(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
                      total: float | None = None) -> float:
     """The global denominator of a mean cross-entropy / NLL over a sharded batch: the number
-    (or total class weight) of targets that are not ``ignore_index``, summed over ranks (one
-    all-reduce). Under ``count_deferred`` (micro-batches) it records this rank's count and
-    returns ``total``, the number of targets in the global batch, without communicating."""
+    (or total class weight) of targets that are not ``ignore_index``, summed over ranks by one
+    all-reduce of a tensor on the rank's device (no host sync in the middle of forward). Under
+    ``count_deferred`` (micro-batches) it records this rank's count and returns ``total``, the
+    number of targets in the global batch, without communicating."""
     keep = target != ignore_index
     if weight is None:
         local = keep.sum()
@@ -38,7 +39,7 @@ def class_loss_count(target: torch.Tensor, weight: torch.Tensor | None, ignore_i
     if _deferred is not None and total is not None:
         _deferred.append((local.detach().double(), float(total)))
         return float(total)
-    return sum_scalar(local.detach().double())
+    return sum_over_ranks(local.detach().to(torch.float32))
 
 
 @contextmanager
