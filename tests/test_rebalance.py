@@ -60,3 +60,16 @@ def test_balanced_shares_equalise_affine_compute():
     assert balanced(100, [(0.010, 0.001), (0.0, 0.001)]) == (45, 55)
     assert balanced(100, [(0.0, 0.001), (0.0, 0.003)]) == (75, 25)
     assert balanced(100, [(0.0, 0.0), (0.0, 0.001)]) is None  # no rate: no proposal
+
+
+def test_speeds_that_move_far_apart_suggest_a_new_plan():
+    rb = Rebalancer((512, 512))
+    for _ in range(COOLDOWN):
+        rb.observe((0.100, 0.100))
+    assert rb.replan_hint() is None
+    decided = None
+    for _ in range(WINDOW):  # rank 0 turns 3x slower: shares move, and a new plan is suggested
+        decided = rb.observe((0.300, 0.100)) or decided
+    assert decided is not None
+    hint = rb.replan_hint()
+    assert hint and hint.startswith("rank 0 computes 3.0x slower")

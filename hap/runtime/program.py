@@ -233,6 +233,15 @@ def progress_line(step: int, steps: int, loss: float, lr: float, norm: float | N
             f"data wait {wait_s / step_s[-1]:3.0%}  eta {eta}")
 
 
+def replan_advice(program: ModuleType, hint: str, save: str | None) -> str:
+    """Suggest a new plan when the measured speeds have moved far from the plan's: with them
+    another strategy may win, and a checkpoint resumes under any plan."""
+    resume = f"--resume {save}" if save else "--resume DIR (run with --save DIR to have checkpoints)"
+    return (f"{hint}; moving samples keeps every rank busy, but for these speeds another strategy may be "
+            f"faster: set that rank's slowdown in the cluster file, re-plan (hap-plan {program.SPEC} --cluster "
+            f"CLUSTER.toml --emit NEW) and continue from the last checkpoint (torchrun ... NEW/train.py {resume})")
+
+
 def tensorboard_writer(logdir: str | None, rank: int):
     """Rank 0's TensorBoard writer for ``--tensorboard DIR`` (None without it, and on other ranks)."""
     if not logdir or rank != 0:
@@ -453,7 +462,7 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
     slowdowns = slowdown_schedule(args.slowdown_at, rank) if args.emulate else {}
     balancer = (Rebalancer(program.SHARES, lambda shares: shares_allowed(program, shares))
                 if program.WORLD_SIZE > 1 and getattr(program, "REBALANCE", False) and not args.no_rebalance else None)
-    events, compute_log = [], []
+    events, compute_log, advice = [], [], []
     counts = micro_counts(program, args.micro_batches)
     board = tensorboard_writer(args.tensorboard, rank)
     if args.emulate:  # from here on: the set-up above is not the emulated device's compute
@@ -509,6 +518,11 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
                     events.append({"step": at, "shares": list(decided[0]), "reason": decided[1]})
                     if rank == 0:
                         print(f"re-balancing from step {at}: shares {list(decided[0])} ({decided[1]})", flush=True)
+                    hint = balancer.replan_hint()
+                    if hint and not advice:
+                        advice.append(replan_advice(program, hint, args.save))
+                        if rank == 0:
+                            print(f"train.py: {advice[-1]}", flush=True)
         step_s.append(time.perf_counter() - t0)
         losses.append(global_loss)
         if rank == 0:
@@ -550,5 +564,5 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
                        "lr": lrs, "grad_norm": norms,
                        "world_size": program.WORLD_SIZE, "first_step": start_step, "precision": amp.name,
                        "grad_reduce": getattr(program, "GRAD_REDUCE", "fp32"), "skipped_steps": amp.skipped,
-                       "rebalance": events, "compute_s": compute_log}, f)
+                       "rebalance": events, "compute_s": compute_log, "advice": advice}, f)
     leave(0)  # every rank done communicating, then out without gloo's teardown

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 WINDOW = 3  # steps of measurements a decision is based on
 MIN_GAIN = 0.10  # the predicted slowest compute must fall by at least this fraction
 COOLDOWN = 4  # steps after a change before the next (its first steps are measured afresh)
+REPLAN_DRIFT = 2.0  # speeds this far apart from the run's start: suggest a new plan
 
 
 def largest_remainder(total: int, ratios: Sequence[float]) -> tuple[int, ...]:
@@ -59,6 +60,23 @@ class Rebalancer:
         self.since_change = 0
         # per rank: (share, median compute) under the shares before the current ones
         self.before: list[tuple[int, float] | None] = [None] * len(self.shares)
+        self.first: list[float] | None = None  # per rank: seconds per sample over the run's first steps
+        self.drift = [1.0] * len(self.shares)  # per rank: seconds per sample now / over the first steps
+
+    @staticmethod
+    def per_sample(steps: Sequence[Sequence[float]], shares: Sequence[int]) -> list[float]:
+        return [statistics.median(step[r] for step in steps) / s if s else 0.0 for r, s in enumerate(shares)]
+
+    def replan_hint(self) -> str | None:
+        """When the ranks' speeds have moved apart by ``REPLAN_DRIFT`` or more since the run began,
+        moving samples may not be the best answer any more: another strategy (sharding
+        differently, fewer ranks) might win. Say which rank and how much."""
+        known = [d for d in self.drift if d > 0]
+        if not known or max(known) / min(known) < REPLAN_DRIFT:
+            return None
+        r = max(range(len(self.drift)), key=lambda i: self.drift[i])
+        return (f"rank {r} computes {self.drift[r] / min(known):.1f}x slower per sample, relative to the fastest "
+                f"rank, than when this run began")
 
     def observe(self, compute_s: Sequence[float]) -> tuple[tuple[int, ...], str] | None:
         """Record one step's per-rank compute; returns (new shares, reason) when re-balancing pays."""
@@ -81,6 +99,10 @@ class Rebalancer:
         reason = (f"measured compute per step {', '.join(f'{c * 1e3:.1f}' for c in per_rank)} ms "
                   f"(median of {WINDOW} steps); the slowest rank's {now * 1e3:.1f} ms is predicted to fall to "
                   f"{then * 1e3:.1f} ms")
+        if self.first is None:
+            self.first = self.per_sample(self.history[:WINDOW], self.shares)
+        self.drift = [now_ / then_ if then_ else 1.0
+                      for now_, then_ in zip(self.per_sample(recent, self.shares), self.first)]
         self.before = [(s, c) for s, c in zip(self.shares, per_rank)]
         self.shares = proposal
         self.since_change = 0

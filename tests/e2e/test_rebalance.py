@@ -26,9 +26,12 @@ def test_a_slowed_rank_is_rebalanced_and_training_stays_exact(spec, cluster, ext
     monkeypatch.setenv("HAP_MLP_BATCH", "256")
     plan, loss_err, param_err = run_exact(str(ROOT / spec), str(CLUSTERS / f"{cluster}.toml"), tmp_path, steps=10,
                                           train_args=["--emulate", "--slowdown-at", "2:0:8", *extra])
-    events = json.loads((tmp_path / "log.json").read_text())["rebalance"]
+    log = json.loads((tmp_path / "log.json").read_text())
+    events = log["rebalance"]
     assert all(sum(e["shares"]) == plan.global_batch for e in events)
     assert any(e["step"] <= 9 and e["shares"][0] < plan.shares[0] for e in events), (plan.shares, events)
+    # 8x slower than at the start: beyond moving samples, the program suggests a new plan
+    assert log["advice"] and "re-plan" in log["advice"][0] and "--resume" in log["advice"][0]
     assert loss_err < 1e-5 and param_err < 1e-5, (loss_err, param_err)
 
 
