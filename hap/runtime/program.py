@@ -41,8 +41,8 @@ from .dist import _all_reduce, barrier, device, init, leave, shutdown
 from .emulate import comm_seconds, end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .precision import Precision
-from .shares import Rebalancer, split_lengths
 from .sharded_ops import count_deferred
+from .shares import Rebalancer, split_lengths
 
 
 def parse_args(argv: list[str] | None = None, default_optimizer: str = "sgd") -> argparse.Namespace:
@@ -283,21 +283,20 @@ def move_shards(program: ModuleType, params, opt, before: dict[str, tuple[int, .
     """After ``use_shares``: every rank's sharded parameters and their optimizer moments are cut
     again from their ``before`` lengths to the new ones (one parameter at a time, gathered whole
     and sliced), in memory, in the same order on every rank; gradients start afresh."""
+    def recut(t: torch.Tensor, dim: int, old: tuple[int, ...], new: tuple[int, ...]) -> torch.Tensor:
+        full = gather_full(t, "S", dim, old)
+        return full.narrow(dim, sum(new[:program.RANK]), new[program.RANK]).clone()
+
     with torch.no_grad():
         for name, (_, dim, lengths) in program.PARAMS.items():
             if dim is None or tuple(before[name]) == tuple(lengths):
                 continue
-            p, r = params[name], program.RANK
-
-            def recut(t: torch.Tensor) -> torch.Tensor:
-                full = gather_full(t, "S", dim, before[name])
-                return full.narrow(dim, sum(lengths[:r]), lengths[r]).clone()
-
+            p = params[name]
             state = opt.state.get(p, {})
             for k, v in list(state.items()):
                 if torch.is_tensor(v) and v.dim() and v.shape == p.shape:
-                    state[k] = recut(v)
-            p.data = recut(p)
+                    state[k] = recut(v, dim, before[name], lengths)
+            p.data = recut(p, dim, before[name], lengths)
             p.grad = None
 
 

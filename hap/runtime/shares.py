@@ -11,8 +11,9 @@ ones). It models each rank's compute as proportional to its share, and after a c
 line through the rank's last two shares (work that does not follow the share, such as small
 ops' launch costs, then stops the shares from running away). When the shares that equalise
 the modelled compute would shorten the slowest rank's by at least ``MIN_GAIN``, measured over
-``WINDOW`` steps, and the last change is ``COOLDOWN`` steps back, it proposes them. Every rank sees the same all-reduced measurements and so takes the
-same decision. The global batch never changes, so training stays what it was.
+``WINDOW`` steps, and the last change is ``COOLDOWN`` steps back, it proposes them. Every
+rank sees the same all-reduced measurements and so takes the same decision. The global batch
+never changes, so training stays what it was.
 """
 from __future__ import annotations
 
