@@ -214,9 +214,15 @@ class Emitter:
 
     def expression(self, node: Node, cand: Candidate, refs: list[str]) -> str:
         """The right-hand side of a node's line: the ATen call with local arguments, or the
-        rendering its rule's family registered for the candidate (``hap.rules.renders``)."""
+        rendering its rule's family registered for the candidate (``hap.rules.renders``). A
+        random op every rank holds whole draws the same values everywhere (``hap.runtime.rng``)."""
         if node.target == "getitem":
             return f"{refs[0]}[{node.args[1]}]"
+        if cand.emit == "call" and is_random(node) and not cand.output.is_shard:
+            call = self.call(node, cand, refs)
+            target, _, args = call.partition("(")
+            return f"hr.replicated_random({node.name!r}, {target}, {args[:-1]}{', ' if args[:-1] else ''}" \
+                   "on_cpu=RANDOM_ON_CPU)"
         if cand.emit == "call":
             return self.call(node, cand, refs)
         render = RENDERERS.get(cand.emit)
@@ -231,6 +237,14 @@ PRECISION_TEXT = {
     "bf16": "bf16 autocast (fp32 master weights)",
     "fp16": "fp16 autocast with dynamic loss scaling (fp32 master weights)",
 }
+
+
+RANDOM_OPS = {"dropout", "native_dropout", "rand_like", "randn_like", "randint_like", "bernoulli", "rand", "randn",
+              "randint", "randperm", "normal", "uniform", "multinomial", "feature_dropout", "alpha_dropout"}
+
+
+def is_random(node: Node) -> bool:
+    return node.target.startswith("aten.") and node.target.split(".")[1].rstrip("_") in RANDOM_OPS
 
 
 def _pname(p: Placement) -> str:
@@ -291,6 +305,7 @@ ROWS = SHARES  # per-rank samples of the batch forward runs: a micro-batch's und
 MICRO_BATCHES = {micro}  # per rank: micro-batches its share runs in (the default of --micro-batches)
 LOCKSTEP = {lockstep}  # True: forward runs collectives, so every rank runs as many micro-batches
 FIXED_BATCH = {fixed_batch!r}  # why the forward only runs whole global batches (empty: it runs any)
+RANDOM_ON_CPU = {random_on_cpu}  # GPU models differ: replicated random ops draw on the CPU, alike on every rank
 SHAPES = {shapes}  # state_dict key -> shape the plan was made for
 GRAD_BUCKETS = {grad_buckets}  # replicated params: gradients all-reduced in these buckets, in this order
 GRAD_OVERLAP = {grad_overlap}  # True: each bucket is all-reduced during backward, as soon as it is complete
@@ -426,6 +441,7 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         grad_reduce=plan.graph.grad_reduce, rebalance=rebalanceable(plan),
         micro=tuple(plan.micro_batches) or (1,) * plan.num_ranks, lockstep=lockstep(plan),
         fixed_batch=tuple(dict.fromkeys(em.fixed_batch)),
+        random_on_cpu=len({r.device for r in plan.cluster.ranks if r.device != "cpu"}) > 1,
         precision_text=PRECISION_TEXT[plan.precision],
         unpack="\n".join(unpack + lens_lines), body="\n".join(body),
         shapes={k: tuple(n.meta.shape) for n in g if n.kind in ("param", "buffer") and isinstance(n.meta, TensorMeta)

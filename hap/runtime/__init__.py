@@ -23,6 +23,7 @@ from .dist import device, init, is_distributed, leave, local_rank, rank, shutdow
 from .emulate import end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .ops import recompute, sync_batch_norm
+from .rng import replicated_random, seed_step
 
 __all__ = [
     "GradSync",
@@ -39,7 +40,9 @@ __all__ = [
     "local_rank",
     "program",
     "recompute",
+    "replicated_random",
     "rank",
+    "seed_step",
     "reduce_scatter",
     "set_emulation",
     "shutdown",

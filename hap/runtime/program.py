@@ -41,6 +41,7 @@ from .dist import _all_reduce, barrier, device, init, leave, shutdown
 from .emulate import comm_seconds, end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .precision import Precision
+from .rng import seed_step
 from .sharded_ops import count_deferred
 from .shares import Rebalancer, split_lengths
 
@@ -322,14 +323,16 @@ def micro_counts(program: ModuleType, flag: int | None) -> tuple[int, ...]:
 
 
 def run_micro_batches(program: ModuleType, params, buffers, batch, counts: tuple[int, ...], grad_sync: GradSync,
-                      amp: Precision) -> tuple[torch.Tensor, tuple[float, float] | None]:
+                      amp: Precision, seed: int, step: int) -> tuple[torch.Tensor, tuple[float, float] | None]:
     """Forward and backward over this rank's share of the step in micro-batches (hap.runtime.micro),
     gradients accumulating; gradient buckets are reduced after the last. Returns the summed loss
-    addend and, when class-loss counts were deferred, (this rank's true count, the stand-in)."""
+    addend and, when class-loss counts were deferred, (this rank's true count, the stand-in).
+    Each forward's random ops draw from streams of (seed, step, micro-batch, rank) (hap.runtime.rng)."""
     lockstep = getattr(program, "LOCKSTEP", True)
     rows = micro.schedule(program.SHARES, counts, lockstep)
     if len(rows) == 1:
         program.ROWS = program.SHARES
+        seed_step(seed, step, program.RANK)
         with amp.autocast():
             loss = program.forward(params, buffers, batch)
         amp.backward(loss)
@@ -342,6 +345,7 @@ def run_micro_batches(program: ModuleType, params, buffers, batch, counts: tuple
             with undilated():
                 part = micro.take(batch, program.INPUTS, program.SHARES, rows, j, program.RANK)
             grad_sync.hold = j != mine[-1]  # buckets are complete after the last micro-batch
+            seed_step(seed, step, program.RANK, j)
             with amp.autocast():
                 loss = program.forward(params, buffers, part)
             amp.backward(loss)
@@ -479,7 +483,7 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
             batch = data.next(step)  # this rank's share of the step's global batch
         c0, comm0 = time.perf_counter(), comm_seconds()
         opt.zero_grad(set_to_none=True)  # backward writes fresh gradients: no zeroing pass
-        loss, counted = run_micro_batches(program, params, buffers, batch, counts, grad_sync, amp)
+        loss, counted = run_micro_batches(program, params, buffers, batch, counts, grad_sync, amp, args.seed, step)
         end_segment()  # the emulated slowdown of this step's compute, spent now so it is measured
         if program.DEVICE.type == "cuda":
             torch.cuda.synchronize(program.DEVICE)

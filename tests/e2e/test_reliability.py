@@ -115,3 +115,18 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path, lr):
     out = p.stdout + p.stderr
     assert p.returncode != 0
     assert "at step" in out and "Last good checkpoint" in out and "step_00000" in out
+
+
+def test_a_run_with_dropout_resumes_drawing_what_it_would_have_drawn(tmp_path):
+    # each rank's dropout masks come from a stream of (seed, step, micro-batch, rank), not from
+    # what ran before: stopping after step 2 and resuming ends with the same parameters, bit for
+    # bit, as one run of 4 steps (tests/test_rng.py checks that the ranks' streams differ)
+    spec = str(ROOT / "tests/models/dropout_mlp.py")
+    plan, train = emit(tmp_path, "out", "default", spec)
+    common = ["--lr", "0.05", "--no-rebalance"]
+    ok(torchrun(2, train, common + ["--steps", "4", "--dump-params", str(tmp_path / "straight.pt")]))
+    ok(torchrun(2, train, common + ["--steps", "2", "--save", str(tmp_path / "ck")]))
+    ok(torchrun(2, train, common + ["--steps", "4", "--resume", str(tmp_path / "ck"),
+                                    "--dump-params", str(tmp_path / "resumed.pt")]))
+    params_equal(torch.load(tmp_path / "straight.pt", weights_only=True),
+                 torch.load(tmp_path / "resumed.pt", weights_only=True))
