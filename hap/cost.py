@@ -57,6 +57,7 @@ class CostModel:
         # for the largest micro-batch only; every op launches once per micro-batch
         self.micro = tuple(micro_batches) or (1,) * self.n
         self.micro_scale = tuple(-(-s // k) / s if s else 1.0 for s, k in zip(splitter.shares, self.micro))
+        self.collective_reserve = 0.0  # bytes kept free on every rank for a collective's temporaries
         self.link = cluster.group_link()
         self.opt_states = OPTIMIZER_STATES.get(optimizer, 2)
         self.requires_grad = graph.requires_grad()
@@ -302,6 +303,16 @@ class CostModel:
             follows = node.kind == "input" or any(f for f, _ in node.batch_dims)
             parts["activations"] = tuple(x * m for x, m in zip(local, self.micro_scale)) if follows else local
         return parts
+
+    def move_temporary_bytes(self, meta: TensorMeta, src: Placement, dst: Placement, conv: Conversion) -> float:
+        """Bytes a collective allocates while it runs, on every rank: a padded form's buffer of N
+        shards of the largest length, a grouped form's whole output; a local move none."""
+        if conv.kind not in ("all_gather", "reduce_scatter", "all_to_all"):
+            return 0.0
+        if conv.form != "padded":
+            return float(meta.nbytes)
+        fr = self._fr(meta, src if src.kind == "S" and conv.kind != "reduce_scatter" else dst)
+        return self.n * max(fr) * meta.nbytes
 
     def batch_activations(self, node: Node, cand: Candidate) -> tuple[float, ...]:
         """Per rank, the activation bytes of this node that micro-batches divide (0 for the rest)."""

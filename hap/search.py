@@ -36,6 +36,7 @@ from hap.rules import Candidate, RuleContext, has_rule, view_units
 from hap.solve import (
     Evaluation,
     all_candidates,
+    collective_temporary,
     evaluate,
     even_shares,
     memory_report,
@@ -120,6 +121,11 @@ class Search:
         try:
             res = solve_placements(self.graph, cm, own, pin=restrict, time_limit_s=self.time_limit_s)
             ev = evaluate(self.graph, cm, res.choice)
+            if not all(m <= self.cluster.memory_bytes(r) for r, m in enumerate(ev.memory_bytes)):
+                # the solve's collectives need temporary buffers it did not count: keep them free, again
+                cm.collective_reserve = collective_temporary(self.graph, cm, ev)
+                res = solve_placements(self.graph, cm, own, pin=restrict, time_limit_s=self.time_limit_s)
+                ev = evaluate(self.graph, cm, res.choice)
         except InfeasiblePlan as e:
             fitted = self.fit_memory(attempt, own, restrict)
             if fitted is None:

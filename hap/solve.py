@@ -104,6 +104,12 @@ class Moved:
     conversion: Conversion
 
 
+def collective_temporary(graph: Graph, cm: CostModel, ev: Evaluation) -> float:
+    """The largest buffer one of the evaluated plan's collectives allocates while it runs."""
+    return max((cm.move_temporary_bytes(graph[m.producer].meta, m.src, m.dst, m.conversion) for m in ev.moves),
+               default=0.0)
+
+
 @dataclass
 class Evaluation:
     step_s: float
@@ -163,6 +169,10 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
     overlap = (cm.n > 1 and all(cm.cluster.profile(r).overlap_comm for r in range(cm.n))
                and not any(m.conversion.kind not in ("none", "slice", "partial") for m in moves))
     buckets, gs = grad_sync_schedule(graph, cm, choice, synced, overlap)
+    # the largest temporary buffer of one collective (they run one at a time)
+    temporary = max((cm.move_temporary_bytes(graph[m.producer].meta, m.src, m.dst, m.conversion) for m in moves),
+                    default=0.0)
+    mem = [x + temporary for x in mem]
     return Evaluation(critical + comm + gs, tuple(per_rank), critical, comm, gs, tuple(mem), moves,
                       [p for b in buckets for p in b], buckets, overlap)
 
@@ -345,7 +355,7 @@ def _solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candida
                 coeffs.append((v, b))
                 best = max(best, b)
             worst += best
-        cap = float(cm.cluster.memory_bytes(r)) - cm.recompute_peak[r]
+        cap = float(cm.cluster.memory_bytes(r)) - cm.recompute_peak[r] - cm.collective_reserve
         if worst <= cap:
             continue  # cannot bind
         key = (cap, tuple((v.name, b) for v, b in coeffs))

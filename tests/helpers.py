@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import torch
 
+import hap.runtime as hr
 from hap.capture import capture
 from hap.emit import Emitter
 from hap.graph import Graph, TensorMeta, decode_arg, resolve_target
@@ -113,7 +114,8 @@ def check_candidate(graph: Graph, values: dict, name: str, cand: Candidate, spli
     inputs = at[name] if name in at else [values[ref] for ref in node.inputs()]
     target_full = inputs[1] if len(inputs) > 1 else None
     for r in range(n):
-        ns = {"aten": torch.ops.aten, "torch": torch, "RANK": r, "DEVICE": torch.device("cpu")}
+        ns = {"aten": torch.ops.aten, "torch": torch, "RANK": r, "DEVICE": torch.device("cpu"), "hr": hr,
+              "RANDOM_ON_CPU": False}
         for i, (full_in, p) in enumerate(zip(inputs, cand.inputs)):
             ns[f"in{i}"] = local_value(full_in, p, splitter, r, noise_seed=i)
         for (size, unit), var in em.lengths_used.items():

@@ -125,3 +125,15 @@ def test_a_replicated_gradient_is_counted_twice_its_bucket_beside_the_fresh_one(
     sharded = cm.memory_parts(w, Candidate("S(0)", (), S(0), split=(256, 1)))
     assert replicated["gradients"] == tuple(2 * x for x in replicated["parameters"])
     assert sharded["gradients"] == sharded["parameters"]  # a shard's gradient is not all-reduced from a bucket
+
+
+def test_a_padded_collective_holds_n_shards_of_the_largest_length_while_it_runs():
+    from hap.cost import Conversion
+
+    graph = captured(load_example("mlp"))[2]
+    cm = CostModel(graph, load_cluster(None), Splitter((48, 16)))
+    meta = TensorMeta((64, 256), "float32")  # split 192:64 on dim 1 (shares 3:1)
+    padded = cm.move_temporary_bytes(meta, S(1), R, Conversion("all_gather", "padded", 0.0))
+    assert padded == 2 * 0.75 * meta.nbytes
+    assert cm.move_temporary_bytes(meta, S(1), R, Conversion("all_gather", "grouped", 0.0)) == meta.nbytes
+    assert cm.move_temporary_bytes(meta, R, S(1), Conversion("slice", "", 0.0)) == 0.0
