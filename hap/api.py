@@ -15,20 +15,22 @@ from hap.search import search
 
 def synthesize(model: torch.nn.Module, example_batch: Sequence[torch.Tensor], cluster: str | Cluster | None = None,
                *, optimizer: str = "sgd", precision: str = "fp32", strict: bool = False, time_limit_s: float = 20.0,
-               spec: str | None = None, progress: Callable[[str], None] | None = None) -> Plan:
+               spec: str | None = None, recompute: str = "auto", progress: Callable[[str], None] | None = None) -> Plan:
     """Plan ``model`` (whose ``forward(*example_batch)`` returns the loss) for ``cluster``.
 
     ``cluster`` is a cluster TOML path, a loaded ``Cluster`` or None for the embedded default.
     The global batch is dim 0 of the example batch. ``precision`` is fp32 (the default: the
     program trains exactly what fp32 trains), bf16, fp16 (autocast; fp16 with loss scaling)
-    or auto (``hap.precision.choose``).
+    or auto (``hap.precision.choose``). Where activations overfill a device the plan runs shares
+    in micro-batches or recomputes blocks in backward; ``recompute`` ("auto", "all", "none")
+    overrides the latter.
     """
     say = progress or (lambda msg: None)
     say("capturing the model with torch.export")
     graph = capture(model, example_batch)
     cl = cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
     return plan_graph(graph, cl, optimizer=optimizer, precision=precision, strict=strict, time_limit_s=time_limit_s,
-                      spec=spec, progress=say)
+                      spec=spec, recompute=recompute, progress=say)
 
 
 def plan_spec(spec: str, cluster: str | Cluster | None = None, *, batch_size: int | None = None, **kw) -> Plan:

@@ -36,6 +36,14 @@ def test_table_shows_ranks_strategy_and_baselines():
         assert word in p.stdout, word
 
 
+def test_recompute_all_marks_the_recomputed_layers_and_records_them():
+    p = run("examples/gpt.py", "--recompute", "all", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["recompute"] == ["blocks.0", "blocks.1"]
+    p = run("examples/gpt.py", "--recompute", "all")
+    assert "blocks.0.qkv (recomputed)" in p.stdout and "activation checkpointing: 2 of 2 blocks" in p.stdout
+
+
 def _spec(tmp_path, body: str):
     f = tmp_path / "spec.py"
     f.write_text(body)
