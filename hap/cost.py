@@ -130,8 +130,11 @@ class CostModel:
             res = []
             for r in range(self.n):
                 work, fixed = self._affine_s(node, r)
-                res.append(self._measured_s(node, cand, r, work * fracs[r] + fixed, fracs[r])
-                           + (self.micro[r] - 1) * fixed)
+                res.append(self._measured_s(node, cand, r, work * fracs[r] + fixed, fracs[r]))
+            for r, k in enumerate(self.micro):  # k micro-batches: k runs of the op on a k-th of the batch
+                if k > 1:
+                    work, fixed = self._affine_s(node, r)
+                    res[r] = self._micro_s(node, cand, r, k, res[r] + (k - 1) * fixed)
             if node.name in self.recomputed:  # its forward runs again in backward
                 again = 1.0 + 1.0 / (1.0 + self.backward_factor(node))
                 res = [t * again for t in res]
@@ -202,6 +205,27 @@ class CostModel:
         # single timings scatter 10-20%, enough to time a share above the whole
         whole = self.whole_s(node, r)
         return min(max(t, frac * whole), whole)
+
+    def _micro_s(self, node: Node, cand: Candidate, r: int, k: int, roofline: float) -> float:
+        """Seconds of the op on rank r run as ``k`` micro-batches: timed at the micro-batch's
+        shapes (the dims that follow the batch cut k ways) where the rank's profile asks for
+        it, times k; else ``roofline`` (the whole share's work plus k kernel floors)."""
+        if not self._measures(node, cand, r):
+            return roofline
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, p in zip(node.inputs(), cand.inputs):
+            src = self.graph[name]
+            if not isinstance(src.meta, TensorMeta):
+                return roofline
+            shape = optimer.local_shape(src.meta, p, lambda size, unit: self.splitter.lengths(size, unit)[r])
+            if shape is None:
+                return roofline
+            shape = tuple(-(-n // k) if src.batch_dims and src.batch_dims[d][0] else n for d, n in enumerate(shape))
+            if shapes.get(name, shape) != shape:
+                return roofline
+            shapes[name] = shape
+        t = self._timed(node, shapes, r)
+        return roofline if t is None else k * t
 
     def affine_s(self, node: Node, cand: Candidate, r: int) -> tuple[float, float]:
         """(a, b) with the node's seconds on rank r ~ a x + b when the rank holds a fraction x of
