@@ -4,7 +4,7 @@ Every rank writes its own shards, in parallel; nothing is gathered. Layout of ``
 
   DIR/step_000120/            one DCP checkpoint: .metadata and one __<rank>_0.distcp per rank
       hap.pt                  the layout and the run's state (written by rank 0):
-                              {"format", "step", "data_position", "optimizer_kind", "plan", "rng",
+                              {"format", "step", "data_position", "optimizer_kind", "plan", "shares",
                                "scaler", "layout": {key: {"shape", "dim", "lengths", "aliases"}},
                                "optimizer": {key: {name: "sharded" | "whole"}}}
   DIR/latest                  the name of the newest complete checkpoint

@@ -160,8 +160,6 @@ def checkpoint_state(program: ModuleType, params, buffers, opt) -> tuple[dict[st
     for name, key in program.BUFFERS.items():
         tensors[f"model/{key}"] = buffers[name]
         kept[key] = {"shape": list(buffers[name].shape), "dim": None, "lengths": None, "dtype": _dtype(buffers[name])}
-    if program.DEVICE.type == "cuda":  # each GPU's generator: random ops on it continue where they were
-        tensors[f"rng/cuda/{r}"] = torch.cuda.get_rng_state(program.DEVICE)
     return tensors, {"layout": layout, "optimizer": states, "buffers": kept}
 
 
@@ -185,12 +183,7 @@ def restore(program: ModuleType, meta: dict[str, Any], params, buffers, opt) -> 
         buf, make = ckpt.request(f"model/{key}", meta["buffers"][key], None, None, r)
         wanted.update(buf)
         fills.append((None, name, make))
-    cuda_rng = f"rng/cuda/{r}"
-    if program.DEVICE.type == "cuda" and cuda_rng in ckpt.stored_keys(meta["path"]):
-        wanted[cuda_rng] = torch.empty_like(torch.cuda.get_rng_state(program.DEVICE))
     ckpt.load(meta["path"], wanted)
-    if cuda_rng in wanted:
-        torch.cuda.set_rng_state(wanted[cuda_rng], program.DEVICE)
     with torch.no_grad():
         for name, sname, make in fills:
             if name is None:
@@ -363,10 +356,9 @@ def run_micro_batches(program: ModuleType, params, buffers, batch, counts: tuple
 def validate(program: ModuleType, spec: ModuleType, params, buffers, amp, max_batches: int) -> float:
     """Mean loss over the first ``max_batches`` global batches of ``dataset("val")``, each rank
     computing its share. The forward is the training graph's (dropout and batch statistics as in
-    training); the buffers and RNG state are restored afterwards, so validating does not change
-    what training computes."""
+    training); the buffers are restored afterwards, and each training step seeds its own random
+    streams (hap.runtime.rng), so validating does not change what training computes."""
     saved = {k: v.clone() for k, v in buffers.items()}
-    rng = torch.get_rng_state()
     total, n = 0.0, 0
     with torch.no_grad():
         for batch in val_batches(spec, program.RANK, program.SHARES, program.INPUTS, program.INPUT_SAMPLES,
@@ -376,7 +368,6 @@ def validate(program: ModuleType, spec: ModuleType, params, buffers, amp, max_ba
             n += 1
     for k, v in saved.items():
         buffers[k].copy_(v)
-    torch.set_rng_state(rng)
     return total / max(n, 1)
 
 
@@ -445,8 +436,7 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
             ckpt.check_model(ck, program.SHAPES)
         except ckpt.CheckpointError as e:
             stop(str(e))
-        restore(program, ck, params, buffers, opt)
-        torch.set_rng_state(ck["rng"])
+        restore(program, ck, params, buffers, opt)  # random streams need no state: hap.runtime.rng
         start_step = ck["step"]
         if rank == 0:
             print(f"resuming from {ck['path']} at step {start_step}", flush=True)
@@ -550,7 +540,7 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
             tensors, layout = checkpoint_state(program, params, buffers, opt)
             meta = {**layout, "data_position": data.position(done), "optimizer_kind": args.optimizer,
                     "shares": list(data.shares_at(done)),
-                    "plan": program.PLAN_DIGEST, "rng": torch.get_rng_state(), "scaler": amp.state_dict()}
+                    "plan": program.PLAN_DIGEST, "scaler": amp.state_dict()}
             last_saved = str(ckpt.save(args.save, done, tensors, meta, rank, barrier))
     if args.dump_params:
         state = full_state_dict(program, model, params, buffers)
