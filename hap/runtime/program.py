@@ -21,6 +21,7 @@ and reads the globals RANK and DEVICE, which ``main`` sets once the process grou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -323,20 +324,14 @@ def run_micro_batches(program: ModuleType, params, buffers, batch, counts: tuple
     Each forward's random ops draw from streams of (seed, step, micro-batch, rank) (hap.runtime.rng)."""
     lockstep = getattr(program, "LOCKSTEP", True)
     rows = micro.schedule(program.SHARES, counts, lockstep)
-    if len(rows) == 1:
-        program.ROWS = program.SHARES
-        seed_step(seed, step, program.RANK)
-        with amp.autocast():
-            loss = program.forward(params, buffers, batch)
-        amp.backward(loss)
-        return loss.detach(), None
+    pieces = len(rows) > 1  # whole shares count class-loss targets in forward (one all-reduce)
     mine = micro.runs(rows, program.RANK, lockstep)
     total = None
-    with count_deferred() as seen:
+    with count_deferred() if pieces else contextlib.nullcontext([]) as seen:
         for j in mine:
             program.ROWS = rows[j]
             with undilated():
-                part = micro.take(batch, program.INPUTS, program.SHARES, rows, j, program.RANK)
+                part = micro.take(batch, program.INPUTS, program.SHARES, rows, j, program.RANK) if pieces else batch
             grad_sync.hold = j != mine[-1]  # buckets are complete after the last micro-batch
             seed_step(seed, step, program.RANK, j)
             with amp.autocast():
