@@ -156,29 +156,34 @@ class Emitter:
 
     def call(self, node: Node, cand: Candidate, refs: list[str], args: list | None = None,
              kwargs: dict | None = None, target: str | None = None) -> str:
+        return f"{target or node.target}({', '.join(self.call_arguments(node, cand, refs, args, kwargs))})"
+
+    def call_arguments(self, node: Node, cand: Candidate, refs: list[str], args: list | None = None,
+                       kwargs: dict | None = None) -> list[str]:
+        """The node's arguments as code, the candidate's rewrites applied."""
         args = list(node.args if args is None else args)
         for i, v in cand.rewrite:
             args[i] = v
         refs = list(refs)
         parts = [self.render(a, refs, node, f"{i}.") for i, a in enumerate(args)]
         kw = node.kwargs if kwargs is None else kwargs
-        parts += [f"{k}={self.render(v, refs, node, f'k.{k}.')}" for k, v in kw.items()]
-        return f"{target or node.target}({', '.join(parts)})"
+        return parts + [f"{k}={self.render(v, refs, node, f'k.{k}.')}" for k, v in kw.items()]
 
     # ---- the forward ---------------------------------------------------------------------
     def forward_lines(self) -> list[str]:
         g = self.graph
         self.lines = []
         recomputed = {name: b for b in getattr(self.plan, "recompute", ()) for name in g.blocks()[b]}
+        users = g.users() if recomputed else {}
         block, start, inside = None, 0, []
         for node in g:
             if node.kind != "op":
                 continue
             if recomputed.get(node.name) != block:
                 if block is not None:
-                    self.recompute_block(block, start, inside)
+                    self.recompute_block(block, start, inside, users)
                 block, start, inside = recomputed.get(node.name), len(self.lines), []
-                self.made_in_block: list[tuple[str, Placement]] = []
+                self.made_in_block = []
             inside.append(node.name)
             cand = self.choice[node.name]
             src = _short_source(node.source)
@@ -187,7 +192,7 @@ class Emitter:
             tag = f"{','.join(str(p) for p in cand.inputs)} -> {cand.output}" if cand.inputs else str(cand.output)
             self.lines.append(f"    {node.name} = {expr}  # {tag}  {src}")
         if block is not None:
-            self.recompute_block(block, start, inside)
+            self.recompute_block(block, start, inside, users)
         loss = g.loss
         want = Placement("P")
         var = self.ref(loss, want, "the loss: every rank holds its addend") if self.out_placement(loss) != want \
@@ -195,11 +200,10 @@ class Emitter:
         self.lines.append(f"    return {var}")
         return self.lines
 
-    def recompute_block(self, block: str, start: int, names: list[str]) -> None:
+    def recompute_block(self, block: str, start: int, names: list[str], users: dict[str, list[str]]) -> None:
         """Turn the lines from ``start`` on (block ``block``'s ops) into a function that
         ``hr.recompute`` runs under activation checkpointing: it returns what later lines read."""
         inside = set(names)
-        users = self.graph.users()
         outs = [n for n in names if n == self.graph.loss or any(u not in inside for u in users[n])]
         for key in self.made_in_block:  # a conversion made inside is local to the function
             self.converted.pop(key, None)
@@ -219,10 +223,8 @@ class Emitter:
         if node.target == "getitem":
             return f"{refs[0]}[{node.args[1]}]"
         if cand.emit == "call" and is_random(node) and not cand.output.is_shard:
-            call = self.call(node, cand, refs)
-            target, _, args = call.partition("(")
-            return f"hr.replicated_random({node.name!r}, {target}, {args[:-1]}{', ' if args[:-1] else ''}" \
-                   "on_cpu=RANDOM_ON_CPU)"
+            parts = [repr(node.name), node.target, *self.call_arguments(node, cand, refs), "on_cpu=RANDOM_ON_CPU"]
+            return f"hr.replicated_random({', '.join(parts)})"
         if cand.emit == "call":
             return self.call(node, cand, refs)
         render = RENDERERS.get(cand.emit)
