@@ -90,8 +90,7 @@ class CostModel:
                      and isinstance(graph[x].meta, TensorMeta)]
             for r in range(self.n):
                 frac = self.splitter.shares[r] / total * self.micro_scale[r]
-                peaks[r] = max(peaks[r], sum(x.meta.nbytes * (frac if any(f for f, _ in x.batch_dims) else 1.0)
-                                             for x in saved))
+                peaks[r] = max(peaks[r], sum(x.meta.nbytes * (frac if x.follows_batch else 1.0) for x in saved))
         self.recompute_peak = tuple(peaks)
 
     # ---- compute -------------------------------------------------------------------
@@ -128,13 +127,11 @@ class CostModel:
         else:
             fracs = self.fractions(cand.split)
             res = []
-            for r in range(self.n):
+            for r, k in enumerate(self.micro):
                 work, fixed = self._affine_s(node, r)
-                res.append(self._measured_s(node, cand, r, work * fracs[r] + fixed, fracs[r]))
-            for r, k in enumerate(self.micro):  # k micro-batches: k runs of the op on a k-th of the batch
-                if k > 1:
-                    work, fixed = self._affine_s(node, r)
-                    res[r] = self._micro_s(node, cand, r, k, res[r] + (k - 1) * fixed)
+                t = self._measured_s(node, cand, r, work * fracs[r] + fixed, fracs[r])
+                # k micro-batches: k runs of the op on a k-th of the batch
+                res.append(self._micro_s(node, cand, r, k, t + (k - 1) * fixed) if k > 1 else t)
             if node.name in self.recomputed:  # its forward runs again in backward
                 again = 1.0 + 1.0 / (1.0 + self.backward_factor(node))
                 res = [t * again for t in res]
@@ -324,8 +321,8 @@ class CostModel:
         elif node.name in self.dropped:  # recomputed in backward, not saved (the peak is reserved apart)
             pass
         elif node.kind == "input" or (node.op_class != "view" and node.name in self.requires_grad):
-            follows = node.kind == "input" or any(f for f, _ in node.batch_dims)
-            parts["activations"] = tuple(x * m for x, m in zip(local, self.micro_scale)) if follows else local
+            parts["activations"] = tuple(x * m for x, m in zip(local, self.micro_scale)) if node.follows_batch \
+                else local
         return parts
 
     def move_temporary_bytes(self, meta: TensorMeta, src: Placement, dst: Placement, conv: Conversion) -> float:
@@ -340,8 +337,9 @@ class CostModel:
 
     def batch_activations(self, node: Node, cand: Candidate) -> tuple[float, ...]:
         """Per rank, the activation bytes of this node that micro-batches divide (0 for the rest)."""
-        follows = node.kind == "input" or any(f for f, _ in node.batch_dims)
-        return self.memory_parts(node, cand)["activations"] if follows and self.graph.batch_size else (0.0,) * self.n
+        if not (node.follows_batch and self.graph.batch_size):
+            return (0.0,) * self.n
+        return self.memory_parts(node, cand)["activations"]
 
 
 def _cast_copies(graph: Graph) -> dict[str, float]:

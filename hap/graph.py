@@ -67,6 +67,12 @@ class Node:
         return list(iter_refs(self.args)) + list(iter_refs(list(self.kwargs.values())))
 
     @property
+    def follows_batch(self) -> bool:
+        """Whether the node's (first) output has a dim that grows with the global batch (a batch
+        input always; other nodes as ``batch_dims`` says, so never in an unclassified graph)."""
+        return self.kind == "input" or any(f for f, _ in self.batch_dims)
+
+    @property
     def out(self) -> TensorMeta:
         assert isinstance(self.meta, TensorMeta), f"{self.name} has no single tensor output"
         return self.meta

@@ -123,7 +123,7 @@ class Search:
             ev = evaluate(self.graph, cm, res.choice)
             if not all(m <= self.cluster.memory_bytes(r) for r, m in enumerate(ev.memory_bytes)):
                 # the solve's collectives need temporary buffers it did not count: keep them free, again
-                cm.collective_reserve = collective_temporary(self.graph, cm, ev)
+                cm.collective_reserve = collective_temporary(self.graph, cm, ev.moves)
                 res = solve_placements(self.graph, cm, own, pin=restrict, time_limit_s=self.time_limit_s)
                 ev = evaluate(self.graph, cm, res.choice)
         except InfeasiblePlan as e:

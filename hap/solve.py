@@ -104,9 +104,9 @@ class Moved:
     conversion: Conversion
 
 
-def collective_temporary(graph: Graph, cm: CostModel, ev: Evaluation) -> float:
-    """The largest buffer one of the evaluated plan's collectives allocates while it runs."""
-    return max((cm.move_temporary_bytes(graph[m.producer].meta, m.src, m.dst, m.conversion) for m in ev.moves),
+def collective_temporary(graph: Graph, cm: CostModel, moves: list[Moved]) -> float:
+    """The largest buffer one of a plan's collectives allocates while it runs (they run one at a time)."""
+    return max((cm.move_temporary_bytes(graph[m.producer].meta, m.src, m.dst, m.conversion) for m in moves),
                default=0.0)
 
 
@@ -169,9 +169,7 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
     overlap = (cm.n > 1 and all(cm.cluster.profile(r).overlap_comm for r in range(cm.n))
                and not any(m.conversion.kind not in ("none", "slice", "partial") for m in moves))
     buckets, gs = grad_sync_schedule(graph, cm, choice, synced, overlap)
-    # the largest temporary buffer of one collective (they run one at a time)
-    temporary = max((cm.move_temporary_bytes(graph[m.producer].meta, m.src, m.dst, m.conversion) for m in moves),
-                    default=0.0)
+    temporary = collective_temporary(graph, cm, moves)
     mem = [x + temporary for x in mem]
     return Evaluation(critical + comm + gs, tuple(per_rank), critical, comm, gs, tuple(mem), moves,
                       [p for b in buckets for p in b], buckets, overlap)
