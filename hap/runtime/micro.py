@@ -37,7 +37,7 @@ def schedule(shares: Sequence[int], counts: Sequence[int], lockstep: bool) -> li
         k = max(counts)
         per_rank = [pieces(s, k) for s in shares]
     else:
-        per_rank = [tuple(p for p in pieces(s, max(1, min(c, s)))) for s, c in zip(shares, counts)]
+        per_rank = [pieces(s, max(1, min(c, s))) for s, c in zip(shares, counts)]
     k = max(len(p) for p in per_rank)
     return [tuple(p[j] if j < len(p) else 0 for p in per_rank) for j in range(k)]
 
@@ -54,11 +54,11 @@ def take(batch: Sequence[torch.Tensor], inputs: Sequence[int | None], shares: Se
     replicated input (which holds the whole global batch) every rank's piece, in rank order."""
     before = [sum(rows[r] for rows in rows_per_micro[:j]) for r in range(len(shares))]
     rows = rows_per_micro[j]
+    starts = [sum(shares[:r]) + before[r] for r in range(len(shares))]  # each rank's piece in the global batch
     out = []
     for x, d in zip(batch, inputs):
         if d == 0:
             out.append(x.narrow(0, before[rank], rows[rank]))
         else:
-            starts = [sum(shares[:r]) + before[r] for r in range(len(shares))]
             out.append(torch.cat([x.narrow(0, s, n) for s, n in zip(starts, rows)]))
     return out

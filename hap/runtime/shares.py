@@ -103,7 +103,8 @@ class Rebalancer:
         if self.first is None:
             self.first = self.per_sample(self.history[:WINDOW], self.shares)
         self.drift = [now_ / then_ if then_ else 1.0
-                      for now_, then_ in zip(self.per_sample(recent, self.shares), self.first)]
+                      for now_, then_ in zip([c / s if s else 0.0 for c, s in zip(per_rank, self.shares)],
+                                             self.first)]
         self.before = [(s, c) for s, c in zip(self.shares, per_rank)]
         self.shares = proposal
         self.since_change = 0
