@@ -202,17 +202,18 @@ class Graph:
         the module path up to its first integer); a block whose ops are interleaved with others
         is split into contiguous runs (``blocks.3``, ``blocks.3#2``)."""
         out: dict[str, list[str]] = {}
-        last = None
+        runs: dict[str, int] = {}  # label -> contiguous runs of it so far
+        current = last = None
         for n in self.ops():
             path = n.module.split(" (")[0].split(".") if n.module else []
             cut = next((i for i, part in enumerate(path) if part.isdigit()), None)
             label = ".".join(path[:cut + 1]) if cut is not None else None
             if label is not None and label != last:
-                runs = sum(1 for k in out if k == label or k.startswith(label + "#"))
-                label_run = label if not runs else f"{label}#{runs + 1}"
-                out[label_run] = []
+                runs[label] = runs.get(label, 0) + 1
+                current = label if runs[label] == 1 else f"{label}#{runs[label]}"
+                out[current] = []
             if label is not None:
-                out[list(out)[-1]].append(n.name)
+                out[current].append(n.name)
             last = label
         return out
 
