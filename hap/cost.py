@@ -180,22 +180,28 @@ class CostModel:
                     return t
         return self._affine_s(node, r)[0]
 
+    def _local_shapes(self, node: Node, cand: Candidate, r: int, k: int = 1) -> dict[str, tuple[int, ...]] | None:
+        """The shapes rank r's inputs to the op have under ``cand`` (with ``k`` micro-batches:
+        the dims that follow the batch cut k ways), or None where they cannot be told."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, p in zip(node.inputs(), cand.inputs):
+            src = self.graph[name]
+            if not isinstance(src.meta, TensorMeta):
+                return None
+            shape = optimer.local_shape(src.meta, p, lambda size, unit: self.splitter.lengths(size, unit)[r])
+            if shape is not None and k > 1:
+                shape = tuple(-(-n // k) if src.batch_dims and src.batch_dims[d][0] else n for d, n in enumerate(shape))
+            if shape is None or shapes.get(name, shape) != shape:
+                return None
+            shapes[name] = shape
+        return shapes
+
     def _measured_s(self, node: Node, cand: Candidate, r: int, roofline: float, frac: float) -> float:
         """Seconds of an op node on rank r timed at its local shapes (``hap.optimer``) where the
         rank's profile asks for it, between its share of the whole op and the whole op; else
         ``roofline``."""
-        if not self._measures(node, cand, r):
-            return roofline
-        shapes: dict[str, tuple[int, ...]] = {}
-        for name, p in zip(node.inputs(), cand.inputs):
-            meta = self.graph[name].meta
-            if not isinstance(meta, TensorMeta):
-                return roofline
-            shape = optimer.local_shape(meta, p, lambda size, unit: self.splitter.lengths(size, unit)[r])
-            if shape is None or shapes.get(name, shape) != shape:
-                return roofline
-            shapes[name] = shape
-        t = self._timed(node, shapes, r)
+        shapes = self._local_shapes(node, cand, r) if self._measures(node, cand, r) else None
+        t = None if shapes is None else self._timed(node, shapes, r)
         if t is None:
             return roofline
         # a share of an op costs at least its share of the whole op and at most the whole op:
@@ -205,23 +211,10 @@ class CostModel:
 
     def _micro_s(self, node: Node, cand: Candidate, r: int, k: int, roofline: float) -> float:
         """Seconds of the op on rank r run as ``k`` micro-batches: timed at the micro-batch's
-        shapes (the dims that follow the batch cut k ways) where the rank's profile asks for
-        it, times k; else ``roofline`` (the whole share's work plus k kernel floors)."""
-        if not self._measures(node, cand, r):
-            return roofline
-        shapes: dict[str, tuple[int, ...]] = {}
-        for name, p in zip(node.inputs(), cand.inputs):
-            src = self.graph[name]
-            if not isinstance(src.meta, TensorMeta):
-                return roofline
-            shape = optimer.local_shape(src.meta, p, lambda size, unit: self.splitter.lengths(size, unit)[r])
-            if shape is None:
-                return roofline
-            shape = tuple(-(-n // k) if src.batch_dims and src.batch_dims[d][0] else n for d, n in enumerate(shape))
-            if shapes.get(name, shape) != shape:
-                return roofline
-            shapes[name] = shape
-        t = self._timed(node, shapes, r)
+        shapes where the rank's profile asks for it, times k; else ``roofline`` (the whole
+        share's work plus k kernel floors)."""
+        shapes = self._local_shapes(node, cand, r, k) if self._measures(node, cand, r) else None
+        t = None if shapes is None else self._timed(node, shapes, r)
         return roofline if t is None else k * t
 
     def affine_s(self, node: Node, cand: Candidate, r: int) -> tuple[float, float]:
