@@ -24,6 +24,24 @@ def backend_for(expected: tuple[str, ...] | list[str]) -> str:
     return "nccl"
 
 
+def cuda_missing(expected: Sequence[str]) -> str | None:
+    """None when this machine can run a plan whose ranks expect these GPUs, else what the plan
+    needs and what the machine has (checked before any CUDA call: a CPU-only torch build has no
+    ``torch.cuda.set_device`` to call)."""
+    gpus = sorted({d for d in expected if d != "cpu"})
+    if not gpus:
+        return None
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        has = f"a CPU-only torch build (torch {torch.__version__})"
+    elif not torch.cuda.is_available():
+        has = f"no usable CUDA device (torch {torch.__version__} with CUDA {torch.version.cuda or torch.version.hip})"
+    else:
+        return None
+    return (f"this plan runs on GPUs ({', '.join(gpus)}, NCCL), but this machine has {has}; run it on the planned "
+            "machines, or re-plan for this one (hap-plan SPEC --emit DIR: with no --cluster it plans for this "
+            "machine's own devices)")
+
+
 def device_mismatch(expected: str, device: torch.device) -> str | None:
     """None when ``device`` is the kind the plan expects for this rank (``"cpu"``, ``"V100-16GB"``
     ...), else a sentence saying what differs. A GPU matches by its model's name on word

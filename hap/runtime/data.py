@@ -149,6 +149,26 @@ class Timed:
         return item
 
 
+class BadBatch(ValueError):
+    """A batch whose tensors are not the shapes and dtypes the plan was made for."""
+
+
+def check_batch(tensors: Sequence[Any], empty: Sequence[tuple[tuple[int, ...], torch.dtype]], rows: int,
+                what: str) -> None:
+    """Refuse a batch other than the plan's: as many tensors, each ``rows`` samples of the planned
+    sample shape and dtype (the forward is specialised to them: a wrong one fails deep inside it,
+    on some ranks only)."""
+    if len(tensors) != len(empty) or not all(torch.is_tensor(x) for x in tensors):
+        kinds = ", ".join(type(x).__name__ for x in tensors)
+        raise BadBatch(f"{what} returned {len(tensors)} value(s) ({kinds}); the plan takes {len(empty)} tensor(s)")
+    for i, (x, (shape, dtype)) in enumerate(zip(tensors, empty)):
+        want = (rows, *shape)
+        if tuple(x.shape) != want or x.dtype != dtype:
+            raise BadBatch(f"{what} returned tensor {i} of shape {list(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+                           f", the plan was made for {list(want)} {str(dtype).removeprefix('torch.')}: every batch "
+                           "must have the shapes and dtypes of the one planned with")
+
+
 class RankData:
     """This rank's batches for steps ``start..stop-1``, from a spec's ``dataset("train")`` (each
     rank fetches only its share, read ahead by ``prefetch``) or its ``batch(step, B)`` (every
@@ -201,10 +221,14 @@ class RankData:
             full = self.spec.batch(step, sum(shares))
             full = tuple(full) if isinstance(full, (tuple, list)) else (full,)
             self._plain_waits.append(time.perf_counter() - t0)
+            # every rank builds the same global batch, so every rank finds the same fault
+            check_batch(full, self.empty, sum(shares), f"batch({step}, {sum(shares)})")
             offset, share = sum(shares[:self.rank]), shares[self.rank]
             return [x.narrow(0, offset, share).to(self.device) if d == 0 else x.to(self.device)
                     for x, d in zip(full, self.inputs)]
-        return assemble(next(self._timed), self.inputs, shares, self.device)
+        local = next(self._timed)
+        check_batch(local, self.empty, shares[self.rank], f"the collate of step {step}'s rank {self.rank} share")
+        return assemble(local, self.inputs, shares, self.device)
 
     def close(self) -> None:
         self._timed = None  # the DataLoader's workers exit with their iterator

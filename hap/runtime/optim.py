@@ -99,7 +99,8 @@ def grad_norm(params: Mapping[str, torch.nn.Parameter], sharded: Sequence[str]) 
 
     shard = set(sharded)
     local = squares([n for n in params if n in shard]).reshape(1)
-    _all_reduce(local)  # each rank holds other slices of the sharded parameters
+    if shard:  # each rank holds other slices of the sharded parameters (the same list on every rank)
+        _all_reduce(local)
     return float((local[0] + squares([n for n in params if n not in shard])).sqrt())
 
 

@@ -42,6 +42,11 @@ class Precision:
             else:
                 self.scaler = torch.amp.GradScaler(device.type)
 
+    @property
+    def skips_overflow(self) -> bool:
+        """Whether a step whose gradients overflow is skipped (fp16's loss scaling) rather than applied."""
+        return self.scaler is not None
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.name == "fp32":
             return contextlib.nullcontext()

@@ -22,23 +22,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
+from hap import __version__
+
 from . import checkpoint as ckpt
 from . import micro, optim
-from .checks import backend_for, device_mismatch, placement_mismatch, planned_gpu
+from .checks import backend_for, cuda_missing, device_mismatch, placement_mismatch, planned_gpu
 from .collectives import gather_full, sum_scalar
-from .data import RankData, val_batches
-from .dist import _all_reduce, barrier, device, init, leave, shutdown
+from .data import BadBatch, RankData, val_batches
+from .dist import _all_reduce, barrier, device, init, leave
 from .emulate import comm_seconds, end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .precision import Precision
@@ -59,6 +63,12 @@ def parse_args(argv: list[str] | None = None, default_optimizer: str = "sgd") ->
     ap.add_argument("--save", default=None, metavar="DIR", help="write checkpoints to DIR")
     ap.add_argument("--save-every", type=int, default=0, metavar="K", help="checkpoint every K steps (and at the end)")
     ap.add_argument("--resume", default=None, metavar="DIR", help="continue from the latest checkpoint in DIR")
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="load a checkpoint another user wrote: its DCP .metadata is a Python pickle, and loading it "
+                         "runs whatever code it holds (default: only your own checkpoints)")
+    ap.add_argument("--reset-optimizer", action="store_true",
+                    help="with --resume: take the checkpoint's weights and start the optimizer's state afresh (to "
+                         "resume under another --optimizer)")
     ap.add_argument("--prefetch", type=int, default=4, metavar="N",
                     help="dataset specs: batches each of the rank's data workers reads ahead (0: fetch each batch "
                          "when it is needed, in the training loop)")
@@ -79,38 +89,73 @@ def parse_args(argv: list[str] | None = None, default_optimizer: str = "sgd") ->
     return ap.parse_args(argv)
 
 
-def stop(message: str, code: int = 2) -> None:
-    """Leave the process group, print ``message`` and exit: a user's mistake, no traceback."""
-    shutdown()
+def stop(message: str, code: int = 2) -> NoReturn:
+    """Print ``message`` and end this rank at once: a user's mistake, no traceback. It enters no
+    collective: a rank that stops alone must not wait for peers that never join it (under
+    torchrun the agent then ends the other ranks). Where every rank can learn of a failure,
+    ``agree_or_stop`` stops them all together, each with the message."""
     print(f"train.py: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    run_stop_hooks()
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def run_stop_hooks() -> None:
+    for hook in when_stopping:
+        with contextlib.suppress(Exception):  # stopping anyway
+            hook()
+
+
+when_stopping: list = []  # what a stopping rank still does (rank 0 releases its --save lock on a last attempt)
+
+
+class Refused(Exception):
+    """A rank-local start-up problem, with the message ``agree_or_stop`` prints."""
 
 
 def load_spec(program: ModuleType) -> ModuleType:
     """The model spec, found relative to train.py (the same layout on every node)."""
     path = os.path.join(os.path.dirname(os.path.abspath(program.__file__)), program.SPEC)
     if not os.path.isfile(path):
-        stop(f"the model spec {path} is missing on this node; copy it there at the same place relative to "
-             f"train.py (SPEC = {program.SPEC!r})")
+        raise Refused(f"the model spec {path} is missing on this node; copy it there at the same place relative "
+                      f"to train.py (SPEC = {program.SPEC!r})")
     spec = importlib.util.spec_from_file_location("hap_user_spec", path)
     mod = importlib.util.module_from_spec(spec)
     sys.path.insert(0, os.path.dirname(path))
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:  # the user's file: say where it failed, on every rank
+        raise Refused(f"the model spec {path} failed to import: {type(e).__name__}: {e}") from e
     return mod
+
+
+def build_model(spec: ModuleType, seed: int) -> torch.nn.Module:
+    """The spec's single-device model, initialised as one device would with ``seed``."""
+    torch.manual_seed(seed)
+    try:
+        return spec.model()
+    except Exception as e:
+        raise Refused(f"the model spec's model() failed: {type(e).__name__}: {e}") from e
 
 
 def _rank_slice(full: torch.Tensor, dim: int | None, lengths, rank: int) -> torch.Tensor:
     return full if dim is None else full.narrow(dim, sum(lengths[:rank]), lengths[rank])
 
 
-def local_state(program: ModuleType, model: torch.nn.Module):
-    """This rank's shards of the single-device model's parameters and buffers."""
-    sd = {**dict(model.named_buffers()), **model.state_dict()}  # non-persistent buffers too
+def check_shapes(program: ModuleType, model: torch.nn.Module) -> None:
+    """Refuse a model other than the planned one (another spec, or the same spec under other
+    settings on this node)."""
+    sd = {**dict(model.named_buffers()), **model.state_dict()}
     wrong = [f"{k} is {list(sd[k].shape) if k in sd else 'missing'}, the plan has {list(shape)}"
              for k, shape in program.SHAPES.items() if k not in sd or tuple(sd[k].shape) != shape]
     if wrong:
-        stop("the spec built a different model than the one planned (" + "; ".join(wrong[:3]) +
-             "); run with the same spec and environment (e.g. its HAP_* size variables) or re-plan", 1)
+        raise Refused("the spec built a different model than the one planned (" + "; ".join(wrong[:3]) +
+                      "); run with the same spec and environment (e.g. its HAP_* size variables) or re-plan")
+
+
+def local_state(program: ModuleType, model: torch.nn.Module):
+    """This rank's shards of the single-device model's parameters and buffers."""
+    sd = {**dict(model.named_buffers()), **model.state_dict()}  # non-persistent buffers too
     params = {name: torch.nn.Parameter(_rank_slice(sd[keys[0]].detach(), dim, lengths, program.RANK)
                                        .clone().to(program.DEVICE))
               for name, (keys, dim, lengths) in program.PARAMS.items()}
@@ -138,9 +183,12 @@ def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def checkpoint_state(program: ModuleType, params, buffers, opt) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def checkpoint_state(program: ModuleType, params, buffers, opt,
+                     persistent: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """This rank's tensors for a checkpoint (its shards; replicated tensors under one key on
-    every rank) and the layout that says how shards make whole tensors (hap.runtime.checkpoint)."""
+    every rank) and the layout that says how shards make whole tensors (hap.runtime.checkpoint).
+    ``persistent``: the model's ``state_dict`` keys; a buffer outside it is saved for resuming
+    but not exported (``load_state_dict`` would refuse it)."""
     r = program.RANK
     tensors: dict[str, torch.Tensor] = {}
     layout, states, kept = {}, {}, {}
@@ -160,13 +208,16 @@ def checkpoint_state(program: ModuleType, params, buffers, opt) -> tuple[dict[st
                 states[key][sname] = {"shape": list(v.shape), "dim": None, "lengths": None, "dtype": _dtype(v)}
     for name, key in program.BUFFERS.items():
         tensors[f"model/{key}"] = buffers[name]
-        kept[key] = {"shape": list(buffers[name].shape), "dim": None, "lengths": None, "dtype": _dtype(buffers[name])}
+        kept[key] = {"shape": list(buffers[name].shape), "dim": None, "lengths": None, "dtype": _dtype(buffers[name]),
+                     "persistent": key in persistent}
     return tensors, {"layout": layout, "optimizer": states, "buffers": kept}
 
 
-def restore(program: ModuleType, meta: dict[str, Any], params, buffers, opt) -> None:
+def restore(program: ModuleType, meta: dict[str, Any], params, buffers, opt, trust: bool = False,
+            with_optimizer: bool = True) -> None:
     """Load a checkpoint's tensors into this rank's shards under this plan (another plan's
-    shards are read where they overlap this rank's slice)."""
+    shards are read where they overlap this rank's slice); the optimizer's state too unless
+    ``with_optimizer`` is False. ``trust``: see ``checkpoint.check_trusted``."""
     r = program.RANK
     by_alias = {alias: key for key, e in meta["layout"].items() for alias in e["aliases"]}
     wanted: dict[str, torch.Tensor] = {}
@@ -176,7 +227,7 @@ def restore(program: ModuleType, meta: dict[str, Any], params, buffers, opt) -> 
         buf, make = ckpt.request(f"model/{key}", meta["layout"][key], dim, lengths, r)
         wanted.update(buf)
         fills.append((name, None, make))
-        for sname, st in meta["optimizer"].get(key, {}).items():
+        for sname, st in (meta["optimizer"].get(key, {}) if with_optimizer else {}).items():
             buf, make = ckpt.request(f"optim/{key}/{sname}", st, dim if st["dim"] is not None else None, lengths, r)
             wanted.update(buf)
             fills.append((name, sname, make))
@@ -184,7 +235,7 @@ def restore(program: ModuleType, meta: dict[str, Any], params, buffers, opt) -> 
         buf, make = ckpt.request(f"model/{key}", meta["buffers"][key], None, None, r)
         wanted.update(buf)
         fills.append((None, name, make))
-    ckpt.load(meta["path"], wanted)
+    ckpt.load(meta["path"], wanted, trust)
     with torch.no_grad():
         for name, sname, make in fills:
             if name is None:
@@ -195,23 +246,103 @@ def restore(program: ModuleType, meta: dict[str, Any], params, buffers, opt) -> 
                 opt.state[params[name]][sname] = make().clone().to(program.DEVICE)
 
 
-def resume_point(program: ModuleType, resume_from: str | None) -> dict[str, Any] | None:
-    """Rank 0 decides whether and from which checkpoint to resume and tells every rank (one
-    all-reduce), so ranks never start at different steps; every rank then reads that step's meta."""
-    step = -1.0
-    if program.RANK == 0 and resume_from:
+def job_id() -> str:
+    """What the attempts of one torchrun job share (its rendezvous run id), and nothing else does."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or f"pid{os.getpid()}"
+
+
+def last_attempt(restarts: int) -> bool:
+    return restarts >= int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+
+
+def open_save(program: ModuleType, args: argparse.Namespace, restarts: int) -> str:
+    """Rank 0 takes the ``--save`` directory's lock for this run: a directory another live job
+    writes is refused, and so is one holding another run's checkpoints when this run does not
+    resume. Every rank then checks that it sees rank 0's lock: a directory that is not one shared
+    storage on every node would leave other nodes' shards out of every checkpoint. Returns the
+    run id, the same on every rank (a restarted attempt continues its run's)."""
+    run_id, nonce, wrong = ckpt.new_id(), ckpt.new_id(), None
+    if program.RANK == 0 and args.save:
         try:
-            step = float(ckpt.read_meta(resume_from)["step"])
+            rid, note = ckpt.lock(args.save, job_id(), restarts, f"{run_id:012x}", nonce)
+            run_id = int(rid, 16)
+            if note:
+                print(f"train.py: {note}", flush=True)
+            others = ckpt.foreign(args.save, rid)
+            if others and not args.resume:
+                ckpt.unlock(args.save, rid)
+                names = ", ".join(c.name for c in others[-3:])
+                raise ckpt.CheckpointError(
+                    f"--save {args.save} already holds checkpoints of another run ({names}); continue that run with "
+                    f"--resume {args.save} --save {args.save}, or save this run elsewhere (--save NEWDIR)")
+            ckpt.remove_temporaries(args.save)
+        except (ckpt.CheckpointError, OSError) as e:
+            wrong = f"--save {args.save}: {e}" if isinstance(e, OSError) else str(e)
+    agree_or_stop(program, wrong)
+    ids = torch.tensor([float(run_id), float(nonce)] if program.RANK == 0 else [0.0, 0.0], dtype=torch.float64,
+                       device=program.DEVICE)
+    _all_reduce(ids)
+    run_id, nonce = (int(x) for x in ids.cpu().tolist())
+    if args.save and program.WORLD_SIZE > 1:
+        seen = ckpt.lock_nonce(args.save)
+        agree_or_stop(program, None if seen == nonce else (
+            f"rank {program.RANK} (node {program.PLACES[program.RANK][0]}) does not see rank 0's "
+            f"{os.path.join(args.save, ckpt.LOCK)}: --save must be one directory on storage every node shares "
+            "(NFS, Lustre, a mounted bucket), at the same path on every node"))
+    if args.save:
+        when_stopping.append(lambda: program.RANK == 0 and last_attempt(restarts)
+                             and ckpt.unlock(args.save, f"{run_id:012x}"))
+    return f"{run_id:012x}"
+
+
+def resume_point(program: ModuleType, args: argparse.Namespace, run_id: str, restarts: int) -> dict[str, Any] | None:
+    """Rank 0 decides whether and from which checkpoint to resume and tells every rank (one
+    all-reduce), so ranks never start at different steps; every rank then reads that step's meta.
+    A restarted attempt continues from its run's newest complete checkpoint in ``--save``, before
+    an older ``--resume``; one whose run stopped for good (``checkpoint.mark_stopped``) stops."""
+    where, step, wrong = 0, -1, None  # where: 1 the run's --save, 2 --resume
+    if program.RANK == 0:
+        try:
+            if restarts > 0 and args.save:
+                marker = ckpt.stopped(args.save, run_id)
+                if marker is not None:
+                    raise ckpt.CheckpointError(
+                        f"an earlier attempt of this run stopped at step {marker['step']} ({marker['reason']}), and "
+                        "a restart would train into it again: stopping for good. Fix the cause (a lower --lr, "
+                        f"--clip-grad-norm), then continue with --resume {args.save}")
+                found, note = ckpt.latest(args.save, run_id)
+                if found is not None:
+                    where, step = 1, ckpt.step_of(found)
+            if where == 0 and args.resume:
+                meta = ckpt.read_meta(args.resume)
+                where, step, note = 2, meta["step"], meta.get("note")
+            if where:
+                if note:
+                    print(f"train.py: {note}", flush=True)
+                ckpt.check_trusted(_step_dir(args, where, step), args.trust_checkpoint)
+                later = [c.name for c in ckpt.foreign(args.save, run_id) if ckpt.step_of(c) > step] if args.save else []
+                if later:
+                    raise ckpt.CheckpointError(
+                        f"--save {args.save} holds {', '.join(later[:3])} of another run, after step {step} where "
+                        "this run resumes; this run would write over them: save it elsewhere (--save NEWDIR)")
         except ckpt.CheckpointError as e:
-            print(f"train.py: {e}", file=sys.stderr, flush=True)
-            step = -2.0
-    step = sum_scalar(step if program.RANK == 0 else 0.0)
-    if step == -2.0:
-        stop("rank 0 could not resume (its message above)")
-    if step < 0:
+            wrong = str(e)
+    agree_or_stop(program, wrong)
+    got = torch.tensor([float(where), float(step)] if program.RANK == 0 else [0.0, 0.0], dtype=torch.float64,
+                       device=program.DEVICE)
+    _all_reduce(got)
+    where, step = (int(x) for x in got.cpu().tolist())
+    if where == 0:
         return None
-    p = Path(resume_from)
-    return ckpt.read_meta(p if (p / ckpt.META).exists() else p / f"step_{int(step):06d}")
+    try:
+        return ckpt.read_meta(_step_dir(args, where, step))
+    except ckpt.CheckpointError as e:  # this rank cannot read what rank 0 read
+        stop(f"rank {program.RANK}: {e}")
+
+
+def _step_dir(args: argparse.Namespace, where: int, step: int) -> Path:
+    p = Path(args.save if where == 1 else args.resume)
+    return p if (p / ckpt.META).exists() or (p / ckpt.LEGACY_META).exists() else p / f"step_{step:06d}"
 
 
 def progress_line(step: int, steps: int, loss: float, lr: float, norm: float | None, step_s: list[float],
@@ -244,9 +375,44 @@ def tensorboard_writer(logdir: str | None, rank: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        stop(f"--tensorboard {logdir}: the tensorboard package is not installed; pip install 'hap[tensorboard]' "
-             "(or run without --tensorboard: --log-json records the same values)")
+        raise Refused(f"--tensorboard {logdir}: the tensorboard package is not installed; pip install "
+                      "'hap[tensorboard]' (or run without --tensorboard: --log-json records the same values)") from None
     return SummaryWriter(logdir)
+
+
+def check_val_split(spec: ModuleType, args: argparse.Namespace, global_batch: int) -> None:
+    """``--eval-every`` needs a validation split of at least one global batch: found at start-up,
+    not at the first evaluation."""
+    if not args.eval_every or not hasattr(spec, "dataset"):
+        return
+    try:
+        n = len(spec.dataset("val"))
+    except Exception as e:
+        raise Refused(f"--eval-every: the spec's dataset('val') failed: {type(e).__name__}: {e}") from e
+    if n < global_batch:
+        raise Refused(f"--eval-every {args.eval_every}: the val split has {n} items, fewer than one global batch "
+                      f"of {global_batch}; give the spec a larger val split, or run without --eval-every")
+
+
+def prepare(program: ModuleType, args: argparse.Namespace):
+    """What each rank sets up on its own: the spec, its model and the TensorBoard writer. A rank
+    whose spec is missing, fails, or builds another model is found here, and every rank stops
+    together, each with its message. Returns (spec, model, writer)."""
+    spec = model = board = None
+    try:
+        wrong = optim.check(args)
+        if wrong:
+            raise Refused(wrong)
+        spec = load_spec(program)
+        model = build_model(spec, args.seed)
+        check_shapes(program, model)
+        check_val_split(spec, args, program.GLOBAL_BATCH)
+        board = tensorboard_writer(args.tensorboard, program.RANK)
+        wrong = None
+    except Refused as e:
+        wrong = str(e)
+    agree_or_stop(program, wrong)
+    return spec, model, board
 
 
 def slowdown_schedule(specs: list[str], rank: int) -> dict[int, float]:
@@ -371,35 +537,73 @@ def start(program: ModuleType) -> int:
     torchrun restart count. Sets the program's RANK and DEVICE."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != program.WORLD_SIZE:
-        sys.exit(f"train.py: this plan needs {program.WORLD_SIZE} ranks, but WORLD_SIZE={world}; run it with "
-                 f"torchrun --nproc-per-node {program.WORLD_SIZE} (or re-plan for {world} ranks)")
+        stop(f"this plan needs {program.WORLD_SIZE} ranks, but WORLD_SIZE={world}; run it with "
+             f"torchrun --nproc-per-node {program.WORLD_SIZE} (or re-plan for {world} ranks)")
     try:
         backend = backend_for(program.EXPECTED_DEVICES)
     except ValueError as e:
-        sys.exit(f"train.py: {e}")
+        stop(str(e))
+    if backend == "nccl":
+        missing = cuda_missing(program.EXPECTED_DEVICES)
+        if missing:  # before any CUDA call: torch.cuda.set_device fails obscurely without CUDA
+            stop(missing)
     rank = int(os.environ.get("RANK", "0"))  # the GPU of this rank's planned model on a node with several
     gpu = planned_gpu(program.EXPECTED_DEVICES, program.PLACES, rank) if backend == "nccl" else None
     program.RANK, _ = init(backend, gpu)
     program.DEVICE = device()
     wrong = (device_mismatch(program.EXPECTED_DEVICES[program.RANK], program.DEVICE)
              or placement_mismatch(*program.PLACES[program.RANK]))
-    agree_or_stop(f"rank {program.RANK}: {wrong}; start the ranks in the plan's order (see the docstring) or "
-                  "re-plan for this cluster" if wrong else None)
+    agree_or_stop(program, f"rank {program.RANK}: {wrong}; start the ranks in the plan's order (see the docstring) "
+                  "or re-plan for this cluster" if wrong else None)
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
-def agree_or_stop(wrong: str | None) -> None:
-    """A rank that fails its start-up check prints why first, then every rank learns (one
-    all-reduce) whether any rank failed, and all of them stop together: no rank waits in a
-    collective that a stopped rank never enters."""
+def _hash48(data: bytes) -> int:
+    return int(hashlib.sha256(data).hexdigest()[:12], 16)
+
+
+def agree_or_stop(program: ModuleType, wrong: str | None) -> None:
+    """A rank that fails a check prints why first; then every rank learns (one all-reduce)
+    whether any rank failed, and whether every rank runs the same program (plan digest, the
+    train.py file, the hap version); if not, all of them stop together, each saying why: no
+    rank waits in a collective that a stopped rank never enters."""
     if wrong:
         print(f"train.py: {wrong}", file=sys.stderr, flush=True)
-    failed = int(sum_scalar(1.0 if wrong else 0.0))
-    if failed:
-        if not wrong:
-            print(f"train.py: stopping: {failed} other rank(s) failed their start-up check (see their message)",
-                  file=sys.stderr, flush=True)
+    world, r = program.WORLD_SIZE, program.RANK
+    with open(program.__file__, "rb") as f:
+        mine = (1.0 if wrong else 0.0, int(program.PLAN_DIGEST, 16), _hash48(f.read()), _hash48(__version__.encode()),
+                program.PLACES[r][0])
+    table = torch.zeros(len(mine), world, dtype=torch.float64, device=program.DEVICE)
+    table[:, r] = torch.tensor(mine, dtype=torch.float64)
+    _all_reduce(table)
+    failed, digests, files, versions, nodes = (row.long().tolist() for row in table.cpu())
+    differ = [q for q in range(world) if (digests[q], files[q], versions[q]) != (digests[0], files[0], versions[0])]
+    if differ:
+        rows = "; ".join(f"rank {q} on node {nodes[q]} runs plan {digests[q]:012x}"
+                         + (", another train.py" if files[q] != files[0] else "")
+                         + (", another hap version" if versions[q] != versions[0] else "") for q in differ[:4])
+        print(f"train.py: the ranks run different programs: rank 0 runs plan {digests[0]:012x} (hap {__version__} "
+              f"here on rank {r}); {rows}. Copy rank 0's train.py and spec to every node and install the same hap "
+              "there (one checkout of the repository on every node)", file=sys.stderr, flush=True)
         leave(1)
+    if sum(failed):
+        if not wrong:
+            print(f"train.py: stopping: rank(s) {', '.join(str(q) for q in range(world) if failed[q])} failed a "
+                  "start-up check (see their message)", file=sys.stderr, flush=True)
+        run_stop_hooks()
+        leave(1)
+
+
+def stop_non_finite(program: ModuleType, args: argparse.Namespace, run_id: str, what: str, step: int,
+                    last_saved: str | None) -> NoReturn:
+    """Stop on a non-finite loss or gradient (every rank sees the same value). Rank 0 leaves a
+    note in ``--save`` first: torchrun restarts any failed job, and the restart would resume from
+    the last checkpoint into the same values, so a restarted attempt reads the note and stops."""
+    if args.save and program.RANK == 0:
+        with contextlib.suppress(OSError):  # the message below matters more than the note
+            ckpt.mark_stopped(args.save, run_id, step, what)
+    stop(f"{what} at step {step}; stopping. Last good checkpoint: "
+         f"{last_saved or 'none (use --save DIR --save-every K)'}", 3)
 
 
 def main(program: ModuleType, argv: list[str] | None = None) -> None:
@@ -407,16 +611,10 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
     per batch, checkpoints that resume under any plan."""
     args = parse_args(argv, getattr(program, "OPTIMIZER", "sgd"))
     restarts = start(program)
-    wrong = optim.check(args)
-    if wrong:
-        stop(wrong)
     rank = program.RANK
-    spec = load_spec(program)
-    torch.manual_seed(args.seed)
-    model = spec.model()
-    # after a crash under --max-restarts, the restarted job resumes from its own latest checkpoint
-    resume_from = args.resume or (args.save if restarts > 0 and args.save and ckpt.latest(args.save) else None)
-    ck = resume_point(program, resume_from)
+    spec, model, board = prepare(program, args)
+    run_id = open_save(program, args, restarts)
+    ck = resume_point(program, args, run_id, restarts)
     saved = tuple(ck.get("shares") or ()) if ck is not None else ()
     if (getattr(program, "REBALANCE", False) and len(saved) == program.WORLD_SIZE
             and sum(saved) == program.GLOBAL_BATCH and saved != tuple(program.SHARES)):
@@ -431,18 +629,30 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
             ckpt.check_model(ck, program.SHAPES)
         except ckpt.CheckpointError as e:
             stop(str(e))
-        restore(program, ck, params, buffers, opt)  # random streams need no state: hap.runtime.rng
+        kind = ck.get("optimizer_kind", args.optimizer)
+        if kind != args.optimizer and not args.reset_optimizer:
+            stop(f"{ck['path']} holds the state of --optimizer {kind}, this run uses --optimizer {args.optimizer}; "
+                 f"resume with --optimizer {kind}, or add --reset-optimizer to start {args.optimizer}'s state afresh "
+                 "from the checkpoint's weights")
+        try:
+            restore(program, ck, params, buffers, opt, args.trust_checkpoint, with_optimizer=not args.reset_optimizer)
+        except (ckpt.CheckpointError, OSError, RuntimeError, ValueError) as e:  # DCP wraps a torn file's errors
+            stop(f"rank {rank} could not read {ck['path']}: {str(e).strip().splitlines()[-1][:500]}")
         start_step = ck["step"]
         if rank == 0:
-            print(f"resuming from {ck['path']} at step {start_step}", flush=True)
+            reset = f" ({args.optimizer}'s state starts afresh)" if args.reset_optimizer else ""
+            print(f"resuming from {ck['path']} at step {start_step}{reset}", flush=True)
     reduce_dtype = {"fp32": None, "bf16": torch.bfloat16}[getattr(program, "GRAD_REDUCE", "fp32")]
     grad_sync = GradSync([[params[n] for n in b] for b in program.GRAD_BUCKETS], overlap=program.GRAD_OVERLAP,
                          reduce_dtype=reduce_dtype)
     amp = Precision(getattr(program, "PRECISION", "fp32"), program.DEVICE)
     if ck is not None:
         amp.load_state_dict(ck.get("scaler"))
-    data = RankData(spec, rank, program.SHARES, program.INPUTS, program.INPUT_SAMPLES, args.seed, start_step,
-                    args.steps, args.prefetch, program.DEVICE)
+    try:
+        data = RankData(spec, rank, program.SHARES, program.INPUTS, program.INPUT_SAMPLES, args.seed, start_step,
+                        args.steps, args.prefetch, program.DEVICE)
+    except ValueError as e:  # a dataset smaller than one global batch: the same on every rank
+        stop(str(e))
     losses, step_s, val, lrs, norms = [], [], [], [], []
     samples = program.GLOBAL_BATCH
     tokens = samples * next((x[0][0] for x in program.INPUT_SAMPLES if len(x[0]) == 1 and x[1] == "int64"), 1)
@@ -452,7 +662,6 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
                 if program.WORLD_SIZE > 1 and getattr(program, "REBALANCE", False) and not args.no_rebalance else None)
     events, compute_log, advice = [], [], []
     counts = micro_counts(program, args.micro_batches)
-    board = tensorboard_writer(args.tensorboard, rank)
     if args.emulate:  # from here on: the set-up above is not the emulated device's compute
         set_emulation(program.SLOWDOWN[rank])
     for step in range(start_step, args.steps):
@@ -465,7 +674,10 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
                 move_shards(program, params, opt, before)
         t0 = time.perf_counter()
         with undilated():  # --emulate slows forward + backward only
-            batch = data.next(step)  # this rank's share of the step's global batch
+            try:
+                batch = data.next(step)  # this rank's share of the step's global batch
+            except BadBatch as e:
+                stop(str(e))
         c0, comm0 = time.perf_counter(), comm_seconds()
         opt.zero_grad(set_to_none=True)  # backward writes fresh gradients: no zeroing pass
         loss, counted = run_micro_batches(program, params, buffers, batch, counts, grad_sync, amp, args.seed, step)
@@ -487,13 +699,15 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
                     for p in params.values():
                         if p.grad is not None:
                             p.grad.mul_(fix)
-        if global_loss != global_loss or abs(global_loss) == float("inf"):
-            stop(f"loss is {global_loss} at step {step}; stopping. Last good checkpoint: "
-                 f"{last_saved or 'none (use --save DIR --save-every K)'}", 3)
+        if not math.isfinite(global_loss):
+            stop_non_finite(program, args, run_id, f"loss is {global_loss}", step, last_saved)
         with undilated():
             amp.unscale(opt)  # fp16: true gradients before they are measured and clipped
-            if args.clip_grad_norm:
-                norms.append(optim.clip_grad_norm(params, sharded, args.clip_grad_norm))
+            # every step: a finite loss can still give non-finite gradients, which must not be applied
+            norms.append(optim.clip_grad_norm(params, sharded, args.clip_grad_norm) if args.clip_grad_norm
+                         else optim.grad_norm(params, sharded))
+            if not math.isfinite(norms[-1]) and not amp.skips_overflow:
+                stop_non_finite(program, args, run_id, f"the gradient norm is {norms[-1]}", step, last_saved)
             lrs.append(optim.lr_at(step, args))
             optim.set_lr(opt, lrs[-1])
             amp.step(opt)  # fp16: every rank skips the step if any rank's gradients overflowed
@@ -532,11 +746,11 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
             if board is not None:
                 board.add_scalar("val/loss", val[-1]["loss"], done)
         if args.save and ((args.save_every and done % args.save_every == 0) or done == args.steps):
-            tensors, layout = checkpoint_state(program, params, buffers, opt)
+            tensors, layout = checkpoint_state(program, params, buffers, opt, set(model.state_dict()))
             meta = {**layout, "data_position": data.position(done), "optimizer_kind": args.optimizer,
-                    "shares": list(data.shares_at(done)),
+                    "shares": list(data.shares_at(done)), "world_size": program.WORLD_SIZE,
                     "plan": program.PLAN_DIGEST, "scaler": amp.state_dict()}
-            last_saved = str(ckpt.save(args.save, done, tensors, meta, rank, barrier))
+            last_saved = str(ckpt.save(args.save, done, tensors, meta, rank, barrier, run_id))
     if args.dump_params:
         state = full_state_dict(program, model, params, buffers)
         if rank == 0:
@@ -553,4 +767,6 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
                        "world_size": program.WORLD_SIZE, "first_step": start_step, "precision": amp.name,
                        "grad_reduce": getattr(program, "GRAD_REDUCE", "fp32"), "skipped_steps": amp.skipped,
                        "rebalance": events, "compute_s": compute_log, "advice": advice}, f)
+    if args.save and rank == 0:
+        ckpt.unlock(args.save, run_id)
     leave(0)  # every rank done communicating, then out without gloo's teardown
