@@ -18,13 +18,9 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import os
 import re
 import sys
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +53,7 @@ def full_state(path: str | Path, trust: bool = False) -> tuple[dict[str, torch.T
         buf, make = ckpt.request(f"model/{key}", e, None, None, 0)
         wanted.update(buf)
         assemble.append(([key], make))
-    _load(meta["path"], wanted, trust)
+    ckpt.load(meta["path"], wanted, trust)
     out: dict[str, torch.Tensor] = {}
     for aliases, make in assemble:
         full = make()
@@ -66,71 +62,14 @@ def full_state(path: str | Path, trust: bool = False) -> tuple[dict[str, torch.T
     return out, meta
 
 
-def _load(step_dir: str, tensors: dict[str, torch.Tensor], trust: bool) -> None:
-    """``ckpt.load`` in this one process; what DCP raises for a torn or corrupt checkpoint
-    becomes a CheckpointError that names the checkpoint and what could not be read."""
-    from torch.distributed.checkpoint import CheckpointException
-
-    try:
-        with _single_process_dcp():
-            ckpt.load(step_dir, tensors, trust=trust)
-    except CheckpointException as e:  # a BaseException: DCP wraps each rank's error in it
-        phase, failures = e.args[0], e.failures
-        causes = [exc for exc, _ in failures.values()] or [e]
-        raise ckpt.CheckpointError(_torn_message(step_dir, phase, causes[0])) from None
-    except (RuntimeError, ValueError, EOFError, OSError) as e:  # raised outside DCP's wrapping
-        raise ckpt.CheckpointError(_torn_message(step_dir, "read", e)) from None
-
-
-def _torn_message(step_dir: str, phase: str, cause: BaseException) -> str:
-    if isinstance(cause, PermissionError):
-        return (f"{cause.filename or step_dir} is not readable ({cause.strerror}); give yourself read access to "
-                "the checkpoint, or export a copy you can read")
-    what = str(cause).strip().splitlines()[0].split(". ")[0] if str(cause).strip() else ""
-    what = f"{type(cause).__name__}: {what[:200]}" if what else type(cause).__name__
-    # DCP's "plan" phase reads .metadata and matches it to the tensors hap.json's layout asks for;
-    # its "read" phase reads the tensors from the .distcp files
-    if phase != "plan":
-        part = "its tensor data (.distcp) cannot be read"
-    elif "metadata read failed" in str(cause):
-        part = "its .metadata cannot be read"
-    else:
-        part = "its .metadata does not match its hap.json"
-    return (f"{step_dir} is torn or corrupt: {part} ({what}). The run that wrote it may have died while "
-            "writing, or a copy of it was cut short: export another of the run's step_* directories, give the "
-            "--save directory to use its newest complete checkpoint, or copy it again")
-
-
-@contextmanager
-def _single_process_dcp() -> Iterator[None]:
-    """Quiet what DCP says on the way in one process: the warning that no process group exists
-    (one process is a legitimate single-rank load) and the tracebacks it logs on the root logger
-    while falling back from an unreadable .metadata (the error it raises says it once)."""
-    import torch.distributed.checkpoint as dcp
-
-    dcp_dir = os.path.dirname(dcp.__file__)
-
-    def quiet(record: logging.LogRecord) -> bool:
-        return not record.pathname.startswith(dcp_dir)
-
-    root = logging.getLogger()
-    root.addFilter(quiet)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            yield
-    finally:
-        root.removeFilter(quiet)
-
-
 def write(tensors: dict[str, torch.Tensor], out: str | Path, metadata: dict[str, str]) -> None:
-    """Write ``tensors`` to the safetensors file ``out`` (``_replace``: whole or not at all); an
+    """Write ``tensors`` to the safetensors file ``out`` (whole or not at all: ``checkpoint.atomic_write``); an
     I/O error becomes an ExportError that says what to do."""
     save_file, SafetensorError = _safetensors()
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _replace(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        ckpt.atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     except OSError as e:
         raise ExportError(_write_message(out, e)) from None
     except SafetensorError as e:  # its I/O errors carry the OS error's number in the text
@@ -149,34 +88,6 @@ def _safetensors():
         raise ExportError("writing safetensors needs the safetensors package: pip install safetensors "
                           "(or pip install 'hap[export]')") from None
     return save_file, SafetensorError
-
-
-def _replace(out: Path, write_to) -> None:
-    """Replace ``out`` with what ``write_to(tmp)`` writes: a hidden temporary beside it (same
-    directory, so the rename is atomic), fsynced, renamed over it. On any failure the temporary
-    is removed and an existing ``out`` keeps its bytes."""
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        write_to(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # an unwritable directory: the temporary was never made
-        raise
-    _fsync_dir(out.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the rename into ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_message(out: Path, e: OSError) -> str:

@@ -33,7 +33,9 @@ across plans. ``hap-export`` assembles the whole tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -41,7 +43,7 @@ import shutil
 import socket
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,19 +72,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
+def atomic_write(path: Path, data: str | bytes | Callable[[Path], None]) -> None:
     """Write ``path`` so that it holds the old bytes or the new ones, never a part: a temporary
-    file beside it, fsynced, renamed over it, and the rename made durable."""
+    file beside it (``data``, or what ``data(tmp)`` writes there), fsynced, renamed over it, and
+    the rename made durable. On any failure the temporary is removed and ``path`` is unchanged."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
+        if callable(data):
+            data(tmp)
+        else:
+            tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # an unwritable directory: the temporary was never made
+            tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
 
@@ -429,6 +435,59 @@ def stored_keys(path: str, trust: bool = False) -> set[str]:
 
 def load(path: str, tensors: dict[str, torch.Tensor], trust: bool = False) -> None:
     """Fill ``tensors`` (every rank its own keys; a rank that needs nothing still takes part in
-    the collective load) from the DCP checkpoint at ``path`` (``check_trusted`` first)."""
+    the collective load) from the DCP checkpoint at ``path`` (``check_trusted`` first). What DCP
+    raises for a torn or corrupt checkpoint becomes a CheckpointError naming what could not be read."""
+    from torch.distributed.checkpoint import CheckpointException
+
     check_trusted(path, trust)
-    _dcp().load(tensors, checkpoint_id=path)
+    try:
+        with _quiet_dcp():
+            _dcp().load(tensors, checkpoint_id=path)
+    except CheckpointException as e:  # a BaseException: DCP wraps each rank's error in it
+        causes = [exc for exc, _ in e.failures.values()] or [e]
+        raise CheckpointError(_torn_message(path, e.args[0], causes[0])) from None
+    except (RuntimeError, ValueError, EOFError, OSError) as e:  # raised outside DCP's wrapping
+        raise CheckpointError(_torn_message(path, "read", e)) from None
+
+
+def _torn_message(step_dir: str, phase: str, cause: BaseException) -> str:
+    if isinstance(cause, PermissionError):
+        return (f"{cause.filename or step_dir} is not readable ({cause.strerror}); give yourself read access to "
+                "the checkpoint, or use a copy you can read")
+    what = str(cause).strip().splitlines()[0].split(". ")[0] if str(cause).strip() else ""
+    what = f"{type(cause).__name__}: {what[:200]}" if what else type(cause).__name__
+    # DCP's "plan" phase reads .metadata and matches it to the tensors hap.json's layout asks for;
+    # its "read" phase reads the tensors from the .distcp files
+    if phase != "plan":
+        part = "its tensor data (.distcp) cannot be read"
+    elif "metadata read failed" in str(cause):
+        part = "its .metadata cannot be read"
+    else:
+        part = "its .metadata does not match its hap.json"
+    return (f"{step_dir} is torn or corrupt: {part} ({what}). The run that wrote it may have died while "
+            "writing, or a copy of it was cut short: use another of the run's step_* directories, give its "
+            "--save directory to use the newest complete checkpoint, or copy it again")
+
+
+@contextlib.contextmanager
+def _quiet_dcp() -> Iterator[None]:
+    """Quiet what DCP says on the way: the warning that no process group exists (one process is a
+    legitimate single-rank load) and the tracebacks it logs on the root logger while falling back
+    from an unreadable .metadata (the error it raises says it once)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp_dir = os.path.dirname(dcp.__file__)
+
+    def quiet(record: logging.LogRecord) -> bool:
+        return not record.pathname.startswith(dcp_dir)
+
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            yield
+    finally:
+        root.removeFilter(quiet)
+
+

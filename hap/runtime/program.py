@@ -283,15 +283,15 @@ def open_save(program: ModuleType, args: argparse.Namespace, restarts: int) -> s
                        device=program.DEVICE)
     _all_reduce(ids)
     run_id, nonce = (int(x) for x in ids.cpu().tolist())
+    if args.save:  # a restarted attempt needs the lock to continue its run
+        when_stopping.append(lambda: program.RANK == 0 and last_attempt(restarts)
+                             and ckpt.unlock(args.save, f"{run_id:012x}"))
     if args.save and program.WORLD_SIZE > 1:
         seen = ckpt.lock_nonce(args.save)
         agree_or_stop(program, None if seen == nonce else (
             f"rank {program.RANK} (node {program.PLACES[program.RANK][0]}) does not see rank 0's "
             f"{os.path.join(args.save, ckpt.LOCK)}: --save must be one directory on storage every node shares "
             "(NFS, Lustre, a mounted bucket), at the same path on every node"))
-    if args.save:
-        when_stopping.append(lambda: program.RANK == 0 and last_attempt(restarts)
-                             and ckpt.unlock(args.save, f"{run_id:012x}"))
     return f"{run_id:012x}"
 
 
@@ -636,8 +636,8 @@ def main(program: ModuleType, argv: list[str] | None = None) -> None:
                  "from the checkpoint's weights")
         try:
             restore(program, ck, params, buffers, opt, args.trust_checkpoint, with_optimizer=not args.reset_optimizer)
-        except (ckpt.CheckpointError, OSError, RuntimeError, ValueError) as e:  # DCP wraps a torn file's errors
-            stop(f"rank {rank} could not read {ck['path']}: {str(e).strip().splitlines()[-1][:500]}")
+        except ckpt.CheckpointError as e:  # torn since rank 0 looked, or not this rank's to read
+            stop(f"rank {rank}: {e}")
         start_step = ck["step"]
         if rank == 0:
             reset = f" ({args.optimizer}'s state starts afresh)" if args.reset_optimizer else ""

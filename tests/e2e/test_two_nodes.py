@@ -24,16 +24,21 @@ SPEC = str(ROOT / "examples" / "mlp.py")
 PIN = {"p_hidden_1_weight": "S(0)"}  # a sharded weight: uneven collectives cross the node boundary
 
 
-def launch_nodes(script: Path, nodes: list[tuple[int, int]], args: list[str], cwd: Path,
-                 timeout: int = 240) -> list[subprocess.CompletedProcess]:
-    """One torchrun agent per (node rank, processes), all joining one static rendezvous."""
+def launch_nodes(script: Path | list[Path], nodes: list[tuple[int, int]], args: list[str], cwd: Path,
+                 timeout: int = 240, node_args: list[list[str]] | None = None,
+                 wait_all: bool = False) -> list[subprocess.CompletedProcess]:
+    """One torchrun agent per (node rank, processes), all joining one static rendezvous; node i
+    runs ``script[i]`` (or the one ``script``) with ``args`` and then ``node_args[i]``. With
+    ``wait_all`` every agent must end by itself (a program that stops every rank), else a
+    failed agent ends the others."""
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs, logs = [], []
-    for node_rank, nproc in nodes:
+    for i, (node_rank, nproc) in enumerate(nodes):
+        own = script[i] if isinstance(script, list) else script
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(nodes)), "--node-rank",
                str(node_rank), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
-               str(port), str(script), *args]
+               str(port), str(own), *args, *(node_args[i] if node_args else [])]
         # output to files, not pipes: nobody reads a pipe while the agents run, and a full one blocks
         logs.append((cwd / f"agent{node_rank}.out", cwd / f"agent{node_rank}.err"))
         with open(logs[-1][0], "w") as out, open(logs[-1][1], "w") as err:
@@ -42,7 +47,7 @@ def launch_nodes(script: Path, nodes: list[tuple[int, int]], args: list[str], cw
     deadline = time.monotonic() + timeout
     # an agent that fails leaves the others waiting for it in the rendezvous: stop them all then
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        if any(p.poll() not in (None, 0) for p in procs):
+        if not wait_all and any(p.poll() not in (None, 0) for p in procs):
             break
         time.sleep(0.2)
     timed_out = any(p.poll() is None for p in procs) and time.monotonic() >= deadline
