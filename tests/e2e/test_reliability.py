@@ -130,3 +130,16 @@ def test_a_run_with_dropout_resumes_drawing_what_it_would_have_drawn(tmp_path):
                                     "--dump-params", str(tmp_path / "resumed.pt")]))
     params_equal(torch.load(tmp_path / "straight.pt", weights_only=True),
                  torch.load(tmp_path / "resumed.pt", weights_only=True))
+
+
+def test_a_restarted_attempt_continues_from_its_own_checkpoint_not_the_older_resume(tmp_path):
+    """--resume names where the job began; after a crash under --max-restarts the restarted
+    attempt continues from this run's newest checkpoint in --save, not from that start again."""
+    _, script = emit(tmp_path, "two", "default", spec=str(ROOT / "examples" / "mlp.py"))
+    ok(torchrun(2, script, ["--steps", "2", "--save", str(tmp_path / "start")]))
+    p = ok(run_and_kill_a_worker(script, ["--steps", "12", "--resume", str(tmp_path / "start"), "--save",
+                                          str(tmp_path / "ck"), "--save-every", "2", "--no-rebalance"],
+                                 when="step    5"))
+    resumed = [line for line in p.stdout.splitlines() if line.startswith("resuming from")]
+    assert len(resumed) == 2, p.stdout[-3000:]
+    assert "start/step_000002" in resumed[0] and "ck/step_00000" in resumed[1], resumed
