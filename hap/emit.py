@@ -6,16 +6,25 @@ each commented with the model source it came from and its placements; collective
 arguments are specialised to the rank's local lengths. The program imports the model
 spec by its path relative to ``train.py`` (no path of the planning machine) and
 ``hap.runtime``, nothing of the planner.
+
+train.py is code hap wrote: every name, path and field a user or a plan.json supplies is
+written as data (a ``repr`` literal, or escaped text in the docstring and comments), and
+whatever train.py names as code is checked first (``check_plan_code``): graph names are
+identifiers, op targets are registered ``torch.ops`` overloads or ``KNOWN_TARGETS``,
+sizes are integers. Anything else is refused with a PlanFileError.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import keyword
 import os
+import shlex
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hap.errors import HapError
+from hap.errors import HapError, PlanFileError
 from hap.graph import Graph, Node, TensorMeta
 from hap.moves import move
 from hap.placement import Placement, Splitter
@@ -23,6 +32,19 @@ from hap.placement import Placement, Splitter
 if TYPE_CHECKING:
     from hap.plan import Plan
 from hap.rules import RENDERERS, Candidate, Local, is_ref
+
+# the targets train.py calls that are not torch.ops overloads: each is written by a fixed rule
+KNOWN_TARGETS = {
+    "getitem": "an element of a list-valued node, written x[i]",
+    "torch.tensor": "a tensor literal made inside forward, written torch.tensor(...)",
+}
+# module-level names of train.py that forward reads, so no graph name may shadow them
+FORWARD_GLOBALS = frozenset({
+    "torch", "hr", "aten", "RANK", "ROWS", "LENGTHS", "DEVICE", "RANDOM_ON_CPU", "class_loss_count",
+    "embedding_bag_rows", "vocab_embedding", "sum", "tuple", "float",
+})
+# encoded argument values (hap.capture._encode) that train.py writes as torch.<name>
+TORCH_ATTRIBUTES = ("dtype", "memory_format", "layout")
 
 
 class Code(str):
@@ -48,6 +70,7 @@ class Emitter:
         self.converted: dict[tuple[str, Placement], str] = {}
         self.made_in_block: list[tuple[str, Placement]] = []  # conversions since the current block began
         self.lines: list[str] = []
+        self.defined: set[str] = set()  # the local variables and functions forward defines besides graph names
 
     # ---- helpers -----------------------------------------------------------------------
     def lengths(self, size: int, unit: int = 1) -> tuple[int, ...]:
@@ -58,6 +81,7 @@ class Emitter:
         self.length_keys.add(key)
         if key not in self.lengths_used:
             self.lengths_used[key] = f"n{size}" if unit == 1 else f"n{size}_{unit}"
+            self.defined.add(self.lengths_used[key])
         return self.lengths_used[key]
 
     def batch_factor(self, fc: list[int] | None, size: int, unit: int, where: str) -> int:
@@ -76,6 +100,7 @@ class Emitter:
         if f == 1:
             return "ROWS"
         self.rows_used.add(f)
+        self.defined.add(f"rows{f}")
         return f"rows{f}"
 
     def tensor_lengths(self, name: str, p: Placement) -> tuple[int, Code]:
@@ -109,6 +134,7 @@ class Emitter:
         meta = self.graph[name].meta
         assert isinstance(meta, TensorMeta), f"cannot move list-valued {name}"
         var = f"{name}__{_pname(want)}"
+        self.defined.add(var)
         mv = move(have, want)
         src = self.tensor_lengths(name, have) if have.is_shard else None
         dst = self.tensor_lengths(name, want) if want.is_shard else None
@@ -134,29 +160,31 @@ class Emitter:
             return f"{self.rows(f)}[RANK]" if f else self.len_var(a.size, a.unit)
         if isinstance(a, int) and not isinstance(a, bool) and fc and fc[0]:
             self.total_used = True
+            self.defined.add("B")
             f, c = fc
             return ("B" if f == 1 else f"{f} * B") + (f" {'+' if c > 0 else '-'} {abs(c)}" if c else "")
         if is_ref(a):
             return refs.pop(0)
         if isinstance(a, dict):
-            if "dtype" in a:
-                return f"torch.{a['dtype']}"
-            if "device" in a:
+            where = f"an argument of {node.name}" if node is not None else "an argument"
+            key, v = next(iter(a.items())) if len(a) == 1 else (None, None)
+            if key in TORCH_ATTRIBUTES:
+                return f"torch.{torch_value(key, v, where)}"
+            if key == "device":
                 return "DEVICE"
-            if "memory_format" in a:
-                return f"torch.{a['memory_format']}"
-            if "layout" in a:
-                return f"torch.{a['layout']}"
-            if "float" in a:
-                return f"float({a['float']!r})"
-            raise HapError(f"cannot emit argument {a!r}")
+            if key == "float" and _is_float(v):
+                return f"float({v!r})"
+            raise PlanFileError(f"cannot emit {where}, {a!r}: an encoded value is one of {{'node': name}}, "
+                                "{'dtype' | 'memory_format' | 'layout': torch attribute}, {'device': ...} or "
+                                "{'float': number}; re-plan rather than editing plan.json")
         if isinstance(a, (list, tuple)):
             return "[" + ", ".join(self.render(x, refs, node, f"{path}{i}.") for i, x in enumerate(a)) + "]"
         return repr(a)
 
     def call(self, node: Node, cand: Candidate, refs: list[str], args: list | None = None,
              kwargs: dict | None = None, target: str | None = None) -> str:
-        return f"{target or node.target}({', '.join(self.call_arguments(node, cand, refs, args, kwargs))})"
+        fn = target or callee(node.target)
+        return f"{fn}({', '.join(self.call_arguments(node, cand, refs, args, kwargs))})"
 
     def call_arguments(self, node: Node, cand: Candidate, refs: list[str], args: list | None = None,
                        kwargs: dict | None = None) -> list[str]:
@@ -186,7 +214,7 @@ class Emitter:
                 self.made_in_block = []
             inside.append(node.name)
             cand = self.choice[node.name]
-            src = _short_source(node.source)
+            src = _text(_short_source(node.source))
             refs = [self.ref(r, p, src) for r, p in zip(node.inputs(), cand.inputs)]
             expr = self.expression(node, cand, refs)
             tag = f"{','.join(str(p) for p in cand.inputs)} -> {cand.output}" if cand.inputs else str(cand.output)
@@ -209,9 +237,10 @@ class Emitter:
             self.converted.pop(key, None)
         if not outs:
             return
-        fn = "block_" + "".join(ch if ch.isalnum() else "_" for ch in block)
+        fn = "block_" + "".join(ch if ch.isascii() and ch.isalnum() else "_" for ch in block)
+        self.defined.add(fn)
         body = ["    " + line for line in self.lines[start:]]
-        self.lines[start:] = [f"    def {fn}():  # {block}: its forward runs again in backward (activation "
+        self.lines[start:] = [f"    def {fn}():  # {_text(block)}: its forward runs again in backward (activation "
                               "checkpointing)", *body,
                               f"        return {', '.join(outs)},",
                               f"    {', '.join(outs)}, = hr.recompute({fn})"]
@@ -221,9 +250,10 @@ class Emitter:
         rendering its rule's family registered for the candidate (``hap.rules.renders``). A
         random op every rank holds whole draws the same values everywhere (``hap.runtime.rng``)."""
         if node.target == "getitem":
-            return f"{refs[0]}[{node.args[1]}]"
+            return f"{refs[0]}[{node.args[1]:d}]"  # check_plan_code: one ref, then an int
         if cand.emit == "call" and is_random(node) and not cand.output.is_shard:
-            parts = [repr(node.name), node.target, *self.call_arguments(node, cand, refs), "on_cpu=RANDOM_ON_CPU"]
+            parts = [repr(node.name), callee(node.target), *self.call_arguments(node, cand, refs),
+                     "on_cpu=RANDOM_ON_CPU"]
             return f"hr.replicated_random({', '.join(parts)})"
         if cand.emit == "call":
             return self.call(node, cand, refs)
@@ -255,6 +285,153 @@ def _pname(p: Placement) -> str:
 
 def _short_source(src: str) -> str:
     return " ".join(src.split()) if src else ""
+
+
+def _text(s: object) -> str:
+    """``s`` as one line of printable text, for a comment of train.py: a character that is not
+    printable (a line break, NUL, a lone surrogate, a control or bidi character) is written as
+    its escape, so the text can neither end the comment's line nor make the file unreadable."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(s))
+
+
+def _doc(s: object) -> str:
+    """``s`` as text of train.py's docstring: ``_text`` with backslashes and double quotes
+    escaped, so it closes no docstring and starts no escape (``\\U``, ``\\N{``); the docstring
+    then reads as ``_text(s)``, and an ordinary name reads as itself."""
+    return _text(s).replace("\\", "\\\\").replace('"', '\\"')
+
+
+# ---- what train.py names as code ---------------------------------------------------------
+def _is_name(s: object) -> bool:
+    """A Python identifier that means itself: not a keyword, and in the NFKC form Python reads
+    identifiers in (else "\\uff41ten", with a full-width a, would be read as aten)."""
+    return isinstance(s, str) and s.isidentifier() and not keyword.iskeyword(s) and \
+        unicodedata.normalize("NFKC", s) == s
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_float(x: object) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float, str)):
+        return False
+    try:
+        float(x)
+    except ValueError:
+        return False
+    return True
+
+
+def callee(target: str) -> str:
+    """The code that calls op ``target`` (checked by ``check_target``): aten's overloads through
+    train.py's ``aten``, another namespace's through ``torch.ops``."""
+    if target in KNOWN_TARGETS or target.startswith("aten."):
+        return target
+    return f"torch.ops.{target}"
+
+
+def check_target(target: object, node: str) -> None:
+    """Op ``target`` of ``node`` is written into train.py as the function it calls, so it is one
+    hap knows: a registered overload ``torch.ops.<namespace>.<op>.<overload>`` (any namespace:
+    torch.library ops too), or one of KNOWN_TARGETS. A plan.json edited to call anything else
+    (``os.system``, ``builtins.eval``) is refused."""
+    if target in KNOWN_TARGETS:
+        return
+    import torch
+
+    parts = target.split(".") if isinstance(target, str) else []
+    op = None
+    if len(parts) == 3 and all(_is_name(p) for p in parts):  # dunder op names are aten's too: __and__
+        try:
+            op = getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
+        except Exception:  # noqa: BLE001 (whatever does not resolve is refused below)
+            op = None
+    if not isinstance(op, torch._ops.OpOverload):
+        raise PlanFileError(
+            f"node {node!r} calls {target!r}, which is neither a registered torch.ops overload "
+            f"('<namespace>.<op>.<overload>', e.g. 'aten.mm.default') nor one of {sorted(KNOWN_TARGETS)}; "
+            "train.py would run it as code, so hap refuses it: re-plan the model rather than editing plan.json")
+
+
+def torch_value(kind: str, name: object, where: str) -> str:
+    """``name`` of a torch dtype, memory format or layout (``torch.<name>`` in train.py)."""
+    import torch
+
+    want = {"dtype": torch.dtype, "memory_format": torch.memory_format, "layout": torch.layout}[kind]
+    if not (_is_name(name) and isinstance(getattr(torch, name, None), want)):
+        raise PlanFileError(f"{where}: {name!r} is not a torch.{kind} (torch.float32, ...); "
+                            "re-plan rather than editing plan.json")
+    return name
+
+
+def _check_ints(value: object, what: str) -> None:
+    if not (isinstance(value, (list, tuple)) and all(_is_int(x) for x in value)):
+        raise PlanFileError(f"{what} is {value!r}, not a list of integers; re-plan rather than editing plan.json")
+
+
+def _check_locals(v: object, what: str) -> None:
+    """Every Local in a candidate's rewritten argument has integer fields (train.py names them)."""
+    if isinstance(v, Local):
+        _check_ints([v.size, v.unit, v.scale], what)
+        _check_ints(v.batch, what)
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            _check_locals(x, what)
+    elif isinstance(v, dict):
+        for x in v.values():
+            _check_locals(x, what)
+
+
+def check_plan_code(plan: Plan) -> None:
+    """Refuse a plan whose graph would put something other than hap's own code into train.py:
+    every graph name is an identifier (a local of forward) that shadows none of train.py's
+    globals, every op target passes ``check_target``, every size and batch factor is an
+    integer, every keyword argument name an identifier, a list element an integer index.
+    Names, paths and strings elsewhere are written as data, so they need no check."""
+    g = plan.graph
+    for n in g:
+        if not _is_name(n.name):
+            raise PlanFileError(f"graph node {n.name!r} is not a Python identifier (or is a keyword); train.py "
+                                "names every node as a variable of forward: re-plan, or rename the forward "
+                                "argument it comes from")
+        if n.name in FORWARD_GLOBALS:
+            raise PlanFileError(f"graph node {n.name!r} would shadow train.py's {n.name} inside forward; rename "
+                                "the forward argument it comes from and re-plan")
+        for m in n.meta if isinstance(n.meta, list) else [n.meta] if n.meta is not None else []:
+            _check_ints(m.shape, f"the shape of {n.name}")
+        for fc in n.batch_dims:
+            _check_ints(fc, f"a batch dim of {n.name}")
+        for path, fc in n.batch_args.items():
+            _check_ints(fc, f"batch argument {path!r} of {n.name}")
+        if n.kind != "op":
+            continue
+        check_target(n.target, n.name)
+        for k in n.kwargs:
+            if not _is_name(k):
+                raise PlanFileError(f"node {n.name!r} has keyword argument {k!r}, which is not an identifier; "
+                                    "re-plan rather than editing plan.json")
+        if n.target == "getitem" and not (len(n.args) == 2 and is_ref(n.args[0]) and _is_int(n.args[1])):
+            raise PlanFileError(f"node {n.name!r} takes element {n.args[1:]!r} of {n.args[:1]!r}; a getitem "
+                                "reads one integer index of a node: re-plan rather than editing plan.json")
+        for _, v in plan.nodes[n.name].candidate.rewrite:
+            _check_locals(v, f"a rewritten argument of {n.name}")
+    if plan.precision not in PRECISION_TEXT:
+        raise PlanFileError(f"precision {plan.precision!r} is not one of {sorted(PRECISION_TEXT)}")
+    blocks = g.blocks()
+    unknown = [b for b in plan.recompute if b not in blocks]
+    if unknown:
+        raise PlanFileError(f"the plan recomputes {unknown!r}, which are not blocks of the graph "
+                            f"({sorted(blocks)}); re-plan rather than editing plan.json")
+
+
+def check_free_names(graph: Graph, em: Emitter) -> None:
+    """No graph name is also a variable or function the emitter made for forward (``n16``,
+    ``rows2``, ``B``, a moved tensor's ``x__S0``, ``block_...``): one would overwrite the other."""
+    clash = sorted(n.name for n in graph if n.name in em.defined)
+    if clash:
+        raise PlanFileError(f"graph node {clash[0]!r} has the name of a variable train.py's forward defines; "
+                            "rename the forward argument it comes from and re-plan")
 
 
 TEMPLATE = '''\
@@ -356,13 +533,13 @@ def rank_places(plan: Plan) -> tuple[tuple[int, int, int], ...]:
 def torchrun_commands(plan: Plan, script: str) -> list[str]:
     nodes = plan.cluster.nodes()
     if len(nodes) == 1:
-        return [f"torchrun --standalone --nproc-per-node {plan.num_ranks} {script} --steps 100"]
+        return [f"torchrun --standalone --nproc-per-node {plan.num_ranks} {shlex.quote(script)} --steps 100"]
     cmds = []
     for i, ranks in enumerate(nodes):
         dev = plan.cluster.ranks[ranks[0]].device
         cmds.append(f"node {i} ({len(ranks)}x {dev}, ranks {ranks[0]}-{ranks[-1]}): torchrun --nnodes {len(nodes)} "
                     f"--node-rank {i} --nproc-per-node {len(ranks)} --master-addr $MASTER --master-port 29500 "
-                    f"{script} --steps 100")
+                    f"{shlex.quote(script)} --steps 100")
     return cmds
 
 
@@ -394,7 +571,7 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
     if not spec_path.exists():
         raise HapError(f"model spec {spec} does not exist")
     check_emit_dir(out_dir, force)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_plan_code(plan)
     # the spec is found relative to train.py, so the program runs on any node with the same layout
     spec_rel = Path(os.path.relpath(spec_path, out_dir.resolve())).as_posix()
     em = Emitter(plan)
@@ -425,14 +602,17 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         lens_lines.append("    B = sum(ROWS)  # samples in this (micro-)batch, over all ranks")
     input_dims = [0 if em.out_placement(n.name).is_shard else None for n in inputs]
     script = os.path.relpath(out_dir / "train.py")  # from where hap-plan ran: no path of this machine
+    check_free_names(g, em)
+    # the docstring's user-supplied text (names, paths) goes through _doc, the code's through repr
     rank_lines = "\n".join(
-        f"  rank {r.rank}: {r.device} (node {r.node}), {plan.shares[r.rank]} samples/step" for r in plan.cluster.ranks)
+        _doc(f"  rank {r.rank}: {r.device} (node {r.node}), {plan.shares[r.rank]} samples/step")
+        for r in plan.cluster.ranks)
     text = TEMPLATE.format(
-        model=g.model_name, cluster_name=plan.cluster.name,
-        commands="\n".join("  " + c for c in torchrun_commands(plan, script)),
-        digest=plan.digest(), strategy=plan.strategy, step_ms=plan.predicted_step_s * 1e3,
+        model=_doc(g.model_name), cluster_name=_doc(plan.cluster.name),
+        commands="\n".join(_doc("  " + c) for c in torchrun_commands(plan, script)),
+        digest=plan.digest(), strategy=_doc(plan.strategy), step_ms=plan.predicted_step_s * 1e3,
         global_batch=plan.global_batch, rank_lines=rank_lines,
-        spec=spec_rel, spec_rel=spec_rel, world=plan.num_ranks, shares=tuple(plan.shares),
+        spec=spec_rel, spec_rel=_doc(spec_rel), world=plan.num_ranks, shares=tuple(plan.shares),
         slowdown=tuple(r.slowdown for r in plan.cluster.ranks),
         devices=tuple(r.device for r in plan.cluster.ranks), places=rank_places(plan),
         params="\n".join(params), param_splits="\n".join(param_splits), buffers="\n".join(buffers), inputs=input_dims,
@@ -449,7 +629,8 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         shapes={k: tuple(n.meta.shape) for n in g if n.kind in ("param", "buffer") and isinstance(n.meta, TensorMeta)
                 for k in (n.aliases or [n.target])},
     )
-    (out_dir / "train.py").write_text(text)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train.py").write_text(text, encoding="utf-8")  # the encoding Python reads source in
     (out_dir / "plan.json").write_text(json.dumps(dataclasses.replace(plan, spec=str(spec_path)).to_json(), indent=1))
     return out_dir / "train.py"
 

@@ -83,7 +83,7 @@ def loss_partial(em, node: Node, cand: Candidate, refs: list[str]) -> str:
         ignore = args[4] if len(args) > 4 and not is_ref(args[4]) else -100
         wexpr = refs[node.inputs().index(weight["node"])] if is_ref(weight) else "None"
         total = em.graph[node.inputs()[1]].out.numel  # the global batch's targets: micro-batches' stand-in
-        return f"{summed} / class_loss_count({refs[1]}, {wexpr}, {ignore}, {total})"
+        return f"{summed} / class_loss_count({refs[1]}, {wexpr}, {ignore!r}, {total})"
     x = em.graph[node.inputs()[0]].out
     return f"{summed} / {x.numel}"
 
