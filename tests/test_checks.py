@@ -49,11 +49,14 @@ def test_gpu_names_match_on_word_boundaries_with_the_planned_memory(monkeypatch,
 
 
 AGREE = r"""
-import sys
+import types
+import torch
 import hap.runtime as hr
 from hap.runtime.program import agree_or_stop
 rank, _ = hr.init("gloo")
-agree_or_stop("rank 1: the plan expects a V100-16GB, this rank has a Tesla T4" if rank == 1 else None)
+program = types.SimpleNamespace(WORLD_SIZE=2, RANK=rank, PLAN_DIGEST="0123456789ab", __file__=__file__,
+                                PLACES=[(0, 0, 2), (0, 1, 2)], DEVICE=torch.device("cpu"))
+agree_or_stop(program, "rank 1: the plan expects a V100-16GB, this rank has a Tesla T4" if rank == 1 else None)
 hr.leave(0)
 """
 
@@ -66,7 +69,7 @@ def test_a_rank_that_fails_its_check_stops_every_rank_with_its_message(tmp_path)
     assert time.monotonic() - t0 < 60
     assert p.returncode != 0
     assert "rank 1: the plan expects a V100-16GB, this rank has a Tesla T4" in p.stderr
-    assert "other rank(s) failed their start-up check" in p.stderr
+    assert "stopping: rank(s) 1 failed a start-up check" in p.stderr
 
 
 def test_a_plan_that_mixes_cpu_and_gpu_ranks_is_not_emitted(tmp_path):
