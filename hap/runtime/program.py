@@ -35,8 +35,6 @@ from typing import Any, NoReturn
 
 import torch
 
-from hap import __version__
-
 from . import checkpoint as ckpt
 from . import micro, optim
 from .checks import backend_for, cuda_missing, device_mismatch, placement_mismatch, planned_gpu
@@ -558,6 +556,16 @@ def start(program: ModuleType) -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
+def hap_version() -> str:
+    """The installed hap's version (from its package metadata: the runtime imports no planner)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hap")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _hash48(data: bytes) -> int:
     return int(hashlib.sha256(data).hexdigest()[:12], 16)
 
@@ -569,9 +577,9 @@ def agree_or_stop(program: ModuleType, wrong: str | None) -> None:
     rank waits in a collective that a stopped rank never enters."""
     if wrong:
         print(f"train.py: {wrong}", file=sys.stderr, flush=True)
-    world, r = program.WORLD_SIZE, program.RANK
+    world, r, hap = program.WORLD_SIZE, program.RANK, hap_version()
     with open(program.__file__, "rb") as f:
-        mine = (1.0 if wrong else 0.0, int(program.PLAN_DIGEST, 16), _hash48(f.read()), _hash48(__version__.encode()),
+        mine = (1.0 if wrong else 0.0, int(program.PLAN_DIGEST, 16), _hash48(f.read()), _hash48(hap.encode()),
                 program.PLACES[r][0])
     table = torch.zeros(len(mine), world, dtype=torch.float64, device=program.DEVICE)
     table[:, r] = torch.tensor(mine, dtype=torch.float64)
@@ -582,8 +590,8 @@ def agree_or_stop(program: ModuleType, wrong: str | None) -> None:
         rows = "; ".join(f"rank {q} on node {nodes[q]} runs plan {digests[q]:012x}"
                          + (", another train.py" if files[q] != files[0] else "")
                          + (", another hap version" if versions[q] != versions[0] else "") for q in differ[:4])
-        print(f"train.py: the ranks run different programs: rank 0 runs plan {digests[0]:012x} (hap {__version__} "
-              f"here on rank {r}); {rows}. Copy rank 0's train.py and spec to every node and install the same hap "
+        print(f"train.py: the ranks run different programs: rank 0 runs plan {digests[0]:012x} (hap {hap} here on "
+              f"rank {r}); {rows}. Copy rank 0's train.py and spec to every node and install the same hap "
               "there (one checkout of the repository on every node)", file=sys.stderr, flush=True)
         leave(1)
     if sum(failed):
