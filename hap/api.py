@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from hap.capture import capture
 from hap.cluster import Cluster, load_cluster
+from hap.errors import PinError
 from hap.graph import Graph
+from hap.placement import parse
 from hap.plan import Plan
 from hap.search import search
 
@@ -52,11 +54,35 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
     named nodes (``{"p_fc_weight": "S(0)"}``: a parameter sharded on dim 0), as a user constraint.
     ``recompute``: activation checkpointing of repeated blocks, "auto" (where memory is tight),
     "all" or "none"."""
+    pins = check_pins(pins or {})
     plan = search(graph, cluster, optimizer=optimizer, strict=strict, time_limit_s=time_limit_s, spec=spec,
                   pins=pins, precision=precision, grad_reduce=grad_reduce, recompute=recompute, progress=progress)
     plan = dataclasses.replace(plan, notes=plan.notes + tuple(table_notes(plan)))
     plan.lint()
     return plan
+
+
+PIN_SYNTAX = ("a pin is NODE=PLACEMENT with PLACEMENT one of R (replicated), P (partial sums), S(d) (sharded on "
+              "dim d) or S(d/u) (dim d cut in blocks of u elements), e.g. --pin p_fc_weight=S(0)")
+
+
+def check_pins(pins: Mapping[str, str]) -> dict[str, str]:
+    """``pins`` with names stripped and placements written as ``Placement`` writes them. A pin that
+    is not NODE=PLACEMENT raises PinError before anything is solved; whether the node exists and
+    its rules offer the placement is the search's to check (``hap.search.parse_pins``)."""
+    out = {}
+    for name, text in pins.items():
+        shown = f"--pin {name}={text}"
+        if not isinstance(name, str) or not name.strip():
+            raise PinError(f"{shown}: no node name before '='; {PIN_SYNTAX}")
+        try:
+            p = parse(text) if isinstance(text, str) else None
+        except ValueError:
+            p = None
+        if p is None or (p.is_shard and (p.dim < 0 or p.unit < 1)):
+            raise PinError(f"{shown}: {text!r} is not a placement; {PIN_SYNTAX}")
+        out[name.strip()] = str(p)
+    return out
 
 
 def table_notes(plan: Plan) -> list[str]:

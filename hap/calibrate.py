@@ -2,10 +2,11 @@
 
 The shipped ``profiles/devices/cpu.json`` was measured on the development machine; another
 machine (or the same VM type on a busier host) computes and communicates at other rates, and
-an emulated CPU cluster's predicted step time would be off by that ratio. So the first time a
-plan needs the cost of ``device = "cpu"`` (``measured``, which the planner calls; loading a
-cluster file never measures), hap runs ``hap-profile --quick`` (2 single-thread processes,
-~20 s, progress on stderr) and caches the profile under ``$HAP_CACHE_DIR`` (default
+an emulated CPU cluster's predicted step time would be off by that ratio. So parsing a cluster
+file gives ``device = "cpu"`` the shipped profile and reads neither the environment nor the
+cache. The planner calls ``resolve`` where the cost of "cpu" is first needed; on a machine
+without a cached profile it runs ``hap-profile --quick`` (2 single-thread processes, ~20 s,
+progress on stderr) and caches the profile under ``$HAP_CACHE_DIR`` (default
 ``~/.cache/hap``), keyed by host, CPU model and torch version; later plans read the cache.
 The cached profile also sets ``measure_ops``: planning then times each matmul-class node at
 the exact per-rank shapes on this CPU (``hap.optimer``).
@@ -93,7 +94,7 @@ def calibrate(out: Path) -> dict:
     return profile
 
 
-def cpu_profile_now() -> tuple[DeviceProfile | None, bool]:
+def _profile_now() -> tuple[DeviceProfile | None, bool]:
     """What device "cpu" is without measuring anything: (a profile, or None for the shipped
     profiles/devices/cpu.json; whether this machine still has to be measured)."""
     m = mode()
@@ -113,16 +114,26 @@ def cpu_profile_now() -> tuple[DeviceProfile | None, bool]:
     return None, True
 
 
-def measured(cluster: Cluster, progress: Callable[[str], None] | None = None) -> Cluster:
-    """``cluster`` with every device that stands in for this machine measured (once: the result is
-    cached, see ``cache_path``). Planning calls this where the cost of "cpu" is first needed."""
-    if not cluster.pending_calibration:
+def resolve(cluster: Cluster, progress: Callable[[str], None] | None = None) -> Cluster:
+    """``cluster`` with each device that stands for this machine (``Cluster.this_machine``, the
+    file's ``device = "cpu"``) given the profile ``HAP_CPU_PROFILE`` chooses: the shipped one, a
+    profile file, or the cached measurement of this machine, measured now (and cached, see
+    ``cache_path``) where there is none. The planner calls this where the cost of "cpu" is
+    first needed; parsing a cluster file never does."""
+    if not cluster.this_machine:
         return cluster
-    if progress is not None:
-        progress('measuring this machine for device "cpu" (first use, ~20 s)')
-    path = cache_path()
-    profile = DeviceProfile.from_json(calibrate(path), str(path))
+    profile, pending = _profile_now()
+    if pending:
+        if progress is not None:
+            progress('measuring this machine for device "cpu" (first use, ~20 s)')
+        path = cache_path()
+        profile = DeviceProfile.from_json(calibrate(path), str(path))
     devices = dict(cluster.devices)
-    for name in cluster.pending_calibration:
-        devices[name] = profile
-    return dataclasses.replace(cluster, devices=devices, pending_calibration=())
+    if profile is not None:
+        devices.update(dict.fromkeys(cluster.this_machine, profile))
+    resolved = dataclasses.replace(cluster, devices=devices, this_machine=())
+    resolved.lint()
+    return resolved
+
+
+measured = resolve  # the name hap.search and hap.baselines import it by

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from hap.errors import HapError
+from hap.errors import HapError, PinError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,7 +103,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
     from hap.api import plan_graph
-    from hap.calibrate import measured
+    from hap.calibrate import resolve
     from hap.cluster import load_cluster
     from hap.emit import check_emit_dir
     from hap.spec import capture_spec, load_spec
@@ -112,16 +112,17 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
         check_emit_dir(Path(args.emit), args.force)
     if args.run and not args.emit:
         raise HapError("--run needs --emit DIR (the program it runs)")
+    pins = _pins(args.pin)  # a mistyped pin stops before the model is captured
     cluster = load_cluster(args.cluster)
     mod = load_spec(args.spec)
     with err.status("capturing the model with torch.export") as status:
-        cluster = measured(cluster, lambda msg: status.update(msg))  # device "cpu" on first use
+        cluster = resolve(cluster, lambda msg: status.update(msg))  # device "cpu": this machine
         status.update("capturing the model with torch.export")
         graph = capture_spec(mod, args.batch_size)
         status.update(f"planning {len(graph)} nodes for {cluster.num_ranks} ranks")
         plan = plan_graph(graph, cluster, optimizer=args.optimizer, precision=args.precision,
                           grad_reduce=args.grad_reduce, strict=args.strict, recompute=args.recompute,
-                          time_limit_s=args.time_limit, spec=str(Path(args.spec).resolve()), pins=_pins(args.pin),
+                          time_limit_s=args.time_limit, spec=str(Path(args.spec).resolve()), pins=pins,
                           progress=lambda msg: status.update(msg))
     if args.compare:
         from hap.baselines import fsdp_even, megatron_tp_even
@@ -172,13 +173,18 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def _pins(items: list[str]) -> dict[str, str]:
-    out = {}
+    """The --pin NODE=PLACEMENT arguments as a dict; PinError names one written otherwise."""
+    from hap.api import PIN_SYNTAX, check_pins
+
+    pins: dict[str, str] = {}
     for item in items:
         if "=" not in item:
-            raise HapError(f"--pin {item}: expected NODE=PLACEMENT, e.g. --pin p_fc_weight=S(0)")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
+            raise PinError(f"--pin {item}: no '=' between node and placement; {PIN_SYNTAX}")
+        name, text = (s.strip() for s in item.split("=", 1))
+        if name in pins:
+            raise PinError(f"--pin {item}: {name} is pinned twice (also to {pins[name]}); pin each node once")
+        pins[name] = text
+    return check_pins(pins)
 
 
 if __name__ == "__main__":

@@ -64,8 +64,10 @@ class Cluster:
     devices: dict[str, DeviceProfile]
     inter_node: Link
     source: str  # the file it was loaded from, or a description
-    # devices whose profile stands in until this machine is measured (hap.calibrate.measured)
-    pending_calibration: tuple[str, ...] = ()
+    # devices the file names "cpu": the machine that plans. Parsing gives them the shipped
+    # profiles/devices/cpu.json; hap.calibrate.resolve gives them this machine's profile and
+    # leaves this empty
+    this_machine: tuple[str, ...] = ()
 
     @property
     def num_ranks(self) -> int:
@@ -136,7 +138,7 @@ class Cluster:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "source": self.source,
             "inter_node": {"alpha_s": self.inter_node.alpha_s, "bytes_per_s": self.inter_node.bytes_per_s},
@@ -146,6 +148,9 @@ class Cluster:
             ],
             "devices": {name: p.to_json() for name, p in self.devices.items()},
         }
+        if self.this_machine:  # a resolved cluster (a plan's) holds every device's own numbers
+            out["this_machine"] = list(self.this_machine)
+        return out
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Cluster:
@@ -170,6 +175,7 @@ class Cluster:
                     bytes_per_s=float(d["inter_node"]["bytes_per_s"]),
                 ),
                 source=d.get("source", "<json>"),
+                this_machine=tuple(str(name) for name in d.get("this_machine", ())),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ClusterFileError(
@@ -221,11 +227,41 @@ def load_cluster(path: str | Path | None = None) -> Cluster:
 def cluster_from_dict(
     data: Mapping[str, Any], source: str = "<dict>", base_dir: Path | None = None
 ) -> Cluster:
-    """Build a Cluster from the parsed TOML document (see the module docstring for the format)."""
+    """Build a Cluster from the parsed TOML document (see the module docstring for the format).
+
+    Device "cpu" gets the shipped profiles/devices/cpu.json and is named in
+    ``Cluster.this_machine``; ``hap.calibrate.resolve`` gives it this machine's profile."""
     _check_keys(data, _TOP_KEYS, source, "top level")
     name = data.get("name", Path(source).stem if source.endswith(".toml") else "cluster")
     if not isinstance(name, str):
         raise ClusterFileError(f"{source}: 'name' must be a string, got {name!r}")
+    entries = [_parse_entry(entry, i, source) for i, entry in enumerate(_node_tables(data, source))]
+    devices, by_ref = _load_profiles(entries, base_dir)
+    ranks, num_nodes = _build_ranks(entries, by_ref)
+    inter = _inter_node_link(data.get("network"), num_nodes, devices, source)
+    this_machine = tuple(dict.fromkeys(by_ref[e.device] for e in entries if _is_this_machine(e.device)))
+    cluster = Cluster(name=name, ranks=ranks, devices=devices, inter_node=inter, source=source,
+                      this_machine=this_machine)
+    cluster.lint()
+    return cluster
+
+
+# --- parsing, one job each -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One checked [[nodes]] entry."""
+
+    where: str  # "<source>, nodes[i]", the prefix of its error messages
+    device: str  # the device reference as written
+    count: int
+    repeat: int
+    slowdown: float
+    node: str | None  # the machine's name, or None: each repeat is a machine of its own
+
+
+def _node_tables(data: Mapping[str, Any], source: str) -> list[Mapping[str, Any]]:
     entries = data.get("nodes")
     if not entries:
         raise ClusterFileError(
@@ -235,68 +271,97 @@ def cluster_from_dict(
         )
     if not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries):
         raise ClusterFileError(f"{source}: 'nodes' must be an array of tables, written [[nodes]]")
+    return entries
 
+
+def _parse_entry(entry: Mapping[str, Any], i: int, source: str) -> _Entry:
+    where = f"{source}, nodes[{i}]"
+    _check_keys(entry, _NODE_KEYS, source, f"nodes[{i}]")
+    ref = entry.get("device")
+    if not isinstance(ref, str) or not ref:
+        raise ClusterFileError(
+            f'{where}: \'device\' is required, a profile name such as "V100-16GB" or "cpu" '
+            f"(known: {', '.join(known_devices())})"
+        )
+    count = _positive_int(entry.get("count", None), "count", where)
+    repeat = _positive_int(entry.get("repeat", 1), "repeat", where)
+    slowdown = entry.get("slowdown", 1.0)
+    if not _is_number(slowdown) or not slowdown > 0 or not math.isfinite(slowdown):
+        raise ClusterFileError(
+            f"{where}: 'slowdown' must be a number > 0 (1 = full speed, 3 = three times slower), "
+            f"got {slowdown!r}"
+        )
+    node_name = entry.get("node")
+    if node_name is not None and not isinstance(node_name, str):
+        raise ClusterFileError(f"{where}: 'node' must be a string naming the machine, got {node_name!r}")
+    if node_name is not None and repeat != 1:
+        raise ClusterFileError(
+            f"{where}: 'repeat = {repeat}' with 'node = \"{node_name}\"': a named node is one machine; "
+            "raise 'count' instead, or drop 'node' to get repeat separate machines"
+        )
+    return _Entry(where, ref, count, repeat, float(slowdown), node_name)
+
+
+def _load_profiles(entries: Sequence[_Entry], base_dir: Path | None) -> tuple[dict[str, DeviceProfile], dict[str, str]]:
+    """The profile of each device the entries name (by profile name), and each device reference
+    as written -> its profile name."""
     devices: dict[str, DeviceProfile] = {}
-    by_ref: dict[str, str] = {}  # device string in the file -> profile name
-    to_measure: list[str] = []  # profiles that stand in for a measurement of this machine
+    by_ref: dict[str, str] = {}
+    for e in entries:
+        if e.device in by_ref:
+            continue
+        profile = _device_profile(e.device, base_dir, e.where)
+        if profile.name in devices and devices[profile.name] != profile:
+            raise ClusterFileError(f"{e.where}: two different profiles are both named {profile.name!r}")
+        devices[profile.name] = profile
+        by_ref[e.device] = profile.name
+    return devices, by_ref
+
+
+def _device_profile(ref: str, base_dir: Path | None, where: str) -> DeviceProfile:
+    """A device reference's profile: a .json path (relative to the cluster file's folder when it
+    exists there) or a name in profiles/devices/."""
+    try:
+        if ref.endswith(".json") and base_dir is not None and not Path(ref).is_absolute():
+            candidate = base_dir / ref
+            return load_device(candidate if candidate.exists() else ref)
+        return load_device(ref)
+    except ClusterFileError as e:
+        raise ClusterFileError(f"{where}: {e}") from None
+
+
+def _is_this_machine(ref: str) -> bool:
+    """Device "cpu" is the machine that plans: its profile is measured there, not shipped."""
+    return ref.strip().lower() == "cpu"
+
+
+def _build_ranks(entries: Sequence[_Entry], by_ref: Mapping[str, str]) -> tuple[tuple[RankInfo, ...], int]:
+    """The ranks, and the number of nodes. Each (entry, repeat) is a node of its own unless
+    entries share a node name; nodes are numbered in order of first appearance."""
     ranks: list[RankInfo] = []
     node_ids: dict[str, int] = {}
     num_nodes = 0
-    for i, entry in enumerate(entries):
-        where = f"{source}, nodes[{i}]"
-        _check_keys(entry, _NODE_KEYS, source, f"nodes[{i}]")
-        ref = entry.get("device")
-        if not isinstance(ref, str) or not ref:
-            raise ClusterFileError(
-                f'{where}: \'device\' is required, a profile name such as "V100-16GB" or "cpu" '
-                f"(known: {', '.join(known_devices())})"
-            )
-        count = _positive_int(entry.get("count", None), "count", where)
-        repeat = _positive_int(entry.get("repeat", 1), "repeat", where)
-        slowdown = entry.get("slowdown", 1.0)
-        if not _is_number(slowdown) or not slowdown > 0 or not math.isfinite(slowdown):
-            raise ClusterFileError(
-                f"{where}: 'slowdown' must be a number > 0 (1 = full speed, 3 = three times slower), "
-                f"got {slowdown!r}"
-            )
-        node_name = entry.get("node")
-        if node_name is not None and not isinstance(node_name, str):
-            raise ClusterFileError(f"{where}: 'node' must be a string naming the machine, got {node_name!r}")
-        if node_name is not None and repeat != 1:
-            raise ClusterFileError(
-                f"{where}: 'repeat = {repeat}' with 'node = \"{node_name}\"': a named node is one machine; "
-                "raise 'count' instead, or drop 'node' to get repeat separate machines"
-            )
-        if ref not in by_ref:
-            if ref.endswith(".json") and base_dir is not None and not Path(ref).is_absolute():
-                candidate = base_dir / ref
-                profile = load_device(candidate if candidate.exists() else ref)
-            else:
-                profile, pending = _load_device_for(ref, where)
-                if pending:
-                    to_measure.append(profile.name)
-            if profile.name in devices and devices[profile.name] != profile:
-                raise ClusterFileError(f"{where}: two different profiles are both named {profile.name!r}")
-            devices[profile.name] = profile
-            by_ref[ref] = profile.name
-        for _ in range(repeat):
-            if node_name is None:
+    for e in entries:
+        for _ in range(e.repeat):
+            if e.node is None:
                 node = num_nodes
                 num_nodes += 1
-            elif node_name in node_ids:
-                node = node_ids[node_name]
+            elif e.node in node_ids:
+                node = node_ids[e.node]
             else:
-                node = node_ids[node_name] = num_nodes
+                node = node_ids[e.node] = num_nodes
                 num_nodes += 1
-            for _ in range(count):
-                ranks.append(
-                    RankInfo(rank=len(ranks), device=by_ref[ref], node=node, slowdown=float(slowdown))
-                )
+            ranks.extend(RankInfo(rank=len(ranks), device=by_ref[e.device], node=node, slowdown=e.slowdown)
+                         for _ in range(e.count))
     # ranks are numbered node by node, as torchrun gives each node (in --node-rank order) a
     # contiguous block; entries of one node need not be next to each other in the file
-    ranks = [dataclasses.replace(r, rank=i) for i, r in enumerate(sorted(ranks, key=lambda r: r.node))]
+    ordered = sorted(ranks, key=lambda r: r.node)
+    return tuple(dataclasses.replace(r, rank=i) for i, r in enumerate(ordered)), num_nodes
 
-    network = data.get("network")
+
+def _inter_node_link(network: Any, num_nodes: int, devices: Mapping[str, DeviceProfile], source: str) -> Link:
+    """The [network] table as a Link. One node never uses the network: without [network] the
+    node's own slowest link stands in."""
     if network is not None and not isinstance(network, Mapping):
         raise ClusterFileError(f"{source}: 'network' must be a table, written [network]")
     network = network or {}
@@ -313,20 +378,13 @@ def cluster_from_dict(
                 f"{source}: {num_nodes} nodes but no network bandwidth; add\n"
                 "  [network]\n  inter_node_gbps = 10   # Gbit/s between nodes"
             )
-        # One node: the network is never used; keep the node's own slowest link.
         slowest = min((p.intra_node for p in devices.values()), key=lambda link: link.bytes_per_s)
-        inter = Link(alpha_s=max(slowest.alpha_s, alpha_us / 1e6), bytes_per_s=slowest.bytes_per_s)
-    elif not _is_number(gbps) or not gbps > 0 or not math.isfinite(gbps):
+        return Link(alpha_s=max(slowest.alpha_s, alpha_us / 1e6), bytes_per_s=slowest.bytes_per_s)
+    if not _is_number(gbps) or not gbps > 0 or not math.isfinite(gbps):
         raise ClusterFileError(
             f"{source}: [network] inter_node_gbps must be a number > 0 (Gbit/s, e.g. 10.4), got {gbps!r}"
         )
-    else:
-        inter = Link(alpha_s=alpha_us / 1e6, bytes_per_s=gbps * 1e9 / 8)
-
-    cluster = Cluster(name=name, ranks=tuple(ranks), devices=devices, inter_node=inter, source=source,
-                      pending_calibration=tuple(to_measure))
-    cluster.lint()
-    return cluster
+    return Link(alpha_s=alpha_us / 1e6, bytes_per_s=gbps * 1e9 / 8)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -351,23 +409,6 @@ def _check_keys(table: Mapping[str, Any], allowed: Sequence[str], source: str, w
             f"{source}: unknown key {', '.join(repr(k) for k in unknown)} in {where}{hint}; "
             f"allowed keys: {', '.join(allowed)}"
         )
-
-
-def _load_device_for(ref: str, where: str) -> tuple[DeviceProfile, bool]:
-    """The profile of a device reference, and whether it stands in for a measurement still to be
-    made: device "cpu" is this machine, measured where its cost is first needed
-    (``hap.calibrate.measured``), never while a file is parsed."""
-    try:
-        if ref.strip().lower() == "cpu":
-            from hap.calibrate import cpu_profile_now
-
-            local, pending = cpu_profile_now()
-            if local is not None:
-                return local, False
-            return load_device(ref), pending
-        return load_device(ref), False
-    except ClusterFileError as e:
-        raise ClusterFileError(f"{where}: {e}") from None
 
 
 def _cluster_path(path: str | Path | None) -> Path:

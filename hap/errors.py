@@ -21,6 +21,11 @@ class ClusterFileError(HapError):
     """A cluster TOML file or device profile is missing or malformed."""
 
 
+class PinError(HapError):
+    """A pin (``--pin NODE=PLACEMENT``, or ``pins=`` of ``plan_graph``) is not written NODE=PLACEMENT
+    with a placement R, P, S(d) or S(d/u)."""
+
+
 class InfeasiblePlan(HapError):
     """No plan fits the cluster (memory, batch too small for the ranks, ...)."""
 

@@ -9,7 +9,7 @@ import pytest
 import hap.calibrate
 from hap import optimer
 from hap.api import plan_graph
-from hap.cluster import ClusterFileError, DeviceProfile, Link, cluster_from_dict, load_cluster
+from hap.cluster import ClusterFileError, DeviceProfile, Link, cluster_from_dict, load_cluster, load_device
 from hap.cost import CostModel, collective_s
 from hap.placement import R, S, Splitter
 from hap.rules import Candidate
@@ -24,13 +24,13 @@ def test_first_use_calibrates_once_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("HAP_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(hap.calibrate, "calibrate", lambda out: pytest.fail("parsing a cluster file measured"))
     cluster = load_cluster(None)  # the default cluster names device = "cpu": nothing measured yet
-    assert cluster.pending_calibration == ("cpu",)
+    assert cluster.this_machine == ("cpu",) and cluster.profile(0) == load_device("cpu")
     monkeypatch.undo()
     monkeypatch.setenv("HAP_CPU_PROFILE", "auto")
     monkeypatch.setenv("HAP_CACHE_DIR", str(tmp_path))
     said = []
-    cluster = hap.calibrate.measured(cluster, said.append)  # where the cost is first needed (~20 s)
-    assert said and "measuring" in said[0] and not cluster.pending_calibration
+    cluster = hap.calibrate.resolve(cluster, said.append)  # where the cost is first needed (~20 s)
+    assert said and "measuring" in said[0] and not cluster.this_machine
     prof = cluster.profile(0)
     cache = hap.calibrate.cache_path()
     assert cache.is_file() and cache.parent == tmp_path
@@ -40,19 +40,40 @@ def test_first_use_calibrates_once_and_caches(tmp_path, monkeypatch):
     assert prof.intra_node.collectives and "all_reduce" in prof.intra_node.collectives  # 2 processes measured
     # the second plan reads the cache and does not measure again
     monkeypatch.setattr(hap.calibrate, "calibrate", lambda out: pytest.fail("calibrated twice"))
-    assert load_cluster(None).profile(0) == prof
+    assert hap.calibrate.resolve(load_cluster(None)).profile(0) == prof
+    assert hap.calibrate.resolve(cluster) is cluster  # a resolved cluster has nothing left to resolve
 
 
 def test_profile_modes(tmp_path, monkeypatch):
     monkeypatch.setenv("HAP_CPU_PROFILE", "shipped")
-    assert not load_cluster(None).profile(0).measure_ops
+    assert not hap.calibrate.resolve(load_cluster(None)).profile(0).measure_ops
     own = dict(SHIPPED, memory_bytes=2**30)
     (tmp_path / "mine.json").write_text(json.dumps(own))
     monkeypatch.setenv("HAP_CPU_PROFILE", str(tmp_path / "mine.json"))
-    assert load_cluster(None).profile(0).memory_bytes == 2**30
+    assert hap.calibrate.resolve(load_cluster(None)).profile(0).memory_bytes == 2**30
     monkeypatch.setenv("HAP_CPU_PROFILE", str(tmp_path / "missing.json"))
     with pytest.raises(ClusterFileError, match="HAP_CPU_PROFILE"):
-        load_cluster(None)
+        hap.calibrate.resolve(load_cluster(None))
+
+
+def test_parsing_reads_neither_the_environment_nor_the_cache(tmp_path, monkeypatch):
+    """A cluster file means the same on every machine: device "cpu" parses to the shipped profile,
+    whatever HAP_CPU_PROFILE says and whatever the cache holds; only resolve reads them."""
+    monkeypatch.setenv("HAP_CPU_PROFILE", str(tmp_path / "missing.json"))
+    assert load_cluster(None).profile(0) == load_device("cpu")
+    monkeypatch.setenv("HAP_CPU_PROFILE", "auto")
+    monkeypatch.setenv("HAP_CACHE_DIR", str(tmp_path))
+    cached = dict(SHIPPED, memory_bytes=2**30, measure_ops=True)
+    hap.calibrate.cache_path().write_text(json.dumps(cached))
+    monkeypatch.setattr(hap.calibrate, "calibrate", lambda out: pytest.fail("a cached machine measured"))
+    cluster = load_cluster(None)
+    assert cluster.profile(0) == load_device("cpu") and cluster.this_machine == ("cpu",)
+    resolved = hap.calibrate.resolve(cluster)
+    assert resolved.profile(0).memory_bytes == 2**30 and resolved.profile(0).measure_ops
+    assert cluster.profile(0) == load_device("cpu")  # resolve returns a new cluster
+    # a profile file that happens to be named "cpu" is that file's numbers, not this machine
+    from_file = _measuring_cluster(tmp_path)
+    assert not from_file.this_machine and hap.calibrate.resolve(from_file) is from_file
 
 
 def test_per_collective_fits_round_trip_and_drive_the_cost():

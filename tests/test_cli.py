@@ -100,6 +100,26 @@ def test_user_mistakes_exit_2_with_a_message(case, tmp_path):
     assert "Traceback" not in p.stderr
 
 
+def test_a_mistyped_pin_exits_2_as_a_pin_error_not_an_infeasible_plan():
+    p = run("examples/mlp.py", "--pin", "foo")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "--pin foo: no '='" in p.stderr and "NODE=PLACEMENT" in p.stderr and "S(d/u)" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("pin, why", [("foo", "no '='"), ("x=Q(3)", "'Q(3)' is not a placement"),
+                                      ("x=S(a)", "'S(a)' is not a placement"), ("=S(0)", "no node name")])
+def test_pin_syntax_is_checked_before_the_model_is_captured(pin, why, monkeypatch):
+    import hap.spec
+    from hap.cli import _main, parse_args
+    from hap.errors import InfeasiblePlan, PinError
+
+    monkeypatch.setattr(hap.spec, "load_spec", lambda path: pytest.fail("a mistyped pin loaded the spec"))
+    with pytest.raises(PinError, match="NODE=PLACEMENT") as e:
+        _main(parse_args(["examples/mlp.py", "--pin", pin]), None, None)
+    assert f"--pin {pin}" in str(e.value) and why in str(e.value) and not isinstance(e.value, InfeasiblePlan)
+
+
 def test_emit_refuses_a_non_empty_directory(tmp_path):
     (tmp_path / "keep.txt").write_text("user data")
     p = run("examples/mlp.py", "--emit", str(tmp_path))

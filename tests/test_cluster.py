@@ -418,3 +418,25 @@ def test_the_ranks_of_a_node_share_its_network_link_in_all_to_all_patterns():
         assert link.for_collective(key)[1] == link.bytes_per_s
     one_per_node = load_cluster(profiles_dir() / "clusters" / "cpu-2-nodes.toml").group_link()
     assert one_per_node.for_collective("all_to_all.grouped")[1] == one_per_node.bytes_per_s
+
+
+def test_the_cluster_file_layer_does_not_reach_the_calibration():
+    """Parsing is pure, so hap.cluster never imports hap.calibrate; hap.calibrate imports it to
+    resolve device "cpu"."""
+    import networkx as nx
+
+    from tests.test_layers import import_graph
+
+    g = import_graph()
+    assert not nx.has_path(g, "hap.cluster", "hap.calibrate")
+
+
+def test_device_cpu_is_named_as_this_machine():
+    cluster = cluster_from_dict({"nodes": [{"device": "CPU", "count": 1, "node": "a"},
+                                           {"device": "cpu", "count": 1, "slowdown": 2.0, "node": "a"},
+                                           {"device": "V100-16GB", "count": 1, "node": "a"}]})
+    assert cluster.this_machine == ("cpu",) and set(cluster.devices) == {"cpu", "V100-16GB"}
+    assert cluster.profile(0) == load_device("cpu")
+    assert not load_cluster("v100x8").this_machine
+    assert Cluster.from_json(cluster.to_json()) == cluster
+    assert "this_machine" not in load_cluster("v100x8").to_json()
