@@ -28,6 +28,7 @@ from hap.errors import HapError, PlanFileError
 from hap.graph import Graph, Node, TensorMeta
 from hap.moves import move
 from hap.placement import Placement, Splitter
+from hap.runtime.layout import FORMAT as LAYOUT_FORMAT
 
 if TYPE_CHECKING:
     from hap.plan import Plan
@@ -38,9 +39,10 @@ KNOWN_TARGETS = {
     "getitem": "an element of a list-valued node, written x[i]",
     "torch.tensor": "a tensor literal made inside forward, written torch.tensor(...)",
 }
-# module-level names of train.py that forward reads, so no graph name may shadow them
+# the names forward reads (its arguments, the layout's values it unpacks, train.py's globals): no graph
+# name may shadow them
 FORWARD_GLOBALS = frozenset({
-    "torch", "hr", "aten", "RANK", "ROWS", "LENGTHS", "DEVICE", "RANDOM_ON_CPU", "class_loss_count",
+    "torch", "hr", "aten", "layout", "RANK", "ROWS", "LENGTHS", "DEVICE", "class_loss_count",
     "embedding_bag_rows", "vocab_embedding", "sum", "tuple", "float",
 })
 # encoded argument values (hap.capture._encode) that train.py writes as torch.<name>
@@ -253,7 +255,7 @@ class Emitter:
             return f"{refs[0]}[{node.args[1]:d}]"  # check_plan_code: one ref, then an int
         if cand.emit == "call" and is_random(node) and not cand.output.is_shard:
             parts = [repr(node.name), callee(node.target), *self.call_arguments(node, cand, refs),
-                     "on_cpu=RANDOM_ON_CPU"]
+                     "on_cpu=layout.random_on_cpu"]
             return f"hr.replicated_random({', '.join(parts)})"
         if cand.emit == "call":
             return self.call(node, cand, refs)
@@ -449,61 +451,51 @@ The forward below is the captured ATen graph over this rank's local shards. Each
 names its placements (R replicated, S(d) sharded on dim d, P partial sum) and the model
 source it came from; hr.* calls are the collectives the plan chose.
 """
-import sys
-
 import torch
 
 import hap.runtime as hr
 from hap.runtime.sharded_ops import class_loss_count, embedding_bag_rows, vocab_embedding  # noqa: F401
 
 aten = torch.ops.aten
-SPEC = {spec!r}  # the model spec, relative to this file
-PLAN_DIGEST = {digest!r}
-WORLD_SIZE = {world}
-GLOBAL_BATCH = {global_batch}
-SHARES = {shares}  # samples of each step's global batch per rank
-SLOWDOWN = {slowdown}  # per-rank compute dilation used by --emulate (CPU emulation only)
-EXPECTED_DEVICES = {devices}
-PLACES = {places}  # per rank: (node, local rank, processes on that node), as torchrun starts them
-# placeholder -> (state_dict keys, sharded dim or None, per-rank lengths)
-PARAMS = {{
-{params}
-}}
-PARAM_SPLITS = {{
-{param_splits}
-}}  # sharded placeholder -> (size, unit) of its sharded dim: its lengths follow SHARES as LENGTHS do
-BUFFERS = {{
-{buffers}
-}}
-INPUTS = {inputs}  # per batch tensor: sharded on dim 0 by SHARES (0) or replicated (None)
-INPUT_SAMPLES = {input_samples}  # per batch tensor: (shape of one sample, dtype)
-LENGTHS = {{
-{lengths}
-}}  # (size, unit) -> per-rank lengths of a sharded dim that does not follow the batch
-ROWS = SHARES  # per-rank samples of the batch forward runs: a micro-batch's under --micro-batches
-MICRO_BATCHES = {micro}  # per rank: micro-batches its share runs in (the default of --micro-batches)
-LOCKSTEP = {lockstep}  # True: forward runs collectives, so every rank runs as many micro-batches
-FIXED_BATCH = {fixed_batch!r}  # why the forward only runs whole global batches (empty: it runs any)
-RANDOM_ON_CPU = {random_on_cpu}  # GPU models differ: replicated random ops draw on the CPU, alike on every rank
-SHAPES = {shapes}  # state_dict key -> shape the plan was made for
-GRAD_BUCKETS = {grad_buckets}  # replicated params: gradients all-reduced in these buckets, in this order
-GRAD_OVERLAP = {grad_overlap}  # True: each bucket is all-reduced during backward, as soon as it is complete
-PRECISION = {precision!r}  # forward runs under torch.autocast with this dtype (fp32: no autocast)
-OPTIMIZER = {optimizer!r}  # the default of --optimizer: the optimizer whose state the plan's memory counts
-GRAD_REDUCE = {grad_reduce!r}  # the dtype GRAD_BUCKETS are all-reduced in
-REBALANCE = {rebalance}  # True: the program may change SHARES while it runs (measured speeds), moving
-# samples and parameter shards between ranks and recomputing LENGTHS and PARAMS from the new shares
-DEVICE = torch.device("cpu")
-RANK = 0
+LAYOUT = hr.Layout.build(
+    {format},  # the layout format (hap.runtime.layout): a runtime of another format refuses this program
+    spec={spec!r},  # the model spec, relative to this file
+    plan_digest={digest!r},
+    global_batch={global_batch},
+    shares={shares},  # samples of each step's global batch per rank
+    slowdown={slowdown},  # per-rank compute dilation used by --emulate (CPU emulation only)
+    devices={devices},
+    places={places},  # per rank: (node, local rank, processes on that node), as torchrun starts them
+    # params: placeholder -> state_dict keys, sharded dim, per-rank lengths, (size, unit) they follow
+    params={params},
+    buffers={buffers},  # placeholder -> state_dict key
+    inputs={inputs},  # per batch tensor: sharded on dim 0 by the shares (0) or replicated (None)
+    input_samples={input_samples},  # per batch tensor: (shape of one sample, dtype)
+    # lengths: (size, unit) -> per-rank lengths of a sharded dim that does not follow the batch
+    lengths={lengths},
+    micro_batches={micro},  # per rank: micro-batches its share runs in (the default of --micro-batches)
+    lockstep={lockstep},  # True: forward runs collectives, so every rank runs as many micro-batches
+    fixed_batch={fixed_batch!r},  # why the forward only runs whole global batches (empty: it runs any)
+    random_on_cpu={random_on_cpu},  # GPU models differ: replicated random ops draw on the CPU, alike everywhere
+    shapes={shapes},  # state_dict key -> shape the plan was made for
+    grad_buckets={grad_buckets},  # replicated params: gradients all-reduced in these buckets, in order
+    grad_overlap={grad_overlap},  # True: each bucket is all-reduced during backward, as soon as it is complete
+    precision={precision!r},  # forward runs under torch.autocast with this dtype (fp32: no autocast)
+    optimizer={optimizer!r},  # the default of --optimizer: the optimizer whose state the plan's memory counts
+    grad_reduce={grad_reduce!r},  # the dtype grad_buckets are all-reduced in
+    rebalance={rebalance},  # True: the program may change the shares while it runs (measured speeds),
+    # moving samples and parameter shards between ranks (hap.runtime.layout.Layout.with_shares)
+)
 
 
-def forward(params, buffers, batch):
+def forward(layout, params, buffers, batch):
+    RANK, ROWS, LENGTHS, DEVICE = layout.rank, layout.rows, layout.lengths, layout.device
 {unpack}
 {body}
 
 
 def main():
-    hr.program.main(sys.modules[__name__])  # hap.runtime's training loop over this plan's tables and forward
+    hr.program.main(LAYOUT, forward, __file__)  # hap.runtime's training loop over this layout and forward
 
 
 if __name__ == "__main__":
@@ -511,10 +503,15 @@ if __name__ == "__main__":
 '''
 
 
+def _table(lines: list[str]) -> str:
+    """A dict literal of ``lines`` (its entries, one per line) inside the layout's call."""
+    return "{" + "".join(f"\n{line}" for line in lines) + "\n    }" if lines else "{}"
+
+
 def rebalanceable(plan: Plan) -> bool:
     """Whether shares can change at run time: every per-rank length in the forward is read from
-    ROWS, LENGTHS or PARAMS, which the program recomputes from new shares (the global batch
-    stays), so any plan of more than one rank can."""
+    the layout's rows, lengths or params, which ``Layout.with_shares`` recomputes from new shares
+    (the global batch stays), so any plan of more than one rank can."""
     return plan.num_ranks > 1
 
 
@@ -577,23 +574,23 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
     em = Emitter(plan)
     body = em.forward_lines()
     g = plan.graph
-    params, buffers, unpack, param_splits = [], [], [], []
+    params, buffers, unpack = [], [], []
     for n in g:
         if n.kind == "param":
             p = em.out_placement(n.name)
             if p.is_shard:
                 d, ls = em.shard_lengths(n.meta, p)
-                params.append(f"    {n.name!r}: ({tuple(n.aliases or [n.target])!r}, {d}, {ls}),  # {p}")
-                param_splits.append(f"    {n.name!r}: ({n.meta.shape[d]}, {p.unit}),")
+                params.append(f"        {n.name!r}: hr.Param({tuple(n.aliases or [n.target])!r}, {d}, {ls}, "
+                              f"({n.meta.shape[d]}, {p.unit})),  # {p}")
             else:
-                params.append(f"    {n.name!r}: ({tuple(n.aliases or [n.target])!r}, None, None),  # R")
+                params.append(f"        {n.name!r}: hr.Param({tuple(n.aliases or [n.target])!r}),  # R")
             unpack.append(f"    {n.name} = params[{n.name!r}]")
         elif n.kind == "buffer":
-            buffers.append(f"    {n.name!r}: {n.target!r},")
+            buffers.append(f"        {n.name!r}: {n.target!r},")
             unpack.append(f"    {n.name} = buffers[{n.name!r}]")
     inputs = [n for n in g if n.kind == "input"]
     unpack.append(f"    {', '.join(n.name for n in inputs)}{',' if len(inputs) == 1 else ''} = batch")
-    lengths = [f"    ({size}, {unit}): {em.lengths(size, unit)}," for size, unit in sorted(em.length_keys)]
+    lengths = [f"        ({size}, {unit}): {em.lengths(size, unit)}," for size, unit in sorted(em.length_keys)]
     lens_lines = [f"    {var} = LENGTHS[{size}, {unit}][RANK]  # this rank's part of a dim of {size}"
                   for (size, unit), var in sorted(em.lengths_used.items())]
     lens_lines += [f"    rows{f} = tuple({f} * n for n in ROWS)  # per-rank lengths of a dim of {f} per sample"
@@ -612,13 +609,13 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         commands="\n".join(_doc("  " + c) for c in torchrun_commands(plan, script)),
         digest=plan.digest(), strategy=_doc(plan.strategy), step_ms=plan.predicted_step_s * 1e3,
         global_batch=plan.global_batch, rank_lines=rank_lines,
-        spec=spec_rel, spec_rel=_doc(spec_rel), world=plan.num_ranks, shares=tuple(plan.shares),
+        spec=spec_rel, spec_rel=_doc(spec_rel), shares=tuple(plan.shares),
         slowdown=tuple(r.slowdown for r in plan.cluster.ranks),
         devices=tuple(r.device for r in plan.cluster.ranks), places=rank_places(plan),
-        params="\n".join(params), param_splits="\n".join(param_splits), buffers="\n".join(buffers), inputs=input_dims,
+        format=LAYOUT_FORMAT, params=_table(params), buffers=_table(buffers), inputs=tuple(input_dims),
         input_samples=tuple((tuple(n.meta.shape[1:]), n.meta.dtype) for n in inputs),
-        lengths="\n".join(lengths),
-        grad_buckets=[list(b) for b in plan.predicted.grad_buckets] or [list(plan.grad_synced)],
+        lengths=_table(lengths),
+        grad_buckets=tuple(tuple(b) for b in plan.predicted.grad_buckets) or (tuple(plan.grad_synced),),
         grad_overlap=plan.predicted.grad_overlap, precision=plan.precision, optimizer=plan.optimizer,
         grad_reduce=plan.graph.grad_reduce, rebalance=rebalanceable(plan),
         micro=tuple(plan.micro_batches) or (1,) * plan.num_ranks, lockstep=lockstep(plan),

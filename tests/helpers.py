@@ -115,7 +115,7 @@ def check_candidate(graph: Graph, values: dict, name: str, cand: Candidate, spli
     target_full = inputs[1] if len(inputs) > 1 else None
     for r in range(n):
         ns = {"aten": torch.ops.aten, "torch": torch, "RANK": r, "DEVICE": torch.device("cpu"), "hr": hr,
-              "RANDOM_ON_CPU": False}
+              "layout": SimpleNamespace(random_on_cpu=False)}
         for i, (full_in, p) in enumerate(zip(inputs, cand.inputs)):
             ns[f"in{i}"] = local_value(full_in, p, splitter, r, noise_seed=i)
         for (size, unit), var in em.lengths_used.items():
@@ -185,3 +185,10 @@ def check_all_candidates(graph: Graph, values: dict, shares: tuple[int, ...]) ->
 
 
 __all__ = ["TensorMeta", "captured", "check_all_candidates", "load_example", "run_graph"]
+
+
+def emitted_layout(text: str):
+    """The layout an emitted train.py builds (its module run as an import: main does not start)."""
+    ns: dict = {"__name__": "emitted_train"}
+    exec(compile(text, "train.py", "exec"), ns)
+    return ns["LAYOUT"]

@@ -52,11 +52,12 @@ AGREE = r"""
 import types
 import torch
 import hap.runtime as hr
-from hap.runtime.program import agree_or_stop
+from hap.runtime.program import Program, agree_or_stop
 rank, _ = hr.init("gloo")
-program = types.SimpleNamespace(WORLD_SIZE=2, RANK=rank, PLAN_DIGEST="0123456789ab", __file__=__file__,
-                                PLACES=[(0, 0, 2), (0, 1, 2)], DEVICE=torch.device("cpu"))
-agree_or_stop(program, "rank 1: the plan expects a V100-16GB, this rank has a Tesla T4" if rank == 1 else None)
+layout = types.SimpleNamespace(world_size=2, rank=rank, plan_digest="0123456789ab", places=[(0, 0, 2), (0, 1, 2)],
+                               device=torch.device("cpu"))
+wrong = "rank 1: the plan expects a V100-16GB, this rank has a Tesla T4" if rank == 1 else None
+agree_or_stop(Program(layout, None, __file__), wrong)
 hr.leave(0)
 """
 

@@ -15,7 +15,7 @@ from hap.capture import capture
 from hap.cluster import load_cluster
 from hap.errors import HapError, PlanFileError
 from hap.plan import Plan
-from tests.helpers import ROOT, captured, load_example
+from tests.helpers import ROOT, captured, emitted_layout, load_example
 
 SPEC = str(ROOT / "examples" / "mlp.py")
 CLUSTER = ROOT / "profiles" / "clusters" / "cpu-1-2-4.toml"
@@ -132,10 +132,7 @@ def test_user_names_are_text_in_docstring_and_comments(mlp_plan, tmp_path, name)
     assert "torchrun --nnodes 3" in doc
     if MARK in name:
         assert MARK in doc  # a person reads what the name was
-    tree = ast.parse(src)
-    devices = next(s.value for s in tree.body if isinstance(s, ast.Assign) and
-                   ast.unparse(s.targets[0]) == "EXPECTED_DEVICES")
-    assert ast.literal_eval(devices) == (name,) * len(mlp_plan.shares)  # data, written with repr
+    assert emitted_layout(src).devices == (name,) * len(mlp_plan.shares)  # data, written with repr
 
 
 def edited(plan: Plan, tmp_path, edit) -> Plan:

@@ -14,7 +14,7 @@ from hap.cluster import load_cluster
 from hap.errors import InfeasiblePlan
 from hap.runtime import micro
 from hap.spec import capture_spec, load_spec
-from tests.helpers import ROOT
+from tests.helpers import ROOT, emitted_layout
 
 CLUSTERS = ROOT / "profiles" / "clusters"
 MIXED = CLUSTERS / "v100-a100-mem.toml"  # 4 x V100-16GB + 4 x A100-80GB
@@ -48,7 +48,8 @@ def test_a_model_that_does_not_capture_at_twice_the_batch_stays_unclassified(tmp
     assert g.batch_size == 0
     plan = plan_graph(g, load_cluster(CLUSTERS / "cpu-1-2-4.toml"))
     text = plan.emit(tmp_path, spec=str(ROOT / "examples/mlp.py")).read_text()
-    assert "FIXED_BATCH = ('the model did not capture at twice the batch" in text  # train.py refuses micro-batches
+    # train.py refuses micro-batches
+    assert emitted_layout(text).fixed_batch[0].startswith("the model did not capture at twice the batch")
 
 
 def test_a_step_share_is_cut_into_even_pieces_and_reassembled_in_order():
@@ -82,7 +83,8 @@ def test_the_emitted_forward_writes_batch_sizes_in_terms_of_rows(tmp_path):
     assert plan.moves, "the plan reshards (tensor parallel): its collectives must follow the micro-batch"
     assert "hr.reduce_scatter(linear_3, 0, ROWS" in text  # the batch dim's lengths
     assert "LENGTHS[256, 1]" in text  # the hidden dim keeps the plan's split
-    assert "FIXED_BATCH = ()" in text and "LOCKSTEP = True" in text
+    layout = emitted_layout(text)
+    assert layout.fixed_batch == () and layout.lockstep
 
 
 class Wide(nn.Module):

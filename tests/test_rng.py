@@ -10,7 +10,7 @@ from hap.capture import capture
 from hap.cluster import load_cluster
 from hap.runtime.rng import replicated_random, seed_step
 from hap.spec import load_spec
-from tests.helpers import ROOT
+from tests.helpers import ROOT, emitted_layout
 
 DROP = torch.ops.aten.dropout.default
 
@@ -47,4 +47,4 @@ def test_a_replicated_dropout_is_emitted_to_draw_alike_on_every_rank(tmp_path):
         replicated = not plan.nodes[n.name].output.startswith("S")
         assert ("hr.replicated_random(" in line) == replicated, line
     assert any(not plan.nodes[n.name].output.startswith("S") for n in drops)
-    assert "RANDOM_ON_CPU = False" in text
+    assert emitted_layout(text).random_on_cpu is False

@@ -22,11 +22,14 @@ from .collectives import (
 from .dist import device, init, is_distributed, leave, local_rank, rank, shutdown, world_size
 from .emulate import end_segment, set_emulation, undilated
 from .grad_sync import GradSync
+from .layout import Layout, Param
 from .ops import recompute, sync_batch_norm
 from .rng import replicated_random, seed_step
 
 __all__ = [
     "GradSync",
+    "Layout",
+    "Param",
     "all_gather",
     "all_reduce",
     "all_to_all",

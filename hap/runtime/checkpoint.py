@@ -49,6 +49,8 @@ from typing import Any
 
 import torch
 
+from .layout import Layout, rank_slice
+
 FORMAT = "hap-checkpoint/3"
 META = "hap.json"
 LEGACY_FORMAT, LEGACY_META = "hap-checkpoint/2", "hap.pt"  # torch.save of plain types: read with weights_only
@@ -395,7 +397,7 @@ def request(prefix: str, stored: Mapping[str, Any], dim: int | None, lengths: Se
     dtype = getattr(torch, stored.get("dtype", "float32"))
     if old_dim is None:
         buf = {prefix: torch.empty(shape, dtype=dtype)}
-        return buf, lambda: _narrow(buf[prefix], dim, lengths, rank)
+        return buf, lambda: rank_slice(buf[prefix], dim, lengths, rank)
     spans = _ranges(old_lengths)
     want = None
     if dim == old_dim:
@@ -415,16 +417,9 @@ def request(prefix: str, stored: Mapping[str, Any], dim: int | None, lengths: Se
         region = torch.cat([buf[f"{prefix}/{r}"] for r in parts], dim=old_dim)
         if want is not None:
             return region.narrow(old_dim, want[0] - spans[parts[0]][0], want[1] - want[0])
-        return _narrow(region, dim, lengths, rank)
+        return rank_slice(region, dim, lengths, rank)
 
     return buf, assemble
-
-
-def _narrow(full: torch.Tensor, dim: int | None, lengths: Sequence[int] | None, rank: int) -> torch.Tensor:
-    if dim is None:
-        return full
-    lo, hi = _ranges(lengths)[rank]
-    return full.narrow(dim, lo, hi - lo)
 
 
 def stored_keys(path: str, trust: bool = False) -> set[str]:
@@ -491,3 +486,72 @@ def _quiet_dcp() -> Iterator[None]:
         root.removeFilter(quiet)
 
 
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def rank_tensors(layout: Layout, params, buffers, opt,
+                 persistent: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's tensors for a checkpoint (its shards; replicated tensors under one key on
+    every rank) and the record of how shards make whole tensors (``request`` reads it back).
+    ``persistent``: the model's ``state_dict`` keys; a buffer outside it is saved for resuming
+    but not exported (``load_state_dict`` would refuse it)."""
+    r = layout.rank
+    tensors: dict[str, torch.Tensor] = {}
+    stored, states, kept = {}, {}, {}
+    for name, spec in layout.params.items():
+        key, p = spec.keys[0], params[name].detach()
+        entry = {"shape": list(layout.shapes[key]), "dim": spec.dim,
+                 "lengths": list(spec.lengths) if spec.lengths else None, "aliases": list(spec.keys),
+                 "dtype": _dtype(p)}
+        stored[key] = entry
+        tensors[f"model/{key}" if not spec.sharded else f"model/{key}/{r}"] = p
+        states[key] = {}
+        for sname, v in opt.state.get(params[name], {}).items():
+            if torch.is_tensor(v) and v.dim() and v.shape == p.shape:  # a moment: sharded like its parameter
+                tensors[f"optim/{key}/{sname}" if not spec.sharded else f"optim/{key}/{sname}/{r}"] = v
+                states[key][sname] = {**entry, "dtype": _dtype(v)}
+            elif torch.is_tensor(v):  # a scalar such as Adam's step: the same on every rank
+                tensors[f"optim/{key}/{sname}"] = v
+                states[key][sname] = {"shape": list(v.shape), "dim": None, "lengths": None, "dtype": _dtype(v)}
+    for name, key in layout.buffers.items():
+        tensors[f"model/{key}"] = buffers[name]
+        kept[key] = {"shape": list(buffers[name].shape), "dim": None, "lengths": None, "dtype": _dtype(buffers[name]),
+                     "persistent": key in persistent}
+    return tensors, {"layout": stored, "optimizer": states, "buffers": kept}
+
+
+def restore(layout: Layout, meta: dict[str, Any], params, buffers, opt, trust: bool = False,
+            with_optimizer: bool = True) -> None:
+    """Load a checkpoint's tensors into this rank's shards under this layout (another plan's
+    shards are read where they overlap this rank's slice); the optimizer's state too unless
+    ``with_optimizer`` is False. ``trust``: see ``check_trusted``."""
+    r = layout.rank
+    by_alias = {alias: key for key, e in meta["layout"].items() for alias in e["aliases"]}
+    wanted: dict[str, torch.Tensor] = {}
+    fills = []  # (parameter name or None, optimizer state or buffer name, make)
+    for name, spec in layout.params.items():
+        key = by_alias[spec.keys[0]]
+        buf, make = request(f"model/{key}", meta["layout"][key], spec.dim, spec.lengths, r)
+        wanted.update(buf)
+        fills.append((name, None, make))
+        for sname, st in (meta["optimizer"].get(key, {}) if with_optimizer else {}).items():
+            buf, make = request(f"optim/{key}/{sname}", st, spec.dim if st["dim"] is not None else None,
+                                spec.lengths, r)
+            wanted.update(buf)
+            fills.append((name, sname, make))
+    for name, key in layout.buffers.items():
+        buf, make = request(f"model/{key}", meta["buffers"][key], None, None, r)
+        wanted.update(buf)
+        fills.append((None, name, make))
+    load(meta["path"], wanted, trust)
+    with torch.no_grad():
+        for name, sname, make in fills:
+            if name is None:
+                buffers[sname].copy_(make())
+            elif sname is None:
+                params[name].copy_(make())
+            else:
+                opt.state[params[name]][sname] = make().clone().to(layout.device)

@@ -11,6 +11,10 @@ import torch
 MEMORY_SLACK = 0.10  # a card reports less than its label (an "L4-24GB" has 24.1e9 bytes, 22.5 GiB)
 
 
+class Refused(Exception):
+    """A rank-local start-up problem, with the message ``program.agree_or_stop`` prints."""
+
+
 def backend_for(expected: tuple[str, ...] | list[str]) -> str:
     """The process-group backend of a plan whose ranks expect these devices: gloo when every
     rank is a CPU rank (also on a machine that has GPUs), else NCCL. A plan that mixes CPU and
