@@ -1,22 +1,25 @@
 """The solve: per-node sharding, per-edge collectives and integer per-rank shares.
 
-MILP with the shares fixed (``solve_placements``), PuLP + HiGHS (CBC as fallback):
+MILP with the shares fixed (``solve_placements``, built by ``_PlacementMilp``), PuLP + HiGHS
+(CBC where PuLP cannot run HiGHS, ``_run_milp``):
 
   variables
     y[n,c] ∈ {0,1}      node n takes candidate c            (identical layers share y: ``tie_groups``)
-    need[u,q] ∈ [0,1]   some consumer reads u's output in placement q
-    move[u,p,q] ≥ 0     u is produced in p and converted to q (one collective, reused by all readers)
+    z[u,v,k][p,q] ≥ 0   u's output, produced in p, is read by input k of v in q
+    mv[u,p,q] ≥ 0       u is converted from p to q (one collective, reused by all readers)
   constraints
-    Σ_c y[n,c] = 1                                                   ``_one_hot``
-    need[u,q] ≥ Σ_{c: c reads input k as q} y[v,c]  ∀ readers (v,k) ``_edges``
-    move[u,p,q] ≥ Σ_{c: out(c)=p} y[u,c] + need[u,q] − 1             ``_edges``
-    impossible moves (a list output re-placed): out_p + need_q ≤ 1   ``_edges``
+    Σ_c y[n,c] = 1                                                    ``_one_hot``
+    Σ_q z[u,v,k][p,q] = Σ_{c: out(c)=p} y[u,c]                        ``_transport``
+    Σ_p z[u,v,k][p,q] = Σ_{c: c reads input k as q} y[v,c]            ``_transport``
+    mv[u,p,q] ≥ z[u,v,k][p,q]  ∀ readers (v,k)                        ``_moves``
+    conversions priced INF (a list output re-placed): z[u,v,k][p,q] ≤ 0  ``_moves``
     Σ_n mem_r(n, c)·y[n,c] ≤ memory of rank r                         ``_memory``
   objective (predicted step time, seconds)
-    Σ_{n,c} y·max_r compute_r(n,c) + Σ move·collective(p→q) + Σ_params y[param,R]·grad all-reduce
+    Σ_{n,c} y·max_r compute_r(n,c) + Σ mv·collective(p→q) + Σ_params y[param,R]·grad all-reduce
+                                                                      ``_compute``, ``_edges``
 
 The shares are then re-fitted (``refit_shares``, HAP's ratio LP): with placements fixed, an
-LP over continuous ratios x_r minimises Σ_n max_r(compute_r(x_r)) + padded-collective terms;
+LP over continuous ratios x_r minimises Σ_n max_r(compute_r(x_r)) (``_refit_shares``);
 rounding gives integer shares, and the MILP runs again until the step time stops improving.
 Every candidate plan is scored by ``evaluate`` with exact integer lengths, which is what
 the plan reports; the data-parallel baselines are the same MILP with parameters pinned
@@ -244,134 +247,10 @@ def _solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candida
                       pin: Callable[[Node, Candidate], bool] | None, tie: bool, time_limit_s: float,
                       solver: str, memory: bool = True) -> MilpResult:
     t0 = time.perf_counter()
-    rep = tie_groups(graph) if tie else {n.name: n.name for n in graph}
-    allowed = {name: [c for c in cs if pin is None or pin(graph[name], c)] or cs[:1] for name, cs in cands.items()}
-    for name, own in list(allowed.items()):  # a representative only keeps what all its members can take
-        r = rep[name]
-        if r != name:
-            names = {c.name for c in own}
-            allowed[r] = [c for c in allowed[r] if c.name in names] or allowed[r]
-    members: dict[str, list[str]] = {}
-    for name in rep:
-        members.setdefault(rep[name], []).append(name)
-    mult = {r: len(ms) for r, ms in members.items()}
-    prob = pulp.LpProblem("hap_placements", pulp.LpMinimize)
-    y: dict[tuple[str, str], pulp.LpVariable] = {}
-    for name, cs in allowed.items():
-        if rep[name] == name:
-            for i, c in enumerate(cs):
-                y[name, c.name] = pulp.LpVariable(f"y_{_safe(name)}_{i}", cat="Binary")
-            prob += pulp.lpSum(y[name, c.name] for c in cs) == 1, f"one_{_safe(name)}"
-
-    def choices(name: str) -> list[tuple[Candidate, pulp.LpVariable]]:
-        r = rep[name]
-        return [(c, y[r, c.name]) for c in allowed[r]]
-
-    objective = []
-    # node compute and parameter gradient all-reduce (counted once per tied member)
-    any_grad_sync = pulp.LpVariable("any_grad_sync", 0, 1)
-    for name in mult:
-        node = graph[name]
-        for c, v in choices(name):
-            cost = cm.node_s(node, c)
-            if node.kind == "param" and c.output.kind == "R" and isinstance(node.meta, TensorMeta):
-                cost += cm.grad_sync_s(node.meta)
-                prob += any_grad_sync >= v
-            if cost:
-                objective.append(mult[name] * cost * v)
-    objective.append(cm.grad_sync_latency_s() * any_grad_sync)
-    # edges: a transport between the producer's output placement and each reader's input
-    # placement (tight); a move is paid once per (producer, placement) however many read it
-    rd = readers(graph)
-    z: dict[tuple, dict[tuple[Placement, Placement], Any]] = {}
-    moves: dict[tuple, tuple[Any, float, int]] = {}
-    for node in graph:
-        u = node.name
-        if not isinstance(node.meta, (TensorMeta, list)):
-            continue
-        outs: dict[Placement, list] = {}
-        for c, v in choices(u):
-            outs.setdefault(c.output, []).append(v)
-        reader_keys = []
-        edges = [((rep[v], k), [(c.inputs[k], var) for c, var in choices(v)]) for v, k in rd[u]]
-        if u == graph.loss:
-            edges.append((("<loss>", 0), [(Placement("P"), 1)]))
-        for (rv, k), ins in edges:
-            key = (rep[u], rv, k)
-            reader_keys.append(key)
-            if key in z:
-                continue
-            want: dict[Placement, list] = {}
-            for q, var in ins:
-                want.setdefault(q, []).append(var)
-            cells = {}
-            for pi, p in enumerate(sorted(outs)):
-                for qi, q in enumerate(sorted(want)):
-                    cells[p, q] = pulp.LpVariable(f"z_{len(z)}_{pi}_{qi}", 0)
-            for pi, p in enumerate(sorted(outs)):
-                prob += pulp.lpSum(cells[p, q] for q in want) == pulp.lpSum(outs[p]), f"zo_{len(z)}_{pi}"
-            for qi, q in enumerate(sorted(want)):
-                prob += pulp.lpSum(cells[p, q] for p in outs) == pulp.lpSum(want[q]), f"zi_{len(z)}_{qi}"
-            z[key] = cells
-        mkey = (rep[u], tuple(sorted(set(reader_keys))))
-        for p, q in sorted({pq for key in reader_keys for pq in z[key]}):
-            if p == q:
-                continue
-            if isinstance(node.meta, list):
-                cost = INF
-            else:
-                cost = cm.conversion(node.meta, p, q, u in cm.requires_grad).seconds
-            if cost == 0:
-                continue
-            if cost == INF:
-                for key in set(reader_keys):
-                    if (p, q) in z[key]:
-                        z[key][p, q].upBound = 0
-                continue
-            if (mkey, p, q) not in moves:
-                mv = pulp.LpVariable(f"mv_{len(moves)}", 0)
-                for key in set(reader_keys):
-                    if (p, q) in z[key]:
-                        prob += mv >= z[key][p, q], f"mv_{len(moves)}_{_safe(str(key))}"
-                moves[mkey, p, q] = (mv, cost, 0)
-            mv, c0, count = moves[mkey, p, q]
-            moves[mkey, p, q] = (mv, c0, count + 1)
-    for mv, cost, count in moves.values():
-        objective.append(cost * count * mv)
-    # memory: one row per distinct rank (same device, slowdown and lengths give the same row)
-    rows: dict[tuple, int] = {}
-    # bytes per rank of each representative's candidates, summed over the tied members
-    mem = {(name, c.name): [sum(per_rank) for per_rank in zip(*(cm.memory_bytes(graph[m], c) for m in ms))]
-           for name, ms in members.items() for c, _ in choices(name)}
-    for r in range(cm.n if memory else 0):
-        coeffs = []
-        worst = 0.0
-        for name in mult:
-            best = 0.0
-            for c, v in choices(name):
-                b = mem[name, c.name][r]
-                coeffs.append((v, b))
-                best = max(best, b)
-            worst += best
-        cap = float(cm.cluster.memory_bytes(r)) - cm.recompute_peak[r] - cm.collective_reserve
-        if worst <= cap:
-            continue  # cannot bind
-        key = (cap, tuple((v.name, b) for v, b in coeffs))
-        if key not in rows:
-            rows[key] = r
-            prob += pulp.lpSum(b * v for v, b in coeffs if b) <= cap, f"mem_{r}"
-    prob += pulp.lpSum(objective)
-    if solver == "highs":
-        s = pulp.HiGHS(msg=False, timeLimit=time_limit_s, mip=True)
-    else:
-        s = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s)
+    milp = _PlacementMilp(graph, cm, cands, pin, tie, memory)
+    prob = milp.prob
     t_build = time.perf_counter() - t0
-    try:
-        solver_text = run_solver(prob, s)
-    except pulp.PulpSolverError:
-        if solver == "highs":
-            return _solve_placements(graph, cm, cands, pin, tie, time_limit_s, "cbc", memory)
-        raise
+    solver_text = _run_milp(prob, solver, time_limit_s)
     log.info("MILP: %d variables, %d constraints, built in %.2fs, solved in %.2fs",
              len(prob.variables()), len(prob.constraints), t_build, time.perf_counter() - t0 - t_build)
     status = pulp.LpSolution.get(prob.sol_status, str(prob.sol_status))
@@ -379,13 +258,198 @@ def _solve_placements(graph: Graph, cm: CostModel, cands: dict[str, list[Candida
         if solver_text.strip():
             log.info("the solver printed:\n%s", solver_text.rstrip())
         raise InfeasiblePlan(f"the solver found no plan ({status}, {pulp.LpStatus[prob.status]})")
-    choice = {}
-    for node in graph:
-        best = max(choices(node.name), key=lambda cv: cv[1].value() or 0.0)[0]
-        own = {c.name: c for c in allowed[node.name]}
-        choice[node.name] = own.get(best.name, next(iter(own.values())))
     obj = pulp.value(prob.objective) or 0.0
-    return MilpResult(choice, status, float(obj), time.perf_counter() - t0)
+    return MilpResult(milp.choice(), status, float(obj), time.perf_counter() - t0)
+
+
+def _run_milp(prob: pulp.LpProblem, solver: str, time_limit_s: float) -> str:
+    """Solve ``prob`` with HiGHS for ``solver="highs"``, with CBC for any other name, and return
+    what the solver printed. Where PuLP cannot run HiGHS (it raises ``PulpSolverError`` before it
+    reads the problem, e.g. without ``highspy``), CBC solves the same problem instead."""
+    cbc = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s)
+    if solver != "highs":
+        return run_solver(prob, cbc)
+    try:
+        return run_solver(prob, pulp.HiGHS(msg=False, timeLimit=time_limit_s, mip=True))
+    except pulp.PulpSolverError:
+        return run_solver(prob, cbc)
+
+
+class _PlacementMilp:
+    """The placement MILP of one ``solve_placements`` call, one method per family of variables
+    and constraints. Tied nodes share their representative's choice variables, so a node's
+    choices are read through ``choices``."""
+
+    def __init__(self, graph: Graph, cm: CostModel, cands: dict[str, list[Candidate]],
+                 pin: Callable[[Node, Candidate], bool] | None, tie: bool, memory: bool):
+        self.graph, self.cm = graph, cm
+        self.rep = tie_groups(graph) if tie else {n.name: n.name for n in graph}
+        self.allowed = self._allowed(cands, pin)
+        self.members: dict[str, list[str]] = {}  # representative -> its tied nodes, itself included
+        for name in self.rep:
+            self.members.setdefault(self.rep[name], []).append(name)
+        self.prob = pulp.LpProblem("hap_placements", pulp.LpMinimize)
+        self.y: dict[tuple[str, str], pulp.LpVariable] = {}
+        self.z: dict[tuple, dict[tuple[Placement, Placement], Any]] = {}
+        self.moves: dict[tuple, tuple[Any, float, int]] = {}  # (mkey, p, q) -> (mv, seconds, producers)
+        self.objective: list = []
+        self._one_hot()
+        self._compute()
+        self._edges()
+        if memory:
+            self._memory()
+        self.prob += pulp.lpSum(self.objective)
+
+    def _allowed(self, cands: dict[str, list[Candidate]],
+                 pin: Callable[[Node, Candidate], bool] | None) -> dict[str, list[Candidate]]:
+        """Each node's candidates that ``pin`` admits (its first where ``pin`` admits none). A
+        representative keeps only what all its members can take, unless that leaves it none."""
+        allowed = {name: [c for c in cs if pin is None or pin(self.graph[name], c)] or cs[:1]
+                   for name, cs in cands.items()}
+        for name, own in list(allowed.items()):
+            r = self.rep[name]
+            if r != name:
+                names = {c.name for c in own}
+                allowed[r] = [c for c in allowed[r] if c.name in names] or allowed[r]
+        return allowed
+
+    def choices(self, name: str) -> list[tuple[Candidate, pulp.LpVariable]]:
+        r = self.rep[name]
+        return [(c, self.y[r, c.name]) for c in self.allowed[r]]
+
+    def _one_hot(self) -> None:
+        """y[n,c] ∈ {0,1} for each representative's candidates, and Σ_c y[n,c] = 1."""
+        for name, cs in self.allowed.items():
+            if self.rep[name] == name:
+                for i, c in enumerate(cs):
+                    self.y[name, c.name] = pulp.LpVariable(f"y_{_safe(name)}_{i}", cat="Binary")
+                self.prob += pulp.lpSum(self.y[name, c.name] for c in cs) == 1, f"one_{_safe(name)}"
+
+    def _compute(self) -> None:
+        """Objective terms of node compute and of each replicated parameter's gradient all-reduce,
+        counted once per tied member; the all-reduce latency is paid once, through
+        ``any_grad_sync`` ≥ y[param, R]."""
+        any_grad_sync = pulp.LpVariable("any_grad_sync", 0, 1)
+        for name, ms in self.members.items():
+            node = self.graph[name]
+            for c, v in self.choices(name):
+                cost = self.cm.node_s(node, c)
+                if node.kind == "param" and c.output.kind == "R" and isinstance(node.meta, TensorMeta):
+                    cost += self.cm.grad_sync_s(node.meta)
+                    self.prob += any_grad_sync >= v
+                if cost:
+                    self.objective.append(len(ms) * cost * v)
+        self.objective.append(self.cm.grad_sync_latency_s() * any_grad_sync)
+
+    def _edges(self) -> None:
+        """Per tensor, a transport to each reader (``_transport``) and the collectives the
+        transports need (``_moves``); the loss is also read in P, as ``evaluate`` scores it."""
+        rd = readers(self.graph)
+        for node in self.graph:
+            u = node.name
+            if not isinstance(node.meta, (TensorMeta, list)):
+                continue
+            outs: dict[Placement, list] = {}
+            for c, v in self.choices(u):
+                outs.setdefault(c.output, []).append(v)
+            edges = [((self.rep[v], k), [(c.inputs[k], var) for c, var in self.choices(v)]) for v, k in rd[u]]
+            if u == self.graph.loss:
+                edges.append((("<loss>", 0), [(Placement("P"), 1)]))
+            reader_keys = []
+            for (rv, k), ins in edges:
+                key = (self.rep[u], rv, k)
+                reader_keys.append(key)
+                if key not in self.z:  # tied producer-reader pairs share one transport
+                    self._transport(key, outs, ins)
+            self._moves(node, reader_keys)
+        for mv, cost, count in self.moves.values():
+            self.objective.append(cost * count * mv)
+
+    def _transport(self, key: tuple, outs: dict[Placement, list], ins: list[tuple[Placement, Any]]) -> None:
+        """z[key][p,q] ≥ 0, the producer's output in p read by the reader in q: its rows sum to
+        the producer's y of output p, its columns to the reader's y of input q, so with one-hot
+        y the one cell that is 1 is the (p, q) the plan takes."""
+        i = len(self.z)
+        want: dict[Placement, list] = {}
+        for q, var in ins:
+            want.setdefault(q, []).append(var)
+        cells = {}
+        for pi, p in enumerate(sorted(outs)):
+            for qi, q in enumerate(sorted(want)):
+                cells[p, q] = pulp.LpVariable(f"z_{i}_{pi}_{qi}", 0)
+        for pi, p in enumerate(sorted(outs)):
+            self.prob += pulp.lpSum(cells[p, q] for q in want) == pulp.lpSum(outs[p]), f"zo_{i}_{pi}"
+        for qi, q in enumerate(sorted(want)):
+            self.prob += pulp.lpSum(cells[p, q] for p in outs) == pulp.lpSum(want[q]), f"zi_{i}_{qi}"
+        self.z[key] = cells
+
+    def _moves(self, node: Node, reader_keys: list[tuple]) -> None:
+        """mv ≥ z[key][p,q] over the readers of ``node``, for each conversion p→q that costs time.
+        One mv serves every reader, so a collective is paid once however many read it; tied
+        producers with tied readers share the mv (keyed by representative and readers), priced
+        once per producer. A conversion that cannot be made (a list output re-placed, or one the
+        cost model prices INF) bounds its cells to 0."""
+        u = node.name
+        mkey = (self.rep[u], tuple(sorted(set(reader_keys))))
+        for p, q in sorted({pq for key in reader_keys for pq in self.z[key]}):
+            if p == q:
+                continue
+            if isinstance(node.meta, list):
+                cost = INF
+            else:
+                cost = self.cm.conversion(node.meta, p, q, u in self.cm.requires_grad).seconds
+            if cost == 0:
+                continue
+            if cost == INF:
+                for key in set(reader_keys):
+                    if (p, q) in self.z[key]:
+                        self.z[key][p, q].upBound = 0
+                continue
+            if (mkey, p, q) not in self.moves:
+                mv = pulp.LpVariable(f"mv_{len(self.moves)}", 0)
+                for key in set(reader_keys):
+                    if (p, q) in self.z[key]:
+                        self.prob += mv >= self.z[key][p, q], f"mv_{len(self.moves)}_{_safe(str(key))}"
+                self.moves[mkey, p, q] = (mv, cost, 0)
+            mv, c0, count = self.moves[mkey, p, q]
+            self.moves[mkey, p, q] = (mv, c0, count + 1)
+
+    def _memory(self) -> None:
+        """Σ_n bytes_r(n,c)·y[n,c] ≤ rank r's memory less the recomputed block's activations and
+        the collective reserve. A rank whose largest choices fit gets no row (it cannot bind); ranks
+        with the same capacity and coefficients (same device, slowdown and lengths) share one."""
+        cm = self.cm
+        # bytes per rank of each representative's candidates, summed over the tied members
+        mem = {(name, c.name): [sum(per_rank) for per_rank in zip(*(cm.memory_bytes(self.graph[m], c) for m in ms))]
+               for name, ms in self.members.items() for c, _ in self.choices(name)}
+        rows: set[tuple] = set()
+        for r in range(cm.n):
+            coeffs = []
+            worst = 0.0
+            for name in self.members:
+                best = 0.0
+                for c, v in self.choices(name):
+                    b = mem[name, c.name][r]
+                    coeffs.append((v, b))
+                    best = max(best, b)
+                worst += best
+            cap = float(cm.cluster.memory_bytes(r)) - cm.recompute_peak[r] - cm.collective_reserve
+            if worst <= cap:
+                continue
+            key = (cap, tuple((v.name, b) for v, b in coeffs))
+            if key not in rows:
+                rows.add(key)
+                self.prob += pulp.lpSum(b * v for v, b in coeffs if b) <= cap, f"mem_{r}"
+
+    def choice(self) -> dict[str, Candidate]:
+        """Each node's candidate from the solution: the one its representative's y takes, by
+        name among the node's own candidates (its first where it has none of that name)."""
+        out = {}
+        for node in self.graph:
+            best = max(self.choices(node.name), key=lambda cv: cv[1].value() or 0.0)[0]
+            own = {c.name: c for c in self.allowed[node.name]}
+            out[node.name] = own.get(best.name, next(iter(own.values())))
+        return out
 
 
 def run_solver(prob: pulp.LpProblem, solver: Any) -> str:
