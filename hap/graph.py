@@ -177,6 +177,14 @@ class Graph:
     def params(self) -> list[Node]:
         return [n for n in self.nodes if n.kind == "param"]
 
+    def global_batch(self) -> int | None:
+        """The global batch: dim 0 of the first batch input (None without a tensor input of
+        at least one dim). Every share vector of a plan sums to it."""
+        first = next((n for n in self.nodes if n.kind == "input"), None)
+        if first is None or not isinstance(first.meta, TensorMeta) or not first.meta.shape:
+            return None
+        return first.meta.shape[0]
+
     def users(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {n.name: [] for n in self.nodes}
         for n in self.nodes:

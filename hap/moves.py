@@ -25,6 +25,8 @@ from hap.placement import Placement
 DUAL = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather", "all_reduce": "all_reduce",
         "all_to_all": "all_to_all", "slice": "none", "partial": "none", "none": "none"}
 UNEVEN_FORMS = ("padded", "grouped")  # how a collective over uneven shards is run (a per-edge choice)
+COLLECTIVES = ("all_gather", "all_reduce", "reduce_scatter", "all_to_all")  # the kinds that communicate
+UNEVEN_KINDS = ("all_gather", "reduce_scatter", "all_to_all")  # the kinds that run in one of UNEVEN_FORMS
 
 Shard = tuple[int, tuple[int, ...]]  # (dim, per-rank lengths) of a sharded placement on a concrete tensor
 
@@ -42,12 +44,12 @@ class Move:
 
     @property
     def is_collective(self) -> bool:
-        return self.kind in ("all_gather", "all_reduce", "reduce_scatter", "all_to_all")
+        return self.kind in COLLECTIVES
 
     @property
     def forms(self) -> tuple[str, ...]:
         """The forms to choose from: uneven shards are padded or grouped; the rest have one."""
-        return UNEVEN_FORMS if self.kind in ("all_gather", "reduce_scatter", "all_to_all") else ("",)
+        return UNEVEN_FORMS if self.kind in UNEVEN_KINDS else ("",)
 
     def call(self, src: Shard | None, dst: Shard | None, form: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
         """The ``hap.runtime`` function that performs the move and its arguments after the tensor:

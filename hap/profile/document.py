@@ -89,17 +89,10 @@ def _stat(m: Measurement) -> str:
     return f"{which} of {n} samples (median {m.median_s:.3g} s), spread {m.spread:.1%}"
 
 
-def build_profile(per_rank: list[dict[str, Any]], device: torch.device, settings: Settings) -> dict[str, Any]:
-    """The device profile (``profiles/devices/*.json`` format: every number has a provenance
-    line) and, under ``"detail"``, every sample behind it (written beside the profile)."""
-    nproc = len(per_rank)
-    env = environment(device, nproc)
-    who = (env.get("gpu") or env["cpu_model"]) + f" ({env['cpu_count']} cores)" * (device.type == "cpu")
-    tag = (f"{env['date'][:10]}, {who}, host {env['host']}, torch {env['torch']}, "
-           f"{nproc} concurrent {'single-thread ' if device.type == 'cpu' else ''}process(es), slowest")
+def _flop_rates(per_rank: list[dict[str, Any]], tag: str, prov: dict[str, str],
+                detail: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per op class and dtype, the slowest rank's median FLOP rate over the sizes measured."""
     flop: dict[str, dict[str, float]] = {}
-    prov: dict[str, str] = {}
-    detail: dict[str, Any] = {}
     for cls in ("matmul", "conv", "attention"):
         for dt in per_rank[0][cls]:
             ms = _slowest([r[cls][dt] for r in per_rank])
@@ -110,6 +103,49 @@ def build_profile(per_rank: list[dict[str, Any]], device: torch.device, settings
             prov[f"flop_per_s.{cls}.{dt}"] = (f"measured: {cls} {dt} forward + backward, 3 x forward flops / s, "
                                               f"median over sizes [{sizes}], {ms[0].extra['clock']}, {tag}")
             detail[f"{cls}.{dt}"] = [m.to_json() for m in ms]
+    return flop
+
+
+def _intra_node_link(per_rank: list[dict[str, Any]], device: torch.device, settings: Settings, tag: str,
+                     prov: dict[str, str], detail: dict[str, Any]) -> dict[str, Any]:
+    """The intra-node link fitted from the collectives measured (an assumed one with one process)."""
+    nproc = len(per_rank)
+    if not per_rank[0]["collectives"]:
+        prov["intra_node.bytes_per_s"] = ("assumed: not measured (one process); run hap-profile under torchrun "
+                                          "with 2 or more processes to measure the links")
+        prov["intra_node.alpha_s"] = prov["intra_node.bytes_per_s"]
+        return {"kind": "assumed", "bytes_per_s": 1e10 if device.type == "cuda" else 4e8,
+                "alpha_s": 2e-5 if device.type == "cuda" else 1e-3}
+    samples = _slowest([r["collectives"] for r in per_rank])
+    per_kind, alpha, bw, per_formula = fit_collectives(samples)
+    kind = "nvlink-or-pcie (measured)" if device.type == "cuda" else "loopback"
+    fits = "; ".join(f"{k}: {v['alpha_s'] * 1e6:.0f} us + bytes / {(v['bytes_per_s'] or 0) / 1e9:.3g} GB/s"
+                     for k, v in per_kind.items())
+    what = (f"hap.runtime all_reduce / all_gather / reduce_scatter / all_to_all over {nproc} processes, "
+            f"{min(settings.coll_bytes)}-{max(settings.coll_bytes)} bytes, even and uneven {UNEVEN}:1 "
+            "splits, padded and grouped, median of per-call wall times; joint relative least "
+            f"squares in hap.machine.collective_s's formulas (per collective: {fits})")
+    prov["intra_node.bytes_per_s"] = f"measured: {what}, {tag}"
+    prov["intra_node.alpha_s"] = prov["intra_node.bytes_per_s"]
+    prov["intra_node.collectives"] = ("measured: the same samples, fitted per collective and form in "
+                                      f"hap.machine.collective_s's formulas, {tag}")
+    detail["collectives"] = per_kind
+    detail["collective_samples"] = [m.to_json() for m in samples]
+    return {"kind": kind, "bytes_per_s": _sig(bw), "alpha_s": _sig(alpha),
+            "collectives": {k: {"alpha_s": a, "bytes_per_s": b} for k, (a, b) in per_formula.items()}}
+
+
+def build_profile(per_rank: list[dict[str, Any]], device: torch.device, settings: Settings) -> dict[str, Any]:
+    """The device profile (``profiles/devices/*.json`` format: every number has a provenance
+    line) and, under ``"detail"``, every sample behind it (written beside the profile)."""
+    nproc = len(per_rank)
+    env = environment(device, nproc)
+    who = (env.get("gpu") or env["cpu_model"]) + f" ({env['cpu_count']} cores)" * (device.type == "cpu")
+    tag = (f"{env['date'][:10]}, {who}, host {env['host']}, torch {env['torch']}, "
+           f"{nproc} concurrent {'single-thread ' if device.type == 'cpu' else ''}process(es), slowest")
+    prov: dict[str, str] = {}
+    detail: dict[str, Any] = {}
+    flop = _flop_rates(per_rank, tag, prov, detail)
     mem = {k: _slowest([[r["memory"][k]] for r in per_rank])[0] for k in per_rank[0]["memory"]}
     floors = {k: _slowest([[r["floor"][k]] for r in per_rank])[0] for k in per_rank[0]["floor"]}
     for k, m in {**mem, **{f"floor.{k}": m for k, m in floors.items()}}.items():
@@ -126,30 +162,7 @@ def build_profile(per_rank: list[dict[str, Any]], device: torch.device, settings
     fa, fb = floors["autograd"], floors["bare"]
     prov["kernel_floor_s"] = (f"measured: {fa.what} ({_stat(fa)}): what an emitted train.py pays per op; "
                               f"a bare op without autograd costs {fb.value:.3g} s, {tag}")
-    colls = per_rank[0]["collectives"]
-    if colls:
-        per_kind, alpha, bw, per_formula = fit_collectives(_slowest([r["collectives"] for r in per_rank]))
-        kind = "nvlink-or-pcie (measured)" if device.type == "cuda" else "loopback"
-        link = {"kind": kind, "bytes_per_s": _sig(bw), "alpha_s": _sig(alpha),
-                "collectives": {k: {"alpha_s": a, "bytes_per_s": b} for k, (a, b) in per_formula.items()}}
-        fits = "; ".join(f"{k}: {v['alpha_s'] * 1e6:.0f} us + bytes / {(v['bytes_per_s'] or 0) / 1e9:.3g} GB/s"
-                         for k, v in per_kind.items())
-        what = (f"hap.runtime all_reduce / all_gather / reduce_scatter / all_to_all over {nproc} processes, "
-                f"{min(settings.coll_bytes)}-{max(settings.coll_bytes)} bytes, even and uneven {UNEVEN}:1 "
-                "splits, padded and grouped, median of per-call wall times; joint relative least "
-                f"squares in hap.machine.collective_s's formulas (per collective: {fits})")
-        prov["intra_node.bytes_per_s"] = f"measured: {what}, {tag}"
-        prov["intra_node.alpha_s"] = prov["intra_node.bytes_per_s"]
-        prov["intra_node.collectives"] = ("measured: the same samples, fitted per collective and form in "
-                                          f"hap.machine.collective_s's formulas, {tag}")
-        detail["collectives"] = per_kind
-        detail["collective_samples"] = [m.to_json() for m in _slowest([r["collectives"] for r in per_rank])]
-    else:
-        link = {"kind": "assumed", "bytes_per_s": 1e10 if device.type == "cuda" else 4e8,
-                "alpha_s": 2e-5 if device.type == "cuda" else 1e-3}
-        prov["intra_node.bytes_per_s"] = ("assumed: not measured (one process); run hap-profile under torchrun "
-                                          "with 2 or more processes to measure the links")
-        prov["intra_node.alpha_s"] = prov["intra_node.bytes_per_s"]
+    link = _intra_node_link(per_rank, device, settings, tag, prov, detail)
     prov["environment"] = "; ".join(f"{k}={v}" for k, v in env.items())
     prov["settings"] = (f"hap-profile{' --quick' if settings.quick else ''}, {settings.repeats} repeats, "
                         f"samples of >= {settings.min_sample_s} s; "

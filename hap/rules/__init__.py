@@ -154,17 +154,19 @@ class RuleContext:
         assert isinstance(m, TensorMeta), name
         return m
 
-    def shard_units(self, size: int) -> list[int]:
-        """Units a dim of ``size`` may be sharded in: 1, and inner sizes seen in views."""
+    def shard_units(self, size: int, may_be_batch: bool = True) -> list[int]:
+        """Units a dim of ``size`` may be sharded in: 1, and inner sizes seen in views. A
+        zero-length shard is fine on the batch (a rank with a zero share runs no samples), not on
+        weights and features (a conv with 0 output channels does not run); ``may_be_batch``
+        False: the dim is never the batch, even when its size equals the global batch."""
         if size < 2 or self.num_ranks < 2:
             return []
         out = []
         for u in sorted({1} | self.units.get(size, set())):
             if size % u or size // u < 2:
                 continue
-            # a zero-length shard is fine on the batch (a rank with a zero share), not on
-            # weights and features (a conv with 0 output channels does not run)
-            if size // u != self.splitter.total and 0 in self.splitter.lengths(size, u):
+            batch = may_be_batch and size // u == self.splitter.total
+            if not batch and 0 in self.splitter.lengths(size, u):
                 continue
             out.append(u)
         return out

@@ -7,9 +7,9 @@ from hap.rules import Candidate, P, R, RuleContext, S, arg, rule
 
 
 def _channel_units(ctx: RuleContext, channels: int) -> list[int]:
-    """Units to shard conv channels in: no rank may get 0 channels (that conv does not run),
-    even when the channel count happens to equal the global batch."""
-    return [u for u in ctx.shard_units(channels) if 0 not in ctx.splitter.lengths(channels, u)]
+    """Units to shard conv channels in: channels are never the batch, even when their count
+    happens to equal the global batch (so no rank gets 0 of them)."""
+    return ctx.shard_units(channels, may_be_batch=False)
 
 
 @rule("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default")

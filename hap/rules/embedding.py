@@ -58,7 +58,7 @@ def _row_block(em, node: Node) -> tuple[str, str]:
     """This rank's first row and number of rows of the table it owns, as code (the table's rows
     follow LENGTHS, which a re-balancing program updates)."""
     _, ls = em.tensor_lengths(node.inputs()[0], S(0))
-    return f"sum({ls}[:RANK])", f"{ls}[RANK]"
+    return f"hr.offset({ls}, RANK)", f"{ls}[RANK]"
 
 
 @renders("vocab_embedding")

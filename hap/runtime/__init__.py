@@ -25,6 +25,7 @@ from .grad_sync import GradSync
 from .layout import Layout, Param
 from .ops import recompute, sync_batch_norm
 from .rng import replicated_random, seed_step
+from .shares import offset
 
 __all__ = [
     "GradSync",
@@ -41,6 +42,7 @@ __all__ = [
     "is_distributed",
     "leave",
     "local_rank",
+    "offset",
     "program",
     "recompute",
     "replicated_random",

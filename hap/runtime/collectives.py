@@ -25,6 +25,7 @@ import torch
 
 from . import dist as _d
 from . import emulate
+from .shares import offset
 
 FORMS = ("padded", "grouped")
 
@@ -327,7 +328,7 @@ def slice_local(x: torch.Tensor, dim: int, lengths: Sequence[int]) -> torch.Tens
     ls = _lengths(lengths, "slice_local")
     _check_size(x, dim, sum(ls), "slice_local", "sum(lengths)")
     r = _d.rank()
-    return x.narrow(dim, sum(ls[:r]), ls[r]).clone(memory_format=torch.contiguous_format)
+    return x.narrow(dim, offset(ls, r), ls[r]).clone(memory_format=torch.contiguous_format)
 
 
 def to_partial(x: torch.Tensor) -> torch.Tensor:
@@ -403,7 +404,7 @@ _BUCKETS: dict[tuple, torch.Tensor] = {}  # flat all-reduce buffers, kept from s
 
 def _bucket_buffer(bucket: list[torch.Tensor], extra: int) -> torch.Tensor:
     """The flat buffer of this bucket: allocated once and reused every step, as DDP's buckets are
-    (a fresh multi-MB buffer per step is page-faulted in again each time: ~2-4 ms per 8 MB here)."""
+    (a fresh multi-MB buffer per step is page-faulted in again each time; docs/benchmarks.md)."""
     g = bucket[0].grad
     key = (tuple(id(p) for p in bucket), extra, g.dtype, g.device)
     buf = _BUCKETS.get(key)

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from .shares import offset
+
 WORKERS = 2  # worker processes per rank when reading ahead (fetching mostly waits on storage, not a core)
 
 
@@ -68,7 +70,7 @@ class RankBatches(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start, self.stop):
             shares = self.shares_at(step)
-            lo = sum(shares[:self.rank])
+            lo = offset(shares, self.rank)
             yield self.order.indices(step)[lo:lo + shares[self.rank]].tolist()
 
 
@@ -100,8 +102,8 @@ def loader(ds: Dataset, batches: RankBatches, collate: Callable | None,
 
 class Ahead:
     """Pull batches from ``it`` in a background thread, up to ``depth`` ahead of the training
-    loop: receiving a batch from a DataLoader worker (unpickling it from shared memory, ~1 ms
-    for 75 x 256 floats here) then overlaps the step's compute instead of adding to its wait."""
+    loop: receiving a batch from a DataLoader worker (unpickling it from shared memory) then
+    overlaps the step's compute instead of adding to its wait (docs/data.md)."""
 
     _END = object()
 
@@ -223,8 +225,8 @@ class RankData:
             self._plain_waits.append(time.perf_counter() - t0)
             # every rank builds the same global batch, so every rank finds the same fault
             check_batch(full, self.empty, sum(shares), f"batch({step}, {sum(shares)})")
-            offset, share = sum(shares[:self.rank]), shares[self.rank]
-            return [x.narrow(0, offset, share).to(self.device) if d == 0 else x.to(self.device)
+            lo, share = offset(shares, self.rank), shares[self.rank]
+            return [x.narrow(0, lo, share).to(self.device) if d == 0 else x.to(self.device)
                     for x, d in zip(full, self.inputs)]
         local = next(self._timed)
         check_batch(local, self.empty, shares[self.rank], f"the collate of step {step}'s rank {self.rank} share")

@@ -23,14 +23,9 @@ from typing import Any
 
 import torch
 
-from .shares import split_lengths
+from .shares import offset, split_lengths
 
 FORMAT = 1  # the layout format this runtime reads; another one is re-emitted, not guessed at
-
-
-def offset(lengths: Sequence[int], rank: int) -> int:
-    """Where ``rank``'s slice of a dim cut into per-rank ``lengths`` begins."""
-    return sum(lengths[:rank])
 
 
 def rank_slice(full: torch.Tensor, dim: int | None, lengths: Sequence[int] | None, rank: int) -> torch.Tensor:

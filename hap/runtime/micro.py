@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .shares import split_lengths
+from .shares import offset, split_lengths
 
 
 def pieces(share: int, count: int) -> tuple[int, ...]:
@@ -54,7 +54,7 @@ def take(batch: Sequence[torch.Tensor], inputs: Sequence[int | None], shares: Se
     replicated input (which holds the whole global batch) every rank's piece, in rank order."""
     before = [sum(rows[r] for rows in rows_per_micro[:j]) for r in range(len(shares))]
     rows = rows_per_micro[j]
-    starts = [sum(shares[:r]) + before[r] for r in range(len(shares))]  # each rank's piece in the global batch
+    starts = [offset(shares, r) + before[r] for r in range(len(shares))]  # each rank's piece in the global batch
     out = []
     for x, d in zip(batch, inputs):
         if d == 0:

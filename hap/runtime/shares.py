@@ -43,6 +43,12 @@ def largest_remainder(total: int, ratios: Sequence[float]) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def offset(lengths: Sequence[int], rank: int) -> int:
+    """Where ``rank``'s slice of a dim cut into per-rank ``lengths`` begins: ranks hold
+    consecutive slices in rank order."""
+    return sum(lengths[:rank])
+
+
 def split_lengths(size: int, unit: int, shares: Sequence[int]) -> tuple[int, ...]:
     """Per-rank lengths of a dim of ``size`` elements (in blocks of ``unit``) under ``shares``."""
     blocks, total = size // unit, sum(shares)
