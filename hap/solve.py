@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 from hap.cost import GRAD_BUCKET_BYTES, INF, Conversion, CostModel
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph, Node, TensorMeta
+from hap.moves import COLLECTIVES
 from hap.placement import Placement, R, S
 from hap.quiet import library_output
 from hap.rules import Candidate, RuleContext, candidates
@@ -170,7 +171,7 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
     # overlap only where backward runs no collective of its own (they would queue behind the buckets)
     # and where the devices compute while they communicate (CPU ranks share the cores gloo needs)
     overlap = (cm.n > 1 and all(cm.cluster.profile(r).overlap_comm for r in range(cm.n))
-               and not any(m.conversion.kind not in ("none", "slice", "partial") for m in moves))
+               and not any(m.conversion.kind in COLLECTIVES for m in moves))
     buckets, gs = grad_sync_schedule(graph, cm, choice, synced, overlap)
     temporary = collective_temporary(graph, cm, moves)
     mem = [x + temporary for x in mem]

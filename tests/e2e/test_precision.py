@@ -15,6 +15,7 @@ import torch
 
 from hap.emit import emit_program
 from tests.e2e.harness import ROOT, plan_for, run_exact, torchrun
+from tests.helpers import emitted_layout
 
 CLUSTERS = ROOT / "profiles" / "clusters"
 LOSS_TOL, PARAM_TOL = 1e-2, 2e-2
@@ -116,4 +117,4 @@ def test_fp32_program_runs_no_autocast(tmp_path):
     plan = plan_for(str(ROOT / "examples/mlp.py"), str(CLUSTERS / "default.toml"))
     emit_program(plan, tmp_path / "out", spec=str(ROOT / "examples/mlp.py"))
     assert plan.precision == "fp32"
-    assert "PRECISION = 'fp32'" in (tmp_path / "out" / "train.py").read_text()
+    assert emitted_layout((tmp_path / "out" / "train.py").read_text()).precision == "fp32"
