@@ -8,66 +8,40 @@
     megatron_tp_even  tensor (Megatron) parallel, even shares: every weight matrix sharded on
                       dim 0 or 1 (column / row parallel, the solve picks), the batch replicated
 
-Every function returns a full ``Plan`` (``strategy`` names the baseline), scored by
-``hap.solve.evaluate`` like the plans ``hap.search`` returns, so it can be
-simulated, drawn as a timeline and emitted. ``megatron_tp_even`` returns None where the
-model has no weight matrix to shard.
+Every function returns a full ``Plan`` (``strategy`` names the baseline), solved as an
+attempt of the search (``hap.search.Search.solved``: where activations overfill a rank, in
+micro-batches or with blocks recomputed) and scored by ``hap.solve.evaluate`` like the plans
+``hap.search`` returns, so it can be simulated, drawn as a timeline and emitted.
+``megatron_tp_even`` returns None where the model has no weight matrix to shard.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 from hap.calibrate import measured
 from hap.cluster import Cluster
-from hap.cost import CostModel
+from hap.errors import InfeasiblePlan
 from hap.graph import Graph, Node, TensorMeta
-from hap.placement import Splitter
-from hap.plan import Plan, assemble_plan
-from hap.rules import Candidate, RuleContext, view_units
-from hap.solve import (
-    all_candidates,
-    evaluate,
-    even_shares,
-    solve_placements,
-    speed_shares,
-)
+from hap.plan import Plan
+from hap.rules import Candidate
+from hap.search import DATA_PARALLEL, Attempt, Pin, Search, assemble_plan, batch_sharded, global_batch, shares_by
 
-Pin = Callable[[Node, Candidate], bool]
 BASELINES = ("dp_even", "dp_proportional", "fsdp_even", "megatron_tp_even")
-
-
-def _global_batch(graph: Graph, n: int) -> int:
-    inputs = [x for x in graph if x.kind == "input"]
-    return inputs[0].meta.shape[0] if inputs and isinstance(inputs[0].meta, TensorMeta) and inputs[0].meta.shape \
-        else n
-
-
-def _shardable_input(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
-    return c.output.kind == "S" or len(cands) == 1
 
 
 def solve_pinned(graph: Graph, cluster: Cluster, shares: tuple[int, ...], pin: Pin | None, strategy: str, *,
                  optimizer: str = "sgd", time_limit_s: float = 20.0, spec: str | None = None) -> Plan:
-    """The MILP with ``shares`` fixed and ``pin`` restricting candidates, as a Plan."""
+    """The MILP with ``shares`` fixed and ``pin`` restricting candidates, as a Plan: an attempt
+    of the search (``hap.search.Search.solved``), memory levers included."""
     t0 = time.perf_counter()
     cluster = measured(cluster)  # device "cpu": this machine, measured on first use
-    ctx = RuleContext(graph, Splitter(shares), view_units(graph))
-    cands = all_candidates(graph, ctx)
-    cm = CostModel(graph, cluster, Splitter(shares), optimizer)
-    wrapped = None if pin is None else (lambda node, c: pin(node, c, cands[node.name]))
-    res = solve_placements(graph, cm, cands, pin=wrapped, time_limit_s=time_limit_s)
-    ev = evaluate(graph, cm, res.choice)
-    return assemble_plan(graph, cluster, shares, res.choice, ev, res.status, strategy=strategy, optimizer=optimizer,
-                     spec=spec, solve_s=time.perf_counter() - t0)
-
-
-def dp_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
-    if node.kind == "param":
-        return c.output.kind == "R"
-    if node.kind == "input":
-        return _shardable_input(node, c, cands)
-    return True
+    s = Search(graph, cluster, optimizer=optimizer, strict=False, time_limit_s=time_limit_s, user_pins={})
+    attempt = Attempt(strategy, tuple(shares), pin)
+    try:
+        won = s.solved(attempt)
+    except InfeasiblePlan as e:
+        raise s.explain(attempt) from e
+    return assemble_plan(graph, cluster, won, strategy=strategy, spec=spec, solve_s=time.perf_counter() - t0)
 
 
 def fsdp_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
@@ -79,7 +53,7 @@ def fsdp_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
         best = min(dim0, key=lambda x: x.output.unit)
         return c.output == best.output
     if node.kind == "input":
-        return _shardable_input(node, c, cands)
+        return batch_sharded(node, c, cands)
     return True
 
 
@@ -95,11 +69,10 @@ def megatron_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
     return True
 
 
-# each baseline once: (how its shares are set, which placements it pins). The search
-# (hap.search) solves the data-parallel ones with the same definitions.
-SETUPS: dict[str, tuple[str, Callable[[Node, Candidate, list[Candidate]], bool]]] = {
-    "dp_even": ("even", dp_pin),
-    "dp_proportional": ("speed", dp_pin),
+# each baseline once: (how its shares are set, which placements it pins); the data-parallel
+# ones are the search's own (hap.search.DATA_PARALLEL)
+SETUPS: dict[str, tuple[str, Pin]] = {
+    **DATA_PARALLEL,
     "fsdp_even": ("even", fsdp_pin),
     "megatron_tp_even": ("even", megatron_pin),
 }
@@ -108,12 +81,11 @@ SETUPS: dict[str, tuple[str, Callable[[Node, Candidate, list[Candidate]], bool]]
 def baseline_setup(name: str, cluster: Cluster, total: int) -> tuple[tuple[int, ...], Pin]:
     """The shares and the pin of baseline ``name`` for a global batch of ``total``."""
     how, pin = SETUPS[name]
-    shares = even_shares(cluster.num_ranks, total) if how == "even" else speed_shares(cluster, total)
-    return shares, pin
+    return shares_by(how, cluster, total), pin
 
 
 def _solve_baseline(name: str, graph: Graph, cluster: Cluster, **kw) -> Plan:
-    shares, pin = baseline_setup(name, cluster, _global_batch(graph, cluster.num_ranks))
+    shares, pin = baseline_setup(name, cluster, global_batch(graph, cluster.num_ranks))
     return solve_pinned(graph, cluster, shares, pin, name, **kw)
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from hap.cluster import Cluster
+    from hap.plan import Plan
 from hap import optimer
 from hap.graph import SHORT_DTYPE, Graph, Node, TensorMeta
 from hap.machine import collective_s  # noqa: F401  (priced here; tests and the profiler import it from hap.machine)
@@ -45,9 +46,44 @@ class Conversion:
     seconds: float  # forward + backward
 
 
+@dataclass(frozen=True)
+class CostSetup:
+    """What a graph and cluster are priced under in one attempt of the search, in a baseline and
+    in a plan's replay: the integer batch share of every rank, the optimizer (its state per
+    parameter), per rank the micro-batches its share runs in (() is one each), the blocks
+    (``Graph.blocks``) recomputed in backward, and the bytes every rank keeps free for a
+    collective's temporary buffer (a row of the solve's memory constraint; no figure of an
+    evaluated plan depends on it). The precision is the graph's: ``hap.precision.training_graph``
+    gives every node its dtype."""
+
+    shares: tuple[int, ...]
+    optimizer: str = "sgd"
+    micro_batches: tuple[int, ...] = ()
+    recompute: tuple[str, ...] = ()
+    collective_reserve: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shares", tuple(self.shares))
+        micro = tuple(self.micro_batches)
+        object.__setattr__(self, "micro_batches", micro if micro and max(micro) > 1 else ())
+        object.__setattr__(self, "recompute", tuple(self.recompute))
+
+    @classmethod
+    def of_plan(cls, plan: Plan) -> CostSetup:
+        """The setup ``plan`` is priced under (a plan keeps no collective reserve: see above)."""
+        return cls(plan.shares, plan.optimizer, plan.micro_batches, plan.recompute)
+
+    def cost_model(self, graph: Graph, cluster: Cluster) -> CostModel:
+        return CostModel(graph, cluster, Splitter(self.shares), self.optimizer, self.micro_batches, self.recompute,
+                         self.collective_reserve)
+
+
 class CostModel:
+    """The cost model of ``graph`` on ``cluster``; hap builds it from a ``CostSetup``."""
+
     def __init__(self, graph: Graph, cluster: Cluster, splitter: Splitter, optimizer: str = "sgd",
-                 micro_batches: tuple[int, ...] = (), recompute: tuple[str, ...] = ()) -> None:
+                 micro_batches: tuple[int, ...] = (), recompute: tuple[str, ...] = (),
+                 collective_reserve: float = 0.0) -> None:
         assert splitter.num_ranks == cluster.num_ranks
         self.graph = graph
         self.cluster = cluster
@@ -57,7 +93,7 @@ class CostModel:
         # for the largest micro-batch only; every op launches once per micro-batch
         self.micro = tuple(micro_batches) or (1,) * self.n
         self.micro_scale = tuple(-(-s // k) / s if s else 1.0 for s, k in zip(splitter.shares, self.micro))
-        self.collective_reserve = 0.0  # bytes kept free on every rank for a collective's temporaries
+        self.collective_reserve = collective_reserve  # bytes kept free on every rank for a collective's temporaries
         self.link = cluster.group_link()
         self.opt_states = OPTIMIZER_STATES.get(optimizer, 2)
         self.requires_grad = graph.requires_grad()

@@ -17,12 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from hap.errors import HapError, PlanFileError
 from hap.graph import Graph
-from hap.placement import Splitter
 from hap.rules import Candidate
 
 if TYPE_CHECKING:
     from hap.cluster import Cluster
-    from hap.solve import Evaluation
 
 
 @dataclass(frozen=True)
@@ -126,7 +124,7 @@ class BaselineResult:
 
 @dataclass(frozen=True)
 class Plan:
-    """Built once, by ``assemble_plan`` (or ``from_json``); a changed plan is a new one
+    """Built once, by ``hap.search.assemble_plan`` (or ``from_json``); a changed plan is a new one
     (``dataclasses.replace``)."""
 
     graph: Graph
@@ -285,32 +283,3 @@ class Plan:
         from hap.emit import emit_program
 
         return emit_program(self, Path(out_dir), spec=spec or self.spec, force=force)
-
-
-def assemble_plan(graph: Graph, cluster: Cluster, shares: tuple[int, ...], choice: dict, ev: Evaluation,
-                  status: str, *, strategy: str, optimizer: str = "sgd", spec: str | None = None,
-                  solve_s: float = 0.0, baselines: dict[str, BaselineResult] | None = None,
-                  warnings: list[str] | None = None, notes: list[str] | None = None) -> Plan:
-    """A Plan from a solved assignment and its evaluation (the search's and every baseline's)."""
-    from hap.cost import CostModel
-    from hap.solve import lower_bound_s
-
-    cm = CostModel(graph, cluster, Splitter(shares), optimizer)
-    nodes = {node.name: NodeChoice(choice[node.name], node.target, node.source or "", node.module or "")
-             for node in graph}
-    moves = tuple(PlannedMove(m.producer, str(m.src), str(m.dst), m.conversion.kind, m.conversion.form or "",
-                              m.conversion.seconds) for m in ev.moves)
-    lb = lower_bound_s(graph, cm)
-    return Plan(graph, cluster, tuple(shares), nodes, moves, tuple(ev.grad_synced), prediction(ev),
-                baselines or {}, lb, solve_s, status, optimizer, strategy, spec, tuple(warnings or ()),
-                tuple(notes or ()))
-
-
-def prediction(ev: Evaluation) -> Prediction:
-    return Prediction(ev.step_s, tuple(ev.compute_s), ev.critical_compute_s, ev.comm_s, ev.grad_sync_s,
-                      tuple(int(m) for m in ev.memory_bytes), tuple(tuple(b) for b in ev.grad_buckets),
-                      bool(ev.grad_overlap))
-
-
-def baseline_result(ev: Evaluation, shares: tuple[int, ...]) -> BaselineResult:
-    return BaselineResult(ev.step_s, tuple(shares), ev.comm_s + ev.grad_sync_s)

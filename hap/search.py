@@ -1,14 +1,19 @@
 """The search: which share vectors and pins are solved, and which result becomes the plan.
 
 Each attempt is one MILP (``hap.solve.solve_placements``) over the candidates that its
-share vector allows:
+share vector allows, priced under one ``hap.cost.CostSetup``:
 
-    dp_even, dp_proportional   the data-parallel baselines (``hap.baselines.SETUPS``)
+    dp_even, dp_proportional   the data-parallel baselines (``DATA_PARALLEL``)
     hap                        free placements, shares proportional to device speed
     hap_refit0..2              free placements, shares re-fitted to the timed work of the last
                                hap result (kept only while the step gets faster)
     hap_even                   free placements, even shares
     hap_dp_refit               data parallel, shares re-fitted to dp_proportional's timed work
+
+Where an attempt's memory overfills a rank, it is solved again with the largest buffer of
+its collectives kept free, and where activations overfill, under the memory levers: the
+fastest of micro-batches, recomputed blocks, or both (``Search.fit_memory``). The baselines
+(``hap.baselines``) are attempts of the same kind.
 
 The plan keeps the simplest result within 1% of the fastest (``PREFERENCE``), and never
 one slower than a feasible data-parallel baseline. A user's pins bind every hap attempt;
@@ -22,14 +27,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hap.baselines import baseline_setup, dp_pin
 from hap.calibrate import measured
 from hap.cluster import Cluster
-from hap.cost import CostModel
+from hap.cost import CostModel, CostSetup
 from hap.errors import HapError, InfeasiblePlan
-from hap.graph import Graph, Node
+from hap.graph import Graph, Node, TensorMeta
 from hap.placement import Placement, Splitter
-from hap.plan import BaselineResult, Plan, assemble_plan, baseline_result
+from hap.plan import BaselineResult, NodeChoice, Plan, PlannedMove, Prediction
 from hap.precision import choose as choose_precision
 from hap.precision import training_graph
 from hap.rules import Candidate, RuleContext, has_rule, view_units
@@ -39,6 +43,7 @@ from hap.solve import (
     collective_temporary,
     evaluate,
     even_shares,
+    lower_bound_s,
     memory_report,
     refit_shares,
     solve_placements,
@@ -48,10 +53,39 @@ from hap.solve import (
 log = logging.getLogger(__name__)
 
 Pin = Callable[[Node, Candidate, list[Candidate]], bool]
-DATA_PARALLEL = ("dp_even", "dp_proportional")
 REFIT_ROUNDS = 3
 PREFER_WITHIN = 1.01  # a simpler result is kept unless another is at least 1% faster
 PREFERENCE = ("hap", "dp_proportional", "hap_refit*", "hap_dp_refit", "hap_even", "dp_even")  # simplest first
+
+
+def batch_sharded(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
+    """An input's pin where the batch is sharded: its S candidate, if it has one."""
+    return c.output.kind == "S" or len(cands) == 1
+
+
+def dp_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
+    if node.kind == "param":
+        return c.output.kind == "R"
+    if node.kind == "input":
+        return batch_sharded(node, c, cands)
+    return True
+
+
+# the data-parallel baselines, solved in every search: (how their shares are set, their pin);
+# ``hap.baselines.SETUPS`` holds them with the other baselines
+DATA_PARALLEL: dict[str, tuple[str, Pin]] = {"dp_even": ("even", dp_pin), "dp_proportional": ("speed", dp_pin)}
+
+
+def shares_by(how: str, cluster: Cluster, total: int) -> tuple[int, ...]:
+    """The shares of a global batch of ``total``: "even", or by device "speed"."""
+    return even_shares(cluster.num_ranks, total) if how == "even" else speed_shares(cluster, total)
+
+
+def global_batch(graph: Graph, n: int) -> int:
+    """The batch size of the graph's first input (``n`` where it has none)."""
+    inputs = [x for x in graph if x.kind == "input"]
+    return inputs[0].meta.shape[0] if inputs and isinstance(inputs[0].meta, TensorMeta) and inputs[0].meta.shape \
+        else n
 
 
 @dataclass(frozen=True)
@@ -64,11 +98,10 @@ class Attempt:
 @dataclass(frozen=True)
 class Result:
     attempt: Attempt
+    setup: CostSetup  # what it was solved and evaluated under (shares, micro-batches, recomputed blocks)
     choice: dict[str, Candidate]
     evaluation: Evaluation
     status: str
-    micro_batches: tuple[int, ...] = ()  # per rank, where its share runs in micro-batches to fit memory
-    recompute: tuple[str, ...] = ()  # blocks (Graph.blocks) recomputed in backward to fit memory
 
     @property
     def step_s(self) -> float:
@@ -81,6 +114,8 @@ class Search:
 
     def __init__(self, graph: Graph, cluster: Cluster, *, optimizer: str, strict: bool, time_limit_s: float,
                  user_pins: dict[str, Placement], recompute: str = "auto"):
+        if recompute not in ("auto", "all", "none"):
+            raise HapError(f"recompute={recompute!r}: give auto, all or none")
         self.graph, self.cluster, self.optimizer = graph, cluster, optimizer
         self.recompute = recompute  # auto: blocks recomputed only where memory is tight; all; none
         self.all_blocks = tuple(graph.blocks()) if recompute == "all" else ()
@@ -96,10 +131,17 @@ class Search:
             self._cands[shares] = all_candidates(self.graph, ctx, strict=self.strict)
         return self._cands[shares]
 
-    def cost_model(self, shares: tuple[int, ...], micro_batches: tuple[int, ...] = (),
-                   recompute: tuple[str, ...] = ()) -> CostModel:
-        return CostModel(self.graph, self.cluster, Splitter(shares), self.optimizer, micro_batches,
-                         recompute or self.all_blocks)
+    def setup(self, shares: tuple[int, ...]) -> CostSetup:
+        """An attempt's setup before any memory lever (with recompute "all": every block recomputed)."""
+        return CostSetup(shares, self.optimizer, recompute=self.all_blocks)
+
+    def cost_model(self, setup: CostSetup) -> CostModel:
+        return setup.cost_model(self.graph, self.cluster)
+
+    def restriction(self, attempt: Attempt) -> Callable[[Node, Candidate], bool] | None:
+        """``attempt``'s pin over the candidates of its shares; None: free placements."""
+        own, pin = self.candidates(attempt.shares), attempt.pin
+        return None if pin is None else (lambda node, c: pin(node, c, own[node.name]))
 
     def user_pin(self, node: Node, c: Candidate, _cands: list[Candidate]) -> bool:
         return node.name not in self.user_pins or c.output == self.user_pins[node.name]
@@ -108,67 +150,119 @@ class Search:
         return Attempt(name, shares, self.user_pin)
 
     def solve(self, attempt: Attempt) -> Result | None:
-        """Solve ``attempt``; None (with the reason in ``infeasible``) where it has no
-        plan, except for "hap", whose failure is the user's error."""
+        """Solve ``attempt`` and keep its result; None (with the reason in ``infeasible``) where it
+        has no plan, except for "hap", whose failure is the user's error (explained)."""
         own = self.candidates(attempt.shares)
         if attempt.pin == self.user_pin and any(not any(c.output == p for c in own[name])
                                                 for name, p in self.user_pins.items()):
             self.infeasible[attempt.name] = "these shares leave a pinned placement without a legal candidate"
             return None  # e.g. a pinned weight shard that would be empty on a rank with a zero share
-        pin = attempt.pin
-        restrict = None if pin is None else (lambda node, c: pin(node, c, own[node.name]))
-        cm = self.cost_model(attempt.shares)
         try:
-            res = solve_placements(self.graph, cm, own, pin=restrict, time_limit_s=self.time_limit_s)
-            ev = evaluate(self.graph, cm, res.choice)
-            if not all(m <= self.cluster.memory_bytes(r) for r, m in enumerate(ev.memory_bytes)):
-                # the solve's collectives need temporary buffers it did not count: keep them free, again
-                cm.collective_reserve = collective_temporary(self.graph, cm, ev.moves)
-                res = solve_placements(self.graph, cm, own, pin=restrict, time_limit_s=self.time_limit_s)
-                ev = evaluate(self.graph, cm, res.choice)
+            result = self.solved(attempt)
         except InfeasiblePlan as e:
-            fitted = self.fit_memory(attempt, own, restrict)
-            if fitted is None:
-                if attempt.name != "hap":
-                    self.infeasible[attempt.name] = str(e)
-                    return None
-                raise explain_memory(self.graph, self.cluster, cm, own, restrict, self.optimizer) from e
-            cm, res, ev = fitted
-        result = Result(attempt, res.choice, ev, res.status, tuple(cm.micro) if max(cm.micro) > 1 else (),
-                        cm.recompute)
+            if attempt.name == "hap":
+                raise self.explain(attempt) from e
+            self.infeasible[attempt.name] = str(e)
+            return None
         self.results[attempt.name] = result
         return result
 
-    def fit_memory(self, attempt: Attempt, own: dict, restrict) -> tuple[CostModel, object, Evaluation] | None:
-        """Where activations overfill some rank: the fastest of running shares there in micro-batches,
-        recomputing the fewest blocks in backward (activation checkpointing), or both; None when
-        none of them fits."""
-        shares, options = attempt.shares, []
-        micro = fit_micro_batches(self.graph, self.cluster, self.cost_model(shares), own, restrict)
-        if micro is not None:
-            options.append((micro, ()))
-        blocks = tuple(self.graph.blocks()) if self.recompute == "auto" else ()
-        if blocks:
-            fewest = next((k for k in range(1, len(blocks) + 1)
-                           if fits(self.graph, self.cluster, self.cost_model(shares, (), blocks[:k]), own, restrict)),
-                          None)
-            if fewest is not None:
-                options.append(((), blocks[:fewest]))
-            else:  # every block recomputed and the rest in micro-batches
-                both = fit_micro_batches(self.graph, self.cluster, self.cost_model(shares, (), blocks), own, restrict)
-                if both is not None:
-                    options.append((both, blocks))
+    def solved(self, attempt: Attempt) -> Result:
+        """``attempt`` solved under its setup, or where that has no plan, under the fastest memory
+        lever that has one (``fit_memory``); the solve's InfeasiblePlan where none has."""
+        try:
+            return self.solved_under(attempt, self.setup(attempt.shares))
+        except InfeasiblePlan:
+            fitted = self.fit_memory(attempt)
+            if fitted is None:
+                raise
+            return fitted
+
+    def solved_under(self, attempt: Attempt, setup: CostSetup) -> Result:
+        """The MILP of ``attempt`` under ``setup``; where the temporary buffers of its collectives
+        (which the MILP does not count) overfill a rank, solved again with the largest kept free."""
+        cm = self.cost_model(setup)
+        restrict = self.restriction(attempt)
+        res = solve_placements(self.graph, cm, self.candidates(attempt.shares), pin=restrict,
+                               time_limit_s=self.time_limit_s)
+        ev = evaluate(self.graph, cm, res.choice)
+        if not all(m <= self.cluster.memory_bytes(r) for r, m in enumerate(ev.memory_bytes)):
+            setup = dataclasses.replace(setup, collective_reserve=collective_temporary(self.graph, cm, ev.moves))
+            cm = self.cost_model(setup)
+            res = solve_placements(self.graph, cm, self.candidates(attempt.shares), pin=restrict,
+                                   time_limit_s=self.time_limit_s)
+            ev = evaluate(self.graph, cm, res.choice)
+        return Result(attempt, setup, res.choice, ev, res.status)
+
+    def fit_memory(self, attempt: Attempt) -> Result | None:
+        """The fastest result of ``attempt`` under its memory levers (``memory_levers``); None
+        when none of them has a plan."""
         best = None
-        for micro_batches, recompute in options:
-            cm = self.cost_model(shares, micro_batches, recompute)
+        for setup in self.memory_levers(attempt):
             try:
-                res = solve_placements(self.graph, cm, own, pin=restrict, time_limit_s=self.time_limit_s)
+                result = self.solved_under(attempt, setup)
             except InfeasiblePlan:
                 continue
-            ev = evaluate(self.graph, cm, res.choice)
-            if best is None or ev.step_s < best[2].step_s:
-                best = (cm, res, ev)
+            if best is None or result.step_s < best.step_s:
+                best = result
         return best
+
+    def memory_levers(self, attempt: Attempt) -> list[CostSetup]:
+        """Where activations overfill some rank, the setups that let the least-memory assignment
+        fit: its shares in micro-batches there, the fewest blocks recomputed in backward
+        (activation checkpointing, with recompute "auto"), or every block recomputed and the
+        rest in micro-batches."""
+        base, own, restrict = self.setup(attempt.shares), self.candidates(attempt.shares), self.restriction(attempt)
+        options = []
+        micro = fit_micro_batches(self.graph, self.cluster, self.cost_model(base), own, restrict)
+        if micro is not None:
+            options.append(dataclasses.replace(base, micro_batches=micro))
+        blocks = tuple(self.graph.blocks()) if self.recompute == "auto" else ()
+        if blocks:
+            recomputing = [dataclasses.replace(base, recompute=blocks[:k]) for k in range(1, len(blocks) + 1)]
+            fewest = next((x for x in recomputing if fits(self.graph, self.cluster, self.cost_model(x), own, restrict)),
+                          None)
+            if fewest is not None:
+                options.append(fewest)
+            else:
+                both = fit_micro_batches(self.graph, self.cluster, self.cost_model(recomputing[-1]), own, restrict)
+                if both is not None:
+                    options.append(dataclasses.replace(recomputing[-1], micro_batches=both))
+        return options
+
+    def explain(self, attempt: Attempt) -> InfeasiblePlan:
+        """Why ``attempt`` has no plan: the least memory any assignment needs (``explain_memory``)."""
+        return explain_memory(self.graph, self.cluster, self.cost_model(self.setup(attempt.shares)),
+                              self.candidates(attempt.shares), self.restriction(attempt), self.optimizer)
+
+    def refit(self, result: Result, total: int) -> tuple[int, ...]:
+        """Shares re-fitted to the timed work of ``result``, priced under its own setup."""
+        return refit_shares(self.graph, self.cost_model(result.setup), result.choice, total)
+
+    def run(self, total: int, say: Callable[[str], None]) -> Result:
+        """Solve every attempt (see the module docstring) for a global batch of ``total``; the preferred result."""
+        say("solving data-parallel baselines")
+        for name, (how, pin) in DATA_PARALLEL.items():
+            self.solve(Attempt(name, shares_by(how, self.cluster, total), pin))
+        say("solving placements (MILP)")
+        prop, even = shares_by("speed", self.cluster, total), shares_by("even", self.cluster, total)
+        best = self.solve(self.hap("hap", prop))
+        for it in range(REFIT_ROUNDS):
+            new = self.refit(best, total)
+            if new == best.attempt.shares:
+                break
+            say(f"re-fitting shares, round {it + 1}")
+            again = self.solve(self.hap(f"hap_refit{it}", new))
+            if again is None or again.step_s >= best.step_s * (1 - 1e-6):
+                break
+            best = again
+        if self.cluster.num_ranks > 1 and prop != even:
+            self.solve(self.hap("hap_even", even))
+        if "dp_proportional" in self.results and not self.user_pins:  # data parallel, shares fitted to timed work
+            dp_shares = self.refit(self.results["dp_proportional"], total)
+            if dp_shares != prop:
+                self.solve(Attempt("hap_dp_refit", dp_shares, dp_pin))
+        return self.best()
 
     def best(self) -> Result:
         fastest = min(r.step_s for r in self.results.values())
@@ -188,7 +282,8 @@ class Search:
         out = {}
         for k in DATA_PARALLEL:
             if k in self.results:
-                out[k] = baseline_result(self.results[k].evaluation, self.results[k].attempt.shares)
+                r = self.results[k]
+                out[k] = BaselineResult(r.step_s, r.attempt.shares, r.evaluation.comm_s + r.evaluation.grad_sync_s)
             else:  # does not fit the devices' memory: no step time to compare
                 out[k] = BaselineResult(None, reason=self.infeasible.get(k, ""))
         return out
@@ -207,75 +302,80 @@ def search(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bo
     if precision != "fp32":
         say(f"finding each node's dtype under {precision} autocast")
     graph = training_graph(graph, precision, grad_reduce)
-    n = cluster.num_ranks
-    inputs = [x for x in graph if x.kind == "input"]
-    total = inputs[0].meta.shape[0] if inputs and inputs[0].meta.shape else n
+    total = global_batch(graph, cluster.num_ranks)
     if total < 1:
         raise InfeasiblePlan("the global batch is empty; give batch() a batch_size of at least 1")
     warnings = [f"{x.target} has no sharding rule; it runs replicated ({x.source or x.name})"
                 for x in graph.ops() if not has_rule(x.target)]
     for w in dict.fromkeys(warnings):
         log.warning(w)
-    prop, even = speed_shares(cluster, total), even_shares(n, total)
-    if recompute not in ("auto", "all", "none"):
-        raise HapError(f"recompute={recompute!r}: give auto, all or none")
     s = Search(graph, cluster, optimizer=optimizer, strict=strict, time_limit_s=time_limit_s, user_pins={},
                recompute=recompute)
     say(f"enumerating candidates for {len(graph)} nodes")
-    s.user_pins = parse_pins(graph, s.candidates(prop), pins or {})
+    s.user_pins = parse_pins(graph, s.candidates(shares_by("speed", cluster, total)), pins or {})
+    won = s.run(total, say)
+    strategy = "hap" if won.attempt.name.startswith("hap") else won.attempt.name
+    notes = [f"precision {precision}: {why}"] + result_notes(graph, cluster, won, recompute)
+    return assemble_plan(graph, cluster, won, strategy=strategy, spec=spec, solve_s=time.perf_counter() - t0,
+                         baselines=s.baselines(), warnings=list(dict.fromkeys(warnings + result_warnings(graph, won))),
+                         notes=notes)
 
-    say("solving data-parallel baselines")
-    for name in DATA_PARALLEL:
-        s.solve(Attempt(name, *baseline_setup(name, cluster, total)))
-    say("solving placements (MILP)")
-    best = s.solve(s.hap("hap", prop))
-    for it in range(REFIT_ROUNDS):
-        new = refit_shares(graph, s.cost_model(best.attempt.shares), best.choice, total)
-        if new == best.attempt.shares:
-            break
-        say(f"re-fitting shares, round {it + 1}")
-        again = s.solve(s.hap(f"hap_refit{it}", new))
-        if again is None or again.step_s >= best.step_s * (1 - 1e-6):
-            break
-        best = again
-    if n > 1 and prop != even:
-        s.solve(s.hap("hap_even", even))
-    if "dp_proportional" in s.results and not s.user_pins:  # data parallel with shares fitted to the timed work
-        dp_shares = refit_shares(graph, s.cost_model(prop), s.results["dp_proportional"].choice, total)
-        if dp_shares != prop:
-            s.solve(Attempt("hap_dp_refit", dp_shares, dp_pin))
 
-    won = s.best()
-    shares = won.attempt.shares
+def result_warnings(graph: Graph, won: Result) -> list[str]:
+    """What the user should know of the chosen result: ranks without samples, micro-batches that
+    change what a batch-coupled model trains."""
+    shares, n = won.attempt.shares, len(won.attempt.shares)
+    total, out = sum(shares), []
     idle = [r for r, x in enumerate(shares) if x == 0]
     if idle:
-        warnings.append(f"{len(idle)} of {n} ranks get no samples of the global batch of {total} (ranks "
-                        f"{idle[0]}..{idle[-1]}): they only take part in sharded layers; a global batch of at "
-                        f"least {n} (--batch-size) gives every rank data")
-    strategy = "hap" if won.attempt.name.startswith("hap") else won.attempt.name
-    notes = [f"precision {precision}: {why}"]
-    if grad_reduce != "fp32":
-        notes.append(f"gradients are all-reduced in {grad_reduce}: half the bytes of fp32, each rank's gradient "
-                     "rounded to 8 mantissa bits before the sum")
-    if precision == "fp32":
-        notes += faster_precision(graph, cluster, won, optimizer)
-    if won.recompute:
-        blocks = graph.blocks()
-        notes.append(f"activation checkpointing: {len(won.recompute)} of {len(blocks)} blocks ("
-                     f"{_span(won.recompute)}) run their forward again in backward, keeping only their outputs"
+        out.append(f"{len(idle)} of {n} ranks get no samples of the global batch of {total} (ranks "
+                   f"{idle[0]}..{idle[-1]}): they only take part in sharded layers; a global batch of at "
+                   f"least {n} (--batch-size) gives every rank data")
+    coupled = sorted({x.source or x.name for x in graph.ops() if couples_samples(x)})
+    if won.setup.micro_batches and coupled:
+        out.append("micro-batches change what this model trains: its forward couples the samples of a "
+                   "batch (BatchNorm in training mode at " + "; ".join(coupled[:3]) + "), so statistics "
+                   "are taken per micro-batch, as under gradient accumulation on one device")
+    return out
+
+
+def result_notes(graph: Graph, cluster: Cluster, won: Result, recompute: str) -> list[str]:
+    """Why the chosen result trains as it does: the gradient dtype, a faster precision, the
+    recomputed blocks, the micro-batches."""
+    notes = []
+    if graph.grad_reduce != "fp32":
+        notes.append(f"gradients are all-reduced in {graph.grad_reduce}: half the bytes of fp32, each rank's "
+                     "gradient rounded to 8 mantissa bits before the sum")
+    if graph.precision == "fp32":
+        notes += faster_precision(graph, cluster, won)
+    blocks = won.setup.recompute
+    if blocks:
+        notes.append(f"activation checkpointing: {len(blocks)} of {len(graph.blocks())} blocks ("
+                     f"{_span(blocks)}) run their forward again in backward, keeping only their outputs"
                      + (" (--recompute all)" if recompute == "all" else ", so that activations fit every rank's "
                         "memory"))
-    if won.micro_batches:
-        notes += micro_batch_notes(cluster, shares, won.micro_batches)
-        coupled = sorted({x.source or x.name for x in graph.ops() if couples_samples(x)})
-        if coupled:
-            warnings.append("micro-batches change what this model trains: its forward couples the samples of a "
-                            "batch (BatchNorm in training mode at " + "; ".join(coupled[:3]) + "), so statistics "
-                            "are taken per micro-batch, as under gradient accumulation on one device")
-    plan = assemble_plan(graph, cluster, shares, won.choice, won.evaluation, won.status, strategy=strategy,
-                         optimizer=optimizer, spec=spec, solve_s=time.perf_counter() - t0,
-                         baselines=s.baselines(), warnings=list(dict.fromkeys(warnings)), notes=notes)
-    return dataclasses.replace(plan, micro_batches=won.micro_batches, recompute=won.recompute)
+    if won.setup.micro_batches:
+        notes += micro_batch_notes(cluster, won.setup.shares, won.setup.micro_batches)
+    return notes
+
+
+def assemble_plan(graph: Graph, cluster: Cluster, won: Result, *, strategy: str, spec: str | None = None,
+                  solve_s: float = 0.0, baselines: dict[str, BaselineResult] | None = None,
+                  warnings: list[str] | None = None, notes: list[str] | None = None) -> Plan:
+    """A Plan from a solved result (the search's and every baseline's), with the lower bound
+    under the same setup."""
+    setup, ev = won.setup, won.evaluation
+    nodes = {node.name: NodeChoice(won.choice[node.name], node.target, node.source or "", node.module or "")
+             for node in graph}
+    moves = tuple(PlannedMove(m.producer, str(m.src), str(m.dst), m.conversion.kind, m.conversion.form or "",
+                              m.conversion.seconds) for m in ev.moves)
+    predicted = Prediction(ev.step_s, tuple(ev.compute_s), ev.critical_compute_s, ev.comm_s, ev.grad_sync_s,
+                           tuple(int(m) for m in ev.memory_bytes), tuple(tuple(b) for b in ev.grad_buckets),
+                           bool(ev.grad_overlap))
+    lb = lower_bound_s(graph, setup.cost_model(graph, cluster))
+    return Plan(graph, cluster, setup.shares, nodes, moves, tuple(ev.grad_synced), predicted, baselines or {}, lb,
+                solve_s, won.status, setup.optimizer, strategy, spec, tuple(warnings or ()), tuple(notes or ()),
+                setup.micro_batches, setup.recompute)
 
 
 def _span(labels: tuple[str, ...]) -> str:
@@ -300,15 +400,15 @@ def micro_batch_notes(cluster: Cluster, shares: tuple[int, ...], micro: tuple[in
     return out
 
 
-def faster_precision(graph: Graph, cluster: Cluster, won: Result, optimizer: str) -> list[str]:
+def faster_precision(graph: Graph, cluster: Cluster, won: Result) -> list[str]:
     """A note recommending what ``--precision auto`` would pick, with the step time the cost model
-    predicts for the same placements and shares in that dtype (a re-plan may find a faster one)."""
+    predicts for the same placements under the same setup in that dtype (a re-plan may find a
+    faster one)."""
     auto, _ = choose_precision(cluster, "auto")
     if auto == "fp32":
         return []
     low = training_graph(graph, auto, graph.grad_reduce)
-    cm = CostModel(low, cluster, Splitter(won.attempt.shares), optimizer)
-    step = evaluate(low, cm, won.choice).step_s
+    step = evaluate(low, won.setup.cost_model(low, cluster), won.choice).step_s
     if step >= won.step_s:
         return []
     return [f"--precision auto would train in {auto} (autocast, fp32 master weights): the same plan predicts "

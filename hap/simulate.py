@@ -7,10 +7,14 @@
 - backward: the nodes in reverse order; each collective's dual runs right after the
   backward of that first reader (autograd reaches it there), before its producer's backward;
 - the gradient all-reduce of replicated parameters, then the optimizer update (the compute
-  the cost model charges parameter nodes, if any: today none), and the step ends.
+  the cost model charges each parameter node: zero_grad, the update's reads and writes of
+  weight, gradient and optimizer state, and a replicated gradient's copy into its bucket),
+  and the step ends.
 
-Each node's compute per rank is ``hap.cost.CostModel.compute_s`` split into its forward
-part (work + one kernel floor) and backward part (the rest). Every collective synchronises
+Each node's compute per rank is ``hap.cost.CostModel.compute_s`` under the plan's own
+setup (``hap.cost.CostSetup.of_plan``: shares, optimizer, micro-batches, recomputed blocks),
+split into its forward part (work + one kernel floor per micro-batch) and backward part
+(the rest). Every collective synchronises
 all ranks: it starts when the last rank arrives.
 
 Two modes:
@@ -29,12 +33,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hap.cost import CostModel
+from hap.cost import CostModel, CostSetup
 from hap.errors import HapError
 from hap.graph import Graph, TensorMeta
 from hap.moves import move
-from hap.placement import Splitter
-from hap.solve import evaluate, readers
+from hap.solve import Evaluation, evaluate, readers
 
 if TYPE_CHECKING:
     from hap.cluster import Cluster
@@ -116,22 +119,126 @@ class Timeline:
 
 
 def _split(cm: CostModel, graph: Graph, name: str, total: tuple[float, ...]) -> tuple[tuple, tuple]:
-    """(forward, backward) parts of a node's per-rank compute."""
+    """(forward, backward) parts of a node's per-rank compute: the work splits as the backward
+    factor says, and each pass launches one kernel per micro-batch."""
     node = graph[name]
     if node.kind != "op" or name not in cm.requires_grad or not any(total):
         return total, (0.0,) * len(total)
     bwd = cm.backward_factor(node)
     fwd, back = [], []
     for r, t in enumerate(total):
-        floor = cm.cluster.kernel_floor(r)
+        floor = cm.cluster.kernel_floor(r) * cm.micro[r]
         work = max(t - 2 * floor, 0.0) / (1 + bwd)
         fwd.append(t - (work * bwd + floor))
         back.append(t - fwd[-1])
     return tuple(fwd), tuple(back)
 
 
+def _move_places(graph: Graph, choice: dict, moves: list) -> tuple[dict[str, list], list]:
+    """Where each move runs: before its first reader in forward order (by reader), or after the
+    loss (its move to P)."""
+    order = {node.name: i for i, node in enumerate(graph)}
+    rd = readers(graph)
+    before: dict[str, list] = {}
+    after_loss = []
+    for m in moves:
+        first = None
+        for v, k in rd[m.producer]:
+            if choice[v].inputs[k] == m.dst and (first is None or order[v] < order[first]):
+                first = v
+        if first is None:
+            after_loss.append(m)
+        else:
+            before.setdefault(first, []).append(m)
+    return before, after_loss
+
+
+class _Replay:
+    """Appends one step's segments to a timeline, in ``mode``."""
+
+    def __init__(self, cm: CostModel, graph: Graph, choice: dict, tl: Timeline) -> None:
+        self.cm, self.graph, self.choice, self.tl, self.n = cm, graph, choice, tl, tl.num_ranks
+        self.parts = {node.name: _split(cm, graph, node.name, cm.compute_s(node, choice[node.name]))
+                      for node in graph}
+        self.pending = [0.0] * self.n  # segments mode: compute since the last collective, per rank
+        self.pending_names: list[str] = []
+
+    def flush(self, phase: str) -> None:
+        if self.pending_names and any(self.pending):
+            names = self.pending_names
+            label = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+            self.tl.add(label, "compute", phase, max(self.pending), tuple(self.pending))
+        self.pending = [0.0] * self.n
+        self.pending_names = []
+
+    def comm(self, label: str, phase: str, seconds: float) -> None:
+        self.flush(phase)
+        if seconds > 0:
+            self.tl.add(label, "comm", phase, seconds, (0.0,) * self.n, seconds)
+
+    def collective(self, m, back: bool) -> None:
+        """Move ``m``'s forward collective, or (``back``) its backward dual."""
+        meta = self.graph[m.producer].meta
+        fwd = self.cm.conversion(meta, m.src, m.dst, False).seconds if isinstance(meta, TensorMeta) else 0.0
+        mv = move(m.src, m.dst)
+        kind = mv.backward if back else mv.kind
+        src, dst = (m.dst, m.src) if back else (m.src, m.dst)
+        form = f" {m.conversion.form}" if m.conversion.form else ""
+        self.comm(f"{kind}{form} {m.producer} {src}->{dst}", "backward" if back else "forward",
+                  m.conversion.seconds - fwd if back else fwd)
+
+    def compute(self, name: str, phase: str) -> None:
+        """A node's forward part (phases forward, step) or backward part; in aligned mode its own
+        segments, the slowest rank's forward part and then the rest of its total."""
+        fwd, back = self.parts[name]
+        if self.tl.mode == "segments":
+            mine = fwd if phase in ("forward", "step") else back
+            if any(mine):
+                self.pending = [p + x for p, x in zip(self.pending, mine)]
+                self.pending_names.append(name)
+            return
+        total = tuple(f + b for f, b in zip(fwd, back))
+        if not any(total):
+            return
+        crit = max(range(self.n), key=lambda r: total[r])
+        if phase in ("forward", "step"):
+            dur = fwd[crit]
+            self.tl.add(name, "compute", phase, dur, tuple(min(f, dur) for f in fwd))
+        else:
+            dur = total[crit] - fwd[crit]
+            if dur > 0 or any(back):
+                done = tuple(min(f, fwd[crit]) for f in fwd)
+                self.tl.add(name, "compute", phase, dur, tuple(min(t - d, dur) for t, d in zip(total, done)))
+
+    def step(self, ev: Evaluation) -> None:
+        """Forward, backward, the gradient all-reduce and the optimizer update; ``ev`` is the
+        evaluation of the replayed choice."""
+        before, after_loss = _move_places(self.graph, self.choice, ev.moves)
+        for node in self.graph:
+            for m in before.get(node.name, []):
+                self.collective(m, back=False)
+            if node.kind != "param":  # a parameter's own cost is its optimizer update, in the step phase
+                self.compute(node.name, "forward")
+        for m in after_loss:
+            self.collective(m, back=False)
+        self.flush("forward")
+        for m in reversed(after_loss):
+            self.collective(m, back=True)
+        for node in reversed(list(self.graph)):
+            self.compute(node.name, "backward")
+            for m in reversed(before.get(node.name, [])):
+                self.collective(m, back=True)
+        self.flush("backward")
+        if ev.grad_sync_s > 0:
+            self.comm(f"gradient all-reduce ({len(ev.grad_synced)} parameters)", "sync", ev.grad_sync_s)
+        for node in self.graph.params():
+            self.compute(node.name, "step")
+        self.flush("step")
+
+
 def simulate(plan: Plan, cluster: Cluster | None = None, mode: str = "aligned", name: str | None = None) -> Timeline:
-    """The per-rank timeline of one training step of ``plan`` (see the module docstring).
+    """The per-rank timeline of one training step of ``plan`` (see the module docstring), priced
+    under the plan's own setup (``hap.cost.CostSetup.of_plan``).
 
     ``cluster`` (default: the plan's own) replays the same plan on another cluster with as
     many ranks, e.g. the same machines with re-measured device profiles.
@@ -144,101 +251,11 @@ def simulate(plan: Plan, cluster: Cluster | None = None, mode: str = "aligned", 
     n = cluster.num_ranks
     if n != plan.num_ranks:
         raise HapError(f"the plan is for {plan.num_ranks} ranks; cluster {cluster.name} has {n}")
-    cm = CostModel(graph, cluster, Splitter(plan.shares), plan.optimizer)
+    cm = CostSetup.of_plan(plan).cost_model(graph, cluster)
     choice = plan.choice()
-    ev = evaluate(graph, cm, choice)
-    # where each move happens: before its first reader (forward), after that reader's backward
-    order = {node.name: i for i, node in enumerate(graph)}
-    rd = readers(graph)
-    before: dict[str, list] = {}
-    after_loss = []
-    for m in ev.moves:
-        first = None
-        for v, k in rd[m.producer]:
-            if choice[v].inputs[k] == m.dst and (first is None or order[v] < order[first]):
-                first = v
-        if first is None:  # the loss's move to P
-            after_loss.append(m)
-        else:
-            before.setdefault(first, []).append(m)
     labels = [f"{r.device}" + (f" x{r.slowdown:g} slower" if r.slowdown != 1 else "") for r in cluster.ranks]
     tl = Timeline(name or plan.strategy, mode, n, labels, predicted_step_s=plan.predicted_step_s)
-    zero = (0.0,) * n
-    parts = {node.name: _split(cm, graph, node.name, cm.compute_s(node, choice[node.name])) for node in graph}
-    pending = [0.0] * n  # segments mode: compute since the last collective, per rank
-    pending_names: list[str] = []
-
-    def flush(phase: str) -> None:
-        if pending_names and any(pending):
-            label = pending_names[0] if len(pending_names) == 1 else f"{pending_names[0]} .. {pending_names[-1]}"
-            tl.add(label, "compute", phase, max(pending), tuple(pending))
-        pending[:] = [0.0] * n
-        pending_names.clear()
-
-    def comm(label: str, phase: str, seconds: float) -> None:
-        flush(phase)
-        if seconds > 0:
-            tl.add(label, "comm", phase, seconds, zero, seconds)
-
-    def move_parts(m) -> tuple[float, float]:
-        meta = graph[m.producer].meta
-        fwd = cm.conversion(meta, m.src, m.dst, False).seconds if isinstance(meta, TensorMeta) else 0.0
-        return fwd, m.conversion.seconds - fwd
-
-    def move_label(m, back: bool) -> str:
-        mv = move(m.src, m.dst)
-        kind = mv.backward if back else mv.kind
-        src, dst = (m.dst, m.src) if back else (m.src, m.dst)
-        form = f" {m.conversion.form}" if m.conversion.form else ""
-        return f"{kind}{form} {m.producer} {src}->{dst}"
-
-    # the aligned mode: the forward segment of a node is its slowest rank's forward part
-    def compute(name_: str, phase: str) -> None:
-        fwd, back = parts[name_]
-        if mode == "segments":
-            mine = fwd if phase in ("forward", "step") else back
-            if any(mine):
-                for r in range(n):
-                    pending[r] += mine[r]
-                pending_names.append(name_)
-            return
-        total = tuple(f + b for f, b in zip(fwd, back))
-        if not any(total):
-            return
-        crit = max(range(n), key=lambda r: total[r])
-        if phase in ("forward", "step"):
-            dur = fwd[crit]
-            tl.add(name_, "compute", phase, dur, tuple(min(f, dur) for f in fwd))
-        else:
-            dur = total[crit] - fwd[crit]
-            if dur > 0 or any(back):
-                done = tuple(min(f, fwd[crit]) for f in fwd)
-                tl.add(name_, "compute", phase, dur, tuple(min(t - d, dur) for t, d in zip(total, done)))
-
-    for node in graph:
-        for m in before.get(node.name, []):
-            fwd, _ = move_parts(m)
-            comm(move_label(m, False), "forward", fwd)
-        if node.kind != "param":  # a parameter's own cost (if the cost model has one) is its update
-            compute(node.name, "forward")
-    for m in after_loss:
-        fwd, _ = move_parts(m)
-        comm(move_label(m, False), "forward", fwd)
-    flush("forward")
-    for m in reversed(after_loss):
-        _, back = move_parts(m)
-        comm(move_label(m, True), "backward", back)
-    for node in reversed(list(graph)):
-        compute(node.name, "backward")
-        for m in reversed(before.get(node.name, [])):
-            _, back = move_parts(m)
-            comm(move_label(m, True), "backward", back)
-    flush("backward")
-    if ev.grad_sync_s > 0:
-        comm(f"gradient all-reduce ({len(ev.grad_synced)} parameters)", "sync", ev.grad_sync_s)
-    for node in graph.params():
-        compute(node.name, "step")
-    flush("step")
+    _Replay(cm, graph, choice, tl).step(evaluate(graph, cm, choice))
     tl.lint()
     return tl
 

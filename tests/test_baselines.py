@@ -62,6 +62,15 @@ def test_megatron_shards_matrices_and_replicates_the_batch(mlp, cluster):
             assert p.nodes[x.name].output == "R"
 
 
+def test_a_baseline_whose_activations_overfill_a_rank_gets_the_searchs_memory_levers():
+    from tests.test_micro import MIXED, meta_graph
+
+    mixed = load_cluster(MIXED)
+    p = dp_proportional(meta_graph(2 ** 21), mixed)
+    assert p.strategy == "dp_proportional" and max(p.micro_batches) > 1
+    assert all(m <= mixed.memory_bytes(r) for r, m in enumerate(p.predicted.memory_bytes))
+
+
 def test_baseline_by_name(mlp, cluster):
     for name in BASELINES:
         p = baseline(name, mlp, cluster)

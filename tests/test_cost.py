@@ -1,10 +1,12 @@
 """Relations of the cost model (not magic numbers)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from hap.cluster import Link, load_cluster
-from hap.cost import CostModel, collective_s
+from hap.cost import CostModel, CostSetup, collective_s
 from hap.graph import TensorMeta
 from hap.placement import P, R, S, Splitter
 from tests.helpers import ROOT, captured, load_example
@@ -43,6 +45,18 @@ def test_collectives_grow_with_bytes_and_ranks():
     c = collective_s("all_reduce", 1e6, (0.25,) * 4, LINK, "")
     assert a < b and a < c
     assert collective_s("all_reduce", 1e6, (1.0,), LINK, "") == 0
+
+
+def test_a_cost_setup_is_one_frozen_value_and_builds_its_model():
+    graph = captured(load_example("gpt"))[2]
+    setup = CostSetup([12, 4], "adam", (1, 1))
+    assert setup.shares == (12, 4) and setup.micro_batches == () and setup == CostSetup((12, 4), "adam")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setup.collective_reserve = 1.0
+    tight = dataclasses.replace(setup, micro_batches=(2, 1), recompute=("blocks.0",), collective_reserve=5e6)
+    cm = tight.cost_model(graph, load_cluster(None))
+    assert cm.splitter.shares == (12, 4) and cm.micro == (2, 1) and cm.recompute == ("blocks.0",)
+    assert cm.collective_reserve == 5e6 and cm.opt_states == 2 and max(cm.recompute_peak) > 0
 
 
 def test_conversions_and_their_duals():

@@ -9,9 +9,11 @@ import pytest
 from hap.api import plan_graph
 from hap.cli import main as hap_plan
 from hap.cluster import load_cluster
+from hap.cost import CostSetup
 from hap.errors import HapError
 from hap.plan import Plan
-from hap.precision import autocast_graph, choose
+from hap.precision import autocast_graph, choose, training_graph
+from hap.solve import evaluate
 from tests.helpers import ROOT, captured, load_example
 
 CLUSTERS = ROOT / "profiles" / "clusters"
@@ -25,6 +27,16 @@ CLUSTERS = ROOT / "profiles" / "clusters"
 def test_auto_picks_the_fastest_dtype_every_device_runs_at_speed(cluster, want):
     got, why = choose(load_cluster(CLUSTERS / f"{cluster}.toml"), "auto")
     assert got == want and want in why
+
+
+def test_the_faster_precision_note_prices_the_plan_under_its_own_setup():
+    # every block recomputed: the fp16 step the note predicts recomputes them too
+    cluster = load_cluster(CLUSTERS / "hap-paper.toml")
+    plan = plan_graph(captured(load_example("gpt"))[2], cluster, recompute="all", time_limit_s=10)
+    note = next(n for n in plan.notes if n.startswith("--precision auto"))
+    low = training_graph(plan.graph, choose(cluster, "auto")[0])
+    step = evaluate(low, CostSetup.of_plan(plan).cost_model(low, cluster), plan.choice()).step_s
+    assert plan.recompute and f"predicts {step * 1e3:.2f} ms per step" in note
 
 
 def test_auto_falls_back_to_fp32_and_names_the_device_that_is_slow():

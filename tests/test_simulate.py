@@ -1,6 +1,8 @@
 """The simulator replays plans as per-rank timelines that agree with the solver's objective."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from hap.api import plan_graph
@@ -10,6 +12,7 @@ from hap.errors import HapError
 from hap.plan import Plan
 from hap.simulate import simulate, step_times, timeline_for_baseline
 from tests.helpers import captured, load_example
+from tests.test_micro import MIXED, meta_graph
 
 CLUSTERS = ("default", "cpu-1-2-4", "hap-paper")
 
@@ -36,6 +39,18 @@ def test_aligned_timeline_reproduces_the_objective(graph, cluster):
             t.lint()
             for d in t.per_rank():  # compute + comm + idle make up the step on every rank
                 assert d["compute_s"] + d["comm_s"] + d["idle_s"] == pytest.approx(t.step_s, rel=1e-9)
+
+
+def test_aligned_timeline_reproduces_micro_batched_and_recomputed_plans():
+    # a V100's share runs in micro-batches (its activations overfill 16 GB); every block of the
+    # GPT is recomputed: the replay prices both as the search did
+    micro = plan_graph(meta_graph(2 ** 21), load_cluster(MIXED))
+    assert max(micro.micro_batches) > 1
+    gpt = plan_graph(captured(load_example("gpt"))[2], load_cluster("hap-paper"), recompute="all", time_limit_s=10)
+    assert gpt.recompute
+    for plan in (micro, gpt, Plan.from_json(micro.to_json())):
+        assert math.isclose(simulate(plan).step_s, plan.predicted_step_s, rel_tol=1e-9), plan.strategy
+        assert simulate(plan, "segments").step_s <= plan.predicted_step_s * (1 + 1e-9)
 
 
 def test_timeline_structure_and_round_trip(graph):
