@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from hap.calibrate import measured
+from hap.calibrate import resolve
 from hap.cluster import Cluster
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph, Node, TensorMeta
@@ -34,7 +34,7 @@ def solve_pinned(graph: Graph, cluster: Cluster, shares: tuple[int, ...], pin: P
     """The MILP with ``shares`` fixed and ``pin`` restricting candidates, as a Plan: an attempt
     of the search (``hap.search.Search.solved``), memory levers included."""
     t0 = time.perf_counter()
-    cluster = measured(cluster)  # device "cpu": this machine, measured on first use
+    cluster = resolve(cluster)  # device "cpu": this machine's profile
     s = Search(graph, cluster, optimizer=optimizer, strict=False, time_limit_s=time_limit_s, user_pins={})
     attempt = Attempt(strategy, tuple(shares), pin)
     try:

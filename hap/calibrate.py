@@ -135,5 +135,3 @@ def resolve(cluster: Cluster, progress: Callable[[str], None] | None = None) -> 
     resolved.lint()
     return resolved
 
-
-measured = resolve  # the name hap.search and hap.baselines import it by

@@ -183,10 +183,10 @@ class Plan:
         need(len(self.shares) == self.cluster.num_ranks,
              f"{len(self.shares)} shares for {self.cluster.num_ranks} ranks; one share per rank")
         need(all(s >= 0 for s in self.shares), f"negative share in {self.shares}")
-        first_input = next((n for n in self.graph if n.kind == "input"), None)
-        if first_input is not None and first_input.meta.shape:
-            need(sum(self.shares) == first_input.meta.shape[0],
-                 f"shares {self.shares} sum to {sum(self.shares)}, not the global batch {first_input.meta.shape[0]}")
+        batch = self.graph.global_batch()
+        if batch is not None:
+            need(sum(self.shares) == batch,
+                 f"shares {self.shares} sum to {sum(self.shares)}, not the global batch {batch}")
         missing = [n.name for n in self.graph if n.name not in self.nodes]
         need(not missing, f"nodes without a placement: {', '.join(missing[:5])}")
         need(self.lower_bound_step_s <= self.predicted_step_s * 1.0001,

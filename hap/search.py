@@ -27,11 +27,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hap.calibrate import measured
+from hap.calibrate import resolve
 from hap.cluster import Cluster
 from hap.cost import CostModel, CostSetup
-from hap.errors import HapError, InfeasiblePlan
-from hap.graph import Graph, Node, TensorMeta
+from hap.errors import HapError, InfeasiblePlan, PinError
+from hap.graph import Graph, Node
 from hap.placement import Placement, Splitter
 from hap.plan import BaselineResult, NodeChoice, Plan, PlannedMove, Prediction
 from hap.precision import choose as choose_precision
@@ -82,10 +82,9 @@ def shares_by(how: str, cluster: Cluster, total: int) -> tuple[int, ...]:
 
 
 def global_batch(graph: Graph, n: int) -> int:
-    """The batch size of the graph's first input (``n`` where it has none)."""
-    inputs = [x for x in graph if x.kind == "input"]
-    return inputs[0].meta.shape[0] if inputs and isinstance(inputs[0].meta, TensorMeta) and inputs[0].meta.shape \
-        else n
+    """The graph's global batch (``Graph.global_batch``), ``n`` where it has no batch input."""
+    found = graph.global_batch()
+    return n if found is None else found
 
 
 @dataclass(frozen=True)
@@ -297,7 +296,7 @@ def search(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bo
     gradients all-reduced in ``grad_reduce``, and return the preferred one as a Plan."""
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
-    cluster = measured(cluster, say)  # device "cpu": this machine, measured on first use
+    cluster = resolve(cluster, say)  # device "cpu": this machine's profile
     precision, why = choose_precision(cluster, precision)
     if precision != "fp32":
         say(f"finding each node's dtype under {precision} autocast")
@@ -486,13 +485,13 @@ def parse_pins(graph: Graph, cands: dict, pins: dict[str, str]) -> dict[str, Pla
     for name, text in pins.items():
         if name not in graph:
             params = ", ".join(n.name for n in graph.params()[:6])
-            raise InfeasiblePlan(f"--pin {name}={text}: no node named {name!r} (parameters are e.g. {params})")
+            raise PinError(f"--pin {name}={text}: no node named {name!r} (parameters are e.g. {params})")
         try:
             p = parse(text)
         except ValueError as e:
-            raise InfeasiblePlan(f"--pin {name}={text}: {e}") from None
+            raise PinError(f"--pin {name}={text}: {e}") from None
         offered = sorted({str(c.output) for c in cands[name]})
         if str(p) not in offered:
-            raise InfeasiblePlan(f"--pin {name}={text}: {name} can only be placed as {', '.join(offered)}")
+            raise PinError(f"--pin {name}={text}: {name} can only be placed as {', '.join(offered)}")
         out[name] = p
     return out
