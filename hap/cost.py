@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 from hap import optimer
 from hap.graph import SHORT_DTYPE, Graph, Node, TensorMeta
 from hap.machine import collective_s  # noqa: F401  (priced here; tests and the profiler import it from hap.machine)
-from hap.moves import move
+from hap.moves import UNEVEN_KINDS, move
 from hap.placement import Placement, Splitter
 from hap.rules import Candidate
 
@@ -357,7 +357,7 @@ class CostModel:
     def move_temporary_bytes(self, meta: TensorMeta, src: Placement, dst: Placement, conv: Conversion) -> float:
         """Bytes a collective allocates while it runs, on every rank: a padded form's buffer of N
         shards of the largest length, a grouped form's whole output; a local move none."""
-        if conv.kind not in ("all_gather", "reduce_scatter", "all_to_all"):
+        if conv.kind not in UNEVEN_KINDS:
             return 0.0
         if conv.form != "padded":
             return float(meta.nbytes)
