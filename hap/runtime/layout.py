@@ -52,7 +52,8 @@ class Param:
 
 
 def _frozen(d: Mapping) -> Mapping:
-    return MappingProxyType(dict(d))
+    """A read-only mapping; one already frozen is kept (a layout per micro-batch copies nothing)."""
+    return d if isinstance(d, MappingProxyType) else MappingProxyType(dict(d))
 
 
 @dataclass(frozen=True)

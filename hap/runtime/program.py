@@ -418,7 +418,8 @@ class Rebalancing:
     ``data.lookahead`` steps on (the steps it has drawn already keep theirs)."""
 
     def __init__(self, layout: Layout, args: argparse.Namespace) -> None:
-        self.balancer = Rebalancer(layout.shares, lambda shares: shares_allowed(layout, shares))
+        self.layout = layout  # the layout the run is on now: shares_allowed reads its lengths
+        self.balancer = Rebalancer(layout.shares, lambda shares: shares_allowed(self.layout, shares))
         self.args, self.rank, self.world = args, layout.rank, layout.world_size
         self.events: list[dict[str, Any]] = []
         self.compute_log: list[list[float]] = []
@@ -433,6 +434,7 @@ class Rebalancing:
         return [compute_s if r == self.rank else 0.0 for r in range(self.world)]
 
     def observe(self, riders: list[float], step: int, data: RankData, layout: Layout) -> None:
+        self.layout = layout
         self.compute_log.append([float(x) for x in riders[:self.world]])
         decided = self.balancer.observe(self.compute_log[-1])
         if decided is None:
