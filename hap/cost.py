@@ -38,7 +38,7 @@ INF = float("inf")
 
 
 @dataclass(frozen=True)
-class Conversion:
+class PricedMove:
     """How a tensor moves from placement ``src`` to ``dst``: forward collective, its form, cost."""
 
     kind: str  # "none" | "slice" | "partial" | "all_gather" | "all_reduce" | "reduce_scatter" | "all_to_all"
@@ -275,8 +275,8 @@ class CostModel:
         d = p.dim if p.dim >= 0 else p.dim + meta.ndim
         return self.splitter.fractions(meta.shape[d], p.unit)
 
-    def conversion(self, meta: TensorMeta, src: Placement, dst: Placement, grad: bool = True) -> Conversion:
-        return _conversion(self, meta, src, dst, grad)
+    def price_move(self, meta: TensorMeta, src: Placement, dst: Placement, grad: bool = True) -> PricedMove:
+        return _price_move(self, meta, src, dst, grad)
 
     def measured_move_s(self, meta: TensorMeta, src: Placement, dst: Placement, form: str,
                         grad: bool) -> tuple[float, ...] | None:
@@ -354,7 +354,7 @@ class CostModel:
                 else local
         return parts
 
-    def move_temporary_bytes(self, meta: TensorMeta, src: Placement, dst: Placement, conv: Conversion) -> float:
+    def move_temporary_bytes(self, meta: TensorMeta, src: Placement, dst: Placement, conv: PricedMove) -> float:
         """Bytes a collective allocates while it runs, on every rank: a padded form's buffer of N
         shards of the largest length, a grouped form's whole output; a local move none."""
         if conv.kind not in UNEVEN_KINDS:
@@ -401,7 +401,7 @@ def _local_work_s(cm: CostModel, kind: str, nbytes: float, fs: tuple[float, ...]
     return moved / prof.memory_bytes_per_s + 4 * prof.kernel_floor_s
 
 
-def _local_extra_s(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, conv: Conversion,
+def _local_extra_s(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, conv: PricedMove,
                    fs: tuple[float, ...], fd: tuple[float, ...] | None, grad: bool) -> float:
     """What a collective's local work adds to its α-β wire time (forward + backward). hap-profile's
     α-β hold that work at full speed for the layouts it measured (dim-0 shards), about the formula
@@ -418,8 +418,8 @@ def _local_extra_s(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placeme
     return max(0.0, worst - min(formula))
 
 
-def _conversion(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, grad: bool) -> Conversion:
-    conv = _conversion_wire(cm, meta, src, dst, grad)
+def _price_move(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, grad: bool) -> PricedMove:
+    conv = _wire_price(cm, meta, src, dst, grad)
     if not move(src, dst).is_collective:
         return conv
     fs = cm._fr(meta, src) if src.kind == "S" else (1 / cm.n,) * cm.n
@@ -427,15 +427,15 @@ def _conversion(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement,
     if conv.kind == "reduce_scatter":
         fs = fd or fs
     extra = _local_extra_s(cm, meta, src, dst, conv, fs, fd, grad)
-    return Conversion(conv.kind, conv.form, conv.seconds + extra)
+    return PricedMove(conv.kind, conv.form, conv.seconds + extra)
 
 
-def _conversion_wire(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, grad: bool) -> Conversion:
+def _wire_price(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, grad: bool) -> PricedMove:
     """The α-β wire time of ``move(src, dst)``: forward, plus its dual in backward if ``grad``,
     in the cheaper of its forms (by forward time)."""
     mv = move(src, dst)
     if not mv.is_collective:
-        return Conversion(mv.kind, "", 0.0)
+        return PricedMove(mv.kind, "", 0.0)
     f = cm._fr(meta, src) if src.is_shard else None
     g = cm._fr(meta, dst) if dst.is_shard else None
     forward = (f or g or (1 / cm.n,) * cm.n, g)  # (the sharded side's fractions, the other side's)
@@ -446,7 +446,7 @@ def _conversion_wire(cm: CostModel, meta: TensorMeta, src: Placement, dst: Place
 
     form = min(mv.forms, key=lambda fm: wire(mv.kind, forward, fm))
     t = wire(mv.kind, forward, form) + (wire(mv.backward, backward, form) if grad else 0.0)
-    return Conversion(mv.kind, form, t)
+    return PricedMove(mv.kind, form, t)
 
 
 def _dtype_of(node: Node) -> str:

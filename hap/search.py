@@ -366,8 +366,8 @@ def assemble_plan(graph: Graph, cluster: Cluster, won: Result, *, strategy: str,
     setup, ev = won.setup, won.evaluation
     nodes = {node.name: NodeChoice(won.choice[node.name], node.target, node.source or "", node.module or "")
              for node in graph}
-    moves = tuple(PlannedMove(m.producer, str(m.src), str(m.dst), m.conversion.kind, m.conversion.form or "",
-                              m.conversion.seconds) for m in ev.moves)
+    moves = tuple(PlannedMove(m.producer, str(m.src), str(m.dst), m.priced.kind, m.priced.form or "",
+                              m.priced.seconds) for m in ev.moves)
     predicted = Prediction(ev.step_s, tuple(ev.compute_s), ev.critical_compute_s, ev.comm_s, ev.grad_sync_s,
                            tuple(int(m) for m in ev.memory_bytes), tuple(tuple(b) for b in ev.grad_buckets),
                            bool(ev.grad_overlap))

@@ -179,13 +179,13 @@ class _Replay:
     def collective(self, m, back: bool) -> None:
         """Move ``m``'s forward collective, or (``back``) its backward dual."""
         meta = self.graph[m.producer].meta
-        fwd = self.cm.conversion(meta, m.src, m.dst, False).seconds if isinstance(meta, TensorMeta) else 0.0
+        fwd = self.cm.price_move(meta, m.src, m.dst, False).seconds if isinstance(meta, TensorMeta) else 0.0
         mv = move(m.src, m.dst)
         kind = mv.backward if back else mv.kind
         src, dst = (m.dst, m.src) if back else (m.src, m.dst)
-        form = f" {m.conversion.form}" if m.conversion.form else ""
+        form = f" {m.priced.form}" if m.priced.form else ""
         self.comm(f"{kind}{form} {m.producer} {src}->{dst}", "backward" if back else "forward",
-                  m.conversion.seconds - fwd if back else fwd)
+                  m.priced.seconds - fwd if back else fwd)
 
     def compute(self, name: str, phase: str) -> None:
         """A node's forward part (phases forward, step) or backward part; in aligned mode its own

@@ -39,7 +39,7 @@ import pulp
 
 if TYPE_CHECKING:
     from hap.cluster import Cluster
-from hap.cost import GRAD_BUCKET_BYTES, INF, Conversion, CostModel
+from hap.cost import GRAD_BUCKET_BYTES, INF, CostModel, PricedMove
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph, Node, TensorMeta
 from hap.moves import COLLECTIVES
@@ -101,16 +101,16 @@ def tie_groups(graph: Graph) -> dict[str, str]:
 # scoring a complete assignment
 # ---------------------------------------------------------------------------------------
 @dataclass
-class Moved:
+class ChosenMove:
     producer: str
     src: Placement
     dst: Placement
-    conversion: Conversion
+    priced: PricedMove
 
 
-def collective_temporary(graph: Graph, cm: CostModel, moves: list[Moved]) -> float:
+def collective_temporary(graph: Graph, cm: CostModel, moves: list[ChosenMove]) -> float:
     """The largest buffer one of a plan's collectives allocates while it runs (they run one at a time)."""
-    return max((cm.move_temporary_bytes(graph[m.producer].meta, m.src, m.dst, m.conversion) for m in moves),
+    return max((cm.move_temporary_bytes(graph[m.producer].meta, m.src, m.dst, m.priced) for m in moves),
                default=0.0)
 
 
@@ -122,7 +122,7 @@ class Evaluation:
     comm_s: float  # resharding collectives, forward + backward
     grad_sync_s: float  # all-reduce of replicated parameters' gradients
     memory_bytes: tuple[float, ...]
-    moves: list[Moved] = field(default_factory=list)
+    moves: list[ChosenMove] = field(default_factory=list)
     grad_synced: list[str] = field(default_factory=list)
     grad_buckets: list[list[str]] = field(default_factory=list)  # all-reduced in this order
     grad_overlap: bool = False  # buckets launch during backward, as their gradients are ready
@@ -163,15 +163,15 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
         for q in sorted(wanted):
             if q == src:
                 continue
-            conv = cm.conversion(node.meta, src, q, node.name in cm.requires_grad)
-            moves.append(Moved(node.name, src, q, conv))
+            conv = cm.price_move(node.meta, src, q, node.name in cm.requires_grad)
+            moves.append(ChosenMove(node.name, src, q, conv))
             comm += conv.seconds
     synced = [p.name for p in graph.params()
               if choice[p.name].output.kind == "R" and isinstance(p.meta, TensorMeta) and p.name in cm.requires_grad]
     # overlap only where backward runs no collective of its own (they would queue behind the buckets)
     # and where the devices compute while they communicate (CPU ranks share the cores gloo needs)
     overlap = (cm.n > 1 and all(cm.cluster.profile(r).overlap_comm for r in range(cm.n))
-               and not any(m.conversion.kind in COLLECTIVES for m in moves))
+               and not any(m.priced.kind in COLLECTIVES for m in moves))
     buckets, gs = grad_sync_schedule(graph, cm, choice, synced, overlap)
     temporary = collective_temporary(graph, cm, moves)
     mem = [x + temporary for x in mem]
@@ -398,7 +398,7 @@ class _PlacementMilp:
             if isinstance(node.meta, list):
                 cost = INF
             else:
-                cost = self.cm.conversion(node.meta, p, q, u in self.cm.requires_grad).seconds
+                cost = self.cm.price_move(node.meta, p, q, u in self.cm.requires_grad).seconds
             if cost == 0:
                 continue
             if cost == INF:

@@ -146,20 +146,20 @@ def test_collective_local_work_is_timed_and_dilated(tmp_path):
     """With measured ops, a resharding move costs its α-β wire time plus its timed local work on the
     slowest rank (dilated by the slowdown, less what the α-β already hold); without, a formula."""
     optimer.clear()
-    from hap.cost import Conversion, _conversion_wire, _local_extra_s
+    from hap.cost import PricedMove, _local_extra_s, _wire_price
     from hap.graph import TensorMeta
     from hap.placement import P
 
     graph = captured(load_example("mlp"), batch_size=256)[2]
     meta = TensorMeta((512, 512), "float32")
     measuring = CostModel(graph, _measuring_cluster(tmp_path), Splitter((192, 64)))
-    wire = _conversion_wire(measuring, meta, S(1), R, True)
+    wire = _wire_price(measuring, meta, S(1), R, True)
     local = measuring.measured_move_s(meta, S(1), R, wire.form, True)
     assert local is not None and all(t > 0 for t in local)
     assert measuring.measured_move_s(meta, R, S(0), "", True) is None  # a slice sends nothing
-    moved = measuring.conversion(meta, S(1), R, True)
+    moved = measuring.price_move(meta, S(1), R, True)
     fs = measuring._fr(meta, S(1))
-    extra = _local_extra_s(measuring, meta, S(1), R, Conversion(wire.kind, wire.form, 0.0), fs, None, True)
+    extra = _local_extra_s(measuring, meta, S(1), R, PricedMove(wire.kind, wire.form, 0.0), fs, None, True)
     assert moved.seconds == pytest.approx(wire.seconds + extra)
     assert extra == pytest.approx(max(0.0, max(3 * local[1], local[0]) - _formula_min(measuring, meta, fs)))
     shipped = CostModel(graph, cluster_from_dict({"nodes": [{"device": "cpu", "count": 2}]}), Splitter((128, 128)))

@@ -63,14 +63,14 @@ def test_conversions_and_their_duals():
     graph = captured(load_example("mlp"))[2]
     cm = CostModel(graph, load_cluster(None), Splitter((48, 16)))
     meta = TensorMeta((64, 256), "float32")
-    assert cm.conversion(meta, R, S(0)).seconds == 0
-    assert cm.conversion(meta, R, P).seconds == 0
-    assert cm.conversion(meta, S(0), R).kind == "all_gather"
-    assert cm.conversion(meta, P, R).kind == "all_reduce"
-    assert cm.conversion(meta, P, S(1)).kind == "reduce_scatter"
-    assert cm.conversion(meta, S(0), S(1)).kind == "all_to_all"
-    fwd_only = cm.conversion(meta, P, R, grad=False).seconds
-    assert cm.conversion(meta, P, R, grad=True).seconds == 2 * fwd_only  # backward is an all-reduce too
+    assert cm.price_move(meta, R, S(0)).seconds == 0
+    assert cm.price_move(meta, R, P).seconds == 0
+    assert cm.price_move(meta, S(0), R).kind == "all_gather"
+    assert cm.price_move(meta, P, R).kind == "all_reduce"
+    assert cm.price_move(meta, P, S(1)).kind == "reduce_scatter"
+    assert cm.price_move(meta, S(0), S(1)).kind == "all_to_all"
+    fwd_only = cm.price_move(meta, P, R, grad=False).seconds
+    assert cm.price_move(meta, P, R, grad=True).seconds == 2 * fwd_only  # backward is an all-reduce too
 
 
 def test_slower_rank_computes_slower_and_replication_costs_the_slowest():
@@ -142,12 +142,12 @@ def test_a_replicated_gradient_is_counted_twice_its_bucket_beside_the_fresh_one(
 
 
 def test_a_padded_collective_holds_n_shards_of_the_largest_length_while_it_runs():
-    from hap.cost import Conversion
+    from hap.cost import PricedMove
 
     graph = captured(load_example("mlp"))[2]
     cm = CostModel(graph, load_cluster(None), Splitter((48, 16)))
     meta = TensorMeta((64, 256), "float32")  # split 192:64 on dim 1 (shares 3:1)
-    padded = cm.move_temporary_bytes(meta, S(1), R, Conversion("all_gather", "padded", 0.0))
+    padded = cm.move_temporary_bytes(meta, S(1), R, PricedMove("all_gather", "padded", 0.0))
     assert padded == 2 * 0.75 * meta.nbytes
-    assert cm.move_temporary_bytes(meta, S(1), R, Conversion("all_gather", "grouped", 0.0)) == meta.nbytes
-    assert cm.move_temporary_bytes(meta, R, S(1), Conversion("slice", "", 0.0)) == 0.0
+    assert cm.move_temporary_bytes(meta, S(1), R, PricedMove("all_gather", "grouped", 0.0)) == meta.nbytes
+    assert cm.move_temporary_bytes(meta, R, S(1), PricedMove("slice", "", 0.0)) == 0.0

@@ -55,7 +55,7 @@ def test_emitted_line_and_timed_call_agree(src, dst):
 def test_the_cost_model_prices_the_dual_in_backward():
     """A gradient-carrying all-gather costs its forward plus the reduce-scatter of the same bytes."""
     from hap.cluster import load_cluster
-    from hap.cost import _conversion_wire
+    from hap.cost import _wire_price
     from hap.graph import Graph, Node, TensorMeta
     from hap.machine import collective_s
     from hap.placement import Splitter
@@ -66,8 +66,8 @@ def test_the_cost_model_prices_the_dual_in_backward():
     from hap.cost import CostModel
 
     cm = CostModel(graph, cluster, Splitter((4, 2, 1)))
-    fwd = _conversion_wire(cm, meta, S(0), R, grad=False)
-    both = _conversion_wire(cm, meta, S(0), R, grad=True)
+    fwd = _wire_price(cm, meta, S(0), R, grad=False)
+    both = _wire_price(cm, meta, S(0), R, grad=True)
     fr = cm._fr(meta, S(0))
     back = collective_s("reduce_scatter", meta.nbytes, fr, cm.link, fwd.form)
     assert fwd.kind == "all_gather" and fwd.seconds > 0
