@@ -36,6 +36,21 @@ GRAD_BUCKET_BYTES = 25 * 2**20  # gradient buckets, as DDP's default: on 64 rank
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 INF = float("inf")
 
+# What autograd keeps for backward, by op (the memory model's rule): ops that keep none of
+# their tensors (their backward needs only shapes), ops that keep only their output; every
+# other op on the gradient path keeps its inputs (matmuls both operands, mul the other factor,
+# silu / pow / norms their input), as PyTorch's derivative formulas do. An op not named here
+# keeps its inputs: an unknown op is priced as the more expensive case.
+KEEPS_NOTHING = {"aten.add.Tensor", "aten.add.Scalar", "aten.sub.Tensor", "aten.sub.Scalar", "aten.neg.default",
+                 "aten.to.dtype", "aten._to_copy.default", "aten.to.dtype_layout", "aten.to.device",
+                 "aten.cat.default", "aten.clone.default", "aten.sum.dim_IntList", "aten.sum.default",
+                 "aten.mean.dim", "aten.mean.default", "aten.rsub.Scalar", "aten.stack.default",
+                 "aten.type_as.default", "aten.copy.default", "aten.dropout.default"}
+KEEPS_OUTPUT = {"aten.exp.default", "aten.tanh.default", "aten.sigmoid.default", "aten.rsqrt.default",
+                "aten.sqrt.default", "aten.relu.default", "aten.softmax.int", "aten._softmax.default",
+                "aten.log_softmax.int", "aten._log_softmax.default"}
+KEEPS_OUTPUT_AND_INPUTS = {"aten.scaled_dot_product_attention.default"}  # q, k, v, and out (+ logsumexp)
+
 
 @dataclass(frozen=True)
 class PricedMove:
@@ -99,9 +114,34 @@ class CostModel:
         self.requires_grad = graph.requires_grad()
         self.grad_wire = 0.5 if graph.grad_reduce == "bf16" else 1.0  # bytes sent per gradient byte
         self.cast_copies = _cast_copies(graph)
+        self.saved = saved_for_backward(graph, self.requires_grad)
         self._node_cache: dict[tuple[str, str], tuple[float, ...]] = {}
         self._move_cache: dict[tuple, tuple[float, ...] | None] = {}
+        self._price_cache: dict[tuple, PricedMove] = {}
+        self._memory_cache: dict[tuple[str, str], dict[str, tuple[float, ...]]] = {}
         self._recompute(graph, recompute)
+        self.transient_peak = self._transient_peak(graph)
+
+    @property
+    def activation_reserve(self) -> tuple[float, ...]:
+        """Per rank, activation bytes no node's choice holds but the step needs at its peak: the
+        block backward recomputes, and the largest transient output with its gradient."""
+        return tuple(a + b for a, b in zip(self.recompute_peak, self.transient_peak))
+
+    def _transient_peak(self, graph: Graph) -> tuple[float, ...]:
+        """Per rank, twice the largest output of an op on the gradient path, at the rank's
+        data-parallel fraction of its largest micro-batch: an output that is not kept still lives
+        while its reader runs, and in backward beside its gradient (the logits of a large
+        vocabulary and their gradient, in the loss)."""
+        total = self.splitter.total or 1
+        largest = [0.0] * self.n
+        for node in graph.ops():
+            if node.name not in self.requires_grad or node.op_class == "view" or not isinstance(node.meta, TensorMeta):
+                continue
+            for r in range(self.n):
+                frac = self.splitter.shares[r] / total * self.micro_scale[r] if node.follows_batch else 1.0
+                largest[r] = max(largest[r], node.meta.nbytes * frac)
+        return tuple(2 * x for x in largest)
 
     def _recompute(self, graph: Graph, blocks: tuple[str, ...]) -> None:
         """Activation checkpointing of ``blocks`` (``Graph.blocks``): their ops run forward again in
@@ -122,8 +162,7 @@ class CostModel:
             inside = set(names)
             self.recomputed |= inside
             self.dropped |= {x for x in names if x != graph.loss and all(u in inside for u in users[x])}
-            saved = [graph[x] for x in names if graph[x].op_class != "view" and x in self.requires_grad
-                     and isinstance(graph[x].meta, TensorMeta)]
+            saved = [graph[x] for x in names if x in self.saved and isinstance(graph[x].meta, TensorMeta)]
             for r in range(self.n):
                 frac = self.splitter.shares[r] / total * self.micro_scale[r]
                 peaks[r] = max(peaks[r], sum(x.meta.nbytes * (frac if x.follows_batch else 1.0) for x in saved))
@@ -276,7 +315,12 @@ class CostModel:
         return self.splitter.fractions(meta.shape[d], p.unit)
 
     def price_move(self, meta: TensorMeta, src: Placement, dst: Placement, grad: bool = True) -> PricedMove:
-        return _price_move(self, meta, src, dst, grad)
+        """What moving a tensor of ``meta`` from ``src`` to ``dst`` costs (memoised: a repeated
+        block's tensors ask the same)."""
+        key = (meta.shape, meta.dtype, src, dst, grad)
+        if key not in self._price_cache:
+            self._price_cache[key] = _price_move(self, meta, src, dst, grad)
+        return self._price_cache[key]
 
     def measured_move_s(self, meta: TensorMeta, src: Placement, dst: Placement, form: str,
                         grad: bool) -> tuple[float, ...] | None:
@@ -327,6 +371,12 @@ class CostModel:
 
     def memory_parts(self, node: Node, cand: Candidate) -> dict[str, tuple[float, ...]]:
         """Per rank: parameters, gradients, optimizer state, activations (inputs and saved outputs)."""
+        key = (node.name, cand.name)
+        if key not in self._memory_cache:
+            self._memory_cache[key] = self._memory_parts(node, cand)
+        return self._memory_cache[key]
+
+    def _memory_parts(self, node: Node, cand: Candidate) -> dict[str, tuple[float, ...]]:
         zero = (0.0,) * self.n
         parts = {"parameters": zero, "gradients": zero, "optimizer": zero, "activations": zero}
         meta = node.meta if isinstance(node.meta, TensorMeta) else None
@@ -349,7 +399,7 @@ class CostModel:
             parts["parameters"] = (float(meta.nbytes),) * self.n
         elif node.name in self.dropped:  # recomputed in backward, not saved (the peak is reserved apart)
             pass
-        elif node.kind == "input" or (node.op_class != "view" and node.name in self.requires_grad):
+        elif node.kind == "input" or node.name in self.saved:
             parts["activations"] = tuple(x * m for x, m in zip(local, self.micro_scale)) if node.follows_batch \
                 else local
         return parts
@@ -369,6 +419,28 @@ class CostModel:
         if not (node.follows_batch and self.graph.batch_size):
             return (0.0,) * self.n
         return self.memory_parts(node, cand)["activations"]
+
+
+def saved_for_backward(graph: Graph, requires_grad: set[str]) -> set[str]:
+    """The op nodes whose output autograd keeps until backward (``KEEPS_NOTHING``, ``KEEPS_OUTPUT``):
+    an op on the gradient path keeps its output or its inputs; a kept view keeps the tensor it
+    views (its first input, through views), and parameters, buffers and inputs are counted as
+    such, not here."""
+    def base(name: str) -> str:
+        node = graph[name]
+        while node.kind == "op" and node.op_class == "view" and node.inputs():
+            node = graph[node.inputs()[0]]
+        return node.name
+
+    kept: set[str] = set()
+    for node in graph.ops():
+        if node.name not in requires_grad or node.op_class == "view" or node.target in KEEPS_NOTHING:
+            continue
+        if node.target in KEEPS_OUTPUT or node.target in KEEPS_OUTPUT_AND_INPUTS:
+            kept.add(node.name)
+        if node.target not in KEEPS_OUTPUT:
+            kept.update(base(ref) for ref in node.inputs())
+    return {x for x in kept if graph[x].kind == "op"}
 
 
 def _cast_copies(graph: Graph) -> dict[str, float]:

@@ -8,6 +8,8 @@ artifact, never ``fx.Node`` objects.
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -25,11 +27,11 @@ class TensorMeta:
     shape: tuple[int, ...]
     dtype: str
 
-    @property
+    @functools.cached_property
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return self.numel * DTYPE_BYTES.get(self.dtype, 4)
 

@@ -11,6 +11,8 @@ A unit keeps views exact: ``[B, T, 768] S(2/64)`` views as ``[B, T, 12, 64] S(2)
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 from hap.runtime.shares import split_lengths  # the one rule, shared with train.py
@@ -82,8 +84,19 @@ class Splitter:
         return sum(self.shares)
 
     def lengths(self, size: int, unit: int = 1) -> tuple[int, ...]:
-        assert size % unit == 0, (size, unit)
-        return split_lengths(size, unit, self.shares)
+        return _lengths(size, unit, self.shares)
 
     def fractions(self, size: int, unit: int = 1) -> tuple[float, ...]:
-        return tuple(x / size for x in self.lengths(size, unit)) if size else (0.0,) * self.num_ranks
+        return _fractions(size, unit, self.shares)
+
+
+# the cost model asks for the same few dims of every node on every share vector: memoised
+@functools.lru_cache(maxsize=1 << 16)
+def _lengths(size: int, unit: int, shares: tuple[int, ...]) -> tuple[int, ...]:
+    assert size % unit == 0, (size, unit)
+    return split_lengths(size, unit, shares)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _fractions(size: int, unit: int, shares: tuple[int, ...]) -> tuple[float, ...]:
+    return tuple(x / size for x in _lengths(size, unit, shares)) if size else (0.0,) * len(shares)

@@ -149,7 +149,7 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
             per_rank[r] += t[r]
         for r, b in enumerate(cm.memory_bytes(node, c)):
             mem[r] += b
-    mem = [m + peak for m, peak in zip(mem, cm.recompute_peak)]  # one recomputed block's activations
+    mem = [m + peak for m, peak in zip(mem, cm.activation_reserve)]  # a recomputed block's, the largest transient
     moves = []
     comm = 0.0
     rd = readers(graph)
@@ -434,7 +434,7 @@ class _PlacementMilp:
                     coeffs.append((v, b))
                     best = max(best, b)
                 worst += best
-            cap = float(cm.cluster.memory_bytes(r)) - cm.recompute_peak[r] - cm.collective_reserve
+            cap = float(cm.cluster.memory_bytes(r)) - cm.activation_reserve[r] - cm.collective_reserve
             if worst <= cap:
                 continue
             key = (cap, tuple((v.name, b) for v, b in coeffs))
@@ -471,8 +471,8 @@ def memory_report(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> 
         for part, per_rank in cm.memory_parts(node, choice[node.name]).items():
             for r, b in enumerate(per_rank):
                 out[r][part] += b
-    for row, peak in zip(out, cm.recompute_peak):
-        row["activations"] += peak  # the block that backward recomputes holds its activations again
+    for row, peak in zip(out, cm.activation_reserve):
+        row["activations"] += peak  # a recomputed block's activations, the largest transient output
         row["total"] = sum(row.values())
     return out
 

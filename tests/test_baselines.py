@@ -66,7 +66,7 @@ def test_a_baseline_whose_activations_overfill_a_rank_gets_the_searchs_memory_le
     from tests.test_micro import MIXED, meta_graph
 
     mixed = load_cluster(MIXED)
-    p = dp_proportional(meta_graph(2 ** 21), mixed)
+    p = dp_proportional(meta_graph(2 ** 22), mixed)
     assert p.strategy == "dp_proportional" and max(p.micro_batches) > 1
     assert all(m <= mixed.memory_bytes(r) for r, m in enumerate(p.predicted.memory_bytes))
 
