@@ -5,6 +5,9 @@
     fsdp_even         fully sharded data parallel, even shares: every parameter (and with it
                       its gradient and optimizer state) sharded on dim 0, all-gathered before
                       use (its reduce-scatter is the backward); the batch sharded
+    fsdp_cephalo      Cephalo's plan for mixed GPUs (ICS '25): fsdp_even's placements with batch
+                      shares proportional to device speed, state sharded in the same uneven
+                      lengths, and per-rank micro-batches where activations overfill a rank
     megatron_tp_even  tensor (Megatron) parallel, even shares: every weight matrix sharded on
                       dim 0 or 1 (column / row parallel, the solve picks), the batch replicated
 
@@ -16,17 +19,19 @@ micro-batches or with blocks recomputed) and scored by ``hap.solve.evaluate`` li
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from hap.calibrate import resolve
 from hap.cluster import Cluster
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph, Node, TensorMeta
-from hap.plan import Plan
+from hap.plan import BaselineResult, Plan
 from hap.rules import Candidate
 from hap.search import DATA_PARALLEL, Attempt, Pin, Search, assemble_plan, batch_sharded, global_batch, shares_by
 
-BASELINES = ("dp_even", "dp_proportional", "fsdp_even", "megatron_tp_even")
+BASELINES = ("dp_even", "dp_proportional", "fsdp_even", "fsdp_cephalo", "megatron_tp_even")
+COMPARED = ("fsdp_even", "fsdp_cephalo", "megatron_tp_even")  # what hap-plan --compare adds to the search's
 
 
 def solve_pinned(graph: Graph, cluster: Cluster, shares: tuple[int, ...], pin: Pin | None, strategy: str, *,
@@ -74,18 +79,19 @@ def megatron_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
 SETUPS: dict[str, tuple[str, Pin]] = {
     **DATA_PARALLEL,
     "fsdp_even": ("even", fsdp_pin),
+    "fsdp_cephalo": ("speed", fsdp_pin),
     "megatron_tp_even": ("even", megatron_pin),
 }
 
 
-def baseline_setup(name: str, cluster: Cluster, total: int) -> tuple[tuple[int, ...], Pin]:
-    """The shares and the pin of baseline ``name`` for a global batch of ``total``."""
+def baseline_setup(name: str, cluster: Cluster, total: int, precision: str = "fp32") -> tuple[tuple[int, ...], Pin]:
+    """The shares and the pin of baseline ``name`` for a global batch of ``total`` in ``precision``."""
     how, pin = SETUPS[name]
-    return shares_by(how, cluster, total), pin
+    return shares_by(how, cluster, total, precision), pin
 
 
 def _solve_baseline(name: str, graph: Graph, cluster: Cluster, **kw) -> Plan:
-    shares, pin = baseline_setup(name, cluster, global_batch(graph, cluster.num_ranks))
+    shares, pin = baseline_setup(name, cluster, global_batch(graph, cluster.num_ranks), graph.precision)
     return solve_pinned(graph, cluster, shares, pin, name, **kw)
 
 
@@ -101,6 +107,10 @@ def fsdp_even(graph: Graph, cluster: Cluster, **kw) -> Plan:
     return _solve_baseline("fsdp_even", graph, cluster, **kw)
 
 
+def fsdp_cephalo(graph: Graph, cluster: Cluster, **kw) -> Plan:
+    return _solve_baseline("fsdp_cephalo", graph, cluster, **kw)
+
+
 def megatron_tp_even(graph: Graph, cluster: Cluster, **kw) -> Plan | None:
     matrices = [p for p in graph.params() if isinstance(p.meta, TensorMeta) and p.meta.ndim >= 2]
     if cluster.num_ranks < 2 or not matrices:
@@ -111,7 +121,37 @@ def megatron_tp_even(graph: Graph, cluster: Cluster, **kw) -> Plan | None:
 def baseline(name: str, graph: Graph, cluster: Cluster, **kw) -> Plan | None:
     """A baseline by name (one of ``BASELINES``)."""
     fns = {"dp_even": dp_even, "dp_proportional": dp_proportional, "fsdp_even": fsdp_even,
-           "megatron_tp_even": megatron_tp_even}
+           "fsdp_cephalo": fsdp_cephalo, "megatron_tp_even": megatron_tp_even}
     if name not in fns:
         raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
     return fns[name](graph, cluster, **kw)
+
+
+def compare(plan: Plan, cluster: Cluster, **kw) -> Plan:
+    """``plan`` with the ``COMPARED`` baselines beside the search's: one that does not fit memory
+    is reported as such (``predicted_step_s`` None, with the reason). Where a baseline predicts a
+    faster step than ``plan``, that baseline is the plan (hap never prints a plan slower than a
+    baseline it shows), with a note that says so."""
+    more: dict[str, BaselineResult] = {}
+    faster: tuple[str, Plan] | None = None
+    for name in COMPARED:
+        try:
+            b = baseline(name, plan.graph, cluster, **kw)
+        except InfeasiblePlan as e:
+            more[name] = BaselineResult(None, reason=str(e))
+            continue
+        if b is None:
+            continue
+        more[name] = BaselineResult(b.predicted_step_s, b.shares, b.predicted.exposed_comm_s)
+        if b.predicted_step_s < plan.predicted_step_s and (faster is None or b.predicted_step_s <
+                                                           faster[1].predicted_step_s):
+            faster = (name, b)
+    baselines = {**plan.baselines, **more}
+    if faster is None:
+        return dataclasses.replace(plan, baselines=baselines)
+    name, b = faster
+    note = (f"the {name} baseline predicts {b.predicted_step_s * 1e3:.1f} ms, faster than the search's "
+            f"{plan.predicted_step_s * 1e3:.1f} ms: the plan is {name}")
+    return dataclasses.replace(b, baselines={**baselines, "hap_search": BaselineResult(
+        plan.predicted_step_s, plan.shares, plan.predicted.exposed_comm_s)}, spec=plan.spec,
+        warnings=plan.warnings, notes=plan.notes[:1] + (note,) + b.notes, solve_s=plan.solve_s + b.solve_s)

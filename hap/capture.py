@@ -369,6 +369,8 @@ def _graph_from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module,
             out_bytes = sum(m.nbytes for m in out_list)
             cls = op_class(target)
             flops = count_flops(target, ins, meta, n.args) if out_list else 0.0
+            if target == "aten._assert_tensor_metadata.default":
+                in_bytes = 0  # it reads the tensor's metadata, not its data
             nodes.append(Node(n.name, "op", target, args, kwargs, meta, cls, flops, float(in_bytes + out_bytes),
                               where, _module_of(n)))
         elif n.op == "output":

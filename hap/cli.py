@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -125,15 +124,10 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
                           time_limit_s=args.time_limit, spec=str(Path(args.spec).resolve()), pins=pins,
                           progress=lambda msg: status.update(msg))
     if args.compare:
-        from hap.baselines import fsdp_even, megatron_tp_even
-        from hap.plan import BaselineResult
+        from hap.baselines import compare
 
-        more = {}
-        for name, fn in (("fsdp_even", fsdp_even), ("megatron_tp_even", megatron_tp_even)):
-            b = fn(plan.graph, cluster, optimizer=args.optimizer, time_limit_s=args.time_limit)
-            if b is not None:
-                more[name] = BaselineResult(b.predicted_step_s, b.shares, b.predicted.exposed_comm_s)
-        plan = dataclasses.replace(plan, baselines={**plan.baselines, **more})
+        with err.status("solving the compared baselines"):
+            plan = compare(plan, cluster, optimizer=args.optimizer, time_limit_s=args.time_limit)
     if args.timeline:
         from hap.simulate import simulate, timeline_for_baseline
         from hap.timeline import draw

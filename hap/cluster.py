@@ -96,9 +96,9 @@ class Cluster:
         """The memory a plan may fill on ``rank``: its device's, less the device's reserve."""
         return self.profile(rank).usable_memory_bytes
 
-    def speed(self, rank: int) -> float:
-        """Relative speed of `rank` (fp32 matmul flop/s), for speed-proportional shares."""
-        return self.flop_rate(rank, "matmul", "fp32")
+    def speed(self, rank: int, precision: str = "fp32") -> float:
+        """Relative speed of `rank` (matmul flop/s in ``precision``), for speed-proportional shares."""
+        return self.flop_rate(rank, "matmul", precision)
 
     def group_link(self, ranks: Sequence[int] | None = None) -> Link:
         """The link a ring collective over `ranks` (default: all) is bound by.

@@ -9,7 +9,6 @@ artifact, never ``fx.Node`` objects.
 from __future__ import annotations
 
 import functools
-
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field

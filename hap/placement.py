@@ -12,7 +12,6 @@ A unit keeps views exact: ``[B, T, 768] S(2/64)`` views as ``[B, T, 12, 64] S(2)
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 
 from hap.runtime.shares import split_lengths  # the one rule, shared with train.py

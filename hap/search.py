@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 Pin = Callable[[Node, Candidate, list[Candidate]], bool]
 REFIT_ROUNDS = 3
 PREFER_WITHIN = 1.01  # a simpler result is kept unless another is at least 1% faster
+FILLS = (0.9, 0.7, 0.5)  # fractions of each rank's memory the memory levers size the least-memory plan to
 PREFERENCE = ("hap", "dp_proportional", "hap_refit*", "hap_dp_refit", "hap_even", "dp_even")  # simplest first
 
 
@@ -76,9 +77,9 @@ def dp_pin(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
 DATA_PARALLEL: dict[str, tuple[str, Pin]] = {"dp_even": ("even", dp_pin), "dp_proportional": ("speed", dp_pin)}
 
 
-def shares_by(how: str, cluster: Cluster, total: int) -> tuple[int, ...]:
-    """The shares of a global batch of ``total``: "even", or by device "speed"."""
-    return even_shares(cluster.num_ranks, total) if how == "even" else speed_shares(cluster, total)
+def shares_by(how: str, cluster: Cluster, total: int, precision: str = "fp32") -> tuple[int, ...]:
+    """The shares of a global batch of ``total``: "even", or by device "speed" (in ``precision``)."""
+    return even_shares(cluster.num_ranks, total) if how == "even" else speed_shares(cluster, total, precision)
 
 
 def global_batch(graph: Graph, n: int) -> int:
@@ -169,13 +170,18 @@ class Search:
     def solved(self, attempt: Attempt) -> Result:
         """``attempt`` solved under its setup, or where that has no plan, under the fastest memory
         lever that has one (``fit_memory``); the solve's InfeasiblePlan where none has."""
-        try:
-            return self.solved_under(attempt, self.setup(attempt.shares))
-        except InfeasiblePlan:
-            fitted = self.fit_memory(attempt)
-            if fitted is None:
-                raise
-            return fitted
+        base, own, restrict = self.setup(attempt.shares), self.candidates(attempt.shares), self.restriction(attempt)
+        cm = self.cost_model(base)
+        if fits(self.graph, self.cluster, cm, own, restrict):
+            try:
+                return self.solved_under(attempt, base)
+            except InfeasiblePlan:
+                pass
+        # the least-memory assignment overfills (no solve can fit), or the solve found none
+        fitted = self.fit_memory(attempt) if state_fits(self.graph, self.cluster, cm, own, restrict) else None
+        if fitted is None:
+            raise InfeasiblePlan(f"{attempt.name}: no assignment fits every rank's memory")
+        return fitted
 
     def solved_under(self, attempt: Attempt, setup: CostSetup) -> Result:
         """The MILP of ``attempt`` under ``setup``; where the temporary buffers of its collectives
@@ -195,44 +201,54 @@ class Search:
 
     def fit_memory(self, attempt: Attempt) -> Result | None:
         """The fastest result of ``attempt`` under its memory levers (``memory_levers``); None
-        when none of them has a plan."""
-        best = None
-        for setup in self.memory_levers(attempt):
-            try:
-                result = self.solved_under(attempt, setup)
-            except InfeasiblePlan:
-                continue
-            if best is None or result.step_s < best.step_s:
-                best = result
-        return best
+        when none of them has a plan. The levers are sized to fill a fraction of each rank's
+        memory (``FILLS``), so that the solve has room to choose faster placements than the
+        least-memory ones and for the collectives' buffers; where none of a fill's levers has a
+        plan, the next, smaller fill is tried."""
+        for fill in FILLS:
+            best = None
+            for setup in self.memory_levers(attempt, fill):
+                try:
+                    result = self.solved_under(attempt, setup)
+                except InfeasiblePlan:
+                    continue
+                if best is None or result.step_s < best.step_s:
+                    best = result
+            if best is not None:
+                return best
+        return None
 
-    def memory_levers(self, attempt: Attempt) -> list[CostSetup]:
+    def memory_levers(self, attempt: Attempt, fill: float = 1.0) -> list[CostSetup]:
         """Where activations overfill some rank, the setups that let the least-memory assignment
-        fit: its shares in micro-batches there, the fewest blocks recomputed in backward
-        (activation checkpointing, with recompute "auto"), or every block recomputed and the
-        rest in micro-batches."""
+        fit in ``fill`` of every rank's memory: its shares in micro-batches there, the fewest
+        blocks recomputed in backward (activation checkpointing, with recompute "auto"), or every
+        block recomputed and the rest in micro-batches."""
         base, own, restrict = self.setup(attempt.shares), self.candidates(attempt.shares), self.restriction(attempt)
         options = []
-        micro = fit_micro_batches(self.graph, self.cluster, self.cost_model(base), own, restrict)
+        micro = fit_micro_batches(self.graph, self.cluster, self.cost_model(base), own, restrict, fill)
         if micro is not None:
             options.append(dataclasses.replace(base, micro_batches=micro))
         blocks = tuple(self.graph.blocks()) if self.recompute == "auto" else ()
         if blocks:
-            recomputing = [dataclasses.replace(base, recompute=blocks[:k]) for k in range(1, len(blocks) + 1)]
-            fewest = next((x for x in recomputing if fits(self.graph, self.cluster, self.cost_model(x), own, restrict)),
-                          None)
-            if fewest is not None:
-                options.append(fewest)
+            def fitting(k: int) -> bool:
+                setup = dataclasses.replace(base, recompute=blocks[:k])
+                return fits(self.graph, self.cluster, self.cost_model(setup), own, restrict, fill)
+
+            k = _fewest(fitting, len(blocks))  # fits() only gains from more blocks recomputed
+            if k is not None:
+                options.append(dataclasses.replace(base, recompute=blocks[:k]))
             else:
-                both = fit_micro_batches(self.graph, self.cluster, self.cost_model(recomputing[-1]), own, restrict)
+                every = dataclasses.replace(base, recompute=blocks)
+                both = fit_micro_batches(self.graph, self.cluster, self.cost_model(every), own, restrict, fill)
                 if both is not None:
-                    options.append(dataclasses.replace(recomputing[-1], micro_batches=both))
+                    options.append(dataclasses.replace(every, micro_batches=both))
         return options
 
     def explain(self, attempt: Attempt) -> InfeasiblePlan:
         """Why ``attempt`` has no plan: the least memory any assignment needs (``explain_memory``)."""
         return explain_memory(self.graph, self.cluster, self.cost_model(self.setup(attempt.shares)),
-                              self.candidates(attempt.shares), self.restriction(attempt), self.optimizer)
+                              self.candidates(attempt.shares), self.restriction(attempt), self.optimizer,
+                              self.recompute)
 
     def refit(self, result: Result, total: int) -> tuple[int, ...]:
         """Shares re-fitted to the timed work of ``result``, priced under its own setup."""
@@ -242,9 +258,10 @@ class Search:
         """Solve every attempt (see the module docstring) for a global batch of ``total``; the preferred result."""
         say("solving data-parallel baselines")
         for name, (how, pin) in DATA_PARALLEL.items():
-            self.solve(Attempt(name, shares_by(how, self.cluster, total), pin))
+            self.solve(Attempt(name, shares_by(how, self.cluster, total, self.graph.precision), pin))
         say("solving placements (MILP)")
-        prop, even = shares_by("speed", self.cluster, total), shares_by("even", self.cluster, total)
+        prop = shares_by("speed", self.cluster, total, self.graph.precision)
+        even = shares_by("even", self.cluster, total)
         best = self.solve(self.hap("hap", prop))
         for it in range(REFIT_ROUNDS):
             new = self.refit(best, total)
@@ -311,7 +328,7 @@ def search(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bo
     s = Search(graph, cluster, optimizer=optimizer, strict=strict, time_limit_s=time_limit_s, user_pins={},
                recompute=recompute)
     say(f"enumerating candidates for {len(graph)} nodes")
-    s.user_pins = parse_pins(graph, s.candidates(shares_by("speed", cluster, total)), pins or {})
+    s.user_pins = parse_pins(graph, s.candidates(shares_by("speed", cluster, total, graph.precision)), pins or {})
     won = s.run(total, say)
     strategy = "hap" if won.attempt.name.startswith("hap") else won.attempt.name
     notes = [f"precision {precision}: {why}"] + result_notes(graph, cluster, won, recompute)
@@ -424,39 +441,67 @@ def least_memory_choice(graph: Graph, cm: CostModel, cands: dict, pin) -> dict[s
     return choice
 
 
-def fits(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin) -> bool:
-    """Whether the least-memory assignment fits every rank under ``cm``."""
+def fits(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin, fill: float = 1.0) -> bool:
+    """Whether the least-memory assignment fits ``fill`` of every rank's memory under ``cm``."""
     report = memory_report(graph, cm, least_memory_choice(graph, cm, cands, pin))
-    return all(row["total"] <= cluster.memory_bytes(r) for r, row in enumerate(report))
+    return all(row["total"] <= fill * cluster.memory_bytes(r) for r, row in enumerate(report))
 
 
-def fit_micro_batches(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin) -> tuple[int, ...] | None:
-    """Per rank, the fewest micro-batches that let the least-memory assignment fit: a rank keeps
-    only its largest micro-batch's activations (of the tensors that follow the batch). None when
-    no number does (the parameter state alone overfills a rank) or the graph's sizes were not
-    classified (``hap.capture.classify_batch``)."""
+def state_fits(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin) -> bool:
+    """Whether the least-memory assignment's parameters, gradients and optimizer state fit every
+    rank: where they do not, no memory lever (they divide activations) can make a plan fit."""
+    report = memory_report(graph, cm, least_memory_choice(graph, cm, cands, pin))
+    return all(row["total"] - row["activations"] <= cluster.memory_bytes(r) for r, row in enumerate(report))
+
+
+def _fewest(ok: Callable[[int], bool], n: int) -> int | None:
+    """The least k in 1..n with ``ok(k)``, for ``ok`` monotone in k (bisection); None if ``ok(n)`` fails."""
+    if not ok(n):
+        return None
+    lo, hi = 1, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def fit_micro_batches(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin,
+                      fill: float = 1.0) -> tuple[int, ...] | None:
+    """Per rank, the fewest micro-batches that let the least-memory assignment fit ``fill`` of its
+    memory: a rank keeps only its largest micro-batch's activations of the tensors that follow
+    the batch, and of the peak it reserves (a recomputed block, the largest transient). None
+    when no number does (the parameter state alone overfills a rank) or the graph's sizes were
+    not classified (``hap.capture.classify_batch``)."""
     if not graph.batch_size:
         return None
     choice = least_memory_choice(graph, cm, cands, pin)
     report = memory_report(graph, cm, choice)
     counts = []
     for r, row in enumerate(report):
-        over = row["total"] - cluster.memory_bytes(r)
-        share = cm.splitter.shares[r]
-        if over <= 0 or share <= 1:
-            counts.append(1)
+        cap, share = fill * cluster.memory_bytes(r), cm.splitter.shares[r]
+        if row["total"] <= cap or share <= 1:
+            counts.append(cm.micro[r])
             continue
-        divisible = sum(cm.batch_activations(node, choice[node.name])[r] for node in graph)
-        largest = int(share * (1 - over / divisible)) if divisible > over else 0  # samples per micro-batch
+        # the bytes that follow the largest micro-batch, then at the whole share
+        piece = sum(cm.batch_activations(node, choice[node.name])[r] for node in graph) + cm.activation_reserve[r]
+        divisible = piece / cm.micro_scale[r]
+        fixed = row["total"] - piece
+        largest = int(share * (cap - fixed) / divisible) if cap > fixed and divisible > 0 else 0
         if largest < 1:
             return None
-        counts.append(-(-share // largest))
+        counts.append(-(-share // min(largest, share)))
     return tuple(counts) if max(counts) > 1 else None
 
 
-def explain_memory(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin, optimizer: str) -> InfeasiblePlan:
+def explain_memory(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin, optimizer: str,
+                   recompute: str = "auto") -> InfeasiblePlan:
     """The least memory any assignment needs (each tensor sharded as far as its rules allow),
-    and which rank it still overfills by how much, as an error with fixes."""
+    and which rank it still overfills by how much, by part, as an error with the levers that
+    would close it (the search has tried micro-batches and, unless ``recompute`` is "none",
+    recomputed blocks)."""
     choice = least_memory_choice(graph, cm, cands, pin)
     report = memory_report(graph, cm, choice)
     over = [(row["total"] - cluster.memory_bytes(r), r) for r, row in enumerate(report)]
@@ -467,14 +512,33 @@ def explain_memory(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, p
     row = report[r]
     gb = 1e9
     micro = f" and its samples in {cm.micro[r]} micro-batches" if cm.micro[r] > 1 else ""
-    fixes = ["a smaller global batch (--batch-size)", "a cluster with more memory per device"]
+    state = row["total"] - row["activations"]
+    fixes = ["a smaller global batch (--batch-size)" if state <= cluster.memory_bytes(r) else
+             "more ranks (the parameter state is sharded over all of them)",
+             "a cluster with more memory per device"]
+    activation_bound = row["activations"] > 0.25 * row["total"]  # activations are a lever worth naming
+    if graph.precision == "fp32" and activation_bound:
+        fixes.insert(0, "--precision bf16 (activations in half the bytes)")
+    if recompute == "none" and graph.blocks():
+        fixes.insert(0, "--recompute auto (blocks' activations recomputed in backward)")
     if optimizer != "sgd":
         fixes.insert(0, "--optimizer sgd (no optimizer state)")
+    if state > cluster.memory_bytes(r):
+        tried = f"; its parameter state alone is {state / gb:.1f} GB, which no micro-batches or recomputation divide"
+    else:
+        tried = (", with its samples in micro-batches" + (" and blocks recomputed" if recompute != "none" else "")
+                 + " too")
+    largest = max((n for n in graph if n.name in cm.saved), key=lambda n: max(cm.memory_bytes(n, choice[n.name])),
+                  default=None)
+    biggest = "" if largest is None or not activation_bound else (f"; the largest activation kept is {largest.name} "
+                                          f"({max(cm.memory_bytes(largest, choice[largest.name])) / gb:.1f} GB, "
+                                          f"{largest.source or largest.target})")
     return InfeasiblePlan(
         f"no plan fits in memory: rank {r} ({cluster.ranks[r].device}) needs at least {row['total'] / gb:.1f} GB "
         f"(parameters {row['parameters'] / gb:.1f}, gradients {row['gradients'] / gb:.1f}, optimizer "
-        f"{row['optimizer'] / gb:.1f}, activations {row['activations'] / gb:.1f}) even with every tensor sharded "
-        f"as far as the rules allow{micro}, and has {cluster.memory_bytes(r) / gb:.1f} GB. Try: {'; '.join(fixes)}.")
+        f"{row['optimizer'] / gb:.1f}, activations {row['activations'] / gb:.1f}{biggest}) even with every tensor "
+        f"sharded as far as the rules allow{micro}, and has {cluster.memory_bytes(r) / gb:.1f} GB{tried}. "
+        f"Try: {'; '.join(fixes)}.")
 
 
 def parse_pins(graph: Graph, cands: dict, pins: dict[str, str]) -> dict[str, Placement]:

@@ -502,7 +502,7 @@ def _refit_shares(graph: Graph, cm: CostModel, choice: dict[str, Candidate], tot
         # timed ops: a trust region of +-10% around the speed-proportional shares. The secants come
         # from single timings that scatter +-10-20% on a shared machine, so a larger move on their
         # word alone is noise, not a better plan
-        speeds = [cm.cluster.speed(r) for r in range(n)]
+        speeds = [cm.cluster.speed(r, graph.precision) for r in range(n)]
         for r in range(n):
             p = speeds[r] / sum(speeds)
             prob += x[r] >= (1 - TRUST_REGION) * p
@@ -546,8 +546,9 @@ def lower_bound_s(graph: Graph, cm: CostModel) -> float:
     return total
 
 
-def speed_shares(cluster: Cluster, total: int) -> tuple[int, ...]:
-    return largest_remainder(total, [cluster.speed(r) for r in range(cluster.num_ranks)])
+def speed_shares(cluster: Cluster, total: int, precision: str = "fp32") -> tuple[int, ...]:
+    """Shares of ``total`` proportional to each rank's matmul rate in ``precision``."""
+    return largest_remainder(total, [cluster.speed(r, precision) for r in range(cluster.num_ranks)])
 
 
 def even_shares(n: int, total: int) -> tuple[int, ...]:

@@ -78,3 +78,45 @@ def test_baseline_by_name(mlp, cluster):
     with pytest.raises(ValueError):
         baseline("zero3", mlp, cluster)
     assert megatron_tp_even(mlp, load_cluster("cpu-homogeneous")) is not None
+
+
+def test_compare_reports_a_baseline_that_does_not_fit_and_keeps_the_plan(mlp, cluster, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import hap.baselines as hb
+    from hap.errors import InfeasiblePlan
+    from hap.report import baselines_table
+
+    plan = plan_graph(mlp, cluster, time_limit_s=10)
+    solved = hb.baseline
+
+    def baseline_or_overfill(name, graph, cl, **kw):
+        if name == "fsdp_even":
+            raise InfeasiblePlan("no plan fits in memory: rank 1 needs at least 9.0 GB")
+        return solved(name, graph, cl, **kw)
+
+    monkeypatch.setattr(hb, "baseline", baseline_or_overfill)
+    compared = hb.compare(plan, cluster, time_limit_s=10)
+    assert not compared.baselines["fsdp_even"].feasible
+    assert "rank 1 needs" in compared.baselines["fsdp_even"].reason
+    assert compared.baselines["fsdp_cephalo"].feasible and compared.baselines["megatron_tp_even"].feasible
+    assert set(compared.nodes) == set(plan.nodes)  # the plan is still there, whatever it became
+    assert all(compared.predicted_step_s <= b.predicted_step_s * (1 + 1e-9)
+               for b in compared.baselines.values() if b.feasible)
+    buf = io.StringIO()
+    Console(file=buf, width=200).print(baselines_table(compared))
+    assert "fsdp_even" in buf.getvalue() and "does not fit" in buf.getvalue()
+
+
+def test_cephalo_baseline_shards_state_with_speed_shares():
+    from tests.test_micro import MIXED, meta_graph
+
+    mixed = load_cluster(MIXED)
+    graph = meta_graph(2 ** 22)
+    p = baseline("fsdp_cephalo", graph, mixed)
+    assert p.strategy == "fsdp_cephalo" and p.shares == speed_shares(mixed, 2 ** 22)
+    assert all(p.nodes[x.name].output.startswith("S(0") for x in graph.params() if x.meta.ndim == 2)
+    for r in range(mixed.num_ranks):
+        assert p.predicted.memory_bytes[r] <= mixed.memory_bytes(r)

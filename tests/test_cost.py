@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from hap.cluster import Link, load_cluster
 from hap.cost import CostModel, CostSetup, collective_s
@@ -151,3 +152,56 @@ def test_a_padded_collective_holds_n_shards_of_the_largest_length_while_it_runs(
     assert padded == 2 * 0.75 * meta.nbytes
     assert cm.move_temporary_bytes(meta, S(1), R, PricedMove("all_gather", "grouped", 0.0)) == meta.nbytes
     assert cm.move_temporary_bytes(meta, R, S(1), PricedMove("slice", "", 0.0)) == 0.0
+
+
+class _Head(torch.nn.Module):
+    """x -> linear -> relu -> linear (+ x) -> float() -> cross-entropy: HF's head in small."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x, y):
+        h = self.b(torch.relu(self.a(x))) + x
+        return torch.nn.functional.cross_entropy(h.float(), y)
+
+
+def test_activations_are_what_autograd_keeps_and_an_output_lives_beside_its_gradient():
+    from hap.capture import capture
+    from hap.cost import saved_for_backward
+
+    g = capture(_Head(), (torch.randn(8, 16), torch.randint(0, 16, (8,))))
+    kept = {g[x].target for x in saved_for_backward(g, g.requires_grad())}
+    # relu keeps its output (b's input too); the linear a's output is read only by relu; the
+    # sum and the cast keep nothing, cross-entropy keeps the logits it reads (its log-softmax)
+    assert "aten.relu.default" in kept and "aten.linear.default" not in kept and "aten.add.Tensor" not in kept
+    names = {g[x].target: x for x in saved_for_backward(g, g.requires_grad())}
+    ce = next(n for n in g.ops() if "cross_entropy" in n.target)
+    assert len(names) == 2 and ce.inputs()[0] in {x for x in saved_for_backward(g, g.requires_grad())} | {
+        g[ce.inputs()[0]].inputs()[0]}
+    cm = CostSetup((4, 4)).cost_model(g, load_cluster("default"))
+    largest = max(n.meta.nbytes for n in g.ops() if n.name in cm.requires_grad and n.op_class != "view"
+                  and isinstance(n.meta, TensorMeta))
+    assert cm.transient_peak == (2 * largest / 2, 2 * largest / 2)  # at each rank's half of the batch
+
+
+def test_an_export_metadata_assert_reads_its_tensor_where_it_lies():
+    from hap.capture import capture
+    from hap.rules import RuleContext, candidates, view_units
+
+    class Cast(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x).to(torch.float32).pow(2).mean()
+
+    g = capture(Cast(), (torch.randn(6, 8),))
+    asserts = [n for n in g.ops() if n.target == "aten._assert_tensor_metadata.default"]
+    if not asserts:
+        pytest.skip("this torch version's export writes no metadata assert for .to()")
+    ctx = RuleContext(g, Splitter((4, 2)), view_units(g))
+    offered = {str(c.inputs[0]) for c in candidates(asserts[0], ctx)}
+    assert {"R", "P", "S(0)"} <= offered  # never forces its input to be gathered
+    assert asserts[0].bytes == 0 and asserts[0].flops == 0

@@ -3,7 +3,7 @@ other than the indexed one; creation ops (arange, zeros, ...) run replicated."""
 from __future__ import annotations
 
 from hap.graph import Node
-from hap.rules import Candidate, R, RuleContext, S, arg, norm_dim, rule
+from hap.rules import Candidate, P, R, RuleContext, S, arg, norm_dim, rule
 
 
 def _other_dims(node: Node, ctx: RuleContext, dim: int | None) -> list[Candidate]:
@@ -49,7 +49,23 @@ def index_select(node: Node, ctx: RuleContext) -> list[Candidate]:
 
 @rule("aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.zeros.default",
       "aten.ones.default", "aten.full.default", "aten.empty.memory_format", "aten.scalar_tensor.default",
-      "aten.eye.default", "aten.linspace.default", "aten._assert_tensor_metadata.default", "torch.tensor")
+      "aten.eye.default", "aten.linspace.default", "torch.tensor")
 def creation(node: Node, ctx: RuleContext) -> list[Candidate]:
     """Tensors made from nothing (and metadata asserts) are cheap: every rank makes its own."""
     return []
+
+
+@rule("aten._assert_tensor_metadata.default")
+def assert_metadata(node: Node, ctx: RuleContext) -> list[Candidate]:
+    """export's check of a tensor's dtype, device and layout (before a ``.to``) holds for any
+    shard or partial sum of it, so it reads the tensor where it lies; a check of its size or
+    strides holds only for the whole tensor. It has no output: its placement is its input's."""
+    if any(node.kwargs.get(k) is not None for k in ("size", "stride")) or \
+            any(a is not None for a in node.args[1:3]):
+        return []
+    x = ctx.meta(node.inputs()[0])
+    cands = [Candidate("P", (P,), P)]
+    for d in range(x.ndim):
+        for u in ctx.shard_units(x.shape[d]):
+            cands.append(Candidate(f"S({d})" if u == 1 else f"S({d}/{u})", (S(d, u),), S(d, u)))
+    return cands

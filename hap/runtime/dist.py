@@ -147,6 +147,23 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def peak_memory_bytes(dev: torch.device) -> int:
+    """This process's peak memory so far: the CUDA caching allocator's peak on a GPU, the peak
+    resident set (VmHWM) on CPU, where the model's tensors live in the process's own memory."""
+    if dev.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(dev))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kB on Linux
+
+
 @contextlib.contextmanager
 def local_work_only(rank_: int, world: int):
     """Act as rank ``rank_`` of ``world`` without a process group: every collective does its local
@@ -315,11 +332,18 @@ def barrier() -> None:
 
 
 def _all_reduce(t: torch.Tensor, op: str = "sum") -> None:
-    """In-place sum (or ``op="max"``) over ranks of a contiguous tensor."""
+    """In-place sum (or ``op="max"``) over ranks of a contiguous tensor; a host tensor on an NCCL
+    group (which reduces device memory only) travels through this rank's GPU."""
     if _S.dry or not is_distributed():
         return
     emulate.before_comm()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    red = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+    if _S.backend == "nccl" and t.device.type == "cpu":
+        on_gpu = t.to(device())
+        dist.all_reduce(on_gpu, op=red)
+        t.copy_(on_gpu.cpu())
+    else:
+        dist.all_reduce(t, op=red)
     emulate.after_comm()
 
 

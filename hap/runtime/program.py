@@ -30,7 +30,7 @@ from . import micro, optim
 from .checks import Refused, backend_for, cuda_missing, device_mismatch, placement_mismatch, planned_gpu
 from .collectives import gather_full, sum_scalar
 from .data import BadBatch, RankData, val_batches
-from .dist import _all_reduce, barrier, device, init, leave
+from .dist import _all_reduce, barrier, device, init, leave, peak_memory_bytes
 from .emulate import comm_seconds, end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .layout import FORMAT, Layout, offset
@@ -681,12 +681,15 @@ def main(layout: Layout | ModuleType, forward: Callable | None = None, file: str
             torch.save(state, args.dump_params)
     waits = torch.tensor(data.waits, dtype=torch.float64)
     _all_reduce(waits, "max")  # a step waits for the slowest rank's batch
+    peaks = torch.zeros(layout.world_size, dtype=torch.float64)
+    peaks[layout.rank] = peak_memory_bytes(layout.device)
+    _all_reduce(peaks, "sum")  # each rank's own peak, gathered to every rank
     data.close()
     log.close(args.log_json, data_wait_s=waits.tolist(), world_size=layout.world_size, first_step=start_step,
               precision=amp.name, grad_reduce=layout.grad_reduce, skipped_steps=amp.skipped,
               rebalance=rebalancing.events if rebalancing else [],
               compute_s=rebalancing.compute_log if rebalancing else [],
-              advice=rebalancing.advice if rebalancing else [])
+              advice=rebalancing.advice if rebalancing else [], peak_memory_bytes=[int(x) for x in peaks.tolist()])
     if args.save and layout.rank == 0:
         ckpt.unlock(args.save, run_id)
     leave(0)  # every rank done communicating, then out without gloo's teardown
