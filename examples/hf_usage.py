@@ -15,6 +15,11 @@ Environment variables:
       t5     T5ForConditionalGeneration, encoder-decoder (decoder inputs made from labels)
       bert   BertForSequenceClassification, 3 classes
       vit    ViTForImageClassification on 16x16 images, 5 classes
+  HAP_HF_SIZE=1b|8b                     with llama: the shape of Llama-3.2-1B (16 blocks, width 2048,
+                                        32/8 heads, FFN 8192, vocab 128256, tied embeddings) or of
+                                        Llama-3-8B (32 blocks, width 4096, 32/8 heads, FFN 14336,
+                                        vocab 128256), seq 2048, global batch 256: for planning (on
+                                        the meta device), not for training here
   HAP_BATCH=N                           global batch (default 12)
 """
 import os
@@ -23,8 +28,13 @@ import torch
 from torch import nn
 
 MODEL = os.environ.get("HAP_HF_MODEL", "gpt2")
-BATCH_SIZE = int(os.environ.get("HAP_BATCH", "12"))
-VOCAB, SEQ, DIM, LAYERS, HEADS, FFN = 128, 16, 32, 2, 4, 64
+SIZE = os.environ.get("HAP_HF_SIZE", "tiny")
+LLAMA = {"1b": (128256, 2048, 2048, 16, 32, 8192, 8, True), "8b": (128256, 2048, 4096, 32, 32, 14336, 8, False)}
+if MODEL == "llama" and SIZE in LLAMA:
+    VOCAB, SEQ, DIM, LAYERS, HEADS, FFN, KV_HEADS, TIED = LLAMA[SIZE]
+else:
+    VOCAB, SEQ, DIM, LAYERS, HEADS, FFN, KV_HEADS, TIED = 128, 16, 32, 2, 4, 64, 2, False
+BATCH_SIZE = int(os.environ.get("HAP_BATCH", "256" if SIZE in LLAMA else "12"))
 CLASSES, IMAGE = {"bert": 3, "vit": 5}.get(MODEL, 0), 16
 
 
@@ -39,7 +49,8 @@ def hf_model() -> nn.Module:
     if MODEL == "llama":
         return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN,
                                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                                  num_key_value_heads=HEADS // 2, max_position_embeddings=SEQ))
+                                                  num_key_value_heads=KV_HEADS, max_position_embeddings=SEQ,
+                                                  tie_word_embeddings=TIED))
     if MODEL == "t5":
         return tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=VOCAB, d_model=DIM, d_kv=DIM // HEADS,
                                                          d_ff=FFN, num_layers=LAYERS, num_heads=HEADS,

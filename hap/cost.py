@@ -118,7 +118,10 @@ class CostModel:
         self._node_cache: dict[tuple[str, str], tuple[float, ...]] = {}
         self._move_cache: dict[tuple, tuple[float, ...] | None] = {}
         self._price_cache: dict[tuple, PricedMove] = {}
+        # ranks of one device type and slowdown compute alike: identical ranks are priced once
+        self.rank_class = tuple((info.device, info.slowdown) for info in cluster.ranks)
         self._memory_cache: dict[tuple[str, str], dict[str, tuple[float, ...]]] = {}
+        self._bytes_cache: dict[tuple[str, str], tuple[float, ...]] = {}
         self._recompute(graph, recompute)
         self.transient_peak = self._transient_peak(graph)
 
@@ -134,14 +137,15 @@ class CostModel:
         while its reader runs, and in backward beside its gradient (the logits of a large
         vocabulary and their gradient, in the loss)."""
         total = self.splitter.total or 1
-        largest = [0.0] * self.n
+        batch = fixed = 0.0  # the largest output that follows the batch, the largest that does not
         for node in graph.ops():
-            if node.name not in self.requires_grad or node.op_class == "view" or not isinstance(node.meta, TensorMeta):
-                continue
-            for r in range(self.n):
-                frac = self.splitter.shares[r] / total * self.micro_scale[r] if node.follows_batch else 1.0
-                largest[r] = max(largest[r], node.meta.nbytes * frac)
-        return tuple(2 * x for x in largest)
+            if node.name in self.requires_grad and node.op_class != "view" and isinstance(node.meta, TensorMeta):
+                if node.follows_batch:
+                    batch = max(batch, node.meta.nbytes)
+                else:
+                    fixed = max(fixed, node.meta.nbytes)
+        return tuple(2 * max(batch * self.splitter.shares[r] / total * self.micro_scale[r], fixed)
+                     for r in range(self.n))
 
     def _recompute(self, graph: Graph, blocks: tuple[str, ...]) -> None:
         """Activation checkpointing of ``blocks`` (``Graph.blocks``): their ops run forward again in
@@ -202,11 +206,18 @@ class CostModel:
         else:
             fracs = self.fractions(cand.split)
             res = []
+            alike: dict[tuple, float] = {}  # a roofline's seconds depend only on (class, fraction, pieces)
             for r, k in enumerate(self.micro):
+                same = None if self._measures(node, cand, r) else (self.rank_class[r], fracs[r], k)
+                if same in alike:
+                    res.append(alike[same])
+                    continue
                 work, fixed = self._affine_s(node, r)
                 t = self._measured_s(node, cand, r, work * fracs[r] + fixed, fracs[r])
                 # k micro-batches: k runs of the op on a k-th of the batch
                 res.append(self._micro_s(node, cand, r, k, t + (k - 1) * fixed) if k > 1 else t)
+                if same is not None:
+                    alike[same] = res[-1]
             if node.name in self.recomputed:  # its forward runs again in backward
                 again = 1.0 + 1.0 / (1.0 + self.backward_factor(node))
                 res = [t * again for t in res]
@@ -367,7 +378,10 @@ class CostModel:
     # ---- memory ----------------------------------------------------------------------
     def memory_bytes(self, node: Node, cand: Candidate) -> tuple[float, ...]:
         """Bytes per rank this node's choice keeps: parameter state, or saved activations."""
-        return tuple(sum(parts) for parts in zip(*self.memory_parts(node, cand).values()))
+        key = (node.name, cand.name)
+        if key not in self._bytes_cache:
+            self._bytes_cache[key] = tuple(sum(parts) for parts in zip(*self.memory_parts(node, cand).values()))
+        return self._bytes_cache[key]
 
     def memory_parts(self, node: Node, cand: Candidate) -> dict[str, tuple[float, ...]]:
         """Per rank: parameters, gradients, optimizer state, activations (inputs and saved outputs)."""

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pulp
 
 if TYPE_CHECKING:
@@ -421,26 +422,23 @@ class _PlacementMilp:
         with the same capacity and coefficients (same device, slowdown and lengths) share one."""
         cm = self.cm
         # bytes per rank of each representative's candidates, summed over the tied members
-        mem = {(name, c.name): [sum(per_rank) for per_rank in zip(*(cm.memory_bytes(self.graph[m], c) for m in ms))]
-               for name, ms in self.members.items() for c, _ in self.choices(name)}
-        rows: set[tuple] = set()
-        for r in range(cm.n):
-            coeffs = []
-            worst = 0.0
-            for name in self.members:
-                best = 0.0
-                for c, v in self.choices(name):
-                    b = mem[name, c.name][r]
-                    coeffs.append((v, b))
-                    best = max(best, b)
-                worst += best
-            cap = float(cm.cluster.memory_bytes(r)) - cm.activation_reserve[r] - cm.collective_reserve
-            if worst <= cap:
-                continue
-            key = (cap, tuple((v.name, b) for v, b in coeffs))
-            if key not in rows:
-                rows.add(key)
-                self.prob += pulp.lpSum(b * v for v, b in coeffs if b) <= cap, f"mem_{r}"
+        keys = [(name, c, v) for name, ms in self.members.items() for c, v in self.choices(name)]
+        mem = np.array([[sum(per_rank) for per_rank in zip(*(cm.memory_bytes(self.graph[m], c)
+                                                            for m in self.members[name]))]
+                        for name, c, _ in keys], dtype=np.float64).reshape(len(keys), cm.n)
+        caps = np.array([float(cm.cluster.memory_bytes(r)) - cm.activation_reserve[r] - cm.collective_reserve
+                         for r in range(cm.n)])
+        group = np.array([list(self.members).index(name) for name, _, _ in keys], dtype=np.int64)
+        worst = np.zeros((len(self.members), cm.n))
+        np.maximum.at(worst, group, mem)  # per representative, its largest choice on each rank
+        binding = [r for r in range(cm.n) if worst[:, r].sum() > caps[r]]
+        if not binding:
+            return
+        # ranks with the same capacity and coefficients (same device, slowdown and lengths) share one row
+        _, first = np.unique(np.vstack([mem[:, binding], caps[binding][None, :]]).T, axis=0, return_index=True)
+        for i in sorted(first):
+            r = binding[i]
+            self.prob += pulp.lpSum(float(b) * v for (_, _, v), b in zip(keys, mem[:, r]) if b) <= caps[r], f"mem_{r}"
 
     def choice(self) -> dict[str, Candidate]:
         """Each node's candidate from the solution: the one its representative's y takes, by
@@ -494,11 +492,19 @@ def refit_shares(graph: Graph, cm: CostModel, choice: dict[str, Candidate], tota
 
 
 def _refit_shares(graph: Graph, cm: CostModel, choice: dict[str, Candidate], total: int) -> tuple[int, ...]:
+    """HAP's ratio LP: the fraction x of every split dim per rank that minimises the sum over
+    nodes of the slowest rank's affine time. Ranks of one class (``CostModel.rank_class``, where
+    ops are not timed per rank) share one x: the LP is symmetric in them, so an optimum with
+    equal x exists, and 512 identical ranks cost what one does."""
     n = cm.n
+    timed = any(cm.cluster.profile(r).measure_ops for r in range(n))
+    classes = list(range(n)) if timed else [cm.rank_class.index(c) for c in cm.rank_class]
+    reps = sorted(set(classes))  # one representative rank per class
+    count = {c: classes.count(c) for c in reps}
     prob = pulp.LpProblem("hap_ratios", pulp.LpMinimize)
-    x = [pulp.LpVariable(f"x_{r}", 0, 1) for r in range(n)]
-    prob += pulp.lpSum(x) == 1
-    if any(cm.cluster.profile(r).measure_ops for r in range(n)):
+    x = {c: pulp.LpVariable(f"x_{c}", 0, 1) for c in reps}
+    prob += pulp.lpSum(count[c] * x[c] for c in reps) == 1
+    if timed:
         # timed ops: a trust region of +-10% around the speed-proportional shares. The secants come
         # from single timings that scatter +-10-20% on a shared machine, so a larger move on their
         # word alone is noise, not a better plan
@@ -517,7 +523,7 @@ def _refit_shares(graph: Graph, cm: CostModel, choice: dict[str, Candidate], tot
             obj.append(max(t))
             continue
         tv = pulp.LpVariable(f"t_{_safe(node.name)}", 0)
-        for r in range(n):
+        for r in reps:
             a, b = cm.affine_s(node, c, r)
             prob += tv >= a * x[r] + b
         obj.append(tv)
@@ -526,7 +532,7 @@ def _refit_shares(graph: Graph, cm: CostModel, choice: dict[str, Candidate], tot
     if prob.sol_status != pulp.LpSolutionOptimal:
         log.warning("the share LP ended %s; keeping its last ratios. The solver printed:\n%s",
                     pulp.LpSolution.get(prob.sol_status, prob.sol_status), solver_text.rstrip())
-    ratios = [max(v.value() or 0.0, 0.0) for v in x]
+    ratios = [max(x[classes[r]].value() or 0.0, 0.0) for r in range(n)]
     if sum(ratios) <= 0:
         return tuple(largest_remainder(total, [1.0] * n))
     return largest_remainder(total, ratios)
