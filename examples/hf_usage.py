@@ -15,11 +15,13 @@ Environment variables:
       t5     T5ForConditionalGeneration, encoder-decoder (decoder inputs made from labels)
       bert   BertForSequenceClassification, 3 classes
       vit    ViTForImageClassification on 16x16 images, 5 classes
-  HAP_HF_SIZE=1b|8b                     with llama: the shape of Llama-3.2-1B (16 blocks, width 2048,
+  HAP_HF_SIZE=1b|8b|small               with llama: the shape of Llama-3.2-1B (16 blocks, width 2048,
                                         32/8 heads, FFN 8192, vocab 128256, tied embeddings) or of
                                         Llama-3-8B (32 blocks, width 4096, 32/8 heads, FFN 14336,
                                         vocab 128256), seq 2048, global batch 256: for planning (on
-                                        the meta device), not for training here
+                                        the meta device), not for training here; small: 4 blocks,
+                                        width 256, 8/4 heads, FFN 1024, vocab 8192, seq 512 (batch
+                                        HAP_BATCH, default 12), to check memory and step predictions
   HAP_BATCH=N                           global batch (default 12)
 """
 import os
@@ -29,12 +31,13 @@ from torch import nn
 
 MODEL = os.environ.get("HAP_HF_MODEL", "gpt2")
 SIZE = os.environ.get("HAP_HF_SIZE", "tiny")
-LLAMA = {"1b": (128256, 2048, 2048, 16, 32, 8192, 8, True), "8b": (128256, 2048, 4096, 32, 32, 14336, 8, False)}
+LLAMA = {"1b": (128256, 2048, 2048, 16, 32, 8192, 8, True), "8b": (128256, 2048, 4096, 32, 32, 14336, 8, False),
+         "small": (8192, 512, 256, 4, 8, 1024, 4, False)}
 if MODEL == "llama" and SIZE in LLAMA:
     VOCAB, SEQ, DIM, LAYERS, HEADS, FFN, KV_HEADS, TIED = LLAMA[SIZE]
 else:
     VOCAB, SEQ, DIM, LAYERS, HEADS, FFN, KV_HEADS, TIED = 128, 16, 32, 2, 4, 64, 2, False
-BATCH_SIZE = int(os.environ.get("HAP_BATCH", "256" if SIZE in LLAMA else "12"))
+BATCH_SIZE = int(os.environ.get("HAP_BATCH", "256" if SIZE in ("1b", "8b") else "12"))
 CLASSES, IMAGE = {"bert": 3, "vit": 5}.get(MODEL, 0), 16
 
 

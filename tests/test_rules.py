@@ -46,6 +46,27 @@ def test_every_candidate_of_t5_as_documented_is_exact(ranks, monkeypatch):
     assert not errors, "\n".join(errors[:10])
 
 
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_every_candidate_of_llama_as_documented_is_exact(ranks, monkeypatch):
+    """Llama with the library's default use_cache: its DynamicCache concatenates each layer's keys
+    and values onto a 1-d empty tensor, which must not force them to be gathered."""
+    pytest.importorskip("transformers")
+    from hap.placement import Splitter
+    from hap.rules import RuleContext, candidates, view_units
+
+    monkeypatch.setenv("HAP_HF_MODEL", "llama")
+    model, batch, graph = captured(load_example("hf_usage"), batch_size=8)
+    onto_empty = [n for n in graph.ops() if n.target == "aten.cat.default"
+                  and any(graph[i].meta.shape == (0,) for i in n.inputs())]
+    assert onto_empty, "the cache's concatenation is in the graph"
+    ctx = RuleContext(graph, Splitter(SHARES[ranks]), view_units(graph))
+    assert any(str(c.output) == "S(0)" for c in candidates(onto_empty[0], ctx))
+    values = run_graph(graph, model, batch)
+    checked, errors = check_all_candidates(graph, values, SHARES[ranks])
+    assert checked > len(graph.ops())
+    assert not errors, "\n".join(errors[:10])
+
+
 class Zoo(nn.Module):
     """Ops the examples do not use: BatchNorm in eval, einsum, bmm, addmm, softmax, mean, cat, stack, topk."""
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 
 from hap.graph import Node, TensorMeta
-from hap.rules import Candidate, Local, P, RuleContext, S, arg, norm_dim, rule, view_groups
+from hap.placement import Placement
+from hap.rules import Candidate, Local, P, R, RuleContext, S, arg, norm_dim, rule, view_groups
 
 
 def _tag(p) -> str:
@@ -193,15 +194,22 @@ def cat(node: Node, ctx: RuleContext) -> list[Candidate]:
     dst = node.out
     dim = norm_dim(arg(node, 1, "dim", 0), dst.ndim)
     metas = [ctx.meta(r) for r in refs]
-    if any(m.ndim != dst.ndim for m in metas):  # legacy cat of empty 1-d tensors
+    # torch.cat skips a 1-d empty tensor (HF's DynamicCache starts as one): every rank holds it
+    # whole, and the others are concatenated as if it were not there
+    empty = [m.shape == (0,) and dst.ndim != 1 for m in metas]
+    if any(m.ndim != dst.ndim and not e for m, e in zip(metas, empty)):
         return []
+
+    def each(p: Placement) -> tuple[Placement, ...]:
+        return tuple(R if e else p for e in empty)
+
     cands = []
     for d in range(dst.ndim):
         if d == dim:
             continue
         for u in ctx.shard_units(dst.shape[d]):
-            cands.append(Candidate(_tag(S(d, u)), tuple(S(d, u) for _ in refs), S(d, u), split=(dst.shape[d], u)))
-    cands.append(Candidate("P", tuple(P for _ in refs), P))
+            cands.append(Candidate(_tag(S(d, u)), each(S(d, u)), S(d, u), split=(dst.shape[d], u)))
+    cands.append(Candidate("P", each(P), P))
     return cands
 
 

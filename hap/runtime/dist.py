@@ -152,16 +152,27 @@ def peak_memory_bytes(dev: torch.device) -> int:
     resident set (VmHWM) on CPU, where the model's tensors live in the process's own memory."""
     if dev.type == "cuda":
         return int(torch.cuda.max_memory_allocated(dev))
+    return _proc_status_bytes("VmHWM")
+
+
+def memory_bytes_now(dev: torch.device) -> int:
+    """This process's memory now, as ``peak_memory_bytes`` counts it (allocated on a GPU, VmRSS on CPU)."""
+    if dev.type == "cuda":
+        return int(torch.cuda.memory_allocated(dev))
+    return _proc_status_bytes("VmRSS")
+
+
+def _proc_status_bytes(field: str) -> int:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024  # kB
     except OSError:
         pass
     import resource
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kB on Linux
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # the peak, in kB on Linux
 
 
 @contextlib.contextmanager

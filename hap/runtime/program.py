@@ -30,7 +30,7 @@ from . import micro, optim
 from .checks import Refused, backend_for, cuda_missing, device_mismatch, placement_mismatch, planned_gpu
 from .collectives import gather_full, sum_scalar
 from .data import BadBatch, RankData, val_batches
-from .dist import _all_reduce, barrier, device, init, leave, peak_memory_bytes
+from .dist import _all_reduce, barrier, device, init, leave, memory_bytes_now, peak_memory_bytes
 from .emulate import comm_seconds, end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .layout import FORMAT, Layout, offset
@@ -674,6 +674,7 @@ def main(layout: Layout | ModuleType, forward: Callable | None = None, file: str
     log = RunLog(layout.rank, args.steps, board, layout.global_batch, layout.global_batch * tokens)
     saver = Checkpointer(args, run_id, set(model.state_dict()), ck["path"] if ck else None)
     rebalancing = Rebalancing(layout, args) if Rebalancing.wanted(layout, args) else None
+    at_start = memory_bytes_now(layout.device)  # the model's state is in place, no step has run
     layout = train(layout, trainer, data, log, saver, rebalancing, spec, run_id, start_step)
     if args.dump_params:
         state = full_state_dict(layout, model, params, buffers)
@@ -681,15 +682,16 @@ def main(layout: Layout | ModuleType, forward: Callable | None = None, file: str
             torch.save(state, args.dump_params)
     waits = torch.tensor(data.waits, dtype=torch.float64)
     _all_reduce(waits, "max")  # a step waits for the slowest rank's batch
-    peaks = torch.zeros(layout.world_size, dtype=torch.float64)
-    peaks[layout.rank] = peak_memory_bytes(layout.device)
-    _all_reduce(peaks, "sum")  # each rank's own peak, gathered to every rank
+    peaks = torch.zeros(2, layout.world_size, dtype=torch.float64)
+    peaks[:, layout.rank] = torch.tensor([peak_memory_bytes(layout.device), at_start], dtype=torch.float64)
+    _all_reduce(peaks, "sum")  # each rank's own figures, gathered to every rank
     data.close()
     log.close(args.log_json, data_wait_s=waits.tolist(), world_size=layout.world_size, first_step=start_step,
               precision=amp.name, grad_reduce=layout.grad_reduce, skipped_steps=amp.skipped,
               rebalance=rebalancing.events if rebalancing else [],
               compute_s=rebalancing.compute_log if rebalancing else [],
-              advice=rebalancing.advice if rebalancing else [], peak_memory_bytes=[int(x) for x in peaks.tolist()])
+              advice=rebalancing.advice if rebalancing else [], peak_memory_bytes=[int(x) for x in peaks[0].tolist()],
+              start_memory_bytes=[int(x) for x in peaks[1].tolist()])
     if args.save and layout.rank == 0:
         ckpt.unlock(args.save, run_id)
     leave(0)  # every rank done communicating, then out without gloo's teardown
