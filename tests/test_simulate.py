@@ -44,7 +44,7 @@ def test_aligned_timeline_reproduces_the_objective(graph, cluster):
 def test_aligned_timeline_reproduces_micro_batched_and_recomputed_plans():
     # a V100's share runs in micro-batches (its activations overfill 16 GB); every block of the
     # GPT is recomputed: the replay prices both as the search did
-    micro = plan_graph(meta_graph(2 ** 21), load_cluster(MIXED))
+    micro = plan_graph(meta_graph(2 ** 22), load_cluster(MIXED))
     assert max(micro.micro_batches) > 1
     gpt = plan_graph(captured(load_example("gpt"))[2], load_cluster("hap-paper"), recompute="all", time_limit_s=10)
     assert gpt.recompute
