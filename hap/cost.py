@@ -289,7 +289,9 @@ class CostModel:
         shapes = self._local_shapes(node, cand, r) if self._measures(node, cand, r) else None
         t = None if shapes is None else self._timed(node, shapes, r)
         if t is None:
-            return roofline
+            # a share that cannot be timed as it runs (a rewritten loss, say) does at least its
+            # share of the whole op's timed work, as the lower bound counts it
+            return max(roofline, frac * self.whole_s(node, r)) if self._measures(node, None, r) else roofline
         # a share of an op costs at least its share of the whole op and at most the whole op:
         # single timings scatter 10-20%, enough to time a share above the whole
         whole = self.whole_s(node, r)
