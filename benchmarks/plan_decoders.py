@@ -46,8 +46,8 @@ def run_case(name: str) -> list[str]:
     done = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
-        return [name, cluster, f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1][:80]}", "", "", "", "",
-                f"{wall:.0f} s"]
+        said = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1][:100]
+        return [name, cluster, f"exit {done.returncode}: {said}", "", "", "", "", f"{wall:.0f} s"]
     plan = json.loads(done.stdout)
     fullest = max(plan["ranks"], key=lambda r: r["memory_bytes"] / r["memory_capacity_bytes"])
     fits = all(r["memory_bytes"] <= r["memory_capacity_bytes"] for r in plan["ranks"])

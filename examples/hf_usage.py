@@ -53,7 +53,10 @@ def hf_model() -> nn.Module:
         return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN,
                                                   num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                                   num_key_value_heads=KV_HEADS, max_position_embeddings=SEQ,
-                                                  tie_word_embeddings=TIED))
+                                                  tie_word_embeddings=TIED,
+                                                  # the planning shapes train without the KV cache, as HF's
+                                                  # Trainer does; with it, export of the 1B shape holds ~6 GB
+                                                  **({"use_cache": False} if SIZE in ("1b", "8b") else {})))
     if MODEL == "t5":
         return tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=VOCAB, d_model=DIM, d_kv=DIM // HEADS,
                                                          d_ff=FFN, num_layers=LAYERS, num_heads=HEADS,
