@@ -66,6 +66,11 @@ BAD = {
                               "no parameter's gradient"),
     "cluster is a directory": (lambda t: ["examples/mlp.py", "--cluster", "profiles/clusters"], "is a directory"),
     "emit into a file": (lambda t: ["examples/mlp.py", "--emit", _toml(t, "user data")], "existing file"),
+    # a 60k x 60k weight with Adam: 29 GB per V100 even sharded over both; the levers are named
+    "nothing fits": (lambda t: [_spec(t, SPEC.replace("Linear(3, 2)", "Linear(60000, 60000)").replace(
+        "randn(bs, 3)", "randn(bs, 60000)").format(forward="return self.lin(x).pow(2).mean()")),
+        "--optimizer", "adam", "--cluster", _toml(t, "[[nodes]]\ndevice = 'V100-16GB'\ncount = 2\n")],
+        "its parameter state alone"),
 }
 
 
