@@ -54,5 +54,7 @@ def test_models_used_as_documented_train_exactly(example, env, cluster, monkeypa
         monkeypatch.setenv(k, v)  # read by the spec here and by every rank that torchrun starts
     plan, loss_err, param_err = run_exact(str(ROOT / "examples" / f"{example}.py"),
                                           str(ROOT / "profiles" / "clusters" / f"{cluster}.toml"), tmp_path)
-    assert min(plan.shares) > 0 and len(set(plan.shares)) > 1, plan.shares  # uneven, every rank computes
+    # uneven shares; the share re-fit may leave a 4x slower rank no samples (it still holds and
+    # runs its part of the sharded layers, which the exactness check covers)
+    assert len(set(plan.shares)) > 1 and sum(plan.shares) == plan.global_batch, plan.shares
     assert loss_err <= 1e-5 and param_err <= 1e-4, (loss_err, param_err)
