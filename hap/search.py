@@ -172,13 +172,17 @@ class Search:
         lever that has one (``fit_memory``); the solve's InfeasiblePlan where none has."""
         base, own, restrict = self.setup(attempt.shares), self.candidates(attempt.shares), self.restriction(attempt)
         cm = self.cost_model(base)
-        if fits(self.graph, self.cluster, cm, own, restrict):
+        least = memory_report(self.graph, cm, least_memory_choice(self.graph, cm, own, restrict))
+        caps = [self.cluster.memory_bytes(r) for r in range(self.cluster.num_ranks)]
+        if all(row["total"] <= cap for row, cap in zip(least, caps)):
             try:
                 return self.solved_under(attempt, base)
             except InfeasiblePlan:
                 pass
-        # the least-memory assignment overfills (no solve can fit), or the solve found none
-        fitted = self.fit_memory(attempt) if state_fits(self.graph, self.cluster, cm, own, restrict) else None
+        # the least-memory assignment overfills (no solve can fit), or the solve found none; where
+        # its parameter state alone overfills a rank, no lever (they divide activations) can help
+        state_fits = all(row["total"] - row["activations"] <= cap for row, cap in zip(least, caps))
+        fitted = self.fit_memory(attempt) if state_fits else None
         if fitted is None:
             raise InfeasiblePlan(f"{attempt.name}: no assignment fits every rank's memory")
         return fitted
@@ -445,13 +449,6 @@ def fits(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin, fill: 
     """Whether the least-memory assignment fits ``fill`` of every rank's memory under ``cm``."""
     report = memory_report(graph, cm, least_memory_choice(graph, cm, cands, pin))
     return all(row["total"] <= fill * cluster.memory_bytes(r) for r, row in enumerate(report))
-
-
-def state_fits(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin) -> bool:
-    """Whether the least-memory assignment's parameters, gradients and optimizer state fit every
-    rank: where they do not, no memory lever (they divide activations) can make a plan fit."""
-    report = memory_report(graph, cm, least_memory_choice(graph, cm, cands, pin))
-    return all(row["total"] - row["activations"] <= cluster.memory_bytes(r) for r, row in enumerate(report))
 
 
 def _fewest(ok: Callable[[int], bool], n: int) -> int | None:
