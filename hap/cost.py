@@ -59,6 +59,7 @@ class PricedMove:
     kind: str  # "none" | "slice" | "partial" | "all_gather" | "all_reduce" | "reduce_scatter" | "all_to_all"
     form: str  # "padded" | "grouped" | ""
     seconds: float  # forward + backward
+    forward_s: float = 0.0  # of which the forward collective
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,9 @@ class CostModel:
         self._node_cache: dict[tuple[str, str], tuple[float, ...]] = {}
         self._move_cache: dict[tuple, tuple[float, ...] | None] = {}
         self._price_cache: dict[tuple, PricedMove] = {}
+        self._step_move_cache: dict[tuple, PricedMove] = {}
+        self._first_reader = {name: users[0] for name, users in graph.users().items() if users}
+        self.low_gathers = low_precision_gathers(graph)
         # ranks of one device type and slowdown compute alike: identical ranks are priced once
         self.rank_class = tuple((info.device, info.slowdown) for info in cluster.ranks)
         self._memory_cache: dict[tuple[str, str], dict[str, tuple[float, ...]]] = {}
@@ -327,13 +331,37 @@ class CostModel:
         d = p.dim if p.dim >= 0 else p.dim + meta.ndim
         return self.splitter.fractions(meta.shape[d], p.unit)
 
-    def price_move(self, meta: TensorMeta, src: Placement, dst: Placement, grad: bool = True) -> PricedMove:
-        """What moving a tensor of ``meta`` from ``src`` to ``dst`` costs (memoised: a repeated
-        block's tensors ask the same)."""
-        key = (meta.shape, meta.dtype, src, dst, grad)
+    def price_move(self, meta: TensorMeta, src: Placement, dst: Placement, grad: bool = True,
+                   form: str | None = None) -> PricedMove:
+        """What moving a tensor of ``meta`` from ``src`` to ``dst`` costs, in ``form`` or the
+        cheaper of its forms (memoised: a repeated block's tensors ask the same)."""
+        key = (meta.shape, meta.dtype, src, dst, grad, form)
         if key not in self._price_cache:
-            self._price_cache[key] = _price_move(self, meta, src, dst, grad)
+            self._price_cache[key] = _price_move(self, meta, src, dst, grad, form)
         return self._price_cache[key]
+
+    def step_move(self, node: Node, src: Placement, dst: Placement) -> PricedMove:
+        """What moving ``node``'s output from ``src`` to ``dst`` costs in one step, as the program
+        runs it (``price_move`` prices one run): in lockstep every rank runs the largest number of
+        micro-batches, each moving a tensor that does not follow the batch (a parameter's shards,
+        say) whole again, while one that follows it moves a micro-batch's rows each time (the same
+        bytes in all, the latencies aside); a move whose first reader is in a recomputed
+        block is emitted inside that block, so its forward collective runs again in backward;
+        a weight's all-gather for autocast matmuls moves the low-precision copy
+        (``low_precision_gathers``) forward, its reduce-scatter fp32 back."""
+        key = (node.name, src, dst)
+        if key not in self._step_move_cache:
+            assert isinstance(node.meta, TensorMeta), node.name
+            one = self.price_move(node.meta, src, dst, node.name in self.requires_grad)
+            low = self.low_gathers.get(node.name) if move(src, dst).kind == "all_gather" and dst.kind == "R" else None
+            if low is not None:  # the forward moves autocast's low-precision copy, the backward fp32
+                fwd = self.price_move(TensorMeta(node.meta.shape, low), src, dst, False, one.form).seconds
+                one = PricedMove(one.kind, one.form, one.seconds - one.forward_s + fwd, fwd)
+            rounds = 1 if node.follows_batch else max(self.micro)
+            again = one.forward_s if self._first_reader.get(node.name) in self.recomputed else 0.0
+            self._step_move_cache[key] = PricedMove(one.kind, one.form, rounds * (one.seconds + again),
+                                                    rounds * one.forward_s)  # the re-run is in backward
+        return self._step_move_cache[key]
 
     def measured_move_s(self, meta: TensorMeta, src: Placement, dst: Placement, form: str,
                         grad: bool) -> tuple[float, ...] | None:
@@ -459,6 +487,23 @@ def saved_for_backward(graph: Graph, requires_grad: set[str]) -> set[str]:
     return {x for x in kept if graph[x].kind == "op"}
 
 
+def low_precision_gathers(graph: Graph) -> dict[str, str]:
+    """Parameters whose every reader is a matmul-class op that autocast runs in a low dtype, with
+    that dtype: a gather of such a parameter moves the low-precision copy autocast would make
+    (``hap.runtime.all_gather(..., cast=)``), half the bytes of fp32, and trains the same values."""
+    if graph.precision == "fp32":
+        return {}
+    users = graph.users()
+    out: dict[str, str] = {}
+    for p in graph.params():
+        readers = [graph[u] for u in users[p.name]]
+        low = {r.meta.dtype for r in readers if isinstance(r.meta, TensorMeta)}
+        if (isinstance(p.meta, TensorMeta) and p.meta.dtype == "float32" and readers and len(low) == 1
+                and low <= {"bfloat16", "float16"} and all(r.op_class in MATMUL_LIKE for r in readers)):
+            out[p.name] = low.pop()
+    return out
+
+
 def _cast_copies(graph: Graph) -> dict[str, float]:
     """Parameters that autocast copies into the low dtype for a matmul-class reader (the copy is
     saved for backward), with the copy's bytes per byte of the fp32 parameter."""
@@ -506,21 +551,23 @@ def _local_extra_s(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placeme
     return max(0.0, worst - min(formula))
 
 
-def _price_move(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, grad: bool) -> PricedMove:
-    conv = _wire_price(cm, meta, src, dst, grad)
+def _price_move(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, grad: bool,
+                form: str | None = None) -> PricedMove:
+    conv = _wire_price(cm, meta, src, dst, grad, form)
     if not move(src, dst).is_collective:
         return conv
     fs = cm._fr(meta, src) if src.kind == "S" else (1 / cm.n,) * cm.n
     fd = cm._fr(meta, dst) if dst.kind == "S" else None
     if conv.kind == "reduce_scatter":
         fs = fd or fs
-    extra = _local_extra_s(cm, meta, src, dst, conv, fs, fd, grad)
-    return PricedMove(conv.kind, conv.form, conv.seconds + extra)
+    extra = _local_extra_s(cm, meta, src, dst, conv, fs, fd, grad)  # forward and backward alike
+    return PricedMove(conv.kind, conv.form, conv.seconds + extra, conv.forward_s + (extra / 2 if grad else extra))
 
 
-def _wire_price(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, grad: bool) -> PricedMove:
+def _wire_price(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement, grad: bool,
+                form: str | None = None) -> PricedMove:
     """The α-β wire time of ``move(src, dst)``: forward, plus its dual in backward if ``grad``,
-    in the cheaper of its forms (by forward time)."""
+    in ``form``, or the cheaper of its forms (by forward time)."""
     mv = move(src, dst)
     if not mv.is_collective:
         return PricedMove(mv.kind, "", 0.0)
@@ -532,9 +579,10 @@ def _wire_price(cm: CostModel, meta: TensorMeta, src: Placement, dst: Placement,
     def wire(kind: str, fracs: tuple, form: str) -> float:
         return collective_s(kind, meta.nbytes, fracs[0], cm.link, form, fracs[1])
 
-    form = min(mv.forms, key=lambda fm: wire(mv.kind, forward, fm))
-    t = wire(mv.kind, forward, form) + (wire(mv.backward, backward, form) if grad else 0.0)
-    return PricedMove(mv.kind, form, t)
+    if form not in mv.forms:
+        form = min(mv.forms, key=lambda fm: wire(mv.kind, forward, fm))
+    fwd = wire(mv.kind, forward, form)
+    return PricedMove(mv.kind, form, fwd + (wire(mv.backward, backward, form) if grad else 0.0), fwd)
 
 
 def _dtype_of(node: Node) -> str:

@@ -24,6 +24,7 @@ import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hap.cost import low_precision_gathers
 from hap.errors import HapError, PlanFileError
 from hap.graph import Graph, Node, TensorMeta
 from hap.moves import move
@@ -73,6 +74,7 @@ class Emitter:
         self.made_in_block: list[tuple[str, Placement]] = []  # conversions since the current block began
         self.lines: list[str] = []
         self.defined: set[str] = set()  # the local variables and functions forward defines besides graph names
+        self.low_gathers = low_precision_gathers(self.graph)  # weights gathered as autocast's low-precision copy
 
     # ---- helpers -----------------------------------------------------------------------
     def lengths(self, size: int, unit: int = 1) -> tuple[int, ...]:
@@ -140,7 +142,8 @@ class Emitter:
         mv = move(have, want)
         src = self.tensor_lengths(name, have) if have.is_shard else None
         dst = self.tensor_lengths(name, want) if want.is_shard else None
-        expr = mv.code(name, src, dst, self.form(name, want))  # a move without uneven forms ignores it
+        cast = self.low_gathers.get(name) if mv.kind == "all_gather" and want.kind == "R" else None
+        expr = mv.code(name, src, dst, self.form(name, want), cast)  # a move without uneven forms ignores form
         self.lines.append(f"    {var} = {expr}  # {have} -> {want}  ({source})")
         self.converted[key] = var
         self.made_in_block.append(key)

@@ -51,9 +51,11 @@ class Move:
         """The forms to choose from: uneven shards are padded or grouped; the rest have one."""
         return UNEVEN_FORMS if self.kind in UNEVEN_KINDS else ("",)
 
-    def call(self, src: Shard | None, dst: Shard | None, form: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    def call(self, src: Shard | None, dst: Shard | None, form: str,
+             cast: str | None = None) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
         """The ``hap.runtime`` function that performs the move and its arguments after the tensor:
-        ``src`` / ``dst`` are the (dim, lengths) of the sharded sides."""
+        ``src`` / ``dst`` are the (dim, lengths) of the sharded sides; ``cast``, an all-gather's
+        low dtype (``hap.cost.low_precision_gathers``)."""
         uneven = {"form": form} if form else {}
         if self.kind == "slice":
             return "slice_local", dst, {}
@@ -64,7 +66,7 @@ class Move:
         if self.kind == "reduce_scatter":
             return "reduce_scatter", dst, uneven
         if self.kind == "all_gather":
-            return "all_gather", src, uneven
+            return "all_gather", src, {**uneven, **({"cast": cast} if cast else {})}
         if self.kind == "all_to_all":
             return "all_to_all", (*src, *dst), uneven
         raise ValueError(f"no call moves a tensor from {self.src} to {self.dst}")
@@ -74,9 +76,9 @@ class Move:
         """S → P gathers the whole tensor, then every rank but one holds it as a zero addend."""
         return self.kind == "all_gather" and self.dst.kind == "P"
 
-    def code(self, tensor: str, src: Shard | None, dst: Shard | None, form: str) -> str:
+    def code(self, tensor: str, src: Shard | None, dst: Shard | None, form: str, cast: str | None = None) -> str:
         """The move as a line of ``train.py``."""
-        fn, args, kwargs = self.call(src, dst, form)
+        fn, args, kwargs = self.call(src, dst, form, cast)
         parts = [tensor, *(repr(a) for a in args), *(f"{k}={v!r}" for k, v in kwargs.items())]
         text = f"hr.{fn}({', '.join(parts)})"
         return f"hr.to_partial({text})" if self.then_partial else text

@@ -5,7 +5,9 @@
 - forward: the nodes in graph order; a resharding collective (a ``move``) runs just before
   the first node that reads the moved tensor (the loss's move to ``P`` at the end);
 - backward: the nodes in reverse order; each collective's dual runs right after the
-  backward of that first reader (autograd reaches it there), before its producer's backward;
+  backward of that first reader (autograd reaches it there), before its producer's backward,
+  with the forward collective again where that reader's block is recomputed (a collective's
+  seconds are per step, ``hap.cost.CostModel.step_move``: once per micro-batch in lockstep);
 - the gradient all-reduce of replicated parameters, then the optimizer update (the compute
   the cost model charges each parameter node: zero_grad, the update's reads and writes of
   weight, gradient and optimizer state, and a replicated gradient's copy into its bucket),
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from hap.cost import CostModel, CostSetup
 from hap.errors import HapError
-from hap.graph import Graph, TensorMeta
+from hap.graph import Graph
 from hap.moves import move
 from hap.solve import Evaluation, evaluate, readers
 
@@ -178,8 +180,7 @@ class _Replay:
 
     def collective(self, m, back: bool) -> None:
         """Move ``m``'s forward collective, or (``back``) its backward dual."""
-        meta = self.graph[m.producer].meta
-        fwd = self.cm.price_move(meta, m.src, m.dst, False).seconds if isinstance(meta, TensorMeta) else 0.0
+        fwd = m.priced.forward_s
         mv = move(m.src, m.dst)
         kind = mv.backward if back else mv.kind
         src, dst = (m.dst, m.src) if back else (m.src, m.dst)

@@ -164,7 +164,7 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
         for q in sorted(wanted):
             if q == src:
                 continue
-            conv = cm.price_move(node.meta, src, q, node.name in cm.requires_grad)
+            conv = cm.step_move(node, src, q)
             moves.append(ChosenMove(node.name, src, q, conv))
             comm += conv.seconds
     synced = [p.name for p in graph.params()
@@ -399,7 +399,7 @@ class _PlacementMilp:
             if isinstance(node.meta, list):
                 cost = INF
             else:
-                cost = self.cm.price_move(node.meta, p, q, u in self.cm.requires_grad).seconds
+                cost = self.cm.step_move(node, p, q).seconds
             if cost == 0:
                 continue
             if cost == INF:

@@ -205,3 +205,49 @@ def test_an_export_metadata_assert_reads_its_tensor_where_it_lies():
     offered = {str(c.inputs[0]) for c in candidates(asserts[0], ctx)}
     assert {"R", "P", "S(0)"} <= offered  # never forces its input to be gathered
     assert asserts[0].bytes == 0 and asserts[0].flops == 0
+
+
+def test_a_collective_is_priced_as_often_as_the_step_runs_it():
+    """In lockstep every rank runs the largest number of micro-batches: a weight's all-gather
+    (it does not follow the batch) runs whole in each, an activation's moves a micro-batch's
+    rows each time (the same bytes in all); a move read first inside a recomputed block runs
+    its forward collective again in backward."""
+    graph = captured(load_example("gpt"))[2]
+    cluster = load_cluster(None)
+    one = CostSetup((12, 4)).cost_model(graph, cluster)
+    micro = CostSetup((12, 4), micro_batches=(3, 1)).cost_model(graph, cluster)
+    again = CostSetup((12, 4), recompute=("blocks.0",)).cost_model(graph, cluster)
+    weight, act = graph["p_blocks_0_qkv_weight"], graph["layer_norm"]
+    assert not weight.follows_batch and act.follows_batch
+    single = one.price_move(weight.meta, S(0), R, True)
+    assert one.step_move(weight, S(0), R) == single and 0 < single.forward_s < single.seconds
+    stepped = micro.step_move(weight, S(0), R)
+    assert stepped.seconds == pytest.approx(3 * single.seconds) and stepped.forward_s == pytest.approx(
+        3 * single.forward_s)
+    assert micro.step_move(act, S(0), R).seconds == pytest.approx(one.step_move(act, S(0), R).seconds)
+    rerun = again.step_move(weight, S(0), R)  # its reader, linear, is in blocks.0
+    assert rerun.seconds == pytest.approx(single.seconds + single.forward_s)
+    assert rerun.forward_s == pytest.approx(single.forward_s)
+    outside = graph["p_tok_weight"]  # read by the embedding, before any block
+    assert again.step_move(outside, S(0), R) == one.step_move(outside, S(0), R)
+
+
+def test_a_weight_read_only_by_autocast_matmuls_is_gathered_in_their_dtype():
+    """Under bf16 autocast a weight whose readers are all matmuls is all-gathered as the bf16
+    copy autocast makes (half the bytes forward), its gradient reduce-scattered in fp32; a
+    weight read elsewhere too (the tied embedding) is gathered whole in fp32."""
+    from hap.cost import low_precision_gathers
+    from hap.precision import training_graph
+
+    graph = captured(load_example("gpt"))[2]
+    low = training_graph(graph, "bf16", "fp32")
+    assert low_precision_gathers(graph) == {}
+    gathers = low_precision_gathers(low)
+    assert gathers.get("p_blocks_0_qkv_weight") == "bfloat16" and "p_tok_weight" not in gathers
+    cluster = load_cluster(None)
+    fp32, bf16 = (CostSetup((12, 4)).cost_model(g, cluster) for g in (graph, low))
+    w = low["p_blocks_0_qkv_weight"]
+    whole, half = fp32.step_move(graph[w.name], S(0), R), bf16.step_move(w, S(0), R)
+    assert half.forward_s < whole.forward_s
+    assert half.seconds - half.forward_s == pytest.approx(whole.seconds - whole.forward_s)  # fp32 backward
+    assert bf16.step_move(low["p_tok_weight"], S(0), R) == bf16.price_move(low["p_tok_weight"].meta, S(0), R)

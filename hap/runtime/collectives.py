@@ -219,6 +219,22 @@ class _AllGather(torch.autograd.Function):
         return _ReduceScatter.apply(g, dim, ls, form), None, None, None
 
 
+class _AllGatherCast(torch.autograd.Function):
+    """All-gather of the shards cast to a lower dtype: the copy autocast would make of the whole
+    tensor, in half the bytes (a cast commutes with a gather). Backward casts the gradient back
+    before the reduce-scatter, as autocast's cast does before any sum over ranks."""
+
+    @staticmethod
+    def forward(ctx, x, dim, ls, form, dtype):
+        ctx.args, ctx.dtype = (dim, ls, form), x.dtype
+        return _gather_impl(x.to(dtype), dim, ls, form)
+
+    @staticmethod
+    def backward(ctx, g):
+        dim, ls, form = ctx.args
+        return _ReduceScatter.apply(g.to(ctx.dtype), dim, ls, form), None, None, None, None
+
+
 class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, ls, form):
@@ -268,15 +284,25 @@ class _ToPartial(torch.autograd.Function):
 # public API
 # ----------------------------------------------------------------------------------------------
 
-def all_gather(x: torch.Tensor, dim: int, lengths: Sequence[int], form: str = "padded") -> torch.Tensor:
-    """S(dim) -> R: concatenate every rank's shard (rank r holds lengths[r] rows) along `dim`."""
+LOW_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def all_gather(x: torch.Tensor, dim: int, lengths: Sequence[int], form: str = "padded",
+               cast: str | None = None) -> torch.Tensor:
+    """S(dim) -> R: concatenate every rank's shard (rank r holds lengths[r] rows) along `dim`;
+    with ``cast`` ("bfloat16" or "float16"), the shards cast to that dtype (what autocast makes
+    of a weight its matmuls read), their gradient cast back to x's dtype before it is summed."""
     dim = _norm_dim(x, dim, "all_gather")
     ls = _lengths(lengths, "all_gather")
     _form(form, "all_gather")
     _check_size(x, dim, ls[_d.rank()], "all_gather", f"lengths[{_d.rank()}]")
+    if cast is not None and cast not in LOW_DTYPES:
+        raise ValueError(f"hap.runtime.all_gather: cast must be one of {sorted(LOW_DTYPES)}, got {cast!r}")
     if not _d.is_distributed():
         _local_step()
-        return x
+        return x if cast is None else x.to(LOW_DTYPES[cast])
+    if cast is not None:
+        return _AllGatherCast.apply(x, dim, ls, form, LOW_DTYPES[cast])
     return _AllGather.apply(x, dim, ls, form)
 
 

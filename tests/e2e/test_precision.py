@@ -25,15 +25,18 @@ MEGATRON = {"p_hidden_1_weight": "S(0)", "p_hidden_1_bias": "S(0)", "p_hidden_2_
 
 
 WIDE_MLP = {"HAP_MLP_WIDTH": "512", "HAP_MLP_BATCH": "256"}  # the pinned tensor-parallel plan gets 192:64
+# weights sharded and all-gathered before their batch-sharded linears (FSDP-style): gathered as bf16 copies
+GATHERED = {"p_hidden_1_weight": "S(0)", "p_hidden_2_weight": "S(1)", "linear_1": "S(0)", "linear_2": "S(0)"}
 
 
 @pytest.mark.parametrize("precision,spec,cluster,pins,grad_reduce,env", [
     ("bf16", "examples/mlp.py", "default", MEGATRON, "fp32", WIDE_MLP),  # sharded weights: bf16 activations resharded
+    ("bf16", "examples/mlp.py", "cpu-1-2-4", GATHERED, "fp32", WIDE_MLP),  # weights gathered as bf16 copies
     ("fp16", "examples/gpt.py", "cpu-1-2-4", None, "fp32", {}),  # attention, layer norm, tied embeddings, 1:2:4
     ("bf16", "examples/cnn.py", "cpu-1-2-4", None, "bf16", {}),  # gradients summed in bf16
     # HF GPT-2 as documented: its `.to(float32)` calls stay conversions under autocast
     ("bf16", "examples/hf_usage.py", "cpu-1-2-4", None, "fp32", {"HAP_HF_MODEL": "gpt2"}),
-], ids=["mlp-tp-bf16", "gpt-fp16", "cnn-bf16-grad-bf16", "hf-gpt2-bf16"])
+], ids=["mlp-tp-bf16", "mlp-gathered-bf16", "gpt-fp16", "cnn-bf16-grad-bf16", "hf-gpt2-bf16"])
 def test_mixed_precision_is_exact(precision, spec, cluster, pins, grad_reduce, env, tmp_path, monkeypatch):
     if "HAP_HF_MODEL" in env:
         pytest.importorskip("transformers")
@@ -45,6 +48,8 @@ def test_mixed_precision_is_exact(precision, spec, cluster, pins, grad_reduce, e
     if pins:
         assert plan.nodes["p_hidden_2_weight"].output == "S(1)"
         assert any(m.kind in ("all_gather", "all_reduce", "reduce_scatter", "all_to_all") for m in plan.moves)
+    if pins is GATHERED:
+        assert (tmp_path / "out" / "train.py").read_text().count("cast='bfloat16'") == 2
     log = json.loads((tmp_path / "log.json").read_text())
     assert (log["precision"], log["grad_reduce"]) == (precision, grad_reduce)
     assert (plan.precision, plan.graph.grad_reduce) == (precision, grad_reduce)
@@ -74,6 +79,39 @@ for step in range(3):
 json.dump({"w": w.tolist(), "scales": scales, "skipped": amp.skipped}, open(sys.argv[1] + f".{rank}", "w"))
 hr.leave(0)
 """
+
+
+CAST_GATHER = r"""
+import json, sys, torch
+import hap.runtime as hr
+rank, _ = hr.init()
+lengths = (5, 2)  # uneven shards of a 7 x 3 weight
+torch.manual_seed(0)
+full = torch.randn(7, 3)
+x = torch.randn(4, 3)
+out = {}
+for cast in (None, "bfloat16"):
+    w = torch.nn.Parameter(full[sum(lengths[:rank]): sum(lengths[:rank + 1])].clone())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.nn.functional.linear(x, hr.all_gather(w, 0, lengths, cast=cast))
+    (y.float() * torch.arange(7.0)).sum().backward()
+    out[str(cast)] = {"y": y.float().tolist(), "dtype": str(y.dtype), "grad": w.grad.tolist()}
+json.dump(out, open(sys.argv[1] + f".{rank}", "w"))
+hr.leave(0)
+"""
+
+
+def test_a_weight_gathered_as_its_autocast_copy_computes_the_same_bits(tmp_path):
+    """all_gather(cast="bfloat16") moves half the bytes of gathering the fp32 weight for autocast
+    to cast, and gives the same output and the same fp32 gradient, bit for bit, on uneven shards."""
+    script = tmp_path / "cast.py"
+    script.write_text(CAST_GATHER)
+    p = torchrun(2, script, [str(tmp_path / "out.json")])
+    assert p.returncode == 0, p.stderr[-2000:]
+    for r in (0, 1):
+        got = json.loads((tmp_path / f"out.json.{r}").read_text())
+        assert got["None"] == got["bfloat16"] and got["None"]["dtype"] == "torch.bfloat16"
+        assert any(v != 0 for row in got["None"]["grad"] for v in row)
 
 
 def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
