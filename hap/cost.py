@@ -352,16 +352,22 @@ class CostModel:
         key = (node.name, src, dst)
         if key not in self._step_move_cache:
             assert isinstance(node.meta, TensorMeta), node.name
+            rounds, rerun = self.move_runs(node)
             one = self.price_move(node.meta, src, dst, node.name in self.requires_grad)
             low = self.low_gathers.get(node.name) if move(src, dst).kind == "all_gather" and dst.kind == "R" else None
             if low is not None:  # the forward moves autocast's low-precision copy, the backward fp32
                 fwd = self.price_move(TensorMeta(node.meta.shape, low), src, dst, False, one.form).seconds
                 one = PricedMove(one.kind, one.form, one.seconds - one.forward_s + fwd, fwd)
-            rounds = 1 if node.follows_batch else max(self.micro)
-            again = one.forward_s if self._first_reader.get(node.name) in self.recomputed else 0.0
+            again = one.forward_s if rerun else 0.0
             self._step_move_cache[key] = PricedMove(one.kind, one.form, rounds * (one.seconds + again),
                                                     rounds * one.forward_s)  # the re-run is in backward
         return self._step_move_cache[key]
+
+    def move_runs(self, node: Node) -> tuple[int, bool]:
+        """How often a move of ``node``'s output runs whole in a step (``step_move``), and whether
+        its forward collective runs again in backward (its first reader is recomputed)."""
+        rounds = 1 if node.follows_batch else max(self.micro)
+        return rounds, self._first_reader.get(node.name) in self.recomputed
 
     def measured_move_s(self, meta: TensorMeta, src: Placement, dst: Placement, form: str,
                         grad: bool) -> tuple[float, ...] | None:
@@ -485,6 +491,12 @@ def saved_for_backward(graph: Graph, requires_grad: set[str]) -> set[str]:
         if node.target not in KEEPS_OUTPUT:
             kept.update(base(ref) for ref in node.inputs())
     return {x for x in kept if graph[x].kind == "op"}
+
+
+def prefetched_gather(node: Node, src: Placement, dst: Placement) -> bool:
+    """Whether the move of ``node`` from ``src`` to ``dst`` is a weight's all-gather, which a block
+    of the program starts one ahead of its use (``hap.runtime.Prefetch``)."""
+    return node.kind == "param" and dst.kind == "R" and move(src, dst).kind == "all_gather"
 
 
 def low_precision_gathers(graph: Graph) -> dict[str, str]:

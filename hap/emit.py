@@ -24,7 +24,7 @@ import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hap.cost import low_precision_gathers
+from hap.cost import low_precision_gathers, prefetched_gather
 from hap.errors import HapError, PlanFileError
 from hap.graph import Graph, Node, TensorMeta
 from hap.moves import move
@@ -75,6 +75,9 @@ class Emitter:
         self.lines: list[str] = []
         self.defined: set[str] = set()  # the local variables and functions forward defines besides graph names
         self.low_gathers = low_precision_gathers(self.graph)  # weights gathered as autocast's low-precision copy
+        self.block_of = {name: b for b, names in self.graph.blocks().items() for name in names}
+        self.block: str | None = None  # the block whose ops are being written
+        self.prefetched: list[str] = []  # the block's weight gathers, as hr.Prefetch takes them
 
     # ---- helpers -----------------------------------------------------------------------
     def lengths(self, size: int, unit: int = 1) -> tuple[int, ...]:
@@ -143,6 +146,15 @@ class Emitter:
         src = self.tensor_lengths(name, have) if have.is_shard else None
         dst = self.tensor_lengths(name, want) if want.is_shard else None
         cast = self.low_gathers.get(name) if mv.kind == "all_gather" and want.kind == "R" else None
+        if self.block is not None and prefetched_gather(self.graph[name], have, want):
+            _, args, kwargs = mv.call(src, dst, self.form(name, want), cast)
+            self.prefetched.append(f"({name}, {', '.join(repr(a) for a in args)}, {kwargs['form']!r}, "
+                                   f"{kwargs.get('cast')!r})")
+            self.lines.append(f"    {var} = <gathers>.take({len(self.prefetched) - 1})  # {have} -> {want}, "
+                              f"gathered one ahead of use  ({source})")
+            self.converted[key] = var
+            self.made_in_block.append(key)
+            return var
         expr = mv.code(name, src, dst, self.form(name, want), cast)  # a move without uneven forms ignores form
         self.lines.append(f"    {var} = {expr}  # {have} -> {want}  ({source})")
         self.converted[key] = var
@@ -206,17 +218,16 @@ class Emitter:
     def forward_lines(self) -> list[str]:
         g = self.graph
         self.lines = []
-        recomputed = {name: b for b in getattr(self.plan, "recompute", ()) for name in g.blocks()[b]}
+        recomputed = set(getattr(self.plan, "recompute", ()))
         users = g.users() if recomputed else {}
         block, start, inside = None, 0, []
         for node in g:
             if node.kind != "op":
                 continue
-            if recomputed.get(node.name) != block:
-                if block is not None:
-                    self.recompute_block(block, start, inside, users)
-                block, start, inside = recomputed.get(node.name), len(self.lines), []
-                self.made_in_block = []
+            if self.block_of.get(node.name) != block:
+                self.end_block(block, start, inside, users, recomputed)
+                block, start, inside = self.block_of.get(node.name), len(self.lines), []
+                self.block, self.made_in_block, self.prefetched = block, [], []
             inside.append(node.name)
             cand = self.choice[node.name]
             src = _text(_short_source(node.source))
@@ -224,14 +235,30 @@ class Emitter:
             expr = self.expression(node, cand, refs)
             tag = f"{','.join(str(p) for p in cand.inputs)} -> {cand.output}" if cand.inputs else str(cand.output)
             self.lines.append(f"    {node.name} = {expr}  # {tag}  {src}")
-        if block is not None:
-            self.recompute_block(block, start, inside, users)
+        self.end_block(block, start, inside, users, recomputed)
         loss = g.loss
         want = Placement("P")
         var = self.ref(loss, want, "the loss: every rank holds its addend") if self.out_placement(loss) != want \
             else loss
         self.lines.append(f"    return {var}")
         return self.lines
+
+    def end_block(self, block: str | None, start: int, names: list[str], users: dict[str, list[str]],
+                  recomputed: set[str]) -> None:
+        """Close the lines from ``start`` on (block ``block``'s ops, or ops outside any block): its
+        weights' gathers start one ahead of use (``hr.Prefetch``, made where the block starts), and
+        a recomputed block becomes its function."""
+        if block is None:
+            return
+        if self.prefetched:
+            var = "gathers_" + "".join(ch if ch.isascii() and ch.isalnum() else "_" for ch in block)
+            self.defined.add(var)
+            self.lines.insert(start, f"    {var} = hr.Prefetch([{', '.join(self.prefetched)}])  # {_text(block)}'s "
+                                     "weights, each gathered while the rank computes with the one before")
+            for i in range(start + 1, len(self.lines)):
+                self.lines[i] = self.lines[i].replace("<gathers>", var)
+        if block in recomputed:
+            self.recompute_block(block, start, names, users)
 
     def recompute_block(self, block: str, start: int, names: list[str], users: dict[str, list[str]]) -> None:
         """Turn the lines from ``start`` on (block ``block``'s ops) into a function that

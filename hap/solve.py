@@ -40,7 +40,7 @@ import pulp
 
 if TYPE_CHECKING:
     from hap.cluster import Cluster
-from hap.cost import GRAD_BUCKET_BYTES, INF, CostModel, PricedMove
+from hap.cost import GRAD_BUCKET_BYTES, INF, CostModel, PricedMove, prefetched_gather
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph, Node, TensorMeta
 from hap.moves import COLLECTIVES
@@ -167,6 +167,8 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
             conv = cm.step_move(node, src, q)
             moves.append(ChosenMove(node.name, src, q, conv))
             comm += conv.seconds
+    if cm.n > 1 and all(cm.cluster.profile(r).overlap_comm for r in range(cm.n)):
+        moves, comm = prefetched(graph, cm, choice, moves)
     synced = [p.name for p in graph.params()
               if choice[p.name].output.kind == "R" and isinstance(p.meta, TensorMeta) and p.name in cm.requires_grad]
     # overlap only where backward runs no collective of its own (they would queue behind the buckets)
@@ -178,6 +180,70 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
     mem = [x + temporary for x in mem]
     return Evaluation(critical + comm + gs, tuple(per_rank), critical, comm, gs, tuple(mem), moves,
                       [p for b in buckets for p in b], buckets, overlap)
+
+
+def prefetched(graph: Graph, cm: CostModel, choice: dict[str, Candidate],
+               moves: list[ChosenMove]) -> tuple[list[ChosenMove], float]:
+    """``moves`` with each weight gather that a block starts one ahead of use priced by what of
+    its forward is left exposed (``prefetch_exposure``), in every run of it, and their total."""
+    exposed = prefetch_exposure(graph, cm, choice, moves)
+    out = []
+    for i, m in enumerate(moves):
+        if i in exposed:
+            rounds, rerun = cm.move_runs(graph[m.producer])
+            hidden = (m.priced.forward_s / rounds - exposed[i]) * rounds * (2 if rerun else 1)
+            m = ChosenMove(m.producer, m.src, m.dst, PricedMove(m.priced.kind, m.priced.form,
+                                                                m.priced.seconds - hidden, exposed[i] * rounds))
+        out.append(m)
+    return out, sum(m.priced.seconds for m in out)
+
+
+def prefetch_exposure(graph: Graph, cm: CostModel, choice: dict[str, Candidate],
+                      moves: list[ChosenMove]) -> dict[int, float]:
+    """Per weight gather that a block starts one ahead of use (``hap.cost.prefetched_gather``, read
+    first inside a block: ``hap.runtime.Prefetch``), by index in ``moves``, the seconds of one
+    run of its forward that the rank waits for it, as the program runs the block: the block's
+    first gather starts with the block; taking gather i starts gather i+1 (behind i on the one
+    process group), then waits for i; a block's other collectives wait for the gathers in
+    flight; ops compute at the slowest rank's forward part of one run. A recomputed block runs
+    the same schedule again in backward."""
+    order = {node.name: i for i, node in enumerate(graph)}
+    rd = readers(graph)
+    block_of = {name: b for b, names in graph.blocks().items() for name in names}
+    taken_at: dict[str, list[tuple[int, bool]]] = {}  # reader -> the moves that run before it (index, prefetched)
+    for i, m in enumerate(moves):
+        first = min((v for v, k in rd[m.producer] if choice[v].inputs[k] == m.dst), key=order.get, default=None)
+        if first is not None and block_of.get(first) is not None:
+            taken_at.setdefault(first, []).append((i, prefetched_gather(graph[m.producer], m.src, m.dst)))
+    exposed: dict[int, float] = {}
+    per_run = max(cm.micro)  # a weight moves whole in each micro-batch, an activation a k-th of its rows
+    for names in graph.blocks().values():
+        gathers = [i for v in names for i, pre in taken_at.get(v, []) if pre]
+        if not gathers:
+            continue
+        now, channel = 0.0, moves[gathers[0]].priced.forward_s / per_run
+        ends, last = {gathers[0]: channel}, gathers[0]
+        for v in names:
+            for i, pre in taken_at.get(v, []):
+                one = moves[i].priced.forward_s / per_run
+                if not pre:  # a synchronous collective waits for the gathers in flight
+                    if channel > now:
+                        exposed[last] = exposed.get(last, 0.0) + channel - now
+                    now = max(now, channel) + one
+                    channel = now
+                    continue
+                k = gathers.index(i)
+                if k + 1 < len(gathers):
+                    last = gathers[k + 1]
+                    channel = max(now, channel) + moves[last].priced.forward_s / per_run
+                    ends[last] = channel
+                wait = max(ends[i] - now, 0.0)
+                exposed[i] = exposed.get(i, 0.0) + wait
+                now += wait
+            node = graph[v]
+            if node.kind == "op":
+                now += max(cm.compute_s(node, choice[v])) / (1 + cm.backward_factor(node)) / per_run
+    return exposed
 
 
 def grad_sync_schedule(graph: Graph, cm: CostModel, choice: dict[str, Candidate], synced: list[str],

@@ -24,6 +24,7 @@ from .emulate import end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .layout import Layout, Param
 from .ops import recompute, sync_batch_norm
+from .prefetch import Prefetch
 from .rng import replicated_random, seed_step
 from .shares import offset
 
@@ -31,6 +32,7 @@ __all__ = [
     "GradSync",
     "Layout",
     "Param",
+    "Prefetch",
     "all_gather",
     "all_reduce",
     "all_to_all",

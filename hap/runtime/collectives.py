@@ -19,7 +19,7 @@ give identical results; the plan picks one per edge.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -96,29 +96,45 @@ def _with_dim(x: torch.Tensor, dim: int, length: int) -> tuple[int, ...]:
 
 
 def _gather_impl(x: torch.Tensor, dim: int, ls: tuple[int, ...], form: str) -> torch.Tensor:
+    return _gather_start(x, dim, ls, form, async_op=False)()
+
+
+def _gather_start(x: torch.Tensor, dim: int, ls: tuple[int, ...], form: str,
+                  async_op: bool) -> Callable[[], torch.Tensor]:
+    """Start the all-gather of ``x``'s shard; the returned function waits for it (``async_op``)
+    and assembles the whole tensor."""
     n, r = _d.world_size(), _d.rank()
     a, b = _blocks(x, dim)
     total = sum(ls)
     if total == 0 or a * b == 0:
         _local_step()
-        return x.new_empty(_with_dim(x, dim, total))
+        return lambda: x.new_empty(_with_dim(x, dim, total))
     x3 = x.reshape(a, ls[r], b)
     if form == "padded":
         m = max(ls)
         buf = x.new_zeros((a, m, b))
         buf[:, : ls[r]] = x3
-        full = x.new_empty((n * a * m * b,))
-        _d._all_gather_equal(full, buf.reshape(-1))
-        full = full.view(n, a, m, b)
-        parts = [full[i, :, : ls[i]] for i in range(n)]
+        flat = x.new_empty((n * a * m * b,))
+        work = _d._all_gather_equal(flat, buf.reshape(-1), async_op=async_op)
+
+        def pieces() -> list[torch.Tensor]:
+            full = flat.view(n, a, m, b)
+            return [full[i, :, : ls[i]] for i in range(n)]
     else:
         mine = x3.reshape(-1)
         inp = torch.cat([mine] * n) if n > 1 else mine
         counts = [a * v * b for v in ls]
         flat = x.new_empty((sum(counts),))
-        _d._all_to_all(flat, inp, counts, [mine.numel()] * n)
-        parts = [p.view(a, v, b) for p, v in zip(flat.split(counts), ls)]
-    return torch.cat(parts, dim=1).view(_with_dim(x, dim, total))
+        work = _d._all_to_all(flat, inp, counts, [mine.numel()] * n, async_op=async_op)
+
+        def pieces() -> list[torch.Tensor]:
+            return [p.view(a, v, b) for p, v in zip(flat.split(counts), ls)]
+
+    def finish() -> torch.Tensor:
+        if async_op:
+            _d._wait(work)
+        return torch.cat(pieces(), dim=1).view(_with_dim(x, dim, total))
+    return finish
 
 
 def _reduce_scatter_impl(x: torch.Tensor, dim: int, ls: tuple[int, ...], form: str) -> torch.Tensor:

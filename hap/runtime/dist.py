@@ -263,19 +263,22 @@ _ag_fn = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_i
 _rs_fn = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 
 
-def _all_gather_equal(out: torch.Tensor, inp: torch.Tensor) -> None:
-    """out (world*k, ...) <- concat over ranks of inp (k, ...). Equal sizes on every rank."""
+def _all_gather_equal(out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
+    """out (world*k, ...) <- concat over ranks of inp (k, ...). Equal sizes on every rank. With
+    ``async_op`` (a contiguous ``out``), the started work, to ``_wait`` before reading ``out``."""
     if _S.dry:
-        return
+        return None
     emulate.before_comm()
     o, i = _wire(out), _wire(inp)
+    work = None
     if _ag_fn is not None:
-        _ag_fn(o, i)
+        work = _ag_fn(o, i, async_op=async_op)
     else:  # very old torch: list form
-        dist.all_gather(list(o.chunk(_S.world)), i)
-    if not out.is_contiguous():
+        work = dist.all_gather(list(o.chunk(_S.world)), i, async_op=async_op)
+    if not async_op and not out.is_contiguous():
         out.copy_(o.view(torch.bool) if out.dtype == torch.bool else o)
     emulate.after_comm()
+    return work if async_op else None
 
 
 def _reduce_scatter_equal(out: torch.Tensor, inp: torch.Tensor) -> None:
@@ -301,16 +304,18 @@ def _reduce_scatter_equal(out: torch.Tensor, inp: torch.Tensor) -> None:
 
 
 def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None,
-                in_splits: list[int] | None) -> None:
-    """all_to_all_single along dim 0 (None splits = equal)."""
+                in_splits: list[int] | None, async_op: bool = False):
+    """all_to_all_single along dim 0 (None splits = equal). With ``async_op`` (a contiguous
+    ``out``), the started work, to ``_wait`` before reading ``out``."""
     if _S.dry:
-        return
+        return None
     emulate.before_comm()
     o, i = _wire(out), _wire(inp)
-    dist.all_to_all_single(o, i, out_splits, in_splits)
-    if not out.is_contiguous():
+    work = dist.all_to_all_single(o, i, out_splits, in_splits, async_op=async_op)
+    if not async_op and not out.is_contiguous():
         out.copy_(o.view(torch.bool) if out.dtype == torch.bool else o)
     emulate.after_comm()
+    return work if async_op else None
 
 
 def _all_reduce_async(t: torch.Tensor):

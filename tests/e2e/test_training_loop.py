@@ -65,15 +65,27 @@ def test_micro_batches_chosen_for_small_memory_ranks_are_exact_with_ignored_targ
     assert loss_err < 1e-5 and param_err < 1e-5, (loss_err, param_err)
 
 
-@pytest.mark.parametrize("spec,cluster", [("gpt", "cpu-1-2-4"), ("mlp", "cpu-slow-net")])
-def test_recomputed_blocks_in_micro_batches_train_exactly(spec, cluster, tmp_path):
+# every block weight sharded and all-gathered before its batch-sharded linear (FSDP-style)
+GPT_GATHERED = {**{f"p_blocks_{b}_{w}_weight": "S(0)" for b in (0, 1) for w in ("qkv", "proj", "fc", "fc_out")},
+                "linear": "S(0)", **{f"linear_{i}": "S(0)" for i in range(1, 8)}}
+
+
+@pytest.mark.parametrize("spec,cluster,pins", [("gpt", "cpu-1-2-4", None), ("mlp", "cpu-slow-net", None),
+                                               ("gpt", "cpu-1-2-4", GPT_GATHERED)],
+                         ids=["gpt", "mlp-tensor-parallel", "gpt-gathered"])
+def test_recomputed_blocks_in_micro_batches_train_exactly(spec, cluster, pins, tmp_path):
     # activation checkpointing reruns each block's forward in backward, inside every micro-batch,
-    # with the block's resharding collectives (mlp on cpu-slow-net is tensor parallel): the same gradients
+    # with the block's resharding collectives (the pinned gpt gathers four weights per block, each
+    # started while the one before computes; mlp on cpu-slow-net is tensor parallel): the same gradients
     plan, loss_err, param_err = run_exact(str(ROOT / f"examples/{spec}.py"), str(CLUSTERS / f"{cluster}.toml"),
-                                          tmp_path, steps=3, recompute="all", train_args=["--micro-batches", "2"])
+                                          tmp_path, steps=3, recompute="all", train_args=["--micro-batches", "2"],
+                                          pins=pins)
     assert plan.recompute == tuple(plan.graph.blocks())
     text = (tmp_path / "out" / "train.py").read_text()
     assert text.count("= hr.recompute(block_") == len(plan.recompute)
     if spec == "mlp":
-        assert plan.moves and "hr.all_gather" in text.split("def block_hidden_2")[1].split("hr.recompute")[0]
+        assert any(m.kind in ("all_gather", "reduce_scatter") for m in plan.moves)
+    if pins:
+        block = text.split("def block_blocks_1")[1].split("hr.recompute")[0]
+        assert "= hr.Prefetch([" in block and block.count("gathers_blocks_1.take(") == 4, block
     assert loss_err < 1e-5 and param_err < 1e-4, (loss_err, param_err)

@@ -1,0 +1,79 @@
+"""Weights all-gathered ahead of use, so the gather runs while the rank computes.
+
+A block of the emitted forward that reads sharded weights whole (FSDP-style: ``S(d) -> R``)
+makes one ``Prefetch`` of its weights' gathers in the order it reads them. The first gather
+starts when the block starts; taking gather ``i`` starts gather ``i + 1`` and then waits for
+gather ``i``, so each weight moves while the rank computes with the one before it, and at most
+two gathered weights of a block are in flight. A block recomputed in backward makes its
+``Prefetch`` again, and its gathers overlap the recomputation the same way.
+
+Taken, a gather is the same differentiable all-gather as ``hap.runtime.all_gather`` (its
+backward the reduce-scatter of the gradient, cast back to the weight's dtype first where the
+weight was gathered as autocast's low-precision copy), on the same values: only when it runs
+changes. The cost model prices the same schedule (``hap.solve.prefetch_exposure``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import dist as _d
+from .collectives import LOW_DTYPES, _check_size, _form, _gather_start, _lengths, _local_step, _norm_dim, _ReduceScatter
+
+
+class _Prefetched(torch.autograd.Function):
+    """The whole weight from a started gather of ``x``'s shard; backward: the reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x, dim, ls, form, finish):
+        ctx.args, ctx.dtype = (dim, ls, form), x.dtype
+        return finish()
+
+    @staticmethod
+    def backward(ctx, g):
+        dim, ls, form = ctx.args
+        return _ReduceScatter.apply(g.to(ctx.dtype), dim, ls, form), None, None, None, None
+
+
+class Prefetch:
+    """The all-gathers of one block's sharded weights, each started one ahead of its use.
+
+    ``gathers`` lists, in the order the block reads them, ``(shard, dim, lengths, form, cast)``
+    as ``hap.runtime.all_gather`` takes them; ``take(i)`` returns gather ``i``'s whole weight."""
+
+    def __init__(self, gathers: Sequence[tuple[torch.Tensor, int, Sequence[int], str, str | None]]) -> None:
+        self._specs = []
+        for x, dim, lengths, form, cast in gathers:
+            dim = _norm_dim(x, dim, "Prefetch")
+            ls = _lengths(lengths, "Prefetch")
+            _form(form, "Prefetch")
+            _check_size(x, dim, ls[_d.rank()], "Prefetch", f"lengths[{_d.rank()}]")
+            if cast is not None and cast not in LOW_DTYPES:
+                raise ValueError(f"hap.runtime.Prefetch: cast must be one of {sorted(LOW_DTYPES)}, got {cast!r}")
+            self._specs.append((x, dim, ls, form, cast))
+        self._started: dict[int, Callable[[], torch.Tensor]] = {}
+        self._taken: set[int] = set()
+        self._start(0)
+
+    def _start(self, i: int) -> None:
+        if i >= len(self._specs) or i in self._started or i in self._taken:
+            return
+        x, dim, ls, form, cast = self._specs[i]
+        if not _d.is_distributed():
+            self._started[i] = _local_step
+            return
+        low = x.detach() if cast is None else x.detach().to(LOW_DTYPES[cast])
+        self._started[i] = _gather_start(low, dim, ls, form, async_op=True)
+
+    def take(self, i: int) -> torch.Tensor:
+        """Gather ``i``'s whole weight (differentiable), once gather ``i + 1`` has started."""
+        x, dim, ls, form, cast = self._specs[i]
+        self._start(i)  # a gather taken before its turn starts now
+        self._start(i + 1)
+        finish = self._started.pop(i)
+        self._taken.add(i)
+        if not _d.is_distributed():
+            finish()
+            return x if cast is None else x.to(LOW_DTYPES[cast])
+        return _Prefetched.apply(x, dim, ls, form, finish)
