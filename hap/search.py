@@ -409,15 +409,31 @@ def couples_samples(node: Node) -> bool:
 
 
 def micro_batch_notes(cluster: Cluster, shares: tuple[int, ...], micro: tuple[int, ...]) -> list[str]:
-    """Say which ranks run micro-batches and why: compute share is not memory share."""
+    """Say which ranks run micro-batches and why: compute share is not memory share. Ranks of one
+    device with the same share and count share one note."""
     gb = 1e9
-    out = []
+    alike: dict[tuple[str, int, int], list[int]] = {}
     for r, (share, k) in enumerate(zip(shares, micro)):
         if k > 1:
-            out.append(f"rank {r} ({cluster.ranks[r].device}) runs its {share} samples in {k} micro-batches of at "
-                       f"most {-(-share // k)} to fit its {cluster.memory_bytes(r) / gb:.3g} GB: its share follows "
-                       "its speed, its micro-batches its memory")
+            alike.setdefault((cluster.ranks[r].device, share, k), []).append(r)
+    out = []
+    for (device, share, k), ranks in alike.items():
+        r = ranks[0]
+        who = f"rank {r}" if len(ranks) == 1 else f"ranks {_ranks_text(ranks)}"
+        out.append(f"{who} ({device}) {'runs its' if len(ranks) == 1 else 'run their'} {share} samples in {k} "
+                   f"micro-batches of at most {-(-share // k)} to fit {cluster.memory_bytes(r) / gb:.3g} GB: a "
+                   "share follows its rank's speed, its micro-batches its memory")
     return out
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    """``0..7, 16`` for ranks 0 to 7 and 16."""
+    runs, start = [], ranks[0]
+    for a, b in zip(ranks, ranks[1:] + [None]):
+        if b != a + 1:
+            runs.append(str(start) if start == a else f"{start}..{a}")
+            start = b
+    return ", ".join(runs)
 
 
 def faster_precision(graph: Graph, cluster: Cluster, won: Result) -> list[str]:

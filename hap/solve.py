@@ -184,18 +184,65 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
 
 def prefetched(graph: Graph, cm: CostModel, choice: dict[str, Candidate],
                moves: list[ChosenMove]) -> tuple[list[ChosenMove], float]:
-    """``moves`` with each weight gather that a block starts one ahead of use priced by what of
-    its forward is left exposed (``prefetch_exposure``), in every run of it, and their total."""
+    """``moves`` with each weight gather that a block starts one ahead of use priced as it runs
+    on devices that overlap: its forward by what outlasts the compute before its use
+    (``prefetch_exposure``, again where its block is recomputed), its reduce-scatter by its part
+    of what outlasts backward (``scatter_exposure``), in every run; and their total."""
     exposed = prefetch_exposure(graph, cm, choice, moves)
+    per_run = max(cm.micro)
+    forward = {i: moves[i].priced.forward_s / per_run for i in exposed}  # a run's forward, whole
+    backward = {}  # a run's reduce-scatter, whole
+    for i in exposed:
+        rerun = cm.move_runs(graph[moves[i].producer])[1]
+        backward[i] = moves[i].priced.seconds / per_run - forward[i] * (2 if rerun else 1)
+    behind = scatter_exposure(graph, cm, choice, moves, backward)
     out = []
     for i, m in enumerate(moves):
         if i in exposed:
-            rounds, rerun = cm.move_runs(graph[m.producer])
-            hidden = (m.priced.forward_s / rounds - exposed[i]) * rounds * (2 if rerun else 1)
-            m = ChosenMove(m.producer, m.src, m.dst, PricedMove(m.priced.kind, m.priced.form,
-                                                                m.priced.seconds - hidden, exposed[i] * rounds))
+            rerun = cm.move_runs(graph[m.producer])[1]
+            seconds = per_run * (exposed[i] * (2 if rerun else 1) + behind[i])
+            m = ChosenMove(m.producer, m.src, m.dst, PricedMove(m.priced.kind, m.priced.form, seconds,
+                                                                per_run * exposed[i]))
         out.append(m)
     return out, sum(m.priced.seconds for m in out)
+
+
+def scatter_exposure(graph: Graph, cm: CostModel, choice: dict[str, Candidate], moves: list[ChosenMove],
+                     scatters: dict[int, float]) -> dict[int, float]:
+    """Of one run's backward, the seconds each deferred reduce-scatter (``scatters``: index in
+    ``moves`` -> its seconds) leaves exposed, as ``hap.runtime.prefetch.deferred_grads`` runs
+    them: each starts once backward has passed its weight's reader, behind the ones before it on
+    the one process group, while backward computes on (nodes at the slowest rank's backward and
+    recomputed forward); a synchronous collective of backward waits for those in flight, and
+    what is still running when backward ends is waited for. The exposed seconds are shared out
+    in proportion to the scatters' own."""
+    if not scatters:
+        return {}
+    order = {node.name: i for i, node in enumerate(graph)}
+    rd = readers(graph)
+    after: dict[str, list[int]] = {}  # reader -> the moves whose backward runs after its backward
+    for i, m in enumerate(moves):
+        first = min((v for v, k in rd[m.producer] if choice[v].inputs[k] == m.dst), key=order.get, default=None)
+        if first is not None:
+            after.setdefault(first, []).append(i)
+    per_run = max(cm.micro)
+    now = channel = waited = 0.0
+    for node in reversed(list(graph)):
+        if node.kind == "op" and node.name in cm.requires_grad:
+            bwd = cm.backward_factor(node) + (1.0 if node.name in cm.recomputed else 0.0)
+            now += max(cm.compute_s(node, choice[node.name])) * bwd / (1 + bwd) / per_run
+        for i in reversed(after.get(node.name, [])):
+            if i in scatters:
+                channel = max(now, channel) + scatters[i]
+            else:
+                m = moves[i]
+                if m.priced.seconds > m.priced.forward_s:
+                    waited += max(channel - now, 0.0)
+                    now = max(now, channel) + (m.priced.seconds - m.priced.forward_s) / per_run
+                    channel = now
+    exposed = waited + max(channel - now, 0.0)
+    whole = sum(scatters.values())
+    return {i: exposed * t / whole if whole > 0 else 0.0 for i, t in scatters.items()}
 
 
 def prefetch_exposure(graph: Graph, cm: CostModel, choice: dict[str, Candidate],
@@ -241,8 +288,9 @@ def prefetch_exposure(graph: Graph, cm: CostModel, choice: dict[str, Candidate],
                 exposed[i] = exposed.get(i, 0.0) + wait
                 now += wait
             node = graph[v]
-            if node.kind == "op":
-                now += max(cm.compute_s(node, choice[v])) / (1 + cm.backward_factor(node)) / per_run
+            if node.kind == "op":  # its forward: not its backward, nor its recomputation in backward
+                rest = cm.backward_factor(node) + (1.0 if v in cm.recomputed else 0.0)
+                now += max(cm.compute_s(node, choice[v])) / (1 + rest) / per_run
     return exposed
 
 

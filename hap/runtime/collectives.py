@@ -115,6 +115,7 @@ def _gather_start(x: torch.Tensor, dim: int, ls: tuple[int, ...], form: str,
         buf = x.new_zeros((a, m, b))
         buf[:, : ls[r]] = x3
         flat = x.new_empty((n * a * m * b,))
+        sent = buf
         work = _d._all_gather_equal(flat, buf.reshape(-1), async_op=async_op)
 
         def pieces() -> list[torch.Tensor]:
@@ -125,25 +126,35 @@ def _gather_start(x: torch.Tensor, dim: int, ls: tuple[int, ...], form: str,
         inp = torch.cat([mine] * n) if n > 1 else mine
         counts = [a * v * b for v in ls]
         flat = x.new_empty((sum(counts),))
+        sent = inp
         work = _d._all_to_all(flat, inp, counts, [mine.numel()] * n, async_op=async_op)
 
         def pieces() -> list[torch.Tensor]:
             return [p.view(a, v, b) for p, v in zip(flat.split(counts), ls)]
 
     def finish() -> torch.Tensor:
+        nonlocal sent
         if async_op:
             _d._wait(work)
+        sent = None  # the sent buffer lives until the collective is done
         return torch.cat(pieces(), dim=1).view(_with_dim(x, dim, total))
     return finish
 
 
 def _reduce_scatter_impl(x: torch.Tensor, dim: int, ls: tuple[int, ...], form: str) -> torch.Tensor:
+    return _reduce_scatter_start(x, dim, ls, form, async_op=False)()
+
+
+def _reduce_scatter_start(x: torch.Tensor, dim: int, ls: tuple[int, ...], form: str,
+                          async_op: bool) -> Callable[[], torch.Tensor]:
+    """Start the reduce-scatter of ``x``; the returned function waits for it (``async_op``) and
+    gives this rank's rows of the sum."""
     n, r = _d.world_size(), _d.rank()
     a, b = _blocks(x, dim)
     offs = _offsets(ls)
     if sum(ls) == 0 or a * b == 0:
         _local_step()
-        return x.new_zeros(_with_dim(x, dim, ls[r]))
+        return lambda: x.new_zeros(_with_dim(x, dim, ls[r]))
     x3 = x.reshape(a, x.shape[dim], b)
     if form == "padded":
         m = max(ls)
@@ -152,14 +163,27 @@ def _reduce_scatter_impl(x: torch.Tensor, dim: int, ls: tuple[int, ...], form: s
             if ls[i]:
                 buf[i, :, : ls[i]] = x3[:, offs[i]: offs[i] + ls[i]]
         res = x.new_empty((a * m * b,))
-        _d._reduce_scatter_equal(res, buf.view(-1))
-        out = res.view(a, m, b)[:, : ls[r]]
+        sent = buf
+        work = _d._reduce_scatter_equal(res, buf.view(-1), async_op=async_op)
+
+        def mine() -> torch.Tensor:
+            return res.view(a, m, b)[:, : ls[r]]
     else:
         send = torch.cat([x3[:, offs[i]: offs[i] + ls[i]].reshape(-1) for i in range(n)])
         recv = x.new_empty((n * a * ls[r] * b,))
-        _d._all_to_all(recv, send, [a * ls[r] * b] * n, [a * v * b for v in ls])
-        out = recv.view(n, a, ls[r], b).sum(0)
-    return out.reshape(_with_dim(x, dim, ls[r]))
+        sent = send
+        work = _d._all_to_all(recv, send, [a * ls[r] * b] * n, [a * v * b for v in ls], async_op=async_op)
+
+        def mine() -> torch.Tensor:
+            return recv.view(n, a, ls[r], b).sum(0)
+
+    def finish() -> torch.Tensor:
+        nonlocal sent
+        if async_op:
+            _d._wait(work)
+        sent = None  # the sent buffer lives until the collective is done
+        return mine().reshape(_with_dim(x, dim, ls[r]))
+    return finish
 
 
 def _all_reduce_impl(x: torch.Tensor) -> torch.Tensor:

@@ -281,16 +281,17 @@ def _all_gather_equal(out: torch.Tensor, inp: torch.Tensor, async_op: bool = Fal
     return work if async_op else None
 
 
-def _reduce_scatter_equal(out: torch.Tensor, inp: torch.Tensor) -> None:
-    """out (k, ...) <- rank's k-row block of the sum over ranks of inp (world*k, ...)."""
+def _reduce_scatter_equal(out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
+    """out (k, ...) <- rank's k-row block of the sum over ranks of inp (world*k, ...). With
+    ``async_op``, the started work (None where it ran at once), to ``_wait`` before reading ``out``."""
     if _S.dry:
-        return
+        return None
     emulate.before_comm()
     if _rs_fn is not None and not _S.rs_fallback:
         try:
-            _rs_fn(out, inp.contiguous())
+            work = _rs_fn(out, inp.contiguous(), async_op=async_op)
             emulate.after_comm()
-            return
+            return work if async_op else None
         except (RuntimeError, NotImplementedError) as e:  # gloo before torch 2.x lacks it
             msg = str(e).lower()
             if "support" not in msg and "implemented" not in msg:
@@ -301,6 +302,7 @@ def _reduce_scatter_equal(out: torch.Tensor, inp: torch.Tensor) -> None:
     k = out.shape[0]
     out.copy_(buf.narrow(0, _S.rank * k, k))
     emulate.after_comm()
+    return None
 
 
 def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None,
@@ -330,7 +332,7 @@ def _all_reduce_async(t: torch.Tensor):
 
 def _wait(work) -> None:
     """Wait for an async collective (waiting is not compute: the emulation clock restarts)."""
-    if work is None:  # local_work_only()
+    if work is None:  # local_work_only(), or a collective that ran at once
         return
     emulate.before_comm()
     work.wait()

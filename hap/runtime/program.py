@@ -36,6 +36,7 @@ from .grad_sync import GradSync
 from .layout import FORMAT, Layout, offset
 from .logger import RunLog, tensorboard_writer
 from .precision import Precision
+from .prefetch import deferred_grads
 from .rng import seed_step
 from .sharded_ops import count_deferred
 from .shares import Rebalancer, split_lengths
@@ -489,7 +490,8 @@ class Trainer:
                 seed_step(self.args.seed, step, layout.rank, j)
                 with self.amp.autocast():
                     loss = self.forward(layout.with_rows(rows[j]), self.params, self.buffers, part)
-                self.amp.backward(loss)
+                with deferred_grads():  # prefetched weights' reduce-scatters run while backward computes
+                    self.amp.backward(loss)
                 total = loss.detach() if total is None else total + loss.detach()
                 if j == mine[0] and len(seen) > 1:
                     stop("--micro-batches: this model computes more than one class loss with ignored targets per "

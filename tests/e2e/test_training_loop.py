@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.e2e.harness import ROOT, run_exact
+from tests.e2e.harness import ROOT, run_exact, torchrun
 
 CLUSTERS = ROOT / "profiles" / "clusters"
 MEGATRON = {"p_hidden_1_weight": "S(0)", "p_hidden_1_bias": "S(0)", "p_hidden_2_weight": "S(1)"}
@@ -89,3 +89,44 @@ def test_recomputed_blocks_in_micro_batches_train_exactly(spec, cluster, pins, t
         block = text.split("def block_blocks_1")[1].split("hr.recompute")[0]
         assert "= hr.Prefetch([" in block and block.count("gathers_blocks_1.take(") == 4, block
     assert loss_err < 1e-5 and param_err < 1e-4, (loss_err, param_err)
+
+
+DEFERRED = r"""
+import contextlib, json, sys, torch
+import hap.runtime as hr
+from hap.runtime import prefetch
+rank, _ = hr.init()
+lengths = (5, 2)  # uneven shards of dim 0 of w1 (7 x 3) and of dim 1 of w2 (3 x 7)
+torch.manual_seed(0)
+full1, full2, x = torch.randn(7, 3), torch.randn(3, 7), torch.randn(4, 3)
+rows = slice(sum(lengths[:rank]), sum(lengths[:rank + 1]))
+out = {}
+for deferred in (False, True):
+    w1 = torch.nn.Parameter(full1[rows].clone())
+    w2 = torch.nn.Parameter(full2[:, rows].clone())
+    started = []  # reduce-scatters under way when backward reaches the first linear
+    for micro in range(2):  # gradients accumulate over two micro-batches
+        gathers = hr.Prefetch([(w1, 0, lengths, "padded", None), (w2, 1, lengths, "grouped", None)])
+        h = torch.nn.functional.linear(x[2 * micro: 2 * micro + 2], gathers.take(0))
+        h.register_hook(lambda g: started.append(len(prefetch._deferred or [])))
+        loss = (torch.nn.functional.linear(h, gathers.take(1)) ** 2).sum()
+        with prefetch.deferred_grads() if deferred else contextlib.nullcontext():
+            loss.backward()
+    out[str(deferred)] = {"w1": w1.grad.tolist(), "w2": w2.grad.tolist(), "started": started}
+json.dump(out, open(sys.argv[1] + f".{rank}", "w"))
+hr.leave(0)
+"""
+
+
+def test_deferred_reduce_scatters_run_during_backward_and_give_the_same_gradients(tmp_path):
+    """Inside deferred_grads a prefetched weight's reduce-scatter starts when backward reaches it
+    and runs on while backward computes the layers before; the gradients it leaves, accumulated
+    over micro-batches, are autograd's own, bit for bit, on uneven shards and both forms."""
+    script = tmp_path / "deferred.py"
+    script.write_text(DEFERRED)
+    p = torchrun(2, script, [str(tmp_path / "out.json")])
+    assert p.returncode == 0, p.stderr[-2000:]
+    for r in (0, 1):
+        got = json.loads((tmp_path / f"out.json.{r}").read_text())
+        assert got["True"]["w1"] == got["False"]["w1"] and got["True"]["w2"] == got["False"]["w2"]
+        assert got["True"]["started"] == [1, 1] and got["False"]["started"] == [0, 0]
