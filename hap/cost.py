@@ -120,7 +120,8 @@ class CostModel:
         self._move_cache: dict[tuple, tuple[float, ...] | None] = {}
         self._price_cache: dict[tuple, PricedMove] = {}
         self._step_move_cache: dict[tuple, PricedMove] = {}
-        self._first_reader = {name: users[0] for name, users in graph.users().items() if users}
+        self._readers = graph.users()
+        self._first_reader = {name: users[0] for name, users in self._readers.items() if users}
         self.low_gathers = low_precision_gathers(graph)
         # ranks of one device type and slowdown compute alike: identical ranks are priced once
         self.rank_class = tuple((info.device, info.slowdown) for info in cluster.ranks)
@@ -362,6 +363,20 @@ class CostModel:
             self._step_move_cache[key] = PricedMove(one.kind, one.form, rounds * (one.seconds + again),
                                                     rounds * one.forward_s)  # the re-run is in backward
         return self._step_move_cache[key]
+
+    def kept_move_bytes(self, node: Node, src: Placement, dst: Placement) -> float:
+        """Bytes on every rank that moving ``node``'s output from ``src`` to ``dst`` keeps until
+        backward: a weight gathered whole is saved by a reader that keeps its inputs (a matmul),
+        as the low-precision copy where it is gathered as one (``low_precision_gathers``), unless
+        that reader's block is recomputed (its gathers are then made again in backward, one block
+        at a time). Only weights are counted: a moved activation's bytes are its producer's."""
+        if node.kind != "param" or not prefetched_gather(node, src, dst) or node.name not in self.requires_grad:
+            return 0.0
+        if self._first_reader.get(node.name) in self.recomputed or not any(
+                self.graph[u].target not in KEEPS_NOTHING | KEEPS_OUTPUT for u in self._readers[node.name]):
+            return 0.0
+        low = self.low_gathers.get(node.name)
+        return float(TensorMeta(node.meta.shape, low).nbytes if low else node.meta.nbytes)
 
     def move_runs(self, node: Node) -> tuple[int, bool]:
         """How often a move of ``node``'s output runs whole in a step (``step_move``), and whether

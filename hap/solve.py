@@ -167,6 +167,7 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
             conv = cm.step_move(node, src, q)
             moves.append(ChosenMove(node.name, src, q, conv))
             comm += conv.seconds
+            mem = [m + cm.kept_move_bytes(node, src, q) for m in mem]  # a weight gathered and saved whole
     if cm.n > 1 and all(cm.cluster.profile(r).overlap_comm for r in range(cm.n)):
         moves, comm = prefetched(graph, cm, choice, moves)
     synced = [p.name for p in graph.params()
@@ -408,6 +409,7 @@ class _PlacementMilp:
         self.y: dict[tuple[str, str], pulp.LpVariable] = {}
         self.z: dict[tuple, dict[tuple[Placement, Placement], Any]] = {}
         self.moves: dict[tuple, tuple[Any, float, int]] = {}  # (mkey, p, q) -> (mv, seconds, producers)
+        self.kept: dict[tuple, float] = {}  # (mkey, p, q) -> bytes its moves keep on every rank until backward
         self.objective: list = []
         self._one_hot()
         self._compute()
@@ -529,6 +531,9 @@ class _PlacementMilp:
                 self.moves[mkey, p, q] = (mv, cost, 0)
             mv, c0, count = self.moves[mkey, p, q]
             self.moves[mkey, p, q] = (mv, c0, count + 1)
+            kept = self.cm.kept_move_bytes(node, p, q)
+            if kept:  # bytes on every rank, per tied producer
+                self.kept[mkey, p, q] = self.kept.get((mkey, p, q), 0.0) + kept
 
     def _memory(self) -> None:
         """Σ_n bytes_r(n,c)·y[n,c] ≤ rank r's memory less the recomputed block's activations and
@@ -545,14 +550,17 @@ class _PlacementMilp:
         group = np.array([list(self.members).index(name) for name, _, _ in keys], dtype=np.int64)
         worst = np.zeros((len(self.members), cm.n))
         np.maximum.at(worst, group, mem)  # per representative, its largest choice on each rank
-        binding = [r for r in range(cm.n) if worst[:, r].sum() > caps[r]]
+        kept = sum(self.kept.values())  # weights gathered whole and saved, at most
+        binding = [r for r in range(cm.n) if worst[:, r].sum() + kept > caps[r]]
         if not binding:
             return
+        moved = [(self.moves[key][0], b) for key, b in self.kept.items()]
         # ranks with the same capacity and coefficients (same device, slowdown and lengths) share one row
         _, first = np.unique(np.vstack([mem[:, binding], caps[binding][None, :]]).T, axis=0, return_index=True)
         for i in sorted(first):
             r = binding[i]
-            self.prob += pulp.lpSum(float(b) * v for (_, _, v), b in zip(keys, mem[:, r]) if b) <= caps[r], f"mem_{r}"
+            self.prob += (pulp.lpSum(float(b) * v for (_, _, v), b in zip(keys, mem[:, r]) if b)
+                          + pulp.lpSum(b * mv for mv, b in moved) <= caps[r]), f"mem_{r}"
 
     def choice(self) -> dict[str, Candidate]:
         """Each node's candidate from the solution: the one its representative's y takes, by
@@ -583,8 +591,13 @@ def memory_report(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> 
         for part, per_rank in cm.memory_parts(node, choice[node.name]).items():
             for r, b in enumerate(per_rank):
                 out[r][part] += b
+    rd = readers(graph)
+    kept = 0.0  # weights gathered whole and saved for backward, on every rank
+    for p in graph.params():
+        src = choice[p.name].output
+        kept += sum(cm.kept_move_bytes(p, src, q) for q in {choice[v].inputs[k] for v, k in rd[p.name]} if q != src)
     for row, peak in zip(out, cm.activation_reserve):
-        row["activations"] += peak  # a recomputed block's activations, the largest transient output
+        row["activations"] += peak + kept  # a recomputed block's activations, the largest transient output
         row["total"] = sum(row.values())
     return out
 
