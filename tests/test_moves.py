@@ -95,11 +95,11 @@ def test_the_bytes_charged_are_the_bytes_the_implementation_moves(monkeypatch, k
             moved["send"] += sum(s for i, s in enumerate(splits_send) if i != r) * size
             moved["recv"] += sum(s for i, s in enumerate(splits_recv) if i != r) * size
 
-        monkeypatch.setattr(hd, "_all_gather_equal", lambda out, inp, r=r: count(
+        monkeypatch.setattr(hd, "_all_gather_equal", lambda out, inp, async_op=False, r=r: count(
             inp.element_size(), [inp.numel()] * n, [inp.numel()] * n))
-        monkeypatch.setattr(hd, "_reduce_scatter_equal", lambda out, inp, r=r: count(
+        monkeypatch.setattr(hd, "_reduce_scatter_equal", lambda out, inp, async_op=False, r=r: count(
             inp.element_size(), [out.numel()] * n, [out.numel()] * n))
-        monkeypatch.setattr(hd, "_all_to_all", lambda out, inp, os_, is_, r=r: count(
+        monkeypatch.setattr(hd, "_all_to_all", lambda out, inp, os_, is_, async_op=False, r=r: count(
             inp.element_size(), is_ or [inp.numel() // n] * n, os_ or [out.numel() // n] * n))
         with hd.local_work_only(r, n):
             if kind == "all_gather":
