@@ -471,9 +471,18 @@ class CostModel:
 
     def move_temporary_bytes(self, meta: TensorMeta, src: Placement, dst: Placement, conv: PricedMove) -> float:
         """Bytes a collective allocates while it runs, on every rank: a padded form's buffer of N
-        shards of the largest length, a grouped form's whole output; a local move none."""
+        shards of the largest length, a grouped form's whole output; a local move none. An
+        all-to-all's pieces are a rank's own: the grouped form packs its shard and receives
+        its new one, the padded form sends and receives N of the largest piece."""
         if conv.kind not in UNEVEN_KINDS:
             return 0.0
+        if conv.kind == "all_to_all":
+            fs, fd = self._fr(meta, src), self._fr(meta, dst)
+            if conv.form != "padded":
+                return max(a + 2 * b for a, b in zip(fs, fd)) * meta.nbytes  # packed, received, assembled
+            same_dim = src.dim % meta.ndim == dst.dim % meta.ndim
+            piece = min(max(fs), max(fd)) if same_dim else max(fs) * max(fd)
+            return (2 * self.n * piece + max(fd)) * meta.nbytes
         if conv.form != "padded":
             return float(meta.nbytes)
         fr = self._fr(meta, src if src.kind == "S" and conv.kind != "reduce_scatter" else dst)

@@ -110,9 +110,14 @@ class ChosenMove:
 
 
 def collective_temporary(graph: Graph, cm: CostModel, moves: list[ChosenMove]) -> float:
-    """The largest buffer one of a plan's collectives allocates while it runs (they run one at a time)."""
-    return max((cm.move_temporary_bytes(graph[m.producer].meta, m.src, m.dst, m.priced) for m in moves),
-               default=0.0)
+    """The largest buffer one of a plan's collectives allocates while it runs (they run one at a
+    time); a weight gathered as its low-precision copy moves that copy."""
+    def meta(m: ChosenMove) -> TensorMeta:
+        low = cm.low_gathers.get(m.producer) if prefetched_gather(graph[m.producer], m.src, m.dst) else None
+        whole = graph[m.producer].meta
+        return whole if low is None else TensorMeta(whole.shape, low)
+
+    return max((cm.move_temporary_bytes(meta(m), m.src, m.dst, m.priced) for m in moves), default=0.0)
 
 
 @dataclass

@@ -152,6 +152,13 @@ def test_a_padded_collective_holds_n_shards_of_the_largest_length_while_it_runs(
     assert padded == 2 * 0.75 * meta.nbytes
     assert cm.move_temporary_bytes(meta, S(1), R, PricedMove("all_gather", "grouped", 0.0)) == meta.nbytes
     assert cm.move_temporary_bytes(meta, R, S(1), PricedMove("slice", "", 0.0)) == 0.0
+    # an all-to-all moves a rank's own pieces: the grouped form packs its 3/4 shard of dim 1 and
+    # receives (and assembles) its 3/4 shard of dim 0, never the whole tensor of every rank
+    grouped = cm.move_temporary_bytes(meta, S(1), S(0), PricedMove("all_to_all", "grouped", 0.0))
+    assert grouped == pytest.approx((0.75 + 2 * 0.75) * meta.nbytes)
+    wide = CostModel(graph, load_cluster(ROOT / "profiles/clusters/hap-paper.toml"), Splitter((1,) * 64))
+    many = TensorMeta((64, 64 * 16), "float32")
+    assert wide.move_temporary_bytes(many, S(1), S(0), PricedMove("all_to_all", "grouped", 0.0)) < many.nbytes / 10
 
 
 class _Head(torch.nn.Module):
