@@ -327,17 +327,24 @@ class _ToPartial(torch.autograd.Function):
 LOW_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _gather_args(x: torch.Tensor, dim: int, lengths: Sequence[int], form: str, cast: str | None,
+                 op: str) -> tuple[int, tuple[int, ...]]:
+    """An all-gather's arguments checked (``op`` names the caller): its dim and lengths."""
+    dim = _norm_dim(x, dim, op)
+    ls = _lengths(lengths, op)
+    _form(form, op)
+    _check_size(x, dim, ls[_d.rank()], op, f"lengths[{_d.rank()}]")
+    if cast is not None and cast not in LOW_DTYPES:
+        raise ValueError(f"hap.runtime.{op}: cast must be one of {sorted(LOW_DTYPES)}, got {cast!r}")
+    return dim, ls
+
+
 def all_gather(x: torch.Tensor, dim: int, lengths: Sequence[int], form: str = "padded",
                cast: str | None = None) -> torch.Tensor:
     """S(dim) -> R: concatenate every rank's shard (rank r holds lengths[r] rows) along `dim`;
     with ``cast`` ("bfloat16" or "float16"), the shards cast to that dtype (what autocast makes
     of a weight its matmuls read), their gradient cast back to x's dtype before it is summed."""
-    dim = _norm_dim(x, dim, "all_gather")
-    ls = _lengths(lengths, "all_gather")
-    _form(form, "all_gather")
-    _check_size(x, dim, ls[_d.rank()], "all_gather", f"lengths[{_d.rank()}]")
-    if cast is not None and cast not in LOW_DTYPES:
-        raise ValueError(f"hap.runtime.all_gather: cast must be one of {sorted(LOW_DTYPES)}, got {cast!r}")
+    dim, ls = _gather_args(x, dim, lengths, form, cast, "all_gather")
     if not _d.is_distributed():
         _local_step()
         return x if cast is None else x.to(LOW_DTYPES[cast])

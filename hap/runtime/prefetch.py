@@ -25,12 +25,9 @@ import torch
 from . import dist as _d
 from .collectives import (
     LOW_DTYPES,
-    _check_size,
-    _form,
+    _gather_args,
     _gather_start,
-    _lengths,
     _local_step,
-    _norm_dim,
     _reduce_scatter_start,
     _ReduceScatter,
 )
@@ -87,12 +84,7 @@ class Prefetch:
     def __init__(self, gathers: Sequence[tuple[torch.Tensor, int, Sequence[int], str, str | None]]) -> None:
         self._specs = []
         for x, dim, lengths, form, cast in gathers:
-            dim = _norm_dim(x, dim, "Prefetch")
-            ls = _lengths(lengths, "Prefetch")
-            _form(form, "Prefetch")
-            _check_size(x, dim, ls[_d.rank()], "Prefetch", f"lengths[{_d.rank()}]")
-            if cast is not None and cast not in LOW_DTYPES:
-                raise ValueError(f"hap.runtime.Prefetch: cast must be one of {sorted(LOW_DTYPES)}, got {cast!r}")
+            dim, ls = _gather_args(x, dim, lengths, form, cast, "Prefetch")
             self._specs.append((x, dim, ls, form, cast))
         self._started: dict[int, Callable[[], torch.Tensor]] = {}
         self._taken: set[int] = set()

@@ -37,6 +37,16 @@ def torchrun(nproc: int, script: Path, args: list[str], timeout: int = 300,
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
+def rank_outputs(source: str, tmp: Path, nproc: int = 2) -> list:
+    """Run the script ``source`` on ``nproc`` ranks under torchrun; it writes its JSON result to
+    ``sys.argv[1] + f".{rank}"``. Returns each rank's result."""
+    script = tmp / "ranks.py"
+    script.write_text(source)
+    p = torchrun(nproc, script, [str(tmp / "out.json")])
+    assert p.returncode == 0, p.stderr[-2000:]
+    return [json.loads((tmp / f"out.json.{r}").read_text()) for r in range(nproc)]
+
+
 def global_batches(spec, global_batch: int, seed: int = 0):
     """The documented global order: ``batch(step, B)``, or for a dataset spec epoch e's
     ``randperm(len, seed + e)``, step k of the epoch taking ``perm[k*B:(k+1)*B]`` (docs/data.md)."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hap.emit import emit_program
-from tests.e2e.harness import ROOT, plan_for, run_exact, torchrun
+from tests.e2e.harness import ROOT, plan_for, rank_outputs, run_exact, torchrun
 from tests.helpers import emitted_layout
 
 CLUSTERS = ROOT / "profiles" / "clusters"
@@ -105,12 +105,7 @@ hr.leave(0)
 def test_a_weight_gathered_as_its_autocast_copy_computes_the_same_bits(tmp_path):
     """all_gather(cast="bfloat16") moves half the bytes of gathering the fp32 weight for autocast
     to cast, and gives the same output and the same fp32 gradient, bit for bit, on uneven shards."""
-    script = tmp_path / "cast.py"
-    script.write_text(CAST_GATHER)
-    p = torchrun(2, script, [str(tmp_path / "out.json")])
-    assert p.returncode == 0, p.stderr[-2000:]
-    for r in (0, 1):
-        got = json.loads((tmp_path / f"out.json.{r}").read_text())
+    for got in rank_outputs(CAST_GATHER, tmp_path):
         assert got["None"] == got["bfloat16"] and got["None"]["dtype"] == "torch.bfloat16"
         assert any(v != 0 for row in got["None"]["grad"] for v in row)
 
@@ -118,11 +113,7 @@ def test_a_weight_gathered_as_its_autocast_copy_computes_the_same_bits(tmp_path)
 def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     """A step whose gradients overflow on one rank only is skipped on both ranks, and both
     back off the scale: otherwise the ranks' copies of a replicated weight drift apart."""
-    script = tmp_path / "skip.py"
-    script.write_text(SHARED_SKIP)
-    p = torchrun(2, script, [str(tmp_path / "out.json")])
-    assert p.returncode == 0, p.stderr[-2000:]
-    r0, r1 = (json.loads((tmp_path / f"out.json.{r}").read_text()) for r in (0, 1))
+    r0, r1 = rank_outputs(SHARED_SKIP, tmp_path)
     assert r0 == r1, (r0, r1)
     assert r0["skipped"] == 1 and r0["scales"] == [65536.0, 32768.0, 32768.0]
     assert r0["w"] == pytest.approx([1 - 2 * 0.1 * 0.25] * 4)  # two of three steps applied

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.e2e.harness import ROOT, run_exact, torchrun
+from tests.e2e.harness import ROOT, rank_outputs, run_exact
 
 CLUSTERS = ROOT / "profiles" / "clusters"
 MEGATRON = {"p_hidden_1_weight": "S(0)", "p_hidden_1_bias": "S(0)", "p_hidden_2_weight": "S(1)"}
@@ -122,11 +122,6 @@ def test_deferred_reduce_scatters_run_during_backward_and_give_the_same_gradient
     """Inside deferred_grads a prefetched weight's reduce-scatter starts when backward reaches it
     and runs on while backward computes the layers before; the gradients it leaves, accumulated
     over micro-batches, are autograd's own, bit for bit, on uneven shards and both forms."""
-    script = tmp_path / "deferred.py"
-    script.write_text(DEFERRED)
-    p = torchrun(2, script, [str(tmp_path / "out.json")])
-    assert p.returncode == 0, p.stderr[-2000:]
-    for r in (0, 1):
-        got = json.loads((tmp_path / f"out.json.{r}").read_text())
+    for got in rank_outputs(DEFERRED, tmp_path):
         assert got["True"]["w1"] == got["False"]["w1"] and got["True"]["w2"] == got["False"]["w2"]
         assert got["True"]["started"] == [1, 1] and got["False"]["started"] == [0, 0]
