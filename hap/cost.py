@@ -370,7 +370,7 @@ class CostModel:
         as the low-precision copy where it is gathered as one (``low_precision_gathers``), unless
         that reader's block is recomputed (its gathers are then made again in backward, one block
         at a time). Only weights are counted: a moved activation's bytes are its producer's."""
-        if node.kind != "param" or not prefetched_gather(node, src, dst) or node.name not in self.requires_grad:
+        if node.kind != "param" or not weight_gather(node, src, dst) or node.name not in self.requires_grad:
             return 0.0
         if self._first_reader.get(node.name) in self.recomputed or not any(
                 self.graph[u].target not in KEEPS_NOTHING | KEEPS_OUTPUT for u in self._readers[node.name]):
@@ -517,9 +517,10 @@ def saved_for_backward(graph: Graph, requires_grad: set[str]) -> set[str]:
     return {x for x in kept if graph[x].kind == "op"}
 
 
-def prefetched_gather(node: Node, src: Placement, dst: Placement) -> bool:
-    """Whether the move of ``node`` from ``src`` to ``dst`` is a weight's all-gather, which a block
-    of the program starts one ahead of its use (``hap.runtime.Prefetch``)."""
+def weight_gather(node: Node, src: Placement, dst: Placement) -> bool:
+    """Whether the move of ``node`` from ``src`` to ``dst`` is a weight's all-gather: a block of the
+    program starts it one ahead of its use (``hap.runtime.Prefetch``), and backward leaves its
+    reduce-scatter running (``hap.runtime.collectives.deferred_grads``)."""
     return node.kind == "param" and dst.kind == "R" and move(src, dst).kind == "all_gather"
 
 

@@ -24,7 +24,7 @@ import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hap.cost import low_precision_gathers, prefetched_gather
+from hap.cost import low_precision_gathers, weight_gather
 from hap.errors import HapError, PlanFileError
 from hap.graph import Graph, Node, TensorMeta
 from hap.moves import move
@@ -146,7 +146,7 @@ class Emitter:
         src = self.tensor_lengths(name, have) if have.is_shard else None
         dst = self.tensor_lengths(name, want) if want.is_shard else None
         cast = self.low_gathers.get(name) if mv.kind == "all_gather" and want.kind == "R" else None
-        if self.block is not None and prefetched_gather(self.graph[name], have, want):
+        if self.block is not None and weight_gather(self.graph[name], have, want):
             _, args, kwargs = mv.call(src, dst, self.form(name, want), cast)
             self.prefetched.append(f"({name}, {', '.join(repr(a) for a in args)}, {kwargs['form']!r}, "
                                    f"{kwargs.get('cast')!r})")

@@ -40,7 +40,7 @@ import pulp
 
 if TYPE_CHECKING:
     from hap.cluster import Cluster
-from hap.cost import GRAD_BUCKET_BYTES, INF, CostModel, PricedMove, prefetched_gather
+from hap.cost import GRAD_BUCKET_BYTES, INF, CostModel, PricedMove, weight_gather
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph, Node, TensorMeta
 from hap.moves import COLLECTIVES
@@ -113,7 +113,7 @@ def collective_temporary(graph: Graph, cm: CostModel, moves: list[ChosenMove]) -
     """The largest buffer one of a plan's collectives allocates while it runs (they run one at a
     time); a weight gathered as its low-precision copy moves that copy."""
     def meta(m: ChosenMove) -> TensorMeta:
-        low = cm.low_gathers.get(m.producer) if prefetched_gather(graph[m.producer], m.src, m.dst) else None
+        low = cm.low_gathers.get(m.producer) if weight_gather(graph[m.producer], m.src, m.dst) else None
         whole = graph[m.producer].meta
         return whole if low is None else TensorMeta(whole.shape, low)
 
@@ -190,33 +190,30 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
 
 def prefetched(graph: Graph, cm: CostModel, choice: dict[str, Candidate],
                moves: list[ChosenMove]) -> tuple[list[ChosenMove], float]:
-    """``moves`` with each weight gather that a block starts one ahead of use priced as it runs
-    on devices that overlap: its forward by what outlasts the compute before its use
-    (``prefetch_exposure``, again where its block is recomputed), its reduce-scatter by its part
-    of what outlasts backward (``scatter_exposure``), in every run; and their total."""
+    """``moves`` with each weight gather (``hap.cost.weight_gather``) priced as it runs on devices
+    that overlap: a gather a block starts one ahead of use by what of its forward outlasts the
+    compute before its use (``prefetch_exposure``, again where its block is recomputed), every
+    weight's reduce-scatter by its part of what outlasts backward (``scatter_exposure``), in
+    every run; and their total."""
+    gathers = [i for i, m in enumerate(moves) if weight_gather(graph[m.producer], m.src, m.dst)]
     exposed = prefetch_exposure(graph, cm, choice, moves)
     per_run = max(cm.micro)
-    forward = {i: moves[i].priced.forward_s / per_run for i in exposed}  # a run's forward, whole
-    backward = {}  # a run's reduce-scatter, whole
-    for i in exposed:
-        rerun = cm.move_runs(graph[moves[i].producer])[1]
-        backward[i] = moves[i].priced.seconds / per_run - forward[i] * (2 if rerun else 1)
+    forward = {i: moves[i].priced.forward_s / per_run for i in gathers}  # a run's forward, whole
+    rerun = {i: cm.move_runs(graph[moves[i].producer])[1] for i in gathers}
+    backward = {i: moves[i].priced.seconds / per_run - forward[i] * (2 if rerun[i] else 1) for i in gathers}
     behind = scatter_exposure(graph, cm, choice, moves, backward)
-    out = []
-    for i, m in enumerate(moves):
-        if i in exposed:
-            rerun = cm.move_runs(graph[m.producer])[1]
-            seconds = per_run * (exposed[i] * (2 if rerun else 1) + behind[i])
-            m = ChosenMove(m.producer, m.src, m.dst, PricedMove(m.priced.kind, m.priced.form, seconds,
-                                                                per_run * exposed[i]))
-        out.append(m)
+    out = list(moves)
+    for i in gathers:
+        m, ahead = moves[i], exposed.get(i, forward[i])  # a gather outside any block waits whole
+        out[i] = ChosenMove(m.producer, m.src, m.dst, PricedMove(
+            m.priced.kind, m.priced.form, per_run * (ahead * (2 if rerun[i] else 1) + behind[i]), per_run * ahead))
     return out, sum(m.priced.seconds for m in out)
 
 
 def scatter_exposure(graph: Graph, cm: CostModel, choice: dict[str, Candidate], moves: list[ChosenMove],
                      scatters: dict[int, float]) -> dict[int, float]:
     """Of one run's backward, the seconds each deferred reduce-scatter (``scatters``: index in
-    ``moves`` -> its seconds) leaves exposed, as ``hap.runtime.prefetch.deferred_grads`` runs
+    ``moves`` -> its seconds) leaves exposed, as ``hap.runtime.collectives.deferred_grads`` runs
     them: each starts once backward has passed its weight's reader, behind the ones before it on
     the one process group, while backward computes on (nodes at the slowest rank's backward and
     recomputed forward); a synchronous collective of backward waits for those in flight, and
@@ -253,7 +250,7 @@ def scatter_exposure(graph: Graph, cm: CostModel, choice: dict[str, Candidate], 
 
 def prefetch_exposure(graph: Graph, cm: CostModel, choice: dict[str, Candidate],
                       moves: list[ChosenMove]) -> dict[int, float]:
-    """Per weight gather that a block starts one ahead of use (``hap.cost.prefetched_gather``, read
+    """Per weight gather that a block starts one ahead of use (``hap.cost.weight_gather``, read
     first inside a block: ``hap.runtime.Prefetch``), by index in ``moves``, the seconds of one
     run of its forward that the rank waits for it, as the program runs the block: the block's
     first gather starts with the block; taking gather i starts gather i+1 (behind i on the one
@@ -267,7 +264,7 @@ def prefetch_exposure(graph: Graph, cm: CostModel, choice: dict[str, Candidate],
     for i, m in enumerate(moves):
         first = min((v for v, k in rd[m.producer] if choice[v].inputs[k] == m.dst), key=order.get, default=None)
         if first is not None and block_of.get(first) is not None:
-            taken_at.setdefault(first, []).append((i, prefetched_gather(graph[m.producer], m.src, m.dst)))
+            taken_at.setdefault(first, []).append((i, weight_gather(graph[m.producer], m.src, m.dst)))
     exposed: dict[int, float] = {}
     per_run = max(cm.micro)  # a weight moves whole in each micro-batch, an activation a k-th of its rows
     for names in graph.blocks().values():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -247,16 +248,56 @@ def _a2a_impl(x: torch.Tensor, src: int, sl: tuple[int, ...], dst: int, dl: tupl
 # autograd functions
 # ----------------------------------------------------------------------------------------------
 
+_deferred: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]] | None = None  # inside deferred_grads()
+
+
+@contextmanager
+def deferred_grads():
+    """Backward inside this block starts each gathered weight's reduce-scatter and goes on
+    computing; on leaving it, every reduce-scatter is waited for and its rows added to the
+    weight's ``.grad`` (as autograd would have), so the scatters overlap the rest of backward."""
+    global _deferred
+    outer, _deferred = _deferred, []
+    try:
+        yield
+        with torch.no_grad():
+            for p, finish in _deferred:
+                g = finish().to(p.dtype)
+                if p.grad is None:
+                    p.grad = g.clone(memory_format=torch.contiguous_format)
+                else:
+                    p.grad.add_(g)
+    finally:
+        _deferred = outer
+
+
+def remember(ctx, x: torch.Tensor, dim: int, ls: tuple[int, ...], form: str) -> None:
+    """What an all-gather's backward needs: its layout, ``x``'s dtype, and ``x`` itself where it
+    is a weight (a leaf), whose gradient ``scatter_back`` may leave to ``deferred_grads``."""
+    ctx.args, ctx.dtype = (dim, ls, form), x.dtype
+    ctx.weight = x if x.is_leaf and x.requires_grad else None
+
+
+def scatter_back(ctx, g: torch.Tensor) -> torch.Tensor | None:
+    """An all-gather's backward: the reduce-scatter of ``g`` in the gathered tensor's dtype; for a
+    weight inside ``deferred_grads``, started and left running (its rows reach ``.grad`` there)."""
+    dim, ls, form = ctx.args
+    if _deferred is not None and ctx.weight is not None and not torch.is_grad_enabled():
+        _deferred.append((ctx.weight, _reduce_scatter_start(g.to(ctx.dtype).contiguous(), dim, ls, form,
+                                                            async_op=True)))
+        return None
+    return _ReduceScatter.apply(g.to(ctx.dtype), dim, ls, form)
+
+
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, ls, form):
-        ctx.args = (dim, ls, form)
+        remember(ctx, x, dim, ls, form)
         return _gather_impl(x, dim, ls, form)
 
     @staticmethod
     def backward(ctx, g):
-        dim, ls, form = ctx.args
-        return _ReduceScatter.apply(g, dim, ls, form), None, None, None
+        return scatter_back(ctx, g), None, None, None
 
 
 class _AllGatherCast(torch.autograd.Function):
@@ -266,13 +307,12 @@ class _AllGatherCast(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dim, ls, form, dtype):
-        ctx.args, ctx.dtype = (dim, ls, form), x.dtype
+        remember(ctx, x, dim, ls, form)
         return _gather_impl(x.to(dtype), dim, ls, form)
 
     @staticmethod
     def backward(ctx, g):
-        dim, ls, form = ctx.args
-        return _ReduceScatter.apply(g.to(ctx.dtype), dim, ls, form), None, None, None, None
+        return scatter_back(ctx, g), None, None, None, None
 
 
 class _ReduceScatter(torch.autograd.Function):

@@ -10,69 +10,33 @@ two gathered weights of a block are in flight. A block recomputed in backward ma
 Taken, a gather is the same differentiable all-gather as ``hap.runtime.all_gather`` (its
 backward the reduce-scatter of the gradient, cast back to the weight's dtype first where the
 weight was gathered as autocast's low-precision copy), on the same values: only when it runs
-changes. The training step runs backward inside ``deferred_grads``: each reduce-scatter then
-starts when backward reaches it and runs while backward computes on, and its rows are added
-to the weight's gradient once backward is done. The cost model prices the same schedule
+changes. The training step runs backward inside ``hap.runtime.collectives.deferred_grads``: each
+reduce-scatter then starts when backward reaches it and runs while backward computes on, and
+its rows are added to the weight's gradient once backward is done. The cost model prices the same schedule
 (``hap.solve.prefetch_exposure``, ``hap.solve.scatter_exposure``).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 
 import torch
 
 from . import dist as _d
-from .collectives import (
-    LOW_DTYPES,
-    _gather_args,
-    _gather_start,
-    _local_step,
-    _reduce_scatter_start,
-    _ReduceScatter,
-)
-
-_deferred: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]] | None = None  # inside deferred_grads()
-
-
-@contextmanager
-def deferred_grads():
-    """Backward inside this block starts each prefetched weight's reduce-scatter and goes on
-    computing; on leaving it, every reduce-scatter is waited for and its rows added to the
-    weight's ``.grad`` (as autograd would have), so the scatters overlap the rest of backward."""
-    global _deferred
-    outer, _deferred = _deferred, []
-    try:
-        yield
-        with torch.no_grad():
-            for p, finish in _deferred:
-                g = finish().to(p.dtype)
-                if p.grad is None:
-                    p.grad = g.clone(memory_format=torch.contiguous_format)
-                else:
-                    p.grad.add_(g)
-    finally:
-        _deferred = outer
+from .collectives import LOW_DTYPES, _gather_args, _gather_start, _local_step, remember, scatter_back
 
 
 class _Prefetched(torch.autograd.Function):
-    """The whole weight from a started gather of ``x``'s shard; backward: the reduce-scatter,
-    started and left running inside ``deferred_grads`` (``x`` a leaf weight)."""
+    """The whole weight from a started gather of ``x``'s shard; backward: the reduce-scatter
+    (``hap.runtime.collectives.scatter_back``)."""
 
     @staticmethod
     def forward(ctx, x, dim, ls, form, finish):
-        ctx.args, ctx.dtype = (dim, ls, form), x.dtype
-        ctx.weight = x if x.is_leaf else None
+        remember(ctx, x, dim, ls, form)
         return finish()
 
     @staticmethod
     def backward(ctx, g):
-        dim, ls, form = ctx.args
-        if _deferred is not None and ctx.weight is not None and not torch.is_grad_enabled():
-            _deferred.append((ctx.weight, _reduce_scatter_start(g.to(ctx.dtype).contiguous(), dim, ls, form,
-                                                                async_op=True)))
-            return None, None, None, None, None
-        return _ReduceScatter.apply(g.to(ctx.dtype), dim, ls, form), None, None, None, None
+        return scatter_back(ctx, g), None, None, None, None
 
 
 class Prefetch:

@@ -28,7 +28,7 @@ import torch
 from . import checkpoint as ckpt
 from . import micro, optim
 from .checks import Refused, backend_for, cuda_missing, device_mismatch, placement_mismatch, planned_gpu
-from .collectives import gather_full, sum_scalar
+from .collectives import deferred_grads, gather_full, sum_scalar
 from .data import BadBatch, RankData, val_batches
 from .dist import _all_reduce, barrier, device, init, leave, memory_bytes_now, peak_memory_bytes
 from .emulate import comm_seconds, end_segment, set_emulation, undilated
@@ -36,7 +36,6 @@ from .grad_sync import GradSync
 from .layout import FORMAT, Layout, offset
 from .logger import RunLog, tensorboard_writer
 from .precision import Precision
-from .prefetch import deferred_grads
 from .rng import seed_step
 from .sharded_ops import count_deferred
 from .shares import Rebalancer, split_lengths
@@ -490,7 +489,7 @@ class Trainer:
                 seed_step(self.args.seed, step, layout.rank, j)
                 with self.amp.autocast():
                     loss = self.forward(layout.with_rows(rows[j]), self.params, self.buffers, part)
-                with deferred_grads():  # prefetched weights' reduce-scatters run while backward computes
+                with deferred_grads():  # gathered weights' reduce-scatters run while backward computes
                     self.amp.backward(loss)
                 total = loss.detach() if total is None else total + loss.detach()
                 if j == mine[0] and len(seen) > 1:

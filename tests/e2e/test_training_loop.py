@@ -94,7 +94,7 @@ def test_recomputed_blocks_in_micro_batches_train_exactly(spec, cluster, pins, t
 DEFERRED = r"""
 import contextlib, json, sys, torch
 import hap.runtime as hr
-from hap.runtime import prefetch
+from hap.runtime import collectives
 rank, _ = hr.init()
 lengths = (5, 2)  # uneven shards of dim 0 of w1 (7 x 3) and of dim 1 of w2 (3 x 7)
 torch.manual_seed(0)
@@ -104,24 +104,26 @@ out = {}
 for deferred in (False, True):
     w1 = torch.nn.Parameter(full1[rows].clone())
     w2 = torch.nn.Parameter(full2[:, rows].clone())
+    w3 = torch.nn.Parameter(torch.arange(7.0)[rows].clone())  # gathered where it is read, not ahead
     started = []  # reduce-scatters under way when backward reaches the first linear
     for micro in range(2):  # gradients accumulate over two micro-batches
         gathers = hr.Prefetch([(w1, 0, lengths, "padded", None), (w2, 1, lengths, "grouped", None)])
-        h = torch.nn.functional.linear(x[2 * micro: 2 * micro + 2], gathers.take(0))
-        h.register_hook(lambda g: started.append(len(prefetch._deferred or [])))
+        h = torch.nn.functional.linear(x[2 * micro: 2 * micro + 2], gathers.take(0)) * hr.all_gather(w3, 0, lengths)
+        h.register_hook(lambda g: started.append(len(collectives._deferred or [])))
         loss = (torch.nn.functional.linear(h, gathers.take(1)) ** 2).sum()
-        with prefetch.deferred_grads() if deferred else contextlib.nullcontext():
+        with collectives.deferred_grads() if deferred else contextlib.nullcontext():
             loss.backward()
-    out[str(deferred)] = {"w1": w1.grad.tolist(), "w2": w2.grad.tolist(), "started": started}
+    out[str(deferred)] = {"w1": w1.grad.tolist(), "w2": w2.grad.tolist(), "w3": w3.grad.tolist(), "started": started}
 json.dump(out, open(sys.argv[1] + f".{rank}", "w"))
 hr.leave(0)
 """
 
 
 def test_deferred_reduce_scatters_run_during_backward_and_give_the_same_gradients(tmp_path):
-    """Inside deferred_grads a prefetched weight's reduce-scatter starts when backward reaches it
-    and runs on while backward computes the layers before; the gradients it leaves, accumulated
-    over micro-batches, are autograd's own, bit for bit, on uneven shards and both forms."""
+    """Inside deferred_grads a gathered weight's reduce-scatter (prefetched or not) starts when
+    backward reaches it and runs on while backward computes the layers before; the gradients it
+    leaves, accumulated over micro-batches, are autograd's own, bit for bit, on uneven shards and
+    both forms."""
     for got in rank_outputs(DEFERRED, tmp_path):
-        assert got["True"]["w1"] == got["False"]["w1"] and got["True"]["w2"] == got["False"]["w2"]
+        assert all(got["True"][w] == got["False"][w] for w in ("w1", "w2", "w3"))
         assert got["True"]["started"] == [1, 1] and got["False"]["started"] == [0, 0]
