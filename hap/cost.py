@@ -378,6 +378,10 @@ class CostModel:
         low = self.low_gathers.get(node.name)
         return float(TensorMeta(node.meta.shape, low).nbytes if low else node.meta.nbytes)
 
+    def first_reader(self, name: str) -> str | None:
+        """The first node (in graph order) that reads ``name``."""
+        return self._first_reader.get(name)
+
     def move_runs(self, node: Node) -> tuple[int, bool]:
         """How often a move of ``node``'s output runs whole in a step (``step_move``), and whether
         its forward collective runs again in backward (its first reader is recomputed)."""

@@ -110,14 +110,24 @@ class ChosenMove:
 
 
 def collective_temporary(graph: Graph, cm: CostModel, moves: list[ChosenMove]) -> float:
-    """The largest buffer one of a plan's collectives allocates while it runs (they run one at a
-    time); a weight gathered as its low-precision copy moves that copy."""
+    """The most a plan's collectives allocate at once while they run: one at a time, except a
+    block's weight gathers, which run one ahead (``hap.runtime.Prefetch``: while gather i is
+    waited for, i+1 is in flight); a weight gathered as its low-precision copy moves that copy."""
     def meta(m: ChosenMove) -> TensorMeta:
         low = cm.low_gathers.get(m.producer) if weight_gather(graph[m.producer], m.src, m.dst) else None
         whole = graph[m.producer].meta
         return whole if low is None else TensorMeta(whole.shape, low)
 
-    return max((cm.move_temporary_bytes(meta(m), m.src, m.dst, m.priced) for m in moves), default=0.0)
+    sizes = [cm.move_temporary_bytes(meta(m), m.src, m.dst, m.priced) for m in moves]
+    block_of = {name: b for b, names in graph.blocks().items() for name in names}
+    order = {node.name: i for i, node in enumerate(graph)}
+    ahead: dict[str, list[tuple[int, float]]] = {}  # block -> its weight gathers (first reader's order, bytes)
+    for m, size in zip(moves, sizes):
+        block = block_of.get(cm.first_reader(m.producer) or "")
+        if block is not None and weight_gather(graph[m.producer], m.src, m.dst):
+            ahead.setdefault(block, []).append((order[cm.first_reader(m.producer)], size))
+    pairs = [a[1] + b[1] for gathers in ahead.values() for a, b in zip(sorted(gathers), sorted(gathers)[1:])]
+    return max(sizes + pairs, default=0.0)
 
 
 @dataclass

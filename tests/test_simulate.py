@@ -107,7 +107,7 @@ def test_a_block_prefetches_its_weight_gathers_on_devices_that_overlap():
     CPU ranks (no overlap) every gather is charged whole. The aligned replay still equals the
     prediction."""
     from hap.api import plan_spec
-    from hap.solve import evaluate, prefetch_exposure
+    from hap.solve import collective_temporary, evaluate, prefetch_exposure
 
     pins = {**{f"p_blocks_{b}_{w}_weight": "S(0)" for b in (0, 1) for w in ("qkv", "proj", "fc", "fc_out")},
             "linear": "S(0)", **{f"linear_{i}": "S(0)" for i in range(1, 8)}}
@@ -120,6 +120,9 @@ def test_a_block_prefetches_its_weight_gathers_on_devices_that_overlap():
         whole = [cm.step_move(plan.graph[m.producer], m.src, m.dst) for m in ev.moves]
         gathers = [i for i, m in enumerate(ev.moves) if m.producer in pins and m.dst.kind == "R"]
         assert len(gathers) == 8
+        # two of a block's gathers are in flight at once: the reserve holds a pair's buffers
+        single = max(cm.move_temporary_bytes(plan.graph[m.producer].meta, m.src, m.dst, m.priced) for m in ev.moves)
+        assert collective_temporary(plan.graph, cm, ev.moves) > single
         exposed = prefetch_exposure(plan.graph, cm, choice, [dataclasses.replace(m, priced=w)
                                                               for m, w in zip(ev.moves, whole)])
         assert set(gathers) <= set(exposed)
