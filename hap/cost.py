@@ -341,24 +341,34 @@ class CostModel:
             self._price_cache[key] = _price_move(self, meta, src, dst, grad, form)
         return self._price_cache[key]
 
+    def moved_meta(self, node: Node, src: Placement, dst: Placement) -> TensorMeta:
+        """What moving ``node``'s output from ``src`` to ``dst`` moves forward: a weight gathered for
+        autocast matmuls moves its low-precision copy (``low_precision_gathers``), the rest itself."""
+        low = self.low_gathers.get(node.name) if weight_gather(node, src, dst) else None
+        return node.meta if low is None else TensorMeta(node.meta.shape, low)
+
+    def run_move(self, node: Node, src: Placement, dst: Placement) -> PricedMove:
+        """One run of moving ``node``'s output from ``src`` to ``dst``: ``price_move``, with the
+        forward moving ``moved_meta`` (a weight's low-precision copy) and the backward fp32."""
+        assert isinstance(node.meta, TensorMeta), node.name
+        one = self.price_move(node.meta, src, dst, node.name in self.requires_grad)
+        sent = self.moved_meta(node, src, dst)
+        if sent is node.meta:
+            return one
+        fwd = self.price_move(sent, src, dst, False, one.form).seconds
+        return PricedMove(one.kind, one.form, one.seconds - one.forward_s + fwd, fwd)
+
     def step_move(self, node: Node, src: Placement, dst: Placement) -> PricedMove:
         """What moving ``node``'s output from ``src`` to ``dst`` costs in one step, as the program
-        runs it (``price_move`` prices one run): in lockstep every rank runs the largest number of
+        runs it (``run_move`` prices one run): in lockstep every rank runs the largest number of
         micro-batches, each moving a tensor that does not follow the batch (a parameter's shards,
         say) whole again, while one that follows it moves a micro-batch's rows each time (the same
         bytes in all, the latencies aside); a move whose first reader is in a recomputed
-        block is emitted inside that block, so its forward collective runs again in backward;
-        a weight's all-gather for autocast matmuls moves the low-precision copy
-        (``low_precision_gathers``) forward, its reduce-scatter fp32 back."""
+        block is emitted inside that block, so its forward collective runs again in backward."""
         key = (node.name, src, dst)
         if key not in self._step_move_cache:
-            assert isinstance(node.meta, TensorMeta), node.name
             rounds, rerun = self.move_runs(node)
-            one = self.price_move(node.meta, src, dst, node.name in self.requires_grad)
-            low = self.low_gathers.get(node.name) if move(src, dst).kind == "all_gather" and dst.kind == "R" else None
-            if low is not None:  # the forward moves autocast's low-precision copy, the backward fp32
-                fwd = self.price_move(TensorMeta(node.meta.shape, low), src, dst, False, one.form).seconds
-                one = PricedMove(one.kind, one.form, one.seconds - one.forward_s + fwd, fwd)
+            one = self.run_move(node, src, dst)
             again = one.forward_s if rerun else 0.0
             self._step_move_cache[key] = PricedMove(one.kind, one.form, rounds * (one.seconds + again),
                                                     rounds * one.forward_s)  # the re-run is in backward
@@ -366,21 +376,16 @@ class CostModel:
 
     def kept_move_bytes(self, node: Node, src: Placement, dst: Placement) -> float:
         """Bytes on every rank that moving ``node``'s output from ``src`` to ``dst`` keeps until
-        backward: a weight gathered whole is saved by a reader that keeps its inputs (a matmul),
-        as the low-precision copy where it is gathered as one (``low_precision_gathers``), unless
-        that reader's block is recomputed (its gathers are then made again in backward, one block
-        at a time). Only weights are counted: a moved activation's bytes are its producer's."""
-        if node.kind != "param" or not weight_gather(node, src, dst) or node.name not in self.requires_grad:
+        backward: a weight gathered whole (``moved_meta``) is saved by a reader that keeps its
+        inputs (a matmul), unless that reader's block is recomputed (its gathers are then made
+        again in backward, one block at a time). Only weights are counted: a moved activation's
+        bytes are its producer's."""
+        if not weight_gather(node, src, dst) or node.name not in self.requires_grad:
             return 0.0
         if self._first_reader.get(node.name) in self.recomputed or not any(
                 self.graph[u].target not in KEEPS_NOTHING | KEEPS_OUTPUT for u in self._readers[node.name]):
             return 0.0
-        low = self.low_gathers.get(node.name)
-        return float(TensorMeta(node.meta.shape, low).nbytes if low else node.meta.nbytes)
-
-    def first_reader(self, name: str) -> str | None:
-        """The first node (in graph order) that reads ``name``."""
-        return self._first_reader.get(name)
+        return float(self.moved_meta(node, src, dst).nbytes)
 
     def move_runs(self, node: Node) -> tuple[int, bool]:
         """How often a move of ``node``'s output runs whole in a step (``step_move``), and whether

@@ -75,7 +75,7 @@ class Emitter:
         self.lines: list[str] = []
         self.defined: set[str] = set()  # the local variables and functions forward defines besides graph names
         self.low_gathers = low_precision_gathers(self.graph)  # weights gathered as autocast's low-precision copy
-        self.block_of = {name: b for b, names in self.graph.blocks().items() for name in names}
+        self.block_of = self.graph.block_of()
         self.block: str | None = None  # the block whose ops are being written
         self.prefetched: list[str] = []  # the block's weight gathers, as hr.Prefetch takes them
 
@@ -145,8 +145,9 @@ class Emitter:
         mv = move(have, want)
         src = self.tensor_lengths(name, have) if have.is_shard else None
         dst = self.tensor_lengths(name, want) if want.is_shard else None
-        cast = self.low_gathers.get(name) if mv.kind == "all_gather" and want.kind == "R" else None
-        if self.block is not None and weight_gather(self.graph[name], have, want):
+        gathered = weight_gather(self.graph[name], have, want)
+        cast = self.low_gathers.get(name) if gathered else None
+        if gathered and self.block is not None:
             _, args, kwargs = mv.call(src, dst, self.form(name, want), cast)
             self.prefetched.append(f"({name}, {', '.join(repr(a) for a in args)}, {kwargs['form']!r}, "
                                    f"{kwargs.get('cast')!r})")

@@ -226,6 +226,10 @@ class Graph:
             last = label
         return out
 
+    def block_of(self) -> dict[str, str]:
+        """Each op node inside a block (``blocks``): its block's label."""
+        return {name: b for b, names in self.blocks().items() for name in names}
+
     def to_json(self) -> dict:
         return {"model_name": self.model_name, "loss": self.loss, "num_inputs": self.num_inputs,
                 "precision": self.precision, "grad_reduce": self.grad_reduce, "batch_size": self.batch_size,

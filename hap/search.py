@@ -196,7 +196,8 @@ class Search:
                                time_limit_s=self.time_limit_s)
         ev = evaluate(self.graph, cm, res.choice)
         if not all(m <= self.cluster.memory_bytes(r) for r, m in enumerate(ev.memory_bytes)):
-            setup = dataclasses.replace(setup, collective_reserve=collective_temporary(self.graph, cm, ev.moves))
+            reserve = collective_temporary(self.graph, cm, res.choice, ev.moves)
+            setup = dataclasses.replace(setup, collective_reserve=reserve)
             cm = self.cost_model(setup)
             res = solve_placements(self.graph, cm, self.candidates(attempt.shares), pin=restrict,
                                    time_limit_s=self.time_limit_s)

@@ -39,7 +39,7 @@ from hap.cost import CostModel, CostSetup
 from hap.errors import HapError
 from hap.graph import Graph
 from hap.moves import move
-from hap.solve import Evaluation, evaluate, readers
+from hap.solve import Evaluation, evaluate, move_places
 
 if TYPE_CHECKING:
     from hap.cluster import Cluster
@@ -136,25 +136,6 @@ def _split(cm: CostModel, graph: Graph, name: str, total: tuple[float, ...]) -> 
     return tuple(fwd), tuple(back)
 
 
-def _move_places(graph: Graph, choice: dict, moves: list) -> tuple[dict[str, list], list]:
-    """Where each move runs: before its first reader in forward order (by reader), or after the
-    loss (its move to P)."""
-    order = {node.name: i for i, node in enumerate(graph)}
-    rd = readers(graph)
-    before: dict[str, list] = {}
-    after_loss = []
-    for m in moves:
-        first = None
-        for v, k in rd[m.producer]:
-            if choice[v].inputs[k] == m.dst and (first is None or order[v] < order[first]):
-                first = v
-        if first is None:
-            after_loss.append(m)
-        else:
-            before.setdefault(first, []).append(m)
-    return before, after_loss
-
-
 class _Replay:
     """Appends one step's segments to a timeline, in ``mode``."""
 
@@ -214,7 +195,9 @@ class _Replay:
     def step(self, ev: Evaluation) -> None:
         """Forward, backward, the gradient all-reduce and the optimizer update; ``ev`` is the
         evaluation of the replayed choice."""
-        before, after_loss = _move_places(self.graph, self.choice, ev.moves)
+        places, last = move_places(self.graph, self.choice, ev.moves)
+        before = {v: [ev.moves[i] for i in ids] for v, ids in places.items()}
+        after_loss = [ev.moves[i] for i in last]
         for node in self.graph:
             for m in before.get(node.name, []):
                 self.collective(m, back=False)

@@ -109,25 +109,59 @@ class ChosenMove:
     priced: PricedMove
 
 
-def collective_temporary(graph: Graph, cm: CostModel, moves: list[ChosenMove]) -> float:
+def move_places(graph: Graph, choice: dict[str, Candidate],
+                moves: list[ChosenMove]) -> tuple[dict[str, list[int]], list[int]]:
+    """Where each of ``moves`` (by index) runs, as the program emits it: before its first reader
+    in forward order that reads it in its new placement (reader -> indices, in order), or after
+    the loss (its move to P)."""
+    order = {node.name: i for i, node in enumerate(graph)}
+    rd = readers(graph)
+    before: dict[str, list[int]] = {}
+    after_loss: list[int] = []
+    for i, m in enumerate(moves):
+        first = min((v for v, k in rd[m.producer] if choice[v].inputs[k] == m.dst), key=order.get, default=None)
+        if first is None:
+            after_loss.append(i)
+        else:
+            before.setdefault(first, []).append(i)
+    return before, after_loss
+
+
+def collective_temporary(graph: Graph, cm: CostModel, choice: dict[str, Candidate],
+                         moves: list[ChosenMove]) -> float:
     """The most a plan's collectives allocate at once while they run: one at a time, except a
     block's weight gathers, which run one ahead (``hap.runtime.Prefetch``: while gather i is
     waited for, i+1 is in flight); a weight gathered as its low-precision copy moves that copy."""
-    def meta(m: ChosenMove) -> TensorMeta:
-        low = cm.low_gathers.get(m.producer) if weight_gather(graph[m.producer], m.src, m.dst) else None
-        whole = graph[m.producer].meta
-        return whole if low is None else TensorMeta(whole.shape, low)
-
-    sizes = [cm.move_temporary_bytes(meta(m), m.src, m.dst, m.priced) for m in moves]
-    block_of = {name: b for b, names in graph.blocks().items() for name in names}
-    order = {node.name: i for i, node in enumerate(graph)}
-    ahead: dict[str, list[tuple[int, float]]] = {}  # block -> its weight gathers (first reader's order, bytes)
-    for m, size in zip(moves, sizes):
-        block = block_of.get(cm.first_reader(m.producer) or "")
-        if block is not None and weight_gather(graph[m.producer], m.src, m.dst):
-            ahead.setdefault(block, []).append((order[cm.first_reader(m.producer)], size))
-    pairs = [a[1] + b[1] for gathers in ahead.values() for a, b in zip(sorted(gathers), sorted(gathers)[1:])]
+    sizes = [cm.move_temporary_bytes(cm.moved_meta(graph[m.producer], m.src, m.dst), m.src, m.dst, m.priced)
+             for m in moves]
+    before, _ = move_places(graph, choice, moves)
+    pairs = [sizes[a] + sizes[b] for gathers in block_gathers(graph, moves, before).values()
+             for a, b in zip(gathers, gathers[1:])]
     return max(sizes + pairs, default=0.0)
+
+
+def block_gathers(graph: Graph, moves: list[ChosenMove], before: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Per block, the weight gathers (``hap.cost.weight_gather``, by index in ``moves``) it starts
+    one ahead of use, in the order it takes them (``hap.runtime.Prefetch``); ``before`` is where
+    the moves run (``move_places``)."""
+    out: dict[str, list[int]] = {}
+    for b, names in graph.blocks().items():
+        gathers = [i for v in names for i in before.get(v, [])
+                   if weight_gather(graph[moves[i].producer], moves[i].src, moves[i].dst)]
+        if gathers:
+            out[b] = gathers
+    return out
+
+
+def kept_bytes(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> float:
+    """Bytes on every rank of the weights ``choice`` gathers whole and keeps until backward
+    (``CostModel.kept_move_bytes``)."""
+    rd = readers(graph)
+    kept = 0.0
+    for p in graph.params():
+        src = choice[p.name].output
+        kept += sum(cm.kept_move_bytes(p, src, q) for q in {choice[v].inputs[k] for v, k in rd[p.name]} if q != src)
+    return kept
 
 
 @dataclass
@@ -182,7 +216,6 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
             conv = cm.step_move(node, src, q)
             moves.append(ChosenMove(node.name, src, q, conv))
             comm += conv.seconds
-            mem = [m + cm.kept_move_bytes(node, src, q) for m in mem]  # a weight gathered and saved whole
     if cm.n > 1 and all(cm.cluster.profile(r).overlap_comm for r in range(cm.n)):
         moves, comm = prefetched(graph, cm, choice, moves)
     synced = [p.name for p in graph.params()
@@ -192,8 +225,8 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
     overlap = (cm.n > 1 and all(cm.cluster.profile(r).overlap_comm for r in range(cm.n))
                and not any(m.priced.kind in COLLECTIVES for m in moves))
     buckets, gs = grad_sync_schedule(graph, cm, choice, synced, overlap)
-    temporary = collective_temporary(graph, cm, moves)
-    mem = [x + temporary for x in mem]
+    temporary = collective_temporary(graph, cm, choice, moves) + kept_bytes(graph, cm, choice)
+    mem = [x + temporary for x in mem]  # the collectives' buffers, the weights gathered and saved whole
     return Evaluation(critical + comm + gs, tuple(per_rank), critical, comm, gs, tuple(mem), moves,
                       [p for b in buckets for p in b], buckets, overlap)
 
@@ -205,18 +238,17 @@ def prefetched(graph: Graph, cm: CostModel, choice: dict[str, Candidate],
     compute before its use (``prefetch_exposure``, again where its block is recomputed), every
     weight's reduce-scatter by its part of what outlasts backward (``scatter_exposure``), in
     every run; and their total."""
-    gathers = [i for i, m in enumerate(moves) if weight_gather(graph[m.producer], m.src, m.dst)]
+    gathers = {i: cm.run_move(graph[m.producer], m.src, m.dst) for i, m in enumerate(moves)
+               if weight_gather(graph[m.producer], m.src, m.dst)}  # one run of each
     exposed = prefetch_exposure(graph, cm, choice, moves)
-    per_run = max(cm.micro)
-    forward = {i: moves[i].priced.forward_s / per_run for i in gathers}  # a run's forward, whole
-    rerun = {i: cm.move_runs(graph[moves[i].producer])[1] for i in gathers}
-    backward = {i: moves[i].priced.seconds / per_run - forward[i] * (2 if rerun[i] else 1) for i in gathers}
-    behind = scatter_exposure(graph, cm, choice, moves, backward)
+    behind = scatter_exposure(graph, cm, choice, moves, {i: one.seconds - one.forward_s for i, one in gathers.items()})
     out = list(moves)
-    for i in gathers:
-        m, ahead = moves[i], exposed.get(i, forward[i])  # a gather outside any block waits whole
+    for i, one in gathers.items():
+        m = moves[i]
+        rounds, rerun = cm.move_runs(graph[m.producer])
+        ahead = exposed.get(i, one.forward_s)  # a gather outside any block waits whole
         out[i] = ChosenMove(m.producer, m.src, m.dst, PricedMove(
-            m.priced.kind, m.priced.form, per_run * (ahead * (2 if rerun[i] else 1) + behind[i]), per_run * ahead))
+            m.priced.kind, m.priced.form, rounds * (ahead * (2 if rerun else 1) + behind[i]), rounds * ahead))
     return out, sum(m.priced.seconds for m in out)
 
 
@@ -231,20 +263,14 @@ def scatter_exposure(graph: Graph, cm: CostModel, choice: dict[str, Candidate], 
     in proportion to the scatters' own."""
     if not scatters:
         return {}
-    order = {node.name: i for i, node in enumerate(graph)}
-    rd = readers(graph)
-    after: dict[str, list[int]] = {}  # reader -> the moves whose backward runs after its backward
-    for i, m in enumerate(moves):
-        first = min((v for v, k in rd[m.producer] if choice[v].inputs[k] == m.dst), key=order.get, default=None)
-        if first is not None:
-            after.setdefault(first, []).append(i)
+    before, _ = move_places(graph, choice, moves)
     per_run = max(cm.micro)
     now = channel = waited = 0.0
     for node in reversed(list(graph)):
         if node.kind == "op" and node.name in cm.requires_grad:
             bwd = cm.backward_factor(node) + (1.0 if node.name in cm.recomputed else 0.0)
             now += max(cm.compute_s(node, choice[node.name])) * bwd / (1 + bwd) / per_run
-        for i in reversed(after.get(node.name, [])):
+        for i in reversed(before.get(node.name, [])):
             if i in scatters:
                 channel = max(now, channel) + scatters[i]
             else:
@@ -260,33 +286,23 @@ def scatter_exposure(graph: Graph, cm: CostModel, choice: dict[str, Candidate], 
 
 def prefetch_exposure(graph: Graph, cm: CostModel, choice: dict[str, Candidate],
                       moves: list[ChosenMove]) -> dict[int, float]:
-    """Per weight gather that a block starts one ahead of use (``hap.cost.weight_gather``, read
-    first inside a block: ``hap.runtime.Prefetch``), by index in ``moves``, the seconds of one
-    run of its forward that the rank waits for it, as the program runs the block: the block's
-    first gather starts with the block; taking gather i starts gather i+1 (behind i on the one
-    process group), then waits for i; a block's other collectives wait for the gathers in
-    flight; ops compute at the slowest rank's forward part of one run. A recomputed block runs
-    the same schedule again in backward."""
-    order = {node.name: i for i, node in enumerate(graph)}
-    rd = readers(graph)
-    block_of = {name: b for b, names in graph.blocks().items() for name in names}
-    taken_at: dict[str, list[tuple[int, bool]]] = {}  # reader -> the moves that run before it (index, prefetched)
-    for i, m in enumerate(moves):
-        first = min((v for v, k in rd[m.producer] if choice[v].inputs[k] == m.dst), key=order.get, default=None)
-        if first is not None and block_of.get(first) is not None:
-            taken_at.setdefault(first, []).append((i, weight_gather(graph[m.producer], m.src, m.dst)))
+    """Per weight gather that a block starts one ahead of use (``block_gathers``), by index in
+    ``moves``, the seconds of one run of its forward that the rank waits for it, as the program
+    runs the block: the block's first gather starts with the block; taking gather i starts
+    gather i+1 (behind i on the one process group), then waits for i; a block's other
+    collectives wait for the gathers in flight; ops compute at the slowest rank's forward part
+    of one run. A recomputed block runs the same schedule again in backward."""
+    before, _ = move_places(graph, choice, moves)
+    blocks = graph.blocks()
     exposed: dict[int, float] = {}
     per_run = max(cm.micro)  # a weight moves whole in each micro-batch, an activation a k-th of its rows
-    for names in graph.blocks().values():
-        gathers = [i for v in names for i, pre in taken_at.get(v, []) if pre]
-        if not gathers:
-            continue
+    for b, gathers in block_gathers(graph, moves, before).items():
         now, channel = 0.0, moves[gathers[0]].priced.forward_s / per_run
         ends, last = {gathers[0]: channel}, gathers[0]
-        for v in names:
-            for i, pre in taken_at.get(v, []):
+        for v in blocks[b]:
+            for i in before.get(v, []):
                 one = moves[i].priced.forward_s / per_run
-                if not pre:  # a synchronous collective waits for the gathers in flight
+                if i not in gathers:  # a synchronous collective waits for the gathers in flight
                     if channel > now:
                         exposed[last] = exposed.get(last, 0.0) + channel - now
                     now = max(now, channel) + one
@@ -603,11 +619,7 @@ def memory_report(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> 
         for part, per_rank in cm.memory_parts(node, choice[node.name]).items():
             for r, b in enumerate(per_rank):
                 out[r][part] += b
-    rd = readers(graph)
-    kept = 0.0  # weights gathered whole and saved for backward, on every rank
-    for p in graph.params():
-        src = choice[p.name].output
-        kept += sum(cm.kept_move_bytes(p, src, q) for q in {choice[v].inputs[k] for v, k in rd[p.name]} if q != src)
+    kept = kept_bytes(graph, cm, choice)  # weights gathered whole and saved for backward
     for row, peak in zip(out, cm.activation_reserve):
         row["activations"] += peak + kept  # a recomputed block's activations, the largest transient output
         row["total"] = sum(row.values())

@@ -122,7 +122,7 @@ def test_a_block_prefetches_its_weight_gathers_on_devices_that_overlap():
         assert len(gathers) == 8
         # two of a block's gathers are in flight at once: the reserve holds a pair's buffers
         single = max(cm.move_temporary_bytes(plan.graph[m.producer].meta, m.src, m.dst, m.priced) for m in ev.moves)
-        assert collective_temporary(plan.graph, cm, ev.moves) > single
+        assert collective_temporary(plan.graph, cm, choice, ev.moves) > single
         exposed = prefetch_exposure(plan.graph, cm, choice, [dataclasses.replace(m, priced=w)
                                                               for m, w in zip(ev.moves, whole)])
         assert set(gathers) <= set(exposed)

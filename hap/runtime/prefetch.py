@@ -10,10 +10,10 @@ two gathered weights of a block are in flight. A block recomputed in backward ma
 Taken, a gather is the same differentiable all-gather as ``hap.runtime.all_gather`` (its
 backward the reduce-scatter of the gradient, cast back to the weight's dtype first where the
 weight was gathered as autocast's low-precision copy), on the same values: only when it runs
-changes. The training step runs backward inside ``hap.runtime.collectives.deferred_grads``: each
-reduce-scatter then starts when backward reaches it and runs while backward computes on, and
-its rows are added to the weight's gradient once backward is done. The cost model prices the same schedule
-(``hap.solve.prefetch_exposure``, ``hap.solve.scatter_exposure``).
+changes. The training step runs backward inside ``hap.runtime.collectives.deferred_grads``:
+each reduce-scatter then starts when backward reaches it and runs while backward computes on,
+and its rows are added to the weight's gradient once backward is done. The cost model prices
+the same schedule (``hap.solve.prefetch_exposure``, ``hap.solve.scatter_exposure``).
 """
 from __future__ import annotations
 
