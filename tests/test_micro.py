@@ -133,3 +133,13 @@ def test_micro_batches_over_batch_norm_are_warned_about():
     plan = plan_graph(meta_graph(2 ** 22, norm=True), load_cluster(MIXED))
     assert max(plan.micro_batches) > 1
     assert any("couples the samples" in w for w in plan.warnings), plan.warnings
+
+
+def test_ranks_of_one_device_with_the_same_share_and_count_share_one_note():
+    from hap.search import micro_batch_notes
+
+    cluster = load_cluster(MIXED)  # ranks 0-3 V100-16GB, 4-7 A100-80GB
+    notes = micro_batch_notes(cluster, (5, 5, 5, 4, 11, 11, 11, 11), (3, 3, 3, 2, 1, 1, 1, 1))
+    assert len(notes) == 2, notes
+    assert notes[0].startswith("ranks 0..2 (V100-16GB) run their 5 samples in 3 micro-batches of at most 2")
+    assert notes[1].startswith("rank 3 (V100-16GB) runs its 4 samples in 2 micro-batches of at most 2")
