@@ -9,9 +9,12 @@ downloaded: every model is initialised from its config. Dropout is 0 so distribu
 training is exactly single-device training.
 
 Environment variables:
-  HAP_HF_MODEL=gpt2|llama|t5|bert|vit   which model (default gpt2):
-      gpt2   GPT2LMHeadModel, causal LM (labels = input_ids, shifted inside the model)
-      llama  LlamaForCausalLM, grouped-query attention, rotary embeddings
+  HAP_HF_MODEL=gpt2|llama|qwen2_moe|olmoe|t5|bert|vit   which model (default gpt2):
+      gpt2       GPT2LMHeadModel, causal LM (labels = input_ids, shifted inside the model)
+      llama      LlamaForCausalLM, grouped-query attention, rotary embeddings
+      qwen2_moe  Qwen2MoeForCausalLM: every block's FFN is 4 routed experts (top 2) beside a gated
+                 shared expert; the experts run through transformers' grouped matmul custom op
+      olmoe      OlmoeForCausalLM: 4 routed experts (top 2) per block, no shared expert
       t5     T5ForConditionalGeneration, encoder-decoder (decoder inputs made from labels)
       bert   BertForSequenceClassification, 3 classes
       vit    ViTForImageClassification on 16x16 images, 5 classes
@@ -23,6 +26,8 @@ Environment variables:
                                         width 256, 8/4 heads, FFN 1024, vocab 8192, seq 512 (batch
                                         HAP_BATCH, default 12), to check memory and step predictions
   HAP_BATCH=N                           global batch (default 12)
+  HAP_HF_ROUTER_LOGITS=1                with qwen2_moe / olmoe: output_router_logits=True, so the loss
+                                        adds the router's load-balancing loss (router_aux_loss_coef)
 """
 import os
 
@@ -57,6 +62,15 @@ def hf_model() -> nn.Module:
                                                   # the planning shapes train without the KV cache, as HF's
                                                   # Trainer does; with it, export of the 1B shape holds ~6 GB
                                                   **({"use_cache": False} if SIZE in ("1b", "8b") else {})))
+    if MODEL in ("qwen2_moe", "olmoe"):
+        router = {"output_router_logits": os.environ.get("HAP_HF_ROUTER_LOGITS") == "1"}
+        common = dict(vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                      num_key_value_heads=KV_HEADS, max_position_embeddings=SEQ, num_experts=4,
+                      num_experts_per_tok=2, **router)
+        if MODEL == "qwen2_moe":
+            return tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(intermediate_size=FFN, moe_intermediate_size=FFN // 2,
+                                                            shared_expert_intermediate_size=FFN, **common))
+        return tf.OlmoeForCausalLM(tf.OlmoeConfig(intermediate_size=FFN // 2, eos_token_id=0, **common))
     if MODEL == "t5":
         return tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=VOCAB, d_model=DIM, d_kv=DIM // HEADS,
                                                          d_ff=FFN, num_layers=LAYERS, num_heads=HEADS,
@@ -72,7 +86,7 @@ def hf_model() -> nn.Module:
             image_size=IMAGE, patch_size=4, num_channels=3, hidden_size=DIM, num_hidden_layers=LAYERS,
             num_attention_heads=HEADS, intermediate_size=FFN, num_labels=CLASSES, hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0))
-    raise ValueError(f"HAP_HF_MODEL={MODEL!r}: choose gpt2, llama, t5, bert or vit")
+    raise ValueError(f"HAP_HF_MODEL={MODEL!r}: choose gpt2, llama, qwen2_moe, olmoe, t5, bert or vit")
 
 
 class Documented(nn.Module):

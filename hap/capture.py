@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 MATMUL_OPS = {"aten.linear.default", "aten.mm.default", "aten.bmm.default", "aten.matmul.default",
               "aten.addmm.default", "aten.baddbmm.default", "aten.einsum.default", "aten.addbmm.default"}
+# grouped matmuls (one matmul per expert over its rows of a sorted input): input [S, k],
+# weight [E, k, n] -> [S, n]; transformers routes experts through its fallback custom op
+# where torch's own grouped_mm cannot run (under export with fp32 weights)
+GROUPED_MM_OPS = {"aten._grouped_mm.default", "transformers.grouped_mm_fallback.default"}
 CONV_OPS = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.convolution.default",
             "aten.conv_transpose2d.input"}
 ATTENTION_OPS = {"aten.scaled_dot_product_attention.default"}
@@ -49,7 +53,7 @@ REDUCTION_WORDS = ("sum", "mean", "amax", "amin", "max", "min", "softmax", "log_
 
 
 def op_class(target: str) -> str:
-    if target in MATMUL_OPS:
+    if target in MATMUL_OPS or target in GROUPED_MM_OPS:
         return "matmul"
     if target in CONV_OPS:
         return "conv"
@@ -125,15 +129,38 @@ def _short_path(path: str) -> str:
         return path
 
 
+def _module_path(raw: object) -> str:
+    """A module's path as ``named_modules`` writes it, from an ``nn_module_stack`` entry."""
+    path = re.sub(r"L\['self'\]\.?", "", str(raw))
+    return re.sub(r"\[(\d+)\]", r".\1", path).replace("._modules['", ".").replace("']", "").strip(".")
+
+
 def _module_of(n: torch.fx.Node) -> str:
     stack = n.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path, cls = list(stack.values())[-1]
-    path = re.sub(r"L\['self'\]\.?", "", str(path))
-    path = re.sub(r"\[(\d+)\]", r".\1", path).replace("._modules['", ".").replace("']", "").strip(".")
+    raw, cls = list(stack.values())[-1]
+    path = _module_path(raw)
     cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
     return f"{path} ({cls_name})" if path else cls_name
+
+
+def is_token_wise(module: torch.nn.Module) -> bool:
+    """Whether each output row of ``module`` depends only on the same row of its inputs, so a rank
+    can run it on its own tokens whatever ops it is made of. These are transformers' experts
+    modules (``use_experts_implementation``: forward(hidden_states [tokens, d], top_k_index,
+    top_k_weights) sends every token through its chosen experts with no capacity limit, so no
+    token is dropped for another's sake), when transformers has not sharded them itself."""
+    return hasattr(module, "is_concatenated") and getattr(module, "_is_expert_parallel", None) is False
+
+
+def _token_wise_of(n: torch.fx.Node, paths: set[str]) -> str:
+    """The outermost token-wise module (of ``paths``) whose call the node runs in, or ""."""
+    for raw, _ in (n.meta.get("nn_module_stack") or {}).values():
+        path = _module_path(raw)
+        if path in paths:
+            return path
+    return ""
 
 
 def count_flops(target: str, ins: Sequence[TensorMeta | None], out: TensorMeta | list | None, args) -> float:
@@ -156,6 +183,8 @@ def count_flops(target: str, ins: Sequence[TensorMeta | None], out: TensorMeta |
             for ch, s in zip(sub, t.shape):
                 sizes[ch] = s
         return 2.0 * math.prod(sizes.values())
+    if target in GROUPED_MM_OPS:  # every row meets one expert's [k, n] weight
+        return 2.0 * out_numel * ins[0].shape[-1]
     if target in CONV_OPS:
         w = ins[1]
         return 2.0 * out_numel * math.prod(w.shape[1:])
@@ -234,7 +263,7 @@ def classify_batch(graph: Graph, twice: Graph, batch: int) -> Graph:
             if None in dims:
                 return graph
         sizes: dict[str, list[int]] = {}
-        if n.target in SIZE_ARG_OPS:
+        if n.target in SIZE_ARG_OPS or n.token_wise:  # a token-wise call runs on each rank's rows
             for path, a, b in _int_pairs(n.args, m.args, "") + _int_pairs(n.kwargs, m.kwargs, "k."):
                 if a != b:
                     fc = affine(a, b)
@@ -331,6 +360,7 @@ def _graph_from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module,
     loss_name = user_outputs[0].arg.name
     if loss_name in inputs_to_params or loss_name in inputs_to_buffers:
         raise CaptureError("forward(*batch) returned a parameter or buffer; it must compute the training loss")
+    token_wise = {path for path, m in model.named_modules() if path and is_token_wise(m)}
     nodes: list[Node] = []
     num_inputs = 0
     first_of_group: dict[str, str] = {}  # first state_dict key of an alias group -> placeholder name
@@ -372,7 +402,7 @@ def _graph_from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module,
             if target == "aten._assert_tensor_metadata.default":
                 in_bytes = 0  # it reads the tensor's metadata, not its data
             nodes.append(Node(n.name, "op", target, args, kwargs, meta, cls, flops, float(in_bytes + out_bytes),
-                              where, _module_of(n)))
+                              where, _module_of(n), token_wise=_token_wise_of(n, token_wise)))
         elif n.op == "output":
             pass
         else:

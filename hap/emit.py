@@ -70,6 +70,8 @@ class Emitter:
         # why the program cannot run other batch sizes than the plan's (micro-batches); empty: it can
         self.fixed_batch: list[str] = [] if plan.graph.batch_size else \
             ["the model did not capture at twice the batch, so hap cannot tell which sizes follow the batch"]
+        self.fixed_batch += [f"{where} multiplies two statistics of the whole batch (a router's load-balancing "
+                             "loss), which micro-batches would take per piece" for where in plan.graph.batch_products()]
         self.converted: dict[tuple[str, Placement], str] = {}
         self.made_in_block: list[tuple[str, Placement]] = []  # conversions since the current block began
         self.lines: list[str] = []

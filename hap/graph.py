@@ -62,6 +62,10 @@ class Node:
     # path ("1.0": args[1][0]; "k.size": kwargs["size"]) -> [f, c]; empty when not classified
     batch_dims: list = field(default_factory=list)
     batch_args: dict = field(default_factory=dict)
+    # the module whose call this op runs in when that module is token-wise (each token's output
+    # depends only on that token's inputs: hap.capture.TOKEN_WISE), "" otherwise; the ops of one
+    # such call run together on each rank's own tokens (hap.rules.token_wise)
+    token_wise: str = ""
 
     def inputs(self) -> list[str]:
         """Names of the tensor nodes this node reads, in argument order (with repeats)."""
@@ -147,6 +151,10 @@ def resolve_target(target: str) -> Any:
     return obj
 
 
+PRODUCT_OPS = {"aten.mul.Tensor", "aten.div.Tensor", "aten.mm.default", "aten.matmul.default", "aten.bmm.default",
+               "aten.einsum.default", "aten.pow.Tensor_Tensor"}
+
+
 @dataclass
 class Graph:
     nodes: list[Node]
@@ -225,6 +233,27 @@ class Graph:
                 out[current].append(n.name)
             last = label
         return out
+
+    def batch_products(self) -> list[str]:
+        """Ops that multiply (or divide) two statistics of the whole batch, e.g. a router's
+        load-balancing loss (the fraction of tokens each expert takes times its mean router
+        probability). Such a loss is not a sum over samples, so micro-batches, which add up the
+        pieces' losses, would train something else. A statistic is a float tensor computed from
+        the batch whose sizes do not follow it; the ops of a token-wise call are its own."""
+        if not self.batch_size:
+            return []
+        from_batch: set[str] = set()
+        out = []
+        for n in self.nodes:
+            if n.kind == "input" or (n.kind == "op" and any(i in from_batch for i in n.inputs())):
+                from_batch.add(n.name)
+            if n.kind != "op" or n.token_wise or n.target not in PRODUCT_OPS:
+                continue
+            stats = {i for i in n.inputs() if i in from_batch and not self[i].follows_batch
+                     and isinstance(self[i].meta, TensorMeta) and self[i].meta.is_float}
+            if len(stats) >= 2:
+                out.append(n.source or n.name)
+        return list(dict.fromkeys(out))
 
     def block_of(self) -> dict[str, str]:
         """Each op node inside a block (``blocks``): its block's label."""

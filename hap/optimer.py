@@ -133,7 +133,8 @@ def time_move(meta: TensorMeta, src, dst, form: str, lengths: dict[int, tuple[in
     if key in _memo:
         return _memo[key]
     _memo[key] = None
-    sd, dd = src.dim % meta.ndim, dst.dim % meta.ndim  # the sharded dims (where S), non-negative
+    ndim = max(meta.ndim, 1)  # a scalar is only ever P or R: its dims are never read
+    sd, dd = src.dim % ndim, dst.dim % ndim  # the sharded dims (where S), non-negative
     shape = list(meta.shape)
     if src.kind == "S":
         shape[sd] = lengths[sd][rank]

@@ -37,6 +37,7 @@ from hap.plan import BaselineResult, NodeChoice, Plan, PlannedMove, Prediction
 from hap.precision import choose as choose_precision
 from hap.precision import training_graph
 from hap.rules import Candidate, RuleContext, has_rule, view_units
+from hap.rules.token_wise import token_wise_candidates
 from hap.solve import (
     Evaluation,
     all_candidates,
@@ -326,8 +327,10 @@ def search(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bo
     total = global_batch(graph, cluster.num_ranks)
     if total < 1:
         raise InfeasiblePlan("the global batch is empty; give batch() a batch_size of at least 1")
+    rows, refused = token_wise_candidates(graph)
     warnings = [f"{x.target} has no sharding rule; it runs replicated ({x.source or x.name})"
-                for x in graph.ops() if not has_rule(x.target)]
+                for x in graph.ops() if not has_rule(x.target) and x.name not in rows]
+    warnings += [f"{module} is token-wise but runs replicated: {why}" for module, why in refused.items()]
     for w in dict.fromkeys(warnings):
         log.warning(w)
     s = Search(graph, cluster, optimizer=optimizer, strict=strict, time_limit_s=time_limit_s, user_pins={},
@@ -487,9 +490,10 @@ def fit_micro_batches(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict
     """Per rank, the fewest micro-batches that let the least-memory assignment fit ``fill`` of its
     memory: a rank keeps only its largest micro-batch's activations of the tensors that follow
     the batch, and of the peak it reserves (a recomputed block, the largest transient). None
-    when no number does (the parameter state alone overfills a rank) or the graph's sizes were
-    not classified (``hap.capture.classify_batch``)."""
-    if not graph.batch_size:
+    when no number does (the parameter state alone overfills a rank), the graph's sizes were
+    not classified (``hap.capture.classify_batch``) or its loss is not a sum over samples
+    (``Graph.batch_products``)."""
+    if not graph.batch_size or graph.batch_products():
         return None
     choice = least_memory_choice(graph, cm, cands, pin)
     report = memory_report(graph, cm, choice)

@@ -47,6 +47,7 @@ from hap.moves import COLLECTIVES
 from hap.placement import Placement, R, S
 from hap.quiet import library_output
 from hap.rules import Candidate, RuleContext, candidates
+from hap.rules.token_wise import token_wise_candidates
 from hap.runtime.shares import largest_remainder
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,15 @@ def source_candidates(node: Node, ctx: RuleContext) -> list[Candidate]:
 
 
 def all_candidates(graph: Graph, ctx: RuleContext, strict: bool = False) -> dict[str, list[Candidate]]:
+    """Every node's candidates; the ops of a token-wise module call have only their ``rows`` one
+    (``hap.rules.token_wise``)."""
+    rows, _ = token_wise_candidates(graph)
     out = {}
     for n in graph:
-        out[n.name] = candidates(n, ctx, strict) if n.kind == "op" else source_candidates(n, ctx)
+        if n.name in rows:
+            out[n.name] = rows[n.name]
+        else:
+            out[n.name] = candidates(n, ctx, strict) if n.kind == "op" else source_candidates(n, ctx)
     return out
 
 

@@ -89,3 +89,15 @@ def mean_partial(em, node: Node, cand: Candidate, refs: list[str]) -> str:
     count = math.prod(x.shape[d] for d in dims)
     keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     return f"aten.sum.dim_IntList({refs[0]}, {list(dims)}, {keep!r}) / {count}"
+
+
+@rule("aten.histc.default")
+def histc(node: Node, ctx: RuleContext) -> list[Candidate]:
+    """A histogram counts every element of its input: the counts of a sharded input are the
+    sum of each shard's counts (P), where the range is given (min == max takes the range from
+    the data, which differs between shards)."""
+    x = ctx.meta(node.inputs()[0])
+    if arg(node, 2, "min", 0) == arg(node, 3, "max", 0):
+        return []
+    return [Candidate(f"S({d})->P" if u == 1 else f"S({d}/{u})->P", (S(d, u),), P, split=(x.shape[d], u))
+            for d in range(x.ndim) for u in ctx.shard_units(x.shape[d])]

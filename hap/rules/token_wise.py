@@ -1,0 +1,121 @@
+"""Token-wise modules: the ops of one call run together on each rank's own tokens.
+
+Some modules route tokens through ops that have no sharding rule one by one. transformers'
+experts modules sort the (token, expert) pairs by expert (``sort``), gather the tokens in that
+order (``index``), count each expert's tokens (``histc``), run one grouped matmul per expert
+(``transformers.grouped_mm_fallback``) and put the rows back in token order (``index_put_``,
+``index``). A sorted tensor is not a slice of the globally sorted tensor, so no op of the chain
+can be sharded on its own. The call as a whole is token-wise (``hap.capture.is_token_wise``):
+each output row depends only on the same token's inputs. Run on a rank's own rows, the chain
+computes exactly that rank's rows of the output, as a micro-batch does.
+
+So every op of such a call gets one candidate, ``rows``: each input and output that follows
+the batch is sharded on its batch dim, parameters and fixed-size tensors are replicated, and
+every size argument that follows the batch is the rank's own (``Local`` with the batch
+factor). The candidates of one call only fit together: a tensor inside it is this rank's
+version, not a shard of the global one, so it is never moved, only read by the call's own ops;
+what leaves the call is its output, which is a true shard. A call that cannot be run that way
+(a batch size that is not a multiple of the batch, a tensor inside read outside) keeps the
+per-op candidates, and ``why_not`` says why.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from hap.graph import Graph, Node, TensorMeta
+from hap.placement import Placement, R, S
+from hap.rules import Candidate, Local
+
+ROWS = "rows"
+
+
+def regions(graph: Graph) -> dict[str, list[str]]:
+    """Each token-wise module call: its op nodes, in graph order."""
+    out: dict[str, list[str]] = {}
+    for n in graph:
+        if n.kind == "op" and n.token_wise:
+            out.setdefault(n.token_wise, []).append(n.name)
+    return out
+
+
+def batch_dim(node: Node) -> int | None:
+    """The dim of ``node``'s (first) output that holds ``f`` rows per sample (``f*B`` elements),
+    None where no dim follows the batch. Raises ValueError where the rows cannot be split by
+    sample: two dims follow the batch, or one follows it with a constant added."""
+    dims = [(d, fc) for d, fc in enumerate(node.batch_dims or []) if fc and fc[0]]
+    if not dims:
+        return None
+    if len(dims) > 1 or dims[0][1][1] != 0:
+        raise ValueError(f"{node.name} has sizes {node.batch_dims} in the batch B")
+    return dims[0][0]
+
+
+def _rows_args(node: Node) -> tuple[tuple[int, Any], ...]:
+    """Rewrites of ``node``'s positional arguments: each size that follows the batch becomes the
+    rank's own (``Local`` with its batch factor)."""
+    args = list(node.args)
+    touched: set[int] = set()
+    for path, (f, c) in sorted(node.batch_args.items()):
+        if path.startswith("k.") or c:
+            raise ValueError(f"{node.name} takes the size {path} = {f}*B{c:+d}")
+        keys = [int(k) for k in path.split(".")]
+        touched.add(keys[0])
+        holder: Any = args
+        for k in keys[:-1]:
+            holder[k] = list(holder[k])
+            holder = holder[k]
+        size = holder[keys[-1]]
+        holder[keys[-1]] = Local(size, 1, batch=(f, 0))
+    return tuple((i, args[i]) for i in sorted(touched))
+
+
+def rows_candidate(graph: Graph, node: Node) -> Candidate:
+    """``node`` run on this rank's rows (raises ValueError where it cannot be)."""
+    ins = []
+    split = None
+    for name in node.inputs():
+        src = graph[name]
+        d = None if src.kind in ("param", "buffer") else batch_dim(src)
+        ins.append(R if d is None else S(d))
+        meta = src.meta[0] if isinstance(src.meta, list) else src.meta
+        if d is not None and split is None and isinstance(meta, TensorMeta):
+            split = (meta.shape[d], 1)
+    d = batch_dim(node)
+    if isinstance(node.meta, list) and d is not None and any(m.shape[d] != node.meta[0].shape[d] for m in node.meta):
+        raise ValueError(f"{node.name} returns tensors of other lengths on the batch")
+    out: Placement = R if d is None else S(d)
+    if d is not None:
+        meta = node.meta[0] if isinstance(node.meta, list) else node.meta
+        split = (meta.shape[d], 1)
+    return Candidate(ROWS, tuple(ins), out, split=split, rewrite=_rows_args(node))
+
+
+def why_not(graph: Graph, names: list[str], users: dict[str, list[str]]) -> str | None:
+    """Why the call of ``names`` cannot run on each rank's rows (None: it can)."""
+    if not graph.batch_size:
+        return "the model does not capture at twice the batch, so no size is known to follow it"
+    inside = set(names)
+    for name in names:
+        try:
+            rows_candidate(graph, graph[name])
+        except ValueError as e:
+            return str(e)
+        if any(u not in inside for u in users[name]) and batch_dim(graph[name]) is None:
+            return f"{name}, read after the call, does not follow the batch"
+    return None
+
+
+def token_wise_candidates(graph: Graph) -> tuple[dict[str, list[Candidate]], dict[str, str]]:
+    """The ``rows`` candidate of every op of each token-wise call that can run on each rank's
+    rows, and, for each call that cannot, why."""
+    users = graph.users()
+    out: dict[str, list[Candidate]] = {}
+    refused: dict[str, str] = {}
+    for module, names in regions(graph).items():
+        reason = why_not(graph, names, users)
+        if reason:
+            refused[module] = reason
+            continue
+        for name in names:
+            out[name] = [rows_candidate(graph, graph[name])]
+    return out, refused
