@@ -49,14 +49,16 @@ def plan_spec(spec: str, cluster: str | Cluster | None = None, *, batch_size: in
 def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bool = False,
                time_limit_s: float = 20.0, spec: str | None = None, pins: dict[str, str] | None = None,
                precision: str = "fp32", grad_reduce: str = "fp32", recompute: str = "auto",
-               progress: Callable[[str], None] | None = None) -> Plan:
+               experts: str = "auto", progress: Callable[[str], None] | None = None) -> Plan:
     """Solve ``graph`` for ``cluster`` (``hap.search``). ``pins`` fixes the output placement of
     named nodes (``{"p_fc_weight": "S(0)"}``: a parameter sharded on dim 0), as a user constraint.
     ``recompute``: activation checkpointing of repeated blocks, "auto" (where memory is tight),
-    "all" or "none"."""
+    "all" or "none". ``experts``: the experts of mixture-of-experts layers, "auto" (sharded where
+    faster), "shard" (expert parallelism) or "whole" (on every rank, run on its own tokens)."""
     pins = check_pins(pins or {})
     plan = search(graph, cluster, optimizer=optimizer, strict=strict, time_limit_s=time_limit_s, spec=spec,
-                  pins=pins, precision=precision, grad_reduce=grad_reduce, recompute=recompute, progress=progress)
+                  pins=pins, precision=precision, grad_reduce=grad_reduce, recompute=recompute, experts=experts,
+                  progress=progress)
     plan = dataclasses.replace(plan, notes=plan.notes + tuple(table_notes(plan)))
     plan.lint()
     return plan

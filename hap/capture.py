@@ -112,8 +112,8 @@ def _user_frame(stack_trace: str | None) -> str:
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
             frames.append((m.group(1), int(m.group(2)), code))
     for path, lineno, code in reversed(frames):
-        if f"{os.sep}torch{os.sep}" in path or f"{os.sep}transformers{os.sep}" in path:
-            continue
+        if f"{os.sep}torch{os.sep}" in path or f"{os.sep}transformers{os.sep}" in path or path.startswith("<"):
+            continue  # library code, and code torch generates (<eval_with_key>)
         return f"{_short_path(path)}:{lineno}  {code}"
     if frames:
         path, lineno, code = frames[-1]
@@ -127,6 +127,17 @@ def _short_path(path: str) -> str:
         return rel if not rel.startswith("..") else path
     except ValueError:
         return path
+
+
+def _unrenderable(target: object, where: str) -> str:
+    """Why an op of the exported graph cannot be written into train.py, and what to do."""
+    name = getattr(target, "__name__", None) or str(target)
+    kind = ("a higher-order op (control flow, checkpointing or a kernel wrapper, with subgraphs of its own)"
+            if isinstance(target, torch._ops.HigherOrderOperator) else f"a {type(target).__name__}")
+    return (f"cannot capture the model: the op {name!r} at {where} is {kind}; train.py calls every op of the "
+            "graph through torch.ops (aten's and any torch.library custom op), which this one is not.\n"
+            "  fix: write that part with tensor ops (torch.where for torch.cond), or wrap it in a custom op: "
+            "torch.library.custom_op with register_fake and register_autograd")
 
 
 def _module_path(raw: object) -> str:
@@ -152,6 +163,33 @@ def is_token_wise(module: torch.nn.Module) -> bool:
     top_k_weights) sends every token through its chosen experts with no capacity limit, so no
     token is dropped for another's sake), when transformers has not sharded them itself."""
     return hasattr(module, "is_concatenated") and getattr(module, "_is_expert_parallel", None) is False
+
+
+EXPERT_ACTIVATIONS = ("silu", "gelu", "relu", "gelu_pytorch_tanh")  # hap.runtime.experts.ACTIVATIONS
+
+
+def expert_parallel_form(module: torch.nn.Module) -> dict | str:
+    """What running transformers' experts ``module`` with its experts sharded needs (its expert
+    count and activation), or why hap cannot: the expert-parallel program computes each expert as
+    the grouped-matmul path does (gate and up in one weight, activation of the gate times the up,
+    no bias, no norm after), and no other form."""
+    from transformers.integrations import moe
+
+    config = getattr(module, "config", None)
+    act = getattr(config, "hidden_act", None)
+    checks = [
+        (getattr(config, "_experts_implementation", None) == "grouped_mm", "it does not run the grouped-matmul path"),
+        (module.has_gate and module.is_concatenated and not module.is_transposed,
+         "its gate and up weights are not one [experts, 2 x ffn, hidden] tensor"),
+        (not module.has_bias and not module.has_post_expert_norm, "it adds a bias or a norm to its experts"),
+        (getattr(type(module)._apply_gate, "__code__", None) is moe._default_apply_gate.__code__,
+         "it gates in its own way"),
+        (act in EXPERT_ACTIVATIONS, f"its activation {act!r} is not one of {', '.join(EXPERT_ACTIVATIONS)}"),
+    ]
+    for ok, why in checks:
+        if not ok:
+            return why
+    return {"experts": int(module.num_experts), "act": act}
 
 
 def _token_wise_of(n: torch.fx.Node, paths: set[str]) -> str:
@@ -360,7 +398,7 @@ def _graph_from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module,
     loss_name = user_outputs[0].arg.name
     if loss_name in inputs_to_params or loss_name in inputs_to_buffers:
         raise CaptureError("forward(*batch) returned a parameter or buffer; it must compute the training loss")
-    token_wise = {path for path, m in model.named_modules() if path and is_token_wise(m)}
+    token_wise = {path: m for path, m in model.named_modules() if path and is_token_wise(m)}
     nodes: list[Node] = []
     num_inputs = 0
     first_of_group: dict[str, str] = {}  # first state_dict key of an alias group -> placeholder name
@@ -387,9 +425,13 @@ def _graph_from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module,
                     raise CaptureError(f"batch input {n.name} is not a tensor")
                 nodes.append(Node(n.name, "input", str(num_inputs), meta=meta, source=f"batch[{num_inputs}]"))
                 num_inputs += 1
+        elif n.op == "get_attr":  # a higher-order op's subgraph: the op itself is refused below
+            continue
         elif n.op == "call_function":
             target = "getitem" if n.target is operator.getitem else str(n.target)
             where = _user_frame(n.meta.get("stack_trace"))
+            if not (n.target is operator.getitem or isinstance(n.target, torch._ops.OpOverload)):
+                raise CaptureError(_unrenderable(n.target, where or n.name))
             args = _rename(_encode(list(n.args), f"{where or n.name}"), renamed)
             kwargs = {k: _rename(_encode(v, where or n.name), renamed) for k, v in n.kwargs.items()}
             ins = [_meta_of(a.meta.get("val")) if isinstance(a, torch.fx.Node) else None for a in n.args]
@@ -402,12 +444,18 @@ def _graph_from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module,
             if target == "aten._assert_tensor_metadata.default":
                 in_bytes = 0  # it reads the tensor's metadata, not its data
             nodes.append(Node(n.name, "op", target, args, kwargs, meta, cls, flops, float(in_bytes + out_bytes),
-                              where, _module_of(n), token_wise=_token_wise_of(n, token_wise)))
+                              where, _module_of(n), token_wise=_token_wise_of(n, set(token_wise))))
         elif n.op == "output":
             pass
         else:
             raise CaptureError(f"unexpected {n.op} node {n.name} in the exported graph")
     g = Graph(nodes, loss_name, num_inputs, name)
+    for path, m in token_wise.items():
+        form = expert_parallel_form(m)
+        if isinstance(form, dict):
+            g.experts[path] = form
+        else:
+            log.info("the experts of %s stay whole on every rank: %s", path, form)
     loss = g[loss_name].meta
     if not isinstance(loss, TensorMeta) or loss.shape != ():
         shape = loss.shape if isinstance(loss, TensorMeta) else loss

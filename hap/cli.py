@@ -44,6 +44,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--recompute", choices=["auto", "all", "none"], default="auto",
                     help="activation checkpointing of the model's repeated blocks: auto (default: the fewest blocks "
                          "that let activations fit, only where memory is tight), all, or none")
+    ap.add_argument("--experts", choices=["auto", "shard", "whole"], default="auto",
+                    help="the experts of mixture-of-experts layers (transformers' experts modules): auto (default: "
+                         "sharded over the ranks where that is faster), shard (expert parallelism), or whole on every "
+                         "rank, each running them on its own tokens")
     ap.add_argument("--timeline", metavar="PNG", default=None,
                     help="draw the per-rank timeline of the plan and of dp_even to PNG")
     ap.add_argument("--compare", action="store_true",
@@ -121,7 +125,7 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
         status.update(f"planning {len(graph)} nodes for {cluster.num_ranks} ranks")
         plan = plan_graph(graph, cluster, optimizer=args.optimizer, precision=args.precision,
                           grad_reduce=args.grad_reduce, strict=args.strict, recompute=args.recompute,
-                          time_limit_s=args.time_limit, spec=str(Path(args.spec).resolve()), pins=pins,
+                          experts=args.experts, time_limit_s=args.time_limit, spec=str(Path(args.spec).resolve()), pins=pins,
                           progress=lambda msg: status.update(msg))
     if args.compare:
         from hap.baselines import compare

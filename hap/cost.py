@@ -226,6 +226,8 @@ class CostModel:
             if node.name in self.recomputed:  # its forward runs again in backward
                 again = 1.0 + 1.0 / (1.0 + self.backward_factor(node))
                 res = [t * again for t in res]
+            if cand.emit == "experts":  # the call's pairs go to their experts' ranks and back
+                res = [t + self.experts_exchange_s(cand) for t in res]
             res = tuple(res)
         self._node_cache[key] = res
         return res
@@ -323,6 +325,18 @@ class CostModel:
             return whole, 0.0
         slope = max((whole - local) / (1.0 - f), 0.0)
         return slope, max(whole - slope, 0.0)
+
+    def experts_exchange_s(self, cand: Candidate) -> float:
+        """The all-to-alls of an expert-parallel call (``hap.runtime.experts``) in forward and
+        backward: each (token, choice) pair's hidden row to its expert's rank and its result back,
+        the busiest rank's bytes at the slowest link; routing taken as even over the experts."""
+        x, idx, *_ = cand.extra
+        experts = cand.extra[5]
+        pairs = self.graph[x].out.nbytes * self.graph[idx].out.shape[-1]
+        tokens, owners = self.fractions(cand.split), self.splitter.fractions(experts)
+        one = collective_s("all_to_all", pairs, tokens, self.link, "grouped", owners)
+        back = collective_s("all_to_all", pairs, owners, self.link, "grouped", tokens)
+        return 2 * (one + back)  # forward: dispatch and combine; backward: their duals
 
     def node_s(self, node: Node, cand: Candidate) -> float:
         return max(self.compute_s(node, cand))

@@ -233,6 +233,8 @@ class Emitter:
                 self.block, self.made_in_block, self.prefetched = block, [], []
             inside.append(node.name)
             cand = self.choice[node.name]
+            if cand.emit == "elided":  # computed by another op's rendering (hap.rules.token_wise: experts)
+                continue
             src = _text(_short_source(node.source))
             refs = [self.ref(r, p, src) for r, p in zip(node.inputs(), cand.inputs)]
             expr = self.expression(node, cand, refs)
@@ -549,9 +551,9 @@ def rebalanceable(plan: Plan) -> bool:
 
 
 def lockstep(plan: Plan) -> bool:
-    """Whether forward runs collectives (resharding, batch statistics), so that every rank must
-    call it equally often; a data-parallel forward is local (its loss count is deferred)."""
-    return bool(plan.moves) or any(c.emit == "sync_batch_norm" for c in plan.choice().values())
+    """Whether forward runs collectives (resharding, batch statistics, experts' all-to-alls), so that
+    every rank must call it equally often; a data-parallel forward is local (its loss count is deferred)."""
+    return bool(plan.moves) or any(c.emit in ("sync_batch_norm", "experts") for c in plan.choice().values())
 
 
 def rank_places(plan: Plan) -> tuple[tuple[int, int, int], ...]:

@@ -164,6 +164,9 @@ class Graph:
     precision: str = "fp32"  # the autocast dtype the node metas describe (hap.precision.autocast_graph)
     grad_reduce: str = "fp32"  # the dtype replicated parameters' gradients are all-reduced in
     batch_size: int = 0  # the global batch the nodes' batch_dims / batch_args refer to (0: not classified)
+    # token-wise module calls (Node.token_wise) whose experts can be sharded: path -> what the
+    # expert-parallel program needs to run them (hap.capture.expert_parallel_form)
+    experts: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._by_name = {n.name: n for n in self.nodes}
@@ -262,12 +265,13 @@ class Graph:
     def to_json(self) -> dict:
         return {"model_name": self.model_name, "loss": self.loss, "num_inputs": self.num_inputs,
                 "precision": self.precision, "grad_reduce": self.grad_reduce, "batch_size": self.batch_size,
-                "nodes": [n.to_json() for n in self.nodes]}
+                "experts": self.experts, "nodes": [n.to_json() for n in self.nodes]}
 
     @classmethod
     def from_json(cls, d: dict) -> Graph:
         g = cls([Node.from_json(x) for x in d["nodes"]], d["loss"], d["num_inputs"], d.get("model_name", ""),
-                d.get("precision", "fp32"), d.get("grad_reduce", "fp32"), d.get("batch_size", 0))
+                d.get("precision", "fp32"), d.get("grad_reduce", "fp32"), d.get("batch_size", 0),
+                dict(d.get("experts", {})))
         g.lint()
         return g
 

@@ -37,7 +37,7 @@ from hap.plan import BaselineResult, NodeChoice, Plan, PlannedMove, Prediction
 from hap.precision import choose as choose_precision
 from hap.precision import training_graph
 from hap.rules import Candidate, RuleContext, has_rule, view_units
-from hap.rules.token_wise import token_wise_candidates
+from hap.rules.token_wise import EXPERTS, ROWS, expert_parallel_calls, token_wise_candidates
 from hap.solve import (
     Evaluation,
     all_candidates,
@@ -57,7 +57,8 @@ Pin = Callable[[Node, Candidate, list[Candidate]], bool]
 REFIT_ROUNDS = 3
 PREFER_WITHIN = 1.01  # a simpler result is kept unless another is at least 1% faster
 FILLS = (0.9, 0.7, 0.5)  # fractions of each rank's memory the memory levers size the least-memory plan to
-PREFERENCE = ("hap", "dp_proportional", "hap_refit*", "hap_dp_refit", "hap_even", "dp_even")  # simplest first
+PREFERENCE = ("hap", "dp_proportional", "hap_refit*", "hap_dp_refit", "hap_even", "hap_experts",
+              "dp_even")  # simplest first
 
 
 def batch_sharded(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
@@ -94,6 +95,7 @@ class Attempt:
     name: str
     shares: tuple[int, ...]
     pin: Pin | None  # restricts each node's candidates; None: free placements
+    experts: bool = False  # token-wise experts calls shard their experts (else they run on each rank's rows)
 
 
 @dataclass(frozen=True)
@@ -114,11 +116,12 @@ class Search:
     (no zero-length shard of a weight or feature dim), the ones emit finds again from the plan."""
 
     def __init__(self, graph: Graph, cluster: Cluster, *, optimizer: str, strict: bool, time_limit_s: float,
-                 user_pins: dict[str, Placement], recompute: str = "auto"):
+                 user_pins: dict[str, Placement], recompute: str = "auto", experts: str = "auto"):
         if recompute not in ("auto", "all", "none"):
             raise HapError(f"recompute={recompute!r}: give auto, all or none")
         self.graph, self.cluster, self.optimizer = graph, cluster, optimizer
         self.recompute = recompute  # auto: blocks recomputed only where memory is tight; all; none
+        self.experts = experts  # auto: experts sharded where faster; shard: always (the user's choice); whole: never
         self.all_blocks = tuple(graph.blocks()) if recompute == "all" else ()
         self.strict, self.time_limit_s, self.user_pins = strict, time_limit_s, user_pins
         self.units = view_units(graph)
@@ -140,15 +143,25 @@ class Search:
         return setup.cost_model(self.graph, self.cluster)
 
     def restriction(self, attempt: Attempt) -> Callable[[Node, Candidate], bool] | None:
-        """``attempt``'s pin over the candidates of its shares; None: free placements."""
+        """``attempt``'s pin over the candidates of its shares; None: free placements. The ops of a
+        token-wise call take one mode together: ``experts`` in an experts attempt, else ``rows``."""
         own, pin = self.candidates(attempt.shares), attempt.pin
-        return None if pin is None else (lambda node, c: pin(node, c, own[node.name]))
+        mode = EXPERTS if attempt.experts else ROWS
+        if not any(n.token_wise for n in self.graph.ops()):
+            return None if pin is None else (lambda node, c: pin(node, c, own[node.name]))
+
+        def allowed(node: Node, c: Candidate) -> bool:
+            if node.token_wise and c.name in (ROWS, EXPERTS) and c.name != mode:
+                return False
+            return pin is None or pin(node, c, own[node.name])
+
+        return allowed
 
     def user_pin(self, node: Node, c: Candidate, _cands: list[Candidate]) -> bool:
         return node.name not in self.user_pins or c.output == self.user_pins[node.name]
 
     def hap(self, name: str, shares: tuple[int, ...]) -> Attempt:
-        return Attempt(name, shares, self.user_pin)
+        return Attempt(name, shares, self.user_pin, experts=self.experts == "shard")
 
     def solve(self, attempt: Attempt) -> Result | None:
         """Solve ``attempt`` and keep its result; None (with the reason in ``infeasible``) where it
@@ -284,11 +297,18 @@ class Search:
             dp_shares = self.refit(self.results["dp_proportional"], total)
             if dp_shares != prop:
                 self.solve(Attempt("hap_dp_refit", dp_shares, dp_pin))
+        if self.experts == "auto" and self.expert_parallel(best.attempt.shares):
+            say("solving placements with the experts sharded (expert parallelism)")
+            self.solve(Attempt("hap_experts", best.attempt.shares, self.user_pin, experts=True))
         return self.best()
+
+    def expert_parallel(self, shares: tuple[int, ...]) -> bool:
+        """Whether some token-wise call can shard its experts under ``shares``."""
+        return any(EXPERTS in {c.name for c in cs} for cs in self.candidates(shares).values())
 
     def best(self) -> Result:
         fastest = min(r.step_s for r in self.results.values())
-        if self.user_pins:  # the user asked for this strategy: baselines are for comparison only
+        if self.user_pins or self.experts == "shard":  # the user asked for this: baselines are for comparison only
             limit = min(r.step_s for k, r in self.results.items() if k.startswith("hap")) * PREFER_WITHIN
         else:
             limit = min([fastest * PREFER_WITHIN] + [self.results[k].step_s for k in DATA_PARALLEL
@@ -296,7 +316,8 @@ class Search:
         for pattern in PREFERENCE:
             for name, r in self.results.items():
                 matches = name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
-                if matches and r.step_s <= limit and (not self.user_pins or name.startswith("hap")):
+                if matches and r.step_s <= limit and (not (self.user_pins or self.experts == "shard")
+                                                      or name.startswith("hap")):
                     return r
         raise AssertionError("the fastest result is always within the limit")
 
@@ -313,10 +334,11 @@ class Search:
 
 def search(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bool = False,
            time_limit_s: float = 20.0, spec: str | None = None, pins: dict[str, str] | None = None,
-           precision: str = "fp32", grad_reduce: str = "fp32", recompute: str = "auto",
+           precision: str = "fp32", grad_reduce: str = "fp32", recompute: str = "auto", experts: str = "auto",
            progress: Callable[[str], None] | None = None) -> Plan:
     """Solve every attempt for ``graph`` on ``cluster`` in ``precision`` (``hap.precision.CHOICES``),
-    gradients all-reduced in ``grad_reduce``, and return the preferred one as a Plan."""
+    gradients all-reduced in ``grad_reduce``, and return the preferred one as a Plan; ``experts``
+    as ``hap.api.plan_graph`` says."""
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
     cluster = resolve(cluster, say)  # device "cpu": this machine's profile
@@ -334,15 +356,54 @@ def search(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bo
     for w in dict.fromkeys(warnings):
         log.warning(w)
     s = Search(graph, cluster, optimizer=optimizer, strict=strict, time_limit_s=time_limit_s, user_pins={},
-               recompute=recompute)
+               recompute=recompute, experts=experts)
     say(f"enumerating candidates for {len(graph)} nodes")
     s.user_pins = parse_pins(graph, s.candidates(shares_by("speed", cluster, total, graph.precision)), pins or {})
     won = s.run(total, say)
     strategy = "hap" if won.attempt.name.startswith("hap") else won.attempt.name
-    notes = [f"precision {precision}: {why}"] + result_notes(graph, cluster, won, recompute)
+    expert_notes = experts_notes(graph, s, won)
+    notes = [f"precision {precision}: {why}"] + result_notes(graph, cluster, won, recompute) + expert_notes
     return assemble_plan(graph, cluster, won, strategy=strategy, spec=spec, solve_s=time.perf_counter() - t0,
                          baselines=s.baselines(), warnings=list(dict.fromkeys(warnings + result_warnings(graph, won))),
                          notes=notes)
+
+
+def experts_notes(graph: Graph, s: Search, won: Result) -> list[str]:
+    """How the plan runs the experts of token-wise calls: sharded (expert parallelism), with its gain
+    over the best plan that keeps them whole, or whole, and why."""
+    calls = sorted({n.token_wise for n in graph.ops() if n.token_wise})
+    if not calls:
+        return []
+    span = _span(tuple(calls))
+    whole = [r for k, r in s.results.items() if k.startswith("hap") and not r.attempt.experts]
+    if won.attempt.experts:
+        experts = next(iter(graph.experts.values()))["experts"]
+        lengths = Splitter(won.attempt.shares).lengths(experts)
+        mem = max(won.evaluation.memory_bytes) / 2**30
+        text = (f"experts of {len(calls)} calls ({span}) are sharded over the ranks (expert parallelism: "
+                f"{experts} experts split {_ranks_list(lengths)}, a faster rank holding more): each token's "
+                f"choices go to their experts' ranks and back by all-to-all; predicted {won.step_s * 1e3:.1f} ms")
+        if whole:
+            best = min(whole, key=lambda r: r.step_s)
+            text += (f", {best.step_s / won.step_s:.2f}x the best plan that keeps every expert on every rank "
+                     f"({best.step_s * 1e3:.1f} ms)")
+        return [text + f"; at most {mem:.2f} GiB on a rank"]
+    if "hap_experts" in s.results:
+        ep = s.results["hap_experts"]
+        return [f"the experts of {len(calls)} calls ({span}) run on each rank's own tokens, whole on every rank: "
+                f"sharding them (expert parallelism) was predicted {ep.step_s * 1e3:.1f} ms against "
+                f"{won.step_s * 1e3:.1f} ms"]
+    if "hap_experts" in s.infeasible:
+        return [f"the experts of {len(calls)} calls ({span}) run on each rank's own tokens, whole on every rank: "
+                f"with them sharded, {s.infeasible['hap_experts']}"]
+    ctx = RuleContext(graph, Splitter(won.attempt.shares), s.units)
+    why = sorted({w for w in expert_parallel_calls(graph, ctx).values() if w})
+    return [f"the experts of {len(calls)} calls ({span}) run on each rank's own tokens, whole on every rank"
+            + (f": they cannot be sharded, as {'; '.join(why)}" if why else "")]
+
+
+def _ranks_list(xs: tuple[int, ...]) -> str:
+    return ", ".join(map(str, xs)) if len(xs) <= 8 else ", ".join(map(str, xs[:8])) + f", ... ({len(xs)} ranks)"
 
 
 def result_warnings(graph: Graph, won: Result) -> list[str]:

@@ -72,9 +72,9 @@ def source_candidates(node: Node, ctx: RuleContext) -> list[Candidate]:
 
 
 def all_candidates(graph: Graph, ctx: RuleContext, strict: bool = False) -> dict[str, list[Candidate]]:
-    """Every node's candidates; the ops of a token-wise module call have only their ``rows`` one
-    (``hap.rules.token_wise``)."""
-    rows, _ = token_wise_candidates(graph)
+    """Every node's candidates; the ops of a token-wise module call have only theirs
+    (``hap.rules.token_wise``: ``rows``, and ``experts`` where its experts can be sharded)."""
+    rows, _ = token_wise_candidates(graph, ctx)
     out = {}
     for n in graph:
         if n.name in rows:

@@ -17,16 +17,27 @@ version, not a shard of the global one, so it is never moved, only read by the c
 what leaves the call is its output, which is a true shard. A call that cannot be run that way
 (a batch size that is not a multiple of the batch, a tensor inside read outside) keeps the
 per-op candidates, and ``why_not`` says why.
+
+An experts call whose form the expert-parallel program knows (``Graph.experts``) also gets
+``experts``: its expert weights stay sharded on the expert dim (a faster rank holds more experts)
+and its output is computed by ``hap.runtime.experts.experts_parallel``, which sends each
+(token, choice) pair to the rank holding its expert and back (all-to-all). The call's last op
+emits that (``emit="experts"``), the others nothing; the inside tensors keep the labels of
+``rows``, so the two candidates differ only in the expert weights' placement and the emitted code.
+The search solves the two as separate attempts (``hap.search``), so one call never mixes them.
 """
 from __future__ import annotations
+
+import dataclasses
 
 from typing import Any
 
 from hap.graph import Graph, Node, TensorMeta
 from hap.placement import Placement, R, S
-from hap.rules import Candidate, Local
+from hap.rules import RENDERERS, Candidate, Local, RuleContext
 
 ROWS = "rows"
+EXPERTS = "experts"
 
 
 def regions(graph: Graph) -> dict[str, list[str]]:
@@ -105,9 +116,48 @@ def why_not(graph: Graph, names: list[str], users: dict[str, list[str]]) -> str 
     return None
 
 
-def token_wise_candidates(graph: Graph) -> tuple[dict[str, list[Candidate]], dict[str, str]]:
-    """The ``rows`` candidate of every op of each token-wise call that can run on each rank's
-    rows, and, for each call that cannot, why."""
+def experts_candidates(graph: Graph, module: str, names: list[str], users: dict[str, list[str]],
+                       ctx: RuleContext) -> dict[str, Candidate] | str:
+    """The ``experts`` candidate of each op of the experts call of ``module``, or why it has none."""
+    form = graph.experts.get(module)
+    if form is None:
+        return "hap knows no expert-parallel form of it"
+    inside = set(names)
+    outside = list(dict.fromkeys(i for n in names for i in graph[n].inputs() if i not in inside))
+    weights = {graph[i].target.removeprefix(module + "."): i for i in outside if graph[i].kind == "param"}
+    if set(weights) != {"gate_up_proj", "down_proj"}:
+        return f"it reads the parameters {sorted(weights)}, not gate_up_proj and down_proj"
+    hidden = graph[weights["gate_up_proj"]].out.shape[-1]
+    tensors = [i for i in outside if graph[i].kind != "param" and isinstance(graph[i].meta, TensorMeta)]
+    x = [i for i in tensors if graph[i].out.is_float and graph[i].out.shape[-1] == hidden]
+    idx = [i for i in tensors if not graph[i].out.is_float]
+    w = [i for i in tensors if graph[i].out.is_float and i not in x]
+    if not (len(x) == len(idx) == len(w) == 1):
+        return "its inputs are not one each of hidden states, expert indices and routing weights"
+    ends = [n for n in names if any(u not in inside for u in users[n])]
+    if len(ends) != 1:
+        return f"{len(ends)} of its tensors are read after it"
+    experts = form["experts"]
+    if 0 in ctx.splitter.lengths(experts):
+        return f"its {experts} experts cannot be split over {ctx.num_ranks} ranks without an empty range"
+    grouped = [graph[n].target for n in names if graph[n].op_class == "matmul" and graph[n].target != "aten.linear.default"]
+    out = {}
+    for name in names:
+        rows = rows_candidate(graph, graph[name])
+        ins = tuple(S(0) if i in weights.values() else p for i, p in zip(graph[name].inputs(), rows.inputs))
+        last = name == ends[0]
+        out[name] = dataclasses.replace(
+            rows, name=EXPERTS, inputs=ins, emit=EXPERTS if last else "elided",
+            extra=(x[0], idx[0], w[0], weights["gate_up_proj"], weights["down_proj"], experts, form["act"],
+                   grouped[0]) if last else ())
+    return out
+
+
+def token_wise_candidates(graph: Graph, ctx: RuleContext | None = None
+                          ) -> tuple[dict[str, list[Candidate]], dict[str, str]]:
+    """The candidates of every op of each token-wise call that can run on each rank's rows
+    (``rows``; with ``ctx``, also ``experts`` where the call's experts can be sharded), and, for
+    each call that cannot, why."""
     users = graph.users()
     out: dict[str, list[Candidate]] = {}
     refused: dict[str, str] = {}
@@ -116,6 +166,45 @@ def token_wise_candidates(graph: Graph) -> tuple[dict[str, list[Candidate]], dic
         if reason:
             refused[module] = reason
             continue
+        ep = experts_candidates(graph, module, names, users, ctx) if ctx is not None and ctx.num_ranks > 1 else {}
         for name in names:
-            out[name] = [rows_candidate(graph, graph[name])]
+            out[name] = [rows_candidate(graph, graph[name])] + ([ep[name]] if isinstance(ep, dict) and ep else [])
     return out, refused
+
+
+def expert_parallel_calls(graph: Graph, ctx: RuleContext) -> dict[str, str | None]:
+    """Each token-wise call: None where its experts can be sharded, else why not."""
+    users = graph.users()
+    out: dict[str, str | None] = {}
+    for module, names in regions(graph).items():
+        reason = why_not(graph, names, users)
+        ep = reason or experts_candidates(graph, module, names, users, ctx)
+        out[module] = ep if isinstance(ep, str) else None
+    return out
+
+
+def _render_elided(em, node: Node, cand: Candidate, refs: list[str]) -> str:
+    return ""
+
+
+def _render_experts(em, node: Node, cand: Candidate, refs: list[str]) -> str:
+    """The call's output from ``hr.experts_parallel``, reading the call's inputs (converted where the
+    call's first op read them) and this rank's range of the experts."""
+    x, idx, w, gate_up, down, experts, act, grouped = cand.extra
+    src = node.source or node.name
+    args = [em.ref(x, cand_input(em, x), src), em.ref(idx, cand_input(em, idx), src),
+            em.ref(w, cand_input(em, w), src), em.ref(gate_up, S(0), src), em.ref(down, S(0), src)]
+    from hap.emit import callee
+
+    _, lengths = em.tensor_lengths(gate_up, S(0))
+    return f"hr.experts_parallel({', '.join(args)}, {lengths}, {act!r}, {callee(grouped)})"
+
+
+def cand_input(em, name: str) -> Placement:
+    """The placement the call's ops read tensor ``name`` in: sharded on its batch dim."""
+    d = batch_dim(em.graph[name])
+    return R if d is None else S(d)
+
+
+RENDERERS["elided"] = _render_elided
+RENDERERS[EXPERTS] = _render_experts

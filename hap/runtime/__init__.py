@@ -21,6 +21,7 @@ from .collectives import (
 )
 from .dist import device, init, is_distributed, leave, local_rank, rank, shutdown, world_size
 from .emulate import end_segment, set_emulation, undilated
+from .experts import experts_parallel
 from .grad_sync import GradSync
 from .layout import Layout, Param
 from .ops import recompute, sync_batch_norm
@@ -39,6 +40,7 @@ __all__ = [
     "broadcast_",
     "device",
     "end_segment",
+    "experts_parallel",
     "gather_full",
     "init",
     "is_distributed",

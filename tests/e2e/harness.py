@@ -117,16 +117,18 @@ def reference(spec_path: str, steps: int, lr: float, global_batch: int, precisio
 
 
 def plan_for(spec_path: str, cluster: str, pins: dict[str, str] | None = None, precision: str = "fp32",
-             grad_reduce: str = "fp32", recompute: str = "auto"):
-    return plan_spec(spec_path, cluster, pins=pins, precision=precision, grad_reduce=grad_reduce, recompute=recompute)
+             grad_reduce: str = "fp32", recompute: str = "auto", experts: str = "auto"):
+    return plan_spec(spec_path, cluster, pins=pins, precision=precision, grad_reduce=grad_reduce, recompute=recompute,
+                     experts=experts)
 
 
 def run_exact(spec_path: str, cluster: str, tmp: Path, steps: int = 3, lr: float = 0.05,
               pins: dict[str, str] | None = None, precision: str = "fp32", grad_reduce: str = "fp32",
-              train: dict | None = None, train_args: list[str] = (), recompute: str = "auto"):
+              train: dict | None = None, train_args: list[str] = (), recompute: str = "auto",
+              experts: str = "auto"):
     """Returns (plan, max relative loss error, max relative parameter error); the run's
     --log-json is at tmp/log.json."""
-    plan = plan_for(spec_path, cluster, pins, precision, grad_reduce, recompute)
+    plan = plan_for(spec_path, cluster, pins, precision, grad_reduce, recompute, experts)
     emit_program(plan, tmp / "out", spec=spec_path)
     log, dump = tmp / "log.json", tmp / "params.pt"
     p = torchrun(plan.num_ranks, tmp / "out" / "train.py",

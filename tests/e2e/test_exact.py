@@ -26,6 +26,16 @@ def test_exact(spec, cluster, tmp_path):
     assert loss_err < TOL and param_err < TOL, (loss_err, param_err)
 
 
+def test_a_custom_op_of_the_users_own_runs_through_torch_ops(tmp_path):
+    """A torch.library custom op with its fake kernel and autograd formula: written into train.py
+    as torch.ops.haptest..., it runs (replicated, having no rule) and trains exactly."""
+    plan, loss_err, param_err = run_exact(str(ROOT / "tests/models/custom_op.py"), str(CLUSTERS / "cpu-1-2-4.toml"),
+                                          tmp_path)
+    assert "torch.ops.haptest.shifted_softplus.default(" in (tmp_path / "out" / "train.py").read_text()
+    assert any("haptest.shifted_softplus.default has no sharding rule" in w for w in plan.warnings), plan.warnings
+    assert loss_err < TOL and param_err < TOL, (loss_err, param_err)
+
+
 def test_forced_tensor_parallel_is_exact(tmp_path):
     """Megatron column- then row-parallel linears, forced, on 1:3 shares."""
     pins = {"p_hidden_1_weight": "S(0)", "p_hidden_1_bias": "S(0)", "p_hidden_2_weight": "S(1)"}

@@ -61,23 +61,28 @@ def test_models_used_as_documented_train_exactly(example, env, cluster, monkeypa
 
 
 # HuggingFace's mixture-of-experts decoders as documented, the router's load-balancing loss in the
-# loss: the experts (sort, index, histc, transformers' grouped-matmul custom op, index_put_) run
-# on each rank's own tokens, their weights sharded on the expert dim and gathered for use
-@pytest.mark.parametrize("model", ["qwen2_moe", "olmoe"])
-def test_hf_moe_experts_run_on_each_ranks_tokens_exactly(model, monkeypatch, tmp_path):
+# loss. Their experts (sort, index, histc, transformers' grouped-matmul custom op, index_put_) run
+# either sharded over the ranks (expert parallelism: all-to-all to each expert's rank and back) or
+# whole on every rank, on its own tokens, with their weights sharded on the expert dim and
+# gathered for use (FSDP-style)
+@pytest.mark.parametrize("model,experts", [("qwen2_moe", "shard"), ("olmoe", "whole")])
+def test_hf_moe_experts_train_exactly(model, experts, monkeypatch, tmp_path):
     pytest.importorskip("transformers")
     monkeypatch.setenv("HAP_HF_MODEL", model)
     monkeypatch.setenv("HAP_HF_ROUTER_LOGITS", "1")
     spec, cluster = str(ROOT / "examples" / "hf_usage.py"), str(ROOT / "profiles" / "clusters" / "cpu-1-2-4.toml")
-    experts = [f"p_model_model_layers_{i}_mlp_experts_{w}" for i in range(2) for w in ("gate_up_proj", "down_proj")]
-    plan, loss_err, param_err = run_exact(spec, cluster, tmp_path, pins={e: "S(0)" for e in experts}, lr=1e-3,
-                                          train_args=["--optimizer", "adamw"],
-                                          train={"optimizer": "adamw"})
+    weights = [f"p_model_model_layers_{i}_mlp_experts_{w}" for i in range(2) for w in ("gate_up_proj", "down_proj")]
+    plan, loss_err, param_err = run_exact(spec, cluster, tmp_path, pins={e: "S(0)" for e in weights}, lr=1e-3,
+                                          train_args=["--optimizer", "adamw"], train={"optimizer": "adamw"},
+                                          experts=experts)
     grouped = [n for n in plan.graph.ops() if n.target == "transformers.grouped_mm_fallback.default"]
-    assert len(grouped) == 4 and all(plan.nodes[n.name].candidate.name == "rows" for n in grouped)
+    want = "experts" if experts == "shard" else "rows"
+    assert len(grouped) == 4 and all(plan.nodes[n.name].candidate.name == want for n in grouped)
+    code = (tmp_path / "out" / "train.py").read_text()
+    assert code.count("hr.experts_parallel(") == (2 if experts == "shard" else 0)
     assert not [w for w in plan.warnings if "histc" in w or "grouped_mm" in w or "index" in w], plan.warnings
     # the load-balancing loss multiplies two statistics of the whole batch: no micro-batches
     assert plan.graph.batch_products() and not plan.micro_batches
-    assert all(str(plan.nodes[e].candidate.output) == "S(0)" for e in experts)
+    assert all(str(plan.nodes[e].candidate.output) == "S(0)" for e in weights)
     assert len(set(plan.shares)) > 1, plan.shares
     assert loss_err <= 1e-5 and param_err <= 1e-4, (loss_err, param_err)
