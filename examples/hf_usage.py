@@ -25,6 +25,10 @@ Environment variables:
                                         the meta device), not for training here; small: 4 blocks,
                                         width 256, 8/4 heads, FFN 1024, vocab 8192, seq 512 (batch
                                         HAP_BATCH, default 12), to check memory and step predictions
+  HAP_HF_SIZE=plan                      with qwen2_moe: Qwen2-MoE's shape (24 blocks, width 1024, 16 heads,
+                                        expert FFN 2816, shared expert 5632, vocab 151936), seq 1024, global
+                                        batch 1024 (16 per GPU of the 64-GPU HAP cluster), for planning
+  HAP_HF_EXPERTS=E                      with qwen2_moe / olmoe: experts per block (default 4; 8 at size plan)
   HAP_BATCH=N                           global batch (default 12)
   HAP_HF_ROUTER_LOGITS=1                with qwen2_moe / olmoe: output_router_logits=True, so the loss
                                         adds the router's load-balancing loss (router_aux_loss_coef)
@@ -38,11 +42,17 @@ MODEL = os.environ.get("HAP_HF_MODEL", "gpt2")
 SIZE = os.environ.get("HAP_HF_SIZE", "tiny")
 LLAMA = {"1b": (128256, 2048, 2048, 16, 32, 8192, 8, True), "8b": (128256, 2048, 4096, 32, 32, 14336, 8, False),
          "small": (8192, 512, 256, 4, 8, 1024, 4, False)}
+# Qwen2-MoE's shape at planning size: 24 blocks, width 1024, 16 heads, experts of FFN 2816 (FFN // 2) beside a
+# shared expert of 5632, vocab 151936, seq 1024
+QWEN2_MOE = (151936, 1024, 1024, 24, 16, 5632, 16, False)
+EXPERTS = int(os.environ.get("HAP_HF_EXPERTS", "8" if SIZE == "plan" else "4"))
 if MODEL == "llama" and SIZE in LLAMA:
     VOCAB, SEQ, DIM, LAYERS, HEADS, FFN, KV_HEADS, TIED = LLAMA[SIZE]
+elif MODEL == "qwen2_moe" and SIZE == "plan":
+    VOCAB, SEQ, DIM, LAYERS, HEADS, FFN, KV_HEADS, TIED = QWEN2_MOE
 else:
     VOCAB, SEQ, DIM, LAYERS, HEADS, FFN, KV_HEADS, TIED = 128, 16, 32, 2, 4, 64, 2, False
-BATCH_SIZE = int(os.environ.get("HAP_BATCH", "256" if SIZE in ("1b", "8b") else "12"))
+BATCH_SIZE = int(os.environ.get("HAP_BATCH", "256" if SIZE in ("1b", "8b") else "1024" if SIZE == "plan" else "12"))
 CLASSES, IMAGE = {"bert": 3, "vit": 5}.get(MODEL, 0), 16
 
 
@@ -63,9 +73,10 @@ def hf_model() -> nn.Module:
                                                   # Trainer does; with it, export of the 1B shape holds ~6 GB
                                                   **({"use_cache": False} if SIZE in ("1b", "8b") else {})))
     if MODEL in ("qwen2_moe", "olmoe"):
-        router = {"output_router_logits": os.environ.get("HAP_HF_ROUTER_LOGITS") == "1"}
+        router = {"output_router_logits": os.environ.get("HAP_HF_ROUTER_LOGITS") == "1",
+                  **({"use_cache": False} if SIZE == "plan" else {})}
         common = dict(vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                      num_key_value_heads=KV_HEADS, max_position_embeddings=SEQ, num_experts=4,
+                      num_key_value_heads=KV_HEADS, max_position_embeddings=SEQ, num_experts=EXPERTS,
                       num_experts_per_tok=2, **router)
         if MODEL == "qwen2_moe":
             return tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(intermediate_size=FFN, moe_intermediate_size=FFN // 2,

@@ -360,6 +360,33 @@ def _is_float(x: object) -> bool:
     return True
 
 
+def op_imports(graph: Graph) -> list[str]:
+    """``import`` lines for the modules that register the graph's torch.library custom ops (as
+    ``torch.library.custom_op`` recorded them), so train.py can call them whether or not the spec
+    imports those modules before forward runs. A module that cannot be imported by name (the
+    spec itself, loaded from its path, registers its ops when train.py loads it) gets none."""
+    import importlib.util
+
+    from torch._library import custom_ops
+
+    out = {}
+    for node in graph.ops():
+        parts = node.target.split(".")
+        if node.target in KNOWN_TARGETS or parts[0] == "aten" or len(parts) != 3:
+            continue
+        opdef = custom_ops.OPDEFS.get(f"{parts[0]}::{parts[1]}")
+        module = getattr(getattr(opdef, "_init_fn", None), "__module__", None)
+        if not module or module == "__main__" or not all(_is_name(p) for p in module.split(".")):
+            continue
+        try:
+            importable = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            importable = False
+        if importable:
+            out.setdefault(module, []).append(f"torch.ops.{parts[0]}.{parts[1]}")
+    return [f"import {m}  # registers {', '.join(dict.fromkeys(ops))}" for m, ops in out.items()]
+
+
 def callee(target: str) -> str:
     """The code that calls op ``target`` (checked by ``check_target``): aten's overloads through
     train.py's ``aten``, another namespace's through ``torch.ops``."""
@@ -490,7 +517,7 @@ import torch
 
 import hap.runtime as hr
 from hap.runtime.sharded_ops import class_loss_count, embedding_bag_rows, vocab_embedding  # noqa: F401
-
+{op_imports}
 aten = torch.ops.aten
 LAYOUT = hr.Layout.build(
     {format},  # the layout format (hap.runtime.layout): a runtime of another format refuses this program
@@ -656,7 +683,7 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         micro=tuple(plan.micro_batches) or (1,) * plan.num_ranks, lockstep=lockstep(plan),
         fixed_batch=tuple(dict.fromkeys(em.fixed_batch)),
         random_on_cpu=len({r.device for r in plan.cluster.ranks if r.device != "cpu"}) > 1,
-        precision_text=PRECISION_TEXT[plan.precision],
+        precision_text=PRECISION_TEXT[plan.precision], op_imports="".join(f"{line}\n" for line in op_imports(g)),
         unpack="\n".join(unpack + lens_lines), body="\n".join(body),
         shapes={k: tuple(n.meta.shape) for n in g if n.kind in ("param", "buffer") and isinstance(n.meta, TensorMeta)
                 for k in (n.aliases or [n.target])},

@@ -22,6 +22,7 @@ CUDA keeps a few more ops (layer_norm, softmax) in fp32, which only changes byte
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -84,6 +85,18 @@ def autocast_graph(graph: Graph, precision: str) -> Graph:
     are the master weights. A node whose op cannot run on fake tensors keeps its captured dtype."""
     if precision == "fp32":
         return graph
+    # an op fake tensors cannot run (histc of an int tensor on the CPU's kernels) is expected and
+    # handled there (the node keeps its captured dtype); torch would log each at ERROR with a traceback
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        return _autocast_graph(graph, precision)
+    finally:
+        fake_log.setLevel(level)
+
+
+def _autocast_graph(graph: Graph, precision: str) -> Graph:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     dtype = TORCH_DTYPE[precision]

@@ -281,13 +281,23 @@ class Search:
         say("solving placements (MILP)")
         prop = shares_by("speed", self.cluster, total, self.graph.precision)
         even = shares_by("even", self.cluster, total)
-        best = self.solve(self.hap("hap", prop))
+        ep = None
+        if self.experts == "auto" and self.expert_parallel(prop):  # before "hap", which raises where none fits
+            say("solving placements with the experts sharded (expert parallelism)")
+            ep = self.solve(Attempt("hap_experts", prop, self.user_pin, experts=True))
+        try:
+            best = self.solve(self.hap("hap", prop))
+        except InfeasiblePlan:
+            if ep is None:  # nothing else fits either: the user's error, explained
+                raise
+            best = ep  # only with the experts sharded does the model fit
+            self.infeasible["hap"] = "with every expert on every rank, no assignment fits every rank's memory"
         for it in range(REFIT_ROUNDS):
             new = self.refit(best, total)
             if new == best.attempt.shares:
                 break
             say(f"re-fitting shares, round {it + 1}")
-            again = self.solve(self.hap(f"hap_refit{it}", new))
+            again = self.solve(dataclasses.replace(self.hap(f"hap_refit{it}", new), experts=best.attempt.experts))
             if again is None or again.step_s >= best.step_s * (1 - 1e-6):
                 break
             best = again
@@ -297,9 +307,6 @@ class Search:
             dp_shares = self.refit(self.results["dp_proportional"], total)
             if dp_shares != prop:
                 self.solve(Attempt("hap_dp_refit", dp_shares, dp_pin))
-        if self.experts == "auto" and self.expert_parallel(best.attempt.shares):
-            say("solving placements with the experts sharded (expert parallelism)")
-            self.solve(Attempt("hap_experts", best.attempt.shares, self.user_pin, experts=True))
         return self.best()
 
     def expert_parallel(self, shares: tuple[int, ...]) -> bool:
@@ -371,7 +378,7 @@ def search(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bo
 def experts_notes(graph: Graph, s: Search, won: Result) -> list[str]:
     """How the plan runs the experts of token-wise calls: sharded (expert parallelism), with its gain
     over the best plan that keeps them whole, or whole, and why."""
-    calls = sorted({n.token_wise for n in graph.ops() if n.token_wise})
+    calls = list(dict.fromkeys(n.token_wise for n in graph.ops() if n.token_wise))
     if not calls:
         return []
     span = _span(tuple(calls))
@@ -379,7 +386,7 @@ def experts_notes(graph: Graph, s: Search, won: Result) -> list[str]:
     if won.attempt.experts:
         experts = next(iter(graph.experts.values()))["experts"]
         lengths = Splitter(won.attempt.shares).lengths(experts)
-        mem = max(won.evaluation.memory_bytes) / 2**30
+        mem = max(won.evaluation.memory_bytes)
         text = (f"experts of {len(calls)} calls ({span}) are sharded over the ranks (expert parallelism: "
                 f"{experts} experts split {_ranks_list(lengths)}, a faster rank holding more): each token's "
                 f"choices go to their experts' ranks and back by all-to-all; predicted {won.step_s * 1e3:.1f} ms")
@@ -387,7 +394,8 @@ def experts_notes(graph: Graph, s: Search, won: Result) -> list[str]:
             best = min(whole, key=lambda r: r.step_s)
             text += (f", {best.step_s / won.step_s:.2f}x the best plan that keeps every expert on every rank "
                      f"({best.step_s * 1e3:.1f} ms)")
-        return [text + f"; at most {mem:.2f} GiB on a rank"]
+        return [text + f"; at most {mem / 2**30:.2f} GiB on a rank" if mem >= 2**30 else
+                text + f"; at most {mem / 2**20:.0f} MiB on a rank"]
     if "hap_experts" in s.results:
         ep = s.results["hap_experts"]
         return [f"the experts of {len(calls)} calls ({span}) run on each rank's own tokens, whole on every rank: "

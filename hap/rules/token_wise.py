@@ -35,6 +35,7 @@ from typing import Any
 from hap.graph import Graph, Node, TensorMeta
 from hap.placement import Placement, R, S
 from hap.rules import RENDERERS, Candidate, Local, RuleContext
+from hap.runtime.experts import ACTIVATIONS
 
 ROWS = "rows"
 EXPERTS = "experts"
@@ -190,12 +191,20 @@ def _render_elided(em, node: Node, cand: Candidate, refs: list[str]) -> str:
 def _render_experts(em, node: Node, cand: Candidate, refs: list[str]) -> str:
     """The call's output from ``hr.experts_parallel``, reading the call's inputs (converted where the
     call's first op read them) and this rank's range of the experts."""
+    from hap.emit import callee, check_target
+    from hap.errors import PlanFileError
+
     x, idx, w, gate_up, down, experts, act, grouped = cand.extra
+    # the plan's record of the call is data: names of its own tensors, a known activation, and a
+    # registered op (a plan.json edited to call anything else is refused)
+    if not all(isinstance(n, str) and n in em.graph for n in (x, idx, w, gate_up, down)) or \
+            act not in ACTIVATIONS:
+        raise PlanFileError(f"node {node.name!r}: its experts call names {cand.extra!r}; re-plan rather than "
+                            "editing plan.json")
+    check_target(grouped, node.name)
     src = node.source or node.name
     args = [em.ref(x, cand_input(em, x), src), em.ref(idx, cand_input(em, idx), src),
             em.ref(w, cand_input(em, w), src), em.ref(gate_up, S(0), src), em.ref(down, S(0), src)]
-    from hap.emit import callee
-
     _, lengths = em.tensor_lengths(gate_up, S(0))
     return f"hr.experts_parallel({', '.join(args)}, {lengths}, {act!r}, {callee(grouped)})"
 
