@@ -108,6 +108,38 @@ def test_zoo_candidates_are_exact():
         assert not errors, "\n".join(errors[:10])
 
 
+class Routing(nn.Module):
+    """Rows gathered by an index, as routers do (``x[idx]``), and a column pick (``x[:, idx]``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 6))
+        self.table = nn.Parameter(torch.randn(10, 6))
+
+    def forward(self, ids, x):
+        rows = self.table[ids]  # [B, T, 6]: the table's rows, gathered by a batch of indices
+        order = torch.argsort(x[:, 0])
+        picked = (x @ self.w)[order]  # [B, 6]
+        cols = x[:, torch.tensor([1, 3, 5])]  # [B, 3]
+        return rows.pow(2).mean() + picked.pow(2).mean() + cols.sum()
+
+
+def test_index_candidates_are_exact():
+    torch.manual_seed(0)
+    model = Routing()
+    batch = (torch.randint(0, 10, (6, 5)), torch.randn(6, 8))
+    graph = capture(model, batch)
+    values = run_graph(graph, model, batch)
+    index = [n for n in graph.ops() if n.target == "aten.index.Tensor"]
+    assert len(index) == 3
+    for shares in ((4, 2), (3, 0, 3)):
+        ctx = RuleContext(graph, Splitter(shares), view_units(graph))
+        assert all(len(candidates(n, ctx)) > 1 for n in index), "every x[idx] here has a sharded candidate"
+        checked, errors = check_all_candidates(graph, values, shares)
+        assert checked > len(graph.ops())
+        assert not errors, "\n".join(errors[:10])
+
+
 def test_megatron_linears_are_expressible():
     mod = load_example("mlp")
     _, _, graph = captured(mod, batch_size=8)

@@ -45,6 +45,31 @@ def index_select(node: Node, ctx: RuleContext) -> list[Candidate]:
     return cands
 
 
+@rule("aten.index.Tensor")
+def index_tensor(node: Node, ctx: RuleContext) -> list[Candidate]:
+    """``x[..., idx, ...]`` with one integer index tensor at dim ``p``: the output holds ``x``'s dims
+    before ``p``, then ``idx``'s, then ``x``'s after ``p``. A dim of ``x`` other than ``p`` stays
+    sharded (``idx`` replicated), and a dim of ``idx`` stays sharded (``x`` replicated): rows
+    gathered by a sharded index are that shard's rows (the routing of tokens to experts)."""
+    indices = node.args[1] if len(node.args) > 1 else []
+    placed = [i for i, t in enumerate(indices) if t is not None]
+    refs = node.inputs()
+    if len(placed) != 1 or len(refs) != 2:
+        return []
+    p, x, idx = placed[0], ctx.meta(refs[0]), ctx.meta(refs[1])
+    if not idx.dtype.startswith(("int", "uint")) or idx.dtype == "uint8":  # a mask's output length is data's
+        return []
+    cands = []
+    for d in range(x.ndim):
+        if d == p:
+            continue
+        od = d if d < p else d - 1 + idx.ndim
+        for u in ctx.shard_units(x.shape[d]):
+            cands.append(Candidate(f"x:S({d}/{u})", (S(d, u), R), S(od, u), split=(x.shape[d], u)))
+    for j in range(idx.ndim):
+        for u in ctx.shard_units(idx.shape[j]):
+            cands.append(Candidate(f"idx:S({j}/{u})", (R, S(j, u)), S(p + j, u), split=(idx.shape[j], u)))
+    return cands
 
 
 @rule("aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.zeros.default",
