@@ -140,6 +140,44 @@ def test_index_candidates_are_exact():
         assert not errors, "\n".join(errors[:10])
 
 
+class GroupedExperts(nn.Module):
+    """transformers' grouped matmul over rows sorted by expert, and an index_put_ back to order."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 8, 6))
+        self.proj = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x, expert):
+        sorted_ids, perm = torch.sort(expert)
+        offs = torch.cumsum(torch.histc(sorted_ids.float(), bins=3, min=0, max=2), 0).to(torch.int32)
+        h = x @ self.proj
+        out = torch.ops.transformers.grouped_mm_fallback(h[perm], self.w, offs)  # [B, 6]
+        back = torch.zeros_like(out)
+        back[perm] = out  # index_put_
+        return back.pow(2).mean()
+
+
+def test_grouped_mm_and_index_put_candidates_are_exact():
+    pytest.importorskip("transformers")
+    import transformers.integrations.moe  # noqa: F401  (registers the grouped matmul)
+
+    torch.manual_seed(0)
+    model = GroupedExperts()
+    batch = (torch.randn(6, 8), torch.randint(0, 3, (6,)))
+    graph = capture(model, batch)
+    values = run_graph(graph, model, batch)
+    assert torch.allclose(values[graph.loss], model(*batch))
+    ctx = RuleContext(graph, Splitter((4, 2)), view_units(graph))
+    for target in ("transformers.grouped_mm_fallback.default", "aten.index_put_.default"):
+        node = next(n for n in graph.ops() if n.target == target)
+        assert len(candidates(node, ctx)) > 1, target
+    for shares in ((4, 2), (3, 0, 3)):
+        checked, errors = check_all_candidates(graph, values, shares)
+        assert checked > len(graph.ops())
+        assert not errors, "\n".join(errors[:10])
+
+
 def test_megatron_linears_are_expressible():
     mod = load_example("mlp")
     _, _, graph = captured(mod, batch_size=8)

@@ -72,6 +72,51 @@ def index_tensor(node: Node, ctx: RuleContext) -> list[Candidate]:
     return cands
 
 
+@rule("aten.index_put_.default", "aten.index_put.default")
+def index_put(node: Node, ctx: RuleContext) -> list[Candidate]:
+    """``x[..., idx, ...] = values`` with one integer index tensor at dim ``p``: a dim of ``x`` other
+    than ``p`` stays sharded, ``values`` sharded alike and ``idx`` replicated (the write touches
+    only that shard's part of every indexed row)."""
+    indices = node.args[1] if len(node.args) > 1 else []
+    placed = [i for i, t in enumerate(indices) if t is not None]
+    refs = node.inputs()
+    if len(placed) != 1 or len(refs) != 3:
+        return []
+    p, x, idx, values = placed[0], ctx.meta(refs[0]), ctx.meta(refs[1]), ctx.meta(refs[2])
+    if not idx.dtype.startswith(("int", "uint")) or idx.dtype == "uint8":
+        return []
+    full = x.shape[:p] + idx.shape + x.shape[p + 1:]  # what x[..., idx, ...] reads, values broadcast to it
+    cands = []
+    for d in range(x.ndim):
+        if d == p:
+            continue
+        vd = (d if d < p else d - 1 + idx.ndim) - (len(full) - values.ndim)  # values' dim, right-aligned
+        if vd < 0 or values.shape[vd] != x.shape[d]:
+            continue
+        for u in ctx.shard_units(x.shape[d]):
+            cands.append(Candidate(f"S({d}/{u})", (S(d, u), R, S(vd, u)), S(d, u), split=(x.shape[d], u)))
+    return cands
+
+
+@rule("transformers.grouped_mm_fallback.default", "aten._grouped_mm.default")
+def grouped_mm(node: Node, ctx: RuleContext) -> list[Candidate]:
+    """One matmul per expert over its rows of ``input`` [rows, k] sorted by expert, ``weight``
+    [experts, k, n], ``offs`` the rows' ends: each expert's output features can be split
+    (``weight`` on n: the output on its columns), or its inner dim (``input`` and ``weight`` on k:
+    partial sums). The experts themselves are split by ``hap.rules.token_wise`` (expert parallelism)."""
+    refs = node.inputs()
+    if len(refs) != 3:
+        return []
+    x, w = ctx.meta(refs[0]), ctx.meta(refs[1])
+    if x.ndim != 2 or w.ndim != 3:
+        return []
+    cands = [Candidate(f"cols/{u}", (R, S(2, u), R), S(1, u), split=(w.shape[2], u))
+             for u in ctx.shard_units(w.shape[2], may_be_batch=False)]
+    cands += [Candidate(f"inner/{u}", (S(1, u), S(1, u), R), P, split=(w.shape[1], u))
+              for u in ctx.shard_units(w.shape[1], may_be_batch=False)]
+    return cands
+
+
 @rule("aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.zeros.default",
       "aten.ones.default", "aten.full.default", "aten.empty.memory_format", "aten.scalar_tensor.default",
       "aten.eye.default", "aten.linspace.default", "torch.tensor")
