@@ -36,6 +36,7 @@ from .grad_sync import GradSync
 from .layout import FORMAT, Layout, offset
 from .logger import RunLog, tensorboard_writer
 from .precision import Precision
+from .pretrained import Pretrained, PretrainedError
 from .rng import seed_step
 from .sharded_ops import count_deferred
 from .shares import Rebalancer, split_lengths
@@ -145,13 +146,33 @@ def check_shapes(layout: Layout, model: torch.nn.Module) -> None:
                       "); run with the same spec and environment (e.g. its HAP_* size variables) or re-plan")
 
 
-def local_state(layout: Layout, model: torch.nn.Module):
-    """This rank's shards of the single-device model's parameters and buffers."""
+def local_state(layout: Layout, model: torch.nn.Module, pretrained: Pretrained | None = None):
+    """This rank's shards of the single-device model's parameters and buffers; with ``pretrained``,
+    the parameters (and the buffers the checkpoint holds) read from it, each rank only its slices."""
     sd = {**dict(model.named_buffers()), **model.state_dict()}  # non-persistent buffers too
-    params = {name: torch.nn.Parameter(p.local(sd[p.keys[0]].detach(), layout.rank).clone().to(layout.device))
-              for name, p in layout.params.items()}
-    buffers = {name: sd[key].detach().clone().to(layout.device) for name, key in layout.buffers.items()}
+    params = {}
+    for name, p in layout.params.items():
+        if pretrained is None:
+            local = p.local(sd[p.keys[0]].detach(), layout.rank)
+        else:
+            start = sum(p.lengths[:layout.rank]) if p.sharded else 0
+            local = pretrained.read(p.keys, layout.shapes[p.keys[0]], sd[p.keys[0]].dtype, p.dim, start,
+                                    p.lengths[layout.rank] if p.sharded else 0)
+        params[name] = torch.nn.Parameter(local.clone().to(layout.device))
+    buffers = {}
+    for name, key in layout.buffers.items():
+        value = sd[key].detach()
+        if pretrained is not None and key.startswith(pretrained.prefix) and key[len(pretrained.prefix):] in \
+                pretrained.keys():
+            value = pretrained.read((key,), tuple(value.shape), value.dtype, None, 0, 0)
+        buffers[name] = value.clone().to(layout.device)
     return params, buffers
+
+
+def open_pretrained(spec: ModuleType) -> Pretrained | None:
+    """The spec's PRETRAINED checkpoint (None: training from scratch)."""
+    directory = getattr(spec, "PRETRAINED", None)
+    return Pretrained(directory, getattr(spec, "PRETRAINED_PREFIX", "")) if directory else None
 
 
 def full_state_dict(layout: Layout, model: torch.nn.Module, params, buffers) -> dict[str, torch.Tensor]:
@@ -655,7 +676,17 @@ def main(layout: Layout | ModuleType, forward: Callable | None = None, file: str
     run_id = open_save(program, args, restarts)
     ck = resume_point(program, args, run_id, restarts)
     layout = resumed_layout(program.layout, ck)
-    params, buffers = local_state(layout, model)
+    try:
+        pretrained = open_pretrained(spec) if ck is None else None  # a resumed run reads its checkpoint
+        params, buffers = local_state(layout, model, pretrained)
+        wrong = None
+    except PretrainedError as e:
+        wrong = str(e)
+    agree_or_stop(program, wrong)
+    if pretrained is not None and pretrained.casts and layout.rank == 0:
+        print(f"train.py: PRETRAINED {pretrained.dir}: cast " + ", ".join(f"{a} -> {b}" for a, b in
+                                                                          sorted(pretrained.casts)) +
+              " to the model's parameter dtypes, as load_state_dict does", flush=True)
     opt = optim.build(args, params, {name: len(layout.shapes[p.keys[0]]) for name, p in layout.params.items()})
     start_step = resume(layout, ck, args, params, buffers, opt) if ck is not None else 0
     reduce_dtype = {"fp32": None, "bf16": torch.bfloat16}[layout.grad_reduce]
@@ -683,8 +714,10 @@ def main(layout: Layout | ModuleType, forward: Callable | None = None, file: str
             torch.save(state, args.dump_params)
     waits = torch.tensor(data.waits, dtype=torch.float64)
     _all_reduce(waits, "max")  # a step waits for the slowest rank's batch
-    peaks = torch.zeros(2, layout.world_size, dtype=torch.float64)
-    peaks[:, layout.rank] = torch.tensor([peak_memory_bytes(layout.device), at_start], dtype=torch.float64)
+    peaks = torch.zeros(3, layout.world_size, dtype=torch.float64)
+    peaks[:, layout.rank] = torch.tensor([peak_memory_bytes(layout.device), at_start,
+                                          pretrained.read_bytes if pretrained is not None else 0],
+                                         dtype=torch.float64)
     _all_reduce(peaks, "sum")  # each rank's own figures, gathered to every rank
     data.close()
     log.close(args.log_json, data_wait_s=waits.tolist(), world_size=layout.world_size, first_step=start_step,
@@ -692,7 +725,8 @@ def main(layout: Layout | ModuleType, forward: Callable | None = None, file: str
               rebalance=rebalancing.events if rebalancing else [],
               compute_s=rebalancing.compute_log if rebalancing else [],
               advice=rebalancing.advice if rebalancing else [], peak_memory_bytes=[int(x) for x in peaks[0].tolist()],
-              start_memory_bytes=[int(x) for x in peaks[1].tolist()])
+              start_memory_bytes=[int(x) for x in peaks[1].tolist()],
+              **({"pretrained_read_bytes": [int(x) for x in peaks[2].tolist()]} if pretrained is not None else {}))
     if args.save and layout.rank == 0:
         ckpt.unlock(args.save, run_id)
     leave(0)  # every rank done communicating, then out without gloo's teardown

@@ -65,6 +65,23 @@ def global_batches(spec, global_batch: int, seed: int = 0):
         epoch += 1
 
 
+def load_pretrained(model: torch.nn.Module, directory: str, prefix: str) -> None:
+    """What PRETRAINED means on one device: every tensor of the checkpoint, read whole, loaded
+    under ``prefix`` (the checkpoint must cover every parameter; tied weights are stored once)."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    index = d / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+        ["model.safetensors"]
+    got = {prefix + k: v for f in files for k, v in load_file(str(d / f)).items()}
+    model.load_state_dict(got, strict=False)
+    state = model.state_dict(keep_vars=True)
+    loaded = {id(state[k]) for k in got if k in state}
+    missing = [k for k, p in model.named_parameters() if id(p) not in loaded]
+    assert not missing, f"PRETRAINED {d} lacks {missing[:3]}"
+
+
 def reference(spec_path: str, steps: int, lr: float, global_batch: int, precision: str = "fp32",
               train: dict | None = None):
     """Single-device training of the spec: under torch.autocast for bf16 / fp16, with
@@ -77,6 +94,8 @@ def reference(spec_path: str, steps: int, lr: float, global_batch: int, precisio
     spec = load_spec(spec_path)
     torch.manual_seed(0)
     model = spec.model()
+    if getattr(spec, "PRETRAINED", None):  # fine-tuning: model(), then the directory's tensors under the prefix
+        load_pretrained(model, spec.PRETRAINED, getattr(spec, "PRETRAINED_PREFIX", ""))
     params = list(model.parameters())
     if t["optimizer"] == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=t["momentum"], weight_decay=t["weight_decay"])
