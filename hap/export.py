@@ -2,6 +2,7 @@
 for use outside hap (``transformers``' ``from_pretrained`` reads the same format).
 
     hap-export CKPT --out model.safetensors     # CKPT: a step_* directory, or a --save DIR (its newest)
+    hap-export CKPT --hf DIR --spec SPEC        # a HuggingFace model directory: from_pretrained(DIR) loads it
 
 Checkpoints hold each rank's shards under the single-device names (``hap.runtime.checkpoint``);
 exporting assembles the whole tensors in one process, reading them straight from the checkpoint
@@ -9,6 +10,14 @@ into tensors allocated from its layout. The export holds what the model's ``stat
 the parameters and the persistent buffers, so ``load_state_dict(strict=True)`` accepts it.
 Tensors that share storage (tied weights) are written as separate copies, as safetensors
 requires; loading them back ties nothing.
+
+``--hf DIR`` writes the HuggingFace model inside the spec's ``model()`` as ``save_pretrained``
+would: its tensors without the spec's prefix (``PRETRAINED_PREFIX``, or the path of the first
+``transformers.PreTrainedModel`` inside ``model()``), tied weights once, in safetensors shards of
+at most ``--max-shard-size`` with ``model.safetensors.index.json`` (one ``model.safetensors`` where
+it fits), and the config: ``PRETRAINED``'s ``config.json`` (and ``generation_config.json``), or the
+model's own ``config``. The spec is the user's code, named on the command line; the checkpoint
+never says what to import. ``DIR`` must not exist or be empty, and is written whole or not at all.
 
 Nothing in a checkpoint runs as code: ``hap.json`` is JSON, DCP reads each tensor with
 ``weights_only``, and DCP's ``.metadata`` (a pickle) is read only when it is the user's own or
@@ -126,17 +135,137 @@ def _write_state(state: dict[str, torch.Tensor], meta: dict[str, Any], out: str 
     return {k: tuple(v.shape) for k, v in tensors.items()}
 
 
+def hf_model_of(spec_path: str):
+    """(the HuggingFace model inside the spec's ``model()``, built on the meta device; its prefix
+    in ``model()``'s state_dict; the spec's PRETRAINED directory or None)."""
+    from hap.spec import build, load_spec
+
+    mod = load_spec(spec_path)
+    model, _ = build(mod, meta=True)
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        raise ExportError("--hf needs transformers: pip install 'hap[hf]'") from None
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, PreTrainedModel)]
+    prefix = getattr(mod, "PRETRAINED_PREFIX", None)
+    if prefix is None:
+        if not found:
+            raise ExportError(f"{spec_path}: model() holds no transformers model, so there is nothing for "
+                              "from_pretrained to load; export with --out instead")
+        prefix = found[0][0] + "." if found[0][0] else ""
+    hf = next((m for name, m in found if (name + "." if name else "") == prefix), None)
+    if hf is None:
+        raise ExportError(f"{spec_path}: PRETRAINED_PREFIX {prefix!r} names no transformers model inside model() "
+                          f"(found: {', '.join(repr(n + '.') for n, _ in found) or 'none'})")
+    return hf, prefix, getattr(mod, "PRETRAINED", None)
+
+
+def hf_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """The tensors in files of at most ``max_bytes`` each (a larger tensor alone), in key order."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k in sorted(state):
+        n = state[k].numel() * state[k].element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = state[k]
+        size += n
+    return shards
+
+
+def export_hf(path: str | Path, out: str | Path, spec_path: str, trust: bool = False,
+              max_shard_bytes: int = 5 * 2**30) -> int:
+    """Write checkpoint ``path``'s HuggingFace model (the one inside the spec's ``model()``) to the
+    directory ``out`` as ``save_pretrained`` would; returns the number of tensors written."""
+    import json
+    import shutil
+
+    save_file, _ = _safetensors()
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not an empty directory; give a new --hf directory (nothing in "
+                          f"{out} is changed)")
+    hf, prefix, pretrained = hf_model_of(spec_path)
+    state, meta = full_state(path, trust=trust)
+    tensors, seen = {}, set()
+    for k in sorted(state):  # the HF model's tensors, each storage once (tied weights as save_pretrained)
+        if not k.startswith(prefix):
+            continue
+        v = state[k].detach().contiguous()
+        if v.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(v.untyped_storage().data_ptr())
+        tensors[k[len(prefix):]] = v
+    if not tensors:
+        raise ExportError(f"checkpoint {meta['path']} holds no tensor under {prefix!r}; is it this spec's model?")
+    shards = hf_shards(tensors, max_shard_bytes)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+        info = {"format": "pt", "source": f"hap checkpoint {Path(meta['path']).name}", "step": str(meta["step"])}
+        names = ["model.safetensors"] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            save_file(shard, str(tmp / name), metadata=info)
+        if len(shards) > 1:
+            weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+            total = sum(v.numel() * v.element_size() for v in tensors.values())
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        if pretrained and (Path(pretrained) / "config.json").is_file():
+            for name in ("config.json", "generation_config.json"):
+                if (Path(pretrained) / name).is_file():
+                    shutil.copyfile(Path(pretrained) / name, tmp / name)
+        else:
+            hf.config.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(_write_message(out / "model.safetensors", e)) from None
+    return len(tensors)
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 100KB")
+    unit = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30}[m.group(2)]
+    return int(float(m.group(1)) * unit)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hap-export", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="a checkpoint (a step_* directory) or a --save directory (its newest "
                                        "complete checkpoint)")
-    ap.add_argument("--out", required=True, help="the .safetensors file to write (replaced whole or not at all)")
+    target = ap.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="the .safetensors file to write (replaced whole or not at all)")
+    target.add_argument("--hf", metavar="DIR", help="a HuggingFace model directory to write (sharded safetensors, "
+                                                    "index and config; from_pretrained(DIR) loads it); needs --spec")
+    ap.add_argument("--spec", help="with --hf: the model spec the checkpoint trained (its model() holds the "
+                                   "HuggingFace model; PRETRAINED gives the config)")
+    ap.add_argument("--max-shard-size", type=_size, default=5 * 2**30, metavar="SIZE",
+                    help="with --hf: the largest safetensors file (default 5GB, as transformers writes)")
     ap.add_argument("--trust-checkpoint", action="store_true",
                     help="the .metadata of a DCP checkpoint is a Python pickle and loading it runs code; pass this "
                          "only for a checkpoint you trust like code, e.g. one another user wrote")
     args = ap.parse_args(argv)
+    if args.hf and not args.spec:
+        ap.error("--hf needs --spec SPEC: the spec whose model() holds the HuggingFace model")
     try:
         _safetensors()  # before the checkpoint is read, not after
+        if args.hf:
+            from hap.errors import SpecError
+
+            try:
+                count = export_hf(args.checkpoint, args.hf, args.spec, args.trust_checkpoint, args.max_shard_size)
+            except SpecError as e:
+                raise ExportError(f"{args.spec}: {e}") from None
+            print(f"wrote {args.hf}: the HuggingFace model's {count} tensors and its config; "
+                  f"AutoModelForCausalLM.from_pretrained({args.hf!r}) loads it")
+            return 0
         state, meta = full_state(args.checkpoint, trust=args.trust_checkpoint)
         if meta.get("note"):
             print(f"hap-export: {meta['note']}", file=sys.stderr)
