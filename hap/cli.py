@@ -125,8 +125,8 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
         status.update(f"planning {len(graph)} nodes for {cluster.num_ranks} ranks")
         plan = plan_graph(graph, cluster, optimizer=args.optimizer, precision=args.precision,
                           grad_reduce=args.grad_reduce, strict=args.strict, recompute=args.recompute,
-                          experts=args.experts, time_limit_s=args.time_limit, spec=str(Path(args.spec).resolve()), pins=pins,
-                          progress=lambda msg: status.update(msg))
+                          experts=args.experts, time_limit_s=args.time_limit, spec=str(Path(args.spec).resolve()),
+                          pins=pins, progress=lambda msg: status.update(msg))
     if args.compare:
         from hap.baselines import compare
 

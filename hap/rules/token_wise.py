@@ -29,7 +29,6 @@ The search solves the two as separate attempts (``hap.search``), so one call nev
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any
 
 from hap.graph import Graph, Node, TensorMeta
@@ -141,7 +140,8 @@ def experts_candidates(graph: Graph, module: str, names: list[str], users: dict[
     experts = form["experts"]
     if 0 in ctx.splitter.lengths(experts):
         return f"its {experts} experts cannot be split over {ctx.num_ranks} ranks without an empty range"
-    grouped = [graph[n].target for n in names if graph[n].op_class == "matmul" and graph[n].target != "aten.linear.default"]
+    grouped = [graph[n].target for n in names
+               if graph[n].op_class == "matmul" and graph[n].target != "aten.linear.default"]
     out = {}
     for name in names:
         rows = rows_candidate(graph, graph[name])

@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -26,11 +27,11 @@ from typing import Any, NoReturn
 import torch
 
 from . import checkpoint as ckpt
-from . import micro, optim
+from . import initial, micro, optim
 from .checks import Refused, backend_for, cuda_missing, device_mismatch, placement_mismatch, planned_gpu
 from .collectives import deferred_grads, gather_full, sum_scalar
 from .data import BadBatch, RankData, val_batches
-from .dist import _all_reduce, barrier, device, init, leave, memory_bytes_now, peak_memory_bytes
+from .dist import _all_reduce, barrier, device, init, leave, local_rank, memory_bytes_now, peak_memory_bytes
 from .emulate import comm_seconds, end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .layout import FORMAT, Layout, offset
@@ -47,7 +48,14 @@ def parse_args(argv: list[str] | None = None, default_optimizer: str = "sgd") ->
     ap.add_argument("--steps", type=int, default=10, help="train until this many steps are done")
     ap.add_argument("--lr", type=float, default=0.01, help="the peak learning rate (default 0.01)")
     optim.add_arguments(ap, default_optimizer)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the seed of the model's initialisation and of the data "
+                                                         "order (default 0)")
+    ap.add_argument("--init", default=None, metavar="DIR",
+                    help="read the model's initial state from DIR (written by --write-init with the same --seed); "
+                         "default: each node's first process writes one to its temporary directory")
+    ap.add_argument("--write-init", default=None, metavar="DIR",
+                    help="write the model's initial state for --seed to DIR and exit (one process, without "
+                         "torchrun): model() built once, as one device builds it")
     ap.add_argument("--log-json", default=None, help="rank 0 writes losses and step times here")
     ap.add_argument("--dump-params", default=None, help="rank 0 saves the full state_dict after the last step")
     ap.add_argument("--emulate", action="store_true",
@@ -126,9 +134,22 @@ def load_spec(program: Program) -> ModuleType:
     return mod
 
 
-def build_model(spec: ModuleType, seed: int) -> torch.nn.Module:
-    """The spec's single-device model, initialised as one device would with ``seed``."""
+def build_model(spec: ModuleType, seed: int, meta: bool = False) -> torch.nn.Module:
+    """The spec's single-device model, initialised as one device would with ``seed``; with
+    ``meta``, its shapes only (on the meta device: no memory), or built whole where ``model()``
+    cannot run on meta (``hap.runtime.initial``)."""
     torch.manual_seed(seed)
+    if meta:
+        try:
+            with torch.device("meta"):
+                model = spec.model()
+            if all(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+                return model
+        except Exception:  # noqa: BLE001  (a constructor that needs real tensors: built whole below)
+            pass
+        print("train.py: model() does not build on the meta device, so every rank builds it whole and keeps its "
+              "shards", flush=True)
+        torch.manual_seed(seed)
     try:
         return spec.model()
     except Exception as e:
@@ -146,27 +167,76 @@ def check_shapes(layout: Layout, model: torch.nn.Module) -> None:
                       "); run with the same spec and environment (e.g. its HAP_* size variables) or re-plan")
 
 
-def local_state(layout: Layout, model: torch.nn.Module, pretrained: Pretrained | None = None):
-    """This rank's shards of the single-device model's parameters and buffers; with ``pretrained``,
-    the parameters (and the buffers the checkpoint holds) read from it, each rank only its slices."""
+def local_state(layout: Layout, model: torch.nn.Module, initial: Pretrained | None = None,
+                pretrained: Pretrained | None = None):
+    """This rank's shards of the single-device model's parameters and buffers: sliced from ``model``
+    where it was built whole, else read from the ``initial`` state (``hap.runtime.initial``), each
+    rank only its slices; ``pretrained`` weights (and the buffers its checkpoint holds) replace the
+    initial ones. A meta model without either gets empty tensors, for a checkpoint to fill."""
     sd = {**dict(model.named_buffers()), **model.state_dict()}  # non-persistent buffers too
+
+    def source(keys: tuple[str, ...]) -> Pretrained | None:
+        if pretrained is not None and any(k.startswith(pretrained.prefix) and k[len(pretrained.prefix):] in
+                                          pretrained.keys() for k in keys):
+            return pretrained
+        return initial
+
     params = {}
     for name, p in layout.params.items():
-        if pretrained is None:
-            local = p.local(sd[p.keys[0]].detach(), layout.rank)
+        full, reader = sd[p.keys[0]], source(p.keys)
+        start = sum(p.lengths[:layout.rank]) if p.sharded else 0
+        if reader is not None and (reader is pretrained or full.is_meta):
+            local = reader.read(p.keys, layout.shapes[p.keys[0]], full.dtype, p.dim, start,
+                                p.lengths[layout.rank] if p.sharded else 0)
+        elif full.is_meta:
+            local = torch.empty(p.local(full, layout.rank).shape, dtype=full.dtype)
         else:
-            start = sum(p.lengths[:layout.rank]) if p.sharded else 0
-            local = pretrained.read(p.keys, layout.shapes[p.keys[0]], sd[p.keys[0]].dtype, p.dim, start,
-                                    p.lengths[layout.rank] if p.sharded else 0)
+            local = p.local(full.detach(), layout.rank)
         params[name] = torch.nn.Parameter(local.clone().to(layout.device))
     buffers = {}
     for name, key in layout.buffers.items():
-        value = sd[key].detach()
-        if pretrained is not None and key.startswith(pretrained.prefix) and key[len(pretrained.prefix):] in \
-                pretrained.keys():
-            value = pretrained.read((key,), tuple(value.shape), value.dtype, None, 0, 0)
+        value, reader = sd[key].detach(), source((key,))
+        if reader is not None and (reader is pretrained or value.is_meta):
+            value = reader.read((key,), tuple(value.shape), value.dtype, None, 0, 0)
+        elif value.is_meta:
+            value = torch.empty(value.shape, dtype=value.dtype)
         buffers[name] = value.clone().to(layout.device)
     return params, buffers
+
+
+def initial_state(program: Program, args: argparse.Namespace, model: torch.nn.Module) -> tuple[Pretrained | None,
+                                                                                               Path | None]:
+    """Where this rank reads the model's initial values (``hap.runtime.initial``): ``--init DIR``, or
+    a directory the node's first process writes now (returned second, to remove once read). None
+    where the model was built whole."""
+    if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        return None, None
+    layout = program.layout
+    if args.init:
+        initial.check(args.init, args.seed, layout.plan_digest)
+        return Pretrained(args.init), None
+    directory = initial.node_directory(args.seed)
+    wrong = None
+    if local_rank() == 0:
+        try:
+            initial.write_in_child(program.file, directory, args.seed)
+        except initial.InitError as e:
+            wrong = str(e)
+    agree_or_stop(program, wrong)  # the node's state is written (or every rank stops)
+    return Pretrained(directory), directory
+
+
+def write_init(program: Program, args: argparse.Namespace) -> None:
+    """``train.py --write-init DIR``: the model's initial state for ``--seed``, for ``--init DIR``."""
+    try:
+        spec = load_spec(program)
+        model = build_model(spec, args.seed)
+        check_shapes(program.layout, model)
+        size = initial.write(model, args.write_init, args.seed, program.layout.plan_digest)
+    except (Refused, OSError) as e:
+        stop(f"--write-init {args.write_init}: {e}")
+    print(f"wrote {args.write_init}: the initial state of --seed {args.seed} ({size / 2**20:.1f} MiB); run "
+          f"torchrun ... train.py --init {args.write_init} --seed {args.seed}", flush=True)
 
 
 def open_pretrained(spec: ModuleType) -> Pretrained | None:
@@ -176,15 +246,20 @@ def open_pretrained(spec: ModuleType) -> Pretrained | None:
 
 
 def full_state_dict(layout: Layout, model: torch.nn.Module, params, buffers) -> dict[str, torch.Tensor]:
-    """The consolidated state_dict, under the single-device model's keys (all ranks take part)."""
+    """The consolidated state_dict, under the single-device model's keys, on rank 0 (empty on the
+    others). Every rank takes part in each parameter's gather, one parameter at a time, and only
+    rank 0 keeps it: no other rank ever holds the whole model."""
     out = {}
     for name, p in layout.params.items():
         local = params[name].detach()
-        full = gather_full(local, "S", p.dim, p.lengths) if p.sharded else local.clone()
-        for k in p.keys:
-            out[k] = full.cpu()
-    for name, key in layout.buffers.items():
-        out[key] = buffers[name].cpu()
+        full = gather_full(local, "S", p.dim, p.lengths) if p.sharded else local
+        if layout.rank == 0:
+            for k in p.keys:
+                out[k] = full.cpu().clone()
+        del full
+    if layout.rank == 0:
+        for name, key in layout.buffers.items():
+            out[key] = buffers[name].cpu()
     return {k: out[k] for k in model.state_dict() if k in out}
 
 
@@ -379,7 +454,7 @@ def prepare(program: Program, args: argparse.Namespace):
         if wrong:
             raise Refused(wrong)
         spec = load_spec(program)
-        model = build_model(spec, args.seed)
+        model = build_model(spec, args.seed, meta=True)
         check_shapes(program.layout, model)
         check_val_split(spec, args, program.layout.global_batch)
         board = tensorboard_writer(args.tensorboard, program.layout.rank)
@@ -671,18 +746,28 @@ def main(layout: Layout | ModuleType, forward: Callable | None = None, file: str
     if isinstance(layout, ModuleType):
         refuse_old_program(layout)
     args = parse_args(argv, layout.optimizer)
+    if args.write_init:  # one process, before any process group
+        write_init(Program(layout, forward, os.path.abspath(file)), args)
+        return
     program, restarts = start(Program(layout, forward, os.path.abspath(file)))
     spec, model, board = prepare(program, args)
     run_id = open_save(program, args, restarts)
     ck = resume_point(program, args, run_id, restarts)
     layout = resumed_layout(program.layout, ck)
+    made = None
     try:
         pretrained = open_pretrained(spec) if ck is None else None  # a resumed run reads its checkpoint
-        params, buffers = local_state(layout, model, pretrained)
+        start_state, made = initial_state(program, args, model) if ck is None else (None, None)
+        params, buffers = local_state(layout, model, start_state, pretrained)
         wrong = None
-    except PretrainedError as e:
+    except (PretrainedError, initial.InitError) as e:
         wrong = str(e)
     agree_or_stop(program, wrong)
+    start_state = None  # its memory map closed: the pages it read leave this rank's memory
+    if made is not None:
+        barrier()  # every rank of the node has read its slices
+        if local_rank() == 0:
+            shutil.rmtree(made, ignore_errors=True)
     if pretrained is not None and pretrained.casts and layout.rank == 0:
         print(f"train.py: PRETRAINED {pretrained.dir}: cast " + ", ".join(f"{a} -> {b}" for a, b in
                                                                           sorted(pretrained.casts)) +

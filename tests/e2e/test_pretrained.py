@@ -57,7 +57,8 @@ def test_a_trained_checkpoint_exports_to_a_directory_transformers_loads(checkpoi
     plan = plan_for(SPEC, str(ROOT / "profiles" / "clusters" / "cpu-1-2-4.toml"), pins)
     emit_program(plan, tmp_path / "out", spec=SPEC)
     p = torchrun(plan.num_ranks, tmp_path / "out" / "train.py",
-                 ["--steps", "2", "--lr", "0.05", "--save", str(tmp_path / "ck"), "--dump-params", str(tmp_path / "p.pt")])
+                 ["--steps", "2", "--lr", "0.05", "--save", str(tmp_path / "ck"),
+                  "--dump-params", str(tmp_path / "p.pt")])
     assert p.returncode == 0, p.stderr[-3000:]
     out = tmp_path / "hf"
     assert export_main([str(tmp_path / "ck"), "--hf", str(out), "--spec", SPEC, "--max-shard-size", "100KB"]) == 0
