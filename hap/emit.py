@@ -509,6 +509,12 @@ Every node needs hap installed, this train.py, and the model spec (with the modu
 imports) at {spec_rel} relative to this file's folder: one checkout of the repository
 on every node does it. plan.json is the plan's record; train.py does not read it.
 
+No rank builds the whole model: each reads its shards of the initial state (model() built
+once with --seed), which each node's first process writes to its temporary directory and
+removes once read. To write it once for a job instead (one process, no torchrun), run
+  python train.py --write-init DIR --seed S
+and start every rank with --init DIR --seed S (DIR on a shared file system, or copied).
+
 The forward below is the captured ATen graph over this rank's local shards. Each line
 names its placements (R replicated, S(d) sharded on dim d, P partial sum) and the model
 source it came from; hr.* calls are the collectives the plan chose.
