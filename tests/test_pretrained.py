@@ -57,3 +57,9 @@ def test_what_does_not_fit_is_said_clearly(one_file, tmp_path):
         Pretrained(d, "m.").read(("m.wte.weight",), (12, 4), torch.float32, 0, 0, 6)
     with pytest.raises(PretrainedError, match="neither model.safetensors nor"):
         Pretrained(tmp_path / "empty")
+
+
+def test_a_scalar_is_read_whole(tmp_path):
+    safetensors.save_file({"bn.num_batches_tracked": torch.tensor(7)}, str(tmp_path / "model.safetensors"))
+    got = Pretrained(tmp_path).read(("bn.num_batches_tracked",), (), torch.int64, None, 0, 0)
+    assert got.shape == () and int(got) == 7

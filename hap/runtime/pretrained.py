@@ -73,8 +73,8 @@ class Pretrained:
         if have != tuple(shape):
             raise PretrainedError(f"PRETRAINED {path.name}: {key} is {list(have)}, the planned model's "
                                   f"{state_keys[0]} is {list(shape)}; the checkpoint is another size of model")
-        if dim is None:
-            t = sl[:]
+        if dim is None:  # whole (a 0-dim tensor, BatchNorm's count, cannot be sliced)
+            t = self._handle(path).get_tensor(key)
         else:
             index = tuple(slice(None) if d != dim else slice(start, start + length) for d in range(len(shape)))
             t = sl[index]
