@@ -1,0 +1,68 @@
+"""hap-emulate (hap.emulated): an emulated cluster whose inter-node links are real and shaped.
+Needs root and iproute2; elsewhere these tests are skipped, saying so."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from hap.emulated import emulated_network, main, namespaces, remove_leftovers
+
+needs_netns = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
+                                 reason="hap-emulate needs root (CAP_NET_ADMIN), ip and tc")
+
+P2P = r'''
+import json, sys, time
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+r, x, out = dist.get_rank(), torch.ones(16 * 2**20), {}  # 64 MB
+for name, (src, dst) in {"inter": (0, 2), "intra": (0, 1)}.items():
+    dist.barrier()
+    t0 = time.perf_counter()
+    if r == src:
+        dist.send(x, dst)
+    elif r == dst:
+        dist.recv(x, src)
+    dist.barrier()
+    out[name] = time.perf_counter() - t0
+if r == 0:
+    json.dump(out, open(sys.argv[1], "w"))
+dist.destroy_process_group()
+'''
+
+
+@needs_netns
+def test_64_mb_between_emulated_nodes_arrive_at_the_shaped_rate(tmp_path):
+    cluster = tmp_path / "two.toml"
+    cluster.write_text('name = "two"\n[network]\ninter_node_gbps = 0.5\n[[nodes]]\ndevice = "cpu"\ncount = 2\n'
+                       'repeat = 2\n')
+    (tmp_path / "p2p.py").write_text(P2P)
+    before = set(namespaces())
+    assert main([str(cluster), "--port", "29533", "--", str(tmp_path / "p2p.py"), str(tmp_path / "out.json")]) == 0
+    took = json.loads((tmp_path / "out.json").read_text())
+    rate = 64 * 2**20 * 8 / took["inter"] / 1e9
+    assert abs(rate - 0.5) <= 0.15 * 0.5, took
+    assert took["intra"] * 10 <= took["inter"], took
+    assert set(namespaces()) == before, "the run's namespaces are removed"
+
+
+@needs_netns
+def test_a_dead_launchers_namespaces_are_removed_and_a_live_ones_kept():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    subprocess.run(["ip", "netns", "add", f"hap{dead.pid}n0"], check=True)
+    with emulated_network(1, 1.0) as live:
+        gone = remove_leftovers()
+        assert f"hap{dead.pid}n0" in gone and f"hap{dead.pid}n0" not in namespaces()
+        assert set(live) <= set(namespaces())
+    assert not set(live) & set(namespaces())
+
+
+def test_without_root_or_ip_it_stops_with_exit_2_and_says_why(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(shutil, "which", lambda tool: None)
+    assert main([str(tmp_path / "c.toml"), "--", "x.py"]) == 2
+    assert "needs ip and tc" in capsys.readouterr().err
