@@ -10,6 +10,7 @@ program's module.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import hashlib
 import importlib.util
@@ -218,6 +219,9 @@ def initial_state(program: Program, args: argparse.Namespace, model: torch.nn.Mo
     directory = initial.node_directory(args.seed)
     wrong = None
     if local_rank() == 0:
+        # gone however this rank ends: a stop (leave() skips atexit), a crash, or the normal path
+        when_stopping.append(lambda: shutil.rmtree(directory, ignore_errors=True))
+        atexit.register(shutil.rmtree, directory, True)
         try:
             initial.write_in_child(program.file, directory, args.seed)
         except initial.InitError as e:
