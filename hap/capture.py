@@ -399,6 +399,7 @@ def _graph_from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module,
     if loss_name in inputs_to_params or loss_name in inputs_to_buffers:
         raise CaptureError("forward(*batch) returned a parameter or buffer; it must compute the training loss")
     token_wise = {path: m for path, m in model.named_modules() if path and is_token_wise(m)}
+    token_wise_paths = set(token_wise)
     nodes: list[Node] = []
     num_inputs = 0
     first_of_group: dict[str, str] = {}  # first state_dict key of an alias group -> placeholder name
@@ -444,7 +445,7 @@ def _graph_from_export(ep: torch.export.ExportedProgram, model: torch.nn.Module,
             if target == "aten._assert_tensor_metadata.default":
                 in_bytes = 0  # it reads the tensor's metadata, not its data
             nodes.append(Node(n.name, "op", target, args, kwargs, meta, cls, flops, float(in_bytes + out_bytes),
-                              where, _module_of(n), token_wise=_token_wise_of(n, set(token_wise))))
+                              where, _module_of(n), token_wise=_token_wise_of(n, token_wise_paths)))
         elif n.op == "output":
             pass
         else:

@@ -330,8 +330,7 @@ class CostModel:
         """The all-to-alls of an expert-parallel call (``hap.runtime.experts``) in forward and
         backward: each (token, choice) pair's hidden row to its expert's rank and its result back,
         the busiest rank's bytes at the slowest link; routing taken as even over the experts."""
-        x, idx, *_ = cand.extra
-        experts = cand.extra[5]
+        x, idx, _, _, _, experts, *_ = cand.extra
         pairs = self.graph[x].out.nbytes * self.graph[idx].out.shape[-1]
         tokens, owners = self.fractions(cand.split), self.splitter.fractions(experts)
         one = collective_s("all_to_all", pairs, tokens, self.link, "grouped", owners)

@@ -37,6 +37,7 @@ import torch
 
 from hap.errors import HapError
 from hap.runtime import checkpoint as ckpt
+from hap.runtime.initial import each_storage_once
 
 
 class ExportError(HapError):
@@ -188,15 +189,8 @@ def export_hf(path: str | Path, out: str | Path, spec_path: str, trust: bool = F
                           f"{out} is changed)")
     hf, prefix, pretrained = hf_model_of(spec_path)
     state, meta = full_state(path, trust=trust)
-    tensors, seen = {}, set()
-    for k in sorted(state):  # the HF model's tensors, each storage once (tied weights as save_pretrained)
-        if not k.startswith(prefix):
-            continue
-        v = state[k].detach().contiguous()
-        if v.untyped_storage().data_ptr() in seen:
-            continue
-        seen.add(v.untyped_storage().data_ptr())
-        tensors[k[len(prefix):]] = v
+    # the HF model's tensors, tied weights once as save_pretrained writes them
+    tensors = each_storage_once((k[len(prefix):], state[k]) for k in sorted(state) if k.startswith(prefix))
     if not tensors:
         raise ExportError(f"checkpoint {meta['path']} holds no tensor under {prefix!r}; is it this spec's model?")
     shards = hf_shards(tensors, max_shard_bytes)

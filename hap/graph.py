@@ -63,7 +63,7 @@ class Node:
     batch_dims: list = field(default_factory=list)
     batch_args: dict = field(default_factory=dict)
     # the module whose call this op runs in when that module is token-wise (each token's output
-    # depends only on that token's inputs: hap.capture.TOKEN_WISE), "" otherwise; the ops of one
+    # depends only on that token's inputs: hap.capture.is_token_wise), "" otherwise; the ops of one
     # such call run together on each rank's own tokens (hap.rules.token_wise)
     token_wise: str = ""
 

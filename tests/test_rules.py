@@ -95,17 +95,23 @@ class Zoo(nn.Module):
         return F.mse_loss(z[:, :8] + top.sum(-1).mean(-1, keepdim=True), y) + c.pow(2).mean() + att
 
 
-def test_zoo_candidates_are_exact():
-    torch.manual_seed(0)
-    model = Zoo()
-    batch = (torch.randint(0, 10, (6, 5)), torch.randn(6, 8))
+def every_candidate_is_exact(model: nn.Module, batch: tuple[torch.Tensor, ...],
+                             shares: tuple[tuple[int, ...], ...] = ((4, 2), (3, 0, 3))):
+    """Capture ``model`` on ``batch`` and check every candidate of every node rank by rank on
+    each share vector; returns the graph."""
     graph = capture(model, batch)
     values = run_graph(graph, model, batch)
     assert torch.allclose(values[graph.loss], model(*batch))
-    for shares in ((4, 2), (3, 0, 3)):
-        checked, errors = check_all_candidates(graph, values, shares)
+    for sh in shares:
+        checked, errors = check_all_candidates(graph, values, sh)
         assert checked > len(graph.ops())
         assert not errors, "\n".join(errors[:10])
+    return graph
+
+
+def test_zoo_candidates_are_exact():
+    torch.manual_seed(0)
+    every_candidate_is_exact(Zoo(), (torch.randint(0, 10, (6, 5)), torch.randn(6, 8)))
 
 
 class Routing(nn.Module):
@@ -126,18 +132,12 @@ class Routing(nn.Module):
 
 def test_index_candidates_are_exact():
     torch.manual_seed(0)
-    model = Routing()
-    batch = (torch.randint(0, 10, (6, 5)), torch.randn(6, 8))
-    graph = capture(model, batch)
-    values = run_graph(graph, model, batch)
+    graph = every_candidate_is_exact(Routing(), (torch.randint(0, 10, (6, 5)), torch.randn(6, 8)))
     index = [n for n in graph.ops() if n.target == "aten.index.Tensor"]
     assert len(index) == 3
     for shares in ((4, 2), (3, 0, 3)):
         ctx = RuleContext(graph, Splitter(shares), view_units(graph))
         assert all(len(candidates(n, ctx)) > 1 for n in index), "every x[idx] here has a sharded candidate"
-        checked, errors = check_all_candidates(graph, values, shares)
-        assert checked > len(graph.ops())
-        assert not errors, "\n".join(errors[:10])
 
 
 class GroupedExperts(nn.Module):
@@ -163,19 +163,11 @@ def test_grouped_mm_and_index_put_candidates_are_exact():
     import transformers.integrations.moe  # noqa: F401  (registers the grouped matmul)
 
     torch.manual_seed(0)
-    model = GroupedExperts()
-    batch = (torch.randn(6, 8), torch.randint(0, 3, (6,)))
-    graph = capture(model, batch)
-    values = run_graph(graph, model, batch)
-    assert torch.allclose(values[graph.loss], model(*batch))
+    graph = every_candidate_is_exact(GroupedExperts(), (torch.randn(6, 8), torch.randint(0, 3, (6,))))
     ctx = RuleContext(graph, Splitter((4, 2)), view_units(graph))
     for target in ("transformers.grouped_mm_fallback.default", "aten.index_put_.default"):
         node = next(n for n in graph.ops() if n.target == target)
         assert len(candidates(node, ctx)) > 1, target
-    for shares in ((4, 2), (3, 0, 3)):
-        checked, errors = check_all_candidates(graph, values, shares)
-        assert checked > len(graph.ops())
-        assert not errors, "\n".join(errors[:10])
 
 
 def test_megatron_linears_are_expressible():

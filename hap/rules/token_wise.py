@@ -16,7 +16,7 @@ factor). The candidates of one call only fit together: a tensor inside it is thi
 version, not a shard of the global one, so it is never moved, only read by the call's own ops;
 what leaves the call is its output, which is a true shard. A call that cannot be run that way
 (a batch size that is not a multiple of the batch, a tensor inside read outside) keeps the
-per-op candidates, and ``why_not`` says why.
+per-op candidates, and ``call_rows`` says why.
 
 An experts call whose form the expert-parallel program knows (``Graph.experts``) also gets
 ``experts``: its expert weights stay sharded on the expert dim (a faster rank holds more experts)
@@ -80,49 +80,53 @@ def _rows_args(node: Node) -> tuple[tuple[int, Any], ...]:
     return tuple((i, args[i]) for i in sorted(touched))
 
 
+def rows_placement(node: Node) -> Placement:
+    """How a call run on each rank's rows holds ``node``'s output: sharded on its batch dim, or
+    replicated (a parameter, a buffer, a tensor whose sizes do not follow the batch)."""
+    d = None if node.kind in ("param", "buffer") else batch_dim(node)
+    return R if d is None else S(d)
+
+
 def rows_candidate(graph: Graph, node: Node) -> Candidate:
     """``node`` run on this rank's rows (raises ValueError where it cannot be)."""
-    ins = []
-    split = None
-    for name in node.inputs():
-        src = graph[name]
-        d = None if src.kind in ("param", "buffer") else batch_dim(src)
-        ins.append(R if d is None else S(d))
-        meta = src.meta[0] if isinstance(src.meta, list) else src.meta
-        if d is not None and split is None and isinstance(meta, TensorMeta):
-            split = (meta.shape[d], 1)
-    d = batch_dim(node)
-    if isinstance(node.meta, list) and d is not None and any(m.shape[d] != node.meta[0].shape[d] for m in node.meta):
+    ins = tuple(rows_placement(graph[name]) for name in node.inputs())
+    out = rows_placement(node)
+    if isinstance(node.meta, list) and out.is_shard and \
+            any(m.shape[out.dim] != node.meta[0].shape[out.dim] for m in node.meta):
         raise ValueError(f"{node.name} returns tensors of other lengths on the batch")
-    out: Placement = R if d is None else S(d)
-    if d is not None:
-        meta = node.meta[0] if isinstance(node.meta, list) else node.meta
-        split = (meta.shape[d], 1)
-    return Candidate(ROWS, tuple(ins), out, split=split, rewrite=_rows_args(node))
+    split = None  # the work divides as the rows of its output, else of its first input that follows the batch
+    for name, p in [(node.name, out), *zip(node.inputs(), ins)]:
+        meta = graph[name].meta[0] if isinstance(graph[name].meta, list) else graph[name].meta
+        if p.is_shard and isinstance(meta, TensorMeta):
+            split = (meta.shape[p.dim], 1)
+            break
+    return Candidate(ROWS, ins, out, split=split, rewrite=_rows_args(node))
 
 
-def why_not(graph: Graph, names: list[str], users: dict[str, list[str]]) -> str | None:
-    """Why the call of ``names`` cannot run on each rank's rows (None: it can)."""
+def call_rows(graph: Graph, names: list[str], users: dict[str, list[str]]) -> dict[str, Candidate] | str:
+    """The ``rows`` candidate of every op of the call of ``names``, or why the call cannot run on
+    each rank's rows."""
     if not graph.batch_size:
         return "the model does not capture at twice the batch, so no size is known to follow it"
-    inside = set(names)
+    inside, out = set(names), {}
     for name in names:
         try:
-            rows_candidate(graph, graph[name])
+            out[name] = rows_candidate(graph, graph[name])
         except ValueError as e:
             return str(e)
-        if any(u not in inside for u in users[name]) and batch_dim(graph[name]) is None:
+        if any(u not in inside for u in users[name]) and not out[name].output.is_shard:
             return f"{name}, read after the call, does not follow the batch"
-    return None
+    return out
 
 
-def experts_candidates(graph: Graph, module: str, names: list[str], users: dict[str, list[str]],
+def experts_candidates(graph: Graph, module: str, rows: dict[str, Candidate], users: dict[str, list[str]],
                        ctx: RuleContext) -> dict[str, Candidate] | str:
-    """The ``experts`` candidate of each op of the experts call of ``module``, or why it has none."""
+    """The ``experts`` candidate of each op of the experts call of ``module`` (whose ``rows``
+    candidates these are), or why it has none."""
     form = graph.experts.get(module)
     if form is None:
         return "hap knows no expert-parallel form of it"
-    inside = set(names)
+    names, inside = list(rows), set(rows)
     outside = list(dict.fromkeys(i for n in names for i in graph[n].inputs() if i not in inside))
     weights = {graph[i].target.removeprefix(module + "."): i for i in outside if graph[i].kind == "param"}
     if set(weights) != {"gate_up_proj", "down_proj"}:
@@ -143,12 +147,11 @@ def experts_candidates(graph: Graph, module: str, names: list[str], users: dict[
     grouped = [graph[n].target for n in names
                if graph[n].op_class == "matmul" and graph[n].target != "aten.linear.default"]
     out = {}
-    for name in names:
-        rows = rows_candidate(graph, graph[name])
-        ins = tuple(S(0) if i in weights.values() else p for i, p in zip(graph[name].inputs(), rows.inputs))
+    for name, own in rows.items():
+        ins = tuple(S(0) if i in weights.values() else p for i, p in zip(graph[name].inputs(), own.inputs))
         last = name == ends[0]
         out[name] = dataclasses.replace(
-            rows, name=EXPERTS, inputs=ins, emit=EXPERTS if last else "elided",
+            own, name=EXPERTS, inputs=ins, emit=EXPERTS if last else "elided",
             extra=(x[0], idx[0], w[0], weights["gate_up_proj"], weights["down_proj"], experts, form["act"],
                    grouped[0]) if last else ())
     return out
@@ -163,13 +166,13 @@ def token_wise_candidates(graph: Graph, ctx: RuleContext | None = None
     out: dict[str, list[Candidate]] = {}
     refused: dict[str, str] = {}
     for module, names in regions(graph).items():
-        reason = why_not(graph, names, users)
-        if reason:
-            refused[module] = reason
+        rows = call_rows(graph, names, users)
+        if isinstance(rows, str):
+            refused[module] = rows
             continue
-        ep = experts_candidates(graph, module, names, users, ctx) if ctx is not None and ctx.num_ranks > 1 else {}
-        for name in names:
-            out[name] = [rows_candidate(graph, graph[name])] + ([ep[name]] if isinstance(ep, dict) and ep else [])
+        ep = experts_candidates(graph, module, rows, users, ctx) if ctx is not None and ctx.num_ranks > 1 else {}
+        for name, own in rows.items():
+            out[name] = [own] + ([ep[name]] if isinstance(ep, dict) and ep else [])
     return out, refused
 
 
@@ -178,8 +181,8 @@ def expert_parallel_calls(graph: Graph, ctx: RuleContext) -> dict[str, str | Non
     users = graph.users()
     out: dict[str, str | None] = {}
     for module, names in regions(graph).items():
-        reason = why_not(graph, names, users)
-        ep = reason or experts_candidates(graph, module, names, users, ctx)
+        rows = call_rows(graph, names, users)
+        ep = rows if isinstance(rows, str) else experts_candidates(graph, module, rows, users, ctx)
         out[module] = ep if isinstance(ep, str) else None
     return out
 
@@ -203,16 +206,10 @@ def _render_experts(em, node: Node, cand: Candidate, refs: list[str]) -> str:
                             "editing plan.json")
     check_target(grouped, node.name)
     src = node.source or node.name
-    args = [em.ref(x, cand_input(em, x), src), em.ref(idx, cand_input(em, idx), src),
-            em.ref(w, cand_input(em, w), src), em.ref(gate_up, S(0), src), em.ref(down, S(0), src)]
+    args = [em.ref(x, rows_placement(em.graph[x]), src), em.ref(idx, rows_placement(em.graph[idx]), src),
+            em.ref(w, rows_placement(em.graph[w]), src), em.ref(gate_up, S(0), src), em.ref(down, S(0), src)]
     _, lengths = em.tensor_lengths(gate_up, S(0))
     return f"hr.experts_parallel({', '.join(args)}, {lengths}, {act!r}, {callee(grouped)})"
-
-
-def cand_input(em, name: str) -> Placement:
-    """The placement the call's ops read tensor ``name`` in: sharded on its batch dim."""
-    d = batch_dim(em.graph[name])
-    return R if d is None else S(d)
 
 
 RENDERERS["elided"] = _render_elided

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dist as _d
+from .shares import offset
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu, "gelu": F.gelu, "relu": F.relu,
@@ -61,6 +62,13 @@ def _counts(owner: torch.Tensor, world: int) -> tuple[list[int], list[int]]:
     return send.tolist(), recv.tolist()
 
 
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes ``perm``."""
+    out = torch.empty_like(perm)
+    out[perm] = torch.arange(perm.numel(), device=perm.device)
+    return out
+
+
 def experts_parallel(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                      gate_up: torch.Tensor, down: torch.Tensor, lengths: Sequence[int], act: str,
                      grouped_mm: Callable[..., torch.Tensor]) -> torch.Tensor:
@@ -71,7 +79,7 @@ def experts_parallel(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weig
     is the single-device program's grouped matmul."""
     world, rank = len(lengths), _d.rank() if _d.world_size() > 1 else 0
     tokens, k = top_k_index.shape
-    first = torch.tensor([sum(lengths[:r]) for r in range(world)], dtype=torch.int64, device=hidden.device)
+    first = torch.tensor([offset(lengths, r) for r in range(world)], dtype=torch.int64, device=hidden.device)
     expert = top_k_index.reshape(-1)  # (token, choice) pairs, token-major as the module orders them
     owner = torch.searchsorted(first, expert, right=True) - 1
     order = torch.sort(owner, stable=True).indices  # pairs grouped by the rank that holds their expert
@@ -85,10 +93,6 @@ def experts_parallel(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weig
     x = rows[perm].to(gate_up.dtype)
     gate, up = grouped_mm(x, gate_up.transpose(-2, -1), offsets).chunk(2, dim=-1)
     out = grouped_mm(ACTIVATIONS[act](gate) * up, down.transpose(-2, -1), offsets)
-    back = torch.empty_like(perm)
-    back[perm] = torch.arange(perm.numel(), device=perm.device)
-    returned = _Exchange.apply(out[back], recv, send)  # each pair's result, in the order it was sent
-    unsorted = torch.empty_like(order)
-    unsorted[order] = torch.arange(order.numel(), device=order.device)
-    weighted = returned[unsorted] * top_k_weights.reshape(-1, 1)
+    returned = _Exchange.apply(out[_inverse(perm)], recv, send)  # each pair's result, in the order it was sent
+    weighted = returned[_inverse(order)] * top_k_weights.reshape(-1, 1)
     return weighted.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)

@@ -43,15 +43,8 @@ def write(model: torch.nn.Module, out: str | Path, seed: int, plan_digest: str) 
     from safetensors.torch import save_file
 
     out = Path(out)
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for key, value in model.state_dict(keep_vars=True).items():
-        if not isinstance(value, torch.nn.Parameter) or value.untyped_storage().data_ptr() in seen:
-            continue
-        seen.add(value.untyped_storage().data_ptr())
-        tensors[key] = value.detach().contiguous()
-    for key, value in model.named_buffers():
-        tensors[key] = value.detach().contiguous()
+    params = [(k, v) for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.nn.Parameter)]
+    tensors = {**each_storage_once(params), **{k: v.detach().contiguous() for k, v in model.named_buffers()}}
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -61,6 +54,19 @@ def write(model: torch.nn.Module, out: str | Path, seed: int, plan_digest: str) 
         shutil.rmtree(out)
     tmp.rename(out)
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def each_storage_once(items) -> dict[str, torch.Tensor]:
+    """``(key, tensor)`` pairs, detached and contiguous, the first key of each storage only: tied
+    weights once, as safetensors requires and ``save_pretrained`` writes them."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in items:
+        if value.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(value.untyped_storage().data_ptr())
+        out[key] = value.detach().contiguous()
+    return out
 
 
 def check(directory: str | Path, seed: int, plan_digest: str) -> None:

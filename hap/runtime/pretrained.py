@@ -33,6 +33,7 @@ class Pretrained:
             raise PretrainedError(f"PRETRAINED {self.dir} has neither model.safetensors nor "
                                   "model.safetensors.index.json; point it at a directory save_pretrained wrote")
         self._open: dict[Path, object] = {}
+        self._keys: set[str] | None = None
         self.read_bytes = 0
         self.casts: set[tuple[str, str]] = set()
 
@@ -46,9 +47,11 @@ class Pretrained:
         return self._open[path]
 
     def keys(self) -> set[str]:
-        if self.files is not None:
-            return set(self.files)
-        return set(self._handle(self.dir / "model.safetensors").keys())
+        """The checkpoint's keys (read once: every parameter asks)."""
+        if self._keys is None:
+            self._keys = set(self.files) if self.files is not None else \
+                set(self._handle(self.dir / "model.safetensors").keys())
+        return self._keys
 
     def key_of(self, state_keys: tuple[str, ...]) -> str:
         """The checkpoint key of a parameter known by ``state_keys`` (tied weights: any of them)."""

@@ -144,7 +144,7 @@ def build_model(spec: ModuleType, seed: int, meta: bool = False) -> torch.nn.Mod
         try:
             with torch.device("meta"):
                 model = spec.model()
-            if all(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+            if on_meta(model):
                 return model
         except Exception:  # noqa: BLE001  (a constructor that needs real tensors: built whole below)
             pass
@@ -155,6 +155,11 @@ def build_model(spec: ModuleType, seed: int, meta: bool = False) -> torch.nn.Mod
         return spec.model()
     except Exception as e:
         raise Refused(f"the model spec's model() failed: {type(e).__name__}: {e}") from e
+
+
+def on_meta(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds shapes only (``build_model`` with ``meta``): every tensor on meta."""
+    return all(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 
 def check_shapes(layout: Layout, model: torch.nn.Module) -> None:
@@ -185,7 +190,7 @@ def local_state(layout: Layout, model: torch.nn.Module, initial: Pretrained | No
     params = {}
     for name, p in layout.params.items():
         full, reader = sd[p.keys[0]], source(p.keys)
-        start = sum(p.lengths[:layout.rank]) if p.sharded else 0
+        start = offset(p.lengths, layout.rank) if p.sharded else 0
         if reader is not None and (reader is pretrained or full.is_meta):
             local = reader.read(p.keys, layout.shapes[p.keys[0]], full.dtype, p.dim, start,
                                 p.lengths[layout.rank] if p.sharded else 0)
@@ -210,7 +215,7 @@ def initial_state(program: Program, args: argparse.Namespace, model: torch.nn.Mo
     """Where this rank reads the model's initial values (``hap.runtime.initial``): ``--init DIR``, or
     a directory the node's first process writes now (returned second, to remove once read). None
     where the model was built whole."""
-    if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+    if not on_meta(model):
         return None, None
     layout = program.layout
     if args.init:
