@@ -7,12 +7,21 @@ A cluster file (TOML) lists kinds of machines; device profiles (JSON, in
     [network]                     # may be omitted when the cluster is one node
     inter_node_gbps = 10.4        # Gbit/s between nodes
     inter_node_alpha_us = 30      # optional, latency of one inter-node collective (default 30 us)
+    [network.measured]            # optional: written by `hap-profile --links`, used instead of the typed pair
     [[nodes]]                     # one entry per kind of machine
     device = "V100-16GB"          # a profile name in profiles/devices/, or a path to a .json profile
     count = 8                     # devices (ranks) per node
     repeat = 2                    # identical nodes (default 1)
     slowdown = 1.0                # CPU emulation: this rank's forward + backward run N times slower (default 1)
     node = "localhost"            # optional: entries with the same node name share one machine
+
+Measured links: `hap-profile --links CLUSTER.toml`, run under torchrun across the cluster (or
+`--emulated`), writes `[network.measured]` (see ``hap.profile.links``): the inter-node link's α-β
+and its all-reduce / all-to-all fits, and each node kind's intra-node link. A cluster with it
+prices every collective by the measured links; the typed `inter_node_gbps` stays as the fallback
+and for the record. Intra-node links measured this way override the device profile's for this
+cluster only: the profile holds what one device kind achieves on its own node's links, the
+cluster file what this cluster's links achieve.
 
 Ranks are numbered in file order: entries, then repeats, then devices within a node.
 Each (entry, repeat) is its own node unless entries share a `node` name; nodes are
@@ -45,7 +54,9 @@ DEFAULT_INTER_NODE_ALPHA_US = 30.0
 # collectives (and forms) whose every rank sends to every other rank at once
 ALL_TO_ALL_PATTERN = ("all_to_all.padded", "all_to_all.grouped", "all_gather.grouped", "reduce_scatter.grouped")
 _TOP_KEYS = ("name", "description", "network", "nodes")
-_NETWORK_KEYS = ("inter_node_gbps", "inter_node_alpha_us")
+_NETWORK_KEYS = ("inter_node_gbps", "inter_node_alpha_us", "measured")
+_MEASURED_KEYS = ("by", "at", "ranks", "nodes", "backend", "inter_node", "intra_node")
+_LINK_KEYS = ("alpha_us", "gbps", "all_reduce", "all_to_all")
 _NODE_KEYS = ("device", "count", "repeat", "slowdown", "node")
 
 
@@ -68,6 +79,10 @@ class Cluster:
     # profiles/devices/cpu.json; hap.calibrate.resolve gives them this machine's profile and
     # leaves this empty
     this_machine: tuple[str, ...] = ()
+    # intra-node links measured on this cluster (hap-profile --links), by device: they replace
+    # the device profile's ``intra_node`` here
+    intra_node_measured: Mapping[str, Link] = dataclasses.field(default_factory=dict)
+    links: str = "typed"  # where the links come from: "typed", or the measurement's provenance
 
     @property
     def num_ranks(self) -> int:
@@ -110,13 +125,16 @@ class Cluster:
         infos = [self.ranks[r] for r in members]
         if not infos:
             raise ValueError("group_link needs at least one rank")
-        links = [self.devices[i.device].intra_node for i in {i.device: i for i in infos}.values()]
+        links = [self.intra_link(i.device) for i in {i.device: i for i in infos}.values()]
         alpha = max(link.alpha_s for link in links)
         bandwidth = min(link.bytes_per_s for link in links)
         if len({i.node for i in infos}) == 1:
             # one device kind: its per-collective fits hold; mixed kinds: the conservative pair
             fits = links[0].collectives if len(links) == 1 else None
             return Link(alpha_s=alpha, bytes_per_s=bandwidth, collectives=fits)
+        # measured per-collective fits of the inter-node link (hap-profile --links) refine its pair
+        measured = {key: (max(alpha, a), min(bandwidth, b))
+                    for key, (a, b) in (self.inter_node.collectives or {}).items()}
         alpha, bandwidth = max(alpha, self.inter_node.alpha_s), min(bandwidth, self.inter_node.bytes_per_s)
         # every rank of a node sends through the node's one network link: a ring crosses it once
         # each way (as one rank's traffic), but in an all-to-all pattern (all-to-all, and the
@@ -125,10 +143,16 @@ class Cluster:
         n = len(infos)
         g = max(sum(1 for i in infos if i.node == node) for node in {i.node for i in infos})
         crowd = g * (n - g) / (n - 1)
-        fits = None
+        fits = dict(measured)
         if crowd > 1:
-            fits = {key: (alpha, bandwidth / crowd) for key in ALL_TO_ALL_PATTERN}
-        return Link(alpha_s=alpha, bytes_per_s=bandwidth, collectives=fits)
+            for key in ALL_TO_ALL_PATTERN:
+                a, b = measured.get(key, measured.get(key.split(".")[0], (alpha, bandwidth)))
+                fits[key] = (a, b / crowd)
+        return Link(alpha_s=alpha, bytes_per_s=bandwidth, collectives=fits or None)
+
+    def intra_link(self, device: str) -> Link:
+        """The link between two ranks of ``device`` on one node: measured on this cluster, or the profile's."""
+        return self.intra_node_measured.get(device) or self.devices[device].intra_node
 
     def nodes(self) -> list[list[int]]:
         """Ranks of each node, by node index."""
@@ -141,13 +165,16 @@ class Cluster:
         out = {
             "name": self.name,
             "source": self.source,
-            "inter_node": {"alpha_s": self.inter_node.alpha_s, "bytes_per_s": self.inter_node.bytes_per_s},
+            "inter_node": _link_json(self.inter_node),
+            "links": self.links,
             "ranks": [
                 {"rank": r.rank, "device": r.device, "node": r.node, "slowdown": r.slowdown}
                 for r in self.ranks
             ],
             "devices": {name: p.to_json() for name, p in self.devices.items()},
         }
+        if self.intra_node_measured:
+            out["intra_node_measured"] = {d: _link_json(link) for d, link in self.intra_node_measured.items()}
         if self.this_machine:  # a resolved cluster (a plan's) holds every device's own numbers
             out["this_machine"] = list(self.this_machine)
         return out
@@ -170,12 +197,11 @@ class Cluster:
                     name: DeviceProfile.from_json(p, f"cluster JSON, devices.{name}")
                     for name, p in d["devices"].items()
                 },
-                inter_node=Link(
-                    alpha_s=float(d["inter_node"]["alpha_s"]),
-                    bytes_per_s=float(d["inter_node"]["bytes_per_s"]),
-                ),
+                inter_node=_link_from_json(d["inter_node"]),
                 source=d.get("source", "<json>"),
                 this_machine=tuple(str(name) for name in d.get("this_machine", ())),
+                intra_node_measured={k: _link_from_json(v) for k, v in d.get("intra_node_measured", {}).items()},
+                links=str(d.get("links", "typed")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ClusterFileError(
@@ -197,6 +223,8 @@ class Cluster:
         for r in self.ranks:
             need(r.device in self.devices, f"rank {r.rank}: device {r.device!r} has no profile")
             need(r.slowdown > 0 and math.isfinite(r.slowdown), f"rank {r.rank}: slowdown {r.slowdown} is not > 0")
+        for name, link in self.intra_node_measured.items():
+            need(name in self.devices and link.bytes_per_s > 0, f"measured intra-node link of {name!r} is unusable")
         for name, p in self.devices.items():
             need(p.memory_bytes > 0, f"device {name}: memory must be > 0")
             need(p.memory_bytes_per_s > 0 and p.kernel_floor_s >= 0, f"device {name}: memory bandwidth must be > 0")
@@ -240,8 +268,13 @@ def cluster_from_dict(
     ranks, num_nodes = _build_ranks(entries, by_ref)
     inter = _inter_node_link(data.get("network"), num_nodes, devices, source)
     this_machine = tuple(dict.fromkeys(by_ref[e.device] for e in entries if _is_this_machine(e.device)))
+    links, intra = "typed", {}
+    measured = (data.get("network") or {}).get("measured")
+    if measured is not None:
+        inter, intra, links = _measured_links(measured, inter, num_nodes, {e.device: by_ref[e.device] for e in entries},
+                                              source)
     cluster = Cluster(name=name, ranks=ranks, devices=devices, inter_node=inter, source=source,
-                      this_machine=this_machine)
+                      this_machine=this_machine, intra_node_measured=intra, links=links)
     cluster.lint()
     return cluster
 
@@ -385,6 +418,57 @@ def _inter_node_link(network: Any, num_nodes: int, devices: Mapping[str, DeviceP
             f"{source}: [network] inter_node_gbps must be a number > 0 (Gbit/s, e.g. 10.4), got {gbps!r}"
         )
     return Link(alpha_s=alpha_us / 1e6, bytes_per_s=gbps * 1e9 / 8)
+
+
+def _measured_links(measured: Any, typed: Link, num_nodes: int, by_ref: Mapping[str, str],
+                    source: str) -> tuple[Link, dict[str, Link], str]:
+    """``[network.measured]`` (written by hap-profile --links): the inter-node link, the intra-node
+    links by device, and the provenance line."""
+    where = f"{source}: [network.measured]"
+    if not isinstance(measured, Mapping):
+        raise ClusterFileError(f"{where} must be a table; re-run `hap-profile --links {source}` to rewrite it")
+    _check_keys(measured, _MEASURED_KEYS, source, "[network.measured]")
+    if num_nodes > 1 and measured.get("nodes", num_nodes) != num_nodes:
+        raise ClusterFileError(f"{where} was measured on {measured.get('nodes')} nodes, the file has {num_nodes}; "
+                               f"re-run `hap-profile --links {source}`")
+
+    def link(table: Any, what: str) -> Link:
+        if not isinstance(table, Mapping):
+            raise ClusterFileError(f"{where}: {what} must be a table of alpha_us and gbps")
+        _check_keys(table, _LINK_KEYS, source, f"[network.measured] {what}")
+        pairs = {"link": (table.get("alpha_us"), table.get("gbps"))}
+        pairs.update({k: tuple(table[k]) if isinstance(table[k], list) else (None, None)
+                      for k in ("all_reduce", "all_to_all") if k in table})
+        for key, (a, g) in pairs.items():
+            if not (_is_number(a) and a >= 0 and _is_number(g) and g > 0 and math.isfinite(a) and math.isfinite(g)):
+                raise ClusterFileError(f"{where}: {what} {key} needs alpha_us >= 0 and gbps > 0, got {a!r}, {g!r}")
+        return Link(alpha_s=pairs["link"][0] / 1e6, bytes_per_s=pairs["link"][1] * 1e9 / 8,
+                    collectives={k: (a / 1e6, g * 1e9 / 8) for k, (a, g) in pairs.items() if k != "link"} or None)
+
+    inter = link(measured["inter_node"], "inter_node") if "inter_node" in measured else typed
+    intra_table = measured.get("intra_node", {})
+    if not isinstance(intra_table, Mapping):
+        raise ClusterFileError(f"{where}: intra_node must be a table of device = {{alpha_us, gbps}}")
+    unknown = [d for d in intra_table if d not in by_ref]
+    if unknown:
+        raise ClusterFileError(f"{where}: intra_node names {', '.join(map(repr, unknown))}, which no [[nodes]] entry "
+                               f"uses (devices: {', '.join(map(repr, by_ref))})")
+    intra = {by_ref[d]: link(t, f"intra_node.{d}") for d, t in intra_table.items()}
+    provenance = f"measured by {measured.get('by', 'hap-profile --links')}" + \
+        (f" at {measured['at']}" if "at" in measured else "")
+    return inter, intra, provenance
+
+
+def _link_json(link: Link) -> dict[str, Any]:
+    out: dict[str, Any] = {"alpha_s": link.alpha_s, "bytes_per_s": link.bytes_per_s}
+    if link.collectives:
+        out["collectives"] = {k: [a, b] for k, (a, b) in link.collectives.items()}
+    return out
+
+
+def _link_from_json(d: Mapping[str, Any]) -> Link:
+    fits = {k: (float(a), float(b)) for k, (a, b) in d.get("collectives", {}).items()}
+    return Link(alpha_s=float(d["alpha_s"]), bytes_per_s=float(d["bytes_per_s"]), collectives=fits or None)
 
 
 # --- helpers -------------------------------------------------------------------------------------

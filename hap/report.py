@@ -21,8 +21,15 @@ def _gb(b: float) -> str:
 
 
 def ranks_table(plan: Plan) -> Table:
-    t = Table(title=f"{plan.graph.model_name} on {plan.cluster.name}: {plan.num_ranks} ranks, "
-                    f"global batch {plan.global_batch}")
+    c = plan.cluster
+    links = ""
+    if c.num_nodes > 1:
+        links = f"; inter-node {c.inter_node.bytes_per_s * 8 / 1e9:.3g} Gbit/s" + \
+            (f", {c.links}" if c.links != "typed" else "")
+    elif c.intra_node_measured:
+        links = f"; links {c.links}"
+    t = Table(title=f"{plan.graph.model_name} on {c.name}: {plan.num_ranks} ranks, "
+                    f"global batch {plan.global_batch}{links}")
     for col in ("rank", "device", "node", "batch share", "compute ms", "comm ms", "memory GiB", "capacity GiB"):
         t.add_column(col, justify="right" if col not in ("device",) else "left")
     comm = plan.predicted.exposed_comm_s

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -440,3 +441,51 @@ def test_device_cpu_is_named_as_this_machine():
     assert not load_cluster("v100x8").this_machine
     assert Cluster.from_json(cluster.to_json()) == cluster
     assert "this_machine" not in load_cluster("v100x8").to_json()
+
+
+MEASURED = '''name = "m"
+[network]
+inter_node_gbps = 10
+[[nodes]]
+device = "cpu"
+count = 2
+repeat = 2
+'''
+
+
+def test_measured_links_replace_the_typed_ones_and_price_the_collectives(tmp_path):
+    from hap.profile.links import section, write_section
+
+    path = tmp_path / "m.toml"
+    path.write_text(MEASURED)
+    typed = load_cluster(path)
+    fitted = {"inter_node": {"alpha_us": 400.0, "gbps": 0.5, "all_reduce": [1000.0, 0.4], "all_to_all": [300.0, 0.45]},
+              "intra_node.cpu": {"alpha_us": 50.0, "gbps": 20.0, "all_reduce": [80.0, 8.0], "all_to_all": [60.0, 9.0]}}
+    write_section(path, section(fitted, typed, "gloo"))
+    write_section(path, section(fitted, typed, "gloo"))  # again: replaced, not appended
+    text = path.read_text()
+    assert text.startswith(MEASURED) and text.count("[network.measured]") == 1 and text.count("# written by") == 1
+    c = load_cluster(path)
+    assert c.links.startswith("measured by hap-profile --links at ")
+    assert c.inter_node.bytes_per_s == 0.5e9 / 8 and c.inter_node.alpha_s == 400e-6
+    assert c.intra_link("cpu").bytes_per_s == 20e9 / 8
+    whole = c.group_link([0, 1, 2, 3])
+    assert whole.for_collective("all_reduce") == (1000e-6, 0.4e9 / 8)
+    # all-to-all over nodes: the node's 2 ranks crowd its link (2 x 2 / 3), as with typed links
+    a, b = whole.for_collective("all_to_all.grouped")
+    assert a == 300e-6 and b == pytest.approx(0.45e9 / 8 / (4 / 3))
+    assert c.group_link([0, 1]).for_collective("all_reduce") == (80e-6, 8e9 / 8)
+    assert Cluster.from_json(c.to_json()) == c and Cluster.from_json(c.to_json()).links == c.links
+
+
+@pytest.mark.parametrize("bad, says", [
+    ('inter_node = { alpha_us = 1, gbps = 0 }', "gbps > 0"),
+    ('inter_node = { alpha_us = 1, gbps = 1, speed = 3 }', "unknown key 'speed'"),
+    ('nodes = 3\ninter_node = { alpha_us = 1, gbps = 1 }', "measured on 3 nodes"),
+    ('[network.measured.intra_node]\n"V100-16GB" = { alpha_us = 1, gbps = 1 }', "which no [[nodes]] entry uses"),
+])
+def test_a_bad_measured_section_says_what_and_how_to_fix(tmp_path, bad, says):
+    path = tmp_path / "m.toml"
+    path.write_text(MEASURED + "[network.measured]\n" + bad + "\n")
+    with pytest.raises(ClusterFileError, match=re.escape(says)):
+        load_cluster(path)

@@ -66,3 +66,27 @@ def test_without_root_or_ip_it_stops_with_exit_2_and_says_why(monkeypatch, capsy
     monkeypatch.setattr(shutil, "which", lambda tool: None)
     assert main([str(tmp_path / "c.toml"), "--", "x.py"]) == 2
     assert "needs ip and tc" in capsys.readouterr().err
+
+
+@needs_netns
+def test_hap_profile_links_measures_the_shaped_link_and_a_plan_uses_it(tmp_path):
+    from hap.api import plan_spec
+    from hap.cluster import load_cluster
+    from hap.profile.launch import main as profile
+
+    cluster = tmp_path / "two.toml"
+    cluster.write_text('name = "two"\n[network]\ninter_node_gbps = 0.5\n[[nodes]]\ndevice = "cpu"\ncount = 1\n'
+                       'repeat = 2\n')
+    typed = load_cluster(cluster)
+    for port in (29541, 29542):  # twice: a new measurement replaces the old one
+        assert profile(["--links", str(cluster), "--emulated", "--quick", "--port", str(port)]) == 0
+    assert cluster.read_text().count("[network.measured]") == 1
+    measured = load_cluster(cluster)
+    assert measured.links.startswith("measured by hap-profile --links")
+    gbps = measured.inter_node.bytes_per_s * 8 / 1e9
+    assert abs(gbps - 0.5) <= 0.15 * 0.5, gbps
+    plan = plan_spec("examples/mlp.py", str(cluster))
+    assert plan.cluster.inter_node == measured.inter_node != typed.inter_node
+    fits = plan.cluster.group_link([0, 1]).collectives
+    assert fits["all_reduce"] == measured.inter_node.collectives["all_reduce"], "the measured all-reduce prices it"
+    assert plan.cluster.to_json()["links"] == measured.links

@@ -141,10 +141,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU: concurrent single-thread processes to measure with (default 2; ignored under "
                          "torchrun, which sets the group)")
     ap.add_argument("--port", type=int, default=29517, help="rendezvous port of the spawned CPU processes")
+    ap.add_argument("--links", default=None, metavar="CLUSTER.toml",
+                    help="measure the cluster's links (intra-node, inter-node; point to point, all-reduce, "
+                         "all-to-all) under torchrun across its nodes and write them into the file's "
+                         "[network.measured] (or into --out)")
+    ap.add_argument("--emulated", action="store_true",
+                    help="with --links: measure the links of an emulated copy of the cluster (hap-emulate)")
     args = ap.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         print("hap-profile: --repeats must be at least 1", file=sys.stderr)
         return 2
+    if args.links:
+        return _links(args)
     try:
         profile = run(quick=args.quick, repeats=args.repeats, nproc=args.nproc, port=args.port)
     except KeyboardInterrupt:
@@ -156,6 +164,39 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(profile))
     print(f"wrote {out} (samples: {side})")
     return 0
+
+
+def _links(args: argparse.Namespace) -> int:
+    """``--links``: under torchrun, measure; otherwise start the processes that do."""
+    import subprocess
+
+    from hap.cluster import load_cluster
+    from hap.errors import HapError
+
+    from . import links
+
+    try:
+        cluster = load_cluster(args.links)
+    except HapError as e:
+        print(f"hap-profile: {e}", file=sys.stderr)
+        return 2
+    passed = ["--links", args.links, *(["--quick"] if args.quick else []),
+              *(["--repeats", str(args.repeats)] if args.repeats else []), *(["--out", args.out] if args.out else [])]
+    if "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return links.run(args.links, args.quick, args.repeats, args.out)
+    if args.emulated:
+        from hap.emulated import main as emulate
+
+        return emulate([args.links, "--port", str(args.port), "--", "-m", "hap.profile", *passed])
+    if cluster.num_nodes == 1 and cluster.num_ranks > 1:  # one machine: its ranks, started here
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={cluster.num_ranks}", "-m", "hap.profile", *passed]
+        return subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1")).returncode
+    print(f"hap-profile: --links measures {args.links}'s {cluster.num_nodes} nodes from inside them: run it under "
+          f"torchrun on each node (torchrun --nnodes {cluster.num_nodes} --node-rank i --nproc-per-node <its count> "
+          f"-m hap.profile --links {args.links}), or add --emulated to measure an emulated copy on this machine",
+          file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
