@@ -1,0 +1,65 @@
+"""hap-bench (hap.bench): the matrix file, its references, and --check on a real (tiny) cell."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hap.bench.matrix import MatrixError, evaluate, load_matrix
+from hap.bench.run import main
+
+CELL = '''[run]
+steps = 4
+warmup = 1
+rounds = 1
+
+[[cell]]
+name = "tiny"
+spec = "examples/mlp.py"
+clusters = ["profiles/clusters/default.toml"]
+strategies = ["hap", "ddp_even"]
+'''
+
+
+def test_a_matrix_expands_its_cells_and_reads_its_references(tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text(CELL.replace('strategies', 'precisions = ["fp32", "bf16"]\nstrategies')
+                    + 'check = ["speedup_vs_ddp_even >= 1.5", "pred_err <= 0.2"]\n')
+    m = load_matrix(path)
+    assert [c.name for c in m.cells] == ["tiny/default/fp32", "tiny/default/bf16"]
+    assert m.run["steps"] == 4 and m.run["exact_steps"] == 3
+    assert evaluate("speedup_vs_ddp_even >= 1.5", {"speedup_vs_ddp_even": 1.6}) == (True, "speedup_vs_ddp_even >= "
+                                                                                     "1.5: measured 1.6")
+    assert not evaluate("pred_err <= 0.2", {"pred_err": 0.3})[0]
+    assert not evaluate("pred_err <= 0.2", {})[0], "a reference whose metric was not measured fails"
+
+
+@pytest.mark.parametrize("edit, says", [
+    (('"hap", "ddp_even"', '"hap", "ddp_uneven"'), "ddp_uneven"),
+    (('"hap", "ddp_even"', '"ddp_even"'), "each cell runs 'hap'"),
+    (("[[cell]]", "[[cell]]\ncheck = [\"speedup_vs_fsdp2 >= 2\"]"), "METRIC OP NUMBER"),
+    (("warmup = 1", "warmup = 4"), "leaves no step"),
+    (("examples/mlp.py", "examples/nope.py"), "nope.py does not exist"),
+])
+def test_a_wrong_matrix_says_where_and_what(tmp_path, edit, says):
+    path = tmp_path / "m.toml"
+    path.write_text(CELL.replace(*edit))
+    with pytest.raises(MatrixError, match=says):
+        load_matrix(path)
+
+
+def test_check_fails_on_a_cell_whose_reference_is_above_what_it_measures(tmp_path, capsys):
+    path = tmp_path / "m.toml"
+    path.write_text(CELL + 'check = ["speedup_vs_ddp_even >= 0.001", "speedup_vs_ddp_even >= 1000"]\n')
+    assert main([str(path), "--out", str(tmp_path / "out"), "--check"]) == 1
+    assert "tiny/default/fp32 is below its reference: speedup_vs_ddp_even >= 1000" in capsys.readouterr().err
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    cell = res["cells"][0]
+    assert cell["exact"]["ok"] and cell["exact"]["loss_err"] <= 1e-4
+    assert [c["ok"] for c in cell["checks"]] == [True, False]
+    hap, ddp = cell["strategies"]["hap"], cell["strategies"]["ddp_even"]
+    assert len(hap["step_ms"][0]) == len(ddp["step_ms"][0]) == 3  # 4 steps, 1 dropped
+    assert hap["min_ms"] <= hap["median_ms"] <= hap["max_ms"] and "predicted_ms" in hap
+    assert res["environment"]["commit"] and res["environment"]["versions"]["torch"]
+    assert (tmp_path / "out" / "steps.png").stat().st_size > 0
+    assert "| tiny/default/fp32" in (tmp_path / "out" / "table.md").read_text()
