@@ -63,3 +63,18 @@ def test_check_fails_on_a_cell_whose_reference_is_above_what_it_measures(tmp_pat
     assert res["environment"]["commit"] and res["environment"]["versions"]["torch"]
     assert (tmp_path / "out" / "steps.png").stat().st_size > 0
     assert "| tiny/default/fp32" in (tmp_path / "out" / "table.md").read_text()
+
+
+@pytest.mark.parametrize("strategy, shares", [("ddp", "40,24"), ("fsdp2", "32,32")])
+def test_the_torch_baselines_train_what_one_device_trains(tmp_path, strategy, shares):
+    from hap.bench.reference import reference
+    from tests.e2e.harness import torchrun
+
+    log = tmp_path / "log.json"
+    p = torchrun(2, "hap.bench.torch_baseline", ["--spec", "examples/mlp.py", "--strategy", strategy,
+                                                 "--global-batch", "64", "--shares", shares, "--steps", "3",
+                                                 "--lr", "0.05", "--log-json", str(log)], extra=("-m",))
+    assert p.returncode == 0, p.stderr[-2000:]
+    want, _ = reference("examples/mlp.py", 3, 0.05, 64)
+    got = json.loads(log.read_text())["losses"]
+    assert got == pytest.approx(want, rel=1e-5), (got, want)

@@ -83,7 +83,7 @@ def _load() -> str:
 class Runner:
     """Launches one cell's programs: torchrun for one node, hap-emulate for several."""
 
-    def __init__(self, cell: Cell, work: Path) -> None:
+    def __init__(self, cell: Cell, work: Path, logs: Path) -> None:
         from hap.cluster import load_cluster
 
         self.cell, self.work = cell, work
@@ -92,6 +92,7 @@ class Runner:
         self.env = {**os.environ, **cell.env, "OMP_NUM_THREADS": "1",
                     "HAP_EMULATE_SLOWDOWN": ",".join(f"{r.slowdown:g}" for r in self.cluster.ranks)}
         self.port = 29600
+        self.logs, self.failures = logs, 0  # a failed run's whole output goes to logs/
 
     def why_not(self) -> str | None:
         if self.cluster.num_nodes > 1:
@@ -112,7 +113,11 @@ class Runner:
                    *program]
         done = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout)
         if done.returncode != 0:
-            raise RuntimeError(f"{_failure(done.stdout + done.stderr)} (`{' '.join(cmd)}` exited {done.returncode})")
+            self.failures += 1
+            self.logs.mkdir(parents=True, exist_ok=True)
+            log = self.logs / f"{self.cell.name.replace('/', '_')}.failed-{self.failures}.log"
+            log.write_text(f"$ {' '.join(cmd)}\n{done.stdout}\n{done.stderr}")
+            raise RuntimeError(f"{_failure(done.stdout + done.stderr)} (exit {done.returncode}; output in {log})")
         return done
 
     def hap(self, strategy: str, steps: int, lr: float, log: Path, extra: list[str] = ()) -> None:
@@ -130,8 +135,12 @@ class Runner:
 
 def _failure(text: str) -> str:
     """The error a failed run ended with (its last exception line), else its last lines."""
-    found = [line for line in text.splitlines() if re.search(r"\b(\w+Error|\w+Exception|SystemExit)\b:", line)]
-    return found[-1].strip() if found else text.strip()[-800:]
+    lines = text.splitlines()
+    for pattern in (r"^\[rank\d+\]: \w*(Error|Exception|Exit)\b", r"\b(\w+Error|\w+Exception|SystemExit)\b:"):
+        found = [line for line in lines if re.search(pattern, line)]
+        if found:
+            return found[-1].strip()
+    return text.strip()[-800:]
 
 
 def exactness(runner: Runner, prepared: Path, steps: int, lr: float) -> dict[str, Any]:
@@ -157,13 +166,13 @@ def exactness(runner: Runner, prepared: Path, steps: int, lr: float) -> dict[str
             "steps": steps, "tolerance": [loss_tol, param_tol]}
 
 
-def run_cell(cell: Cell, run: dict[str, Any], progress) -> dict[str, Any]:
+def run_cell(cell: Cell, run: dict[str, Any], progress, logs: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"cell": cell.name, "spec": cell.spec, "env": cell.env, "cluster": cell.cluster,
                            "cluster_file": Path(cell.cluster).read_text(), "precision": cell.precision,
                            "strategies": {}, "checks": []}
     with tempfile.TemporaryDirectory(prefix="hap-bench-") as tmp:
         work = Path(tmp)
-        runner = Runner(cell, work)
+        runner = Runner(cell, work, logs)
         why = runner.why_not()
         if why:
             out["skipped"] = why
@@ -221,6 +230,7 @@ def run_cell(cell: Cell, run: dict[str, Any], progress) -> dict[str, Any]:
             entry.update(shares=h["shares"], plan=h["plan"], predicted_ms=h["predicted_s"] * 1e3,
                          pred_err=abs(h["predicted_s"] * 1e3 - entry["median_ms"]) / entry["median_ms"])
         out["strategies"][s] = entry
+    out["strategies"] = {s: out["strategies"][s] for s in cell.strategies if s in out["strategies"]}  # file order
     out["metrics"] = metrics_of(out)
     out["checks"] = [dict(zip(("ok", "says"), evaluate(c, out["metrics"])), check=c) for c in cell.check]
     return out
@@ -331,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, cell in enumerate(cells):
         with console.status(f"[bold]hap-bench[/] cell {i + 1}/{len(cells)}") as status:
             res = run_cell(cell, run, lambda what, s=status, i=i: s.update(
-                f"[bold]hap-bench[/] cell {i + 1}/{len(cells)}: {what}"))
+                f"[bold]hap-bench[/] cell {i + 1}/{len(cells)}: {what}"), out / "logs")
         record["cells"].append(res)
         (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
         console.print(_line(res))

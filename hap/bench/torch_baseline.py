@@ -62,10 +62,22 @@ def wrap_fsdp2(model: torch.nn.Module, slow: Dilation) -> torch.nn.Module:
         from torch.distributed.fsdp import fully_shard
     except ImportError as e:  # torch < 2.6
         raise SystemExit(f"FSDP2 needs torch.distributed.fsdp.fully_shard (torch >= 2.6): {e}") from None
+    # modules holding parameters, those that share one (tied embeddings) in one FSDP group
+    groups: list[list[torch.nn.Module]] = []
+    owner: dict[int, list[torch.nn.Module]] = {}
     for m in model.modules():
-        if m is not model and any(True for _ in m.parameters(recurse=False)):
-            fully_shard(m)
-            # after fully_shard's hooks: the all-gather is done when the compute starts
+        own = [id(p) for p in m.parameters(recurse=False)]
+        if m is model or not own:
+            continue
+        shared = next((owner[i] for i in own if i in owner), None)
+        if shared is None:
+            shared = []
+            groups.append(shared)
+        shared.append(m)
+        owner.update(dict.fromkeys(own, shared))
+    for group in groups:
+        fully_shard(group if len(group) > 1 else group[0])
+        for m in group:  # after fully_shard's hooks: the all-gather is done when the compute starts
             m.register_forward_pre_hook(slow.mark)
             m.register_forward_hook(slow.dilate)
             m.register_full_backward_pre_hook(slow.mark)
