@@ -132,9 +132,9 @@ class Cluster:
             # one device kind: its per-collective fits hold; mixed kinds: the conservative pair
             fits = links[0].collectives if len(links) == 1 else None
             return Link(alpha_s=alpha, bytes_per_s=bandwidth, collectives=fits)
-        # measured per-collective fits of the inter-node link (hap-profile --links) refine its pair
-        measured = {key: (max(alpha, a), min(bandwidth, b))
-                    for key, (a, b) in (self.inter_node.collectives or {}).items()}
+        # measured per-collective fits of the inter-node link (hap-profile --links) refine its pair;
+        # they were measured across the nodes, intra-node hops included, so their alpha stands
+        measured = {key: (a, min(bandwidth, b)) for key, (a, b) in (self.inter_node.collectives or {}).items()}
         alpha, bandwidth = max(alpha, self.inter_node.alpha_s), min(bandwidth, self.inter_node.bytes_per_s)
         # every rank of a node sends through the node's one network link: a ring crosses it once
         # each way (as one rank's traffic), but in an all-to-all pattern (all-to-all, and the

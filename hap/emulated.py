@@ -74,13 +74,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _delete(ns: str) -> None:
+    """Kill what still runs in namespace ``ns`` (a launcher killed with -9 leaves its nodes' torchrun
+    agents and workers running), then delete it."""
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+    for pid in (int(x) for x in out.split() if x.isdigit()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+
+
 def remove_leftovers() -> list[str]:
-    """Remove the namespaces of launchers that are dead; returns their names."""
+    """Remove the namespaces of launchers that are dead, and what runs in them; returns their names."""
     gone = []
     for ns in namespaces():
         m = NAME.match(ns)
         if m and not _alive(int(m.group(1))):
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+            _delete(ns)
             gone.append(ns)
     return gone
 
@@ -115,7 +125,7 @@ def emulated_network(nodes: int, gbps: float, pid: int | None = None) -> Iterato
         yield names
     finally:
         for ns in reversed(made):
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+            _delete(ns)
 
 
 def is_emitted(program: str) -> bool:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -55,9 +56,16 @@ def test_a_dead_launchers_namespaces_are_removed_and_a_live_ones_kept():
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     subprocess.run(["ip", "netns", "add", f"hap{dead.pid}n0"], check=True)
+    # what a launcher killed with -9 leaves running in its namespace goes with the namespace
+    orphan = subprocess.Popen(["ip", "netns", "exec", f"hap{dead.pid}n0", "sleep", "300"], start_new_session=True)
     with emulated_network(1, 1.0) as live:
+        for _ in range(50):  # until the orphan is inside the namespace
+            if subprocess.run(["ip", "netns", "pids", f"hap{dead.pid}n0"], capture_output=True, text=True).stdout:
+                break
+            time.sleep(0.1)
         gone = remove_leftovers()
         assert f"hap{dead.pid}n0" in gone and f"hap{dead.pid}n0" not in namespaces()
+        assert orphan.wait(timeout=10) == -9
         assert set(live) <= set(namespaces())
     assert not set(live) & set(namespaces())
 

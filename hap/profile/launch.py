@@ -183,7 +183,7 @@ def _links(args: argparse.Namespace) -> int:
     passed = ["--links", args.links, *(["--quick"] if args.quick else []),
               *(["--repeats", str(args.repeats)] if args.repeats else []), *(["--out", args.out] if args.out else [])]
     if "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return links.run(args.links, args.quick, args.repeats, args.out)
+        return links.run(args.links, args.quick, args.repeats, args.out, _device(), _Progress)
     if args.emulated:
         from hap.emulated import main as emulate
 

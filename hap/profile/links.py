@@ -205,17 +205,16 @@ def summary(fitted: dict[str, dict[str, Any]], typed_gbps: float | None) -> str:
     return "\n".join(lines)
 
 
-def run(cluster_path: str, quick: bool, repeats: int | None, out: str | None, show: bool = True) -> int:
-    """The measurement on this rank, under torchrun; rank 0 fits and writes. Returns the exit code."""
+def run(cluster_path: str, quick: bool, repeats: int | None, out: str | None, device: torch.device,
+        progress: Callable[[bool], Any]) -> int:
+    """The measurement on this rank, under torchrun; rank 0 fits and writes. Returns the exit code.
+    ``progress(enabled)`` makes the progress bar (``launch._Progress``)."""
     import torch.distributed as dist
 
     import hap.runtime as hr
     from hap.cluster import load_cluster
 
-    from .launch import _device, _Progress
-
     cluster = load_cluster(cluster_path)
-    device = _device()
     hr.init()
     rank, world = dist.get_rank(), dist.get_world_size()
     where: list[Any] = [None] * world
@@ -230,7 +229,7 @@ def run(cluster_path: str, quick: bool, repeats: int | None, out: str | None, sh
         hr.shutdown()
         return 2
     sizes = QUICK_SIZES if quick else SIZES
-    bar = _Progress(show and rank == 0)
+    bar = progress(rank == 0)
     bar.total(len(_classes(cluster)) * len(sizes))
     try:
         mine = measure(cluster, sizes, repeats or (3 if quick else 5), bar.step, device)
