@@ -65,13 +65,13 @@ def namespaces() -> list[str]:
 
 
 def _alive(pid: int) -> bool:
+    """Is the launcher ``pid`` still running? A zombie (killed with -9, not yet reaped by its
+    parent) is not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _delete(ns: str) -> None:

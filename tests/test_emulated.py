@@ -98,3 +98,18 @@ def test_hap_profile_links_measures_the_shaped_link_and_a_plan_uses_it(tmp_path)
     fits = plan.cluster.group_link([0, 1]).collectives
     assert fits["all_reduce"] == measured.inter_node.collectives["all_reduce"], "the measured all-reduce prices it"
     assert plan.cluster.to_json()["links"] == measured.links
+
+
+def test_a_launcher_killed_with_9_counts_as_gone_before_it_is_reaped():
+    from hap.emulated import _alive
+
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert _alive(p.pid)
+    p.kill()
+    for _ in range(50):  # until the kernel has made it a zombie; its parent (this test) has not reaped it
+        if not _alive(p.pid):
+            break
+        time.sleep(0.05)
+    assert not _alive(p.pid), "a zombie is gone"
+    p.wait()
+    assert not _alive(p.pid) and _alive(os.getpid())
