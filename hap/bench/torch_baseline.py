@@ -11,8 +11,10 @@ global batch's mean. ``HAP_EMULATE_SLOWDOWN`` (the slowdowns by rank, comma-sepa
 hap-emulate sets it) makes a rank that much slower, as an emitted train.py's ``--emulate`` does:
 the compute since the rank's last communication is dilated before the next one starts (DDP:
 a comm hook before each bucket's all-reduce; FSDP2: after each sharded module's forward and
-backward, so ops outside those modules are not dilated, which favours FSDP2). Rank 0 writes the
-step times (and losses) to ``--log-json``.
+backward, so ops outside those modules are not dilated, which favours FSDP2). The process joins
+and leaves its group through ``hap.runtime`` as train.py does (its host-memory setting and its
+teardown, which gloo needs: destroying a group as a peer does aborted one rank in a test run).
+Rank 0 writes the step times (and losses) to ``--log-json``.
 """
 from __future__ import annotations
 
@@ -97,13 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     ap.add_argument("--log-json", required=True)
     args = ap.parse_args(argv)
+    import hap.runtime as hr
     from hap.spec import load_spec
 
     spec = load_spec(args.spec)
-    dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
-    r, n = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    r, n = hr.init()  # gloo on CPU, NCCL on GPUs (the GPU of LOCAL_RANK), as train.py
     shares = [int(x) for x in args.shares.split(",")]
     assert len(shares) == n and sum(shares) == args.global_batch, (shares, n, args.global_batch)
     slowdowns = [float(x) for x in os.environ.get("HAP_EMULATE_SLOWDOWN", "").split(",") if x] or [1.0] * n
@@ -138,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if r == 0:
         with open(args.log_json, "w") as f:
             json.dump({"step_s": times, "losses": losses}, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    hr.leave(0)  # as train.py leaves: gloo can abort a rank that destroys its group as a peer does
 
 
 if __name__ == "__main__":
