@@ -653,3 +653,19 @@ def test_host_allocator_keeps_freed_memory(monkeypatch):
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert host_memory.keep_freed_memory() is True
         assert host_memory.keep_freed_memory() is True  # once per process
+
+
+def test_two_nodes_on_one_machine_write_their_initial_state_to_different_directories(monkeypatch):
+    # a static rendezvous names every job "none"; hap-emulate's nodes (and two agents on one host)
+    # share /tmp: one node's first rank replaced the other's directory while it was renamed
+    from hap.runtime.initial import node_directory
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    seen = set()
+    for node in ("0", "1"):
+        monkeypatch.setenv("GROUP_RANK", node)
+        seen.add(node_directory(0))
+    monkeypatch.setenv("MASTER_PORT", "29501")  # another job at the same time
+    seen.add(node_directory(0))
+    assert len(seen) == 3

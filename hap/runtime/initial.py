@@ -87,12 +87,14 @@ def check(directory: str | Path, seed: int, plan_digest: str) -> None:
 
 
 def node_directory(seed: int) -> Path:
-    """Where a node's first process writes the initial state for this job (the same path on every
-    rank of the node: torchrun's run id and restart count name it)."""
-    run = os.environ.get("TORCHELASTIC_RUN_ID", "local")
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in run)
-    return Path(tempfile.gettempdir()) / f"hap-init-{safe}-{restart}-seed{seed}"
+    """Where a node's first process writes the initial state for this job: the same path on every
+    rank of the node, named by torchrun's run id, the rendezvous port, the restart count and the
+    node's rank, since two nodes may share one machine's temporary directory (two agents on one
+    host, or hap-emulate's namespaces) and a static rendezvous's run id is "none" for every job."""
+    parts = [os.environ.get(k, d) for k, d in (("TORCHELASTIC_RUN_ID", "local"), ("MASTER_PORT", "0"),
+                                               ("TORCHELASTIC_RESTART_COUNT", "0"), ("GROUP_RANK", "0"))]
+    safe = ["".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in part) for part in parts]
+    return Path(tempfile.gettempdir()) / f"hap-init-{safe[0]}-{safe[1]}-{safe[2]}-node{safe[3]}-seed{seed}"
 
 
 def write_in_child(train_py: str, out: Path, seed: int) -> None:
