@@ -236,10 +236,12 @@ class Cluster:
         need(self.inter_node.bytes_per_s > 0 and self.inter_node.alpha_s >= 0, "inter-node bandwidth must be > 0")
 
 
-def load_cluster(path: str | Path | None = None) -> Cluster:
+def load_cluster(path: str | Path | None = None, measured: bool = True) -> Cluster:
     """Load a cluster TOML file; None means profiles/clusters/default.toml.
 
     A bare name ("hap-paper") that is not an existing file is looked up in profiles/clusters/.
+    ``measured=False`` ignores ``[network.measured]``: the cluster as the file declares it, which
+    is what hap-emulate builds (and then measures again).
     """
     file = _cluster_path(path)
     try:
@@ -249,11 +251,11 @@ def load_cluster(path: str | Path | None = None) -> Cluster:
         raise ClusterFileError(f"{file}: TOML syntax error: {e}") from None
     except OSError as e:
         raise ClusterFileError(f"cluster file {file} cannot be read: {e.strerror or e}") from None
-    return cluster_from_dict(data, source=str(file), base_dir=file.parent)
+    return cluster_from_dict(data, source=str(file), base_dir=file.parent, measured=measured)
 
 
 def cluster_from_dict(
-    data: Mapping[str, Any], source: str = "<dict>", base_dir: Path | None = None
+    data: Mapping[str, Any], source: str = "<dict>", base_dir: Path | None = None, measured: bool = True
 ) -> Cluster:
     """Build a Cluster from the parsed TOML document (see the module docstring for the format).
 
@@ -269,9 +271,9 @@ def cluster_from_dict(
     inter = _inter_node_link(data.get("network"), num_nodes, devices, source)
     this_machine = tuple(dict.fromkeys(by_ref[e.device] for e in entries if _is_this_machine(e.device)))
     links, intra = "typed", {}
-    measured = (data.get("network") or {}).get("measured")
-    if measured is not None:
-        inter, intra, links = _measured_links(measured, inter, num_nodes, {e.device: by_ref[e.device] for e in entries},
+    table = (data.get("network") or {}).get("measured")
+    if table is not None and measured:
+        inter, intra, links = _measured_links(table, inter, num_nodes, {e.device: by_ref[e.device] for e in entries},
                                               source)
     cluster = Cluster(name=name, ranks=ranks, devices=devices, inter_node=inter, source=source,
                       this_machine=this_machine, intra_node_measured=intra, links=links)

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_tools()
-        cluster = load_cluster(args.cluster)
+        cluster = load_cluster(args.cluster, measured=False)  # the links the file declares, not a measurement of them
     except (EmulationError, HapError, OSError) as e:
         print(f"hap-emulate: {e}", file=sys.stderr)
         return 2

@@ -113,3 +113,34 @@ def test_a_launcher_killed_with_9_counts_as_gone_before_it_is_reaped():
     assert not _alive(p.pid), "a zombie is gone"
     p.wait()
     assert not _alive(p.pid) and _alive(os.getpid())
+
+
+def test_the_emulated_links_are_the_files_declared_ones_not_a_measurement_of_them(tmp_path, monkeypatch):
+    # a measurement of the 0.5 Gbit/s links (here 0.3) must not become the next run's shaped rate
+    import contextlib
+
+    import hap.emulated as emulated
+
+    cluster = tmp_path / "two.toml"
+    cluster.write_text('name = "two"\n[network]\ninter_node_gbps = 0.5\n[[nodes]]\ndevice = "cpu"\ncount = 1\n'
+                       'repeat = 2\n[network.measured]\nnodes = 2\ninter_node = { alpha_us = 500, gbps = 0.3 }\n')
+    shaped = []
+
+    @contextlib.contextmanager
+    def network(nodes, gbps, pid=None):
+        shaped.append(gbps)
+        yield [f"n{i}" for i in range(nodes)]
+
+    class Node:
+        def __init__(self, *a, **k):
+            pass
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(emulated, "check_tools", lambda: None)
+    monkeypatch.setattr(emulated, "remove_leftovers", lambda: [])
+    monkeypatch.setattr(emulated, "emulated_network", network)
+    monkeypatch.setattr(emulated.subprocess, "Popen", Node)
+    assert emulated.main([str(cluster), "--", "x.py"]) == 0
+    assert shaped == [pytest.approx(0.5)]

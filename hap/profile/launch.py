@@ -176,14 +176,14 @@ def _links(args: argparse.Namespace) -> int:
     from . import links
 
     try:
-        cluster = load_cluster(args.links)
+        cluster = load_cluster(args.links, measured=False)  # as declared: a new measurement replaces the old
     except HapError as e:
         print(f"hap-profile: {e}", file=sys.stderr)
         return 2
     passed = ["--links", args.links, *(["--quick"] if args.quick else []),
               *(["--repeats", str(args.repeats)] if args.repeats else []), *(["--out", args.out] if args.out else [])]
     if "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return links.run(args.links, args.quick, args.repeats, args.out, _device(), _Progress)
+        return links.run(args.links, cluster, args.quick, args.repeats, args.out, _device(), _Progress)
     if args.emulated:
         from hap.emulated import main as emulate
 

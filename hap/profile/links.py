@@ -205,16 +205,15 @@ def summary(fitted: dict[str, dict[str, Any]], typed_gbps: float | None) -> str:
     return "\n".join(lines)
 
 
-def run(cluster_path: str, quick: bool, repeats: int | None, out: str | None, device: torch.device,
+def run(cluster_path: str, cluster, quick: bool, repeats: int | None, out: str | None, device: torch.device,
         progress: Callable[[bool], Any]) -> int:
-    """The measurement on this rank, under torchrun; rank 0 fits and writes. Returns the exit code.
-    ``progress(enabled)`` makes the progress bar (``launch._Progress``)."""
+    """The measurement on this rank, under torchrun, of ``cluster`` (the file at ``cluster_path`` as
+    it declares its links); rank 0 fits and writes. Returns the exit code. ``progress(enabled)``
+    makes the progress bar (``launch._Progress``)."""
     import torch.distributed as dist
 
     import hap.runtime as hr
-    from hap.cluster import load_cluster
 
-    cluster = load_cluster(cluster_path)
     hr.init()
     rank, world = dist.get_rank(), dist.get_world_size()
     where: list[Any] = [None] * world
@@ -250,7 +249,7 @@ def run(cluster_path: str, quick: bool, repeats: int | None, out: str | None, de
     if out:
         target.write_text(Path(cluster_path).read_text())
     write_section(target, section(fitted, cluster, backend))
-    typed = cluster.inter_node.bytes_per_s * 8 / 1e9 if cluster.links == "typed" and cluster.num_nodes > 1 else None
+    typed = cluster.inter_node.bytes_per_s * 8 / 1e9 if cluster.num_nodes > 1 else None
     samples = target.with_name(target.name + ".links.json")
     samples.write_text(json.dumps({"timings_s_by_bytes": timings, "fitted": fitted}, indent=1) + "\n")
     print(summary(fitted, typed))
