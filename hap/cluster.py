@@ -140,9 +140,7 @@ class Cluster:
         # each way (as one rank's traffic), but in an all-to-all pattern (all-to-all, and the
         # grouped all-gather / reduce-scatter built on it) each of a node's g ranks sends the
         # share of its bytes bound for the other nodes' ranks through it at once
-        n = len(infos)
-        g = max(sum(1 for i in infos if i.node == node) for node in {i.node for i in infos})
-        crowd = g * (n - g) / (n - 1)
+        crowd = link_crowd([i.node for i in infos])
         fits = dict(measured)
         if crowd > 1:
             for key in ALL_TO_ALL_PATTERN:
@@ -420,6 +418,14 @@ def _inter_node_link(network: Any, num_nodes: int, devices: Mapping[str, DeviceP
             f"{source}: [network] inter_node_gbps must be a number > 0 (Gbit/s, e.g. 10.4), got {gbps!r}"
         )
     return Link(alpha_s=alpha_us / 1e6, bytes_per_s=gbps * 1e9 / 8)
+
+
+def link_crowd(nodes: Sequence[int]) -> float:
+    """How many ranks' traffic an all-to-all pattern over ranks on ``nodes`` (each rank's node)
+    puts through the busiest node's one link at once: g·(N−g)/(N−1), for g ranks of N on it."""
+    n = len(nodes)
+    g = max(nodes.count(node) for node in set(nodes))
+    return g * (n - g) / (n - 1) if n > 1 else 1.0
 
 
 def _measured_links(measured: Any, typed: Link, num_nodes: int, by_ref: Mapping[str, str],

@@ -97,3 +97,20 @@ def reference(spec_path: str, steps: int, lr: float, global_batch: int, precisio
         else:
             opt.step()
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def errors(got_losses: list[float], got: dict[str, torch.Tensor], want_losses: list[float],
+           want: dict[str, torch.Tensor]) -> tuple[float, float, str | None]:
+    """How far a run is from the reference: the largest relative loss error, the largest parameter
+    error (max |a - b| / max |b| per tensor), and what makes them incomparable (a tensor of the
+    reference missing, of another shape, or an integer buffer that differs), else None."""
+    loss_err = max(abs(a - b) / (abs(b) + 1e-12) for a, b in zip(got_losses, want_losses))
+    param_err = 0.0
+    for k, w in want.items():
+        if k not in got or got[k].shape != w.shape:
+            return loss_err, param_err, f"{k}: missing or of another shape in the run's state"
+        if w.is_floating_point():
+            param_err = max(param_err, float((got[k].float() - w.float()).abs().max() / (w.float().abs().max() + 1e-6)))
+        elif not torch.equal(got[k], w):
+            return loss_err, param_err, f"{k} differs"
+    return loss_err, param_err, None

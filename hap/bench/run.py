@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from hap.bench.matrix import TORCH_STRATEGIES, Cell, MatrixError, evaluate, load_matrix
+from hap.bench.reference import errors
 
 # (loss relative error, parameter error: max |a - b| / max |b| per tensor) allowed against one device
 TOLERANCE = {"fp32": (1e-4, 1e-4), "bf16": (1e-2, 2e-2), "fp16": (1e-2, 2e-2)}
@@ -150,17 +151,10 @@ def exactness(runner: Runner, prepared: Path, steps: int, lr: float) -> dict[str
     log, dump = prepared / "exact.json", prepared / "exact.pt"
     runner.hap("hap", steps, lr, log, ["--dump-params", str(dump)])
     ref = torch.load(prepared / "reference.pt", weights_only=True)
-    got_losses = json.loads(log.read_text())["losses"]
-    got = torch.load(dump, weights_only=True)
-    loss_err = max(abs(a - b) / (abs(b) + 1e-12) for a, b in zip(got_losses, ref["losses"]))
-    param_err = 0.0
-    for k, w in ref["state"].items():
-        if k not in got or got[k].shape != w.shape:
-            return {"ok": False, "why": f"{k}: missing or of another shape in the program's state"}
-        if w.is_floating_point():
-            param_err = max(param_err, float((got[k].float() - w.float()).abs().max() / (w.float().abs().max() + 1e-6)))
-        elif not torch.equal(got[k], w):
-            return {"ok": False, "why": f"{k} differs"}
+    loss_err, param_err, problem = errors(json.loads(log.read_text())["losses"], torch.load(dump, weights_only=True),
+                                          ref["losses"], ref["state"])
+    if problem:
+        return {"ok": False, "why": problem}
     loss_tol, param_tol = TOLERANCE[runner.cell.precision]
     return {"ok": loss_err <= loss_tol and param_err <= param_tol, "loss_err": loss_err, "param_err": param_err,
             "steps": steps, "tolerance": [loss_tol, param_tol]}
@@ -188,6 +182,8 @@ def run_cell(cell: Cell, run: dict[str, Any], progress, logs: Path) -> dict[str,
         prepared = json.loads((work / "prepared.json").read_text())
         gb = prepared["global_batch"]
         out["global_batch"] = gb
+        torch_shares = {"ddp_even": prepared["even"], "ddp_proportional": prepared["proportional"],
+                        "fsdp2": prepared["even"]}
         progress(f"{cell.name}: exactness against one device")
         out["exact"] = exactness(runner, work, run["exact_steps"], run["lr"])
         if not out["exact"]["ok"]:
@@ -204,18 +200,17 @@ def run_cell(cell: Cell, run: dict[str, Any], progress, logs: Path) -> dict[str,
                 log = work / f"{s.replace(':', '-')}.{r}.json"
                 try:
                     if s in TORCH_STRATEGIES:
-                        shares = prepared["proportional"] if s == "ddp_proportional" else prepared["even"]
-                        runner.torch(s, shares, gb, run["steps"], run["lr"], log)
+                        runner.torch(s, torch_shares[s], gb, run["steps"], run["lr"], log)
                     else:
                         runner.hap(s, run["steps"], run["lr"], log)
+                    steps = [float(x) for x in json.loads(log.read_text())["step_s"]]
+                    if len(steps) != run["steps"]:
+                        raise RuntimeError(f"{s} logged {len(steps)} step times for {run['steps']} steps")
                 except RuntimeError as e:
                     out["strategies"][s] = {"skipped": f"it failed: {str(e)[-600:]}"}
                     times.pop(s, None)
                     strategies.remove(s)
                     continue
-                steps = [float(x) for x in json.loads(log.read_text())["step_s"]]
-                if len(steps) != run["steps"]:
-                    raise RuntimeError(f"{s} logged {len(steps)} step times for {run['steps']} steps")
                 times[s].append(steps[run["warmup"]:])
     for s, rounds in times.items():
         flat = [t for rr in rounds for t in rr]
@@ -224,7 +219,7 @@ def run_cell(cell: Cell, run: dict[str, Any], progress, logs: Path) -> dict[str,
                                  "round_medians_ms": [statistics.median(rr) * 1e3 for rr in rounds],
                                  "step_ms": [[t * 1e3 for t in rr] for rr in rounds]}
         if s in TORCH_STRATEGIES:
-            entry["shares"] = prepared["proportional"] if s == "ddp_proportional" else prepared["even"]
+            entry["shares"] = torch_shares[s]
         else:
             h = prepared["hap"][s]
             entry.update(shares=h["shares"], plan=h["plan"], predicted_ms=h["predicted_s"] * 1e3,

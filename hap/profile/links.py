@@ -120,11 +120,12 @@ def measure(cluster, sizes: list[int], repeats: int, step: Callable[[str], None]
 def fit(timings: dict[str, dict[str, list[list[float]]]], cluster) -> dict[str, dict[str, Any]]:
     """Per link class: {"alpha_us", "gbps"} from point to point, and [alpha_us, gbps] per
     collective in ``collective_s``'s terms (all-to-all over nodes per link, see the module)."""
+    from hap.cluster import link_crowd
     from hap.machine import Link, collective_s
 
-    fitted = {}
+    fitted, classes = {}, dict(_classes(cluster))
     for name, ops in timings.items():
-        ranks = dict(_classes(cluster))[name]
+        ranks = classes[name]
         # through the smallest and the largest transfers, as the collectives: a transfer within the
         # shaper's burst goes at the wire's speed, and a relative least-squares fit through it
         # doubled one emulated 0.5 Gbit/s link
@@ -137,10 +138,8 @@ def fit(timings: dict[str, dict[str, list[list[float]]]], cluster) -> dict[str, 
             rows = [(collective_s(kind, b, fr, Link(1.0, 1e300), form), collective_s(kind, b, fr, Link(0.0, 1.0), form),
                      t) for b, t in ops[kind]]
             alpha, bw = _fit_formula(rows)
-            if kind == "all_to_all" and name == "inter_node":
-                per_node = [sum(1 for r in ranks if cluster.ranks[r].node == node) for node in range(cluster.num_nodes)]
-                g = max(per_node)
-                bw *= max(1.0, g * (n - g) / (n - 1))
+            if kind == "all_to_all" and name == "inter_node":  # per link, as Cluster.group_link divides it
+                bw *= max(1.0, link_crowd([cluster.ranks[r].node for r in ranks]))
             entry[kind] = [_round(alpha * 1e6), _round(bw * 8 / 1e9)]
         fitted[name] = entry
     return fitted

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from hap.api import plan_spec
-from hap.bench.reference import reference
+from hap.bench.reference import errors, reference
 from hap.emit import emit_program
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,13 +71,7 @@ def run_exact(spec_path: str, cluster: str, tmp: Path, steps: int = 3, lr: float
     got = torch.load(dump, weights_only=True)
     want_losses, want = reference(spec_path, steps, lr, plan.global_batch, precision, train)
     assert len(got_losses) == steps
-    loss_err = max(abs(a - b) / (abs(b) + 1e-12) for a, b in zip(got_losses, want_losses))
     assert set(got) == set(want), f"state_dict keys differ: {set(got) ^ set(want)}"
-    param_err = 0.0
-    for k, w in want.items():
-        assert got[k].shape == w.shape, k
-        if w.is_floating_point():
-            param_err = max(param_err, float((got[k] - w).abs().max() / (w.abs().max() + 1e-6)))
-        else:
-            assert torch.equal(got[k], w), k
+    loss_err, param_err, problem = errors(got_losses, got, want_losses, want)
+    assert problem is None, problem
     return plan, loss_err, param_err
