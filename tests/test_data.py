@@ -127,3 +127,77 @@ def test_remote_files_are_read_once_then_served_from_the_local_cache(tmp_path):
     assert SlowFS.reads == 1 and time.perf_counter() - t0 < 0.2  # every later read is local
     local = tmp_path / "shard.bin"
     assert fetch(f"file://{local}") == str(local)  # a local file is not copied
+
+
+class _BatchSpec:
+    """A ``batch(step, B)`` spec: row i of step s holds (s, i); ``rows=`` when ``by_rows``
+    (``wrong`` returns other rows); ``global_rng`` draws from torch's global random state."""
+
+    def __init__(self, by_rows: bool = False, wrong: bool = False, global_rng: bool = False) -> None:
+        self.calls: list[tuple] = []
+        self.wrong, self.global_rng = wrong, global_rng
+        if by_rows:
+            self.batch = self._batch_rows
+
+    def _rows(self, step, lo, hi):
+        if self.global_rng:
+            torch.rand(1)
+        x = torch.tensor([[float(step), float(i)] for i in range(lo, hi)]).reshape(-1, 2)
+        return (x, torch.arange(lo, hi, dtype=torch.int64))
+
+    def batch(self, step, batch_size):
+        self.calls.append((step, None))
+        return self._rows(step, 0, batch_size)
+
+    def _batch_rows(self, step, batch_size, rows=None):
+        self.calls.append((step, rows))
+        if rows is None:
+            return self._rows(step, 0, batch_size)
+        lo, hi = rows
+        return self._rows(step, lo + 1, hi + 1) if self.wrong else self._rows(step, lo, hi)
+
+
+SAMPLES = [((2,), "float32"), ((), "int64")]
+
+
+@pytest.mark.parametrize("by_rows", [False, True])
+def test_batch_specs_are_prepared_ahead_in_a_thread_with_the_same_rows(by_rows):
+    from hap.runtime.data import RankData
+
+    spec = _BatchSpec(by_rows=by_rows)
+    data = RankData(spec, 1, [5, 3], [0, 0], SAMPLES, 0, 2, 12, 4, torch.device("cpu"))
+    got = [data.next(step) for step in range(2, 6)]
+    assert data.prepared_ahead
+    time.sleep(0.2)  # the thread has prepared steps 6 and 7 under the shares [5, 3]
+    data.reshare([6, 2], 6 + data.lookahead - 1)  # a re-balancing decided at step 6
+    got += [data.next(step) for step in range(6, 12)]
+    for step, (x, i) in zip(range(2, 12), got):
+        want = [5, 6, 7] if step < 6 + data.lookahead - 1 else [6, 7]
+        assert x[:, 0].tolist() == [float(step)] * len(want) and i.tolist() == want, (step, i)
+    assert len(data.waits) == 10
+    # rows=: after the first step's check against the whole batch, only this rank's rows are made
+    if by_rows:
+        assert spec.calls[:2] == [(2, None), (2, (5, 8))] and all(r is not None for _, r in spec.calls[2:])
+    else:
+        assert all(r is None for _, r in spec.calls)
+    data.close()
+
+
+def test_a_batch_spec_whose_rows_differ_from_the_whole_batch_is_refused():
+    from hap.runtime.data import BadBatch, RankData
+
+    data = RankData(_BatchSpec(by_rows=True, wrong=True), 1, [5, 3], [0, 0], SAMPLES, 0, 0, 4, 4,
+                    torch.device("cpu"))
+    with pytest.raises(BadBatch, match=r"rows=\(5, 8\)\) did not return rows 5..7 of batch\(0, 8\)"):
+        data.next(0)
+
+
+@pytest.mark.parametrize("prefetch,global_rng", [(0, False), (4, True)])
+def test_batch_specs_are_made_in_the_loop_without_prefetch_or_when_they_draw_from_the_global_rng(
+        prefetch, global_rng):
+    from hap.runtime.data import RankData
+
+    data = RankData(_BatchSpec(global_rng=global_rng), 0, [5, 3], [0, 0], SAMPLES, 0, 0, 4, prefetch,
+                    torch.device("cpu"))
+    got = [data.next(step)[1].tolist() for step in range(4)]
+    assert got == [[0, 1, 2, 3, 4]] * 4 and not data.prepared_ahead

@@ -16,6 +16,7 @@ and with ``prefetch == 0`` the training loop fetches each batch itself when it n
 """
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -112,16 +113,30 @@ class Ahead:
         import threading
 
         self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, args=(it,), daemon=True, name="hap-data-ahead")
         self._thread.start()
 
     def _fill(self, it: Iterator) -> None:
         try:
             for item in it:
+                if self._stop.is_set():
+                    return
                 self._q.put(item)
         except BaseException as e:  # noqa: BLE001  (handed to the training loop, which raises it)
             self._q.put(e)
         self._q.put(self._END)
+
+    def close(self) -> None:
+        """Stop reading ahead: what was read is dropped and the thread ends."""
+        import queue
+
+        self._stop.set()
+        while self._thread.is_alive():  # a put blocked on the full queue goes through, then the thread sees the stop
+            try:
+                self._q.get(timeout=0.01)
+            except queue.Empty:
+                pass
 
     def __iter__(self) -> Ahead:
         return self
@@ -171,11 +186,21 @@ def check_batch(tensors: Sequence[Any], empty: Sequence[tuple[tuple[int, ...], t
                            "must have the shapes and dtypes of the one planned with")
 
 
+BATCH_AHEAD = 2  # batch(step, B) specs: steps a rank's thread prepares ahead of the training loop
+
+
 class RankData:
     """This rank's batches for steps ``start..stop-1``, from a spec's ``dataset("train")`` (each
-    rank fetches only its share, read ahead by ``prefetch``) or its ``batch(step, B)`` (every
-    rank builds the global batch and keeps its slice). ``waits`` holds each step's data wait.
-    Inputs the plan replicates (``inputs[i] is None``) are assembled from every rank's share."""
+    rank fetches only its share, read ahead by ``prefetch``) or its ``batch(step, B)``. ``waits``
+    holds each step's data wait. Inputs the plan replicates (``inputs[i] is None``) are
+    assembled from every rank's share.
+
+    A ``batch`` spec is called for the whole global batch and the rank keeps its rows, or, when
+    it takes ``rows=(lo, hi)``, for this rank's rows only (checked once against the whole
+    batch). With ``prefetch > 0`` a thread prepares the next ``BATCH_AHEAD`` steps while the
+    loop trains, unless the first call moves torch's global random state: the loop seeds that
+    state before each forward (``hap.runtime.rng``), and a thread drawing from it at the same
+    time would change what both draw."""
 
     def __init__(self, spec: Any, rank: int, shares: Sequence[int], inputs: Sequence[int | None],
                  samples: Sequence[tuple[tuple[int, ...], str]], seed: int, start: int, stop: int, prefetch: int,
@@ -186,9 +211,15 @@ class RankData:
         self.order: GlobalOrder | None = None
         self._timed: Timed | None = None
         self._plain_waits: list[float] = []
-        # a change of shares takes effect this many steps on: the loader has drawn the indices
-        # of the steps it reads ahead under the old shares already
+        self._stop, self._prefetch = stop, prefetch
+        self._ahead: Ahead | None = None
+        self._by_rows: bool | None = None  # batch(..., rows=) gives this rank's rows (checked on first use)
+        self.prepared_ahead: bool | None = None  # batch specs: whether a thread prepares the next steps
+        self._pin = device.type == "cuda"  # pinned rows: the copy to the GPU runs asynchronously
+        # a change of shares takes effect this many steps on: the loader has drawn the indices of
+        # the steps it reads ahead under the old shares already (the batch thread starts again)
         self.lookahead = 1
+        self._next_step = start  # batch specs: the step the loop takes next
         if hasattr(spec, "dataset"):
             ds = spec.dataset("train")
             self.order = GlobalOrder(len(ds), sum(shares), seed)
@@ -202,8 +233,15 @@ class RankData:
         return next(sh for s, sh in reversed(self.schedule) if s <= step)
 
     def reshare(self, shares: Sequence[int], from_step: int) -> None:
-        """Every rank's shares from ``from_step`` on (at least ``lookahead`` steps ahead)."""
+        """Every rank's shares from ``from_step`` on (at least ``lookahead`` steps ahead). The
+        batch thread drops the steps it prepared and prepares them again under the new schedule."""
         self.schedule.append((from_step, tuple(shares)))
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = self._thread_from(self._next_step)
+
+    def _thread_from(self, step: int) -> Ahead:
+        return Ahead(((s, self._batch_rows(s)) for s in range(step, self._stop)), BATCH_AHEAD)
 
     @property
     def waits(self) -> list[float]:
@@ -216,24 +254,82 @@ class RankData:
         epoch, k = self.order.position(step)
         return {"step": step, "epoch": epoch, "step_in_epoch": k}
 
+    def _batch_rows(self, step: int) -> tuple[torch.Tensor, ...]:
+        """This rank's part of ``batch(step, B)``: its rows of the inputs the plan shards, the
+        whole of those it replicates."""
+        shares = self.shares_at(step)
+        total, lo, share = sum(shares), offset(shares, self.rank), shares[self.rank]
+        if self._by_rows is None:
+            self._by_rows = self._rows_agree(step, total, lo, share)
+        if self._by_rows:
+            out = self.spec.batch(step, total, rows=(lo, lo + share))
+            out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+            check_batch(out, self.empty, share, f"batch({step}, {total}, rows=({lo}, {lo + share}))")
+        else:
+            full = self.spec.batch(step, total)
+            full = tuple(full) if isinstance(full, (tuple, list)) else (full,)
+            # every rank builds the same global batch, so every rank finds the same fault
+            check_batch(full, self.empty, total, f"batch({step}, {total})")
+            # a copy of the rows, so that the global batch is freed while they wait in the queue
+            out = tuple(x.narrow(0, lo, share).clone() if d == 0 and share < total else x
+                        for x, d in zip(full, self.inputs))
+        return tuple(x.pin_memory() for x in out) if self._pin else out
+
+    def _rows_agree(self, step: int, total: int, lo: int, share: int) -> bool:
+        """Whether the spec's ``batch`` takes ``rows=`` and this plan can use it (it shards every
+        input); a spec whose rows differ from the whole batch's slice is refused."""
+        try:
+            takes = "rows" in inspect.signature(self.spec.batch).parameters
+        except (TypeError, ValueError):
+            takes = False
+        if not takes or any(d != 0 for d in self.inputs):
+            return False
+        full = self.spec.batch(step, total)
+        full = tuple(full) if isinstance(full, (tuple, list)) else (full,)
+        check_batch(full, self.empty, total, f"batch({step}, {total})")
+        part = self.spec.batch(step, total, rows=(lo, lo + share))
+        part = tuple(part) if isinstance(part, (tuple, list)) else (part,)
+        if not (len(part) == len(full) and all(torch.is_tensor(p) and torch.equal(p, x.narrow(0, lo, share))
+                                                for p, x in zip(part, full))):
+            raise BadBatch(f"batch({step}, {total}, rows=({lo}, {lo + share})) did not return rows "
+                           f"{lo}..{lo + share - 1} of batch({step}, {total}): with rows=, batch must return exactly "
+                           "those rows of the global batch")
+        return True
+
+    def _prepared(self, step: int) -> tuple[torch.Tensor, ...]:
+        """Step ``step``'s rows: from the thread that prepares them ahead, or made now (the first
+        step decides whether a thread may, see the class docstring)."""
+        if self._ahead is not None:
+            got, rows = next(self._ahead)
+            if got != step:
+                raise RuntimeError(f"hap: the batch thread prepared step {got} for step {step}")
+            return rows
+        before = torch.random.get_rng_state()
+        rows = self._batch_rows(step)
+        if self.prepared_ahead is None:
+            self.prepared_ahead = (self._prefetch > 0 and step + 1 < self._stop
+                                   and torch.equal(before, torch.random.get_rng_state()))
+            if self.prepared_ahead:
+                self._ahead = self._thread_from(step + 1)
+        return rows
+
     def next(self, step: int) -> list[torch.Tensor]:
         shares = self.shares_at(step)
         if self._timed is None:
             t0 = time.perf_counter()
-            full = self.spec.batch(step, sum(shares))
-            full = tuple(full) if isinstance(full, (tuple, list)) else (full,)
+            rows = self._prepared(step)
+            self._next_step = step + 1
             self._plain_waits.append(time.perf_counter() - t0)
-            # every rank builds the same global batch, so every rank finds the same fault
-            check_batch(full, self.empty, sum(shares), f"batch({step}, {sum(shares)})")
-            lo, share = offset(shares, self.rank), shares[self.rank]
-            return [x.narrow(0, lo, share).to(self.device) if d == 0 else x.to(self.device)
-                    for x, d in zip(full, self.inputs)]
+            return [x.to(self.device, non_blocking=self._pin) for x in rows]
         local = next(self._timed)
         check_batch(local, self.empty, shares[self.rank], f"the collate of step {step}'s rank {self.rank} share")
         return assemble(local, self.inputs, shares, self.device)
 
     def close(self) -> None:
         self._timed = None  # the DataLoader's workers exit with their iterator
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
 
 
 def assemble(local: Sequence[torch.Tensor], inputs: Sequence[int | None], shares: Sequence[int],
