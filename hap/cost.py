@@ -33,6 +33,8 @@ from hap.rules import Candidate
 
 MATMUL_LIKE = ("matmul", "conv", "attention")
 GRAD_BUCKET_BYTES = 25 * 2**20  # gradient buckets, as DDP's default: on 64 ranks a 4 MiB bucket is α-bound
+# the bucket sizes a plan chooses among where its buckets overlap backward (solve.grad_sync_schedule)
+BUCKET_CAPS = (1 * 2**20, 4 * 2**20, GRAD_BUCKET_BYTES, 100 * 2**20)
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 INF = float("inf")
 

@@ -77,23 +77,34 @@ class Prediction:
     memory_bytes: tuple[int, ...]
     grad_buckets: tuple[tuple[str, ...], ...] = ()
     grad_overlap: bool = False
+    optimizer_s: float = 0.0  # the parts of critical_compute_s that are the optimizer step
+    data_s: float = 0.0  # and reading the batch
 
     @property
     def exposed_comm_s(self) -> float:
         return self.comm_s + self.grad_sync_s
 
+    def phases(self) -> dict[str, float]:
+        """The step in the phases a training run logs (``phase_s`` in ``--log-json``; the
+        runtime's ``hap.runtime.logger.PHASES``): forward and backward compute, their exposed
+        collectives, the gradient all-reduce left after backward, the optimizer step, reading
+        the batch; they sum to ``step_s``."""
+        return {"compute": self.critical_compute_s - self.optimizer_s - self.data_s, "exposed_comm": self.comm_s,
+                "grad_sync": self.grad_sync_s, "optimizer": self.optimizer_s, "data_wait": self.data_s, "other": 0.0}
+
     def to_json(self) -> dict[str, Any]:
         return {"step_s": self.step_s, "compute_s": list(self.compute_s),
                 "critical_compute_s": self.critical_compute_s, "comm_s": self.comm_s,
                 "grad_sync_s": self.grad_sync_s, "memory_bytes": [int(m) for m in self.memory_bytes],
-                "grad_buckets": [list(b) for b in self.grad_buckets], "grad_overlap": self.grad_overlap}
+                "grad_buckets": [list(b) for b in self.grad_buckets], "grad_overlap": self.grad_overlap,
+                "optimizer_s": self.optimizer_s, "data_s": self.data_s, "phases_s": self.phases()}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Prediction:
         return cls(float(d["step_s"]), tuple(float(x) for x in d["compute_s"]), float(d["critical_compute_s"]),
                    float(d["comm_s"]), float(d["grad_sync_s"]), tuple(int(x) for x in d["memory_bytes"]),
                    tuple(tuple(str(n) for n in b) for b in d.get("grad_buckets", [])),
-                   bool(d.get("grad_overlap", False)))
+                   bool(d.get("grad_overlap", False)), float(d.get("optimizer_s", 0.0)), float(d.get("data_s", 0.0)))
 
 
 @dataclass(frozen=True)

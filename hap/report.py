@@ -100,10 +100,13 @@ def render(plan: Plan, console: Console) -> None:
     console.print(strategy_table(plan))
     console.print(baselines_table(plan))
     p = plan.predicted
+    ph = p.phases()
     console.print(f"predicted step {_ms(p.step_s)} ms in {plan.precision} (gradients all-reduced in "
-                  f"{plan.graph.grad_reduce}) = compute {_ms(p.critical_compute_s)} + resharding "
-                  f"{_ms(p.comm_s)} + gradient all-reduce {_ms(p.grad_sync_s)}; "
-                  f"solver: {plan.solver_status} in {plan.solve_s:.2f} s")
+                  f"{plan.graph.grad_reduce}) = compute {_ms(ph['compute'])} + resharding "
+                  f"{_ms(p.comm_s)} + gradient all-reduce {_ms(p.grad_sync_s)}"
+                  f"{' (partly during backward)' if p.grad_overlap and len(p.grad_buckets) > 1 else ''} + optimizer "
+                  f"{_ms(ph['optimizer'])} + batch {_ms(ph['data_wait'])}; solver: {plan.solver_status} in "
+                  f"{plan.solve_s:.2f} s")
     for note in plan.notes:
         console.print(f"note: {note}")
     for w in plan.warnings:

@@ -46,6 +46,7 @@ from hap.solve import (
     even_shares,
     lower_bound_s,
     memory_report,
+    overlap_blocker,
     refit_shares,
     solve_placements,
     speed_shares,
@@ -439,6 +440,7 @@ def result_notes(graph: Graph, cluster: Cluster, won: Result, recompute: str) ->
     if graph.grad_reduce != "fp32":
         notes.append(f"gradients are all-reduced in {graph.grad_reduce}: half the bytes of fp32, each rank's "
                      "gradient rounded to 8 mantissa bits before the sum")
+    notes += grad_sync_notes(graph, cluster, won)
     if graph.precision == "fp32":
         notes += faster_precision(graph, cluster, won)
     blocks = won.setup.recompute
@@ -464,7 +466,7 @@ def assemble_plan(graph: Graph, cluster: Cluster, won: Result, *, strategy: str,
                               m.priced.seconds) for m in ev.moves)
     predicted = Prediction(ev.step_s, tuple(ev.compute_s), ev.critical_compute_s, ev.comm_s, ev.grad_sync_s,
                            tuple(int(m) for m in ev.memory_bytes), tuple(tuple(b) for b in ev.grad_buckets),
-                           bool(ev.grad_overlap))
+                           bool(ev.grad_overlap), ev.optimizer_s, ev.data_s)
     lb = lower_bound_s(graph, setup.cost_model(graph, cluster))
     return Plan(graph, cluster, setup.shares, nodes, moves, tuple(ev.grad_synced), predicted, baselines or {}, lb,
                 solve_s, won.status, setup.optimizer, strategy, spec, tuple(warnings or ()), tuple(notes or ()),
@@ -479,6 +481,24 @@ def couples_samples(node: Node) -> bool:
     """Whether an op mixes the samples of its batch (so micro-batches compute something else)."""
     return node.target in ("aten.batch_norm.default", "aten._native_batch_norm_legit_functional.default") and \
         bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False))
+
+
+def grad_sync_notes(graph: Graph, cluster: Cluster, won: Result) -> list[str]:
+    """How the replicated parameters' gradients are all-reduced: in buckets overlapped with
+    backward (their sizes and what stays exposed), or after backward and why."""
+    ev, n = won.evaluation, len(won.attempt.shares)
+    if n <= 1 or not ev.grad_buckets:
+        return []
+    if ev.grad_overlap:
+        sizes = [sum(graph[p].meta.nbytes for p in b) / 2**20 for b in ev.grad_buckets]
+        if len(sizes) == 1:
+            return [f"gradients are all-reduced in one bucket ({sizes[0]:.1f} MiB) after backward "
+                    f"({ev.grad_sync_s * 1e3:.1f} ms): smaller buckets started during backward would leave no less"]
+        return [f"gradients are all-reduced in {len(sizes)} buckets ({', '.join(f'{x:.1f}' for x in sizes)} MiB), "
+                f"each but the last while backward runs, launched as its last gradient is ready; "
+                f"{ev.grad_sync_s * 1e3:.2f} ms is left after backward"]
+    why = overlap_blocker(cluster, n, ev.moves)
+    return [f"gradients are all-reduced after backward ({ev.grad_sync_s * 1e3:.1f} ms), not while it runs: {why}"]
 
 
 def micro_batch_notes(cluster: Cluster, shares: tuple[int, ...], micro: tuple[int, ...]) -> list[str]:

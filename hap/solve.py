@@ -40,7 +40,7 @@ import pulp
 
 if TYPE_CHECKING:
     from hap.cluster import Cluster
-from hap.cost import GRAD_BUCKET_BYTES, INF, CostModel, PricedMove, weight_gather
+from hap.cost import BUCKET_CAPS, GRAD_BUCKET_BYTES, INF, CostModel, PricedMove, weight_gather
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph, Node, TensorMeta
 from hap.moves import COLLECTIVES
@@ -183,6 +183,8 @@ class Evaluation:
     grad_synced: list[str] = field(default_factory=list)
     grad_buckets: list[list[str]] = field(default_factory=list)  # all-reduced in this order
     grad_overlap: bool = False  # buckets launch during backward, as their gradients are ready
+    optimizer_s: float = 0.0  # of critical_compute_s: the parameters' update (sum over them of the slowest rank)
+    data_s: float = 0.0  # of critical_compute_s: reading the batch (sum over the inputs of the slowest rank)
 
 
 def readers(graph: Graph) -> dict[str, list[tuple[str, int]]]:
@@ -198,10 +200,13 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
     per_rank = [0.0] * n
     critical = 0.0
     mem = [0.0] * n
+    by_kind = {"param": 0.0, "input": 0.0}
     for node in graph:
         c = choice[node.name]
         t = cm.compute_s(node, c)
         critical += max(t)
+        if node.kind in by_kind:
+            by_kind[node.kind] += max(t)
         for r in range(n):
             per_rank[r] += t[r]
         for r, b in enumerate(cm.memory_bytes(node, c)):
@@ -227,15 +232,27 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
         moves, comm = prefetched(graph, cm, choice, moves)
     synced = [p.name for p in graph.params()
               if choice[p.name].output.kind == "R" and isinstance(p.meta, TensorMeta) and p.name in cm.requires_grad]
-    # overlap only where backward runs no collective of its own (they would queue behind the buckets)
-    # and where the devices compute while they communicate (CPU ranks share the cores gloo needs)
-    overlap = (cm.n > 1 and all(cm.cluster.profile(r).overlap_comm for r in range(cm.n))
-               and not any(m.priced.kind in COLLECTIVES for m in moves))
+    overlap = cm.n > 1 and overlap_blocker(cm.cluster, cm.n, moves) is None
     buckets, gs = grad_sync_schedule(graph, cm, choice, synced, overlap)
     temporary = collective_temporary(graph, cm, choice, moves) + kept_bytes(graph, cm, choice)
     mem = [x + temporary for x in mem]  # the collectives' buffers, the weights gathered and saved whole
     return Evaluation(critical + comm + gs, tuple(per_rank), critical, comm, gs, tuple(mem), moves,
-                      [p for b in buckets for p in b], buckets, overlap)
+                      [p for b in buckets for p in b], buckets, overlap, by_kind["param"], by_kind["input"])
+
+
+def overlap_blocker(cluster: Cluster, n: int, moves: list[ChosenMove]) -> str | None:
+    """Why the gradient buckets cannot be all-reduced while backward runs, or None if they can:
+    a device that cannot compute while it communicates (its profile's ``overlap_comm``: CPU
+    ranks share the cores gloo needs), or a backward that runs collectives of its own (they
+    would queue behind the buckets on the one process group)."""
+    slow = sorted({cluster.profile(r).name for r in range(n) if not cluster.profile(r).overlap_comm})
+    if slow:
+        return (f"{', '.join(slow)} cannot compute while it communicates (its profile's overlap_comm is false: "
+                "the collectives' threads take the cores the compute runs on)")
+    own = sorted({m.priced.kind for m in moves if m.priced.kind in COLLECTIVES})
+    if own:
+        return f"backward runs collectives of its own ({', '.join(own)}), which would queue behind the buckets"
+    return None
 
 
 def prefetched(graph: Graph, cm: CostModel, choice: dict[str, Candidate],
@@ -336,9 +353,12 @@ def grad_sync_schedule(graph: Graph, cm: CostModel, choice: dict[str, Candidate]
     the all-reduce time left exposed after backward.
 
     Backward visits nodes in reverse; a parameter's gradient is complete once its first reader's
-    (in forward order) backward ran. Each bucket (up to GRAD_BUCKET_BYTES) is all-reduced when its
-    last gradient is ready and the previous bucket is done (one process group: collectives run in
-    order); with ``overlap`` off, or for the last bucket, that is after backward.
+    (in forward order) backward ran. Each bucket is all-reduced when its last gradient is ready
+    and the previous bucket is done (one process group: collectives run in order); with
+    ``overlap`` off, or for the last bucket (it carries the loss), that is after backward. With
+    ``overlap`` the bucket size is the plan's choice: of ``BUCKET_CAPS``, the one that leaves
+    the least exposed (small buckets start sooner, each pays the collective's latency), the
+    largest of equals; without it, buckets of GRAD_BUCKET_BYTES, all after backward.
     """
     if not synced or cm.n <= 1:
         return ([synced] if synced else []), 0.0
@@ -358,21 +378,27 @@ def grad_sync_schedule(graph: Graph, cm: CostModel, choice: dict[str, Candidate]
     bwd_total = clock
     ready = {p: done_at.get(first_reader.get(p, 0), bwd_total) for p in synced}
     params = sorted(synced, key=lambda p: (ready[p], -order[p]))
-    buckets: list[list[str]] = [[]]
-    size = 0
-    for p in params:  # a bucket closes once it holds GRAD_BUCKET_BYTES
-        buckets[-1].append(p)
-        size += graph[p].meta.nbytes
-        if size >= GRAD_BUCKET_BYTES:
-            buckets.append([])
-            size = 0
-    buckets = [b for b in buckets if b]
-    end = 0.0
-    for i, b in enumerate(buckets):
-        nbytes = sum(graph[p].meta.nbytes for p in b)
-        start = max(ready[b[-1]] if overlap and i < len(buckets) - 1 else bwd_total, end)
-        end = start + cm.grad_bucket_s(nbytes)
-    return buckets, max(end - bwd_total, 0.0)
+
+    def schedule(cap: float) -> tuple[list[list[str]], float]:
+        buckets: list[list[str]] = [[]]
+        size = 0
+        for p in params:  # a bucket closes once it holds ``cap`` bytes
+            buckets[-1].append(p)
+            size += graph[p].meta.nbytes
+            if size >= cap:
+                buckets.append([])
+                size = 0
+        buckets = [b for b in buckets if b]
+        end = 0.0
+        for i, b in enumerate(buckets):
+            nbytes = sum(graph[p].meta.nbytes for p in b)
+            start = max(ready[b[-1]] if overlap and i < len(buckets) - 1 else bwd_total, end)
+            end = start + cm.grad_bucket_s(nbytes)
+        return buckets, max(end - bwd_total, 0.0)
+
+    if not overlap:
+        return schedule(GRAD_BUCKET_BYTES)
+    return min((schedule(cap) for cap in sorted(BUCKET_CAPS, reverse=True)), key=lambda t: t[1])  # first of equals
 
 
 # ---------------------------------------------------------------------------------------

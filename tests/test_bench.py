@@ -60,6 +60,12 @@ def test_check_fails_on_a_cell_whose_reference_is_above_what_it_measures(tmp_pat
     hap, ddp = cell["strategies"]["hap"], cell["strategies"]["ddp_even"]
     assert len(hap["step_ms"][0]) == len(ddp["step_ms"][0]) == 3  # 4 steps, 1 dropped
     assert hap["min_ms"] <= hap["median_ms"] <= hap["max_ms"] and "predicted_ms" in hap
+    # hap's step phase by phase, measured against predicted; the measured phases sum to about its step
+    from hap.runtime.logger import PHASES
+
+    assert list(hap["phases_ms"]) == list(PHASES) and hap["phases_ms"]["compute"]["measured"] > 0
+    assert sum(v["predicted"] for v in hap["phases_ms"].values()) == pytest.approx(hap["predicted_ms"], rel=1e-6)
+    assert "| tiny/default/fp32 | hap | " in (tmp_path / "out" / "table.md").read_text().split("measured (predicted)")[1]
     assert res["environment"]["commit"] and res["environment"]["versions"]["torch"]
     assert (tmp_path / "out" / "steps.png").stat().st_size > 0
     assert "| tiny/default/fp32" in (tmp_path / "out" / "table.md").read_text()

@@ -92,8 +92,8 @@ def test_gradient_buckets_overlap_backward_only_where_the_devices_can(monkeypatc
     from hap.api import plan_graph
     from hap.solve import grad_sync_schedule
 
-    monkeypatch.setenv("HAP_MLP_WIDTH", "2048")  # 34 MB of gradients: two 25 MiB buckets
-    graph = captured(load_example("mlp"), batch_size=512)[2]
+    monkeypatch.setenv("HAP_MLP_WIDTH", "2048")  # 34 MB of gradients
+    graph = captured(load_example("mlp"), batch_size=8192)[2]  # a backward long enough to hide buckets behind
     pins = {p.name: "R" for p in graph.params()}  # data parallel: every gradient is all-reduced
     for name, can in (("v100x8", True), ("default", False)):  # GPUs overlap; CPU ranks share the cores
         cluster = load_cluster(ROOT / "profiles" / "clusters" / f"{name}.toml")
@@ -106,9 +106,9 @@ def test_gradient_buckets_overlap_backward_only_where_the_devices_can(monkeypatc
         assert sorted(p for b in buckets for p in b) == sorted(synced)
         serial = sum(cm.all_reduce_s(sum(graph[p].meta.nbytes for p in b)) for b in buckets)
         assert plan.predicted.grad_sync_s == exposed
-        if can:
-            assert len(buckets) == 2 and exposed < serial  # the first bucket hides behind backward
-            assert grad_sync_schedule(graph, cm, choice, synced, overlap=False)[1] == pytest.approx(serial)
+        if can:  # the plan's bucket size: all but the last bucket hide behind backward
+            assert len(buckets) > 1 and exposed < serial
+            assert exposed < grad_sync_schedule(graph, cm, choice, synced, overlap=False)[1]
         else:
             assert exposed == pytest.approx(serial)
 

@@ -133,3 +133,36 @@ def test_gpt2_small_on_64_gpus_plans_quickly(monkeypatch):
     assert plan.solve_s < 10, plan.solve_s
     assert total < 60, total
     assert plan.predicted_step_s <= plan.baselines["dp_even"].predicted_step_s
+
+
+def test_gradient_buckets_overlap_backward_where_devices_can_and_the_notes_say_why_not_elsewhere():
+    import torch
+    from torch import nn
+
+    from hap.capture import capture
+    from hap.cost import BUCKET_CAPS, CostSetup
+
+    class Wide(nn.Module):  # 4 MiB weights: room for several buckets
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                                      nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 16))
+
+        def forward(self, x, y):
+            return nn.functional.mse_loss(self.body(x), y)
+
+    graph = capture(Wide(), (torch.randn(1024, 64), torch.randn(1024, 16)))
+    gpus = plan_graph(graph, cluster_from_dict({"nodes": [{"device": "V100-16GB", "count": 2, "node": "box"}]}))
+    p = gpus.predicted
+    assert p.grad_overlap and len(p.grad_buckets) == 3, p.grad_buckets
+    # the plan's bucket size is one of the caps it chooses among, and it leaves no more exposed
+    # than one bucket after backward would
+    sizes = [sum(graph[n].meta.nbytes for n in b) for b in p.grad_buckets]
+    assert max(sizes[:-1]) >= min(BUCKET_CAPS) and max(sizes) < max(BUCKET_CAPS)
+    cm = CostSetup.of_plan(gpus).cost_model(gpus.graph, gpus.cluster)
+    assert p.grad_sync_s < cm.grad_bucket_s(sum(sizes))
+    note = next(n for n in gpus.notes if "all-reduced in" in n)
+    assert "3 buckets" in note and "while backward runs" in note
+    cpus = plan_graph(graph, load_cluster(ROOT / "profiles" / "clusters" / "default.toml"))
+    assert not cpus.predicted.grad_overlap
+    assert any("not while it runs: cpu cannot compute while it communicates" in n for n in cpus.notes), cpus.notes

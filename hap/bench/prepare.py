@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         emit_program(chosen, out / strategy.replace(":", "-"), spec=args.spec, force=True)
         done["hap"][strategy] = {"plan": chosen.strategy, "shares": list(chosen.shares),
-                                 "predicted_s": chosen.predicted_step_s}
+                                 "predicted_s": chosen.predicted_step_s, "phases_s": chosen.predicted.phases()}
     losses, state = reference(args.spec, args.exact_steps, args.lr, gb, args.precision)
     torch.save({"losses": losses, "state": state}, out / "reference.pt")
     (out / "prepared.json").write_text(json.dumps(done, indent=1) + "\n")

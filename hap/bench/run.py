@@ -12,7 +12,8 @@ hap-emulate, with real shaped links (root). Each rank's ``slowdown`` applies to 
 
 Writes ``DIR/results.json`` (every step time, the environment: commit, versions, CPU model and
 flags, each cluster file, the command), ``DIR/table.md`` (minimum, median and maximum step per
-strategy, predicted against measured, speed-ups, exactness) and ``DIR/steps.png``. With
+strategy, predicted against measured, speed-ups, exactness; and hap's step phase by phase,
+measured against predicted) and ``DIR/steps.png``. With
 ``--check`` it exits 1 when a cell falls below one of its references; it exits 1 whenever a
 cell's program is not exact.
 """
@@ -34,6 +35,7 @@ from typing import Any
 
 from hap.bench.matrix import TORCH_STRATEGIES, Cell, MatrixError, evaluate, load_matrix
 from hap.bench.reference import errors
+from hap.runtime.logger import PHASES
 
 # (loss relative error, parameter error: max |a - b| / max |b| per tensor) allowed against one device
 TOLERANCE = {"fp32": (1e-4, 1e-4), "bf16": (1e-2, 2e-2), "fp16": (1e-2, 2e-2)}
@@ -194,6 +196,7 @@ def run_cell(cell: Cell, run: dict[str, Any], progress, logs: Path) -> dict[str,
             if s not in strategies:
                 out["strategies"][s] = {"skipped": prepared["hap"][s]["skipped"]}
         times: dict[str, list[list[float]]] = {s: [] for s in strategies}
+        phases: dict[str, list[dict[str, float]]] = {s: [] for s in strategies if s not in TORCH_STRATEGIES}
         for r in range(run["rounds"]):
             for s in list(strategies):  # interleaved: A B C A B C
                 progress(f"{cell.name}: round {r + 1}/{run['rounds']}, {s}")
@@ -203,7 +206,10 @@ def run_cell(cell: Cell, run: dict[str, Any], progress, logs: Path) -> dict[str,
                         runner.torch(s, torch_shares[s], gb, run["steps"], run["lr"], log)
                     else:
                         runner.hap(s, run["steps"], run["lr"], log)
-                    steps = [float(x) for x in json.loads(log.read_text())["step_s"]]
+                    logged = json.loads(log.read_text())
+                    steps = [float(x) for x in logged["step_s"]]
+                    if s in phases:
+                        phases[s] += critical_phases(logged.get("phase_s", {}))[run["warmup"]:]
                     if len(steps) != run["steps"]:
                         raise RuntimeError(f"{s} logged {len(steps)} step times for {run['steps']} steps")
                 except RuntimeError as e:
@@ -224,11 +230,40 @@ def run_cell(cell: Cell, run: dict[str, Any], progress, logs: Path) -> dict[str,
             h = prepared["hap"][s]
             entry.update(shares=h["shares"], plan=h["plan"], predicted_ms=h["predicted_s"] * 1e3,
                          pred_err=abs(h["predicted_s"] * 1e3 - entry["median_ms"]) / entry["median_ms"])
+            if phases.get(s):
+                entry["phases_ms"] = {p: {"measured": statistics.median(row[p] for row in phases[s]) * 1e3,
+                                          "predicted": h["phases_s"][p] * 1e3} for p in h["phases_s"]}
         out["strategies"][s] = entry
     out["strategies"] = {s: out["strategies"][s] for s in cell.strategies if s in out["strategies"]}  # file order
     out["metrics"] = metrics_of(out)
     out["checks"] = [dict(zip(("ok", "says"), evaluate(c, out["metrics"])), check=c) for c in cell.check]
     return out
+
+
+def critical_phases(phase_s: dict[str, list[list[float]]]) -> list[dict[str, float]]:
+    """Per step, the phases (``--log-json``'s ``phase_s``: phase -> per step, per rank) of the
+    rank that computed longest: the rank the others wait for, whose phases sum to its step."""
+    if not phase_s or not phase_s.get("compute"):
+        return []
+    out = []
+    for i, per_rank in enumerate(phase_s["compute"]):
+        r = max(range(len(per_rank)), key=lambda q: per_rank[q] + phase_s["exposed_comm"][i][q])
+        out.append({p: rows[i][r] for p, rows in phase_s.items()})
+    return out
+
+
+def phase_table(results: list[dict[str, Any]]) -> str:
+    """Measured (median over steps, on the rank that computed longest) against predicted, phase
+    by phase, for each hap strategy that logged its phases."""
+    lines = ["| cell | strategy | " + " | ".join(f"{p} ms" for p in PHASES) + " |",
+             "|---|---|" + "---|" * len(PHASES)]
+    for res in results:
+        for s, e in res.get("strategies", {}).items():
+            if "phases_ms" not in e:
+                continue
+            cells = [f"{e['phases_ms'][p]['measured']:.1f} ({e['phases_ms'][p]['predicted']:.1f})" for p in PHASES]
+            lines.append(f"| {res['cell']} | {s} | " + " | ".join(cells) + " |")
+    return "measured (predicted)\n\n" + "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def metrics_of(result: dict[str, Any]) -> dict[str, float]:
@@ -342,9 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print(_line(res))
     record["environment"]["load_average_after"] = _load()
     (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
-    (out / "table.md").write_text(table(record["cells"]))
+    (out / "table.md").write_text(table(record["cells"]) + "\n" + phase_table(record["cells"]))
     plot(record["cells"], out / "steps.png")
     print(table(record["cells"]))
+    print(phase_table(record["cells"]))
     print(f"wrote {out}/results.json, table.md, steps.png")
     wrong = [r["cell"] for r in record["cells"] if "exact" in r and not r["exact"]["ok"]]
     below = [(r["cell"], c["says"]) for r in record["cells"] for c in r.get("checks", []) if not c["ok"]]

@@ -16,6 +16,7 @@ bits before the sum (docs/precision.md). The loss then rides in a separate fp32 
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -40,6 +41,7 @@ class GradSync:
             self.buckets.extend(kinds.values())
         self.overlap = overlap and _d.is_distributed()
         self.hold = False  # set while backward runs a micro-batch that is not the step's last
+        self.launched_before: float | None = None  # last step: when backward's hooks launched the first bucket
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
         self._reset()
         if self.overlap:
@@ -48,6 +50,7 @@ class GradSync:
                     p.register_post_accumulate_grad_hook(self._ready)
 
     def _reset(self) -> None:
+        self.first_launch: float | None = None  # perf_counter() when this step's first bucket was launched
         self._left = [len(b) for b in self.buckets]
         self._next = 0  # the next bucket to launch
         self._works: list[tuple[int, torch.Tensor, object, bool]] = []
@@ -62,6 +65,8 @@ class GradSync:
             self._launch(self._next, None)
 
     def _launch(self, i: int, loss: torch.Tensor | None) -> None:
+        if self.first_launch is None:
+            self.first_launch = time.perf_counter()
         if self.reduce_dtype is None or self.reduce_dtype == self.buckets[i][0].dtype:
             flat = pack_bucket(self.buckets[i], loss)
             self._works.append((i, flat, flat, _d._all_reduce_async(flat), loss is not None))
@@ -78,6 +83,7 @@ class GradSync:
         """After backward: reduce what is left, wait for every bucket; returns the global loss.
         ``riders`` (a 1-D tensor, e.g. each rank's measurement in its own slot) are summed over
         ranks in the same collective as the loss, into ``self.riders``."""
+        self.launched_before = self.first_launch  # a bucket the hooks launched while backward ran
         payload = loss.detach().reshape(1).float()
         if riders is not None:
             payload = torch.cat([payload, riders.detach().reshape(-1).float().to(payload.device)])

@@ -34,6 +34,52 @@ def tensorboard_writer(logdir: str | None, rank: int):
     return SummaryWriter(logdir)
 
 
+PHASES = ("compute", "exposed_comm", "grad_sync", "optimizer", "data_wait", "other")
+PHASE_STEPS = 2000  # the per-step phase record keeps a run's last this many steps (every rank's, on rank 0)
+
+
+class Phases:
+    """Where each step's wall time goes on this rank, phase by phase (``PHASES``):
+
+    - ``compute``: forward and backward, less the time spent inside their collectives (with
+      ``--emulate``, the emulated device's slower compute);
+    - ``exposed_comm``: inside forward's and backward's collectives, waiting for other ranks included;
+    - ``grad_sync``: finishing the gradient all-reduce after backward, waiting for the slowest rank included;
+    - ``optimizer``: gradient norm, clipping and the optimizer step;
+    - ``data_wait``: getting this step's batch;
+    - ``other``: the rest of the step (zeroing gradients, the loop's own work).
+
+    Each step's phases sum to its ``step_s``; ``gathered`` collects every rank's record.
+    ``overlap_s`` holds, per step, how long before backward ended this rank launched its first
+    gradient bucket (0 when every bucket waited for backward's end)."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[float]] = []
+        self.overlap_s: list[float] = []
+        self._now: dict[str, float] = {}
+
+    def add(self, phase: str, seconds: float) -> None:
+        self._now[phase] = self._now.get(phase, 0.0) + seconds
+
+    def end_step(self, step_s: float) -> None:
+        row = [self._now.get(p, 0.0) for p in PHASES[:-1]]
+        self.rows.append([*row, max(step_s - sum(row), 0.0)])
+        self._now = {}
+
+    def gathered(self, rank: int, world: int, all_reduce) -> dict[str, list[list[float]]]:
+        """``{phase: [[seconds of rank 0, rank 1, ...] per step]}`` over the last ``PHASE_STEPS``
+        steps, every rank's (one sum all-reduce of a zero table with this rank's column filled)."""
+        import torch
+
+        rows = self.rows[-PHASE_STEPS:]
+        table = torch.zeros(len(rows), len(PHASES), world, dtype=torch.float64)
+        if rows:
+            table[:, :, rank] = torch.tensor(rows, dtype=torch.float64)
+        all_reduce(table)
+        return {p: [[round(x, 7) for x in table[s, i].tolist()] for s in range(len(rows))]
+                for i, p in enumerate(PHASES)}
+
+
 class RunLog:
     """Each step's loss, learning rate, gradient norm and time, printed by rank 0 and written to
     TensorBoard as they come, and to ``--log-json`` at the end. ``samples`` and ``tokens`` per

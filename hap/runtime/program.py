@@ -36,7 +36,7 @@ from .dist import _all_reduce, barrier, device, init, leave, local_rank, memory_
 from .emulate import comm_seconds, end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .layout import FORMAT, Layout, offset
-from .logger import RunLog, tensorboard_writer
+from .logger import Phases, RunLog, tensorboard_writer
 from .precision import Precision
 from .pretrained import Pretrained, PretrainedError
 from .rng import seed_step
@@ -71,8 +71,9 @@ def parse_args(argv: list[str] | None = None, default_optimizer: str = "sgd") ->
                     help="with --resume: take the checkpoint's weights and start the optimizer's state afresh (to "
                          "resume under another --optimizer)")
     ap.add_argument("--prefetch", type=int, default=4, metavar="N",
-                    help="dataset specs: batches each of the rank's data workers reads ahead (0: fetch each batch "
-                         "when it is needed, in the training loop)")
+                    help="dataset specs: batches each of the rank's data workers reads ahead; batch(step, B) specs: "
+                         "any N > 0 prepares the next 2 steps in a thread (0: fetch each batch when it is needed, "
+                         "in the training loop)")
     ap.add_argument("--eval-every", type=int, default=0, metavar="K",
                     help="dataset specs: report the validation loss every K steps (and after the last)")
     ap.add_argument("--eval-batches", type=int, default=8, metavar="N",
@@ -801,7 +802,8 @@ def main(layout: Layout | ModuleType, forward: Callable | None = None, file: str
     saver = Checkpointer(args, run_id, set(model.state_dict()), ck["path"] if ck else None)
     rebalancing = Rebalancing(layout, args) if Rebalancing.wanted(layout, args) else None
     at_start = memory_bytes_now(layout.device)  # the model's state is in place, no step has run
-    layout = train(layout, trainer, data, log, saver, rebalancing, spec, run_id, start_step)
+    phases = Phases()
+    layout = train(layout, trainer, data, log, saver, rebalancing, spec, run_id, start_step, phases)
     if args.dump_params:
         state = full_state_dict(layout, model, params, buffers)
         if layout.rank == 0:
@@ -813,8 +815,11 @@ def main(layout: Layout | ModuleType, forward: Callable | None = None, file: str
                                           pretrained.read_bytes if pretrained is not None else 0],
                                          dtype=torch.float64)
     _all_reduce(peaks, "sum")  # each rank's own figures, gathered to every rank
+    phase_s = phases.gathered(layout.rank, layout.world_size, _all_reduce)
     data.close()
-    log.close(args.log_json, data_wait_s=waits.tolist(), world_size=layout.world_size, first_step=start_step,
+    log.close(args.log_json, data_wait_s=waits.tolist(), phase_s=phase_s, grad_overlap_s=phases.overlap_s,
+              world_size=layout.world_size,
+              first_step=start_step,
               precision=amp.name, grad_reduce=layout.grad_reduce, skipped_steps=amp.skipped,
               rebalance=rebalancing.events if rebalancing else [],
               compute_s=rebalancing.compute_log if rebalancing else [],
@@ -827,9 +832,10 @@ def main(layout: Layout | ModuleType, forward: Callable | None = None, file: str
 
 
 def train(layout: Layout, trainer: Trainer, data: RankData, log: RunLog, saver: Checkpointer,
-          rebalancing: Rebalancing | None, spec: ModuleType, run_id: str, start_step: int) -> Layout:
-    """The step loop, from ``start_step`` to ``--steps``; returns the layout it ended on (a
-    re-balancing changes the shares)."""
+          rebalancing: Rebalancing | None, spec: ModuleType, run_id: str, start_step: int,
+          phases: Phases) -> Layout:
+    """The step loop, from ``start_step`` to ``--steps``, each step's phases timed into ``phases``;
+    returns the layout it ended on (a re-balancing changes the shares)."""
     args = trainer.args
     slowdowns = slowdown_schedule(args.slowdown_at, layout.rank) if args.emulate else {}
     if args.emulate:  # from here on: the set-up before is not the emulated device's compute
@@ -848,23 +854,40 @@ def train(layout: Layout, trainer: Trainer, data: RankData, log: RunLog, saver: 
             except BadBatch as e:
                 stop(str(e))
         c0, comm0 = time.perf_counter(), comm_seconds()
+        phases.add("data_wait", c0 - t0)
         trainer.opt.zero_grad(set_to_none=True)  # backward writes fresh gradients: no zeroing pass
+        z = time.perf_counter()
         loss, counted = trainer.backward(layout, batch, step)
+        backward_end = time.perf_counter()
         end_segment()  # the emulated slowdown of this step's compute, spent now so it is measured
         if layout.device.type == "cuda":
             torch.cuda.synchronize(layout.device)
-        compute_s = time.perf_counter() - c0 - (comm_seconds() - comm0)  # not the time spent in collectives
+        g0 = time.perf_counter()
+        exposed = comm_seconds() - comm0
+        compute_s = g0 - z - exposed  # not the time spent in collectives
+        phases.add("compute", compute_s)
+        phases.add("exposed_comm", exposed)
         global_loss = trainer.global_loss(loss, counted, rebalancing.riders(compute_s) if rebalancing else [])
         if not math.isfinite(global_loss):
             stop_non_finite(layout, args, run_id, f"loss is {global_loss}", step, saver.last)
+        o0 = time.perf_counter()
+        phases.add("grad_sync", o0 - g0)
+        early = trainer.grad_sync.launched_before
+        phases.overlap_s.append(backward_end - early if early is not None else 0.0)
         with undilated():
             norm, lr = trainer.update(step)
             if not math.isfinite(norm) and not trainer.amp.skips_overflow:
                 stop_non_finite(layout, args, run_id, f"the gradient norm is {norm}", step, saver.last)
             trainer.apply(lr)
-            if rebalancing is not None:  # every rank's compute, on every rank
+            if layout.device.type == "cuda":
+                torch.cuda.synchronize(layout.device)
+        phases.add("optimizer", time.perf_counter() - o0)
+        if rebalancing is not None:  # every rank's compute, on every rank
+            with undilated():
                 rebalancing.observe(trainer.grad_sync.riders, step, data, layout)
-        log.step(step, global_loss, lr, norm, time.perf_counter() - t0, data.waits[-1])
+        step_s = time.perf_counter() - t0
+        phases.end_step(step_s)
+        log.step(step, global_loss, lr, norm, step_s, data.waits[-1])
         done = step + 1
         if args.eval_every and hasattr(spec, "dataset") and (done % args.eval_every == 0 or done == args.steps):
             log.validated(step, done, validate(layout, trainer.forward, spec, trainer.params, trainer.buffers,

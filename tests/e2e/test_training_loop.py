@@ -127,3 +127,38 @@ def test_deferred_reduce_scatters_run_during_backward_and_give_the_same_gradient
     for got in rank_outputs(DEFERRED, tmp_path):
         assert all(got["True"][w] == got["False"][w] for w in ("w1", "w2", "w3"))
         assert got["True"]["started"] == [1, 1] and got["False"]["started"] == [0, 0]
+
+
+def _overlapping_cpu_cluster(tmp_path) -> str:
+    """Two CPU ranks of the shipped profile with ``overlap_comm`` on (a device that computes
+    while it communicates, as a GPU does); the second is 3x slower, so the shares are uneven."""
+    profile = json.loads((ROOT / "profiles/devices/cpu.json").read_text())
+    profile["overlap_comm"] = True
+    (tmp_path / "cpu-overlap.json").write_text(json.dumps(profile))
+    nodes = "".join(f'[[nodes]]\ndevice = "{tmp_path / "cpu-overlap.json"}"\ncount = 1\nslowdown = {s}\n'
+                    f'node = "localhost"\n' for s in (1.0, 3.0))
+    (tmp_path / "cluster.toml").write_text(f'name = "overlap"\n{nodes}')
+    return str(tmp_path / "cluster.toml")
+
+
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_gradient_buckets_are_all_reduced_while_backward_runs_and_training_stays_exact(precision, tol, tmp_path,
+                                                                                       monkeypatch):
+    from hap.runtime.logger import PHASES
+
+    monkeypatch.setenv("HAP_MLP_WIDTH", "1024")  # 4 MiB weights: several buckets
+    monkeypatch.setenv("HAP_MLP_BATCH", "1024")  # compute-bound: data parallel, no collectives in backward
+    plan, loss_err, param_err = run_exact(str(ROOT / "examples/mlp.py"), _overlapping_cpu_cluster(tmp_path), tmp_path,
+                                          steps=4, lr=1e-3, precision=precision)
+    assert plan.predicted.grad_overlap and len(plan.predicted.grad_buckets) > 1, plan.predicted
+    assert len(set(plan.shares)) > 1
+    log = json.loads((tmp_path / "log.json").read_text())
+    # every step, the first bucket's all-reduce started before backward ended
+    assert len(log["grad_overlap_s"]) == 4 and min(log["grad_overlap_s"]) > 0, log["grad_overlap_s"]
+    # the phases each rank logged sum to its step; rank 0's are the step it logged
+    phases = log["phase_s"]
+    assert list(phases) == list(PHASES) and all(len(row) == 2 for row in phases["compute"])
+    for i, step_s in enumerate(log["step_s"]):
+        assert sum(phases[p][i][0] for p in PHASES) == pytest.approx(step_s, rel=1e-4)
+        assert min(phases["compute"][i]) > 0 and min(phases["grad_sync"][i]) > 0
+    assert loss_err < tol and param_err < tol, (loss_err, param_err)
