@@ -166,11 +166,20 @@ def test_batch_specs_are_prepared_ahead_in_a_thread_with_the_same_rows(by_rows):
 
     spec = _BatchSpec(by_rows=by_rows)
     data = RankData(spec, 1, [5, 3], [0, 0], SAMPLES, 0, 2, 12, 4, torch.device("cpu"))
-    got = [data.next(step) for step in range(2, 6)]
+
+    def steps(a, b):  # the loop: a step's batch, then its gradient sync lets the thread make one more
+        out = []
+        for step in range(a, b):
+            out.append(data.next(step))
+            data.make_next()
+        return out
+
+    got = steps(2, 6)
     assert data.prepared_ahead
     time.sleep(0.2)  # the thread has prepared steps 6 and 7 under the shares [5, 3]
+    assert [c[0] for c in spec.calls][-1] == 7  # two steps ahead, no more
     data.reshare([6, 2], 6 + data.lookahead - 1)  # a re-balancing decided at step 6
-    got += [data.next(step) for step in range(6, 12)]
+    got += steps(6, 12)
     for step, (x, i) in zip(range(2, 12), got):
         want = [5, 6, 7] if step < 6 + data.lookahead - 1 else [6, 7]
         assert x[:, 0].tolist() == [float(step)] * len(want) and i.tolist() == want, (step, i)

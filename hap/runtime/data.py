@@ -197,8 +197,8 @@ class RankData:
 
     A ``batch`` spec is called for the whole global batch and the rank keeps its rows, or, when
     it takes ``rows=(lo, hi)``, for this rank's rows only (checked once against the whole
-    batch). With ``prefetch > 0`` a thread prepares the next ``BATCH_AHEAD`` steps while the
-    loop trains, unless the first call moves torch's global random state: the loop seeds that
+    batch). With ``prefetch > 0`` a thread prepares the next step while the loop waits for a
+    step's gradient sync (``make_next``), unless the first call moves torch's global random state: the loop seeds that
     state before each forward (``hap.runtime.rng``), and a thread drawing from it at the same
     time would change what both draw."""
 
@@ -237,11 +237,30 @@ class RankData:
         batch thread drops the steps it prepared and prepares them again under the new schedule."""
         self.schedule.append((from_step, tuple(shares)))
         if self._ahead is not None:
+            self._gate.release()  # a thread waiting for its turn goes on, and sees it is stopped
             self._ahead.close()
             self._ahead = self._thread_from(self._next_step)
 
     def _thread_from(self, step: int) -> Ahead:
-        return Ahead(((s, self._batch_rows(s)) for s in range(step, self._stop)), BATCH_AHEAD)
+        """A thread making the rows of steps ``step..``, each once the loop lets it (``make_next``):
+        the first at once, the next ones while the loop waits for a step's gradients, when this
+        rank's core is otherwise idle (made freely, the batch took the core, and Python's lock,
+        from the forward)."""
+        import threading
+
+        gate = self._gate = threading.Semaphore(1)
+
+        def rows():
+            for s in range(step, self._stop):
+                gate.acquire()
+                yield s, self._batch_rows(s)
+
+        return Ahead(rows(), BATCH_AHEAD)
+
+    def make_next(self) -> None:
+        """The loop is about to wait for this step's gradient sync: the batch thread may make one more step."""
+        if self._ahead is not None:
+            self._gate.release()
 
     @property
     def waits(self) -> list[float]:
@@ -328,6 +347,7 @@ class RankData:
     def close(self) -> None:
         self._timed = None  # the DataLoader's workers exit with their iterator
         if self._ahead is not None:
+            self._gate.release()
             self._ahead.close()
             self._ahead = None
 

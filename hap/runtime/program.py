@@ -867,6 +867,7 @@ def train(layout: Layout, trainer: Trainer, data: RankData, log: RunLog, saver: 
         compute_s = g0 - z - exposed  # not the time spent in collectives
         phases.add("compute", compute_s)
         phases.add("exposed_comm", exposed)
+        data.make_next()  # while this rank waits for the gradient sync
         global_loss = trainer.global_loss(loss, counted, rebalancing.riders(compute_s) if rebalancing else [])
         if not math.isfinite(global_loss):
             stop_non_finite(layout, args, run_id, f"loss is {global_loss}", step, saver.last)
