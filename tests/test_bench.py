@@ -65,7 +65,8 @@ def test_check_fails_on_a_cell_whose_reference_is_above_what_it_measures(tmp_pat
 
     assert list(hap["phases_ms"]) == list(PHASES) and hap["phases_ms"]["compute"]["measured"] > 0
     assert sum(v["predicted"] for v in hap["phases_ms"].values()) == pytest.approx(hap["predicted_ms"], rel=1e-6)
-    assert "| tiny/default/fp32 | hap | " in (tmp_path / "out" / "table.md").read_text().split("measured (predicted)")[1]
+    phase_rows = (tmp_path / "out" / "table.md").read_text().split("measured (predicted)")[1]
+    assert "| tiny/default/fp32 | hap | " in phase_rows
     assert res["environment"]["commit"] and res["environment"]["versions"]["torch"]
     assert (tmp_path / "out" / "steps.png").stat().st_size > 0
     assert "| tiny/default/fp32" in (tmp_path / "out" / "table.md").read_text()
