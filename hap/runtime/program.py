@@ -32,7 +32,17 @@ from . import initial, micro, optim
 from .checks import Refused, backend_for, cuda_missing, device_mismatch, placement_mismatch, planned_gpu
 from .collectives import deferred_grads, gather_full, sum_scalar
 from .data import BadBatch, RankData, val_batches
-from .dist import _all_reduce, barrier, device, init, leave, local_rank, memory_bytes_now, peak_memory_bytes
+from .dist import (
+    _all_reduce,
+    barrier,
+    device,
+    init,
+    is_distributed,
+    leave,
+    local_rank,
+    memory_bytes_now,
+    peak_memory_bytes,
+)
 from .emulate import comm_seconds, end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .layout import FORMAT, Layout, offset
@@ -577,6 +587,12 @@ class Trainer:
                  args: argparse.Namespace, counts: tuple[int, ...], sharded: list[str]) -> None:
         self.forward, self.params, self.buffers, self.opt = forward, params, buffers, opt
         self.amp, self.grad_sync, self.args, self.counts, self.sharded = amp, grad_sync, args, counts, sharded
+        # a class loss's global count of targets rides in the gradient sync (count_deferred)
+        # rather than in an all-reduce of its own inside forward, where every rank would wait
+        # for the slowest to reach the loss; off for a forward of several class losses (one
+        # factor fixes one denominator) once the first forward shows it
+        self.defer_counts = is_distributed()
+        self.probed = False  # whether a step ran with the counts deferred
 
     def backward(self, layout: Layout, batch, step: int) -> tuple[torch.Tensor, tuple[float, float] | None]:
         """Forward and backward over this rank's share of the step in micro-batches (hap.runtime.micro),
@@ -584,10 +600,15 @@ class Trainer:
         addend and, when class-loss counts were deferred, (this rank's true count, the stand-in).
         Each forward's random ops draw from streams of (seed, step, micro-batch, rank) (hap.runtime.rng)."""
         rows = micro.schedule(layout.shares, self.counts, layout.lockstep)
-        pieces = len(rows) > 1  # whole shares count class-loss targets in forward (one all-reduce)
+        pieces = len(rows) > 1
         mine = micro.runs(rows, layout.rank, layout.lockstep)
         total = None
-        with count_deferred() if pieces else contextlib.nullcontext([]) as seen:
+        defer = pieces or self.defer_counts
+        # the first deferred forward may run again (several class losses): its buffer updates
+        # (BatchNorm's running statistics) must then not count twice
+        saved = {k: v.clone() for k, v in self.buffers.items()} if defer and not pieces and not self.probed else None
+        self.probed = True
+        with count_deferred() if defer else contextlib.nullcontext([]) as seen:
             for j in mine:
                 with undilated():
                     part = micro.take(batch, layout.inputs, layout.shares, rows, j, layout.rank) if pieces else batch
@@ -595,6 +616,8 @@ class Trainer:
                 seed_step(self.args.seed, step, layout.rank, j)
                 with self.amp.autocast():
                     loss = self.forward(layout.with_rows(rows[j]), self.params, self.buffers, part)
+                if not pieces and len(seen) > 1:  # whole shares: count each class loss in forward instead
+                    break
                 with deferred_grads():  # gathered weights' reduce-scatters run while backward computes
                     self.amp.backward(loss)
                 total = loss.detach() if total is None else total + loss.detach()
@@ -602,6 +625,11 @@ class Trainer:
                     stop("--micro-batches: this model computes more than one class loss with ignored targets per "
                          "forward, whose counts micro-batches cannot defer; run without --micro-batches")
         self.grad_sync.hold = False
+        if not pieces and len(seen) > 1:  # nothing ran backward yet: the step again, counting in forward
+            self.defer_counts = False
+            for k, v in (saved or {}).items():
+                self.buffers[k].copy_(v)
+            return self.backward(layout, batch, step)
         if not seen:
             return total, None
         return total, (float(sum(c for c, _ in seen)), seen[0][1])

@@ -162,3 +162,13 @@ def test_gradient_buckets_are_all_reduced_while_backward_runs_and_training_stays
         assert sum(phases[p][i][0] for p in PHASES) == pytest.approx(step_s, rel=1e-4)
         assert min(phases["compute"][i]) > 0 and min(phases["grad_sync"][i]) > 0
     assert loss_err < tol and param_err < tol, (loss_err, param_err)
+
+
+@pytest.mark.parametrize("spec", ["tests/models/masked_lm.py", "tests/models/two_class_losses.py"])
+def test_class_loss_counts_ride_in_the_gradient_sync_and_stay_exact(spec, tmp_path):
+    # one class loss with ignored targets: its count is deferred (no all-reduce in forward, the
+    # gradients rescaled once); two: the first forward runs again counting each in forward, and
+    # BatchNorm's running statistics (compared with one device's) count that step once
+    plan, loss_err, param_err = run_exact(str(ROOT / spec), str(CLUSTERS / "cpu-1-2-4.toml"), tmp_path, steps=3)
+    assert len(set(plan.shares)) > 1
+    assert loss_err < 1e-5 and param_err < 1e-5, (loss_err, param_err)
