@@ -75,6 +75,11 @@ class RankBatches(Sampler[list[int]]):
             yield self.order.indices(step)[lo:lo + shares[self.rank]].tolist()
 
 
+def as_tuple(out: Any) -> tuple:
+    """A spec's batch (``batch()``'s or a collate's): a tuple or list of tensors, or one tensor."""
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
 class _Collate:
     """The spec's collate (default: torch's ``default_collate``); an empty share becomes empty
     tensors shaped like the plan's inputs, without fetching anything."""
@@ -85,8 +90,7 @@ class _Collate:
     def __call__(self, samples: list[Any]) -> tuple[torch.Tensor, ...]:
         if not samples:
             return tuple(torch.empty((0, *tail), dtype=dt) for tail, dt in self.empty)
-        out = self.collate(samples)
-        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        return as_tuple(self.collate(samples))
 
 
 def loader(ds: Dataset, batches: RankBatches, collate: Callable | None,
@@ -186,7 +190,7 @@ def check_batch(tensors: Sequence[Any], empty: Sequence[tuple[tuple[int, ...], t
                            "must have the shapes and dtypes of the one planned with")
 
 
-BATCH_AHEAD = 2  # batch(step, B) specs: steps a rank's thread prepares ahead of the training loop
+BATCH_AHEAD = 2  # batch(step, B) specs: the most steps a rank's thread holds made ahead of the loop
 
 
 class RankData:
@@ -281,18 +285,21 @@ class RankData:
         if self._by_rows is None:
             self._by_rows = self._rows_agree(step, total, lo, share)
         if self._by_rows:
-            out = self.spec.batch(step, total, rows=(lo, lo + share))
-            out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+            out = as_tuple(self.spec.batch(step, total, rows=(lo, lo + share)))
             check_batch(out, self.empty, share, f"batch({step}, {total}, rows=({lo}, {lo + share}))")
         else:
-            full = self.spec.batch(step, total)
-            full = tuple(full) if isinstance(full, (tuple, list)) else (full,)
-            # every rank builds the same global batch, so every rank finds the same fault
-            check_batch(full, self.empty, total, f"batch({step}, {total})")
+            full = self._whole_batch(step, total)
             # a copy of the rows, so that the global batch is freed while they wait in the queue
             out = tuple(x.narrow(0, lo, share).clone() if d == 0 and share < total else x
                         for x, d in zip(full, self.inputs))
         return tuple(x.pin_memory() for x in out) if self._pin else out
+
+    def _whole_batch(self, step: int, total: int) -> tuple[torch.Tensor, ...]:
+        """``batch(step, total)``, checked against the plan's inputs (every rank builds the same
+        global batch, so every rank finds the same fault)."""
+        full = as_tuple(self.spec.batch(step, total))
+        check_batch(full, self.empty, total, f"batch({step}, {total})")
+        return full
 
     def _rows_agree(self, step: int, total: int, lo: int, share: int) -> bool:
         """Whether the spec's ``batch`` takes ``rows=`` and this plan can use it (it shards every
@@ -303,11 +310,8 @@ class RankData:
             takes = False
         if not takes or any(d != 0 for d in self.inputs):
             return False
-        full = self.spec.batch(step, total)
-        full = tuple(full) if isinstance(full, (tuple, list)) else (full,)
-        check_batch(full, self.empty, total, f"batch({step}, {total})")
-        part = self.spec.batch(step, total, rows=(lo, lo + share))
-        part = tuple(part) if isinstance(part, (tuple, list)) else (part,)
+        full = self._whole_batch(step, total)
+        part = as_tuple(self.spec.batch(step, total, rows=(lo, lo + share)))
         if not (len(part) == len(full) and all(torch.is_tensor(p) and torch.equal(p, x.narrow(0, lo, share))
                                                 for p, x in zip(part, full))):
             raise BadBatch(f"batch({step}, {total}, rows=({lo}, {lo + share})) did not return rows "

@@ -82,8 +82,8 @@ def parse_args(argv: list[str] | None = None, default_optimizer: str = "sgd") ->
                          "resume under another --optimizer)")
     ap.add_argument("--prefetch", type=int, default=4, metavar="N",
                     help="dataset specs: batches each of the rank's data workers reads ahead; batch(step, B) specs: "
-                         "any N > 0 prepares the next 2 steps in a thread (0: fetch each batch when it is needed, "
-                         "in the training loop)")
+                         "any N > 0 makes the next step's batch in a thread while the loop waits for the gradient "
+                         "sync (0: fetch each batch when it is needed, in the training loop)")
     ap.add_argument("--eval-every", type=int, default=0, metavar="K",
                     help="dataset specs: report the validation loss every K steps (and after the last)")
     ap.add_argument("--eval-batches", type=int, default=8, metavar="N",
@@ -846,8 +846,7 @@ def main(layout: Layout | ModuleType, forward: Callable | None = None, file: str
     phase_s = phases.gathered(layout.rank, layout.world_size, _all_reduce)
     data.close()
     log.close(args.log_json, data_wait_s=waits.tolist(), phase_s=phase_s, grad_overlap_s=phases.overlap_s,
-              world_size=layout.world_size,
-              first_step=start_step,
+              world_size=layout.world_size, first_step=start_step,
               precision=amp.name, grad_reduce=layout.grad_reduce, skipped_steps=amp.skipped,
               rebalance=rebalancing.events if rebalancing else [],
               compute_s=rebalancing.compute_log if rebalancing else [],
