@@ -669,3 +669,26 @@ def test_two_nodes_on_one_machine_write_their_initial_state_to_different_directo
     monkeypatch.setenv("MASTER_PORT", "29501")  # another job at the same time
     seen.add(node_directory(0))
     assert len(seen) == 3
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_takes_torchs_fused_step_and_steps_as_the_unfused_one(name):
+    import argparse
+
+    from hap.runtime import optim
+
+    args = argparse.Namespace(optimizer=name, lr=1e-2, momentum=0.0, weight_decay=0.1, betas="0.9,0.999",
+                              no_decay_norms_biases=False)
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 32))
+    opt = optim.build(args, {"w": w}, {"w": 2})
+    assert opt.defaults["fused"] is True
+    twin = torch.nn.Parameter(w.detach().clone())
+    plain = (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)([twin], lr=1e-2, weight_decay=0.1,
+                                                                           foreach=False)
+    for step in range(3):
+        g = torch.randn(64, 32, generator=torch.Generator().manual_seed(step))
+        w.grad, twin.grad = g.clone(), g.clone()
+        opt.step()
+        plain.step()
+    assert torch.allclose(w, twin, rtol=0, atol=1e-6)
