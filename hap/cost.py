@@ -30,6 +30,8 @@ from hap.machine import collective_s  # noqa: F401  (priced here; tests and the 
 from hap.moves import UNEVEN_KINDS, move
 from hap.placement import Placement, Splitter
 from hap.rules import Candidate
+from hap.rules.loss import chunked_losses
+from hap.runtime.chunked_loss import CHUNK_ELEMENTS
 
 MATMUL_LIKE = ("matmul", "conv", "attention")
 GRAD_BUCKET_BYTES = 25 * 2**20  # gradient buckets, as DDP's default: on 64 ranks a 4 MiB bucket is α-bound
@@ -118,6 +120,11 @@ class CostModel:
         self.grad_wire = 0.5 if graph.grad_reduce == "bf16" else 1.0  # bytes sent per gradient byte
         self.cast_copies = _cast_copies(graph)
         self.saved = saved_for_backward(graph, self.requires_grad)
+        # a chunked cross-entropy (hap.rules.loss.chunked_losses) keeps the logits for its backward
+        # and nothing between them and the loss, and runs its chunks' forward again in backward
+        self.chunked = chunked_losses(graph)
+        self.unkept = {name for c in self.chunked.values() for name in c.chain}
+        self.saved = (self.saved - self.unkept) | {c.logits for c in self.chunked.values()}
         self._node_cache: dict[tuple[str, str], tuple[float, ...]] = {}
         self._move_cache: dict[tuple, tuple[float, ...] | None] = {}
         self._price_cache: dict[tuple, PricedMove] = {}
@@ -141,18 +148,28 @@ class CostModel:
     def _transient_peak(self, graph: Graph) -> tuple[float, ...]:
         """Per rank, twice the largest output of an op on the gradient path, at the rank's
         data-parallel fraction of its largest micro-batch: an output that is not kept still lives
-        while its reader runs, and in backward beside its gradient (the logits of a large
-        vocabulary and their gradient, in the loss)."""
+        while its reader runs, and in backward beside its gradient; or a chunked loss's peak, if
+        larger."""
         total = self.splitter.total or 1
         batch = fixed = 0.0  # the largest output that follows the batch, the largest that does not
+        logits = {c.logits: graph[graph[c.loss].inputs()[0]].out.numel for c in self.chunked.values()}
         for node in graph.ops():
+            if node.name in self.unkept or node.name in logits:  # a chunked loss's peak is its own (below)
+                continue
             if node.name in self.requires_grad and node.op_class != "view" and isinstance(node.meta, TensorMeta):
                 if node.follows_batch:
                     batch = max(batch, node.meta.nbytes)
                 else:
                     fixed = max(fixed, node.meta.nbytes)
-        return tuple(2 * max(batch * self.splitter.shares[r] / total * self.micro_scale[r], fixed)
-                     for r in range(self.n))
+        # a chunked loss's backward: the logits (saved, counted as such) beside their gradient and one
+        # chunk's fp32 copy, log-softmax and their two gradients
+        out = []
+        for r in range(self.n):
+            frac = self.splitter.shares[r] / total * self.micro_scale[r]
+            loss = max((graph[x].out.nbytes * f + 16 * min(CHUNK_ELEMENTS, n * f)
+                        for x, n in logits.items() for f in [frac if graph[x].follows_batch else 1.0]), default=0.0)
+            out.append(max(2 * max(batch * frac, fixed), loss))
+        return tuple(out)
 
     def _recompute(self, graph: Graph, blocks: tuple[str, ...]) -> None:
         """Activation checkpointing of ``blocks`` (``Graph.blocks``): their ops run forward again in
@@ -225,7 +242,7 @@ class CostModel:
                 res.append(self._micro_s(node, cand, r, k, t + (k - 1) * fixed) if k > 1 else t)
                 if same is not None:
                     alike[same] = res[-1]
-            if node.name in self.recomputed:  # its forward runs again in backward
+            if node.name in self.recomputed or node.name in self.chunked:  # its forward runs again in backward
                 again = 1.0 + 1.0 / (1.0 + self.backward_factor(node))
                 res = [t * again for t in res]
             if cand.emit == "experts":  # the call's pairs go to their experts' ranks and back
@@ -486,8 +503,8 @@ class CostModel:
                 parts["activations"] = tuple(x * self.cast_copies[node.name] for x in local)
         elif node.kind == "buffer":
             parts["parameters"] = (float(meta.nbytes),) * self.n
-        elif node.name in self.dropped:  # recomputed in backward, not saved (the peak is reserved apart)
-            pass
+        elif node.name in self.dropped or node.name in self.unkept:
+            pass  # recomputed in backward or inside a chunked loss: not saved (the peaks are reserved apart)
         elif node.kind == "input" or node.name in self.saved:
             parts["activations"] = tuple(x * m for x, m in zip(local, self.micro_scale)) if node.follows_batch \
                 else local

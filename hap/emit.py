@@ -34,6 +34,7 @@ from hap.runtime.layout import FORMAT as LAYOUT_FORMAT
 if TYPE_CHECKING:
     from hap.plan import Plan
 from hap.rules import RENDERERS, Candidate, Local, is_ref
+from hap.rules.loss import chain_unmoved, chunked_loss, chunked_losses
 
 # the targets train.py calls that are not torch.ops overloads: each is written by a fixed rule
 KNOWN_TARGETS = {
@@ -80,6 +81,10 @@ class Emitter:
         self.block_of = self.graph.block_of()
         self.block: str | None = None  # the block whose ops are being written
         self.prefetched: list[str] = []  # the block's weight gathers, as hr.Prefetch takes them
+        # cross-entropies run in chunks (hap.rules.loss.chunked_losses), where the plan moves nothing
+        # inside their chain; their chain's lines are not written
+        self.chunked = {name: c for name, c in chunked_losses(self.graph).items() if chain_unmoved(c, self.choice)}
+        self.unwritten = {x for c in self.chunked.values() for x in c.skipped}
 
     # ---- helpers -----------------------------------------------------------------------
     def lengths(self, size: int, unit: int = 1) -> tuple[int, ...]:
@@ -233,8 +238,8 @@ class Emitter:
                 self.block, self.made_in_block, self.prefetched = block, [], []
             inside.append(node.name)
             cand = self.choice[node.name]
-            if cand.emit == "elided":  # computed by another op's rendering (hap.rules.token_wise: experts)
-                continue
+            if cand.emit == "elided" or node.name in self.unwritten:  # computed by another op's rendering
+                continue  # (hap.rules.token_wise: experts; hap.rules.loss: a chunked loss's chain)
             src = _text(_short_source(node.source))
             refs = [self.ref(r, p, src) for r, p in zip(node.inputs(), cand.inputs)]
             expr = self.expression(node, cand, refs)
@@ -288,6 +293,8 @@ class Emitter:
         random op every rank holds whole draws the same values everywhere (``hap.runtime.rng``)."""
         if node.target == "getitem":
             return f"{refs[0]}[{node.args[1]:d}]"  # check_plan_code: one ref, then an int
+        if node.name in self.chunked:
+            return chunked_loss(self, node, cand, refs, self.chunked[node.name])
         if cand.emit == "call" and is_random(node) and not cand.output.is_shard:
             parts = [repr(node.name), callee(node.target), *self.call_arguments(node, cand, refs),
                      "on_cpu=layout.random_on_cpu"]

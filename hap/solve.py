@@ -573,8 +573,8 @@ class _PlacementMilp:
         for p, q in sorted({pq for key in reader_keys for pq in self.z[key]}):
             if p == q:
                 continue
-            if isinstance(node.meta, list):
-                cost = INF
+            if isinstance(node.meta, list) or u in self.cm.unkept:
+                cost = INF  # a list is not re-placed; a chunked loss runs its chain as one op, no collective inside
             else:
                 cost = self.cm.step_move(node, p, q).seconds
             if cost == 0:

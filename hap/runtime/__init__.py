@@ -8,6 +8,7 @@ This package imports nothing else from hap (nor PuLP): an emitted program needs 
 """
 
 from . import program  # the training loop of train.py
+from .chunked_loss import chunked_cross_entropy
 from .collectives import (
     all_gather,
     all_reduce,
@@ -38,6 +39,7 @@ __all__ = [
     "all_reduce",
     "all_to_all",
     "broadcast_",
+    "chunked_cross_entropy",
     "device",
     "end_segment",
     "experts_parallel",
