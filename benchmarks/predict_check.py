@@ -1,7 +1,8 @@
 """Benchmark (h, measured): the planner's memory and step predictions against a run.
 
     HAP_HF_MODEL=llama HAP_HF_SIZE=small python benchmarks/predict_check.py examples/hf_usage.py \
-        [--cluster profiles/clusters/cpu-homogeneous.toml] [--optimizer adamw] [--steps 8] [--out table.md]
+        [--cluster profiles/clusters/cpu-homogeneous.toml] [--optimizer adamw] [--precision fp32|bf16]
+        [--steps 8] [--out table.md]
 
 Plans the spec, emits it, runs it under torchrun on this machine (``--no-rebalance``) and prints
 per rank the predicted memory by part beside the measured memory, and the predicted step beside
@@ -30,6 +31,7 @@ def main() -> int:
     ap.add_argument("spec")
     ap.add_argument("--cluster", default="profiles/clusters/cpu-homogeneous.toml")
     ap.add_argument("--optimizer", default="adamw")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -38,7 +40,7 @@ def main() -> int:
     from hap.emit import emit_program
     from hap.solve import memory_report
 
-    plan = plan_spec(args.spec, args.cluster, optimizer=args.optimizer)
+    plan = plan_spec(args.spec, args.cluster, optimizer=args.optimizer, precision=args.precision)
     cm = CostSetup.of_plan(plan).cost_model(plan.graph, plan.cluster)
     report = memory_report(plan.graph, cm, plan.choice())
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,7 +31,7 @@ from hap.moves import UNEVEN_KINDS, move
 from hap.placement import Placement, Splitter
 from hap.rules import Candidate
 from hap.rules.loss import chunked_losses
-from hap.runtime.chunked_loss import CHUNK_ELEMENTS
+from hap.runtime.chunked_loss import CHUNK_ELEMENTS, CHUNKED_ABOVE
 
 MATMUL_LIKE = ("matmul", "conv", "attention")
 GRAD_BUCKET_BYTES = 25 * 2**20  # gradient buckets, as DDP's default: on 64 ranks a 4 MiB bucket is α-bound
@@ -120,11 +120,13 @@ class CostModel:
         self.grad_wire = 0.5 if graph.grad_reduce == "bf16" else 1.0  # bytes sent per gradient byte
         self.cast_copies = _cast_copies(graph)
         self.saved = saved_for_backward(graph, self.requires_grad)
-        # a chunked cross-entropy (hap.rules.loss.chunked_losses) keeps the logits for its backward
-        # and nothing between them and the loss, and runs its chunks' forward again in backward
+        # a chunked cross-entropy (hap.rules.loss.chunked_losses), on a rank whose logits are more
+        # than one chunk, keeps the logits for its backward and nothing between them and the loss,
+        # and runs its chunks' forward again in backward; elsewhere it is torch's loss, as the graph
         self.chunked = chunked_losses(graph)
         self.unkept = {name for c in self.chunked.values() for name in c.chain}
-        self.saved = (self.saved - self.unkept) | {c.logits for c in self.chunked.values()}
+        self.chunked_on = {name: self._chunked_ranks(graph, c) for name, c in self.chunked.items()}
+        self._loss_part = {x: (name, x == c.logits) for name, c in self.chunked.items() for x in (*c.chain, c.logits)}
         self._node_cache: dict[tuple[str, str], tuple[float, ...]] = {}
         self._move_cache: dict[tuple, tuple[float, ...] | None] = {}
         self._price_cache: dict[tuple, PricedMove] = {}
@@ -145,30 +147,43 @@ class CostModel:
         block backward recomputes, and the largest transient output with its gradient."""
         return tuple(a + b for a, b in zip(self.recompute_peak, self.transient_peak))
 
+    def _chunked_ranks(self, graph: Graph, c) -> tuple[bool, ...]:
+        """Per rank, whether its logits (of its largest micro-batch) are many enough for
+        ``hap.runtime.chunked_loss`` to run in chunks (``CHUNKED_ABOVE``)."""
+        meta, total = graph[c.logits].out, self.splitter.total or 1
+        return tuple(meta.numel * (s / total * m if graph[c.logits].follows_batch else 1.0) > CHUNKED_ABOVE
+                     for s, m in zip(self.splitter.shares, self.micro_scale))
+
     def _transient_peak(self, graph: Graph) -> tuple[float, ...]:
         """Per rank, twice the largest output of an op on the gradient path, at the rank's
         data-parallel fraction of its largest micro-batch: an output that is not kept still lives
         while its reader runs, and in backward beside its gradient; or a chunked loss's peak, if
         larger."""
         total = self.splitter.total or 1
-        batch = fixed = 0.0  # the largest output that follows the batch, the largest that does not
-        logits = {c.logits: graph[graph[c.loss].inputs()[0]].out.numel for c in self.chunked.values()}
+        loss_nodes = set(self._loss_part)
+        # the largest output that follows the batch and the largest that does not, with and without
+        # the chunked losses' logits and chains (a rank that chunks reserves its loss's peak apart)
+        batch, fixed, batch_rest, fixed_rest = 0.0, 0.0, 0.0, 0.0
         for node in graph.ops():
-            if node.name in self.unkept or node.name in logits:  # a chunked loss's peak is its own (below)
-                continue
             if node.name in self.requires_grad and node.op_class != "view" and isinstance(node.meta, TensorMeta):
+                size, rest = node.meta.nbytes, node.name not in loss_nodes
                 if node.follows_batch:
-                    batch = max(batch, node.meta.nbytes)
+                    batch = max(batch, size)
+                    batch_rest = max(batch_rest, size) if rest else batch_rest
                 else:
-                    fixed = max(fixed, node.meta.nbytes)
-        # a chunked loss's backward: the logits (saved, counted as such) beside their gradient and one
-        # chunk's fp32 copy, log-softmax and their two gradients
+                    fixed = max(fixed, size)
+                    fixed_rest = max(fixed_rest, size) if rest else fixed_rest
         out = []
         for r in range(self.n):
             frac = self.splitter.shares[r] / total * self.micro_scale[r]
-            loss = max((graph[x].out.nbytes * f + 16 * min(CHUNK_ELEMENTS, n * f)
-                        for x, n in logits.items() for f in [frac if graph[x].follows_batch else 1.0]), default=0.0)
-            out.append(max(2 * max(batch * frac, fixed), loss))
+            # a chunked loss's backward: the logits (saved, counted as such) beside their gradient and
+            # one chunk's fp32 copy, log-softmax and their two gradients
+            losses = [graph[c.logits].out.nbytes * (frac if graph[c.logits].follows_batch else 1.0)
+                      + 16 * CHUNK_ELEMENTS for name, c in self.chunked.items() if self.chunked_on[name][r]]
+            if losses:
+                out.append(max(2 * max(batch_rest * frac, fixed_rest), *losses))
+            else:
+                out.append(2 * max(batch * frac, fixed))
         return tuple(out)
 
     def _recompute(self, graph: Graph, blocks: tuple[str, ...]) -> None:
@@ -242,9 +257,11 @@ class CostModel:
                 res.append(self._micro_s(node, cand, r, k, t + (k - 1) * fixed) if k > 1 else t)
                 if same is not None:
                     alike[same] = res[-1]
-            if node.name in self.recomputed or node.name in self.chunked:  # its forward runs again in backward
-                again = 1.0 + 1.0 / (1.0 + self.backward_factor(node))
+            again = 1.0 + 1.0 / (1.0 + self.backward_factor(node))  # its forward runs again in backward
+            if node.name in self.recomputed:
                 res = [t * again for t in res]
+            elif node.name in self.chunked:  # on the ranks that run it in chunks
+                res = [t * again if on else t for t, on in zip(res, self.chunked_on[node.name])]
             if cand.emit == "experts":  # the call's pairs go to their experts' ranks and back
                 res = [t + self.experts_exchange_s(cand) for t in res]
             res = tuple(res)
@@ -503,11 +520,15 @@ class CostModel:
                 parts["activations"] = tuple(x * self.cast_copies[node.name] for x in local)
         elif node.kind == "buffer":
             parts["parameters"] = (float(meta.nbytes),) * self.n
-        elif node.name in self.dropped or node.name in self.unkept:
-            pass  # recomputed in backward or inside a chunked loss: not saved (the peaks are reserved apart)
-        elif node.kind == "input" or node.name in self.saved:
-            parts["activations"] = tuple(x * m for x, m in zip(local, self.micro_scale)) if node.follows_batch \
-                else local
+        elif node.name in self.dropped:
+            pass  # recomputed in backward, not saved (the peak is reserved apart)
+        elif node.kind == "input" or node.name in self.saved or node.name in self._loss_part:
+            kept = tuple(x * m for x, m in zip(local, self.micro_scale)) if node.follows_batch else local
+            if node.name in self._loss_part:  # a chunked loss keeps its logits and nothing of its chain
+                loss, is_logits = self._loss_part[node.name]
+                whole = node.name in self.saved
+                kept = tuple(x if (is_logits if on else whole) else 0.0 for x, on in zip(kept, self.chunked_on[loss]))
+            parts["activations"] = kept
         return parts
 
     def move_temporary_bytes(self, meta: TensorMeta, src: Placement, dst: Placement, conv: PricedMove) -> float:

@@ -21,6 +21,7 @@ from tests.helpers import ROOT, captured, load_example
 @pytest.mark.parametrize("rows", [0, 1, 21])
 def test_every_rows_gradient_is_the_whole_losss_bit_for_bit(precision, rows, monkeypatch):
     monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 4 * 50)  # chunks of 4 rows
+    monkeypatch.setattr(chunked, "CHUNKED_ABOVE", 2 * 4 * 50)  # 21 rows run in chunks, 1 row whole
     autocast = precision == "bf16"
     torch.manual_seed(0)
     hidden, weight = torch.randn(rows, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True)
@@ -43,6 +44,7 @@ def test_every_rows_gradient_is_the_whole_losss_bit_for_bit(precision, rows, mon
 def test_a_language_models_plan_counts_its_logits_once_and_its_program_chunks_the_loss(monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.setattr(hap.cost, "CHUNK_ELEMENTS", 512)  # the tiny model's logits: several chunks a rank
+    monkeypatch.setattr(hap.cost, "CHUNKED_ABOVE", 512)
     monkeypatch.setenv("HAP_HF_MODEL", "llama")
     graph = captured(load_example("hf_usage"))[2]
     found = chunked_losses(graph)
@@ -55,7 +57,12 @@ def test_a_language_models_plan_counts_its_logits_once_and_its_program_chunks_th
     plan = plan_graph(graph, cluster, precision="bf16")
     graph = plan.graph  # as autocast runs it: the logits in bf16, cast to fp32 for the loss
     cm = CostSetup.of_plan(plan).cost_model(graph, cluster)
-    assert c.logits in cm.saved and not set(c.chain) & cm.saved
+    working = [r for r, share in enumerate(plan.shares) if share]
+    assert [cm.chunked_on[c.loss][r] for r in working] == [True] * len(working)
+    choice = plan.choice()
+    logits = cm.memory_parts(graph[c.logits], choice[c.logits])["activations"]
+    assert all(logits[r] for r in working)  # kept for backward
+    assert not any(a for x in c.chain for a in cm.memory_parts(graph[x], choice[x])["activations"])
     counted = memory_report(graph, cm, plan.choice())
     monkeypatch.setattr(hap.cost, "chunked_losses", lambda g: {})
     whole = memory_report(graph, CostSetup.of_plan(plan).cost_model(graph, cluster), plan.choice())

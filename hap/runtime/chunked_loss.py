@@ -18,7 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK_ELEMENTS = 1 << 25  # logits per chunk: each chunk's fp32 temporaries are a few times 128 MiB
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 16 bytes each of fp32 temporaries, 256 MiB
+# Logits up to this many run whole, as torch's loss: it keeps their log-softmax (4 bytes a logit)
+# and peaks at 12 to 14 bytes a logit in backward, where the chunked loss keeps the logits and
+# their gradient (4 to 8 bytes) beside one chunk's temporaries. Below 4 chunks that is no gain.
+CHUNKED_ABOVE = 4 * CHUNK_ELEMENTS
 
 
 def chunk_rows(classes: int) -> int:
@@ -68,7 +72,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 def chunked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``cross_entropy(logits.reshape(-1, C).to(dtype), target.reshape(-1), reduction="sum",
-    ignore_index=ignore_index)``, keeping only ``logits`` and their gradient (module docstring)."""
+    ignore_index=ignore_index)``, keeping only ``logits`` and their gradient where they are more
+    than ``CHUNKED_ABOVE`` (module docstring); fewer run exactly that, whole."""
+    if logits.numel() <= CHUNKED_ABOVE:
+        return _chunk_loss(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index, dtype)
     if torch.is_grad_enabled() and logits.requires_grad:
         return _ChunkedCrossEntropy.apply(logits, target, ignore_index, dtype)
     return _summed(logits, target, ignore_index, dtype)
