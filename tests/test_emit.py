@@ -9,8 +9,8 @@ import pytest
 from hap.api import plan_graph
 from hap.cluster import load_cluster
 from hap.emit import emit_program
-from hap.rules.loss import chunked_losses
 from hap.errors import HapError
+from hap.rules.loss import chunked_losses
 from tests.helpers import ROOT, captured, load_example
 
 
