@@ -172,3 +172,16 @@ def test_class_loss_counts_ride_in_the_gradient_sync_and_stay_exact(spec, tmp_pa
     plan, loss_err, param_err = run_exact(str(ROOT / spec), str(CLUSTERS / "cpu-1-2-4.toml"), tmp_path, steps=3)
     assert len(set(plan.shares)) > 1
     assert loss_err < 1e-5 and param_err < 1e-5, (loss_err, param_err)
+
+
+def test_a_loss_run_in_chunks_on_one_rank_and_whole_on_the_others_trains_exactly(tmp_path):
+    from hap.cost import CostSetup
+    from hap.rules.loss import chunked_losses
+
+    spec = str(ROOT / "tests/models/wide_vocab.py")
+    plan, loss_err, param_err = run_exact(spec, str(CLUSTERS / "cpu-1-2-4.toml"), tmp_path, steps=2, lr=0.5)
+    (loss,) = chunked_losses(plan.graph)
+    on = CostSetup.of_plan(plan).cost_model(plan.graph, plan.cluster).chunked_on[loss]
+    assert any(on) and not all(on), (plan.shares, on)  # the runtime decides by the same rule
+    assert "hr.chunked_cross_entropy(" in (tmp_path / "out" / "train.py").read_text()
+    assert loss_err < 1e-5 and param_err < 1e-5, (loss_err, param_err)
