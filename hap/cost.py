@@ -160,19 +160,17 @@ class CostModel:
         while its reader runs, and in backward beside its gradient; or a chunked loss's peak, if
         larger."""
         total = self.splitter.total or 1
-        loss_nodes = set(self._loss_part)
-        # the largest output that follows the batch and the largest that does not, with and without
-        # the chunked losses' logits and chains (a rank that chunks reserves its loss's peak apart)
-        batch, fixed, batch_rest, fixed_rest = 0.0, 0.0, 0.0, 0.0
-        for node in graph.ops():
-            if node.name in self.requires_grad and node.op_class != "view" and isinstance(node.meta, TensorMeta):
-                size, rest = node.meta.nbytes, node.name not in loss_nodes
-                if node.follows_batch:
-                    batch = max(batch, size)
-                    batch_rest = max(batch_rest, size) if rest else batch_rest
-                else:
-                    fixed = max(fixed, size)
-                    fixed_rest = max(fixed_rest, size) if rest else fixed_rest
+
+        def largest(skip) -> tuple[float, float]:
+            """The largest output that follows the batch and the largest that does not."""
+            sizes = [(node.follows_batch, node.meta.nbytes) for node in graph.ops()
+                     if node.name in self.requires_grad and node.op_class != "view"
+                     and isinstance(node.meta, TensorMeta) and node.name not in skip]
+            return (max((b for f, b in sizes if f), default=0.0), max((b for f, b in sizes if not f), default=0.0))
+
+        batch, fixed = largest(())
+        # a rank that chunks a loss reserves that loss's peak apart from its logits and chain
+        batch_rest, fixed_rest = largest(self._loss_part) if self._loss_part else (batch, fixed)
         out = []
         for r in range(self.n):
             frac = self.splitter.shares[r] / total * self.micro_scale[r]

@@ -59,16 +59,12 @@ def chunked_losses(graph: Graph) -> dict[str, ChunkedLoss]:
     summed ``cross_entropy`` without class weights or label smoothing, of 2-D input [rows,
     classes] and 1-D integer target, whose input is the logits' only reader through a chain of
     casts and views keeping the classes last."""
-    cached = getattr(graph, "_chunked_losses", None)
-    if cached is not None:
-        return cached
     users = graph.users()
     out: dict[str, ChunkedLoss] = {}
     for node in graph.ops():
         found = _chunked(graph, node, users)
         if found is not None:
             out[node.name] = found
-    graph._chunked_losses = out
     return out
 
 

@@ -33,13 +33,18 @@ def _chunk_loss(rows: torch.Tensor, target: torch.Tensor, ignore_index: int, dty
     return F.cross_entropy(rows.to(dtype), target, reduction="sum", ignore_index=ignore_index)
 
 
+def _as_rows(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, range]:
+    """The logits as [rows, classes], the targets as [rows], and where each chunk of rows starts."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    return rows, target.reshape(-1), range(0, rows.shape[0], chunk_rows(rows.shape[-1]))
+
+
 def _summed(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
     """The loss, summed a chunk at a time in order (the same sum in training and evaluation)."""
-    rows, flat = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
-    step = chunk_rows(rows.shape[-1])
-    total = rows.new_zeros((), dtype=dtype) if rows.shape[0] == 0 else None  # no rows here: its addend is 0
-    for lo in range(0, rows.shape[0], step):
-        part = _chunk_loss(rows[lo:lo + step], flat[lo:lo + step], ignore_index, dtype)
+    rows, flat, starts = _as_rows(logits, target)
+    total = rows.new_zeros((), dtype=dtype) if not starts else None  # no rows here: its addend is 0
+    for lo in starts:
+        part = _chunk_loss(rows[lo:lo + starts.step], flat[lo:lo + starts.step], ignore_index, dtype)
         total = part if total is None else total + part
     return total
 
@@ -57,15 +62,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, target = ctx.saved_tensors
-        rows, flat = logits.detach().reshape(-1, logits.shape[-1]), target.reshape(-1)
+        rows, flat, starts = _as_rows(logits.detach(), target)
         out = torch.empty_like(rows)
-        step = chunk_rows(rows.shape[-1])
         kind, enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
-            for lo in range(0, rows.shape[0], step):
-                piece = rows[lo:lo + step].detach().requires_grad_(True)
-                part = _chunk_loss(piece, flat[lo:lo + step], ctx.ignore_index, ctx.dtype)
-                (out[lo:lo + step],) = torch.autograd.grad(part, piece, grad)
+            for lo in starts:
+                piece = rows[lo:lo + starts.step].detach().requires_grad_(True)
+                part = _chunk_loss(piece, flat[lo:lo + starts.step], ctx.ignore_index, ctx.dtype)
+                (out[lo:lo + starts.step],) = torch.autograd.grad(part, piece, grad)
         return out.view_as(logits), None, None, None
 
 
