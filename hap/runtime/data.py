@@ -241,9 +241,13 @@ class RankData:
         batch thread drops the steps it prepared and prepares them again under the new schedule."""
         self.schedule.append((from_step, tuple(shares)))
         if self._ahead is not None:
-            self._gate.release()  # a thread waiting for its turn goes on, and sees it is stopped
-            self._ahead.close()
+            self._stop_thread()
             self._ahead = self._thread_from(self._next_step)
+
+    def _stop_thread(self) -> None:
+        """End the batch thread, dropping what it prepared."""
+        self._gate.release()  # a thread waiting for its turn goes on, and sees it is stopped
+        self._ahead.close()
 
     def _thread_from(self, step: int) -> Ahead:
         """A thread making the rows of steps ``step..``, each once the loop lets it (``make_next``):
@@ -351,8 +355,7 @@ class RankData:
     def close(self) -> None:
         self._timed = None  # the DataLoader's workers exit with their iterator
         if self._ahead is not None:
-            self._gate.release()
-            self._ahead.close()
+            self._stop_thread()
             self._ahead = None
 
 
