@@ -71,7 +71,10 @@ class CostSetup:
     """What a graph and cluster are priced under in one attempt of the search, in a baseline and
     in a plan's replay: the integer batch share of every rank, the optimizer (its state per
     parameter), per rank the micro-batches its share runs in (() is one each), the blocks
-    (``Graph.blocks``) recomputed in backward, and the bytes every rank keeps free for a
+    (``Graph.blocks``) recomputed in backward with, per rank, how many of them (the first ones)
+    it recomputes (() is all, on every rank; a rank keeps the others' activations and only joins
+    their weights' gathers again in backward, ``hap.runtime.ops.recompute``), and the bytes every
+    rank keeps free for a
     collective's temporary buffer (a row of the solve's memory constraint; no figure of an
     evaluated plan depends on it). The precision is the graph's: ``hap.precision.training_graph``
     gives every node its dtype."""
@@ -81,21 +84,26 @@ class CostSetup:
     micro_batches: tuple[int, ...] = ()
     recompute: tuple[str, ...] = ()
     collective_reserve: float = 0.0
+    recompute_counts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shares", tuple(self.shares))
         micro = tuple(self.micro_batches)
         object.__setattr__(self, "micro_batches", micro if micro and max(micro) > 1 else ())
         object.__setattr__(self, "recompute", tuple(self.recompute))
+        counts = tuple(min(int(k), len(self.recompute)) for k in self.recompute_counts)
+        object.__setattr__(self, "recompute_counts",
+                           counts if any(k < len(self.recompute) for k in counts) else ())
 
     @classmethod
     def of_plan(cls, plan: Plan) -> CostSetup:
         """The setup ``plan`` is priced under (a plan keeps no collective reserve: see above)."""
-        return cls(plan.shares, plan.optimizer, plan.micro_batches, plan.recompute)
+        return cls(plan.shares, plan.optimizer, plan.micro_batches, plan.recompute,
+                   recompute_counts=plan.recompute_counts)
 
     def cost_model(self, graph: Graph, cluster: Cluster) -> CostModel:
         return CostModel(graph, cluster, Splitter(self.shares), self.optimizer, self.micro_batches, self.recompute,
-                         self.collective_reserve)
+                         self.collective_reserve, self.recompute_counts)
 
 
 class CostModel:
@@ -103,7 +111,7 @@ class CostModel:
 
     def __init__(self, graph: Graph, cluster: Cluster, splitter: Splitter, optimizer: str = "sgd",
                  micro_batches: tuple[int, ...] = (), recompute: tuple[str, ...] = (),
-                 collective_reserve: float = 0.0) -> None:
+                 collective_reserve: float = 0.0, recompute_counts: tuple[int, ...] = ()) -> None:
         assert splitter.num_ranks == cluster.num_ranks
         self.graph = graph
         self.cluster = cluster
@@ -138,7 +146,7 @@ class CostModel:
         self.rank_class = tuple((info.device, info.slowdown) for info in cluster.ranks)
         self._memory_cache: dict[tuple[str, str], dict[str, tuple[float, ...]]] = {}
         self._bytes_cache: dict[tuple[str, str], tuple[float, ...]] = {}
-        self._recompute(graph, recompute)
+        self._recompute(graph, recompute, recompute_counts)
         self.transient_peak = self._transient_peak(graph)
 
     @property
@@ -184,13 +192,19 @@ class CostModel:
                 out.append(2 * max(batch * frac, fixed))
         return tuple(out)
 
-    def _recompute(self, graph: Graph, blocks: tuple[str, ...]) -> None:
-        """Activation checkpointing of ``blocks`` (``Graph.blocks``): their ops run forward again in
-        backward; of their activations only what is read outside the block stays saved, and while
-        backward recomputes one block its activations are back (the largest block, per rank, at
-        data-parallel fractions, is reserved in every rank's memory)."""
+    def _recompute(self, graph: Graph, blocks: tuple[str, ...], counts: tuple[int, ...]) -> None:
+        """Activation checkpointing of ``blocks`` (``Graph.blocks``), rank r recomputing the first
+        ``counts[r]`` of them (() is all): there their ops run forward again in backward; of
+        their activations only what is read outside the block stays saved, and while backward
+        recomputes one block its activations are back (the largest block, at the rank's
+        data-parallel fraction, is reserved in its memory). On every rank a recomputed block's
+        forward collectives (its weights' gathers) run again in backward: the ranks that keep
+        the block join them there."""
         self.recompute = tuple(blocks)
-        self.recomputed: set[str] = set()
+        self.recompute_counts = tuple(counts) or (len(blocks),) * self.n
+        self.recomputed: set[str] = set()  # on some rank
+        self.recomputed_on: dict[str, tuple[bool, ...]] = {}  # node -> per rank, whether it recomputes it
+        self.recomputed_mixed: set[str] = set()
         self.dropped: set[str] = set()
         self.recompute_peak = (0.0,) * self.n
         if not blocks:
@@ -198,16 +212,38 @@ class CostModel:
         users, all_blocks = graph.users(), graph.blocks()
         total = self.splitter.total or 1
         peaks = [0.0] * self.n
-        for b in blocks:
+        for i, b in enumerate(blocks):
             names = all_blocks[b]
             inside = set(names)
+            on = tuple(i < k for k in self.recompute_counts)
             self.recomputed |= inside
+            self.recomputed_on.update((x, on) for x in names)
             self.dropped |= {x for x in names if x != graph.loss and all(u in inside for u in users[x])}
             saved = [graph[x] for x in names if x in self.saved and isinstance(graph[x].meta, TensorMeta)]
             for r in range(self.n):
-                frac = self.splitter.shares[r] / total * self.micro_scale[r]
-                peaks[r] = max(peaks[r], sum(x.meta.nbytes * (frac if x.follows_batch else 1.0) for x in saved))
+                if on[r]:
+                    frac = self.splitter.shares[r] / total * self.micro_scale[r]
+                    peaks[r] = max(peaks[r], sum(x.meta.nbytes * (frac if x.follows_batch else 1.0) for x in saved))
         self.recompute_peak = tuple(peaks)
+        # where some ranks recompute a block and others keep it, its forward may run no collective
+        # but its weights' gathers: the only ones the ranks that keep it join again
+        self.recomputed_mixed = {x for x, on in self.recomputed_on.items() if any(on) and not all(on)}
+
+    def again(self, node: Node) -> tuple[float, ...]:
+        """Per rank, how often ``node``'s forward runs in backward: once more where its block is
+        recomputed on that rank or its chunked loss runs in chunks there, else not."""
+        if node.name in self.recomputed:
+            return tuple(1.0 if on else 0.0 for on in self.recomputed_on[node.name])
+        if node.name in self.chunked:
+            return tuple(1.0 if on else 0.0 for on in self.chunked_on[node.name])
+        return (0.0,) * self.n
+
+    def forward_backward_s(self, node: Node, cand: Candidate) -> tuple[float, float]:
+        """The slowest rank's forward seconds of ``node`` and its backward seconds (with its forward
+        again where it is recomputed), from ``compute_s``."""
+        t, bwd = self.compute_s(node, cand), self.backward_factor(node)
+        fwd = [x / (1 + bwd + a) for x, a in zip(t, self.again(node))]
+        return max(fwd), max(x - f for x, f in zip(t, fwd))
 
     # ---- compute -------------------------------------------------------------------
     def fractions(self, split: tuple[int, int] | None) -> tuple[float, ...]:
@@ -255,11 +291,8 @@ class CostModel:
                 res.append(self._micro_s(node, cand, r, k, t + (k - 1) * fixed) if k > 1 else t)
                 if same is not None:
                     alike[same] = res[-1]
-            again = 1.0 + 1.0 / (1.0 + self.backward_factor(node))  # its forward runs again in backward
-            if node.name in self.recomputed:
-                res = [t * again for t in res]
-            elif node.name in self.chunked:  # on the ranks that run it in chunks
-                res = [t * again if on else t for t, on in zip(res, self.chunked_on[node.name])]
+            bwd = self.backward_factor(node)  # its forward again in backward, where it is recomputed
+            res = [t * (1.0 + a / (1.0 + bwd)) for t, a in zip(res, self.again(node))]
             if cand.emit == "experts":  # the call's pairs go to their experts' ranks and back
                 res = [t + self.experts_exchange_s(cand) for t in res]
             res = tuple(res)
@@ -348,13 +381,15 @@ class CostModel:
 
     def affine_s(self, node: Node, cand: Candidate, r: int) -> tuple[float, float]:
         """(a, b) with the node's seconds on rank r ~ a x + b when the rank holds a fraction x of
-        the split dim: the roofline's, or the secant through the measured local and whole op."""
+        the split dim: the roofline's, or the secant through the measured local and whole op;
+        with its forward again in backward where the rank recomputes it (``again``)."""
+        again = 1.0 + self.again(node)[r] / (1.0 + self.backward_factor(node))
         a, b = self._affine_s(node, r)
         if not self._measures(node, cand, r):
-            return a, b
+            return a * again, b * again
         f = self.fractions(cand.split)[r]
         local = self.compute_s(node, cand)[r]
-        whole = self.whole_s(node, r)
+        whole = self.whole_s(node, r) * again
         if f >= 0.98:
             return whole, 0.0
         slope = max((whole - local) / (1.0 - f), 0.0)
@@ -421,18 +456,20 @@ class CostModel:
                                                     rounds * one.forward_s)  # the re-run is in backward
         return self._step_move_cache[key]
 
-    def kept_move_bytes(self, node: Node, src: Placement, dst: Placement) -> float:
-        """Bytes on every rank that moving ``node``'s output from ``src`` to ``dst`` keeps until
+    def kept_move_bytes(self, node: Node, src: Placement, dst: Placement) -> tuple[float, ...]:
+        """Per rank, the bytes that moving ``node``'s output from ``src`` to ``dst`` keeps until
         backward: a weight gathered whole (``moved_meta``) is saved by a reader that keeps its
-        inputs (a matmul), unless that reader's block is recomputed (its gathers are then made
-        again in backward, one block at a time). Only weights are counted: a moved activation's
-        bytes are its producer's."""
+        inputs (a matmul), unless that rank recomputes the reader's block (its gathers are then
+        made again in backward, one block at a time). Only weights are counted: a moved
+        activation's bytes are its producer's."""
+        zero = (0.0,) * self.n
         if not weight_gather(node, src, dst) or node.name not in self.requires_grad:
-            return 0.0
-        if self._first_reader.get(node.name) in self.recomputed or not any(
-                self.graph[u].target not in KEEPS_NOTHING | KEEPS_OUTPUT for u in self._readers[node.name]):
-            return 0.0
-        return float(self.moved_meta(node, src, dst).nbytes)
+            return zero
+        if all(self.graph[u].target in KEEPS_NOTHING | KEEPS_OUTPUT for u in self._readers[node.name]):
+            return zero
+        whole = float(self.moved_meta(node, src, dst).nbytes)
+        on = self.recomputed_on.get(self._first_reader.get(node.name), (False,) * self.n)
+        return tuple(0.0 if x else whole for x in on)
 
     def move_runs(self, node: Node) -> tuple[int, bool]:
         """How often a move of ``node``'s output runs whole in a step (``step_move``), and whether
@@ -518,10 +555,10 @@ class CostModel:
                 parts["activations"] = tuple(x * self.cast_copies[node.name] for x in local)
         elif node.kind == "buffer":
             parts["parameters"] = (float(meta.nbytes),) * self.n
-        elif node.name in self.dropped:
-            pass  # recomputed in backward, not saved (the peak is reserved apart)
         elif node.kind == "input" or node.name in self.saved or node.name in self._loss_part:
             kept = tuple(x * m for x, m in zip(local, self.micro_scale)) if node.follows_batch else local
+            if node.name in self.dropped:  # recomputed in backward, not saved (the peak is reserved apart)
+                kept = tuple(0.0 if on else x for x, on in zip(kept, self.recomputed_on[node.name]))
             if node.name in self._loss_part:  # a chunked loss keeps its logits and nothing of its chain
                 loss, is_logits = self._loss_part[node.name]
                 whole = node.name in self.saved

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 from hap.cost import low_precision_gathers, weight_gather
 from hap.errors import HapError, PlanFileError
 from hap.graph import Graph, Node, TensorMeta
-from hap.moves import move
+from hap.moves import COLLECTIVES, move
 from hap.placement import Placement, Splitter
 from hap.runtime.layout import FORMAT as LAYOUT_FORMAT
 
 if TYPE_CHECKING:
     from hap.plan import Plan
-from hap.rules import RENDERERS, Candidate, Local, is_ref
+from hap.rules import FORWARD_COLLECTIVE_EMITS, RENDERERS, Candidate, Local, is_ref
 from hap.rules.loss import chain_unmoved, chunked_loss, chunked_losses
 
 # the targets train.py calls that are not torch.ops overloads: each is written by a fixed rule
@@ -85,6 +85,11 @@ class Emitter:
         # inside their chain; their chain's lines are not written
         self.chunked = {name: c for name, c in chunked_losses(self.graph).items() if chain_unmoved(c, self.choice)}
         self.unwritten = {x for c in self.chunked.values() for x in c.skipped}
+        # blocks some ranks recompute and others keep: their forward runs no collective but their
+        # weights' gathers, the only ones the ranks that keep them join again (hap.runtime.ops.recompute)
+        counts = getattr(plan, "recompute_counts", ())
+        self.mixed_blocks = {b for i, b in enumerate(getattr(plan, "recompute", ()))
+                             if len({i < k for k in counts}) > 1}
 
     # ---- helpers -----------------------------------------------------------------------
     def lengths(self, size: int, unit: int = 1) -> tuple[int, ...]:
@@ -163,6 +168,9 @@ class Emitter:
             self.converted[key] = var
             self.made_in_block.append(key)
             return var
+        if self.block in self.mixed_blocks and mv.kind in COLLECTIVES:
+            raise PlanFileError(f"the plan moves {name} {have} -> {want} inside {self.block}, which only some ranks "
+                                "recompute: such a block's forward may run only its weights' gathers; re-plan")
         expr = mv.code(name, src, dst, self.form(name, want), cast)  # a move without uneven forms ignores form
         self.lines.append(f"    {var} = {expr}  # {have} -> {want}  ({source})")
         self.converted[key] = var
@@ -238,6 +246,9 @@ class Emitter:
                 self.block, self.made_in_block, self.prefetched = block, [], []
             inside.append(node.name)
             cand = self.choice[node.name]
+            if block in self.mixed_blocks and cand.emit in FORWARD_COLLECTIVE_EMITS:
+                raise PlanFileError(f"the plan runs {node.name} as {cand.emit} inside {block}, which only some ranks "
+                                    "recompute: such a block's forward may run only its weights' gathers; re-plan")
             if cand.emit == "elided" or node.name in self.unwritten:  # computed by another op's rendering
                 continue  # (hap.rules.token_wise: experts; hap.rules.loss: a chunked loss's chain)
             src = _text(_short_source(node.source))
@@ -281,11 +292,14 @@ class Emitter:
             return
         fn = "block_" + "".join(ch if ch.isascii() and ch.isalnum() else "_" for ch in block)
         self.defined.add(fn)
+        # where ranks recompute different numbers of blocks, a rank keeps the activations of those after its count
+        index = self.plan.recompute.index(block)
+        keep = f", keep=layout.recompute_counts[RANK] <= {index}" if self.plan.recompute_counts else ""
         body = ["    " + line for line in self.lines[start:]]
         self.lines[start:] = [f"    def {fn}():  # {_text(block)}: its forward runs again in backward (activation "
                               "checkpointing)", *body,
                               f"        return {', '.join(outs)},",
-                              f"    {', '.join(outs)}, = hr.recompute({fn})"]
+                              f"    {', '.join(outs)}, = hr.recompute({fn}{keep})"]
 
     def expression(self, node: Node, cand: Candidate, refs: list[str]) -> str:
         """The right-hand side of a node's line: the ATen call with local arguments, or the
@@ -552,6 +566,7 @@ LAYOUT = hr.Layout.build(
     lockstep={lockstep},  # True: forward runs collectives, so every rank runs as many micro-batches
     fixed_batch={fixed_batch!r},  # why the forward only runs whole global batches (empty: it runs any)
     random_on_cpu={random_on_cpu},  # GPU models differ: replicated random ops draw on the CPU, alike everywhere
+    recompute_counts={recompute_counts},  # per rank: recomputed blocks it runs again, the rest it keeps (): all
     shapes={shapes},  # state_dict key -> shape the plan was made for
     grad_buckets={grad_buckets},  # replicated params: gradients all-reduced in these buckets, in order
     grad_overlap={grad_overlap},  # True: each bucket is all-reduced during backward, as soon as it is complete
@@ -593,7 +608,7 @@ def rebalanceable(plan: Plan) -> bool:
 def lockstep(plan: Plan) -> bool:
     """Whether forward runs collectives (resharding, batch statistics, experts' all-to-alls), so that
     every rank must call it equally often; a data-parallel forward is local (its loss count is deferred)."""
-    return bool(plan.moves) or any(c.emit in ("sync_batch_norm", "experts") for c in plan.choice().values())
+    return bool(plan.moves) or any(c.emit in FORWARD_COLLECTIVE_EMITS for c in plan.choice().values())
 
 
 def rank_places(plan: Plan) -> tuple[tuple[int, int, int], ...]:
@@ -696,6 +711,7 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         micro=tuple(plan.micro_batches) or (1,) * plan.num_ranks, lockstep=lockstep(plan),
         fixed_batch=tuple(dict.fromkeys(em.fixed_batch)),
         random_on_cpu=len({r.device for r in plan.cluster.ranks if r.device != "cpu"}) > 1,
+        recompute_counts=tuple(plan.recompute_counts),
         precision_text=PRECISION_TEXT[plan.precision], op_imports="".join(f"{line}\n" for line in op_imports(g)),
         unpack="\n".join(unpack + lens_lines), body="\n".join(body),
         shapes={k: tuple(n.meta.shape) for n in g if n.kind in ("param", "buffer") and isinstance(n.meta, TensorMeta)

@@ -157,6 +157,13 @@ class Plan:
     # per rank: how many micro-batches it runs its share in (to fit its memory); () is 1 each
     micro_batches: tuple[int, ...] = ()
     recompute: tuple[str, ...] = ()  # blocks (Graph.blocks) whose forward runs again in backward
+    # per rank: how many of them (the first ones) it runs again (() is all, on every rank); a rank
+    # keeps the others' activations and joins only their weights' gathers (hap.runtime.ops.recompute)
+    recompute_counts: tuple[int, ...] = ()
+
+    def recomputed_blocks(self, rank: int) -> int:
+        """How many of the ``recompute`` blocks ``rank`` runs again in backward."""
+        return self.recompute_counts[rank] if self.recompute_counts else len(self.recompute)
 
     @property
     def num_ranks(self) -> int:
@@ -198,6 +205,10 @@ class Plan:
         if batch is not None:
             need(sum(self.shares) == batch,
                  f"shares {self.shares} sum to {sum(self.shares)}, not the global batch {batch}")
+        need(not self.recompute_counts or len(self.recompute_counts) == len(self.shares),
+             f"{len(self.recompute_counts)} counts of recomputed blocks for {len(self.shares)} ranks; one per rank")
+        need(all(0 <= k <= len(self.recompute) for k in self.recompute_counts),
+             f"counts of recomputed blocks {self.recompute_counts} outside 0..{len(self.recompute)}")
         missing = [n.name for n in self.graph if n.name not in self.nodes]
         need(not missing, f"nodes without a placement: {', '.join(missing[:5])}")
         need(self.lower_bound_step_s <= self.predicted_step_s * 1.0001,
@@ -212,6 +223,7 @@ class Plan:
                 "rank": r, "device": info.device, "node": info.node, "slowdown": info.slowdown,
                 "batch_share": int(self.shares[r]),
                 "micro_batches": int(self.micro_batches[r]) if self.micro_batches else 1,
+                "recomputed_blocks": self.recomputed_blocks(r),
                 "compute_s": self.predicted.compute_s[r],
                 "memory_bytes": int(self.predicted.memory_bytes[r]),
                 "memory_capacity_bytes": int(self.cluster.memory_bytes(r)),
@@ -266,6 +278,7 @@ class Plan:
                 notes=tuple(d.get("notes", [])),
                 micro_batches=tuple(int(r.get("micro_batches", 1)) for r in d["ranks"]),
                 recompute=tuple(str(b) for b in d.get("recompute", [])),
+                recompute_counts=_recompute_counts(d),
             )
         except KeyError as e:
             raise PlanFileError(f"the plan lacks {e.args[0]!r}; re-plan with this version of hap") from None
@@ -294,3 +307,11 @@ class Plan:
         from hap.emit import emit_program
 
         return emit_program(self, Path(out_dir), spec=spec or self.spec, force=force)
+
+
+def _recompute_counts(d: dict[str, Any]) -> tuple[int, ...]:
+    """Per rank, how many of a plan file's recomputed blocks it recomputes; () where every rank
+    recomputes all of them."""
+    n = len(d.get("recompute", []))
+    counts = tuple(int(r.get("recomputed_blocks", n)) for r in d["ranks"])
+    return counts if any(k < n for k in counts) else ()

@@ -39,6 +39,8 @@ def ranks_table(plan: Plan) -> Table:
         share = str(plan.shares[r])
         if plan.micro_batches and plan.micro_batches[r] > 1:  # micro-batches to fit memory
             share += f" in {plan.micro_batches[r]} micro-batches"
+        if plan.recompute_counts:  # ranks recompute different numbers of blocks
+            share += f", {plan.recomputed_blocks(r)} blocks recomputed"
         t.add_row(str(r), dev, str(info.node), share, _ms(plan.predicted.compute_s[r]), _ms(comm),
                   _gb(plan.predicted.memory_bytes[r]), _gb(plan.cluster.memory_bytes(r)))
     return t

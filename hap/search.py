@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from hap.calibrate import resolve
 from hap.cluster import Cluster
-from hap.cost import CostModel, CostSetup
+from hap.cost import CostModel, CostSetup, weight_gather
 from hap.errors import HapError, InfeasiblePlan, PinError
 from hap.graph import Graph, Node
 from hap.placement import Placement, Splitter
@@ -232,7 +232,9 @@ class Search:
                     result = self.solved_under(attempt, setup)
                 except InfeasiblePlan:
                     continue
-                if best is None or result.step_s < best.step_s:
+                # of equal steps, the one that computes least (its shares re-fit further)
+                if best is None or (result.step_s, sum(result.evaluation.compute_s)) < \
+                        (best.step_s, sum(best.evaluation.compute_s)):
                     best = result
             if best is not None:
                 return best
@@ -241,8 +243,9 @@ class Search:
     def memory_levers(self, attempt: Attempt, fill: float = 1.0) -> list[CostSetup]:
         """Where activations overfill some rank, the setups that let the least-memory assignment
         fit in ``fill`` of every rank's memory: its shares in micro-batches there, the fewest
-        blocks recomputed in backward (activation checkpointing, with recompute "auto"), or every
-        block recomputed and the rest in micro-batches."""
+        blocks recomputed in backward (activation checkpointing, with recompute "auto") on every
+        rank or, where some ranks fit with fewer, on each rank the fewest it needs; or every block
+        recomputed and the rest in micro-batches."""
         base, own, restrict = self.setup(attempt.shares), self.candidates(attempt.shares), self.restriction(attempt)
         options = []
         micro = fit_micro_batches(self.graph, self.cluster, self.cost_model(base), own, restrict, fill)
@@ -250,13 +253,22 @@ class Search:
             options.append(dataclasses.replace(base, micro_batches=micro))
         blocks = tuple(self.graph.blocks()) if self.recompute == "auto" else ()
         if blocks:
-            def fitting(k: int) -> bool:
-                setup = dataclasses.replace(base, recompute=blocks[:k])
-                return fits(self.graph, self.cluster, self.cost_model(setup), own, restrict, fill)
+            fitting: dict[int, tuple[bool, ...]] = {}  # k -> per rank, whether it fits with k blocks recomputed
 
-            k = _fewest(fitting, len(blocks))  # fits() only gains from more blocks recomputed
-            if k is not None:
+            def fits_with(k: int, r: int) -> bool:
+                if k not in fitting:
+                    setup = dataclasses.replace(base, recompute=blocks[:k])
+                    fitting[k] = ranks_fitting(self.graph, self.cluster, self.cost_model(setup), own, restrict, fill)
+                return fitting[k][r]
+
+            # per rank, the fewest blocks it recomputes to fit (a rank only gains from more)
+            counts = [_fewest(lambda k, r=r: fits_with(k, r), len(blocks), least=0)
+                      for r in range(self.cluster.num_ranks)]
+            if all(k is not None for k in counts):
+                k = max(counts)
                 options.append(dataclasses.replace(base, recompute=blocks[:k]))
+                if min(counts) < k:  # ranks with room keep the activations of the blocks past their count
+                    options.append(dataclasses.replace(options[-1], recompute_counts=tuple(counts)))
             else:
                 every = dataclasses.replace(base, recompute=blocks)
                 both = fit_micro_batches(self.graph, self.cluster, self.cost_model(every), own, restrict, fill)
@@ -443,12 +455,23 @@ def result_notes(graph: Graph, cluster: Cluster, won: Result, recompute: str) ->
     notes += grad_sync_notes(graph, cluster, won)
     if graph.precision == "fp32":
         notes += faster_precision(graph, cluster, won)
-    blocks = won.setup.recompute
+    blocks, counts = won.setup.recompute, won.setup.recompute_counts
     if blocks:
         notes.append(f"activation checkpointing: {len(blocks)} of {len(graph.blocks())} blocks ("
-                     f"{_span(blocks)}) run their forward again in backward, keeping only their outputs"
+                     f"{_span(blocks)}) run their forward again in backward"
+                     + (" on the ranks that need it" if counts else "") + ", keeping only their outputs"
                      + (" (--recompute all)" if recompute == "all" else ", so that activations fit every rank's "
                         "memory"))
+    if counts:
+        users, all_blocks = graph.users(), graph.blocks()
+        kept = {x for b in blocks[min(counts):] for x in all_blocks[b]}
+        gathered = any(weight_gather(graph[m.producer], m.src, m.dst) and users[m.producer][0] in kept
+                       for m in won.evaluation.moves)
+        per = "; ".join(f"ranks {_ranks_text([r for r, x in enumerate(counts) if x == k])}: {k}"
+                        for k in sorted(set(counts), reverse=True))
+        notes.append(f"blocks recomputed per rank, by its free memory ({per}): a rank keeps the activations of "
+                     "the blocks past its count" + (" and joins only their weight gathers again in backward"
+                                                    if gathered else ""))
     if won.setup.micro_batches:
         notes += micro_batch_notes(cluster, won.setup.shares, won.setup.micro_batches)
     return notes
@@ -470,7 +493,7 @@ def assemble_plan(graph: Graph, cluster: Cluster, won: Result, *, strategy: str,
     lb = lower_bound_s(graph, setup.cost_model(graph, cluster))
     return Plan(graph, cluster, setup.shares, nodes, moves, tuple(ev.grad_synced), predicted, baselines or {}, lb,
                 solve_s, won.status, setup.optimizer, strategy, spec, tuple(warnings or ()), tuple(notes or ()),
-                setup.micro_batches, setup.recompute)
+                setup.micro_batches, setup.recompute, setup.recompute_counts)
 
 
 def _span(labels: tuple[str, ...]) -> str:
@@ -556,15 +579,22 @@ def least_memory_choice(graph: Graph, cm: CostModel, cands: dict, pin) -> dict[s
 
 def fits(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin, fill: float = 1.0) -> bool:
     """Whether the least-memory assignment fits ``fill`` of every rank's memory under ``cm``."""
+    return all(ranks_fitting(graph, cluster, cm, cands, pin, fill))
+
+
+def ranks_fitting(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin,
+                  fill: float = 1.0) -> tuple[bool, ...]:
+    """Per rank, whether the least-memory assignment fits ``fill`` of its memory under ``cm``."""
     report = memory_report(graph, cm, least_memory_choice(graph, cm, cands, pin))
-    return all(row["total"] <= fill * cluster.memory_bytes(r) for r, row in enumerate(report))
+    return tuple(row["total"] <= fill * cluster.memory_bytes(r) for r, row in enumerate(report))
 
 
-def _fewest(ok: Callable[[int], bool], n: int) -> int | None:
-    """The least k in 1..n with ``ok(k)``, for ``ok`` monotone in k (bisection); None if ``ok(n)`` fails."""
+def _fewest(ok: Callable[[int], bool], n: int, least: int = 1) -> int | None:
+    """The least k in ``least``..n with ``ok(k)``, for ``ok`` monotone in k (bisection); None if
+    ``ok(n)`` fails."""
     if not ok(n):
         return None
-    lo, hi = 1, n
+    lo, hi = least, n
     while lo < hi:
         mid = (lo + hi) // 2
         if ok(mid):

@@ -46,7 +46,7 @@ from hap.graph import Graph, Node, TensorMeta
 from hap.moves import COLLECTIVES
 from hap.placement import Placement, R, S
 from hap.quiet import library_output
-from hap.rules import Candidate, RuleContext, candidates
+from hap.rules import FORWARD_COLLECTIVE_EMITS, Candidate, RuleContext, candidates
 from hap.rules.token_wise import token_wise_candidates
 from hap.runtime.shares import largest_remainder
 
@@ -160,15 +160,16 @@ def block_gathers(graph: Graph, moves: list[ChosenMove], before: dict[str, list[
     return out
 
 
-def kept_bytes(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> float:
-    """Bytes on every rank of the weights ``choice`` gathers whole and keeps until backward
+def kept_bytes(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> tuple[float, ...]:
+    """Per rank, the bytes of the weights ``choice`` gathers whole and keeps until backward
     (``CostModel.kept_move_bytes``)."""
     rd = readers(graph)
-    kept = 0.0
+    kept = [0.0] * cm.n
     for p in graph.params():
         src = choice[p.name].output
-        kept += sum(cm.kept_move_bytes(p, src, q) for q in {choice[v].inputs[k] for v, k in rd[p.name]} if q != src)
-    return kept
+        for q in {choice[v].inputs[k] for v, k in rd[p.name]} - {src}:
+            kept = [a + b for a, b in zip(kept, cm.kept_move_bytes(p, src, q))]
+    return tuple(kept)
 
 
 @dataclass
@@ -234,8 +235,9 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
               if choice[p.name].output.kind == "R" and isinstance(p.meta, TensorMeta) and p.name in cm.requires_grad]
     overlap = cm.n > 1 and overlap_blocker(cm.cluster, cm.n, moves) is None
     buckets, gs = grad_sync_schedule(graph, cm, choice, synced, overlap)
-    temporary = collective_temporary(graph, cm, choice, moves) + kept_bytes(graph, cm, choice)
-    mem = [x + temporary for x in mem]  # the collectives' buffers, the weights gathered and saved whole
+    # the collectives' buffers, and the weights gathered and saved whole
+    temporary = collective_temporary(graph, cm, choice, moves)
+    mem = [x + temporary + k for x, k in zip(mem, kept_bytes(graph, cm, choice))]
     return Evaluation(critical + comm + gs, tuple(per_rank), critical, comm, gs, tuple(mem), moves,
                       [p for b in buckets for p in b], buckets, overlap, by_kind["param"], by_kind["input"])
 
@@ -292,8 +294,7 @@ def scatter_exposure(graph: Graph, cm: CostModel, choice: dict[str, Candidate], 
     now = channel = waited = 0.0
     for node in reversed(list(graph)):
         if node.kind == "op" and node.name in cm.requires_grad:
-            bwd = cm.backward_factor(node) + (1.0 if node.name in cm.recomputed else 0.0)
-            now += max(cm.compute_s(node, choice[node.name])) * bwd / (1 + bwd) / per_run
+            now += cm.forward_backward_s(node, choice[node.name])[1] / per_run
         for i in reversed(before.get(node.name, [])):
             if i in scatters:
                 channel = max(now, channel) + scatters[i]
@@ -342,8 +343,7 @@ def prefetch_exposure(graph: Graph, cm: CostModel, choice: dict[str, Candidate],
                 now += wait
             node = graph[v]
             if node.kind == "op":  # its forward: not its backward, nor its recomputation in backward
-                rest = cm.backward_factor(node) + (1.0 if v in cm.recomputed else 0.0)
-                now += max(cm.compute_s(node, choice[v])) / (1 + rest) / per_run
+                now += cm.forward_backward_s(node, choice[v])[0] / per_run
     return exposed
 
 
@@ -372,8 +372,7 @@ def grad_sync_schedule(graph: Graph, cm: CostModel, choice: dict[str, Candidate]
     clock = 0.0
     for node in reversed(list(graph)):
         if node.kind == "op" and node.name in cm.requires_grad:
-            bwd = cm.backward_factor(node)
-            clock += max(cm.compute_s(node, choice[node.name])) * bwd / (1 + bwd)
+            clock += cm.forward_backward_s(node, choice[node.name])[1]
         done_at[order[node.name]] = clock
     bwd_total = clock
     ready = {p: done_at.get(first_reader.get(p, 0), bwd_total) for p in synced}
@@ -470,8 +469,9 @@ class _PlacementMilp:
         self.y: dict[tuple[str, str], pulp.LpVariable] = {}
         self.z: dict[tuple, dict[tuple[Placement, Placement], Any]] = {}
         self.moves: dict[tuple, tuple[Any, float, int]] = {}  # (mkey, p, q) -> (mv, seconds, producers)
-        self.kept: dict[tuple, float] = {}  # (mkey, p, q) -> bytes its moves keep on every rank until backward
+        self.kept: dict[tuple, tuple[float, ...]] = {}  # (mkey, p, q) -> per rank, bytes its moves keep until backward
         self.objective: list = []
+        self._readers = readers(graph)
         self._one_hot()
         self._compute()
         self._edges()
@@ -482,9 +482,17 @@ class _PlacementMilp:
     def _allowed(self, cands: dict[str, list[Candidate]],
                  pin: Callable[[Node, Candidate], bool] | None) -> dict[str, list[Candidate]]:
         """Each node's candidates that ``pin`` admits (its first where ``pin`` admits none). A
-        representative keeps only what all its members can take, unless that leaves it none."""
-        allowed = {name: [c for c in cs if pin is None or pin(self.graph[name], c)] or cs[:1]
-                   for name, cs in cands.items()}
+        representative keeps only what all its members can take, unless that leaves it none.
+        An op of a block that only some ranks recompute takes no candidate that runs a collective
+        in forward (``CostModel.recomputed_mixed``)."""
+        mixed = self.cm.recomputed_mixed
+
+        def admits(name: str, c: Candidate) -> bool:
+            if name in mixed and c.emit in FORWARD_COLLECTIVE_EMITS:
+                return False
+            return pin is None or pin(self.graph[name], c)
+
+        allowed = {name: [c for c in cs if admits(name, c)] or cs[:1] for name, cs in cands.items()}
         for name, own in list(allowed.items()):
             r = self.rep[name]
             if r != name:
@@ -523,7 +531,7 @@ class _PlacementMilp:
     def _edges(self) -> None:
         """Per tensor, a transport to each reader (``_transport``) and the collectives the
         transports need (``_moves``); the loss is also read in P, as ``evaluate`` scores it."""
-        rd = readers(self.graph)
+        rd = self._readers
         for node in self.graph:
             u = node.name
             if not isinstance(node.meta, (TensorMeta, list)):
@@ -566,17 +574,24 @@ class _PlacementMilp:
         """mv ≥ z[key][p,q] over the readers of ``node``, for each conversion p→q that costs time.
         One mv serves every reader, so a collective is paid once however many read it; tied
         producers with tied readers share the mv (keyed by representative and readers), priced
-        once per producer. A conversion that cannot be made (a list output re-placed, or one the
-        cost model prices INF) bounds its cells to 0."""
+        once per producer. A conversion that cannot be made (a list output re-placed, a collective
+        inside a chunked loss's chain or, but a weight's gather, inside a block only some ranks
+        recompute, or one the cost model prices INF) bounds its cells to 0."""
         u = node.name
         mkey = (self.rep[u], tuple(sorted(set(reader_keys))))
+        # the program runs a chunked loss's chain as one op; the ranks that keep a block's
+        # activations join only its weights' gathers again in backward (hap.runtime.ops.recompute)
+        in_mixed = any(v in self.cm.recomputed_mixed for v, _ in self._readers[u])
         for p, q in sorted({pq for key in reader_keys for pq in self.z[key]}):
             if p == q:
                 continue
             if isinstance(node.meta, list) or u in self.cm.unkept:
-                cost = INF  # a list is not re-placed; a chunked loss runs its chain as one op, no collective inside
+                cost = INF
             else:
-                cost = self.cm.step_move(node, p, q).seconds
+                priced = self.cm.step_move(node, p, q)
+                cost = priced.seconds
+                if in_mixed and priced.kind in COLLECTIVES and not weight_gather(node, p, q):
+                    cost = INF
             if cost == 0:
                 continue
             if cost == INF:
@@ -593,8 +608,9 @@ class _PlacementMilp:
             mv, c0, count = self.moves[mkey, p, q]
             self.moves[mkey, p, q] = (mv, c0, count + 1)
             kept = self.cm.kept_move_bytes(node, p, q)
-            if kept:  # bytes on every rank, per tied producer
-                self.kept[mkey, p, q] = self.kept.get((mkey, p, q), 0.0) + kept
+            if any(kept):  # bytes per rank, per tied producer
+                before = self.kept.get((mkey, p, q), (0.0,) * self.cm.n)
+                self.kept[mkey, p, q] = tuple(a + b for a, b in zip(before, kept))
 
     def _memory(self) -> None:
         """Σ_n bytes_r(n,c)·y[n,c] ≤ rank r's memory less the recomputed block's activations and
@@ -611,17 +627,19 @@ class _PlacementMilp:
         group = np.array([list(self.members).index(name) for name, _, _ in keys], dtype=np.int64)
         worst = np.zeros((len(self.members), cm.n))
         np.maximum.at(worst, group, mem)  # per representative, its largest choice on each rank
-        kept = sum(self.kept.values())  # weights gathered whole and saved, at most
-        binding = [r for r in range(cm.n) if worst[:, r].sum() + kept > caps[r]]
+        kept = np.array([sum(b[r] for b in self.kept.values()) for r in range(cm.n)])  # weights saved whole, at most
+        binding = [r for r in range(cm.n) if worst[:, r].sum() + kept[r] > caps[r]]
         if not binding:
             return
         moved = [(self.moves[key][0], b) for key, b in self.kept.items()]
         # ranks with the same capacity and coefficients (same device, slowdown and lengths) share one row
-        _, first = np.unique(np.vstack([mem[:, binding], caps[binding][None, :]]).T, axis=0, return_index=True)
+        table = np.vstack([mem[:, binding], caps[binding][None, :], kept[binding][None, :]]
+                          + [np.array([b[r] for r in binding])[None, :] for _, b in moved])
+        _, first = np.unique(table.T, axis=0, return_index=True)
         for i in sorted(first):
             r = binding[i]
             self.prob += (pulp.lpSum(float(b) * v for (_, _, v), b in zip(keys, mem[:, r]) if b)
-                          + pulp.lpSum(b * mv for mv, b in moved) <= caps[r]), f"mem_{r}"
+                          + pulp.lpSum(b[r] * mv for mv, b in moved if b[r]) <= caps[r]), f"mem_{r}"
 
     def choice(self) -> dict[str, Candidate]:
         """Each node's candidate from the solution: the one its representative's y takes, by
@@ -653,8 +671,8 @@ def memory_report(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> 
             for r, b in enumerate(per_rank):
                 out[r][part] += b
     kept = kept_bytes(graph, cm, choice)  # weights gathered whole and saved for backward
-    for row, peak in zip(out, cm.activation_reserve):
-        row["activations"] += peak + kept  # a recomputed block's activations, the largest transient output
+    for row, peak, k in zip(out, cm.activation_reserve, kept):
+        row["activations"] += peak + k  # a recomputed block's activations, the largest transient output
         row["total"] = sum(row.values())
     return out
 

@@ -265,8 +265,8 @@ def test_a_weight_read_only_by_autocast_matmuls_is_gathered_in_their_dtype():
 def test_a_weight_gathered_whole_and_saved_for_backward_counts_in_memory():
     """A linear keeps its weight for backward: gathered whole, that is the whole weight on every
     rank (its bf16 copy where it is gathered as one); where the linear's block is recomputed the
-    gather is made again in backward and nothing is kept from forward. A replicated-to-shard
-    slice keeps nothing new."""
+    gather is made again in backward and nothing is kept from forward, on the ranks that
+    recompute it. A replicated-to-shard slice keeps nothing new."""
     from hap.precision import training_graph
 
     graph = captured(load_example("gpt"))[2]
@@ -274,8 +274,11 @@ def test_a_weight_gathered_whole_and_saved_for_backward_counts_in_memory():
     cluster = load_cluster(None)
     plain, half = (CostSetup((12, 4)).cost_model(g, cluster) for g in (graph, low))
     again = CostSetup((12, 4), recompute=("blocks.0",)).cost_model(graph, cluster)
+    mixed = CostSetup((12, 4), recompute=("blocks.0",), recompute_counts=(1, 0)).cost_model(graph, cluster)
     w = graph["p_blocks_0_qkv_weight"]
-    assert plain.kept_move_bytes(w, S(0), R) == w.meta.nbytes
-    assert half.kept_move_bytes(low[w.name], S(0), R) == w.meta.nbytes / 2
-    assert again.kept_move_bytes(w, S(0), R) == 0
-    assert plain.kept_move_bytes(w, R, S(0)) == 0 and plain.kept_move_bytes(graph["layer_norm"], S(0), R) == 0
+    b = float(w.meta.nbytes)
+    assert plain.kept_move_bytes(w, S(0), R) == (b, b)
+    assert half.kept_move_bytes(low[w.name], S(0), R) == (b / 2, b / 2)
+    assert again.kept_move_bytes(w, S(0), R) == (0, 0)
+    assert mixed.kept_move_bytes(w, S(0), R) == (0, b)  # the rank that keeps the block keeps its gathered weight
+    assert plain.kept_move_bytes(w, R, S(0)) == (0, 0) and plain.kept_move_bytes(graph["layer_norm"], S(0), R) == (0, 0)

@@ -104,3 +104,31 @@ def test_activations_of_one_sample_over_a_card_fit_by_recomputing_the_fewest_blo
     # recomputing costs a forward of each recomputed block again: more compute than all blocks kept
     everything = plan_graph(graph, cluster, recompute="all")
     assert everything.predicted.critical_compute_s > plan.predicted.critical_compute_s
+
+
+def test_ranks_with_room_keep_the_activations_that_the_others_recompute():
+    # 12 sequences of 16k tokens on 4 V100-16GB + 4 A100-80GB: a V100 must recompute most blocks
+    # to fit, an A100 has the room to keep them all and skip that forward again
+    import dataclasses
+
+    from hap.cost import CostSetup
+    from hap.plan import Plan
+    from hap.report import plan_text
+    from hap.solve import evaluate
+
+    with torch.device("meta"):
+        graph = capture(Deep(1024, 48), (torch.randn(12, 16384, 1024),))
+    cluster = load_cluster(MIXED)
+    plan = plan_graph(graph, cluster)
+    v100, a100 = range(4), range(4, 8)
+    assert plan.recompute and plan.recompute_counts == (len(plan.recompute),) * 4 + (0,) * 4
+    for r in range(cluster.num_ranks):
+        assert plan.predicted.memory_bytes[r] <= cluster.memory_bytes(r)
+    assert min(plan.predicted.memory_bytes[r] for r in a100) > 2 * max(plan.predicted.memory_bytes[r] for r in v100)
+    assert "ranks 0..3: 29; ranks 4..7: 0".replace("29", str(len(plan.recompute))) in plan_text(plan)
+    assert Plan.from_json(plan.to_json()).recompute_counts == plan.recompute_counts
+    # the same placements with every rank recomputing: the A100s compute more
+    every = CostSetup.of_plan(dataclasses.replace(plan, recompute_counts=())).cost_model(graph, cluster)
+    ev = evaluate(graph, every, plan.choice())
+    assert all(ev.compute_s[r] > plan.predicted.compute_s[r] * 1.2 for r in a100)
+    assert all(ev.compute_s[r] == pytest.approx(plan.predicted.compute_s[r]) for r in v100)

@@ -692,3 +692,31 @@ def test_adam_takes_torchs_fused_step_and_steps_as_the_unfused_one(name):
         opt.step()
         plain.step()
     assert torch.allclose(w, twin, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_kept_block_runs_once_and_starts_its_gathers_again_where_backward_would_recompute_it(keep, monkeypatch):
+    # a rank that recomputes a block runs its forward again in backward; a rank that keeps it
+    # runs it once, and starts the block's weight gathers again (recorded in forward) at
+    # backward's first use of the block's saved tensors: where the other ranks recompute it
+    from hap.runtime import prefetch
+
+    again = []
+    monkeypatch.setattr(prefetch, "start_again", lambda specs: again.append(list(specs)))
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    w = torch.randn(4, 4, requires_grad=True)
+    runs = []
+
+    def block():
+        runs.append(1)
+        gathers = hr.Prefetch([(w, 0, [4], "padded", None)])
+        return torch.tanh(x @ gathers.take(0)),
+
+    y, = hr.recompute(block, keep=keep)
+    assert len(runs) == 1 and again == []
+    y.sum().backward()
+    want = torch.autograd.grad(torch.tanh(x @ w).sum(), w)[0]
+    assert torch.equal(w.grad, want)
+    assert len(runs) == (1 if keep else 2)
+    assert [[spec[0] is w for spec in specs] for specs in again] == ([[True]] if keep else [])

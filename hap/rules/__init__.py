@@ -45,8 +45,15 @@ class Local:
         return cls(node.out.shape[dim], unit, batch=fc if fc and fc[0] else ())
 
 
+FORWARD_COLLECTIVE_EMITS = ("sync_batch_norm", "experts")  # renderings that run a collective in forward
+
+
 @dataclass(frozen=True)
 class Candidate:
+    """One way to compute a node: its inputs' and output's placements, the batch split it
+    follows, and how the emitter writes it (``emit``: an ATen call, or a rendering its rule's
+    family registered; those in ``FORWARD_COLLECTIVE_EMITS`` communicate in forward)."""
+
     name: str
     inputs: tuple[Placement, ...]
     output: Placement

@@ -4,7 +4,8 @@
 passes it with its forward to ``hap.runtime.program.main``. The runtime places it on a rank
 (``placed``), follows a re-balancing with ``with_shares`` and a micro-batch with ``with_rows``:
 each returns a new value, and nothing writes into the program's module. The forward reads only
-its ``layout`` argument (``rank``, ``rows``, ``lengths``, ``device``, ``random_on_cpu``).
+its ``layout`` argument (``rank``, ``rows``, ``lengths``, ``device``, ``random_on_cpu``,
+``recompute_counts``).
 
 A rank's part of the model is named here, per placeholder: ``params`` holds each parameter's
 sharded dim and per-rank lengths, so a rank that owns only some parameters (a big model built
@@ -83,6 +84,8 @@ class Layout:
     optimizer        the default of --optimizer: the optimizer whose state the plan's memory counts
     grad_reduce      the dtype grad_buckets are all-reduced in: "fp32" or "bf16"
     rebalance        shares may change while the program runs (measured speeds)
+    recompute_counts per rank: how many of the recomputed blocks (the first ones) it runs again in
+                     backward; it keeps the others' activations (``hap.runtime.ops.recompute``); (): all
     rank, device     this rank and its device (``placed``)
     rows             per rank: the samples forward runs (a micro-batch's; the shares otherwise)
     """
@@ -109,6 +112,7 @@ class Layout:
     optimizer: str
     grad_reduce: str
     rebalance: bool
+    recompute_counts: tuple[int, ...] = ()
     rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     rows: tuple[int, ...] = ()
@@ -182,6 +186,7 @@ class Layout:
         d["shapes"] = {k: tuple(v) for k, v in d["shapes"].items()}
         for name in ("shares", "slowdown", "devices", "inputs", "micro_batches", "fixed_batch", "rows"):
             d[name] = tuple(d[name])
+        d["recompute_counts"] = tuple(d.get("recompute_counts", ()))
         return cls.build(fmt, **d)
 
 

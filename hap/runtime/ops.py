@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from . import dist as _d
+from . import prefetch
 from .collectives import _lengths, all_reduce
 
 
@@ -62,9 +63,38 @@ def sync_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     return y.to(x.dtype)
 
 
-def recompute(block):
+def recompute(block, keep: bool = False):
     """Run ``block()`` (a function of no arguments returning a tuple of tensors) under activation
     checkpointing: its intermediate activations are not kept, and backward runs its forward
-    again (with the same random state) to get them. Collectives inside run again too, on every
-    rank in the same order, since every rank recomputes the same blocks."""
-    return torch.utils.checkpoint.checkpoint(block, use_reentrant=False)
+    again (with the same random state) to get them, all of it: the collectives inside then run
+    again on every rank in one order.
+
+    ``keep``: this rank has the memory for the block's activations, and only some ranks
+    recompute it. It keeps them and skips the recomputation; the only collectives such a
+    block's forward runs are its weights' gathers (``hap.runtime.prefetch``), and this rank
+    starts them again at the point of backward where the others recompute: backward's first
+    use of a tensor the block saved."""
+    if not keep:
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            return torch.utils.checkpoint.checkpoint(block, use_reentrant=False)
+    again = _GathersAgain()
+    with prefetch.recorded() as again.specs, torch.autograd.graph.saved_tensors_hooks(again.pack, again.unpack):
+        return block()
+
+
+class _GathersAgain:
+    """Saved-tensor hooks of a kept block: a tensor is kept as it is; the first one backward
+    unpacks starts the block's recorded gathers again (``hap.runtime.prefetch.start_again``)."""
+
+    def __init__(self) -> None:
+        self.specs: list = []
+        self.done = False
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.done:
+            self.done = True
+            prefetch.start_again(self.specs)
+        return t

@@ -5,7 +5,10 @@ makes one ``Prefetch`` of its weights' gathers in the order it reads them. The f
 starts when the block starts; taking gather ``i`` starts gather ``i + 1`` and then waits for
 gather ``i``, so each weight moves while the rank computes with the one before it, and at most
 two gathered weights of a block are in flight. A block recomputed in backward makes its
-``Prefetch`` again, and its gathers overlap the recomputation the same way.
+``Prefetch`` again, and its gathers overlap the recomputation the same way. A rank that keeps
+such a block's activations instead (``hap.runtime.ops.recompute``) records the gathers its
+forward starts (``recorded``) and starts them again where the others recompute
+(``start_again``): collectives run on every rank in one order.
 
 Taken, a gather is the same differentiable all-gather as ``hap.runtime.all_gather`` (its
 backward the reduce-scatter of the gradient, cast back to the weight's dtype first where the
@@ -17,7 +20,8 @@ the same schedule (``hap.solve.prefetch_exposure``, ``hap.solve.scatter_exposure
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -39,6 +43,43 @@ class _Prefetched(torch.autograd.Function):
         return scatter_back(ctx, g), None, None, None, None
 
 
+Spec = tuple[torch.Tensor, int, tuple[int, ...], str, "str | None"]  # (shard, dim, lengths, form, cast)
+_recorders: list[list[Spec]] = []  # one per open ``recorded``: the gathers started inside, in order
+
+
+@contextmanager
+def recorded() -> Iterator[list[Spec]]:
+    """The gathers that every ``Prefetch`` starts inside the block, in the order they start."""
+    out: list[Spec] = []
+    _recorders.append(out)
+    try:
+        yield out
+    finally:
+        _recorders.pop()
+
+
+def _begin(spec: Spec) -> Callable[[], torch.Tensor]:
+    """Start the gather ``spec``; the returned function waits for it."""
+    x, dim, ls, form, cast = spec
+    low = x.detach() if cast is None else x.detach().to(LOW_DTYPES[cast])
+    return _gather_start(low, dim, ls, form, async_op=True)
+
+
+def start_again(specs: Sequence[Spec]) -> None:
+    """Run the gathers ``specs`` once more, each started one ahead of waiting for the one before
+    as ``Prefetch`` runs them, and drop what they gather."""
+    if not _d.is_distributed():
+        return
+    waiting = None
+    for spec in specs:
+        started = _begin(spec)
+        if waiting is not None:
+            waiting()
+        waiting = started
+    if waiting is not None:
+        waiting()
+
+
 class Prefetch:
     """The all-gathers of one block's sharded weights, each started one ahead of its use.
 
@@ -57,12 +98,9 @@ class Prefetch:
     def _start(self, i: int) -> None:
         if i >= len(self._specs) or i in self._started or i in self._taken:
             return
-        x, dim, ls, form, cast = self._specs[i]
-        if not _d.is_distributed():
-            self._started[i] = _local_step
-            return
-        low = x.detach() if cast is None else x.detach().to(LOW_DTYPES[cast])
-        self._started[i] = _gather_start(low, dim, ls, form, async_op=True)
+        if _recorders:
+            _recorders[-1].append(self._specs[i])
+        self._started[i] = _begin(self._specs[i]) if _d.is_distributed() else _local_step
 
     def take(self, i: int) -> torch.Tensor:
         """Gather ``i``'s whole weight (differentiable), once gather ``i + 1`` has started."""

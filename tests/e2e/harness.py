@@ -56,10 +56,12 @@ def plan_for(spec_path: str, cluster: str, pins: dict[str, str] | None = None, p
 def run_exact(spec_path: str, cluster: str, tmp: Path, steps: int = 3, lr: float = 0.05,
               pins: dict[str, str] | None = None, precision: str = "fp32", grad_reduce: str = "fp32",
               train: dict | None = None, train_args: list[str] = (), recompute: str = "auto",
-              experts: str = "auto"):
+              experts: str = "auto", edit=None):
     """Returns (plan, max relative loss error, max relative parameter error); the run's
-    --log-json is at tmp/log.json."""
+    --log-json is at tmp/log.json. ``edit`` (a function of the plan) changes the plan before it
+    is emitted."""
     plan = plan_for(spec_path, cluster, pins, precision, grad_reduce, recompute, experts)
+    plan = edit(plan) if edit else plan
     emit_program(plan, tmp / "out", spec=spec_path)
     log, dump = tmp / "log.json", tmp / "params.pt"
     p = torchrun(plan.num_ranks, tmp / "out" / "train.py",

@@ -3,6 +3,7 @@ warm-up and cosine schedule, and clipping by the whole model's gradient norm on 
 shards weights (a program that clipped each shard by its own norm would differ)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -88,6 +89,22 @@ def test_recomputed_blocks_in_micro_batches_train_exactly(spec, cluster, pins, t
     if pins:
         block = text.split("def block_blocks_1")[1].split("hr.recompute")[0]
         assert "= hr.Prefetch([" in block and block.count("gathers_blocks_1.take(") == 4, block
+    assert loss_err < 1e-5 and param_err < 1e-4, (loss_err, param_err)
+
+
+def test_ranks_that_keep_recomputed_blocks_join_their_gathers_and_train_exactly(tmp_path):
+    # the search gives each rank the fewest blocks it must recompute; here rank 0 keeps both
+    # blocks, rank 1 recomputes both and rank 2 only the first. A rank that keeps a block starts
+    # its four weight gathers again where the others recompute it, so the collectives pair up
+    def counts(plan):
+        return dataclasses.replace(plan, recompute_counts=(0, 2, 1))
+
+    plan, loss_err, param_err = run_exact(str(ROOT / "examples/gpt.py"), str(CLUSTERS / "cpu-1-2-4.toml"), tmp_path,
+                                          steps=3, recompute="all", pins=GPT_GATHERED, edit=counts,
+                                          train_args=["--micro-batches", "2"])
+    text = (tmp_path / "out" / "train.py").read_text()
+    assert "recompute_counts=(0, 2, 1)" in text
+    assert "keep=layout.recompute_counts[RANK] <= 0)" in text and "keep=layout.recompute_counts[RANK] <= 1)" in text
     assert loss_err < 1e-5 and param_err < 1e-4, (loss_err, param_err)
 
 
