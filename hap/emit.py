@@ -81,6 +81,7 @@ class Emitter:
         self.block_of = self.graph.block_of()
         self.block: str | None = None  # the block whose ops are being written
         self.prefetched: list[str] = []  # the block's weight gathers, as hr.Prefetch takes them
+        self.block_collective = False  # the block runs a collective besides its weight gathers
         # cross-entropies run in chunks (hap.rules.loss.chunked_losses), where the plan moves nothing
         # inside their chain; their chain's lines are not written
         self.chunked = {name: c for name, c in chunked_losses(self.graph).items() if chain_unmoved(c, self.choice)}
@@ -164,10 +165,11 @@ class Emitter:
             self.prefetched.append(f"({name}, {', '.join(repr(a) for a in args)}, {kwargs['form']!r}, "
                                    f"{kwargs.get('cast')!r})")
             self.lines.append(f"    {var} = <gathers>.take({len(self.prefetched) - 1})  # {have} -> {want}, "
-                              f"gathered one ahead of use  ({source})")
+                              f"gathered ahead of use  ({source})")
             self.converted[key] = var
             self.made_in_block.append(key)
             return var
+        self.block_collective |= mv.kind in COLLECTIVES
         if self.block in self.mixed_blocks and mv.kind in COLLECTIVES:
             raise PlanFileError(f"the plan moves {name} {have} -> {want} inside {self.block}, which only some ranks "
                                 "recompute: such a block's forward may run only its weights' gathers; re-plan")
@@ -244,8 +246,10 @@ class Emitter:
                 self.end_block(block, start, inside, users, recomputed)
                 block, start, inside = self.block_of.get(node.name), len(self.lines), []
                 self.block, self.made_in_block, self.prefetched = block, [], []
+                self.block_collective = False
             inside.append(node.name)
             cand = self.choice[node.name]
+            self.block_collective |= cand.emit in FORWARD_COLLECTIVE_EMITS
             if block in self.mixed_blocks and cand.emit in FORWARD_COLLECTIVE_EMITS:
                 raise PlanFileError(f"the plan runs {node.name} as {cand.emit} inside {block}, which only some ranks "
                                     "recompute: such a block's forward may run only its weights' gathers; re-plan")
@@ -267,15 +271,19 @@ class Emitter:
     def end_block(self, block: str | None, start: int, names: list[str], users: dict[str, list[str]],
                   recomputed: set[str]) -> None:
         """Close the lines from ``start`` on (block ``block``'s ops, or ops outside any block): its
-        weights' gathers start one ahead of use (``hr.Prefetch``, made where the block starts), and
-        a recomputed block becomes its function."""
+        weights' gathers start ahead of use (``hr.Prefetch``, made where the block starts: all of
+        them then, unless the block runs other collectives, which would queue behind them; then
+        each one ahead), and a recomputed block becomes its function."""
         if block is None:
             return
         if self.prefetched:
             var = "gathers_" + "".join(ch if ch.isascii() and ch.isalnum() else "_" for ch in block)
             self.defined.add(var)
-            self.lines.insert(start, f"    {var} = hr.Prefetch([{', '.join(self.prefetched)}])  # {_text(block)}'s "
-                                     "weights, each gathered while the rank computes with the one before")
+            how = ("each gathered while the rank computes with the one before" if self.block_collective else
+                   "all gathered one after the other while the rank computes")
+            ahead = "" if self.block_collective else ", ahead=None"
+            self.lines.insert(start, f"    {var} = hr.Prefetch([{', '.join(self.prefetched)}]{ahead})  # "
+                                     f"{_text(block)}'s weights, {how}")
             for i in range(start + 1, len(self.lines)):
                 self.lines[i] = self.lines[i].replace("<gathers>", var)
         if block in recomputed:

@@ -137,19 +137,25 @@ def move_places(graph: Graph, choice: dict[str, Candidate],
 def collective_temporary(graph: Graph, cm: CostModel, choice: dict[str, Candidate],
                          moves: list[ChosenMove]) -> float:
     """The most a plan's collectives allocate at once while they run: one at a time, except a
-    block's weight gathers, which run one ahead (``hap.runtime.Prefetch``: while gather i is
-    waited for, i+1 is in flight); a weight gathered as its low-precision copy moves that copy."""
+    block's weight gathers (``hap.runtime.Prefetch``), all in flight at once where they start
+    with the block, else two (while gather i is waited for, i+1 is in flight); a weight
+    gathered as its low-precision copy moves that copy."""
     sizes = [cm.move_temporary_bytes(cm.moved_meta(graph[m.producer], m.src, m.dst), m.src, m.dst, m.priced)
              for m in moves]
     before, _ = move_places(graph, choice, moves)
-    pairs = [sizes[a] + sizes[b] for gathers in block_gathers(graph, moves, before).values()
-             for a, b in zip(gathers, gathers[1:])]
-    return max(sizes + pairs, default=0.0)
+    blocks = graph.blocks()
+    together = []
+    for b, gathers in block_gathers(graph, moves, before).items():
+        if gathers_ahead(graph, choice, moves, before, blocks[b]) is None:
+            together.append(sum(sizes[i] for i in gathers))
+        else:
+            together += [sizes[i] + sizes[j] for i, j in zip(gathers, gathers[1:])]
+    return max(sizes + together, default=0.0)
 
 
 def block_gathers(graph: Graph, moves: list[ChosenMove], before: dict[str, list[int]]) -> dict[str, list[int]]:
     """Per block, the weight gathers (``hap.cost.weight_gather``, by index in ``moves``) it starts
-    one ahead of use, in the order it takes them (``hap.runtime.Prefetch``); ``before`` is where
+    ahead of use, in the order it takes them (``hap.runtime.Prefetch``); ``before`` is where
     the moves run (``move_places``)."""
     out: dict[str, list[int]] = {}
     for b, names in graph.blocks().items():
@@ -158,6 +164,22 @@ def block_gathers(graph: Graph, moves: list[ChosenMove], before: dict[str, list[
         if gathers:
             out[b] = gathers
     return out
+
+
+def gathers_ahead(graph: Graph, choice: dict[str, Candidate], moves: list[ChosenMove], before: dict[str, list[int]],
+                  names: list[str]) -> int | None:
+    """How many of a block's weight gathers run ahead of the one it waits for, as
+    ``hap.emit`` writes its ``hr.Prefetch``: all of them (None) where the block (its nodes
+    ``names``) runs no other collective, else one, so that its other collectives do not queue
+    behind all of its gathers."""
+    for v in names:
+        if choice[v].emit in FORWARD_COLLECTIVE_EMITS:
+            return 1
+        for i in before.get(v, []):
+            m = moves[i]
+            if m.priced.kind in COLLECTIVES and not weight_gather(graph[m.producer], m.src, m.dst):
+                return 1
+    return None
 
 
 def kept_bytes(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> tuple[float, ...]:
@@ -311,19 +333,24 @@ def scatter_exposure(graph: Graph, cm: CostModel, choice: dict[str, Candidate], 
 
 def prefetch_exposure(graph: Graph, cm: CostModel, choice: dict[str, Candidate],
                       moves: list[ChosenMove]) -> dict[int, float]:
-    """Per weight gather that a block starts one ahead of use (``block_gathers``), by index in
+    """Per weight gather that a block starts ahead of use (``block_gathers``), by index in
     ``moves``, the seconds of one run of its forward that the rank waits for it, as the program
-    runs the block: the block's first gather starts with the block; taking gather i starts
-    gather i+1 (behind i on the one process group), then waits for i; a block's other
-    collectives wait for the gathers in flight; ops compute at the slowest rank's forward part
-    of one run. A recomputed block runs the same schedule again in backward."""
+    runs the block: where the block runs no other collective, its gathers all start with it, one
+    after the other on the one process group; else the first starts with the block, and taking
+    gather i starts gather i+1 (behind i), then waits for i, and the block's other collectives
+    wait for the gathers in flight (``gathers_ahead``). Ops compute at the slowest rank's
+    forward part of one run. A recomputed block runs the same schedule again in backward."""
     before, _ = move_places(graph, choice, moves)
     blocks = graph.blocks()
     exposed: dict[int, float] = {}
     per_run = max(cm.micro)  # a weight moves whole in each micro-batch, an activation a k-th of its rows
     for b, gathers in block_gathers(graph, moves, before).items():
-        now, channel = 0.0, moves[gathers[0]].priced.forward_s / per_run
-        ends, last = {gathers[0]: channel}, gathers[0]
+        ahead = gathers_ahead(graph, choice, moves, before, blocks[b])
+        now, channel, ends = 0.0, 0.0, {}
+        for i in gathers[:1] if ahead else gathers:  # started with the block
+            channel += moves[i].priced.forward_s / per_run
+            ends[i] = channel
+        last = gathers[0] if ahead else gathers[-1]
         for v in blocks[b]:
             for i in before.get(v, []):
                 one = moves[i].priced.forward_s / per_run
@@ -334,7 +361,7 @@ def prefetch_exposure(graph: Graph, cm: CostModel, choice: dict[str, Candidate],
                     channel = now
                     continue
                 k = gathers.index(i)
-                if k + 1 < len(gathers):
+                if ahead and k + 1 < len(gathers):
                     last = gathers[k + 1]
                     channel = max(now, channel) + moves[last].priced.forward_s / per_run
                     ends[last] = channel

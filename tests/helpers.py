@@ -19,6 +19,11 @@ from hap.rules import Candidate, RuleContext, view_units
 from hap.rules.token_wise import EXPERTS, ROWS
 from hap.solve import all_candidates
 
+# examples/gpt.py with every block weight sharded and all-gathered before its batch-sharded
+# linear (FSDP-style)
+GPT_GATHERED = {**{f"p_blocks_{b}_{w}_weight": "S(0)" for b in (0, 1) for w in ("qkv", "proj", "fc", "fc_out")},
+                "linear": "S(0)", **{f"linear_{i}": "S(0)" for i in range(1, 8)}}
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 

@@ -1,10 +1,13 @@
 """Weights all-gathered ahead of use, so the gather runs while the rank computes.
 
 A block of the emitted forward that reads sharded weights whole (FSDP-style: ``S(d) -> R``)
-makes one ``Prefetch`` of its weights' gathers in the order it reads them. The first gather
-starts when the block starts; taking gather ``i`` starts gather ``i + 1`` and then waits for
-gather ``i``, so each weight moves while the rank computes with the one before it, and at most
-two gathered weights of a block are in flight. A block recomputed in backward makes its
+makes one ``Prefetch`` of its weights' gathers in the order it reads them. A block whose only
+collectives are these gathers starts them all when it starts (``ahead=None``): they run one
+after the other on the process group while the rank computes, and each weight is there as soon
+as the link allows, at the price of the block's gathered weights in memory at once. A block
+with other collectives starts them one ahead (``ahead=1``): taking gather ``i`` starts gather
+``i + 1`` and then waits for gather ``i``, so its other collectives queue behind at most two
+gathers. A block recomputed in backward makes its
 ``Prefetch`` again, and its gathers overlap the recomputation the same way. A rank that keeps
 such a block's activations instead (``hap.runtime.ops.recompute``) records the gathers its
 forward starts (``recorded``) and starts them again where the others recompute
@@ -81,19 +84,25 @@ def start_again(specs: Sequence[Spec]) -> None:
 
 
 class Prefetch:
-    """The all-gathers of one block's sharded weights, each started one ahead of its use.
+    """The all-gathers of one block's sharded weights, started ahead of their use.
 
     ``gathers`` lists, in the order the block reads them, ``(shard, dim, lengths, form, cast)``
-    as ``hap.runtime.all_gather`` takes them; ``take(i)`` returns gather ``i``'s whole weight."""
+    as ``hap.runtime.all_gather`` takes them; ``take(i)`` returns gather ``i``'s whole weight.
+    ``ahead``: how many gathers run beyond the one taken (None: all start now)."""
 
-    def __init__(self, gathers: Sequence[tuple[torch.Tensor, int, Sequence[int], str, str | None]]) -> None:
+    def __init__(self, gathers: Sequence[tuple[torch.Tensor, int, Sequence[int], str, str | None]],
+                 ahead: int | None = 1) -> None:
+        if ahead is not None and ahead < 1:
+            raise ValueError(f"hap.runtime.Prefetch: ahead={ahead!r}; give a number of gathers >= 1, or None for all")
         self._specs = []
         for x, dim, lengths, form, cast in gathers:
             dim, ls = _gather_args(x, dim, lengths, form, cast, "Prefetch")
             self._specs.append((x, dim, ls, form, cast))
+        self._ahead = len(self._specs) if ahead is None else ahead
         self._started: dict[int, Callable[[], torch.Tensor]] = {}
         self._taken: set[int] = set()
-        self._start(0)
+        for i in range(self._ahead):
+            self._start(i)
 
     def _start(self, i: int) -> None:
         if i >= len(self._specs) or i in self._started or i in self._taken:
@@ -103,10 +112,10 @@ class Prefetch:
         self._started[i] = _begin(self._specs[i]) if _d.is_distributed() else _local_step
 
     def take(self, i: int) -> torch.Tensor:
-        """Gather ``i``'s whole weight (differentiable), once gather ``i + 1`` has started."""
+        """Gather ``i``'s whole weight (differentiable), once the ``ahead`` after it have started."""
         x, dim, ls, form, cast = self._specs[i]
-        self._start(i)  # a gather taken before its turn starts now
-        self._start(i + 1)
+        for j in range(i, i + self._ahead + 1):  # a gather taken before its turn starts now
+            self._start(j)
         finish = self._started.pop(i)
         self._taken.add(i)
         if not _d.is_distributed():

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from tests.e2e.harness import ROOT, rank_outputs, run_exact
+from tests.helpers import GPT_GATHERED
 
 CLUSTERS = ROOT / "profiles" / "clusters"
 MEGATRON = {"p_hidden_1_weight": "S(0)", "p_hidden_1_bias": "S(0)", "p_hidden_2_weight": "S(1)"}
@@ -66,9 +67,6 @@ def test_micro_batches_chosen_for_small_memory_ranks_are_exact_with_ignored_targ
     assert loss_err < 1e-5 and param_err < 1e-5, (loss_err, param_err)
 
 
-# every block weight sharded and all-gathered before its batch-sharded linear (FSDP-style)
-GPT_GATHERED = {**{f"p_blocks_{b}_{w}_weight": "S(0)" for b in (0, 1) for w in ("qkv", "proj", "fc", "fc_out")},
-                "linear": "S(0)", **{f"linear_{i}": "S(0)" for i in range(1, 8)}}
 
 
 @pytest.mark.parametrize("spec,cluster,pins", [("gpt", "cpu-1-2-4", None), ("mlp", "cpu-slow-net", None),
@@ -89,6 +87,7 @@ def test_recomputed_blocks_in_micro_batches_train_exactly(spec, cluster, pins, t
     if pins:
         block = text.split("def block_blocks_1")[1].split("hr.recompute")[0]
         assert "= hr.Prefetch([" in block and block.count("gathers_blocks_1.take(") == 4, block
+        assert "], ahead=None)" in block  # the block runs no other collective: its gathers all start with it
     assert loss_err < 1e-5 and param_err < 1e-4, (loss_err, param_err)
 
 
