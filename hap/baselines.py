@@ -41,7 +41,7 @@ def solve_pinned(graph: Graph, cluster: Cluster, shares: tuple[int, ...], pin: P
     t0 = time.perf_counter()
     cluster = resolve(cluster)  # device "cpu": this machine's profile
     s = Search(graph, cluster, optimizer=optimizer, strict=False, time_limit_s=time_limit_s, user_pins={})
-    attempt = Attempt(strategy, tuple(shares), pin)
+    attempt = Attempt(strategy, tuple(shares), pin, per_rank_recompute=False)
     try:
         won = s.solved(attempt)
     except InfeasiblePlan as e:

@@ -58,6 +58,9 @@ Pin = Callable[[Node, Candidate, list[Candidate]], bool]
 REFIT_ROUNDS = 3
 PREFER_WITHIN = 1.01  # a simpler result is kept unless another is at least 1% faster
 FILLS = (0.9, 0.7, 0.5)  # fractions of each rank's memory the memory levers size the least-memory plan to
+# a memory lever whose result is this much slower than another's in one attempt is not tried
+# in the attempts after it (their shares are the first's, re-fitted)
+LEVER_LOSES = 1.25
 PREFERENCE = ("hap", "dp_proportional", "hap_refit*", "hap_dp_refit", "hap_even", "hap_experts",
               "dp_even")  # simplest first
 
@@ -97,6 +100,9 @@ class Attempt:
     shares: tuple[int, ...]
     pin: Pin | None  # restricts each node's candidates; None: free placements
     experts: bool = False  # token-wise experts calls shard their experts (else they run on each rank's rows)
+    # ranks may recompute different numbers of blocks (hap's lever; the systems a baseline
+    # stands for recompute alike everywhere)
+    per_rank_recompute: bool = True
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,7 @@ class Search:
         self._cands: dict[tuple[int, ...], dict[str, list[Candidate]]] = {}
         self.results: dict[str, Result] = {}
         self.infeasible: dict[str, str] = {}
+        self.losing_levers: set[str] = set()  # lever_kind()s that lost by LEVER_LOSES in an attempt
 
     def candidates(self, shares: tuple[int, ...]) -> dict[str, list[Candidate]]:
         if shares not in self._cands:
@@ -224,31 +231,41 @@ class Search:
         when none of them has a plan. The levers are sized to fill a fraction of each rank's
         memory (``FILLS``), so that the solve has room to choose faster placements than the
         least-memory ones and for the collectives' buffers; where none of a fill's levers has a
-        plan, the next, smaller fill is tried."""
+        plan, the next, smaller fill is tried. Of results within ``PREFER_WITHIN`` of the fastest,
+        the one that computes least is kept: the share refit moves samples to where compute is
+        freed (a rank that no longer recomputes), which the shares of the attempt do not show.
+        A lever that lost by ``LEVER_LOSES`` in an earlier attempt is tried only where the
+        others have no plan."""
         for fill in FILLS:
-            best = None
-            for setup in self.memory_levers(attempt, fill):
-                try:
-                    result = self.solved_under(attempt, setup)
-                except InfeasiblePlan:
-                    continue
-                # of equal steps, the one that computes least (its shares re-fit further)
-                if best is None or (result.step_s, sum(result.evaluation.compute_s)) < \
-                        (best.step_s, sum(best.evaluation.compute_s)):
-                    best = result
-            if best is not None:
-                return best
+            results = []
+            for skip in (self.losing_levers, set()):
+                for setup in self.memory_levers(attempt, fill, skip):
+                    try:
+                        results.append(self.solved_under(attempt, setup))
+                    except InfeasiblePlan:
+                        continue
+                if results or not skip:
+                    break
+            if results:
+                fastest = min(r.step_s for r in results)
+                self.losing_levers |= {lever_kind(r.setup) for r in results if r.step_s > fastest * LEVER_LOSES}
+                return min((r for r in results if r.step_s <= fastest * PREFER_WITHIN),
+                           key=lambda r: sum(r.evaluation.compute_s))
         return None
 
-    def memory_levers(self, attempt: Attempt, fill: float = 1.0) -> list[CostSetup]:
+    def memory_levers(self, attempt: Attempt, fill: float = 1.0, skip: set[str] | frozenset = frozenset()
+                      ) -> list[CostSetup]:
         """Where activations overfill some rank, the setups that let the least-memory assignment
         fit in ``fill`` of every rank's memory: its shares in micro-batches there, the fewest
         blocks recomputed in backward (activation checkpointing, with recompute "auto") on every
         rank or, where some ranks fit with fewer, on each rank the fewest it needs; or every block
-        recomputed and the rest in micro-batches."""
+        recomputed and the rest in micro-batches. Levers whose ``lever_kind`` is in ``skip`` are
+        left out."""
         base, own, restrict = self.setup(attempt.shares), self.candidates(attempt.shares), self.restriction(attempt)
         options = []
-        micro = fit_micro_batches(self.graph, self.cluster, self.cost_model(base), own, restrict, fill)
+        micro = None
+        if MICRO not in skip:
+            micro = fit_micro_batches(self.graph, self.cluster, self.cost_model(base), own, restrict, fill)
         if micro is not None:
             options.append(dataclasses.replace(base, micro_batches=micro))
         blocks = tuple(self.graph.blocks()) if self.recompute == "auto" else ()
@@ -266,10 +283,12 @@ class Search:
                       for r in range(self.cluster.num_ranks)]
             if all(k is not None for k in counts):
                 k = max(counts)
-                options.append(dataclasses.replace(base, recompute=blocks[:k]))
-                if min(counts) < k:  # ranks with room keep the activations of the blocks past their count
-                    options.append(dataclasses.replace(options[-1], recompute_counts=tuple(counts)))
-            else:
+                every = dataclasses.replace(base, recompute=blocks[:k])
+                per_rank = dataclasses.replace(every, recompute_counts=tuple(counts))
+                # ranks with room keep the activations of the blocks past their count
+                options += [o for o in (every, per_rank) if lever_kind(o) not in skip
+                            and (o is every or attempt.per_rank_recompute and min(counts) < k)]
+            elif RECOMPUTE_MICRO not in skip:
                 every = dataclasses.replace(base, recompute=blocks)
                 both = fit_micro_batches(self.graph, self.cluster, self.cost_model(every), own, restrict, fill)
                 if both is not None:
@@ -314,13 +333,29 @@ class Search:
             if again is None or again.step_s >= best.step_s * (1 - 1e-6):
                 break
             best = again
-        if self.cluster.num_ranks > 1 and prop != even:
+        if self.cluster.num_ranks > 1 and prop != even and self.could_beat(self.hap("hap_even", even), best):
             self.solve(self.hap("hap_even", even))
         if "dp_proportional" in self.results and not self.user_pins:  # data parallel, shares fitted to timed work
             dp_shares = self.refit(self.results["dp_proportional"], total)
             if dp_shares != prop:
                 self.solve(Attempt("hap_dp_refit", dp_shares, dp_pin))
         return self.best()
+
+    def could_beat(self, attempt: Attempt, best: Result) -> bool:
+        """Whether ``attempt`` might predict a faster step than ``best``: its compute alone, each
+        node at its cheapest candidate on its slowest rank, is a lower bound of any result of it
+        (the memory levers only add compute, collectives only add time)."""
+        cm, own, restrict = self.cost_model(self.setup(attempt.shares)), self.candidates(attempt.shares), \
+            self.restriction(attempt)
+        bound = 0.0
+        for node in self.graph:
+            cands = [c for c in own[node.name] if restrict is None or restrict(node, c)] or own[node.name][:1]
+            bound += min(max(cm.compute_s(node, c)) for c in cands)
+        if bound < best.step_s:
+            return True
+        log.info("%s not solved: its compute alone (%.1f ms) is slower than %s's step (%.1f ms)", attempt.name,
+                 bound * 1e3, best.attempt.name, best.step_s * 1e3)
+        return False
 
     def expert_parallel(self, shares: tuple[int, ...]) -> bool:
         """Whether some token-wise call can shard its experts under ``shares``."""
@@ -575,6 +610,19 @@ def least_memory_choice(graph: Graph, cm: CostModel, cands: dict, pin) -> dict[s
         allowed = [c for c in cands[node.name] if pin is None or pin(node, c)] or cands[node.name]
         choice[node.name] = min(allowed, key=lambda c: max(cm.memory_bytes(node, c)))
     return choice
+
+
+MICRO, RECOMPUTE, PER_RANK, RECOMPUTE_MICRO = ("micro-batches", "recompute", "recompute per rank",
+                                               "recompute and micro-batches")
+
+
+def lever_kind(setup: CostSetup) -> str:
+    """Which memory lever ``setup`` pulls (``Search.memory_levers``)."""
+    if setup.recompute and setup.micro_batches:
+        return RECOMPUTE_MICRO
+    if setup.recompute:
+        return PER_RANK if setup.recompute_counts else RECOMPUTE
+    return MICRO
 
 
 def fits(graph: Graph, cluster: Cluster, cm: CostModel, cands: dict, pin, fill: float = 1.0) -> bool:
