@@ -8,6 +8,9 @@ share vector allows, priced under one ``hap.cost.CostSetup``:
     hap_refit0..2              free placements, shares re-fitted to the timed work of the last
                                hap result (kept only while the step gets faster)
     hap_even                   free placements, even shares
+    hap_mid0..1                where hap_even is faster than the speed-fitted shares (their
+                               compute no longer hides the collectives), shares halfway
+                               between the two best so far
     hap_dp_refit               data parallel, shares re-fitted to dp_proportional's timed work
 
 Where an attempt's memory overfills a rank, it is solved again with the largest buffer of
@@ -38,6 +41,7 @@ from hap.precision import choose as choose_precision
 from hap.precision import training_graph
 from hap.rules import Candidate, RuleContext, has_rule, view_units
 from hap.rules.token_wise import EXPERTS, ROWS, expert_parallel_calls, token_wise_candidates
+from hap.runtime.shares import largest_remainder
 from hap.solve import (
     Evaluation,
     all_candidates,
@@ -61,8 +65,9 @@ FILLS = (0.9, 0.7, 0.5)  # fractions of each rank's memory the memory levers siz
 # a memory lever whose result is this much slower than another's in one attempt is not tried
 # in the attempts after it (their shares are the first's, re-fitted)
 LEVER_LOSES = 1.25
-PREFERENCE = ("hap", "dp_proportional", "hap_refit*", "hap_dp_refit", "hap_even", "hap_experts",
+PREFERENCE = ("hap", "dp_proportional", "hap_refit*", "hap_dp_refit", "hap_even", "hap_mid*", "hap_experts",
               "dp_even")  # simplest first
+MID_ROUNDS = 2
 
 
 def batch_sharded(node: Node, c: Candidate, cands: list[Candidate]) -> bool:
@@ -334,12 +339,28 @@ class Search:
                 break
             best = again
         if self.cluster.num_ranks > 1 and prop != even and self.could_beat(self.hap("hap_even", even), best):
-            self.solve(self.hap("hap_even", even))
+            flat = self.solve(self.hap("hap_even", even))
+            if flat is not None and flat.step_s < best.step_s:
+                self.between(flat, best, total, say)
         if "dp_proportional" in self.results and not self.user_pins:  # data parallel, shares fitted to timed work
             dp_shares = self.refit(self.results["dp_proportional"], total)
             if dp_shares != prop:
                 self.solve(Attempt("hap_dp_refit", dp_shares, dp_pin))
         return self.best()
+
+    def between(self, better: Result, other: Result, total: int, say: Callable[[str], None]) -> None:
+        """Shares halfway between the two results' (bisected ``MID_ROUNDS`` times towards the
+        faster side): where even shares beat the speed-fitted ones, the slow ranks' compute hides
+        collectives that the fitted shares leave exposed, and the best trade lies between."""
+        for it in range(MID_ROUNDS):
+            mid = largest_remainder(total, [a + b for a, b in zip(better.attempt.shares, other.attempt.shares)])
+            if mid in (better.attempt.shares, other.attempt.shares):
+                return
+            say(f"solving shares between {better.attempt.name} and {other.attempt.name}")
+            got = self.solve(dataclasses.replace(self.hap(f"hap_mid{it}", mid), experts=better.attempt.experts))
+            if got is None:
+                return
+            better, other = (got, better) if got.step_s < better.step_s else (better, got)
 
     def could_beat(self, attempt: Attempt, best: Result) -> bool:
         """Whether ``attempt`` might predict a faster step than ``best``: its compute alone, each

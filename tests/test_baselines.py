@@ -8,7 +8,7 @@ from hap.baselines import BASELINES, baseline, dp_even, dp_proportional, fsdp_ev
 from hap.cluster import load_cluster
 from hap.graph import TensorMeta
 from hap.solve import even_shares, speed_shares
-from tests.helpers import captured, load_example
+from tests.helpers import ROOT, captured, load_example
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,27 @@ def test_cephalo_baseline_shards_state_with_speed_shares():
     assert all(p.nodes[x.name].output.startswith("S(0") for x in graph.params() if x.meta.ndim == 2)
     for r in range(mixed.num_ranks):
         assert p.predicted.memory_bytes[r] <= mixed.memory_bytes(r)
+
+
+def test_where_even_shares_beat_the_fitted_ones_the_search_bisects_between_them():
+    # on 4 slow and 4 fast ranks, a step that is best at 5 samples per fast rank: the fitted
+    # shares (6) and even ones (4) both miss it; halfway between them finds it, and the search
+    # stops where the next halving rounds to shares it has solved
+    from types import SimpleNamespace
+
+    from hap.search import Search
+
+    graph = captured(load_example("mlp"))[2]
+    s = Search(graph, load_cluster(ROOT / "profiles/clusters/v100-a100-mem.toml"), optimizer="sgd", strict=False,
+               time_limit_s=5, user_pins={})
+    solved = []
+
+    def solve(attempt):
+        solved.append(attempt.shares)
+        return SimpleNamespace(attempt=attempt, step_s=abs(attempt.shares[-1] - 5) + 1.0)
+
+    s.solve = solve
+    even = solve(s.hap("hap_even", (4,) * 8))
+    fitted = solve(s.hap("hap", (2,) * 4 + (6,) * 4))
+    s.between(even, fitted, 32, lambda msg: None)
+    assert solved[2:] == [(3,) * 4 + (5,) * 4]
