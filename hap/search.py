@@ -140,7 +140,7 @@ class Search:
         self._cands: dict[tuple[int, ...], dict[str, list[Candidate]]] = {}
         self.results: dict[str, Result] = {}
         self.infeasible: dict[str, str] = {}
-        self.losing_levers: set[str] = set()  # lever_kind()s that lost by LEVER_LOSES in an attempt
+        self.losing_levers: set[str] = set()  # lever_kind()s that lost by LEVER_LOSES in a hap attempt
 
     def candidates(self, shares: tuple[int, ...]) -> dict[str, list[Candidate]]:
         if shares not in self._cands:
@@ -239,21 +239,24 @@ class Search:
         plan, the next, smaller fill is tried. Of results within ``PREFER_WITHIN`` of the fastest,
         the one that computes least is kept: the share refit moves samples to where compute is
         freed (a rank that no longer recomputes), which the shares of the attempt do not show.
-        A lever that lost by ``LEVER_LOSES`` in an earlier attempt is tried only where the
-        others have no plan."""
+        A lever that lost by ``LEVER_LOSES`` in an earlier hap attempt is tried in the hap
+        attempts after it only where the others have no plan."""
+        free = attempt.name.startswith("hap")  # the baselines' pins give their levers other odds
         for fill in FILLS:
             results = []
-            for skip in (self.losing_levers, set()):
+            losing = self.losing_levers if free else set()
+            for skip in ((losing, LEVERS - losing) if losing else (set(),)):  # the losers only if no other fits
                 for setup in self.memory_levers(attempt, fill, skip):
                     try:
                         results.append(self.solved_under(attempt, setup))
                     except InfeasiblePlan:
                         continue
-                if results or not skip:
+                if results:
                     break
             if results:
                 fastest = min(r.step_s for r in results)
-                self.losing_levers |= {lever_kind(r.setup) for r in results if r.step_s > fastest * LEVER_LOSES}
+                if free:
+                    self.losing_levers |= {lever_kind(r.setup) for r in results if r.step_s > fastest * LEVER_LOSES}
                 return min((r for r in results if r.step_s <= fastest * PREFER_WITHIN),
                            key=lambda r: sum(r.evaluation.compute_s))
         return None
@@ -314,7 +317,8 @@ class Search:
         """Solve every attempt (see the module docstring) for a global batch of ``total``; the preferred result."""
         say("solving data-parallel baselines")
         for name, (how, pin) in DATA_PARALLEL.items():
-            self.solve(Attempt(name, shares_by(how, self.cluster, total, self.graph.precision), pin))
+            self.solve(Attempt(name, shares_by(how, self.cluster, total, self.graph.precision), pin,
+                               per_rank_recompute=False))
         say("solving placements (MILP)")
         prop = shares_by("speed", self.cluster, total, self.graph.precision)
         even = shares_by("even", self.cluster, total)
@@ -635,6 +639,7 @@ def least_memory_choice(graph: Graph, cm: CostModel, cands: dict, pin) -> dict[s
 
 MICRO, RECOMPUTE, PER_RANK, RECOMPUTE_MICRO = ("micro-batches", "recompute", "recompute per rank",
                                                "recompute and micro-batches")
+LEVERS = {MICRO, RECOMPUTE, PER_RANK, RECOMPUTE_MICRO}
 
 
 def lever_kind(setup: CostSetup) -> str:

@@ -144,3 +144,43 @@ def test_where_even_shares_beat_the_fitted_ones_the_search_bisects_between_them(
     fitted = solve(s.hap("hap", (2,) * 4 + (6,) * 4))
     s.between(even, fitted, 32, lambda msg: None)
     assert solved[2:] == [(3,) * 4 + (5,) * 4]
+
+
+def test_a_memory_lever_that_lost_by_a_quarter_is_not_solved_again_in_later_hap_attempts():
+    # micro-batches 2x slower than recomputation in "hap": "hap_refit0" solves recomputation
+    # only, and micro-batches again only where nothing else fits; a baseline solves all levers
+    import dataclasses
+    from types import SimpleNamespace
+
+    from hap.cost import CostSetup
+    from hap.errors import InfeasiblePlan
+    from hap.search import MICRO, RECOMPUTE, Search, lever_kind
+
+    graph = captured(load_example("mlp"))[2]
+    s = Search(graph, load_cluster(ROOT / "profiles/clusters/v100-a100-mem.toml"), optimizer="sgd", strict=False,
+               time_limit_s=5, user_pins={})
+    base = CostSetup((4,) * 8)
+    levers = {MICRO: dataclasses.replace(base, micro_batches=(2,) * 8),
+              RECOMPUTE: dataclasses.replace(base, recompute=("blocks.0",))}
+    steps = {MICRO: 2.0, RECOMPUTE: 1.0}
+    solved = []
+
+    def memory_levers(attempt, fill=1.0, skip=frozenset()):
+        return [setup for kind, setup in levers.items() if kind not in skip]
+
+    def solved_under(attempt, setup):
+        kind = lever_kind(setup)
+        solved.append((attempt.name, kind))
+        if kind not in steps:
+            raise InfeasiblePlan("no plan")
+        return SimpleNamespace(attempt=attempt, setup=setup, step_s=steps[kind],
+                               evaluation=SimpleNamespace(compute_s=(steps[kind],) * 8))
+
+    s.memory_levers, s.solved_under = memory_levers, solved_under
+    assert lever_kind(s.fit_memory(s.hap("hap", (4,) * 8)).setup) == RECOMPUTE
+    assert lever_kind(s.fit_memory(s.hap("hap_refit0", (4,) * 8)).setup) == RECOMPUTE
+    del steps[RECOMPUTE]  # where recomputation has no plan, the loser is tried after all
+    assert lever_kind(s.fit_memory(s.hap("hap_even", (4,) * 8)).setup) == MICRO
+    assert lever_kind(s.fit_memory(s.hap("fsdp_even", (4,) * 8)).setup) == MICRO
+    assert solved == [("hap", MICRO), ("hap", RECOMPUTE), ("hap_refit0", RECOMPUTE), ("hap_even", RECOMPUTE),
+                      ("hap_even", MICRO), ("fsdp_even", MICRO), ("fsdp_even", RECOMPUTE)]
