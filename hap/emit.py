@@ -304,8 +304,9 @@ class Emitter:
         index = self.plan.recompute.index(block)
         keep = f", keep=layout.recompute_counts[RANK] <= {index}" if self.plan.recompute_counts else ""
         body = ["    " + line for line in self.lines[start:]]
+        where = ", on a rank whose count passes it" if keep else ""
         self.lines[start:] = [f"    def {fn}():  # {_text(block)}: its forward runs again in backward (activation "
-                              "checkpointing)", *body,
+                              f"checkpointing){where}", *body,
                               f"        return {', '.join(outs)},",
                               f"    {', '.join(outs)}, = hr.recompute({fn}{keep})"]
 
@@ -574,7 +575,7 @@ LAYOUT = hr.Layout.build(
     lockstep={lockstep},  # True: forward runs collectives, so every rank runs as many micro-batches
     fixed_batch={fixed_batch!r},  # why the forward only runs whole global batches (empty: it runs any)
     random_on_cpu={random_on_cpu},  # GPU models differ: replicated random ops draw on the CPU, alike everywhere
-    recompute_counts={recompute_counts},  # per rank: recomputed blocks it runs again, the rest it keeps (): all
+    recompute_counts={recompute_counts},  # per rank: how many recomputed blocks it runs again; (): all
     shapes={shapes},  # state_dict key -> shape the plan was made for
     grad_buckets={grad_buckets},  # replicated params: gradients all-reduced in these buckets, in order
     grad_overlap={grad_overlap},  # True: each bucket is all-reduced during backward, as soon as it is complete
