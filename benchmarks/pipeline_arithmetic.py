@@ -1,6 +1,6 @@
 """The arithmetic of pipeline stages across node kinds, before they are built (issue 29, item 5).
 
-    python benchmarks/pipeline_arithmetic.py [--case paper-8|paper-64|gpt2-512] [--precision fp32|auto]
+    python benchmarks/pipeline_arithmetic.py [--case paper-8|paper-64|gpt2-512|emulated-2] [--precision fp32|auto]
                                              [--out table.md]
 
 For one model and cluster it prices, on hap's own cost model, what a pipeline of contiguous node
@@ -38,10 +38,17 @@ from _common import print_table
 
 GPT2 = {"HAP_GPT_LAYERS": "12", "HAP_GPT_DIM": "768", "HAP_GPT_HEADS": "12", "HAP_GPT_VOCAB": "50257",
         "HAP_GPT_SEQ": "256"}
-CASES = {  # spec, cluster, environment, samples per GPU
+GPT8 = {"HAP_GPT_LAYERS": "8", "HAP_GPT_DIM": "1024", "HAP_GPT_HEADS": "16", "HAP_GPT_VOCAB": "8192",
+        "HAP_GPT_SEQ": "64"}
+# the emulated cluster issue 29 measures on: two machines of two CPU ranks, the second's 2x
+# slower, 1 Gbit/s between them
+EMULATED_2 = ('name = "emulated-2"\n[network]\ninter_node_gbps = 1.0\n'
+              '[[nodes]]\ndevice = "cpu"\ncount = 2\n[[nodes]]\ndevice = "cpu"\ncount = 2\nslowdown = 2.0\n')
+CASES = {  # spec, cluster (a file in profiles/clusters, or a cluster file's text), environment, samples per GPU
     "paper-8": ("examples/gpt.py", "hap-paper", GPT2, 8),
     "paper-64": ("examples/gpt.py", "hap-paper", GPT2, 64),
     "gpt2-512": ("examples/gpt.py", "a100-v100-32x32", GPT2, 8),
+    "emulated-2": ("examples/gpt.py", EMULATED_2, GPT8, 2),
 }
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 MAX_STAGES = 8  # node groups of a pipeline, at most
@@ -176,7 +183,15 @@ def main() -> None:
     spec, cluster_name, env, per_gpu = CASES[args.case]
     from hap.cluster import load_cluster
 
-    cluster = load_cluster(ROOT / "profiles/clusters" / f"{cluster_name}.toml")
+    if "\n" in cluster_name:  # a cluster file's text
+        import tempfile
+
+        path = Path(tempfile.mkdtemp()) / "cluster.toml"
+        path.write_text(cluster_name)
+        cluster_name = cluster_name.split('"')[1]
+    else:
+        path = ROOT / "profiles/clusters" / f"{cluster_name}.toml"
+    cluster = load_cluster(path)
     os.environ.update(env, HAP_GPT_BATCH=str(per_gpu * cluster.num_ranks))
     from hap.api import plan_spec
     from hap.cost import CostSetup
