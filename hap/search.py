@@ -368,14 +368,16 @@ class Search:
 
     def could_beat(self, attempt: Attempt, best: Result) -> bool:
         """Whether ``attempt`` might predict a faster step than ``best``: its compute alone, each
-        node at its cheapest candidate on its slowest rank, is a lower bound of any result of it
-        (the memory levers only add compute, collectives only add time)."""
+        node at its cheapest candidate on its slowest rank and without a forward run again in
+        backward, is a lower bound of any result of it (the memory levers only add compute, or
+        take a chunked loss's second forward away; collectives only add time)."""
         cm, own, restrict = self.cost_model(self.setup(attempt.shares)), self.candidates(attempt.shares), \
             self.restriction(attempt)
         bound = 0.0
         for node in self.graph:
             cands = [c for c in own[node.name] if restrict is None or restrict(node, c)] or own[node.name][:1]
-            bound += min(max(cm.compute_s(node, c)) for c in cands)
+            once = [1.0 + a / (1.0 + cm.backward_factor(node)) for a in cm.again(node)]
+            bound += min(max(t / k for t, k in zip(cm.compute_s(node, c), once)) for c in cands)
         if bound < best.step_s:
             return True
         log.info("%s not solved: its compute alone (%.1f ms) is slower than %s's step (%.1f ms)", attempt.name,

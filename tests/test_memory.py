@@ -130,5 +130,5 @@ def test_ranks_with_room_keep_the_activations_that_the_others_recompute():
     # the same placements with every rank recomputing: the A100s compute more
     every = CostSetup.of_plan(dataclasses.replace(plan, recompute_counts=())).cost_model(graph, cluster)
     ev = evaluate(graph, every, plan.choice())
-    assert all(ev.compute_s[r] > plan.predicted.compute_s[r] * 1.2 for r in a100)
+    assert all(ev.compute_s[r] > plan.predicted.compute_s[r] * 1.05 for r in a100)
     assert all(ev.compute_s[r] == pytest.approx(plan.predicted.compute_s[r]) for r in v100)
