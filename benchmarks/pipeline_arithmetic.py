@@ -1,6 +1,7 @@
 """The arithmetic of pipeline stages across node kinds, before they are built (issue 29, item 5).
 
-    python benchmarks/pipeline_arithmetic.py [--case paper-8|paper-64|gpt2-512|emulated-2] [--precision fp32|auto]
+    python benchmarks/pipeline_arithmetic.py [--case paper-8|paper-64|gpt2-512|emulated-2|llama-8b]
+                                             [--precision fp32|auto]
                                              [--out table.md]
 
 For one model and cluster it prices, on hap's own cost model, what a pipeline of contiguous node
@@ -49,6 +50,7 @@ CASES = {  # spec, cluster (a file in profiles/clusters, or a cluster file's tex
     "paper-64": ("examples/gpt.py", "hap-paper", GPT2, 64),
     "gpt2-512": ("examples/gpt.py", "a100-v100-32x32", GPT2, 8),
     "emulated-2": ("examples/gpt.py", EMULATED_2, GPT8, 2),
+    "llama-8b": ("examples/hf_usage.py", "a100-v100-4x4", {"HAP_HF_MODEL": "llama", "HAP_HF_SIZE": "8b"}, 4),
 }
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 MAX_STAGES = 8  # node groups of a pipeline, at most
@@ -192,7 +194,7 @@ def main() -> None:
     else:
         path = ROOT / "profiles/clusters" / f"{cluster_name}.toml"
     cluster = load_cluster(path)
-    os.environ.update(env, HAP_GPT_BATCH=str(per_gpu * cluster.num_ranks))
+    os.environ.update(env, HAP_GPT_BATCH=str(per_gpu * cluster.num_ranks), HAP_BATCH=str(per_gpu * cluster.num_ranks))
     from hap.api import plan_spec
     from hap.cost import CostSetup
     from hap.precision import choose, training_graph
@@ -201,7 +203,8 @@ def main() -> None:
 
     precision, _ = choose(cluster, args.precision)
     graph = training_graph(capture_spec(load_spec(str(ROOT / spec)), None), precision, "fp32")
-    plan = plan_spec(str(ROOT / spec), cluster, precision=args.precision)
+    plan = plan_spec(str(ROOT / spec), cluster, precision=args.precision,
+                     optimizer="adamw" if "HAP_HF_MODEL" in env else "sgd")
     total = graph.global_batch() or per_gpu * cluster.num_ranks
     cm = CostSetup(shares_by("speed", cluster, total, precision)).cost_model(graph, cluster)
     units = block_table(graph, cm)
