@@ -122,16 +122,18 @@ class Timeline:
 
 def _split(cm: CostModel, graph: Graph, name: str, total: tuple[float, ...]) -> tuple[tuple, tuple]:
     """(forward, backward) parts of a node's per-rank compute: the work splits as the backward
-    factor says, and each pass launches one kernel per micro-batch."""
+    factor says, each pass launches one kernel per micro-batch, and a forward run again in
+    backward (a recomputed block on that rank, a chunked loss) is backward's."""
     node = graph[name]
     if node.kind != "op" or name not in cm.requires_grad or not any(total):
         return total, (0.0,) * len(total)
     bwd = cm.backward_factor(node)
     fwd, back = [], []
-    for r, t in enumerate(total):
+    for r, (t, again) in enumerate(zip(total, cm.again(node))):
+        once = t / (1 + again / (1 + bwd))
         floor = cm.cluster.kernel_floor(r) * cm.micro[r]
-        work = max(t - 2 * floor, 0.0) / (1 + bwd)
-        fwd.append(t - (work * bwd + floor))
+        work = max(once - 2 * floor, 0.0) / (1 + bwd)
+        fwd.append(once - (work * bwd + floor))
         back.append(t - fwd[-1])
     return tuple(fwd), tuple(back)
 

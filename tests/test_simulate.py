@@ -134,3 +134,23 @@ def test_a_block_prefetches_its_weight_gathers_on_devices_that_overlap():
         else:
             assert ev.comm_s == pytest.approx(sum(w.seconds for w in whole), rel=1e-12)
         assert _close(simulate(plan).step_s, plan.predicted_step_s)
+
+
+def test_a_recomputed_nodes_second_forward_is_replayed_in_backward():
+    # recomputing a block adds its forward to backward: the replay's forward of a node in it is
+    # the same as without recomputation, and its backward grows by that forward
+    from hap.simulate import _split
+
+    graph = captured(load_example("gpt"))[2]
+    cluster = load_cluster(ROOT / "profiles/clusters/cpu-1-2-4.toml")
+    choice = plan_graph(graph, cluster).choice()
+    name = next(x for x in graph.blocks()["blocks.0"] if graph[x].op_class == "matmul")
+    parts, totals = [], []
+    for recompute in ((), ("blocks.0",)):
+        cm = CostSetup((12, 3, 1), recompute=recompute).cost_model(graph, cluster)
+        totals.append(cm.compute_s(graph[name], choice[name]))
+        parts.append(_split(cm, graph, name, totals[-1]))
+    (fwd, back), (fwd_again, back_again) = parts
+    assert fwd_again == pytest.approx(fwd)
+    assert [b - a for a, b in zip(back, back_again)] == pytest.approx([b - a for a, b in zip(*totals)])
+    assert all(b > a for a, b in zip(back, back_again))
