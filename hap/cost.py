@@ -229,20 +229,24 @@ class CostModel:
         # but its weights' gathers: the only ones the ranks that keep it join again
         self.recomputed_mixed = {x for x, on in self.recomputed_on.items() if any(on) and not all(on)}
 
-    def again(self, node: Node) -> tuple[float, ...]:
-        """Per rank, how often ``node``'s forward runs in backward: once more where its block is
-        recomputed on that rank or its chunked loss runs in chunks there, else not."""
+    def again_factor(self, node: Node) -> tuple[float, ...]:
+        """Per rank, what ``node`` costs as a multiple of its one forward and backward: its
+        forward's share more where that forward runs again in backward (its block recomputed on
+        that rank, or its chunked loss run in chunks there), else 1."""
         if node.name in self.recomputed:
-            return tuple(1.0 if on else 0.0 for on in self.recomputed_on[node.name])
-        if node.name in self.chunked:
-            return tuple(1.0 if on else 0.0 for on in self.chunked_on[node.name])
-        return (0.0,) * self.n
+            on = self.recomputed_on[node.name]
+        elif node.name in self.chunked:
+            on = self.chunked_on[node.name]
+        else:
+            return (1.0,) * self.n
+        again = 1.0 + 1.0 / (1.0 + self.backward_factor(node))
+        return tuple(again if x else 1.0 for x in on)
 
     def forward_backward_s(self, node: Node, cand: Candidate) -> tuple[float, float]:
         """The slowest rank's forward seconds of ``node`` and its backward seconds (with its forward
         again where it is recomputed), from ``compute_s``."""
         t, bwd = self.compute_s(node, cand), self.backward_factor(node)
-        fwd = [x / (1 + bwd + a) for x, a in zip(t, self.again(node))]
+        fwd = [x / f / (1 + bwd) for x, f in zip(t, self.again_factor(node))]
         return max(fwd), max(x - f for x, f in zip(t, fwd))
 
     # ---- compute -------------------------------------------------------------------
@@ -291,8 +295,7 @@ class CostModel:
                 res.append(self._micro_s(node, cand, r, k, t + (k - 1) * fixed) if k > 1 else t)
                 if same is not None:
                     alike[same] = res[-1]
-            bwd = self.backward_factor(node)  # its forward again in backward, where it is recomputed
-            res = [t * (1.0 + a / (1.0 + bwd)) for t, a in zip(res, self.again(node))]
+            res = [t * f for t, f in zip(res, self.again_factor(node))]  # with its forward run again in backward
             if cand.emit == "experts":  # the call's pairs go to their experts' ranks and back
                 res = [t + self.experts_exchange_s(cand) for t in res]
             res = tuple(res)
@@ -382,8 +385,8 @@ class CostModel:
     def affine_s(self, node: Node, cand: Candidate, r: int) -> tuple[float, float]:
         """(a, b) with the node's seconds on rank r ~ a x + b when the rank holds a fraction x of
         the split dim: the roofline's, or the secant through the measured local and whole op;
-        with its forward again in backward where the rank recomputes it (``again``)."""
-        again = 1.0 + self.again(node)[r] / (1.0 + self.backward_factor(node))
+        with its forward again in backward where the rank recomputes it (``again_factor``)."""
+        again = self.again_factor(node)[r]
         a, b = self._affine_s(node, r)
         if not self._measures(node, cand, r):
             return a * again, b * again

@@ -376,7 +376,7 @@ class Search:
         bound = 0.0
         for node in self.graph:
             cands = [c for c in own[node.name] if restrict is None or restrict(node, c)] or own[node.name][:1]
-            once = [1.0 + a / (1.0 + cm.backward_factor(node)) for a in cm.again(node)]
+            once = cm.again_factor(node)
             bound += min(max(t / k for t, k in zip(cm.compute_s(node, c), once)) for c in cands)
         if bound < best.step_s:
             return True

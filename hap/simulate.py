@@ -129,8 +129,8 @@ def _split(cm: CostModel, graph: Graph, name: str, total: tuple[float, ...]) -> 
         return total, (0.0,) * len(total)
     bwd = cm.backward_factor(node)
     fwd, back = [], []
-    for r, (t, again) in enumerate(zip(total, cm.again(node))):
-        once = t / (1 + again / (1 + bwd))
+    for r, (t, factor) in enumerate(zip(total, cm.again_factor(node))):
+        once = t / factor
         floor = cm.cluster.kernel_floor(r) * cm.micro[r]
         work = max(once - 2 * floor, 0.0) / (1 + bwd)
         fwd.append(once - (work * bwd + floor))
