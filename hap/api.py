@@ -8,16 +8,20 @@ import torch
 
 from hap.capture import capture
 from hap.cluster import Cluster, load_cluster
-from hap.errors import PinError
+from hap.errors import HapError, InfeasiblePlan, PinError
 from hap.graph import Graph
 from hap.placement import parse
 from hap.plan import Plan
 from hap.search import search
 
+PIPELINE_WHEN = 0.25  # "auto" tries pipeline stages where exposed communication is at least this share of the step
+MAX_AUTO_STAGES = 4  # and at most this many stages (each count solves every stage's plan)
+
 
 def synthesize(model: torch.nn.Module, example_batch: Sequence[torch.Tensor], cluster: str | Cluster | None = None,
                *, optimizer: str = "sgd", precision: str = "fp32", strict: bool = False, time_limit_s: float = 20.0,
-               spec: str | None = None, recompute: str = "auto", progress: Callable[[str], None] | None = None) -> Plan:
+               spec: str | None = None, recompute: str = "auto", stages: int | str = "auto",
+               progress: Callable[[str], None] | None = None) -> Plan:
     """Plan ``model`` (whose ``forward(*example_batch)`` returns the loss) for ``cluster``.
 
     ``cluster`` is a cluster TOML path, a loaded ``Cluster`` or None for the embedded default.
@@ -25,14 +29,14 @@ def synthesize(model: torch.nn.Module, example_batch: Sequence[torch.Tensor], cl
     program trains exactly what fp32 trains), bf16, fp16 (autocast; fp16 with loss scaling)
     or auto (``hap.precision.choose``). Where activations overfill a device the plan runs shares
     in micro-batches or recomputes blocks in backward; ``recompute`` ("auto", "all", "none")
-    overrides the latter.
+    overrides the latter. ``stages``: pipeline stages, "auto" or a count (``plan_graph``).
     """
     say = progress or (lambda msg: None)
     say("capturing the model with torch.export")
     graph = capture(model, example_batch)
     cl = cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
     return plan_graph(graph, cl, optimizer=optimizer, precision=precision, strict=strict, time_limit_s=time_limit_s,
-                      spec=spec, recompute=recompute, progress=say)
+                      spec=spec, recompute=recompute, stages=stages, progress=say)
 
 
 def plan_spec(spec: str, cluster: str | Cluster | None = None, *, batch_size: int | None = None, **kw) -> Plan:
@@ -49,19 +53,83 @@ def plan_spec(spec: str, cluster: str | Cluster | None = None, *, batch_size: in
 def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bool = False,
                time_limit_s: float = 20.0, spec: str | None = None, pins: dict[str, str] | None = None,
                precision: str = "fp32", grad_reduce: str = "fp32", recompute: str = "auto",
-               experts: str = "auto", progress: Callable[[str], None] | None = None) -> Plan:
+               experts: str = "auto", stages: int | str = "auto",
+               progress: Callable[[str], None] | None = None) -> Plan:
     """Solve ``graph`` for ``cluster`` (``hap.search``). ``pins`` fixes the output placement of
     named nodes (``{"p_fc_weight": "S(0)"}``: a parameter sharded on dim 0), as a user constraint.
     ``recompute``: activation checkpointing of repeated blocks, "auto" (where memory is tight),
     "all" or "none". ``experts``: the experts of mixture-of-experts layers, "auto" (sharded where
-    faster), "shard" (expert parallelism) or "whole" (on every rank, run on its own tokens)."""
+    faster), "shard" (expert parallelism) or "whole" (on every rank, run on its own tokens).
+    ``stages``: pipeline stages (``hap.pipeline``), "auto" (tried where the network binds: on
+    several nodes, where communication is at least ``PIPELINE_WHEN`` of the step) or a count (1: none)."""
     pins = check_pins(pins or {})
     plan = search(graph, cluster, optimizer=optimizer, strict=strict, time_limit_s=time_limit_s, spec=spec,
                   pins=pins, precision=precision, grad_reduce=grad_reduce, recompute=recompute, experts=experts,
                   progress=progress)
+    count = check_stages(stages)
+    if count != 1 and (count is not None or pipeline_may_pay(plan)):
+        if pins:
+            raise PinError("--pin names nodes of the whole graph, which pipeline stages cut apart; plan with "
+                           "--stages 1 to pin nodes")
+        precise = plan.precision  # the precision the single-stage search chose ("auto" resolved)
+
+        def solve(g: Graph, cl: Cluster, stage_pins: dict) -> Plan:
+            return search(g, cl, optimizer=optimizer, strict=strict, time_limit_s=time_limit_s, spec=spec,
+                          pins=stage_pins, precision=precise, grad_reduce=grad_reduce, recompute=recompute,
+                          experts=experts, progress=progress)
+
+        plan = pipelined(graph, plan, cluster, count, solve, progress or (lambda msg: None), grad_reduce)
     plan = dataclasses.replace(plan, notes=plan.notes + tuple(table_notes(plan)))
     plan.lint()
     return plan
+
+
+def check_stages(stages: int | str) -> int | None:
+    """``stages`` as a count, None for "auto"; anything else is refused."""
+    if stages == "auto":
+        return None
+    try:
+        count = int(stages)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1:
+        raise HapError(f"--stages {stages}: give auto or a number of pipeline stages of at least 1")
+    return count
+
+
+def pipeline_may_pay(plan: Plan) -> bool:
+    """Whether "auto" tries pipeline stages: on more than one node, where the single-stage plan's
+    exposed communication takes at least ``PIPELINE_WHEN`` of its step (only then can a cut,
+    which moves activations instead of gradients, save more than its bubble costs)."""
+    p = plan.predicted
+    return plan.cluster.num_nodes > 1 and p.exposed_comm_s >= PIPELINE_WHEN * p.step_s
+
+
+def pipelined(graph: Graph, single: Plan, cluster: Cluster, count: int | None, solve, say, grad_reduce: str) -> Plan:
+    """The pipelined plan of ``count`` stages (None: every count up to the cluster's nodes, and the
+    single stage, the fastest kept). The single-stage plan stays as the baseline ``hap_1_stage``."""
+    from hap.calibrate import resolve
+    from hap.pipeline import plan_pipeline
+    from hap.plan import BaselineResult
+    from hap.precision import training_graph
+
+    typed = training_graph(graph, single.precision, grad_reduce)  # cut tensors in the dtypes they train in
+    cluster = resolve(cluster, say)
+    counts = [count] if count is not None else list(range(2, min(cluster.num_nodes, MAX_AUTO_STAGES) + 1))
+    best = None
+    for k in counts:
+        p = plan_pipeline(typed, cluster, k, solve, say)
+        if p is None and count is not None:
+            raise InfeasiblePlan(f"--stages {count}: the model has fewer blocks ({len(typed.blocks())}) or the "
+                                 f"cluster fewer ranks ({cluster.num_ranks}) than stages; plan fewer stages")
+        if p is not None and (best is None or p.predicted_step_s < best.predicted_step_s):
+            best = p
+    if best is None or (count is None and best.predicted_step_s >= single.predicted_step_s):
+        return single
+    own = BaselineResult(single.predicted_step_s, single.shares, single.predicted.exposed_comm_s)
+    return dataclasses.replace(best, graph=graph, baselines={**single.baselines, "hap_1_stage": own},
+                               lower_bound_step_s=single.lower_bound_step_s, spec=single.spec,
+                               solve_s=single.solve_s + best.solve_s)
 
 
 PIN_SYNTAX = ("a pin is NODE=PLACEMENT with PLACEMENT one of R (replicated), P (partial sums), S(d) (sharded on "

@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--strict", action="store_true", help="fail on ops without a sharding rule")
     ap.add_argument("--pin", action="append", default=[], metavar="NODE=PLACEMENT",
                     help="fix a node's placement, e.g. --pin p_fc_weight=S(0) (repeatable)")
+    ap.add_argument("--stages", default="auto", metavar="auto|N",
+                    help="pipeline stages: auto (tried where the network binds), 1 (none) or a count (default auto)")
     ap.add_argument("--time-limit", type=float, default=20.0, help="seconds per MILP solve (default 20)")
     ap.add_argument("--verbose", "-v", action="store_true",
                     help="log the planner's steps and what the solver printed (to stderr)")
@@ -126,7 +128,7 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
         plan = plan_graph(graph, cluster, optimizer=args.optimizer, precision=args.precision,
                           grad_reduce=args.grad_reduce, strict=args.strict, recompute=args.recompute,
                           experts=args.experts, time_limit_s=args.time_limit, spec=str(Path(args.spec).resolve()),
-                          pins=pins, progress=lambda msg: status.update(msg))
+                          pins=pins, stages=args.stages, progress=lambda msg: status.update(msg))
     if args.compare:
         from hap.baselines import compare
 

@@ -233,7 +233,9 @@ class Emitter:
         return parts + [f"{k}={self.render(v, refs, node, f'k.{k}.')}" for k, v in kw.items()]
 
     # ---- the forward ---------------------------------------------------------------------
-    def forward_lines(self) -> list[str]:
+    def forward_lines(self, sends: tuple[str, ...] = ()) -> list[str]:
+        """The forward's lines; a pipeline stage's also returns the activations it ``sends``
+        (its rows of them: the plan holds them sharded by samples)."""
         g = self.graph
         self.lines = []
         recomputed = set(getattr(self.plan, "recompute", ()))
@@ -265,7 +267,11 @@ class Emitter:
         want = Placement("P")
         var = self.ref(loss, want, "the loss: every rank holds its addend") if self.out_placement(loss) != want \
             else loss
-        self.lines.append(f"    return {var}")
+        if sends:
+            rows = [self.ref(x, Placement("S", 0), "the next stage receives each rank's rows") for x in sends]
+            self.lines.append(f"    return {var}, ({', '.join(rows)},)  # the loss, and what the next stage receives")
+        else:
+            self.lines.append(f"    return {var}")
         return self.lines
 
     def end_block(self, block: str | None, start: int, names: list[str], users: dict[str, list[str]],
@@ -528,7 +534,7 @@ def check_free_names(graph: Graph, em: Emitter) -> None:
                             "rename the forward argument it comes from and re-plan")
 
 
-TEMPLATE = '''\
+HEAD_TEMPLATE = '''\
 """SPMD training program for {model} on {cluster_name}, emitted by hap.
 
 Run it (every rank runs this same file; gloo on CPU, NCCL on CUDA):
@@ -555,7 +561,10 @@ import hap.runtime as hr
 from hap.runtime.sharded_ops import class_loss_count, embedding_bag_rows, vocab_embedding  # noqa: F401
 {op_imports}
 aten = torch.ops.aten
-LAYOUT = hr.Layout.build(
+'''
+
+LAYOUT_TEMPLATE = '''\
+hr.Layout.build(
     {format},  # the layout format (hap.runtime.layout): a runtime of another format refuses this program
     spec={spec!r},  # the model spec, relative to this file
     plan_digest={digest!r},
@@ -584,15 +593,41 @@ LAYOUT = hr.Layout.build(
     grad_reduce={grad_reduce!r},  # the dtype grad_buckets are all-reduced in
     rebalance={rebalance},  # True: the program may change the shares while it runs (measured speeds),
     # moving samples and parameter shards between ranks (hap.runtime.layout.Layout.with_shares)
-)
+)'''
 
-
-def forward(layout, params, buffers, batch):
+FORWARD_TEMPLATE = '''\
+def {name}(layout, params, buffers, batch):
     RANK, ROWS, LENGTHS, DEVICE = layout.rank, layout.rows, layout.lengths, layout.device
 {unpack}
-{body}
+{body}'''
+
+PIPELINE_TEMPLATE = '''\
+STAGES = hr.Stages(
+    ranks={ranks},  # per stage: its global ranks
+    shares={stage_shares},  # per stage: its ranks' samples of each global batch
+    inputs={inputs},  # per stage: the batch tensors it reads (by their index in the model's batch)
+    cuts={cuts},  # per cut: the activations it hands on, (shape of one sample, dtype) each
+    samples={samples},  # per batch tensor of the model: (shape of one sample, dtype)
+    micro_batches={micro},  # the default of --micro-batches: every global batch runs through in this many
+    shared={shared},  # weights several stages hold: (state_dict keys, stages); gradients summed across them
+    plan_digest={digest!r},
+    places={places},  # per global rank: (node, local rank, processes on that node)
+    devices={devices},
+    slowdown={slowdown},
+)'''
+
+PIPELINED_MAIN_TEMPLATE = '''\
+def main():
+    # hap.runtime's pipelined training loop: each rank runs its stage's forward over its rows of
+    # every micro-batch, handing activations on and gradients back at each cut
+    hr.pipelined.main(LAYOUTS, STAGES, ({forwards}), __file__)
 
 
+if __name__ == "__main__":
+    main()
+'''
+
+MAIN_TEMPLATE = '''\
 def main():
     hr.program.main(LAYOUT, forward, __file__)  # hap.runtime's training loop over this layout and forward
 
@@ -654,24 +689,11 @@ def check_emit_dir(out_dir: Path, force: bool) -> None:
                        "train.py and plan.json there")
 
 
-def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = False) -> Path:
-    if not spec:
-        raise HapError("emitting a program needs the model spec file it imports: plan.emit(dir, spec='model.py')")
-    from hap.runtime.checks import backend_for
-
-    try:
-        backend_for([r.device for r in plan.cluster.ranks])
-    except ValueError as e:
-        raise HapError(f"cannot emit a program for {plan.cluster.name}: {e}") from None
-    spec_path = Path(spec).resolve()
-    if not spec_path.exists():
-        raise HapError(f"model spec {spec} does not exist")
-    check_emit_dir(out_dir, force)
-    check_plan_code(plan)
-    # the spec is found relative to train.py, so the program runs on any node with the same layout
-    spec_rel = Path(os.path.relpath(spec_path, out_dir.resolve())).as_posix()
+def stage_code(plan: Plan, spec_rel: str, name: str = "forward", sends: tuple[str, ...] = ()) -> tuple[str, str]:
+    """The layout call and the forward function of one SPMD plan (a whole program's, or one
+    pipeline stage's, whose forward also returns the activations it ``sends``)."""
     em = Emitter(plan)
-    body = em.forward_lines()
+    body = em.forward_lines(sends)
     g = plan.graph
     params, buffers, unpack = [], [], []
     for n in g:
@@ -697,18 +719,10 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
     if em.total_used:
         lens_lines.append("    B = sum(ROWS)  # samples in this (micro-)batch, over all ranks")
     input_dims = [0 if em.out_placement(n.name).is_shard else None for n in inputs]
-    script = os.path.relpath(out_dir / "train.py")  # from where hap-plan ran: no path of this machine
     check_free_names(g, em)
-    # the docstring's user-supplied text (names, paths) goes through _doc, the code's through repr
-    rank_lines = "\n".join(
-        _doc(f"  rank {r.rank}: {r.device} (node {r.node}), {plan.shares[r.rank]} samples/step")
-        for r in plan.cluster.ranks)
-    text = TEMPLATE.format(
-        model=_doc(g.model_name), cluster_name=_doc(plan.cluster.name),
-        commands="\n".join(_doc("  " + c) for c in torchrun_commands(plan, script)),
-        digest=plan.digest(), strategy=_doc(plan.strategy), step_ms=plan.predicted_step_s * 1e3,
-        global_batch=plan.global_batch, rank_lines=rank_lines,
-        spec=spec_rel, spec_rel=_doc(spec_rel), shares=tuple(plan.shares),
+    layout = LAYOUT_TEMPLATE.format(
+        digest=plan.digest(), global_batch=plan.global_batch,
+        spec=spec_rel, shares=tuple(plan.shares),
         slowdown=tuple(r.slowdown for r in plan.cluster.ranks),
         devices=tuple(r.device for r in plan.cluster.ranks), places=rank_places(plan),
         format=LAYOUT_FORMAT, params=_table(params), buffers=_table(buffers), inputs=tuple(input_dims),
@@ -716,16 +730,94 @@ def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = Fals
         lengths=_table(lengths),
         grad_buckets=tuple(tuple(b) for b in plan.predicted.grad_buckets) or (tuple(plan.grad_synced),),
         grad_overlap=plan.predicted.grad_overlap, precision=plan.precision, optimizer=plan.optimizer,
-        grad_reduce=plan.graph.grad_reduce, rebalance=rebalanceable(plan),
-        micro=tuple(plan.micro_batches) or (1,) * plan.num_ranks, lockstep=lockstep(plan),
+        grad_reduce=plan.graph.grad_reduce, rebalance=rebalanceable(plan) and not sends,
+        micro=tuple(plan.micro_batches) or (1,) * plan.num_ranks, lockstep=lockstep(plan) or bool(sends),
         fixed_batch=tuple(dict.fromkeys(em.fixed_batch)),
         random_on_cpu=len({r.device for r in plan.cluster.ranks if r.device != "cpu"}) > 1,
         recompute_counts=tuple(plan.recompute_counts),
-        precision_text=PRECISION_TEXT[plan.precision], op_imports="".join(f"{line}\n" for line in op_imports(g)),
-        unpack="\n".join(unpack + lens_lines), body="\n".join(body),
         shapes={k: tuple(n.meta.shape) for n in g if n.kind in ("param", "buffer") and isinstance(n.meta, TensorMeta)
                 for k in (n.aliases or [n.target])},
     )
+    return layout, FORWARD_TEMPLATE.format(name=name, unpack="\n".join(unpack + lens_lines), body="\n".join(body))
+
+
+def head_text(plan: Plan, spec_rel: str, script: str, graphs: list[Graph]) -> str:
+    # the docstring's user-supplied text (names, paths) goes through _doc, the code's through repr
+    rank_lines = "\n".join(
+        _doc(f"  rank {r.rank}: {r.device} (node {r.node}), {plan.shares[r.rank]} samples/step")
+        for r in plan.cluster.ranks)
+    imports = list(dict.fromkeys(line for g in graphs for line in op_imports(g)))
+    return HEAD_TEMPLATE.format(
+        model=_doc(plan.graph.model_name), cluster_name=_doc(plan.cluster.name),
+        commands="\n".join(_doc("  " + c) for c in torchrun_commands(plan, script)),
+        digest=plan.digest(), strategy=_doc(plan.strategy), step_ms=plan.predicted_step_s * 1e3,
+        global_batch=plan.global_batch, rank_lines=rank_lines, spec_rel=_doc(spec_rel),
+        precision_text=PRECISION_TEXT[plan.precision], op_imports="".join(f"{line}\n" for line in imports))
+
+
+def single_program(plan: Plan, spec_rel: str, script: str) -> str:
+    layout, forward = stage_code(plan, spec_rel)
+    return (head_text(plan, spec_rel, script, [plan.graph]) + "LAYOUT = " + layout + "\n\n\n" + forward + "\n\n\n"
+            + MAIN_TEMPLATE)
+
+
+def pipelined_program(plan: Plan, spec_rel: str, script: str) -> str:
+    """One train.py for every stage: a layout and a forward per stage, and the stages' table
+    (``hap.runtime.pipelined``): which ranks run which, what crosses each cut."""
+    layouts, forwards = [], []
+    for i, st in enumerate(plan.stages):
+        layout, forward = stage_code(st.plan, spec_rel, f"forward_{i}", st.sends)
+        layouts.append("    " + layout.replace("\n", "\n    ") + ",")
+        forwards.append(forward)
+    cuts = []
+    for st in plan.stages[:-1]:
+        metas = [st.plan.graph[x].out for x in st.sends]
+        cuts.append(tuple((tuple(m.shape[1:]), m.dtype) for m in metas))
+    first = plan.graph.nodes
+    samples = tuple((tuple(n.meta.shape[1:]), n.meta.dtype) for n in first if n.kind == "input")
+    shared = _shared_keys(plan)
+    stages = PIPELINE_TEMPLATE.format(
+        ranks=tuple(st.ranks for st in plan.stages), stage_shares=tuple(tuple(st.plan.shares) for st in plan.stages),
+        inputs=tuple(st.inputs for st in plan.stages),
+        cuts=tuple(cuts), samples=samples, micro=plan.micro_batches[0] if plan.micro_batches else 1,
+        shared=shared, digest=plan.digest(), places=rank_places(plan),
+        devices=tuple(r.device for r in plan.cluster.ranks), slowdown=tuple(r.slowdown for r in plan.cluster.ranks))
+    return (head_text(plan, spec_rel, script, [st.plan.graph for st in plan.stages])
+            + "LAYOUTS = (  # per pipeline stage: its plan, over its ranks (numbered from 0 within the stage)\n"
+            + "\n".join(layouts) + "\n)\n" + stages + "\n\n\n" + "\n\n\n".join(forwards) + "\n\n\n"
+            + PIPELINED_MAIN_TEMPLATE.format(forwards=", ".join(f"forward_{i}" for i in range(len(plan.stages)))
+                                             + ("," if len(plan.stages) == 1 else "")))
+
+
+def _shared_keys(plan: Plan) -> tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]:
+    """Weights more than one stage holds (a tied embedding and head): (state_dict keys, stages)."""
+    held: dict[tuple[str, ...], list[int]] = {}
+    for i, st in enumerate(plan.stages):
+        for n in st.plan.graph.params():
+            held.setdefault(tuple(n.aliases or [n.target]), []).append(i)
+    return tuple((keys, tuple(where)) for keys, where in held.items() if len(where) > 1)
+
+
+def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = False) -> Path:
+    if not spec:
+        raise HapError("emitting a program needs the model spec file it imports: plan.emit(dir, spec='model.py')")
+    from hap.runtime.checks import backend_for
+
+    try:
+        backend_for([r.device for r in plan.cluster.ranks])
+    except ValueError as e:
+        raise HapError(f"cannot emit a program for {plan.cluster.name}: {e}") from None
+    spec_path = Path(spec).resolve()
+    if not spec_path.exists():
+        raise HapError(f"model spec {spec} does not exist")
+    check_emit_dir(out_dir, force)
+    for p in [st.plan for st in plan.stages] or [plan]:
+        check_plan_code(p)
+    # the spec is found relative to train.py, so the program runs on any node with the same layout
+    spec_rel = Path(os.path.relpath(spec_path, out_dir.resolve())).as_posix()
+    script = os.path.relpath(out_dir / "train.py")  # from where hap-plan ran: no path of this machine
+    text = (pipelined_program(plan, spec_rel, script) if plan.pipelined else
+            single_program(plan, spec_rel, script))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train.py").write_text(text, encoding="utf-8")  # the encoding Python reads source in
     (out_dir / "plan.json").write_text(json.dumps(dataclasses.replace(plan, spec=str(spec_path)).to_json(), indent=1))

@@ -108,6 +108,32 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One stage of a pipelined plan (``hap.pipeline``): a contiguous part of the captured graph
+    (its blocks) on some of the cluster's ranks, with its own SPMD plan. ``plan``'s graph is the
+    stage's (``hap.stages``), its cluster those ranks alone, numbered from 0; its shares split
+    every micro-batch among them. ``inputs`` are the model's batch tensors it reads, ``receives``
+    the activations the previous stage sends it, ``sends`` those it sends the next."""
+
+    ranks: tuple[int, ...]
+    blocks: tuple[str, ...]
+    plan: Plan
+    inputs: tuple[int, ...]
+    receives: tuple[str, ...]
+    sends: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ranks": list(self.ranks), "blocks": list(self.blocks), "inputs": list(self.inputs),
+                "receives": list(self.receives), "sends": list(self.sends), "plan": self.plan.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Stage:
+        return cls(tuple(int(r) for r in d["ranks"]), tuple(str(b) for b in d["blocks"]), Plan.from_json(d["plan"]),
+                   tuple(int(i) for i in d["inputs"]), tuple(str(x) for x in d["receives"]),
+                   tuple(str(x) for x in d["sends"]))
+
+
+@dataclass(frozen=True)
 class BaselineResult:
     """A baseline solved on the same cost model: its step time and shares, or why it is infeasible."""
 
@@ -160,6 +186,9 @@ class Plan:
     # per rank: how many of them (the first ones) it runs again (() is all, on every rank); a rank
     # keeps the others' activations and joins only their weights' gathers (hap.runtime.ops.recompute)
     recompute_counts: tuple[int, ...] = ()
+    # a pipelined plan (hap.pipeline): its stages, in order; () is one stage, this plan itself.
+    # ``shares`` are then each rank's samples in its stage, and ``micro_batches`` the pipeline's
+    stages: tuple[Stage, ...] = ()
 
     def recomputed_blocks(self, rank: int) -> int:
         """How many of the ``recompute`` blocks ``rank`` runs again in backward."""
@@ -171,7 +200,11 @@ class Plan:
 
     @property
     def global_batch(self) -> int:
-        return sum(self.shares)
+        return sum(self.shares[r] for r in self.stages[0].ranks) if self.stages else sum(self.shares)
+
+    @property
+    def pipelined(self) -> bool:
+        return len(self.stages) > 1
 
     def choice(self) -> dict[str, Candidate]:
         """The candidate chosen for every node, as the plan carries it (no rules are run again)."""
@@ -188,7 +221,9 @@ class Plan:
 
     def digest(self) -> str:
         nodes = {name: n.to_json() for name, n in self.nodes.items()}
-        body = json.dumps({"nodes": nodes, "shares": list(self.shares)}, sort_keys=True)
+        stages = [[list(st.ranks), st.plan.digest()] for st in self.stages]
+        body = json.dumps({"nodes": nodes, "shares": list(self.shares), **({"stages": stages} if stages else {})},
+                          sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()[:12]
 
     # ---- checks ------------------------------------------------------------------------
@@ -202,9 +237,12 @@ class Plan:
              f"{len(self.shares)} shares for {self.cluster.num_ranks} ranks; one share per rank")
         need(all(s >= 0 for s in self.shares), f"negative share in {self.shares}")
         batch = self.graph.global_batch()
-        if batch is not None:
-            need(sum(self.shares) == batch,
-                 f"shares {self.shares} sum to {sum(self.shares)}, not the global batch {batch}")
+        for ranks in [st.ranks for st in self.stages] or [range(len(self.shares))]:
+            part = [self.shares[r] for r in ranks]
+            need(batch is None or sum(part) == batch,
+                 f"shares {part} of ranks {list(ranks)} sum to {sum(part)}, not the global batch {batch}")
+        need(not self.stages or sorted(r for st in self.stages for r in st.ranks) == list(range(len(self.shares))),
+             f"stages {[list(st.ranks) for st in self.stages]} do not hold every rank once")
         need(not self.recompute_counts or len(self.recompute_counts) == len(self.shares),
              f"{len(self.recompute_counts)} counts of recomputed blocks for {len(self.shares)} ranks; one per rank")
         need(all(0 <= k <= len(self.recompute) for k in self.recompute_counts),
@@ -253,6 +291,9 @@ class Plan:
             "notes": list(self.notes),
             "cluster": self.cluster.to_json(),
             "graph": self.graph.to_json(),
+            **({"stages": [{**st.to_json(), "micro_batches": int(self.micro_batches[st.ranks[0]]
+                                                                  if self.micro_batches else 1)}
+                           for st in self.stages]} if self.stages else {}),
         }
 
     @classmethod
@@ -279,6 +320,7 @@ class Plan:
                 micro_batches=tuple(int(r.get("micro_batches", 1)) for r in d["ranks"]),
                 recompute=tuple(str(b) for b in d.get("recompute", [])),
                 recompute_counts=_recompute_counts(d),
+                stages=tuple(Stage.from_json(st) for st in d.get("stages", [])),
             )
         except KeyError as e:
             raise PlanFileError(f"the plan lacks {e.args[0]!r}; re-plan with this version of hap") from None

@@ -7,7 +7,7 @@ gradient all-reduce, synchronised batch norm, and slow-device emulation on one C
 This package imports nothing else from hap (nor PuLP): an emitted program needs only torch and it.
 """
 
-from . import program  # the training loop of train.py
+from . import pipelined, program  # the training loops of train.py
 from .chunked_loss import chunked_cross_entropy
 from .collectives import (
     all_gather,
@@ -26,6 +26,7 @@ from .experts import experts_parallel
 from .grad_sync import GradSync
 from .layout import Layout, Param
 from .ops import recompute, sync_batch_norm
+from .pipelined import Stages
 from .prefetch import Prefetch
 from .rng import replicated_random, seed_step
 from .shares import offset
@@ -35,6 +36,7 @@ __all__ = [
     "Layout",
     "Param",
     "Prefetch",
+    "Stages",
     "all_gather",
     "all_reduce",
     "all_to_all",
@@ -49,6 +51,7 @@ __all__ = [
     "leave",
     "local_rank",
     "offset",
+    "pipelined",
     "program",
     "recompute",
     "replicated_random",

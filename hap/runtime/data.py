@@ -59,11 +59,14 @@ class GlobalOrder:
 
 class RankBatches(Sampler[list[int]]):
     """Batch sampler: this rank's positions of the global batches of steps ``start..stop-1``.
-    ``shares_at(step)`` gives every rank's share at a step (shares may change between steps)."""
+    ``shares_at(step)`` gives every rank's share at a step (shares may change between steps);
+    ``positions`` (a pipeline stage's order of the batch, ``hap.runtime.pipeline.stage_positions``)
+    reorders every global batch before the ranks take their ranges."""
 
     def __init__(self, order: GlobalOrder, rank: int, shares_at: Callable[[int], Sequence[int]], start: int,
-                 stop: int) -> None:
+                 stop: int, positions: Sequence[int] | None = None) -> None:
         self.order, self.rank, self.shares_at, self.start, self.stop = order, rank, shares_at, start, stop
+        self.positions = None if positions is None else torch.tensor(list(positions), dtype=torch.long)
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -72,7 +75,10 @@ class RankBatches(Sampler[list[int]]):
         for step in range(self.start, self.stop):
             shares = self.shares_at(step)
             lo = offset(shares, self.rank)
-            yield self.order.indices(step)[lo:lo + shares[self.rank]].tolist()
+            indices = self.order.indices(step)
+            if self.positions is not None:
+                indices = indices[self.positions]
+            yield indices[lo:lo + shares[self.rank]].tolist()
 
 
 def as_tuple(out: Any) -> tuple:
@@ -208,8 +214,10 @@ class RankData:
 
     def __init__(self, spec: Any, rank: int, shares: Sequence[int], inputs: Sequence[int | None],
                  samples: Sequence[tuple[tuple[int, ...], str]], seed: int, start: int, stop: int, prefetch: int,
-                 device: torch.device) -> None:
+                 device: torch.device, positions: Sequence[int] | None = None) -> None:
         self.spec, self.rank, self.inputs, self.device = spec, rank, inputs, device
+        # a pipeline stage's order of each global batch (RankBatches); None: the batch's own
+        self.positions = None if positions is None else torch.tensor(list(positions), dtype=torch.long)
         self.schedule: list[tuple[int, tuple[int, ...]]] = [(start, tuple(shares))]  # (from step, shares)
         self.empty = [(tuple(shape), getattr(torch, dt)) for shape, dt in samples]
         self.order: GlobalOrder | None = None
@@ -227,7 +235,7 @@ class RankData:
         if hasattr(spec, "dataset"):
             ds = spec.dataset("train")
             self.order = GlobalOrder(len(ds), sum(shares), seed)
-            batches = RankBatches(self.order, rank, self.shares_at, start, stop)
+            batches = RankBatches(self.order, rank, self.shares_at, start, stop, positions)
             self.lookahead = WORKERS * prefetch + prefetch + 2 if prefetch > 0 else 1
             it = iter(loader(ds, batches, getattr(spec, "collate", None), self.empty, prefetch,
                              pin=device.type == "cuda"))
@@ -287,15 +295,19 @@ class RankData:
         shares = self.shares_at(step)
         total, lo, share = sum(shares), offset(shares, self.rank), shares[self.rank]
         if self._by_rows is None:
-            self._by_rows = self._rows_agree(step, total, lo, share)
+            self._by_rows = self.positions is None and self._rows_agree(step, total, lo, share)
         if self._by_rows:
             out = as_tuple(self.spec.batch(step, total, rows=(lo, lo + share)))
             check_batch(out, self.empty, share, f"batch({step}, {total}, rows=({lo}, {lo + share}))")
         else:
             full = self._whole_batch(step, total)
-            # a copy of the rows, so that the global batch is freed while they wait in the queue
-            out = tuple(x.narrow(0, lo, share).clone() if d == 0 and share < total else x
-                        for x, d in zip(full, self.inputs))
+            if self.positions is not None:
+                mine = self.positions[lo:lo + share]
+                out = tuple(x.index_select(0, mine) if d == 0 else x.index_select(0, self.positions)
+                            for x, d in zip(full, self.inputs))
+            else:  # a copy of the rows, so that the global batch is freed while they wait in the queue
+                out = tuple(x.narrow(0, lo, share).clone() if d == 0 and share < total else x
+                            for x, d in zip(full, self.inputs))
         return tuple(x.pin_memory() for x in out) if self._pin else out
 
     def _whole_batch(self, step: int, total: int) -> tuple[torch.Tensor, ...]:

@@ -16,6 +16,7 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, NoReturn
@@ -41,6 +42,11 @@ class _State:
     rs_fallback: bool = False  # backend lacks reduce_scatter_tensor: all_reduce + slice instead
     dry: bool = False  # local_work_only(): the primitives send nothing (plan-time timing)
     store: Any = None  # the rendezvous store of this attempt, under torchrun (see leave())
+    # a pipeline stage (enter_stage): the collectives run within its group, and rank/world are
+    # this rank's place in the stage; every_world is the whole job's size (None group: the job's)
+    group: Any = None
+    members: tuple[int, ...] = ()  # the stage's global ranks
+    every_world: int = 1
 
 
 _S = _State()
@@ -106,6 +112,7 @@ def init(backend: str | None = None, gpu: int | None = None) -> tuple[int, int]:
         _S.device = torch.device("cpu")
     _S.initialized = True
     _S.rs_fallback = False
+    _S.every_world, _S.group, _S.members = _S.world, None, ()
     return _S.rank, _S.world
 
 
@@ -195,13 +202,53 @@ def is_distributed() -> bool:
     return _S.world > 1
 
 
+def enter_stage(stages: Sequence[Sequence[int]]) -> int:
+    """Join this rank's pipeline stage: ``stages`` lists every stage's global ranks (each rank in
+    one). Every rank makes every stage's group, in order (torch.distributed requires all ranks
+    to call ``new_group`` alike); from here on the collectives run within this rank's stage and
+    ``rank()`` / ``world_size()`` are its place in it. Returns the stage's index. Whatever spans
+    stages (the cut's point-to-point sends, ``_all_reduce_everywhere``) names global ranks."""
+    me = _S.rank
+    mine = next(i for i, ranks in enumerate(stages) if me in ranks)
+    if len(stages) == 1:
+        return mine
+    made = [dist.new_group(list(ranks)) if _S.every_world > 1 else None for ranks in stages]
+    _S.group, _S.members = made[mine], tuple(stages[mine])
+    _S.rank, _S.world = _S.members.index(me), len(_S.members)
+    return mine
+
+
+def new_group(ranks: Sequence[int]) -> Any:
+    """A process group of global ``ranks`` (every rank of the job calls this alike, in order)."""
+    return dist.new_group(list(ranks)) if _S.every_world > 1 else None
+
+
+def _all_reduce_in(t: torch.Tensor, group: Any) -> None:
+    """In-place sum of a contiguous tensor over ``group`` (``new_group``), whichever stage this rank runs."""
+    if _S.dry or group is None:
+        return
+    emulate.before_comm()
+    if _S.backend == "nccl" and t.device.type == "cpu":
+        on_gpu = t.to(device())
+        dist.all_reduce(on_gpu, group=group)
+        t.copy_(on_gpu.cpu())
+    else:
+        dist.all_reduce(t, group=group)
+    emulate.after_comm()
+
+
+def global_rank() -> int:
+    """This rank in the whole job (``rank()`` is its place in its pipeline stage)."""
+    return _S.members[_S.rank] if _S.members else _S.rank
+
+
 def shutdown() -> None:
     """Orderly teardown: barrier, then destroy the process group. Safe to call twice.
 
     Destroying the group explicitly (after every rank reached the barrier) is what avoids gloo's
     "terminate called without an active exception" abort at interpreter exit.
     """
-    if _S.world > 1 and _S.owns_group and dist.is_initialized():
+    if _S.every_world > 1 and _S.owns_group and dist.is_initialized():
         try:
             if _S.backend == "nccl":
                 dist.barrier(device_ids=[_S.local_rank])
@@ -210,7 +257,7 @@ def shutdown() -> None:
         finally:
             dist.destroy_process_group()
     _S.owns_group = False
-    _S.world, _S.rank, _S.backend = 1, 0, None
+    _S.world, _S.rank, _S.backend, _S.every_world, _S.group, _S.members = 1, 0, None, 1, None, ()
     _S.initialized = False
 
 
@@ -225,7 +272,7 @@ def leave(code: int = 0) -> NoReturn:
     (not gloo) until all have, and leaves without running the process group's destructors.
     Output is flushed first; files the program wrote are closed already.
     """
-    if _S.world > 1 and _S.owns_group and dist.is_initialized():
+    if _S.every_world > 1 and _S.owns_group and dist.is_initialized():
         with contextlib.suppress(Exception):  # leaving anyway: the other ranks' exit says the rest
             if _S.backend == "nccl":
                 dist.barrier(device_ids=[_S.local_rank])
@@ -234,7 +281,7 @@ def leave(code: int = 0) -> NoReturn:
             if _S.store is not None:
                 _S.store.add("left", 1)
                 deadline = time.monotonic() + 60.0
-                while _S.store.add("left", 0) < _S.world and time.monotonic() < deadline:
+                while _S.store.add("left", 0) < _S.every_world and time.monotonic() < deadline:
                     time.sleep(0.01)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -272,9 +319,9 @@ def _all_gather_equal(out: torch.Tensor, inp: torch.Tensor, async_op: bool = Fal
     o, i = _wire(out), _wire(inp)
     work = None
     if _ag_fn is not None:
-        work = _ag_fn(o, i, async_op=async_op)
+        work = _ag_fn(o, i, group=_S.group, async_op=async_op)
     else:  # very old torch: list form
-        work = dist.all_gather(list(o.chunk(_S.world)), i, async_op=async_op)
+        work = dist.all_gather(list(o.chunk(_S.world)), i, group=_S.group, async_op=async_op)
     if not async_op and not out.is_contiguous():
         out.copy_(o.view(torch.bool) if out.dtype == torch.bool else o)
     emulate.after_comm()
@@ -289,7 +336,7 @@ def _reduce_scatter_equal(out: torch.Tensor, inp: torch.Tensor, async_op: bool =
     emulate.before_comm()
     if _rs_fn is not None and not _S.rs_fallback:
         try:
-            work = _rs_fn(out, inp.contiguous(), async_op=async_op)
+            work = _rs_fn(out, inp.contiguous(), group=_S.group, async_op=async_op)
             emulate.after_comm()
             return work if async_op else None
         except (RuntimeError, NotImplementedError) as e:  # gloo before torch 2.x lacks it
@@ -298,7 +345,7 @@ def _reduce_scatter_equal(out: torch.Tensor, inp: torch.Tensor, async_op: bool =
                 raise
             _S.rs_fallback = True
     buf = inp.contiguous().clone()
-    dist.all_reduce(buf)
+    dist.all_reduce(buf, group=_S.group)
     k = out.shape[0]
     out.copy_(buf.narrow(0, _S.rank * k, k))
     emulate.after_comm()
@@ -313,7 +360,7 @@ def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | No
         return None
     emulate.before_comm()
     o, i = _wire(out), _wire(inp)
-    work = dist.all_to_all_single(o, i, out_splits, in_splits, async_op=async_op)
+    work = dist.all_to_all_single(o, i, out_splits, in_splits, group=_S.group, async_op=async_op)
     if not async_op and not out.is_contiguous():
         out.copy_(o.view(torch.bool) if out.dtype == torch.bool else o)
     emulate.after_comm()
@@ -325,7 +372,7 @@ def _all_reduce_async(t: torch.Tensor):
     if _S.dry:
         return None
     emulate.before_comm()
-    work = dist.all_reduce(t, async_op=True)
+    work = dist.all_reduce(t, group=_S.group, async_op=True)
     emulate.after_comm()
     return work
 
@@ -344,24 +391,26 @@ def barrier() -> None:
     if _S.dry or not is_distributed():
         return
     if _S.backend == "nccl":
-        dist.barrier(device_ids=[_S.local_rank])
+        dist.barrier(group=_S.group, device_ids=[_S.local_rank])
     else:
-        dist.barrier()
+        dist.barrier(group=_S.group)
 
 
-def _all_reduce(t: torch.Tensor, op: str = "sum") -> None:
-    """In-place sum (or ``op="max"``) over ranks of a contiguous tensor; a host tensor on an NCCL
-    group (which reduces device memory only) travels through this rank's GPU."""
-    if _S.dry or not is_distributed():
+def _all_reduce(t: torch.Tensor, op: str = "sum", everywhere: bool = False) -> None:
+    """In-place sum (or ``op="max"``) over the ranks of this rank's stage (with ``everywhere``,
+    of the whole job) of a contiguous tensor; a host tensor on an NCCL group (which reduces
+    device memory only) travels through this rank's GPU."""
+    if _S.dry or not (_S.every_world > 1 if everywhere else is_distributed()):
         return
     emulate.before_comm()
     red = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+    group = None if everywhere else _S.group
     if _S.backend == "nccl" and t.device.type == "cpu":
         on_gpu = t.to(device())
-        dist.all_reduce(on_gpu, op=red)
+        dist.all_reduce(on_gpu, op=red, group=group)
         t.copy_(on_gpu.cpu())
     else:
-        dist.all_reduce(t, op=red)
+        dist.all_reduce(t, op=red, group=group)
     emulate.after_comm()
 
 
@@ -369,5 +418,5 @@ def _broadcast(t: torch.Tensor, src: int) -> None:
     if _S.dry:
         return
     emulate.before_comm()
-    dist.broadcast(t, src)
+    dist.broadcast(t, _S.members[src] if _S.members else src, group=_S.group)  # src: a rank of the stage
     emulate.after_comm()

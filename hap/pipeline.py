@@ -1,0 +1,268 @@
+"""Pipeline stages: the plan for clusters whose network binds.
+
+A pipelined plan cuts the captured graph at its blocks into stages (``hap.stages``) and gives
+each stage a group of ranks, whole nodes where the cluster has enough of them. Each stage gets
+its own SPMD plan from the single-stage search (uneven shares of every micro-batch, per-op
+sharding, its own gradient all-reduce, inside its nodes). Between stages only each cut's
+activations travel forward and their gradients backward, per micro-batch.
+
+The schedule is GPipe with re-materialisation: a stage that sends runs every micro-batch's
+forward without keeping activations (``F``), then, as each gradient comes back, that forward
+again with autograd and its backward (``B``); the last stage runs forward and backward at once.
+A stage thus keeps one micro-batch's activations plus its received inputs, and pays one more
+forward, which ``price`` counts. Stage s's ranks are the data of its plan's cost model; the
+schedule's timeline is priced by ``schedule_s``, event by event.
+
+Where to cut: block ranges balance each stage's work against its ranks' summed speed (a DP
+over cuts, as Alpa and Metis do); which ranks: contiguous nodes (or ranks, where there are
+fewer nodes than stages) in the cluster's order, every split tried, each priced and the fastest
+kept. A stage solve is cached by (blocks, ranks).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Sequence
+
+from hap.cluster import Cluster, RankInfo
+from hap.errors import InfeasiblePlan
+from hap.graph import Graph, TensorMeta
+from hap.plan import Plan, Prediction, Stage
+from hap.stages import StageGraph, cut_candidates, shared_params, split
+
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32)  # pipeline depths the search tries, each at most the global batch
+FORWARD_SHARE = 1 / 3  # a forward's share of forward + backward (backward ~ 2x forward for matmuls)
+MAX_GROUPINGS = 16  # rank groupings priced per stage count (the most balanced by speed first)
+
+
+def sub_cluster(cluster: Cluster, ranks: Sequence[int], index: int) -> Cluster:
+    """``ranks`` of ``cluster`` as a cluster of their own: numbered from 0, nodes renumbered in order."""
+    nodes = {n: i for i, n in enumerate(dict.fromkeys(cluster.ranks[r].node for r in ranks))}
+    infos = tuple(RankInfo(i, cluster.ranks[r].device, nodes[cluster.ranks[r].node], cluster.ranks[r].slowdown)
+                  for i, r in enumerate(ranks))
+    return dataclasses.replace(cluster, name=f"{cluster.name} stage {index}", ranks=infos,
+                               devices={k: v for k, v in cluster.devices.items()
+                                        if any(i.device == k for i in infos)})
+
+
+def groupings(cluster: Cluster, stages: int) -> list[tuple[tuple[int, ...], ...]]:
+    """Ways to give ``stages`` stages contiguous groups of ranks: whole nodes where the cluster
+    has at least as many nodes, else single ranks; the most even by speed first."""
+    units = cluster.nodes() if cluster.num_nodes >= stages else [[r] for r in range(cluster.num_ranks)]
+    if stages > len(units):
+        return []
+    speed = [sum(cluster.speed(r) for r in u) for u in units]
+    out = []
+    for cuts in itertools.combinations(range(1, len(units)), stages - 1):
+        bounds = (0, *cuts, len(units))
+        groups = tuple(tuple(r for u in units[a:b] for r in u) for a, b in zip(bounds, bounds[1:]))
+        sums = [sum(speed[a:b]) for a, b in zip(bounds, bounds[1:])]
+        out.append((max(sums) / min(sums), groups))
+    out.sort(key=lambda x: x[0])
+    return [g for _, g in out[:MAX_GROUPINGS]]
+
+
+def block_work(graph: Graph, cuts: Sequence[int]) -> list[float]:
+    """FLOPs of the graph's ops between consecutive cut candidates (the prologue with the first
+    block, the epilogue with the last)."""
+    bounds = (0, *cuts, len(graph.nodes))
+    return [sum(n.flops for n in graph.nodes[a:b] if n.kind == "op") for a, b in zip(bounds, bounds[1:])]
+
+
+def balanced_cuts(graph: Graph, speeds: Sequence[float]) -> list[int]:
+    """The cut candidates that split the graph into ``len(speeds)`` contiguous parts minimising
+    the slowest part's work over its stage's speed (a DP over cuts)."""
+    cands = cut_candidates(graph)
+    work = block_work(graph, cands)
+    n, k = len(work), len(speeds)
+    if k > n:
+        raise InfeasiblePlan(f"{k} stages need at least {k} blocks to cut between; the model has {n} "
+                             "(Graph.blocks); plan fewer stages")
+    prefix = [0.0, *itertools.accumulate(work)]
+    best = [[math.inf] * (n + 1) for _ in range(k + 1)]
+    back = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for s in range(1, k + 1):
+        for j in range(s, n - (k - s) + 1):
+            for i in range(s - 1, j):
+                t = max(best[s - 1][i], (prefix[j] - prefix[i]) / speeds[s - 1])
+                if t < best[s][j]:
+                    best[s][j], back[s][j] = t, i
+    ends, j = [], n
+    for s in range(k, 0, -1):
+        ends.append(j)
+        j = back[s][j]
+    ends.reverse()
+    return [cands[e - 1] for e in ends[:-1]]
+
+
+def schedule_s(forward_s: Sequence[float], again_s: Sequence[float], cut_s: Sequence[float], m: int) -> float:
+    """When the last micro-batch's backward ends on every stage, under GPipe with
+    re-materialisation: a non-last stage runs ``F`` of every micro-batch (``forward_s[s]``
+    each), then ``B`` (``again_s[s]``: forward again and backward) of each as its gradient
+    arrives; the last stage runs ``B`` as each input arrives. ``cut_s[s]``: one micro-batch's
+    transfer over cut s (between stage s and s+1), each way. Returns each stage's end."""
+    k = len(again_s)
+    f_end = [[0.0] * m for _ in range(k)]
+    for s in range(k - 1):
+        free = 0.0
+        for j in range(m):
+            ready = f_end[s - 1][j] + cut_s[s - 1] if s > 0 else 0.0
+            free = f_end[s][j] = max(free, ready) + forward_s[s]
+    b_end = [[0.0] * m for _ in range(k)]
+    ends = [0.0] * k
+    for s in range(k - 1, -1, -1):
+        free = f_end[s][m - 1] if s < k - 1 else 0.0
+        for j in range(m):
+            ready = (b_end[s + 1][j] + cut_s[s]) if s < k - 1 else (f_end[s - 1][j] + cut_s[s - 1] if s > 0 else 0.0)
+            free = b_end[s][j] = max(free, ready) + again_s[s]
+        ends[s] = free
+    return ends
+
+
+def cut_seconds(cluster: Cluster, a: Sequence[int], b: Sequence[int], nbytes: float) -> float:
+    """One micro-batch's activations (``nbytes``) from stage ranks ``a`` to ``b``: each sender
+    sends each receiver their common rows at once; across nodes they share the node links."""
+    link = cluster.group_link([*a, *b])
+    return link.alpha_s + nbytes / link.bytes_per_s if nbytes else 0.0
+
+
+@dataclasses.dataclass
+class Priced:
+    step_s: float
+    micro_batches: int
+    bubble: float  # the share of the step a stage waits, on average
+    stage_ends: tuple[float, ...]
+
+
+def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Sequence[Sequence[int]],
+          cluster: Cluster, tied_s: float, fixed_m: int | None = None) -> Priced:
+    """The pipelined step: the schedule's span at the best micro-batch count, then the slowest
+    stage's gradient all-reduce and optimizer step, then the tied weights' all-reduce across
+    stages. Per micro-batch, a stage's forward + backward is its plan's (less the gradient
+    all-reduce and optimizer step) over ``m``."""
+    k = len(stage_plans)
+    batch = stage_plans[0].global_batch
+    best = None
+    for m in ([fixed_m] if fixed_m else [m for m in MICRO_BATCHES if m <= batch]):
+        again, fwd, cut = [], [], []
+        for p in stage_plans:
+            pr = p.predicted
+            work = (pr.step_s - pr.grad_sync_s - pr.optimizer_s) / m
+            again.append(work)
+            fwd.append(work * FORWARD_SHARE)
+        for s in range(k - 1):
+            nbytes = sum(stage_plans[s].graph[x].out.nbytes for x in stages[s].sends) / m
+            cut.append(cut_seconds(cluster, groups[s], groups[s + 1], nbytes))
+        ends = schedule_s(fwd, again, cut, m)
+        step = max(e + p.predicted.grad_sync_s + p.predicted.optimizer_s for e, p in zip(ends, stage_plans)) + tied_s
+        busy = sum(again[s] * m + (fwd[s] * m if s < k - 1 else 0.0) for s in range(k)) / k
+        cand = Priced(step, m, max(0.0, 1 - busy / max(ends)), tuple(ends))
+        if best is None or cand.step_s < best.step_s:
+            best = cand
+    return best
+
+
+def tied_seconds(cluster: Cluster, stages: Sequence[StageGraph], groups: Sequence[Sequence[int]]) -> float:
+    """The all-reduce that sums a weight's gradients over the stages that hold it (a tied
+    embedding and LM head): over the ranks of those stages."""
+    total = 0.0
+    for key, where in shared_params(stages).items():
+        node = next(n for n in stages[where[0]].graph.params() if key in (n.aliases or [n.target]))
+        ranks = [r for s in where for r in groups[s]]
+        link = cluster.group_link(ranks)
+        total += 2 * link.alpha_s + 2 * node.out.nbytes / link.bytes_per_s
+    return total
+
+
+def stage_pins(sg: StageGraph, shared: set[str], width: int) -> dict[str, str]:
+    """What a stage's plan of ``width`` ranks must hold fixed: its received and sent activations
+    and their gradients sharded by samples (the cut hands each rank its rows), its weights held
+    by other stages too replicated (their gradients are summed across stages whole). One rank
+    holds everything whole, its rows included."""
+    if width == 1:
+        return {}
+    pins = {x: "S(0)" for x in (*sg.receives, *sg.sends, *sg.grads)}
+    for n in sg.graph.params():
+        if set(n.aliases or [n.target]) & shared:
+            pins[n.name] = "R"
+    return pins
+
+
+def plan_pipeline(graph: Graph, cluster: Cluster, stages: int, solve: Callable[[Graph, Cluster, dict], Plan],
+                  say: Callable[[str], None], micro_batches: int | None = None) -> Plan | None:
+    """The fastest pipelined plan of ``stages`` stages (None where the cluster or model cannot
+    have that many). ``solve(stage_graph, stage_cluster, pins)`` is the single-stage search."""
+    cache: dict[tuple, Plan] = {}
+    best: tuple[Priced, list[Plan], list[StageGraph], tuple] | None = None
+    for groups in groupings(cluster, stages):
+        speeds = [sum(cluster.speed(r, graph.precision) for r in g) for g in groups]
+        try:
+            cuts = balanced_cuts(graph, speeds)
+        except InfeasiblePlan:
+            return None
+        parts = split(graph, cuts)
+        shared = set(shared_params(parts))
+        plans = []
+        for sg, g in zip(parts, groups):
+            key = (sg.blocks, tuple(g))
+            if key not in cache:
+                say(f"solving stage {sg.index} ({_blocks_text(sg.blocks)}) on ranks {_ranks_text(g)}")
+                cache[key] = solve(sg.graph, sub_cluster(cluster, g, sg.index), stage_pins(sg, shared, len(g)))
+            plans.append(cache[key])
+        priced = price(plans, parts, groups, cluster, tied_seconds(cluster, parts, groups), micro_batches)
+        if best is None or priced.step_s < best[0].step_s:
+            best = (priced, plans, parts, groups)
+    if best is None:
+        return None
+    priced, plans, parts, groups = best
+    return assemble(graph, cluster, priced, plans, parts, groups)
+
+
+def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Plan], parts: Sequence[StageGraph],
+             groups: Sequence[Sequence[int]]) -> Plan:
+    """The pipelined Plan: every rank's share in its stage, every node's choice from the stage
+    that runs it, and the schedule's prediction."""
+    n = cluster.num_ranks
+    shares, compute, memory = [0] * n, [0.0] * n, [0] * n
+    for p, g in zip(plans, groups):
+        for i, r in enumerate(g):
+            shares[r], compute[r], memory[r] = p.shares[i], p.predicted.compute_s[i], p.predicted.memory_bytes[i]
+    nodes = {}
+    for p in plans:
+        for name, choice in p.nodes.items():
+            if name in graph and name not in nodes:
+                nodes[name] = choice
+    stages = tuple(Stage(tuple(g), sg.blocks, p, sg.inputs, sg.receives, sg.sends)
+                   for p, sg, g in zip(plans, parts, groups))
+    first = plans[0]
+    grad_sync = max(p.predicted.grad_sync_s for p in plans)
+    optimizer = max(p.predicted.optimizer_s for p in plans)
+    predicted = Prediction(priced.step_s, tuple(compute), priced.step_s - grad_sync, 0.0, grad_sync, tuple(memory),
+                           (), False, optimizer, 0.0)
+    return Plan(graph, cluster, tuple(shares), nodes, tuple(m for p in plans for m in p.moves),
+                tuple(x for p in plans for x in p.grad_synced), predicted, {}, 0.0,
+                sum(p.solve_s for p in plans), first.solver_status, first.optimizer, "hap_pipeline", first.spec,
+                tuple(w for p in plans for w in p.warnings),
+                (f"pipeline: {len(plans)} stages, {priced.micro_batches} micro-batches, bubble "
+                 f"{priced.bubble:.0%}: " + "; ".join(
+                     f"stage {i} on ranks {_ranks_text(g)} runs {_blocks_text(sg.blocks)}"
+                     for i, (sg, g) in enumerate(zip(parts, groups))),),
+                (priced.micro_batches,) * n, (), (), stages)
+
+
+def _ranks_text(ranks: Sequence[int]) -> str:
+    return f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 and list(ranks) == list(range(ranks[0], ranks[-1] + 1)) \
+        else ",".join(str(r) for r in ranks)
+
+
+def _blocks_text(blocks: Sequence[str]) -> str:
+    if not blocks:
+        return "no block"
+    return blocks[0] if len(blocks) == 1 else f"{blocks[0]}..{blocks[-1]}"
+
+
+def micro_meta(meta: TensorMeta) -> tuple[tuple[int, ...], str]:
+    """A cut tensor as the runtime receives it: the shape of one sample's rows and the dtype."""
+    return tuple(meta.shape[1:]), meta.dtype
