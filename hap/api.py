@@ -127,7 +127,9 @@ def pipelined(graph: Graph, single: Plan, cluster: Cluster, count: int | None, s
     if best is None or (count is None and best.predicted_step_s >= single.predicted_step_s):
         return single
     own = BaselineResult(single.predicted_step_s, single.shares, single.predicted.exposed_comm_s)
-    return dataclasses.replace(best, graph=graph, baselines={**single.baselines, "hap_1_stage": own},
+    # a node no stage reads (an unused buffer) keeps the single-stage plan's choice
+    nodes = {name: best.nodes.get(name, single.nodes[name]) for name in single.nodes}
+    return dataclasses.replace(best, graph=graph, nodes=nodes, baselines={**single.baselines, "hap_1_stage": own},
                                lower_bound_step_s=single.lower_bound_step_s, spec=single.spec,
                                solve_s=single.solve_s + best.solve_s)
 

@@ -33,7 +33,7 @@ from hap.stages import StageGraph, cut_candidates, shared_params, split
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)  # pipeline depths the search tries, each at most the global batch
 FORWARD_SHARE = 1 / 3  # a forward's share of forward + backward (backward ~ 2x forward for matmuls)
-MAX_GROUPINGS = 16  # rank groupings priced per stage count (the most balanced by speed first)
+MAX_GROUPINGS = 4  # rank groupings priced per stage count (the most balanced by speed first)
 
 
 def sub_cluster(cluster: Cluster, ranks: Sequence[int], index: int) -> Cluster:
@@ -141,15 +141,18 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
     """The pipelined step: the schedule's span at the best micro-batch count, then the slowest
     stage's gradient all-reduce and optimizer step, then the tied weights' all-reduce across
     stages. Per micro-batch, a stage's forward + backward is its plan's (less the gradient
-    all-reduce and optimizer step) over ``m``."""
+    all-reduce and optimizer step) over ``m``, except its kernels' floors, which every
+    micro-batch pays whole."""
     k = len(stage_plans)
     batch = stage_plans[0].global_batch
     best = None
     for m in ([fixed_m] if fixed_m else [m for m in MICRO_BATCHES if m <= batch]):
         again, fwd, cut = [], [], []
-        for p in stage_plans:
+        for p, g in zip(stage_plans, groups):
             pr = p.predicted
-            work = (pr.step_s - pr.grad_sync_s - pr.optimizer_s) / m
+            floors = 3 * len(p.graph.ops()) * max(cluster.kernel_floor(r) for r in g)  # forward + backward
+            whole = pr.step_s - pr.grad_sync_s - pr.optimizer_s
+            work = min(whole, floors) + max(0.0, whole - floors) / m
             again.append(work)
             fwd.append(work * FORWARD_SHARE)
         for s in range(k - 1):

@@ -64,6 +64,9 @@ BAD = {
     "integer loss": (lambda t: [_spec(t, LOSS.format(loss="self.lin(x).argmax()"))], "int64 scalar"),
     "loss without gradient": (lambda t: [_spec(t, LOSS.format(loss="self.lin(x).detach().mean()"))],
                               "no parameter's gradient"),
+    "no stages": (lambda t: ["examples/mlp.py", "--stages", "0"], "--stages 0: give auto or a number"),
+    "more stages than blocks": (lambda t: ["examples/gpt.py", "--cluster", "profiles/clusters/cpu-1-2-4.toml",
+                                           "--stages", "3"], "fewer blocks (2)"),
     "cluster is a directory": (lambda t: ["examples/mlp.py", "--cluster", "profiles/clusters"], "is a directory"),
     "emit into a file": (lambda t: ["examples/mlp.py", "--emit", _toml(t, "user data")], "existing file"),
     # a 60k x 60k weight with Adam: 29 GB per V100 even sharded over both; the levers are named

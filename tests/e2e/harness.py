@@ -48,19 +48,19 @@ def rank_outputs(source: str, tmp: Path, nproc: int = 2) -> list:
 
 
 def plan_for(spec_path: str, cluster: str, pins: dict[str, str] | None = None, precision: str = "fp32",
-             grad_reduce: str = "fp32", recompute: str = "auto", experts: str = "auto"):
+             grad_reduce: str = "fp32", recompute: str = "auto", experts: str = "auto", stages: int | str = "auto"):
     return plan_spec(spec_path, cluster, pins=pins, precision=precision, grad_reduce=grad_reduce, recompute=recompute,
-                     experts=experts)
+                     experts=experts, stages=stages)
 
 
 def run_exact(spec_path: str, cluster: str, tmp: Path, steps: int = 3, lr: float = 0.05,
               pins: dict[str, str] | None = None, precision: str = "fp32", grad_reduce: str = "fp32",
               train: dict | None = None, train_args: list[str] = (), recompute: str = "auto",
-              experts: str = "auto", edit=None):
+              experts: str = "auto", edit=None, stages: int | str = "auto"):
     """Returns (plan, max relative loss error, max relative parameter error); the run's
     --log-json is at tmp/log.json. ``edit`` (a function of the plan) changes the plan before it
     is emitted."""
-    plan = plan_for(spec_path, cluster, pins, precision, grad_reduce, recompute, experts)
+    plan = plan_for(spec_path, cluster, pins, precision, grad_reduce, recompute, experts, stages)
     plan = edit(plan) if edit else plan
     emit_program(plan, tmp / "out", spec=spec_path)
     log, dump = tmp / "log.json", tmp / "params.pt"

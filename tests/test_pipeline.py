@@ -1,0 +1,66 @@
+"""Planning pipeline stages (hap.pipeline): where to cut, which ranks form a stage, how the
+GPipe schedule with re-materialisation is priced, and the plan's record of its stages."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hap.api import plan_spec
+from hap.cluster import load_cluster
+from hap.pipeline import balanced_cuts, groupings, schedule_s
+from hap.plan import Plan
+from hap.spec import capture_spec, load_spec
+from hap.stages import cut_candidates
+from tests.helpers import ROOT
+
+CLUSTERS = ROOT / "profiles" / "clusters"
+
+
+def test_one_micro_batch_runs_the_stages_one_after_another():
+    # stage 0 runs F (1), hands on (0.5), the last stage runs F+B (3), hands back (0.5), stage 0 runs B (2)
+    ends = schedule_s([1.0, 0.0], [2.0, 3.0], [0.5], 1)
+    assert ends == pytest.approx([1.0 + 0.5 + 3.0 + 0.5 + 2.0, 1.0 + 0.5 + 3.0])
+
+
+def test_micro_batches_overlap_the_stages():
+    # 4 micro-batches: the last stage's F+B of micro-batch j waits only for stage 0's F of j
+    ends = schedule_s([1.0, 0.0], [3.0, 3.0], [0.0], 4)
+    assert ends[1] == pytest.approx(1.0 + 4 * 3.0)
+    assert ends[0] == pytest.approx(ends[1] + 3.0)  # stage 0's B of j runs as j's gradient arrives
+    assert max(ends) < 4 * (1.0 + 3.0 + 3.0)  # less than running the stages one after another
+
+
+def test_cuts_balance_work_against_each_stage_speed(monkeypatch):
+    monkeypatch.setenv("HAP_GPT_LAYERS", "4")
+    graph = capture_spec(load_spec(str(ROOT / "examples/gpt.py")))
+    cands = cut_candidates(graph)
+    assert len(cands) == 3
+    assert balanced_cuts(graph, [1.0, 1.0]) == [cands[1]]  # two blocks each
+    assert balanced_cuts(graph, [1.0, 3.0]) == [cands[0]]  # the slow stage takes one block
+    assert balanced_cuts(graph, [3.0, 1.0]) == [cands[2]]
+
+
+def test_stages_take_whole_nodes_or_contiguous_ranks():
+    one_node = load_cluster(CLUSTERS / "cpu-1-2-4.toml")
+    assert set(groupings(one_node, 2)) == {((0,), (1, 2)), ((0, 1), (2,))}
+    assert groupings(one_node, 4) == []
+    paper = load_cluster(CLUSTERS / "hap-paper.toml")
+    for groups in groupings(paper, 2):
+        nodes = [{paper.ranks[r].node for r in g} for g in groups]
+        assert not nodes[0] & nodes[1]  # no node is split between stages
+        assert sorted(r for g in groups for r in g) == list(range(paper.num_ranks))
+
+
+def test_a_pipelined_plan_records_its_stages_and_round_trips():
+    plan = plan_spec(str(ROOT / "examples/gpt.py"), str(CLUSTERS / "cpu-1-2-4.toml"), stages=2)
+    assert plan.pipelined and plan.strategy == "hap_pipeline"
+    d = plan.to_json()
+    assert [sorted(st) for st in [s["ranks"] for s in d["stages"]]] in ([[0], [1, 2]], [[0, 1], [2]])
+    for st in d["stages"]:
+        assert sum(d["ranks"][r]["batch_share"] for r in st["ranks"]) == d["global_batch"]
+        assert st["micro_batches"] >= 1 and st["blocks"]
+    assert "hap_1_stage" in d["baselines"]
+    again = Plan.from_json(json.loads(json.dumps(d)))
+    assert again.digest() == plan.digest() and len(again.stages) == 2
+    assert again.stages[0].sends == again.stages[1].receives
