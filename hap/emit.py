@@ -34,7 +34,7 @@ from hap.runtime.layout import FORMAT as LAYOUT_FORMAT
 if TYPE_CHECKING:
     from hap.plan import Plan
 from hap.rules import FORWARD_COLLECTIVE_EMITS, RENDERERS, Candidate, Local, is_ref
-from hap.rules.loss import chain_unmoved, chunked_loss, chunked_losses
+from hap.rules.loss import chain_unmoved, chunked_loss, chunked_losses, mean_loss
 
 # the targets train.py calls that are not torch.ops overloads: each is written by a fixed rule
 KNOWN_TARGETS = {
@@ -328,6 +328,10 @@ class Emitter:
             parts = [repr(node.name), callee(node.target), *self.call_arguments(node, cand, refs),
                      "on_cpu=layout.random_on_cpu"]
             return f"hr.replicated_random({', '.join(parts)})"
+        if cand.emit == "call" and self.plan.num_ranks == 1 and mean_loss(node):
+            # one rank's mean is its batch's sum over the batch's count: written so, the sums of
+            # micro-batches (a pipeline stage's, or --micro-batches) add up to the batch's mean
+            return RENDERERS["loss_partial"](self, node, cand, refs)
         if cand.emit == "call":
             return self.call(node, cand, refs)
         render = RENDERERS.get(cand.emit)

@@ -138,6 +138,11 @@ def loss(node: Node, ctx: RuleContext) -> list[Candidate]:
     return cands
 
 
+def mean_loss(node: Node) -> bool:
+    """Whether ``node`` is a loss op that takes the mean over its batch (reduction "mean")."""
+    return node.target in REDUCTION_ARG and arg(node, REDUCTION_ARG[node.target], "reduction", 1) == 1
+
+
 @renders("loss_partial")
 def loss_partial(em, node: Node, cand: Candidate, refs: list[str]) -> str:
     """A mean loss over a sharded batch: this rank's summed loss divided by the global count
@@ -184,7 +189,7 @@ def chunked_loss(em, node: Node, cand: Candidate, refs: list[str], c: ChunkedLos
     summed = f"hr.chunked_cross_entropy({logits}, {refs[1]}, {c.ignore_index!r}, torch.{c.dtype})"
     if arg(node, 3, "reduction", 1) == 2:
         return summed
-    if cand.emit == "loss_partial":
+    if cand.emit == "loss_partial" or em.plan.num_ranks == 1:  # one rank's batch is the global batch
         return f"{summed} / {_global_count(em, node, refs[1], 'None', c.ignore_index)}"
     return f"{summed} / ({refs[1]} != {c.ignore_index!r}).sum()"
 

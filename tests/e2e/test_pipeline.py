@@ -28,3 +28,13 @@ def test_two_stages_of_different_widths_train_exactly(precision, tol, tmp_path):
     assert log["stages"] == [list(st.ranks) for st in plan.stages] and log["micro_batches"] == 4
     assert min(log["grad_norm"]) > 0.05  # the clipping was active every step
     assert loss_err < tol and param_err < tol, (loss_err, param_err)
+
+
+def test_the_planner_picks_two_stages_where_the_network_binds_and_they_train_exactly(tmp_path):
+    # two one-rank nodes joined at 0.1 Gbit/s: the gradient all-reduce would take most of the
+    # step, so "auto" cuts the GPT between its blocks, one stage per node
+    plan, loss_err, param_err = run_exact(str(ROOT / "examples/gpt.py"), str(CLUSTERS / "cpu-slow-net.toml"), tmp_path,
+                                          steps=3)
+    assert [st.ranks for st in plan.stages] == [(0,), (1,)]
+    assert plan.predicted_step_s < plan.baselines["hap_1_stage"].predicted_step_s
+    assert loss_err < 1e-4 and param_err < 1e-4, (loss_err, param_err)
