@@ -67,7 +67,8 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
                   pins=pins, precision=precision, grad_reduce=grad_reduce, recompute=recompute, experts=experts,
                   progress=progress)
     count = check_stages(stages)
-    if count != 1 and (count is not None or pipeline_may_pay(plan)):
+    # a user's pins name nodes of the whole graph: "auto" keeps them on one stage
+    if count != 1 and (count is not None or (not pins and pipeline_may_pay(plan))):
         if pins:
             raise PinError("--pin names nodes of the whole graph, which pipeline stages cut apart; plan with "
                            "--stages 1 to pin nodes")
@@ -127,10 +128,15 @@ def pipelined(graph: Graph, single: Plan, cluster: Cluster, count: int | None, s
     if best is None or (count is None and best.predicted_step_s >= single.predicted_step_s):
         return single
     own = BaselineResult(single.predicted_step_s, single.shares, single.predicted.exposed_comm_s)
+    # the precision's note holds for every stage; each stage's own notes say which stage
+    precision = [n for n in single.notes if n.startswith(f"precision {single.precision}:")]
+    staged = [f"stage {i}: {n}" for i, st in enumerate(best.stages) for n in st.plan.notes
+              if not n.startswith("precision ")]
     # a node no stage reads (an unused buffer) keeps the single-stage plan's choice
     nodes = {name: best.nodes.get(name, single.nodes[name]) for name in single.nodes}
-    return dataclasses.replace(best, graph=graph, nodes=nodes, baselines={**single.baselines, "hap_1_stage": own},
+    return dataclasses.replace(best, graph=typed, nodes=nodes, baselines={**single.baselines, "hap_1_stage": own},
                                lower_bound_step_s=single.lower_bound_step_s, spec=single.spec,
+                               notes=(*precision, *best.notes, *staged),
                                solve_s=single.solve_s + best.solve_s)
 
 

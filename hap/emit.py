@@ -328,7 +328,7 @@ class Emitter:
             parts = [repr(node.name), callee(node.target), *self.call_arguments(node, cand, refs),
                      "on_cpu=layout.random_on_cpu"]
             return f"hr.replicated_random({', '.join(parts)})"
-        if cand.emit == "call" and self.plan.num_ranks == 1 and mean_loss(node):
+        if cand.emit == "call" and self.splitter.num_ranks == 1 and mean_loss(node):
             # one rank's mean is its batch's sum over the batch's count: written so, the sums of
             # micro-batches (a pipeline stage's, or --micro-batches) add up to the batch's mean
             return RENDERERS["loss_partial"](self, node, cand, refs)

@@ -231,6 +231,9 @@ def simulate(plan: Plan, cluster: Cluster | None = None, mode: str = "aligned", 
     """
     if isinstance(cluster, str):  # simulate(plan, "segments"): the mode given positionally
         cluster, mode = None, cluster
+    if plan.pipelined:
+        raise HapError("the timeline of a pipelined plan is not drawn yet (its stages run a schedule this replay "
+                       "does not model); plan with --stages 1 for a timeline")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     graph, cluster = plan.graph, cluster or plan.cluster

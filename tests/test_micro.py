@@ -78,7 +78,7 @@ def test_a_step_share_is_cut_into_even_pieces_and_reassembled_in_order():
 
 
 def test_the_emitted_forward_writes_batch_sizes_in_terms_of_rows(tmp_path):
-    plan = plan_spec(str(ROOT / "examples/mlp.py"), str(CLUSTERS / "cpu-slow-net.toml"))
+    plan = plan_spec(str(ROOT / "examples/mlp.py"), str(CLUSTERS / "cpu-slow-net.toml"), stages=1)
     text = plan.emit(tmp_path, spec=str(ROOT / "examples/mlp.py")).read_text()
     assert plan.moves, "the plan reshards (tensor parallel): its collectives must follow the micro-batch"
     assert "hr.reduce_scatter(linear_3, 0, ROWS" in text  # the batch dim's lengths

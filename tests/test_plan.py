@@ -29,7 +29,8 @@ def test_never_worse_than_baselines_nor_better_than_bound(graphs, example):
         for name, b in plan.baselines.items():
             assert plan.predicted_step_s <= b.predicted_step_s * (1 + 1e-9), (path.name, name)
         assert 0 < plan.lower_bound_step_s <= plan.predicted_step_s, path.name
-        assert sum(plan.shares) == plan.global_batch and min(plan.shares) >= 0
+        for ranks in [st.ranks for st in plan.stages] or [range(plan.num_ranks)]:  # each stage splits the batch
+            assert sum(plan.shares[r] for r in ranks) == plan.global_batch and min(plan.shares) >= 0
 
 
 @pytest.mark.parametrize("example", ["mlp", "cnn", "gpt"])

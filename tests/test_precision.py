@@ -32,7 +32,7 @@ def test_auto_picks_the_fastest_dtype_every_device_runs_at_speed(cluster, want):
 def test_the_faster_precision_note_prices_the_plan_under_its_own_setup():
     # every block recomputed: the fp16 step the note predicts recomputes them too
     cluster = load_cluster(CLUSTERS / "hap-paper.toml")
-    plan = plan_graph(captured(load_example("gpt"))[2], cluster, recompute="all", time_limit_s=10)
+    plan = plan_graph(captured(load_example("gpt"))[2], cluster, recompute="all", time_limit_s=10, stages=1)
     note = next(n for n in plan.notes if n.startswith("--precision auto"))
     low = training_graph(plan.graph, choose(cluster, "auto")[0])
     step = evaluate(low, CostSetup.of_plan(plan).cost_model(low, cluster), plan.choice()).step_s
@@ -72,7 +72,7 @@ def test_bf16_plan_computes_at_tensor_core_rates_and_keeps_fp32_state(monkeypatc
         monkeypatch.setenv(f"HAP_GPT_{k}", str(v))
     graph = captured(load_example("gpt"))[2]
     cluster = load_cluster(CLUSTERS / "a100-l4.toml")
-    fp32, bf16 = plan_graph(graph, cluster), plan_graph(graph, cluster, precision="bf16")
+    fp32, bf16 = plan_graph(graph, cluster, stages=1), plan_graph(graph, cluster, precision="bf16", stages=1)
     assert bf16.precision == "bf16" and fp32.precision == "fp32"
     # A100 and L4 run bf16 matmuls at 4-16x fp32; the step gains less: the 25 Gbit/s gradient
     # all-reduce stays fp32 and has less backward left to hide behind

@@ -31,7 +31,7 @@ def _close(a: float, b: float) -> bool:
 @pytest.mark.parametrize("cluster", CLUSTERS)
 def test_aligned_timeline_reproduces_the_objective(graph, cluster):
     cl = load_cluster(cluster)
-    for plan in (plan_graph(graph, cl, time_limit_s=10), dp_even(graph, cl, time_limit_s=10)):
+    for plan in (plan_graph(graph, cl, time_limit_s=10, stages=1), dp_even(graph, cl, time_limit_s=10)):
         tl = simulate(plan)
         assert tl.mode == "aligned"
         assert _close(tl.step_s, plan.predicted_step_s), (plan.strategy, tl.step_s, plan.predicted_step_s)
@@ -48,7 +48,8 @@ def test_aligned_timeline_reproduces_micro_batched_and_recomputed_plans():
     # GPT is recomputed: the replay prices both as the search did
     micro = plan_graph(meta_graph(2 ** 22), load_cluster(MIXED))
     assert max(micro.micro_batches) > 1
-    gpt = plan_graph(captured(load_example("gpt"))[2], load_cluster("hap-paper"), recompute="all", time_limit_s=10)
+    gpt = plan_graph(captured(load_example("gpt"))[2], load_cluster("hap-paper"), recompute="all", time_limit_s=10,
+                     stages=1)
     assert gpt.recompute
     for plan in (micro, gpt, Plan.from_json(micro.to_json())):
         assert math.isclose(simulate(plan).step_s, plan.predicted_step_s, rel_tol=1e-9), plan.strategy
@@ -96,7 +97,7 @@ def test_draw_timelines(tmp_path):
     plan = plan_graph(graph, load_cluster("default"), time_limit_s=10)
     out = draw({"hap": simulate(plan), "dp_even": timeline_for_baseline(plan, "dp_even")}, tmp_path / "t.png")
     assert out.exists() and out.stat().st_size > 5000
-    big = plan_graph(graph, load_cluster("hap-paper"), time_limit_s=10)
+    big = plan_graph(graph, load_cluster("hap-paper"), time_limit_s=10, stages=1)
     assert draw({"hap": simulate(big, "segments")}, tmp_path / "big.png").exists()
 
 

@@ -189,7 +189,7 @@ def chunked_loss(em, node: Node, cand: Candidate, refs: list[str], c: ChunkedLos
     summed = f"hr.chunked_cross_entropy({logits}, {refs[1]}, {c.ignore_index!r}, torch.{c.dtype})"
     if arg(node, 3, "reduction", 1) == 2:
         return summed
-    if cand.emit == "loss_partial" or em.plan.num_ranks == 1:  # one rank's batch is the global batch
+    if cand.emit == "loss_partial" or em.splitter.num_ranks == 1:  # one rank's batch is the global batch
         return f"{summed} / {_global_count(em, node, refs[1], 'None', c.ignore_index)}"
     return f"{summed} / ({refs[1]} != {c.ignore_index!r}).sum()"
 

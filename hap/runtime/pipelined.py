@@ -37,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ import torch.distributed as tdist
 
 from . import dist as _d
 from . import micro, optim
-from .checks import backend_for, cuda_missing, planned_gpu
+from .checks import backend_for, cuda_missing, device_mismatch, placement_mismatch, planned_gpu
 from .collectives import deferred_grads
 from .data import BadBatch, RankData
 from .emulate import end_segment, set_emulation, undilated
@@ -53,10 +54,12 @@ from .layout import Layout
 from .logger import RunLog
 from .pipeline import micro_rows, receive_cut, send_cut, stage_positions, wait_all
 from .precision import Precision
+from .pretrained import PretrainedError
 from .program import (
     Program,
     Refused,
     Trainer,
+    agree_or_stop,
     build_model,
     check_shapes,
     full_state_dict,
@@ -274,8 +277,8 @@ def refuse_unsupported(args) -> None:
             stop(f"{flag}: a pipelined program does not support it yet; plan with --stages 1 to use it")
 
 
-def start(stages: Stages, layouts: Sequence[Layout]) -> tuple[Stages, Layout]:
-    """Join the job and this rank's stage; returns the stages and layout placed on this rank."""
+def start(stages: Stages, layouts: Sequence[Layout]) -> tuple[int, Layout]:
+    """Join the job; returns this rank's stage and its layout placed on this rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != stages.world_size:
         stop(f"this plan needs {stages.world_size} ranks, but WORLD_SIZE={world}; run it with torchrun "
@@ -293,12 +296,18 @@ def start(stages: Stages, layouts: Sequence[Layout]) -> tuple[Stages, Layout]:
             stop(missing)
     rank = int(os.environ.get("RANK", "0"))
     gpu = planned_gpu(stages.devices, stages.places, rank) if backend == "nccl" else None
-    _d.init(backend, gpu)
+    rank, _ = _d.init(backend, gpu)
+    index = next(i for i, ranks in enumerate(stages.ranks) if rank in ranks)
+    return index, layouts[index].placed(stages.ranks[index].index(rank), _d.device())
+
+
+def join_stage(stages: Stages) -> Stages:
+    """Make every stage's group and the tied weights' groups (every rank alike, in order), and
+    run this rank's collectives in its stage from here on."""
     index = _d.enter_stage(stages.ranks)
     groups = [_d.new_group([r for s in where for r in stages.ranks[s]]) for _, where in stages.shared]
-    placed = Stages(**{**stages.__dict__, "index": index,
-                       "tied_groups": tuple(g for g, (_, where) in zip(groups, stages.shared) if index in where)})
-    return placed, layouts[index].placed(_d.rank(), _d.device())
+    return Stages(**{**stages.__dict__, "index": index,
+                     "tied_groups": tuple(g for g, (_, where) in zip(groups, stages.shared) if index in where)})
 
 
 def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable], file: str,
@@ -306,16 +315,27 @@ def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable]
     """Train the program's model, each rank its stage's part of every global batch."""
     args = parse_args(argv, layouts[0].optimizer)
     refuse_unsupported(args)
-    stages, layout = start(stages, layouts)
-    forward = forwards[stages.index]
+    index, layout = start(stages, layouts)
+    forward = forwards[index]
     program = Program(layout, forward, os.path.abspath(file))
+    rank = _d.rank()  # in the job: the stage's groups come after the checks below
+    wrong = device_mismatch(stages.devices[rank], layout.device) or placement_mismatch(*stages.places[rank])
+    if wrong:
+        wrong = (f"rank {rank}: {wrong}; start the ranks in the plan's order (see the docstring) or re-plan for "
+                 "this cluster")
     try:
         spec = load_spec(program)
         model = build_model(spec, args.seed)
         check_shapes(layout, model)
         params, buffers = local_state(layout, model, None, open_pretrained(spec))
-    except Refused as e:
-        stop(str(e))
+    except (Refused, PretrainedError) as e:
+        wrong = wrong or str(e)
+    # every rank runs this plan and this train.py, and none failed the checks above (the same
+    # check as a single-stage program's, over the whole job): else all stop together
+    job = SimpleNamespace(world_size=stages.world_size, rank=rank, plan_digest=stages.plan_digest,
+                          places=stages.places, device=layout.device)
+    agree_or_stop(Program(job, forward, program.file), wrong)
+    stages = join_stage(stages)
     m = args.micro_batches if args.micro_batches is not None else stages.micro_batches
     if m < 1:
         stop(f"--micro-batches {m}: give 1 or more micro-batches per step")

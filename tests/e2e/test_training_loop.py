@@ -78,7 +78,7 @@ def test_recomputed_blocks_in_micro_batches_train_exactly(spec, cluster, pins, t
     # started while the one before computes; mlp on cpu-slow-net is tensor parallel): the same gradients
     plan, loss_err, param_err = run_exact(str(ROOT / f"examples/{spec}.py"), str(CLUSTERS / f"{cluster}.toml"),
                                           tmp_path, steps=3, recompute="all", train_args=["--micro-batches", "2"],
-                                          pins=pins)
+                                          pins=pins, stages=1)
     assert plan.recompute == tuple(plan.graph.blocks())
     text = (tmp_path / "out" / "train.py").read_text()
     assert text.count("= hr.recompute(block_") == len(plan.recompute)
