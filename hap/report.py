@@ -76,6 +76,22 @@ def strategy_table(plan: Plan, max_rows: int = 40) -> Table:
     return t
 
 
+def stages_table(plan: Plan) -> Table:
+    """A pipelined plan's stages: which ranks run which blocks, in how many micro-batches, and
+    what each hands the next stage."""
+    m = plan.micro_batches[0] if plan.micro_batches else 1
+    t = Table(title=f"pipeline stages: GPipe with re-materialisation, {m} micro-batches per step")
+    for col in ("stage", "ranks", "blocks", "shares", "stage plan ms", "sends per sample"):
+        t.add_column(col, justify="left" if col in ("ranks", "blocks") else "right")
+    for i, st in enumerate(plan.stages):
+        g = st.plan.graph
+        per_sample = sum(g[x].out.nbytes for x in st.sends) / max(1, plan.global_batch)
+        blocks = st.blocks[0] if len(st.blocks) == 1 else f"{st.blocks[0]}..{st.blocks[-1]} ({len(st.blocks)})"
+        t.add_row(str(i), _short(st.ranks), blocks, _short(st.plan.shares), _ms(st.plan.predicted_step_s),
+                  f"{per_sample / 1024:.1f} KiB" if st.sends else "-")
+    return t
+
+
 def baselines_table(plan: Plan) -> Table:
     t = Table(title="predicted step time (same cost model)")
     for col in ("strategy", "step ms", "hap speed-up", "shares"):
@@ -99,16 +115,25 @@ def _short(xs) -> str:
 
 def render(plan: Plan, console: Console) -> None:
     console.print(ranks_table(plan))
+    if plan.pipelined:
+        console.print(stages_table(plan))
     console.print(strategy_table(plan))
     console.print(baselines_table(plan))
     p = plan.predicted
     ph = p.phases()
-    console.print(f"predicted step {_ms(p.step_s)} ms in {plan.precision} (gradients all-reduced in "
-                  f"{plan.graph.grad_reduce}) = compute {_ms(ph['compute'])} + resharding "
-                  f"{_ms(p.comm_s)} + gradient all-reduce {_ms(p.grad_sync_s)}"
-                  f"{' (partly during backward)' if p.grad_overlap and len(p.grad_buckets) > 1 else ''} + optimizer "
-                  f"{_ms(ph['optimizer'])} + batch {_ms(ph['data_wait'])}; solver: {plan.solver_status} in "
-                  f"{plan.solve_s:.2f} s")
+    if plan.pipelined:
+        console.print(f"predicted step {_ms(p.step_s)} ms in {plan.precision}: the stages' schedule (each "
+                      "stage's forward and backward per micro-batch, the cuts' transfers), then the slowest "
+                      f"stage's gradient all-reduce and optimizer step; solver: {plan.solver_status} in "
+                      f"{plan.solve_s:.2f} s")
+    else:
+        console.print(f"predicted step {_ms(p.step_s)} ms in {plan.precision} (gradients all-reduced in "
+                      f"{plan.graph.grad_reduce}) = compute {_ms(ph['compute'])} + resharding "
+                      f"{_ms(p.comm_s)} + gradient all-reduce {_ms(p.grad_sync_s)}"
+                      f"{' (partly during backward)' if p.grad_overlap and len(p.grad_buckets) > 1 else ''} + "
+                      "optimizer "
+                      f"{_ms(ph['optimizer'])} + batch {_ms(ph['data_wait'])}; solver: {plan.solver_status} in "
+                      f"{plan.solve_s:.2f} s")
     for note in plan.notes:
         console.print(f"note: {note}")
     for w in plan.warnings:
