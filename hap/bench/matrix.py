@@ -88,7 +88,7 @@ def load_matrix(path: str | Path) -> Matrix:
         raise MatrixError(f"{path}: unknown key(s) {sorted(unknown)} in [run]; known: {', '.join(RUN_DEFAULTS)}")
     if run["warmup"] >= run["steps"]:
         raise MatrixError(f"{path}: [run] warmup = {run['warmup']} leaves no step of {run['steps']} to measure")
-    known = {"hap", *TORCH_STRATEGIES, *(f"hap:{b}" for b in BASELINES)}
+    known = {"hap", "hap:1_stage", *TORCH_STRATEGIES, *(f"hap:{b}" for b in BASELINES)}
     cells = []
     for i, group in enumerate(data.get("cell", [])):
         where = f"{path}, cell[{i}]"

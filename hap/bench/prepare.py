@@ -5,6 +5,9 @@ shares of the torch baselines, and the single-device reference run.
     python -m hap.bench.prepare --spec S --cluster C --precision P --strategies hap,hap:fsdp_even,... \\
         --out DIR --exact-steps 3 --lr 1e-3
 
+``hap:NAME`` is hap's baseline NAME (``hap.baselines``), or ``hap:1_stage``: hap's best plan of
+one stage (the plan itself where it has no pipeline stages).
+
 Writes ``DIR/<strategy>/train.py`` for each hap strategy, ``DIR/prepared.json`` (the global batch,
 even and speed-proportional shares, and per hap strategy its plan's name, shares and predicted
 step) and ``DIR/reference.pt`` (the reference's losses and final state).
@@ -47,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         name = strategy.split(":", 1)[1] if ":" in strategy else None
         try:
-            chosen = plan if name is None else baseline(name, plan.graph, plan.cluster, spec=plan.spec)
+            if name == "1_stage":  # hap's best plan without pipeline stages
+                chosen = plan if not plan.pipelined else plan_spec(args.spec, args.cluster, precision=args.precision,
+                                                                   stages=1)
+            else:
+                chosen = plan if name is None else baseline(name, plan.graph, plan.cluster, spec=plan.spec)
         except HapError as e:
             done["hap"][strategy] = {"skipped": f"{name}: {e}"}
             continue
