@@ -45,7 +45,7 @@ import torch.distributed as tdist
 
 from . import dist as _d
 from . import micro, optim
-from .checks import backend_for, cuda_missing, device_mismatch, placement_mismatch, planned_gpu
+from .checks import device_mismatch, placement_mismatch
 from .collectives import deferred_grads
 from .data import BadBatch, RankData
 from .emulate import end_segment, set_emulation, undilated
@@ -63,6 +63,7 @@ from .program import (
     build_model,
     check_shapes,
     full_state_dict,
+    join_job,
     load_spec,
     local_state,
     open_pretrained,
@@ -279,24 +280,7 @@ def refuse_unsupported(args) -> None:
 
 def start(stages: Stages, layouts: Sequence[Layout]) -> tuple[int, Layout]:
     """Join the job; returns this rank's stage and its layout placed on this rank."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != stages.world_size:
-        stop(f"this plan needs {stages.world_size} ranks, but WORLD_SIZE={world}; run it with torchrun "
-             f"--nproc-per-node {stages.world_size} (or re-plan for {world} ranks)")
-    if world < 2:
-        stop("a pipelined program runs its stages on separate ranks; run it under torchrun with "
-             f"--nproc-per-node {stages.world_size}")
-    try:
-        backend = backend_for(stages.devices)
-    except ValueError as e:
-        stop(str(e))
-    if backend == "nccl":
-        missing = cuda_missing(stages.devices)
-        if missing:
-            stop(missing)
-    rank = int(os.environ.get("RANK", "0"))
-    gpu = planned_gpu(stages.devices, stages.places, rank) if backend == "nccl" else None
-    rank, _ = _d.init(backend, gpu)
+    rank = join_job(stages.devices, stages.places)
     index = next(i for i, ranks in enumerate(stages.ranks) if rank in ranks)
     return index, layouts[index].placed(stages.ranks[index].index(rank), _d.device())
 

@@ -684,25 +684,31 @@ def validate(layout: Layout, forward: Callable, spec: ModuleType, params, buffer
     return total / max(n, 1)
 
 
+def join_job(devices: tuple[str, ...], places: tuple[tuple[int, int, int], ...]) -> int:
+    """Join the job torchrun started for a plan of these devices (per rank) and places: its size
+    and backend checked first; returns this rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != len(devices):
+        stop(f"this plan needs {len(devices)} ranks, but WORLD_SIZE={world}; run it with "
+             f"torchrun --nproc-per-node {len(devices)} (or re-plan for {world} ranks)")
+    try:
+        backend = backend_for(devices)
+    except ValueError as e:
+        stop(str(e))
+    if backend == "nccl":
+        missing = cuda_missing(devices)
+        if missing:  # before any CUDA call: torch.cuda.set_device fails obscurely without CUDA
+            stop(missing)
+    rank = int(os.environ.get("RANK", "0"))  # the GPU of this rank's planned model on a node with several
+    gpu = planned_gpu(devices, places, rank) if backend == "nccl" else None
+    return init(backend, gpu)[0]
+
+
 def start(program: Program) -> tuple[Program, int]:
     """Join the process group and check this rank is where the plan puts it; returns the
     program placed on this rank and the torchrun restart count."""
     layout = program.layout
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != layout.world_size:
-        stop(f"this plan needs {layout.world_size} ranks, but WORLD_SIZE={world}; run it with "
-             f"torchrun --nproc-per-node {layout.world_size} (or re-plan for {world} ranks)")
-    try:
-        backend = backend_for(layout.devices)
-    except ValueError as e:
-        stop(str(e))
-    if backend == "nccl":
-        missing = cuda_missing(layout.devices)
-        if missing:  # before any CUDA call: torch.cuda.set_device fails obscurely without CUDA
-            stop(missing)
-    rank = int(os.environ.get("RANK", "0"))  # the GPU of this rank's planned model on a node with several
-    gpu = planned_gpu(layout.devices, layout.places, rank) if backend == "nccl" else None
-    rank, _ = init(backend, gpu)
+    rank = join_job(layout.devices, layout.places)
     program = replace(program, layout=layout.placed(rank, device()))
     layout = program.layout
     wrong = device_mismatch(layout.devices[rank], layout.device) or placement_mismatch(*layout.places[rank])
