@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 from hap.cluster import Cluster, RankInfo
 from hap.errors import InfeasiblePlan
-from hap.graph import Graph, TensorMeta
+from hap.graph import Graph
 from hap.plan import Plan, Prediction, Stage
 from hap.stages import StageGraph, cut_candidates, shared_params, split
 
@@ -170,9 +170,12 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
 def tied_seconds(cluster: Cluster, stages: Sequence[StageGraph], groups: Sequence[Sequence[int]]) -> float:
     """The all-reduce that sums a weight's gradients over the stages that hold it (a tied
     embedding and LM head): over the ranks of those stages."""
-    total = 0.0
+    total, seen = 0.0, set()
     for key, where in shared_params(stages).items():
         node = next(n for n in stages[where[0]].graph.params() if key in (n.aliases or [n.target]))
+        if node.name in seen:  # a tied weight's keys (tok.weight, head.weight) are one tensor
+            continue
+        seen.add(node.name)
         ranks = [r for s in where for r in groups[s]]
         link = cluster.group_link(ranks)
         total += 2 * link.alpha_s + 2 * node.out.nbytes / link.bytes_per_s
@@ -265,7 +268,3 @@ def _blocks_text(blocks: Sequence[str]) -> str:
         return "no block"
     return blocks[0] if len(blocks) == 1 else f"{blocks[0]}..{blocks[-1]}"
 
-
-def micro_meta(meta: TensorMeta) -> tuple[tuple[int, ...], str]:
-    """A cut tensor as the runtime receives it: the shape of one sample's rows and the dtype."""
-    return tuple(meta.shape[1:]), meta.dtype

@@ -64,3 +64,17 @@ def test_a_pipelined_plan_records_its_stages_and_round_trips():
     again = Plan.from_json(json.loads(json.dumps(d)))
     assert again.digest() == plan.digest() and len(again.stages) == 2
     assert again.stages[0].sends == again.stages[1].receives
+
+
+def test_a_tied_weight_is_summed_across_its_stages_once():
+    # examples/gpt.py's tok.weight is also head.weight: two keys, one tensor, one all-reduce
+    from hap.pipeline import tied_seconds
+    from hap.stages import shared_params, split
+
+    graph = capture_spec(load_spec(str(ROOT / "examples/gpt.py")))
+    parts = split(graph, cut_candidates(graph))
+    assert set(shared_params(parts)) == {"tok.weight", "head.weight"}
+    cluster = load_cluster(CLUSTERS / "cpu-slow-net.toml")
+    link = cluster.group_link([0, 1])
+    nbytes = graph["p_tok_weight"].out.nbytes
+    assert tied_seconds(cluster, parts, [(0,), (1,)]) == pytest.approx(2 * link.alpha_s + 2 * nbytes / link.bytes_per_s)
