@@ -79,7 +79,7 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
                           pins=stage_pins, precision=precise, grad_reduce=grad_reduce, recompute=recompute,
                           experts=experts, progress=progress)
 
-        plan = pipelined(graph, plan, cluster, count, solve, progress or (lambda msg: None), grad_reduce)
+        plan = pipelined(plan, count, solve, progress or (lambda msg: None))
     plan = dataclasses.replace(plan, notes=plan.notes + tuple(table_notes(plan)))
     plan.lint()
     return plan
@@ -106,16 +106,15 @@ def pipeline_may_pay(plan: Plan) -> bool:
     return plan.cluster.num_nodes > 1 and p.exposed_comm_s >= PIPELINE_WHEN * p.step_s
 
 
-def pipelined(graph: Graph, single: Plan, cluster: Cluster, count: int | None, solve, say, grad_reduce: str) -> Plan:
+def pipelined(single: Plan, count: int | None, solve, say) -> Plan:
     """The pipelined plan of ``count`` stages (None: every count up to the cluster's nodes, and the
-    single stage, the fastest kept). The single-stage plan stays as the baseline ``hap_1_stage``."""
-    from hap.calibrate import resolve
+    single stage, the fastest kept). The single-stage plan stays as the baseline ``hap_1_stage``.
+    Stages cut the single-stage plan's graph (the training graph: cut tensors in the dtypes they
+    train in) and use its cluster (this machine's profile resolved)."""
     from hap.pipeline import plan_pipeline
     from hap.plan import BaselineResult
-    from hap.precision import training_graph
 
-    typed = training_graph(graph, single.precision, grad_reduce)  # cut tensors in the dtypes they train in
-    cluster = resolve(cluster, say)
+    typed, cluster = single.graph, single.cluster
     counts = [count] if count is not None else list(range(2, min(cluster.num_nodes, MAX_AUTO_STAGES) + 1))
     best = None
     for k in counts:

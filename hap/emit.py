@@ -30,6 +30,7 @@ from hap.graph import Graph, Node, TensorMeta
 from hap.moves import COLLECTIVES, move
 from hap.placement import Placement, Splitter
 from hap.runtime.layout import FORMAT as LAYOUT_FORMAT
+from hap.stages import shared_weights
 
 if TYPE_CHECKING:
     from hap.plan import Plan
@@ -777,9 +778,8 @@ def pipelined_program(plan: Plan, spec_rel: str, script: str) -> str:
     for st in plan.stages[:-1]:
         metas = [st.plan.graph[x].out for x in st.sends]
         cuts.append(tuple((tuple(m.shape[1:]), m.dtype) for m in metas))
-    first = plan.graph.nodes
-    samples = tuple((tuple(n.meta.shape[1:]), n.meta.dtype) for n in first if n.kind == "input")
-    shared = _shared_keys(plan)
+    samples = tuple((tuple(n.meta.shape[1:]), n.meta.dtype) for n in plan.graph if n.kind == "input")
+    shared = tuple(shared_weights([st.plan.graph for st in plan.stages]).items())  # a tied embedding and head
     stages = PIPELINE_TEMPLATE.format(
         ranks=tuple(st.ranks for st in plan.stages), stage_shares=tuple(tuple(st.plan.shares) for st in plan.stages),
         inputs=tuple(st.inputs for st in plan.stages),
@@ -791,15 +791,6 @@ def pipelined_program(plan: Plan, spec_rel: str, script: str) -> str:
             + "\n".join(layouts) + "\n)\n" + stages + "\n\n\n" + "\n\n\n".join(forwards) + "\n\n\n"
             + PIPELINED_MAIN_TEMPLATE.format(forwards=", ".join(f"forward_{i}" for i in range(len(plan.stages)))
                                              + ("," if len(plan.stages) == 1 else "")))
-
-
-def _shared_keys(plan: Plan) -> tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]:
-    """Weights more than one stage holds (a tied embedding and head): (state_dict keys, stages)."""
-    held: dict[tuple[str, ...], list[int]] = {}
-    for i, st in enumerate(plan.stages):
-        for n in st.plan.graph.params():
-            held.setdefault(tuple(n.aliases or [n.target]), []).append(i)
-    return tuple((keys, tuple(where)) for keys, where in held.items() if len(where) > 1)
 
 
 def emit_program(plan: Plan, out_dir: Path, spec: str | None, force: bool = False) -> Path:

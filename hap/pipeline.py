@@ -29,7 +29,7 @@ from hap.cluster import Cluster, RankInfo
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph
 from hap.plan import Plan, Prediction, Stage
-from hap.stages import StageGraph, cut_candidates, shared_params, split
+from hap.stages import StageGraph, cut_candidates, shared_params, shared_weights, split
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)  # pipeline depths the search tries, each at most the global batch
 FORWARD_SHARE = 1 / 3  # a forward's share of forward + backward (backward ~ 2x forward for matmuls)
@@ -170,12 +170,9 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
 def tied_seconds(cluster: Cluster, stages: Sequence[StageGraph], groups: Sequence[Sequence[int]]) -> float:
     """The all-reduce that sums a weight's gradients over the stages that hold it (a tied
     embedding and LM head): over the ranks of those stages."""
-    total, seen = 0.0, set()
-    for key, where in shared_params(stages).items():
-        node = next(n for n in stages[where[0]].graph.params() if key in (n.aliases or [n.target]))
-        if node.name in seen:  # a tied weight's keys (tok.weight, head.weight) are one tensor
-            continue
-        seen.add(node.name)
+    total = 0.0
+    for keys, where in shared_weights([st.graph for st in stages]).items():
+        node = next(n for n in stages[where[0]].graph.params() if tuple(n.aliases or [n.target]) == keys)
         ranks = [r for s in where for r in groups[s]]
         link = cluster.group_link(ranks)
         total += 2 * link.alpha_s + 2 * node.out.nbytes / link.bytes_per_s

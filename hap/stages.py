@@ -256,13 +256,20 @@ def split(graph: Graph, cuts: Sequence[int]) -> list[StageGraph]:
     return [_stage(graph, plan, s, block_of) for s in range(len(plan.own))]
 
 
-def shared_params(stages: Sequence[StageGraph]) -> dict[str, tuple[int, ...]]:
-    """State-dict keys of the parameters held by more than one stage -> those stages: their
-    gradients are the sum of the stages' gradients."""
-    where: dict[str, list[int]] = {}
-    for st in stages:
-        for n in st.graph.params():
-            for key in n.aliases or [n.target]:
-                if st.index not in where.setdefault(key, []):
-                    where[key].append(st.index)
+def shared_weights(graphs: Sequence[Graph]) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The parameters more than one stage's graph holds, one entry per tensor (its state-dict
+    keys: a tied embedding and head is one) -> the indices of those graphs: their gradients are
+    the sum of the stages' gradients."""
+    where: dict[tuple[str, ...], list[int]] = {}
+    for i, g in enumerate(graphs):
+        for n in g.params():
+            stages = where.setdefault(tuple(n.aliases or [n.target]), [])
+            if i not in stages:
+                stages.append(i)
     return {k: tuple(v) for k, v in where.items() if len(v) > 1}
+
+
+def shared_params(stages: Sequence[StageGraph]) -> dict[str, tuple[int, ...]]:
+    """``shared_weights`` by state-dict key: each key of a parameter held by more than one stage
+    -> those stages."""
+    return {key: where for keys, where in shared_weights([st.graph for st in stages]).items() for key in keys}

@@ -64,9 +64,9 @@ class RankBatches(Sampler[list[int]]):
     reorders every global batch before the ranks take their ranges."""
 
     def __init__(self, order: GlobalOrder, rank: int, shares_at: Callable[[int], Sequence[int]], start: int,
-                 stop: int, positions: Sequence[int] | None = None) -> None:
+                 stop: int, positions: torch.Tensor | None = None) -> None:
         self.order, self.rank, self.shares_at, self.start, self.stop = order, rank, shares_at, start, stop
-        self.positions = None if positions is None else torch.tensor(list(positions), dtype=torch.long)
+        self.positions = positions
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -235,7 +235,7 @@ class RankData:
         if hasattr(spec, "dataset"):
             ds = spec.dataset("train")
             self.order = GlobalOrder(len(ds), sum(shares), seed)
-            batches = RankBatches(self.order, rank, self.shares_at, start, stop, positions)
+            batches = RankBatches(self.order, rank, self.shares_at, start, stop, self.positions)
             self.lookahead = WORKERS * prefetch + prefetch + 2 if prefetch > 0 else 1
             it = iter(loader(ds, batches, getattr(spec, "collate", None), self.empty, prefetch,
                              pin=device.type == "cuda"))

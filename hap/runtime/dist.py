@@ -207,12 +207,12 @@ def enter_stage(stages: Sequence[Sequence[int]]) -> int:
     one). Every rank makes every stage's group, in order (torch.distributed requires all ranks
     to call ``new_group`` alike); from here on the collectives run within this rank's stage and
     ``rank()`` / ``world_size()`` are its place in it. Returns the stage's index. Whatever spans
-    stages (the cut's point-to-point sends, ``_all_reduce_everywhere``) names global ranks."""
+    stages (the cut's point-to-point sends, ``_all_reduce(everywhere=True)``) names global ranks."""
     me = _S.rank
     mine = next(i for i, ranks in enumerate(stages) if me in ranks)
     if len(stages) == 1:
         return mine
-    made = [dist.new_group(list(ranks)) if _S.every_world > 1 else None for ranks in stages]
+    made = [new_group(ranks) for ranks in stages]
     _S.group, _S.members = made[mine], tuple(stages[mine])
     _S.rank, _S.world = _S.members.index(me), len(_S.members)
     return mine
@@ -221,20 +221,6 @@ def enter_stage(stages: Sequence[Sequence[int]]) -> int:
 def new_group(ranks: Sequence[int]) -> Any:
     """A process group of global ``ranks`` (every rank of the job calls this alike, in order)."""
     return dist.new_group(list(ranks)) if _S.every_world > 1 else None
-
-
-def _all_reduce_in(t: torch.Tensor, group: Any) -> None:
-    """In-place sum of a contiguous tensor over ``group`` (``new_group``), whichever stage this rank runs."""
-    if _S.dry or group is None:
-        return
-    emulate.before_comm()
-    if _S.backend == "nccl" and t.device.type == "cpu":
-        on_gpu = t.to(device())
-        dist.all_reduce(on_gpu, group=group)
-        t.copy_(on_gpu.cpu())
-    else:
-        dist.all_reduce(t, group=group)
-    emulate.after_comm()
 
 
 def global_rank() -> int:
@@ -396,15 +382,16 @@ def barrier() -> None:
         dist.barrier(group=_S.group)
 
 
-def _all_reduce(t: torch.Tensor, op: str = "sum", everywhere: bool = False) -> None:
-    """In-place sum (or ``op="max"``) over the ranks of this rank's stage (with ``everywhere``,
-    of the whole job) of a contiguous tensor; a host tensor on an NCCL group (which reduces
-    device memory only) travels through this rank's GPU."""
-    if _S.dry or not (_S.every_world > 1 if everywhere else is_distributed()):
+def _all_reduce(t: torch.Tensor, op: str = "sum", everywhere: bool = False, group: Any = None) -> None:
+    """In-place sum (or ``op="max"``) of a contiguous tensor over the ranks of this rank's stage,
+    with ``everywhere`` of the whole job, or of ``group`` (``new_group``) where one is given; a
+    host tensor on an NCCL group (which reduces device memory only) travels through this rank's GPU."""
+    if _S.dry or (group is None and not (_S.every_world > 1 if everywhere else is_distributed())):
         return
     emulate.before_comm()
     red = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
-    group = None if everywhere else _S.group
+    if group is None:  # the stage's group, or None: torch.distributed's whole job
+        group = None if everywhere else _S.group
     if _S.backend == "nccl" and t.device.type == "cpu":
         on_gpu = t.to(device())
         dist.all_reduce(on_gpu, op=red, group=group)

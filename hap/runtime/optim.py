@@ -100,6 +100,12 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 def grad_norm(params: Mapping[str, torch.nn.Parameter], sharded: Sequence[str]) -> float:
     """The norm of the whole model's gradient: sharded parameters' squares summed over ranks."""
+    return math.sqrt(grad_squares(params, sharded))
+
+
+def grad_squares(params: Mapping[str, torch.nn.Parameter], sharded: Sequence[str]) -> float:
+    """The squared norm of ``params``' gradients: sharded parameters' squares summed over the
+    ranks (of this rank's pipeline stage), replicated ones' counted once."""
     from .dist import _all_reduce
 
     def squares(names) -> torch.Tensor:
@@ -112,15 +118,24 @@ def grad_norm(params: Mapping[str, torch.nn.Parameter], sharded: Sequence[str]) 
     local = squares([n for n in params if n in shard]).reshape(1)
     if shard:  # each rank holds other slices of the sharded parameters (the same list on every rank)
         _all_reduce(local)
-    return float((local[0] + squares([n for n in params if n not in shard])).sqrt())
+    return float(local[0] + squares([n for n in params if n not in shard]))
 
 
 def clip_grad_norm(params: Mapping[str, torch.nn.Parameter], sharded: Sequence[str], max_norm: float) -> float:
     """Scale every gradient by ``min(1, max_norm / (norm + 1e-6))``; returns the norm before clipping."""
     norm = grad_norm(params, sharded)
-    coef = min(1.0, max_norm / (norm + 1e-6))
+    scale_grads(params, clip_coefficient(norm, max_norm))
+    return norm
+
+
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """What clipping to ``max_norm`` multiplies gradients of norm ``norm`` by (torch's rule)."""
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
+def scale_grads(params: Mapping[str, torch.nn.Parameter], factor: float) -> None:
+    """Multiply every gradient by ``factor`` in place."""
     with torch.no_grad():
         for p in params.values():
             if p.grad is not None:
-                p.grad.mul_(coef)
-    return norm
+                p.grad.mul_(factor)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -191,20 +190,19 @@ class StageTrainer(Trainer):
         return (2 * (j * 64 + i) + int(back)) % (1 << 30)
 
     def receive_activations(self, j: int) -> list[torch.Tensor]:
-        if not self.prev:
-            return []
-        st = self.stages
-        return [receive_cut(self.me, self.prev, self.rows_prev[j], st.ranks[st.index], self.rows[j], tuple(shape),
-                            DTYPES[dtype], _d.device(), tag=self.tag(j, i))
-                for i, (shape, dtype) in enumerate(st.cuts[st.index - 1])]
+        """Micro-batch ``j``'s activations from the previous stage (none on the first)."""
+        cut = self.stages.cuts[self.stages.index - 1] if self.prev else ()
+        return self.receive(j, self.prev, self.rows_prev, cut, back=False)
 
     def receive_gradients(self, j: int, sends) -> list[torch.Tensor]:
-        if not self.next:
-            return []
+        """The gradients of micro-batch ``j``'s sent activations, from the next stage (none on the last)."""
+        return self.receive(j, self.next, self.rows_next, sends if self.next else (), back=True)
+
+    def receive(self, j: int, senders, their_rows, metas, back: bool) -> list[torch.Tensor]:
         st = self.stages
-        return [receive_cut(self.me, self.next, self.rows_next[j], st.ranks[st.index], self.rows[j], tuple(shape),
-                            DTYPES[dtype], _d.device(), tag=self.tag(j, i, back=True))
-                for i, (shape, dtype) in enumerate(sends)]
+        return [receive_cut(self.me, senders, their_rows[j], st.ranks[st.index], self.rows[j], tuple(shape),
+                            DTYPES[dtype], _d.device(), tag=self.tag(j, i, back))
+                for i, (shape, dtype) in enumerate(metas)]
 
     def global_loss(self, loss: torch.Tensor, counted, riders: list[float]) -> float:
         """The step's loss, from the last stage to every rank, and the global batch's true class
@@ -218,10 +216,7 @@ class StageTrainer(Trainer):
         _d._all_reduce(both, everywhere=True)
         total, fix = (float(x) for x in both)
         if fix != 1.0:
-            with torch.no_grad():
-                for p in self.params.values():
-                    if p.grad is not None:
-                        p.grad.mul_(fix)
+            optim.scale_grads(self.params, fix)
         self.sum_shared()
         return total * fix
 
@@ -236,33 +231,22 @@ class StageTrainer(Trainer):
                 p.grad = torch.zeros_like(p)
             if _d.rank() != 0:
                 p.grad.zero_()
-            _d._all_reduce_in(p.grad, group)
+            _d._all_reduce(p.grad, group=group)
 
     def update(self, step: int) -> tuple[float, float]:
         """The optimizer step's gradient norm over the whole model (every stage's squares, a
         weight several stages hold counted once) and clipping by it."""
         self.amp.unscale(self.opt)
         st = self.stages
-        sharded = set(self.sharded)
-        once = {tuple(keys): where[0] for keys, where in st.shared}
-        squares = torch.zeros(1, dtype=torch.float64)
-        for name, p in self.params.items():
-            if p.grad is None:
-                continue
-            keys = tuple(self.layout.params[name].keys)
-            if once.get(keys, st.index) != st.index:
-                continue  # counted by the first stage that holds it
-            if name in sharded or _d.rank() == 0:
-                squares += torch.linalg.vector_norm(p.grad.detach(), 2.0).double().cpu().square()
+        first = {tuple(keys): where[0] for keys, where in st.shared}  # the stage that counts a shared weight
+        own = {name: p for name, p in self.params.items()
+               if first.get(tuple(self.layout.params[name].keys), st.index) == st.index}
+        stage = optim.grad_squares(own, [name for name in self.sharded if name in own])
+        squares = torch.tensor([stage if _d.rank() == 0 else 0.0], dtype=torch.float64)  # the stage's, once
         _d._all_reduce(squares, everywhere=True)
-        norm = float(squares[0].sqrt())
-        clip = self.args.clip_grad_norm
-        if clip:
-            coef = min(1.0, clip / (norm + 1e-6))
-            with torch.no_grad():
-                for p in self.params.values():
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+        norm = math.sqrt(float(squares[0]))
+        if self.args.clip_grad_norm:
+            optim.scale_grads(self.params, optim.clip_coefficient(norm, self.args.clip_grad_norm))
         return norm, optim.lr_at(step, self.args)
 
 
@@ -383,8 +367,5 @@ def dump(path: str, layout: Layout, model: torch.nn.Module, params, buffers) -> 
     got: list[Any] = [None] * _d._S.every_world if _d.global_rank() == 0 else None
     tdist.gather_object(state if _d.rank() == 0 else None, got, dst=0)
     if _d.global_rank() == 0:
-        whole: dict[str, torch.Tensor] = {}
-        for part in got:
-            whole.update(part or {})
-        torch.save({k: whole[k] for k in model.state_dict() if k in whole}, path)
-    sys.stdout.flush()
+        whole = {k: v for part in got if part for k, v in part.items()}
+        torch.save({k: whole[k] for k in model.state_dict() if k in whole}, path)  # in the model's key order

@@ -645,10 +645,7 @@ class Trainer:
             fix = counted[1] / float(self.grad_sync.riders[-1])
             if fix != 1.0:
                 total *= fix
-                with torch.no_grad():
-                    for p in self.params.values():
-                        if p.grad is not None:
-                            p.grad.mul_(fix)
+                optim.scale_grads(self.params, fix)
         return total
 
     def update(self, step: int) -> tuple[float, float]:
