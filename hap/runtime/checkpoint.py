@@ -16,7 +16,9 @@ Every rank writes its own shards, in parallel; nothing is gathered. Layout of ``
 Tensors are stored under the single-device ``state_dict`` names: ``model/<key>`` for a
 replicated tensor (DCP writes one copy), ``model/<key>/<rank>`` for rank ``rank``'s shard of a
 sharded one (the layout gives its dim and every rank's length); optimizer state likewise under
-``optim/<key>/<name>``.
+``optim/<key>/<name>``. In a pipelined program each parameter is its stage's, ``<rank>`` the
+rank's place in that stage and the layout entry that stage's; ``stage_shares`` then records each
+stage's shares and ``shares`` is absent.
 
 What a checkpoint promises (docs/reliability.md):
 - atomic: it is written to a hidden directory named after its run, its files fsynced, then
@@ -492,17 +494,21 @@ def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def rank_tensors(layout: Layout, params, buffers, opt,
-                 persistent: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def rank_tensors(layout: Layout, params, buffers, opt, persistent: set[str],
+                 elsewhere: frozenset[str] = frozenset()) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """This rank's tensors for a checkpoint (its shards; replicated tensors under one key on
     every rank) and the record of how shards make whole tensors (``request`` reads it back).
     ``persistent``: the model's ``state_dict`` keys; a buffer outside it is saved for resuming
-    but not exported (``load_state_dict`` would refuse it)."""
+    but not exported (``load_state_dict`` would refuse it). ``elsewhere``: keys of parameters
+    another pipeline stage writes (a weight several stages hold is written once, by the first);
+    their shard names are each stage's own ranks, so one key is one stage's."""
     r = layout.rank
     tensors: dict[str, torch.Tensor] = {}
     stored, states, kept = {}, {}, {}
     for name, spec in layout.params.items():
         key, p = spec.keys[0], params[name].detach()
+        if key in elsewhere:
+            continue
         entry = {"shape": list(layout.shapes[key]), "dim": spec.dim,
                  "lengths": list(spec.lengths) if spec.lengths else None, "aliases": list(spec.keys),
                  "dtype": _dtype(p)}

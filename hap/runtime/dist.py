@@ -372,14 +372,16 @@ def _wait(work) -> None:
     emulate.after_comm()
 
 
-def barrier() -> None:
-    """Every rank waits here for the others (nothing in a single process)."""
-    if _S.dry or not is_distributed():
+def barrier(everywhere: bool = False) -> None:
+    """Every rank of this rank's stage (with ``everywhere``: of the whole job) waits here for the
+    others (nothing in a single process)."""
+    if _S.dry or not (_S.every_world > 1 if everywhere else is_distributed()):
         return
+    group = None if everywhere else _S.group
     if _S.backend == "nccl":
-        dist.barrier(group=_S.group, device_ids=[_S.local_rank])
+        dist.barrier(group=group, device_ids=[_S.local_rank])
     else:
-        dist.barrier(group=_S.group)
+        dist.barrier(group=group)
 
 
 def _all_reduce(t: torch.Tensor, op: str = "sum", everywhere: bool = False, group: Any = None) -> None:

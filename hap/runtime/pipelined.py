@@ -24,15 +24,18 @@ clipping norm is the whole model's; under fp16 every stage unscales by the same 
 a step together (the scaler's inf check spans the job). The loss rank 0 logs is the last
 stage's, sent to every rank.
 
-Not yet: checkpoints (``--save``/``--resume``), re-balancing, ``--eval-every`` and
-``--write-init``/``--init`` are refused with a message; every rank builds the model whole from
-the seed and keeps its stage's shards.
+The start-up and the checkpoints are a single-stage program's, over the whole job: each rank
+builds the model on the meta device and reads only its stage's slices of the initial state
+(``--init``, or the one its node writes), of ``PRETRAINED`` weights or of a checkpoint; every
+stage writes its own parameters into one checkpoint (``StageCheckpointer``), which resumes under
+any plan. Not yet: re-balancing, ``--eval-every`` and ``--slowdown-at`` are refused with a message.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,8 +45,9 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from . import checkpoint as ckpt
 from . import dist as _d
-from . import micro, optim
+from . import initial, micro, optim
 from .checks import device_mismatch, placement_mismatch
 from .collectives import deferred_grads
 from .data import BadBatch, RankData
@@ -55,19 +59,24 @@ from .pipeline import micro_rows, receive_cut, send_cut, stage_positions, wait_a
 from .precision import Precision
 from .pretrained import PretrainedError
 from .program import (
+    Checkpointer,
     Program,
-    Refused,
     Trainer,
     agree_or_stop,
-    build_model,
-    check_shapes,
     full_state_dict,
+    initial_state,
     join_job,
-    load_spec,
     local_state,
     open_pretrained,
+    open_save,
     parse_args,
+    prepare,
+    resume,
+    resume_point,
     stop,
+    stop_non_finite,
+    tokens_per_sample,
+    write_init,
 )
 from .rng import seed_step
 from .sharded_ops import count_deferred
@@ -256,17 +265,33 @@ def held(stages: Stages) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
 
 
 def refuse_unsupported(args) -> None:
-    for flag, on in (("--save", args.save), ("--resume", args.resume), ("--eval-every", args.eval_every),
-                     ("--init", args.init), ("--write-init", args.write_init), ("--slowdown-at", args.slowdown_at)):
+    for flag, on in (("--eval-every", args.eval_every), ("--slowdown-at", args.slowdown_at)):
         if on:
             stop(f"{flag}: a pipelined program does not support it yet; plan with --stages 1 to use it")
 
 
-def start(stages: Stages, layouts: Sequence[Layout]) -> tuple[int, Layout]:
-    """Join the job; returns this rank's stage and its layout placed on this rank."""
+def job_view(stages: Stages, layouts: Sequence[Layout], rank: int, device: torch.device) -> SimpleNamespace:
+    """The whole job as the start-up steps that span stages read it (the same ones a single-stage
+    program runs on its layout: ``agree_or_stop``, ``prepare``, ``open_save``, ``resume_point``,
+    ``initial_state``): every rank, the plan's digest, and every stage's parameter shapes."""
+    shapes = {k: v for layout in layouts for k, v in layout.shapes.items()}
+    return SimpleNamespace(world_size=stages.world_size, rank=rank, plan_digest=stages.plan_digest,
+                           places=stages.places, devices=stages.devices, device=device, spec=layouts[0].spec,
+                           shapes=shapes, global_batch=layouts[0].global_batch)
+
+
+def start(stages: Stages, layouts: Sequence[Layout], forwards: Sequence[Callable],
+          file: str) -> tuple[Program, Layout, Callable]:
+    """Join the job and check this rank is where the plan puts it; returns the job (``job_view``),
+    this rank's stage layout placed on it and its stage's forward."""
     rank = join_job(stages.devices, stages.places)
     index = next(i for i, ranks in enumerate(stages.ranks) if rank in ranks)
-    return index, layouts[index].placed(stages.ranks[index].index(rank), _d.device())
+    layout = layouts[index].placed(stages.ranks[index].index(rank), _d.device())
+    job = Program(job_view(stages, layouts, rank, layout.device), forwards[index], os.path.abspath(file))
+    wrong = device_mismatch(stages.devices[rank], layout.device) or placement_mismatch(*stages.places[rank])
+    agree_or_stop(job, f"rank {rank}: {wrong}; start the ranks in the plan's order (see the docstring) or re-plan "
+                  "for this cluster" if wrong else None)
+    return job, layout, forwards[index]
 
 
 def join_stage(stages: Stages) -> Stages:
@@ -278,31 +303,67 @@ def join_stage(stages: Stages) -> Stages:
                      "tied_groups": tuple(g for g, (_, where) in zip(groups, stages.shared) if index in where)})
 
 
+class StageCheckpointer(Checkpointer):
+    """A pipelined run's checkpoints: the same directory, files and promises as a single-stage
+    run's (``hap.runtime.checkpoint``), every stage writing its own parameters (a weight several
+    stages hold, the first of them), the layout record merged on global rank 0. So it resumes
+    under any plan, with other stages or none, and ``hap-export`` reads it."""
+
+    def __init__(self, stages: Stages, *args) -> None:
+        super().__init__(*args)
+        self.stages = stages
+        keys_first = {keys[0]: where[0] for keys, where in stages.shared}
+        self.elsewhere = frozenset(k for k, first in keys_first.items() if first != stages.index)
+
+    def save(self, done: int, layout: Layout, params, buffers, opt, data: RankData, amp: Precision) -> None:
+        tensors, stored = ckpt.rank_tensors(layout, params, buffers, opt, self.persistent, self.elsewhere)
+        me = _d.global_rank()
+        got: list[Any] | None = [None] * self.stages.world_size if me == 0 else None
+        tdist.gather_object(stored if _d.rank() == 0 else None, got, dst=0)  # each stage's record, once
+        merged: dict[str, dict[str, Any]] = {"layout": {}, "optimizer": {}, "buffers": {}}
+        for part in got or []:
+            for what, entries in (part or {}).items():
+                merged[what].update(entries)
+        meta = {**merged, "data_position": data.position(done), "optimizer_kind": self.args.optimizer,
+                "stage_shares": [list(s) for s in self.stages.shares], "world_size": self.stages.world_size,
+                "plan": self.stages.plan_digest, "scaler": amp.state_dict()}
+        self.last = str(ckpt.save(self.args.save, done, tensors, meta, me, lambda: _d.barrier(everywhere=True),
+                                  self.run_id))
+
+
 def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable], file: str,
          argv: list[str] | None = None) -> None:
     """Train the program's model, each rank its stage's part of every global batch."""
     args = parse_args(argv, layouts[0].optimizer)
     refuse_unsupported(args)
-    index, layout = start(stages, layouts)
-    forward = forwards[index]
-    program = Program(layout, forward, os.path.abspath(file))
-    rank = _d.rank()  # in the job: the stage's groups come after the checks below
-    wrong = device_mismatch(stages.devices[rank], layout.device) or placement_mismatch(*stages.places[rank])
-    if wrong:
-        wrong = (f"rank {rank}: {wrong}; start the ranks in the plan's order (see the docstring) or re-plan for "
-                 "this cluster")
+    if args.write_init:  # one process, before any process group
+        write_init(Program(job_view(stages, layouts, 0, torch.device("cpu")), forwards[0], os.path.abspath(file)),
+                   args)
+        return
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    # the start-up spans the job, as a single-stage program's does: every rank checks the plan
+    # and train.py, builds the model on the meta device, takes the --save lock and agrees where
+    # to resume; each rank then reads only its stage's slices of the initial state or checkpoint
+    job, layout, forward = start(stages, layouts, forwards, file)
+    spec, model, board = prepare(job, args)
+    run_id = open_save(job, args, restarts)
+    ck = resume_point(job, args, run_id, restarts)
+    made, pretrained = None, None
     try:
-        spec = load_spec(program)
-        model = build_model(spec, args.seed)
-        check_shapes(layout, model)
-        params, buffers = local_state(layout, model, None, open_pretrained(spec))
-    except (Refused, PretrainedError) as e:
-        wrong = wrong or str(e)
-    # every rank runs this plan and this train.py, and none failed the checks above (the same
-    # check as a single-stage program's, over the whole job): else all stop together
-    job = SimpleNamespace(world_size=stages.world_size, rank=rank, plan_digest=stages.plan_digest,
-                          places=stages.places, device=layout.device)
-    agree_or_stop(Program(job, forward, program.file), wrong)
+        pretrained = open_pretrained(spec) if ck is None else None
+        start_state, made = initial_state(job, args, model) if ck is None else (None, None)
+        params, buffers = local_state(layout, model, start_state, pretrained)
+        wrong = None
+    except (PretrainedError, initial.InitError) as e:
+        wrong = str(e)
+    agree_or_stop(job, wrong)
+    start_state = None  # its memory map closed
+    if made is not None:
+        _d.barrier()  # every rank of the node has read its slices (the job's group: no stage yet)
+        if _d.local_rank() == 0:
+            shutil.rmtree(made, ignore_errors=True)
+    opt = optim.build(args, params, {name: len(layout.shapes[p.keys[0]]) for name, p in layout.params.items()})
+    start_step = resume(layout, ck, args, params, buffers, opt, job.layout.rank == 0) if ck is not None else 0
     stages = join_stage(stages)
     m = args.micro_batches if args.micro_batches is not None else stages.micro_batches
     if m < 1:
@@ -310,11 +371,12 @@ def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable]
     if layout.fixed_batch and m > 1:
         stop(f"--micro-batches {m}: this plan's forward only runs whole global batches "
              f"({'; '.join(layout.fixed_batch)}); run with --micro-batches 1")
-    opt = optim.build(args, params, {name: len(layout.shapes[p.keys[0]]) for name, p in layout.params.items()})
     reduce_dtype = {"fp32": None, "bf16": torch.bfloat16}[layout.grad_reduce]
     grad_sync = GradSync([[params[n] for n in b] for b in layout.grad_buckets], overlap=layout.grad_overlap,
                          reduce_dtype=reduce_dtype)
     amp = Precision(layout.precision, layout.device)
+    if ck is not None:
+        amp.load_state_dict(ck.get("scaler"))
     if amp.scaler is not None and not stages.last:
         amp.scaler.scale(torch.zeros((), device=layout.device))  # its scale exists before the first unscale
     rows = micro_rows(layout.shares, m)
@@ -323,16 +385,18 @@ def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable]
     for k, i in enumerate(stages.inputs[stages.index]):
         dims[i] = layout.inputs[k]
     try:
-        data = RankData(spec, layout.rank, layout.shares, dims, stages.samples, args.seed, 0, args.steps,
+        data = RankData(spec, layout.rank, layout.shares, dims, stages.samples, args.seed, start_step, args.steps,
                         args.prefetch, layout.device, positions)
     except ValueError as e:
         stop(str(e))
     trainer = StageTrainer(stages, layout, forward, params, buffers, opt, amp, grad_sync, args,
                            (m,) * layout.world_size, layout.sharded)
-    log = RunLog(_d.global_rank(), args.steps, None, layout.global_batch, layout.global_batch)
+    log = RunLog(_d.global_rank(), args.steps, board, layout.global_batch,
+                 layout.global_batch * tokens_per_sample(stages.samples))
+    saver = StageCheckpointer(stages, args, run_id, set(model.state_dict()), ck["path"] if ck else None)
     if args.emulate:
         set_emulation(layout.slowdown[layout.rank])
-    for step in range(args.steps):
+    for step in range(start_step, args.steps):
         t0 = time.perf_counter()
         with undilated():
             try:
@@ -346,18 +410,23 @@ def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable]
         data.make_next()  # the batch thread may make the next step's rows while this one's gradients sync
         global_loss = trainer.global_loss(loss, counted, [])
         if not math.isfinite(global_loss):
-            stop(f"loss is {global_loss} at step {step}; stopping", 3)
+            stop_non_finite(job.layout, args, run_id, f"loss is {global_loss}", step, saver.last)
         with undilated():
             norm, lr = trainer.update(step)
             if not math.isfinite(norm) and not amp.skips_overflow:
-                stop(f"the gradient norm is {norm} at step {step}; stopping", 3)
+                stop_non_finite(job.layout, args, run_id, f"the gradient norm is {norm}", step, saver.last)
             trainer.apply(lr)
         log.step(step, global_loss, lr, norm, time.perf_counter() - t0, data.waits[-1] if data.waits else 0.0)
+        if saver.due(step + 1):
+            with undilated():
+                saver.save(step + 1, layout, trainer.params, trainer.buffers, trainer.opt, data, amp)
     if args.dump_params:
         dump(args.dump_params, layout, model, params, buffers)
     data.close()
-    log.close(args.log_json, world_size=stages.world_size, precision=amp.name, skipped_steps=amp.skipped,
-              stages=[list(r) for r in stages.ranks], micro_batches=m)
+    log.close(args.log_json, world_size=stages.world_size, first_step=start_step, precision=amp.name,
+              skipped_steps=amp.skipped, stages=[list(r) for r in stages.ranks], micro_batches=m)
+    if args.save and job.layout.rank == 0:
+        ckpt.unlock(args.save, run_id)
     _d.leave(0)
 
 

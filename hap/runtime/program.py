@@ -392,8 +392,10 @@ def _step_dir(args: argparse.Namespace, where: int, step: int) -> Path:
     return p if (p / ckpt.META).exists() or (p / ckpt.LEGACY_META).exists() else p / f"step_{step:06d}"
 
 
-def resume(layout: Layout, ck: dict[str, Any], args: argparse.Namespace, params, buffers, opt) -> int:
-    """Load the checkpoint ``ck`` into this rank's state; returns the step it resumes at."""
+def resume(layout: Layout, ck: dict[str, Any], args: argparse.Namespace, params, buffers, opt,
+           announce: bool | None = None) -> int:
+    """Load the checkpoint ``ck`` into this rank's state; returns the step it resumes at. The
+    ``announce``-ing rank (rank 0 unless given) says so."""
     try:
         ckpt.check_model(ck, layout.shapes)
     except ckpt.CheckpointError as e:
@@ -407,7 +409,7 @@ def resume(layout: Layout, ck: dict[str, Any], args: argparse.Namespace, params,
         ckpt.restore(layout, ck, params, buffers, opt, args.trust_checkpoint, with_optimizer=not args.reset_optimizer)
     except ckpt.CheckpointError as e:  # torn since rank 0 looked, or not this rank's to read
         stop(f"rank {layout.rank}: {e}")
-    if layout.rank == 0:
+    if layout.rank == 0 if announce is None else announce:
         reset = f" ({args.optimizer}'s state starts afresh)" if args.reset_optimizer else ""
         print(f"resuming from {ck['path']} at step {ck['step']}{reset}", flush=True)
     return ck["step"]
@@ -439,6 +441,11 @@ class Checkpointer:
                 "shares": list(data.shares_at(done)), "world_size": layout.world_size,
                 "plan": layout.plan_digest, "scaler": amp.state_dict()}
         self.last = str(ckpt.save(self.args.save, done, tensors, meta, layout.rank, barrier, self.run_id))
+
+
+def tokens_per_sample(samples) -> int:
+    """A sample's tokens, where the batch holds token sequences (an int64 tensor of one dim), else 1."""
+    return next((shape[0] for shape, dtype in samples if len(shape) == 1 and dtype == "int64"), 1)
 
 
 def replan_advice(layout: Layout, hint: str, save: str | None) -> str:
@@ -828,8 +835,8 @@ def main(layout: Layout | ModuleType, forward: Callable | None = None, file: str
         stop(str(e))
     trainer = Trainer(forward, params, buffers, opt, amp, grad_sync, args, micro_counts(layout, args.micro_batches),
                       layout.sharded)
-    tokens = next((shape[0] for shape, dtype in layout.input_samples if len(shape) == 1 and dtype == "int64"), 1)
-    log = RunLog(layout.rank, args.steps, board, layout.global_batch, layout.global_batch * tokens)
+    log = RunLog(layout.rank, args.steps, board, layout.global_batch,
+                 layout.global_batch * tokens_per_sample(layout.input_samples))
     saver = Checkpointer(args, run_id, set(model.state_dict()), ck["path"] if ck else None)
     rebalancing = Rebalancing(layout, args) if Rebalancing.wanted(layout, args) else None
     at_start = memory_bytes_now(layout.device)  # the model's state is in place, no step has run

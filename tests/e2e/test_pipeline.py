@@ -7,8 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from tests.e2e.harness import ROOT, run_exact
+from hap.bench.reference import errors, reference
+from hap.emit import emit_program
+from hap.export import main as export_main
+from tests.e2e.harness import GLOO_TEARDOWN, ROOT, plan_for, run_exact, torchrun
 
 CLUSTERS = ROOT / "profiles" / "clusters"
 
@@ -38,3 +43,37 @@ def test_the_planner_picks_two_stages_where_the_network_binds_and_they_train_exa
     assert [st.ranks for st in plan.stages] == [(0,), (1,)]
     assert plan.predicted_step_s < plan.baselines["hap_1_stage"].predicted_step_s
     assert loss_err < 1e-4 and param_err < 1e-4, (loss_err, param_err)
+
+
+def test_a_pipelined_checkpoint_resumes_under_one_stage_and_back_and_exports(tmp_path):
+    """Checkpoints do not depend on the stages: a 2-stage run saves at step 3 (each stage its own
+    parameters and momentum, the tied weight once); hap-export makes exactly the run's state_dict
+    of it; a single-stage plan of the same ranks resumes it and saves at step 5; the 2-stage
+    program resumes that, and at step 7 it equals 7 steps on one device."""
+    gpt, cluster = str(ROOT / "examples/gpt.py"), str(CLUSTERS / "cpu-1-2-4.toml")
+    two, one = plan_for(gpt, cluster, stages=2), plan_for(gpt, cluster, stages=1)
+    assert two.pipelined and not one.pipelined
+    emit_program(two, tmp_path / "two", spec=gpt)
+    emit_program(one, tmp_path / "one", spec=gpt)
+    common = ["--lr", "0.05", "--momentum", "0.9"]
+
+    def run(where: str, args: list[str]) -> str:
+        p = torchrun(3, tmp_path / where / "train.py", common + args)
+        assert p.returncode == 0 and GLOO_TEARDOWN not in p.stderr, f"{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+        return p.stdout
+
+    run("two", ["--steps", "3", "--save", str(tmp_path / "a"), "--dump-params", str(tmp_path / "at3.pt")])
+    assert export_main([str(tmp_path / "a"), "--out", str(tmp_path / "at3.safetensors")]) == 0
+    dumped, exported = torch.load(tmp_path / "at3.pt", weights_only=True), load_file(tmp_path / "at3.safetensors")
+    assert set(dumped) == set(exported) and all(torch.equal(dumped[k], exported[k]) for k in dumped)
+    said = run("one", ["--steps", "5", "--resume", str(tmp_path / "a"), "--save", str(tmp_path / "b")])
+    assert said.count("resuming from") == 1 and "a/step_000003" in said
+    said = run("two", ["--steps", "7", "--resume", str(tmp_path / "b"), "--log-json", str(tmp_path / "log.json"),
+                       "--dump-params", str(tmp_path / "at7.pt")])
+    assert said.count("resuming from") == 1 and "b/step_000005" in said
+    want_losses, want = reference(gpt, 7, 0.05, two.global_batch, train={"momentum": 0.9})
+    log = json.loads((tmp_path / "log.json").read_text())
+    loss_err, param_err, problem = errors(log["losses"], torch.load(tmp_path / "at7.pt", weights_only=True),
+                                          want_losses[5:], want)
+    assert problem is None, problem
+    assert len(log["losses"]) == 2 and loss_err < 1e-4 and param_err < 1e-4, (loss_err, param_err)
