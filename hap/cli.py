@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "sharded over the ranks where that is faster), shard (expert parallelism), or whole on every "
                          "rank, each running them on its own tokens")
     ap.add_argument("--timeline", metavar="PNG", default=None,
-                    help="draw the per-rank timeline of the plan and of dp_even to PNG")
+                    help="draw the per-rank timeline of the plan and of dp_even to PNG (a pipelined plan: "
+                         "its schedule, one row per stage)")
     ap.add_argument("--compare", action="store_true",
                     help="also predict the fsdp_even and megatron_tp_even baselines")
     ap.add_argument("--coverage", action="store_true",
@@ -134,7 +135,11 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
 
         with err.status("solving the compared baselines"):
             plan = compare(plan, cluster, optimizer=args.optimizer, time_limit_s=args.time_limit)
-    if args.timeline:
+    if args.timeline and plan.pipelined:
+        from hap.timeline import draw_pipeline
+
+        draw_pipeline(plan, args.timeline)
+    elif args.timeline:
         from hap.simulate import simulate, timeline_for_baseline
         from hap.timeline import draw
 

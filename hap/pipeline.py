@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from hap.cluster import Cluster, RankInfo
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph
-from hap.plan import Plan, Prediction, Stage
+from hap.plan import Plan, Prediction, Schedule, Stage
 from hap.stages import StageGraph, cut_candidates, shared_params, shared_weights, split
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)  # pipeline depths the search tries, each at most the global batch
@@ -97,12 +97,14 @@ def balanced_cuts(graph: Graph, speeds: Sequence[float]) -> list[int]:
     return [cands[e - 1] for e in ends[:-1]]
 
 
-def schedule_s(forward_s: Sequence[float], again_s: Sequence[float], cut_s: Sequence[float], m: int) -> float:
+def schedule_s(forward_s: Sequence[float], again_s: Sequence[float], cut_s: Sequence[float], m: int,
+               events: list[tuple[int, str, int, float, float]] | None = None) -> list[float]:
     """When the last micro-batch's backward ends on every stage, under GPipe with
     re-materialisation: a non-last stage runs ``F`` of every micro-batch (``forward_s[s]``
     each), then ``B`` (``again_s[s]``: forward again and backward) of each as its gradient
     arrives; the last stage runs ``B`` as each input arrives. ``cut_s[s]``: one micro-batch's
-    transfer over cut s (between stage s and s+1), each way. Returns each stage's end."""
+    transfer over cut s (between stage s and s+1), each way. Returns each stage's end; each
+    ``F`` and ``B`` is added to ``events`` as (stage, "F" or "B", micro-batch, start, end)."""
     k = len(again_s)
     f_end = [[0.0] * m for _ in range(k)]
     for s in range(k - 1):
@@ -110,6 +112,8 @@ def schedule_s(forward_s: Sequence[float], again_s: Sequence[float], cut_s: Sequ
         for j in range(m):
             ready = f_end[s - 1][j] + cut_s[s - 1] if s > 0 else 0.0
             free = f_end[s][j] = max(free, ready) + forward_s[s]
+            if events is not None:
+                events.append((s, "F", j, free - forward_s[s], free))
     b_end = [[0.0] * m for _ in range(k)]
     ends = [0.0] * k
     for s in range(k - 1, -1, -1):
@@ -117,6 +121,8 @@ def schedule_s(forward_s: Sequence[float], again_s: Sequence[float], cut_s: Sequ
         for j in range(m):
             ready = (b_end[s + 1][j] + cut_s[s]) if s < k - 1 else (f_end[s - 1][j] + cut_s[s - 1] if s > 0 else 0.0)
             free = b_end[s][j] = max(free, ready) + again_s[s]
+            if events is not None:
+                events.append((s, "B", j, free - again_s[s], free))
         ends[s] = free
     return ends
 
@@ -131,9 +137,7 @@ def cut_seconds(cluster: Cluster, a: Sequence[int], b: Sequence[int], nbytes: fl
 @dataclasses.dataclass
 class Priced:
     step_s: float
-    micro_batches: int
-    bubble: float  # the share of the step a stage waits, on average
-    stage_ends: tuple[float, ...]
+    schedule: Schedule
 
 
 def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Sequence[Sequence[int]],
@@ -158,10 +162,13 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
         for s in range(k - 1):
             nbytes = sum(stage_plans[s].graph[x].out.nbytes for x in stages[s].sends) / m
             cut.append(cut_seconds(cluster, groups[s], groups[s + 1], nbytes))
+        fwd[-1] = 0.0  # the last stage runs forward and backward at once (B)
         ends = schedule_s(fwd, again, cut, m)
-        step = max(e + p.predicted.grad_sync_s + p.predicted.optimizer_s for e, p in zip(ends, stage_plans)) + tied_s
-        busy = sum(again[s] * m + (fwd[s] * m if s < k - 1 else 0.0) for s in range(k)) / k
-        cand = Priced(step, m, max(0.0, 1 - busy / max(ends)), tuple(ends))
+        after = [p.predicted.grad_sync_s + p.predicted.optimizer_s for p in stage_plans]
+        step = max(e + a for e, a in zip(ends, after)) + tied_s
+        busy = sum((again[s] + fwd[s]) * m for s in range(k)) / k
+        cand = Priced(step, Schedule(m, tuple(fwd), tuple(again), tuple(cut), tuple(after), tied_s,
+                                     max(0.0, 1 - busy / max(ends))))
         if best is None or cand.step_s < best.step_s:
             best = cand
     return best
@@ -248,11 +255,11 @@ def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Pla
                 tuple(x for p in plans for x in p.grad_synced), predicted, {}, 0.0,
                 sum(p.solve_s for p in plans), first.solver_status, first.optimizer, "hap_pipeline", first.spec,
                 tuple(w for p in plans for w in p.warnings),
-                (f"pipeline: {len(plans)} stages, {priced.micro_batches} micro-batches, bubble "
-                 f"{priced.bubble:.0%}: " + "; ".join(
+                (f"pipeline: {len(plans)} stages, {priced.schedule.micro_batches} micro-batches, bubble "
+                 f"{priced.schedule.bubble:.0%}: " + "; ".join(
                      f"stage {i} on ranks {_ranks_text(g)} runs {_blocks_text(sg.blocks)}"
                      for i, (sg, g) in enumerate(zip(parts, groups))),),
-                (priced.micro_batches,) * n, (), (), stages)
+                (priced.schedule.micro_batches,) * n, (), (), stages, priced.schedule)
 
 
 def _ranks_text(ranks: Sequence[int]) -> str:

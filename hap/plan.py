@@ -134,6 +134,33 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """A pipelined plan's step as ``hap.pipeline.price`` priced it, for its timeline: per
+    micro-batch, each stage's ``F`` (its forward without autograd; 0 on the last stage) and ``B``
+    (forward again and backward), each cut's transfer each way; then per stage its gradient
+    all-reduce and optimizer step, and the all-reduce of weights several stages hold."""
+
+    micro_batches: int
+    forward_s: tuple[float, ...]
+    again_s: tuple[float, ...]
+    cut_s: tuple[float, ...]
+    after_s: tuple[float, ...]
+    tied_s: float
+    bubble: float  # the share of the schedule's span a stage waits, on average
+
+    def to_json(self) -> dict[str, Any]:
+        return {"micro_batches": self.micro_batches, "forward_s": list(self.forward_s),
+                "again_s": list(self.again_s), "cut_s": list(self.cut_s), "after_s": list(self.after_s),
+                "tied_s": self.tied_s, "bubble": self.bubble}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Schedule:
+        return cls(int(d["micro_batches"]), *(tuple(float(x) for x in d[k])
+                                              for k in ("forward_s", "again_s", "cut_s", "after_s")),
+                   float(d["tied_s"]), float(d["bubble"]))
+
+
+@dataclass(frozen=True)
 class BaselineResult:
     """A baseline solved on the same cost model: its step time and shares, or why it is infeasible."""
 
@@ -189,6 +216,7 @@ class Plan:
     # a pipelined plan (hap.pipeline): its stages, in order; () is one stage, this plan itself.
     # ``shares`` are then each rank's samples in its stage, and ``micro_batches`` the pipeline's
     stages: tuple[Stage, ...] = ()
+    schedule: Schedule | None = None  # a pipelined plan's: how its step was priced
 
     def recomputed_blocks(self, rank: int) -> int:
         """How many of the ``recompute`` blocks ``rank`` runs again in backward."""
@@ -294,6 +322,7 @@ class Plan:
             **({"stages": [{**st.to_json(), "micro_batches": int(self.micro_batches[st.ranks[0]]
                                                                   if self.micro_batches else 1)}
                            for st in self.stages]} if self.stages else {}),
+            **({"schedule": self.schedule.to_json()} if self.schedule else {}),
         }
 
     @classmethod
@@ -321,6 +350,7 @@ class Plan:
                 recompute=tuple(str(b) for b in d.get("recompute", [])),
                 recompute_counts=_recompute_counts(d),
                 stages=tuple(Stage.from_json(st) for st in d.get("stages", [])),
+                schedule=Schedule.from_json(d["schedule"]) if d.get("schedule") else None,
             )
         except KeyError as e:
             raise PlanFileError(f"the plan lacks {e.args[0]!r}; re-plan with this version of hap") from None

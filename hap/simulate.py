@@ -232,8 +232,8 @@ def simulate(plan: Plan, cluster: Cluster | None = None, mode: str = "aligned", 
     if isinstance(cluster, str):  # simulate(plan, "segments"): the mode given positionally
         cluster, mode = None, cluster
     if plan.pipelined:
-        raise HapError("the timeline of a pipelined plan is not drawn yet (its stages run a schedule this replay "
-                       "does not model); plan with --stages 1 for a timeline")
+        raise HapError("a pipelined plan's step is its stages' schedule, which this per-rank replay does not model: "
+                       "hap-plan --timeline PNG draws the schedule (or plan with --stages 1 for a replay)")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     graph, cluster = plan.graph, cluster or plan.cluster

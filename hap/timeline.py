@@ -1,11 +1,13 @@
 """Draw timelines: one row per rank, compute / communication / idle, several plans stacked
-on one time axis (the plan above its baselines), with matplotlib's Agg backend."""
+on one time axis (the plan above its baselines); a pipelined plan's schedule, one row per
+stage; a run's measured steps. With matplotlib's Agg backend."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from hap.plan import Plan
     from hap.simulate import Timeline
 
 COLORS = {"compute": "#2e7d32", "backward": "#66bb6a", "step": "#6a1b9a", "comm": "#ef6c00", "sync": "#c62828",
@@ -89,6 +91,80 @@ def draw(timelines: dict[str, Timeline], path: str | Path, title: str | None = N
                        Patch(color=COLORS["idle"], label="idle (waiting for the slowest rank)")],
                loc="lower center", ncol=6, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.3 / height, 1, 1))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def draw_pipeline(plan: Plan, path: str | Path) -> Path:
+    """A pipelined plan's step as the planner priced it (``Plan.schedule``): one row per stage,
+    each micro-batch's ``F`` (forward, activations dropped) and ``B`` (forward again and
+    backward) numbered, each cut's transfers below the bar of the stage that sends, then each
+    stage's gradient all-reduce and optimizer step and the tied weights' all-reduce; the grey
+    is the bubble. Dashed: the best single-stage plan's predicted step, for comparison."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from hap.pipeline import schedule_s
+
+    sch = plan.schedule
+    if sch is None or not plan.pipelined:
+        raise ValueError("draw_pipeline draws a pipelined plan (hap-plan --stages 2 or more)")
+    events: list[tuple[int, str, int, float, float]] = []
+    ends = schedule_s(sch.forward_s, sch.again_s, sch.cut_s, sch.micro_batches, events)
+    k, ms = len(plan.stages), 1e3
+    span = max(e + a for e, a in zip(ends, sch.after_s))
+    step = span + sch.tied_s
+    single = plan.baselines.get("hap_1_stage")
+    horizon = max(step, single.predicted_step_s if single and single.feasible else 0.0)
+    fig, ax = plt.subplots(figsize=(12, 1.9 + 0.55 * k))
+    for s in range(k):
+        ax.barh(s, step * ms, color=COLORS["idle"], height=0.8, linewidth=0)
+    for s, kind, j, t0, t1 in events:
+        ax.barh(s, (t1 - t0) * ms, left=t0 * ms, color=COLORS["compute" if kind == "F" else "backward"], height=0.8,
+                edgecolor="white", linewidth=0.4)
+        if (t1 - t0) / horizon > 0.012 * (len(str(j)) + 1):
+            ax.text((t0 + t1) / 2 * ms, s, f"{kind}{j}", ha="center", va="center", fontsize=6, color="white")
+        if kind == "F" and s < k - 1 and sch.cut_s[s] > 0:  # the activations to the next stage
+            ax.barh(s + 0.3, sch.cut_s[s] * ms, left=t1 * ms, color=COLORS["comm"], height=0.2, linewidth=0)
+        if kind == "B" and s > 0 and sch.cut_s[s - 1] > 0:  # the inputs' gradients back
+            ax.barh(s + 0.3, sch.cut_s[s - 1] * ms, left=t1 * ms, color=COLORS["comm"], height=0.2, linewidth=0)
+    for s, (e, a) in enumerate(zip(ends, sch.after_s)):
+        ax.barh(s, a * ms, left=e * ms, color=COLORS["sync"], height=0.8, linewidth=0)
+        if sch.tied_s > 0:
+            ax.barh(s, sch.tied_s * ms, left=span * ms, color=COLORS["step"], height=0.8, linewidth=0)
+    ax.axvline(step * ms, color="black", linewidth=0.6, linestyle=":")
+    if single and single.feasible:
+        ax.axvline(single.predicted_step_s * ms, color="black", linewidth=0.8, linestyle="--")
+        ax.annotate(f" one stage: {single.predicted_step_s * ms:.4g} ms", (single.predicted_step_s * ms, -0.55),
+                    fontsize=7, ha="right" if single.predicted_step_s > step else "left", va="bottom")
+    labels = []
+    for i, st in enumerate(plan.stages):
+        kinds = sorted({plan.cluster.ranks[r].device for r in st.ranks})
+        ranks = f"{st.ranks[0]}-{st.ranks[-1]}" if len(st.ranks) > 1 else str(st.ranks[0])
+        blocks = st.blocks[0] if len(st.blocks) == 1 else (f"{st.blocks[0]}..{st.blocks[-1]}" if st.blocks else "-")
+        labels.append(f"stage {i}: ranks {ranks} ({'/'.join(kinds)})\n{blocks}")
+    ax.set_yticks(range(k))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_ylim(k - 0.5, -0.8)
+    ax.set_xlim(0, horizon * ms * 1.02)
+    ax.set_xlabel("time in one training step (ms)")
+    ax.set_title(f"predicted step {step * ms:.4g} ms: {k} stages, {sch.micro_batches} micro-batches, bubble "
+                 f"{sch.bubble:.0%} (GPipe with re-materialisation)", fontsize=9)
+    height = 1.9 + 0.55 * k
+    fig.legend(handles=[Patch(color=COLORS["compute"], label="F: forward, activations dropped"),
+                        Patch(color=COLORS["backward"], label="B: forward again + backward"),
+                        Patch(color=COLORS["comm"], label="cut: activations / gradients"),
+                        Patch(color=COLORS["sync"], label="gradient all-reduce + optimizer"),
+                        Patch(color=COLORS["step"], label="tied weights' all-reduce"),
+                        Patch(color=COLORS["idle"], label="idle (bubble)")],
+               loc="lower center", ncol=6, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -12,6 +12,7 @@ from hap.pipeline import balanced_cuts, groupings, schedule_s
 from hap.plan import Plan
 from hap.spec import capture_spec, load_spec
 from hap.stages import cut_candidates
+from hap.timeline import draw_pipeline
 from tests.helpers import ROOT
 
 CLUSTERS = ROOT / "profiles" / "clusters"
@@ -64,6 +65,23 @@ def test_a_pipelined_plan_records_its_stages_and_round_trips():
     again = Plan.from_json(json.loads(json.dumps(d)))
     assert again.digest() == plan.digest() and len(again.stages) == 2
     assert again.stages[0].sends == again.stages[1].receives
+    assert again.schedule == plan.schedule and 0 <= plan.schedule.bubble < 1
+
+
+def test_the_timeline_draws_the_schedule_the_step_was_priced_by(tmp_path):
+    plan = plan_spec(str(ROOT / "examples/gpt.py"), str(CLUSTERS / "cpu-slow-net.toml"))
+    sch, k = plan.schedule, len(plan.stages)
+    events = []
+    ends = schedule_s(sch.forward_s, sch.again_s, sch.cut_s, sch.micro_batches, events)
+    assert max(e + a for e, a in zip(ends, sch.after_s)) + sch.tied_s == pytest.approx(plan.predicted_step_s)
+    m = sch.micro_batches
+    assert sorted((s, kind, j) for s, kind, j, _, _ in events) == sorted(
+        [(s, "F", j) for s in range(k - 1) for j in range(m)] + [(s, "B", j) for s in range(k) for j in range(m)])
+    for s in range(k):  # a stage runs one thing at a time
+        mine = sorted((t0, t1) for st, _, _, t0, t1 in events if st == s)
+        assert all(a[1] <= b[0] + 1e-12 for a, b in zip(mine, mine[1:]))
+    png = draw_pipeline(plan, tmp_path / "schedule.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_tied_weight_is_summed_across_its_stages_once():
