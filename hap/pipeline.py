@@ -6,12 +6,12 @@ its own SPMD plan from the single-stage search (uneven shares of every micro-bat
 sharding, its own gradient all-reduce, inside its nodes). Between stages only each cut's
 activations travel forward and their gradients backward, per micro-batch.
 
-The schedule is GPipe with re-materialisation: a stage that sends runs every micro-batch's
-forward without keeping activations (``F``), then, as each gradient comes back, that forward
-again with autograd and its backward (``B``); the last stage runs forward and backward at once.
-A stage thus keeps one micro-batch's activations plus its received inputs, and pays one more
-forward, which ``price`` counts. Stage s's ranks are the data of its plan's cost model; the
-schedule's timeline is priced by ``schedule_s``, event by event.
+The schedule is 1F1B (``hap.runtime.pipeline.one_f_one_b``): a stage that sends runs the forward
+(``F``) of as many micro-batches as stages follow it, then alternates the next one's ``F`` with
+the oldest one's backward (``B``) as its gradient comes back; the last stage runs forward and
+backward at once. Stage s keeps at most (stages - s) micro-batches' activations, never more
+than the whole batch its plan was solved and checked for memory with. Stage s's ranks are the
+data of its plan's cost model; the schedule's timeline is priced by ``schedule_s``, event by event.
 
 Where to cut: block ranges balance each stage's work against its ranks' summed speed (a DP
 over cuts, as Alpa and Metis do); which ranks: contiguous nodes (or ranks, where there are
@@ -29,6 +29,7 @@ from hap.cluster import Cluster, RankInfo
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph
 from hap.plan import Plan, Prediction, Schedule, Stage
+from hap.runtime.pipeline import one_f_one_b
 from hap.stages import StageGraph, cut_candidates, shared_params, shared_weights, split
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)  # pipeline depths the search tries, each at most the global batch
@@ -97,34 +98,38 @@ def balanced_cuts(graph: Graph, speeds: Sequence[float]) -> list[int]:
     return [cands[e - 1] for e in ends[:-1]]
 
 
-def schedule_s(forward_s: Sequence[float], again_s: Sequence[float], cut_s: Sequence[float], m: int,
+def schedule_s(forward_s: Sequence[float], backward_s: Sequence[float], cut_s: Sequence[float], m: int,
                events: list[tuple[int, str, int, float, float]] | None = None) -> list[float]:
-    """When the last micro-batch's backward ends on every stage, under GPipe with
-    re-materialisation: a non-last stage runs ``F`` of every micro-batch (``forward_s[s]``
-    each), then ``B`` (``again_s[s]``: forward again and backward) of each as its gradient
-    arrives; the last stage runs ``B`` as each input arrives. ``cut_s[s]``: one micro-batch's
-    transfer over cut s (between stage s and s+1), each way. Returns each stage's end; each
-    ``F`` and ``B`` is added to ``events`` as (stage, "F" or "B", micro-batch, start, end)."""
-    k = len(again_s)
-    f_end = [[0.0] * m for _ in range(k)]
-    for s in range(k - 1):
-        free = 0.0
-        for j in range(m):
-            ready = f_end[s - 1][j] + cut_s[s - 1] if s > 0 else 0.0
-            free = f_end[s][j] = max(free, ready) + forward_s[s]
-            if events is not None:
-                events.append((s, "F", j, free - forward_s[s], free))
-    b_end = [[0.0] * m for _ in range(k)]
-    ends = [0.0] * k
-    for s in range(k - 1, -1, -1):
-        free = f_end[s][m - 1] if s < k - 1 else 0.0
-        for j in range(m):
-            ready = (b_end[s + 1][j] + cut_s[s]) if s < k - 1 else (f_end[s - 1][j] + cut_s[s - 1] if s > 0 else 0.0)
-            free = b_end[s][j] = max(free, ready) + again_s[s]
-            if events is not None:
-                events.append((s, "B", j, free - again_s[s], free))
-        ends[s] = free
-    return ends
+    """When the last micro-batch's backward ends on every stage, each stage running its
+    micro-batches in the program's 1F1B order (``hap.runtime.pipeline.one_f_one_b``): ``F`` of
+    micro-batch j (``forward_s[s]``) once its activations arrive, ``B`` (``backward_s[s]``; on
+    the last stage forward and backward at once) once its gradients arrive. ``cut_s[s]``: one
+    micro-batch's transfer over cut s (between stage s and s+1), each way. Returns each stage's
+    end; each ``F`` and ``B`` is added to ``events`` as (stage, "F" or "B", micro-batch, start, end)."""
+    k = len(backward_s)
+    order = [one_f_one_b(s, k, m) for s in range(k)]
+    end: dict[tuple[int, str, int], float] = {}
+    free, at = [0.0] * k, [0] * k
+    moved = True
+    while moved:  # each stage runs its next step once what it waits for has ended
+        moved = False
+        for s in range(k):
+            while at[s] < len(order[s]):
+                kind, j = order[s][at[s]]
+                if kind == "F" or s == k - 1:  # waits for the activations
+                    wait = (s - 1, "F", j) if s > 0 else None
+                    lag = cut_s[s - 1] if s > 0 else 0.0
+                else:  # waits for the gradients
+                    wait, lag = (s + 1, "B", j), cut_s[s]
+                if wait is not None and wait not in end:
+                    break
+                start = max(free[s], end[wait] + lag if wait is not None else 0.0)
+                free[s] = end[(s, kind, j)] = start + (forward_s[s] if kind == "F" else backward_s[s])
+                if events is not None:
+                    events.append((s, kind, j, start, free[s]))
+                at[s] += 1
+                moved = True
+    return free
 
 
 def cut_seconds(cluster: Cluster, a: Sequence[int], b: Sequence[int], nbytes: float) -> float:
@@ -151,23 +156,23 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
     batch = stage_plans[0].global_batch
     best = None
     for m in ([fixed_m] if fixed_m else [m for m in MICRO_BATCHES if m <= batch]):
-        again, fwd, cut = [], [], []
+        fwd, back, cut = [], [], []
         for p, g in zip(stage_plans, groups):
             pr = p.predicted
             floors = 3 * len(p.graph.ops()) * max(cluster.kernel_floor(r) for r in g)  # forward + backward
             whole = pr.step_s - pr.grad_sync_s - pr.optimizer_s
             work = min(whole, floors) + max(0.0, whole - floors) / m
-            again.append(work)
             fwd.append(work * FORWARD_SHARE)
+            back.append(work - fwd[-1])
         for s in range(k - 1):
             nbytes = sum(stage_plans[s].graph[x].out.nbytes for x in stages[s].sends) / m
             cut.append(cut_seconds(cluster, groups[s], groups[s + 1], nbytes))
-        fwd[-1] = 0.0  # the last stage runs forward and backward at once (B)
-        ends = schedule_s(fwd, again, cut, m)
+        back[-1], fwd[-1] = back[-1] + fwd[-1], 0.0  # the last stage runs forward and backward at once (B)
+        ends = schedule_s(fwd, back, cut, m)
         after = [p.predicted.grad_sync_s + p.predicted.optimizer_s for p in stage_plans]
         step = max(e + a for e, a in zip(ends, after)) + tied_s
-        busy = sum((again[s] + fwd[s]) * m for s in range(k)) / k
-        cand = Priced(step, Schedule(m, tuple(fwd), tuple(again), tuple(cut), tuple(after), tied_s,
+        busy = sum((back[s] + fwd[s]) * m for s in range(k)) / k
+        cand = Priced(step, Schedule(m, tuple(fwd), tuple(back), tuple(cut), tuple(after), tied_s,
                                      max(0.0, 1 - busy / max(ends))))
         if best is None or cand.step_s < best.step_s:
             best = cand

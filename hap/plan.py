@@ -136,13 +136,13 @@ class Stage:
 @dataclass(frozen=True)
 class Schedule:
     """A pipelined plan's step as ``hap.pipeline.price`` priced it, for its timeline: per
-    micro-batch, each stage's ``F`` (its forward without autograd; 0 on the last stage) and ``B``
-    (forward again and backward), each cut's transfer each way; then per stage its gradient
-    all-reduce and optimizer step, and the all-reduce of weights several stages hold."""
+    micro-batch, each stage's ``F`` (its forward; 0 on the last stage) and ``B`` (its backward;
+    forward and backward on the last stage), each cut's transfer each way; then per stage its
+    gradient all-reduce and optimizer step, and the all-reduce of weights several stages hold."""
 
     micro_batches: int
     forward_s: tuple[float, ...]
-    again_s: tuple[float, ...]
+    backward_s: tuple[float, ...]
     cut_s: tuple[float, ...]
     after_s: tuple[float, ...]
     tied_s: float
@@ -150,13 +150,13 @@ class Schedule:
 
     def to_json(self) -> dict[str, Any]:
         return {"micro_batches": self.micro_batches, "forward_s": list(self.forward_s),
-                "again_s": list(self.again_s), "cut_s": list(self.cut_s), "after_s": list(self.after_s),
+                "backward_s": list(self.backward_s), "cut_s": list(self.cut_s), "after_s": list(self.after_s),
                 "tied_s": self.tied_s, "bubble": self.bubble}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Schedule:
         return cls(int(d["micro_batches"]), *(tuple(float(x) for x in d[k])
-                                              for k in ("forward_s", "again_s", "cut_s", "after_s")),
+                                              for k in ("forward_s", "backward_s", "cut_s", "after_s")),
                    float(d["tied_s"]), float(d["bubble"]))
 
 

@@ -100,8 +100,8 @@ def draw(timelines: dict[str, Timeline], path: str | Path, title: str | None = N
 
 def draw_pipeline(plan: Plan, path: str | Path) -> Path:
     """A pipelined plan's step as the planner priced it (``Plan.schedule``): one row per stage,
-    each micro-batch's ``F`` (forward, activations dropped) and ``B`` (forward again and
-    backward) numbered, each cut's transfers below the bar of the stage that sends, then each
+    each micro-batch's ``F`` (forward) and ``B`` (backward; the last stage's forward and
+    backward) numbered, in 1F1B order, each cut's transfers below the bar of the stage that sends, then each
     stage's gradient all-reduce and optimizer step and the tied weights' all-reduce; the grey
     is the bubble. Dashed: the best single-stage plan's predicted step, for comparison."""
     import matplotlib
@@ -116,7 +116,7 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
     if sch is None or not plan.pipelined:
         raise ValueError("draw_pipeline draws a pipelined plan (hap-plan --stages 2 or more)")
     events: list[tuple[int, str, int, float, float]] = []
-    ends = schedule_s(sch.forward_s, sch.again_s, sch.cut_s, sch.micro_batches, events)
+    ends = schedule_s(sch.forward_s, sch.backward_s, sch.cut_s, sch.micro_batches, events)
     k, ms = len(plan.stages), 1e3
     span = max(e + a for e, a in zip(ends, sch.after_s))
     step = span + sch.tied_s
@@ -155,10 +155,10 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
     ax.set_xlim(0, horizon * ms * 1.02)
     ax.set_xlabel("time in one training step (ms)")
     ax.set_title(f"predicted step {step * ms:.4g} ms: {k} stages, {sch.micro_batches} micro-batches, bubble "
-                 f"{sch.bubble:.0%} (GPipe with re-materialisation)", fontsize=9)
+                 f"{sch.bubble:.0%} (1F1B)", fontsize=9)
     height = 1.9 + 0.55 * k
-    fig.legend(handles=[Patch(color=COLORS["compute"], label="F: forward, activations dropped"),
-                        Patch(color=COLORS["backward"], label="B: forward again + backward"),
+    fig.legend(handles=[Patch(color=COLORS["compute"], label="F: forward"),
+                        Patch(color=COLORS["backward"], label="B: backward (last stage: forward + backward)"),
                         Patch(color=COLORS["comm"], label="cut: activations / gradients"),
                         Patch(color=COLORS["sync"], label="gradient all-reduce + optimizer"),
                         Patch(color=COLORS["step"], label="tied weights' all-reduce"),

@@ -1,5 +1,5 @@
 """Planning pipeline stages (hap.pipeline): where to cut, which ranks form a stage, how the
-GPipe schedule with re-materialisation is priced, and the plan's record of its stages."""
+1F1B schedule is priced, and the plan's record of its stages."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,7 @@ from hap.api import plan_spec
 from hap.cluster import load_cluster
 from hap.pipeline import balanced_cuts, groupings, schedule_s
 from hap.plan import Plan
+from hap.runtime.pipeline import one_f_one_b
 from hap.spec import capture_spec, load_spec
 from hap.stages import cut_candidates
 from hap.timeline import draw_pipeline
@@ -24,12 +25,28 @@ def test_one_micro_batch_runs_the_stages_one_after_another():
     assert ends == pytest.approx([1.0 + 0.5 + 3.0 + 0.5 + 2.0, 1.0 + 0.5 + 3.0])
 
 
-def test_micro_batches_overlap_the_stages():
-    # 4 micro-batches: the last stage's F+B of micro-batch j waits only for stage 0's F of j
-    ends = schedule_s([1.0, 0.0], [3.0, 3.0], [0.0], 4)
-    assert ends[1] == pytest.approx(1.0 + 4 * 3.0)
-    assert ends[0] == pytest.approx(ends[1] + 3.0)  # stage 0's B of j runs as j's gradient arrives
+def test_micro_batches_overlap_the_stages_in_1f1b_order():
+    # stage 0: F0 0-1, F1 1-2, B0 4-7 (after the last stage's B0 1-4), F2 7-8, B1 8-11, F3 11-12,
+    # B2 12-15, B3 15-18; the last stage: B1 4-7, B2 8-11 (after F2), B3 12-15 (after F3)
+    events = []
+    ends = schedule_s([1.0, 0.0], [3.0, 3.0], [0.0], 4, events)
+    assert ends == pytest.approx([18.0, 15.0])
     assert max(ends) < 4 * (1.0 + 3.0 + 3.0)  # less than running the stages one after another
+    assert [(kind, j) for s, kind, j, _, _ in sorted(events, key=lambda e: e[3]) if s == 0] == one_f_one_b(0, 2, 4)
+
+
+def test_1f1b_keeps_at_most_as_many_micro_batches_as_stages_follow_plus_one():
+    assert one_f_one_b(0, 3, 4) == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("F", 3), ("B", 1), ("B", 2), ("B", 3)]
+    assert one_f_one_b(1, 3, 4) == [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("F", 3), ("B", 2), ("B", 3)]
+    assert one_f_one_b(2, 3, 4) == [("B", j) for j in range(4)]
+    for stages, m in ((2, 1), (3, 2), (4, 8), (4, 32)):
+        for s in range(stages):
+            order, live, most = one_f_one_b(s, stages, m), 0, 0
+            for kind, _ in order:
+                live += 1 if kind == "F" else (-1 if s < stages - 1 else 0)
+                most = max(most, live)
+            assert most <= min(stages - s, m)
+            assert sorted(j for kind, j in order if kind == "B") == list(range(m))
 
 
 def test_cuts_balance_work_against_each_stage_speed(monkeypatch):
@@ -72,7 +89,7 @@ def test_the_timeline_draws_the_schedule_the_step_was_priced_by(tmp_path):
     plan = plan_spec(str(ROOT / "examples/gpt.py"), str(CLUSTERS / "cpu-slow-net.toml"))
     sch, k = plan.schedule, len(plan.stages)
     events = []
-    ends = schedule_s(sch.forward_s, sch.again_s, sch.cut_s, sch.micro_batches, events)
+    ends = schedule_s(sch.forward_s, sch.backward_s, sch.cut_s, sch.micro_batches, events)
     assert max(e + a for e, a in zip(ends, sch.after_s)) + sch.tied_s == pytest.approx(plan.predicted_step_s)
     m = sch.micro_batches
     assert sorted((s, kind, j) for s, kind, j, _, _ in events) == sorted(

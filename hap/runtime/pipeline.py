@@ -23,6 +23,25 @@ from .micro import pieces
 from .shares import offset
 
 
+def one_f_one_b(stage: int, stages: int, m: int) -> list[tuple[str, int]]:
+    """The order stage ``stage`` of ``stages`` runs a step's ``m`` micro-batches in, 1F1B: a stage
+    that sends runs ``F`` (forward, its activations kept for backward) of the first
+    ``stages - 1 - stage`` micro-batches, then alternates ``F`` of the next with ``B`` (backward)
+    of the oldest, then the remaining ``B``; the last stage runs ``B`` (forward and backward at
+    once) of each micro-batch as it arrives. Stage ``s`` so keeps at most ``stages - s``
+    micro-batches' activations, and no stage waits on a receive whose sender waits on it (the
+    sends do not block). The planner prices this order (``hap.pipeline.schedule_s``)."""
+    if stage == stages - 1:
+        return [("B", j) for j in range(m)]
+    warm = min(stages - 1 - stage, m)
+    order = [("F", j) for j in range(warm)]
+    for j in range(m):
+        if j + warm < m:
+            order.append(("F", j + warm))
+        order.append(("B", j))
+    return order
+
+
 def micro_rows(shares: Sequence[int], m: int) -> list[tuple[int, ...]]:
     """Per micro-batch, every rank's rows: ``u[j][r]``, with ``sum(u[j]) == pieces(B, m)[j]``
     (the canonical chunk) and ``sum_j u[j][r] == shares[r]`` (the rank's share).

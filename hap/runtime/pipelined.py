@@ -5,15 +5,15 @@ table. A rank joins its stage (``dist.enter_stage``): from there on its stage's 
 within the stage's ranks, exactly as a single-stage program's run within the job, and what
 spans stages is point-to-point (``hap.runtime.pipeline``) or an all-reduce over the job.
 
-One step, GPipe with re-materialisation. Every stage splits each micro-batch among its ranks
+One step, 1F1B (``pipeline.one_f_one_b``). Every stage splits each micro-batch among its ranks
 (``pipeline.micro_rows``) and reads its samples in the stage's order (``stage_positions``),
 so micro-batch ``j`` holds the same samples on every stage.
 
-- A stage that sends runs every micro-batch's forward without autograd (``F``), handing each
-  rank of the next stage its rows of the activations; it then runs, as each gradient comes
-  back, the forward again with autograd and backward (``B``). Its forward's loss is the
-  surrogate ``sum(y * grad_y)`` (``hap.stages``), whose backward is exactly the
-  vector-Jacobian product with the received gradient.
+- A stage that sends runs ``F``, a micro-batch's forward with autograd, handing each rank of
+  the next stage its rows of the activations and keeping the graph; ``B``, as the gradients
+  come back, is the backward of its outputs with them: exactly the vector-Jacobian product,
+  which is what the surrogate loss ``sum(y * grad_y)`` (``hap.stages``) the plan was solved
+  with differentiates to. A stage keeps at most as many micro-batches as stages after it, plus one.
 - The last stage runs forward and backward as each micro-batch's activations arrive.
 - A stage that receives sends its inputs' gradients back after each backward.
 
@@ -55,7 +55,7 @@ from .emulate import end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .layout import Layout
 from .logger import RunLog
-from .pipeline import micro_rows, receive_cut, send_cut, stage_positions, wait_all
+from .pipeline import micro_rows, one_f_one_b, receive_cut, send_cut, stage_positions, wait_all
 from .precision import Precision
 from .pretrained import PretrainedError
 from .program import (
@@ -143,43 +143,43 @@ class StageTrainer(Trainer):
         for j in range(self.m):
             with undilated():
                 parts.append(micro.take(batch, dims, layout.shares, rows, j, rank) if self.m > 1 else list(batch))
-        received: list[list[torch.Tensor]] = []
         sends = st.cuts[st.index] if not st.last else ()
-        for j in range(self.m if not st.last else 0):  # F: every micro-batch's activations handed on, none kept
-            received.append(self.receive_activations(j))
-            zeros = [torch.zeros((rows[j][rank], *shape), dtype=DTYPES[dtype], device=layout.device)
-                     for shape, dtype in sends]
-            seed_step(self.args.seed, step, rank, j)
-            saved = {k: v.clone() for k, v in self.buffers.items()}
-            with torch.no_grad(), self.amp.autocast():
-                _, ys = self.forward(layout.with_rows(rows[j]), self.params, self.buffers, [*parts[j], *received[j],
-                                                                                            *zeros])
-            for k, v in saved.items():  # the forward runs again in B: buffers update once
-                self.buffers[k].copy_(v)
-            for i, (y, (_, dtype)) in enumerate(zip(ys, sends)):
-                self.sent.extend(send_cut(y.detach().to(DTYPES[dtype]).contiguous(), self.me, st.ranks[st.index],
-                                          rows[j], self.next, self.rows_next[j], tag=self.tag(j, i)))
+        kept: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # j: (inputs, outputs) of F
         total = None
         with count_deferred() if st.last else contextlib.nullcontext([]) as seen:
-            for j in range(self.m):  # B: forward again with autograd, backward, gradients handed back
-                inputs = received[j] if not st.last else self.receive_activations(j)
-                xs = [x.requires_grad_() if x.is_floating_point() else x for x in inputs]
-                grads = self.receive_gradients(j, sends)
+            for kind, j in one_f_one_b(st.index, len(st.ranks), self.m):
+                xs = kept[j][0] if kind == "B" and not st.last else self.inputs(j)
+                if kind == "F":  # activations handed on; the graph kept for B
+                    zeros = [torch.zeros((rows[j][rank], *shape), dtype=DTYPES[dtype], device=layout.device)
+                             for shape, dtype in sends]  # the surrogate's gradient inputs, unused here
+                    seed_step(self.args.seed, step, rank, j)
+                    with self.amp.autocast():
+                        _, ys = self.forward(layout.with_rows(rows[j]), self.params, self.buffers,
+                                             [*parts[j], *xs, *zeros])
+                    kept[j] = (xs, list(ys))
+                    for i, (y, (_, dtype)) in enumerate(zip(ys, sends)):
+                        self.sent.extend(send_cut(y.detach().to(DTYPES[dtype]).contiguous(), self.me,
+                                                  st.ranks[st.index], rows[j], self.next, self.rows_next[j],
+                                                  tag=self.tag(j, i)))
+                    continue
                 self.grad_sync.hold = j != self.m - 1
-                seed_step(self.args.seed, step, rank, j)
-                with self.amp.autocast():
-                    out = self.forward(layout.with_rows(rows[j]), self.params, self.buffers, [*parts[j], *xs, *grads])
-                loss = out if st.last else out[0]
-                with deferred_grads():
-                    if st.last:
+                if st.last:  # forward and backward at once
+                    seed_step(self.args.seed, step, rank, j)
+                    with self.amp.autocast():
+                        loss = self.forward(layout.with_rows(rows[j]), self.params, self.buffers, [*parts[j], *xs])
+                    with deferred_grads():
                         self.amp.backward(loss)
-                    else:  # the gradients received are the last stage's, loss scale included
-                        loss.backward()
-                if st.last:
                     total = loss.detach() if total is None else total + loss.detach()
                     if j == 0 and len(seen) > 1:
                         stop("this model computes more than one class loss with ignored targets per forward, whose "
                              "counts a pipelined program cannot defer; plan it with --stages 1")
+                else:  # the vector-Jacobian product with the gradients received (the last stage's
+                    # loss scale included), which is the surrogate loss sum(y * grad_y)'s backward
+                    grads = self.receive_gradients(j, sends)
+                    ys = kept.pop(j)[1]
+                    pairs = [(y, g.to(y.dtype)) for y, g in zip(ys, grads) if y.requires_grad]
+                    with deferred_grads():
+                        torch.autograd.backward([y for y, _ in pairs], [g for _, g in pairs])
                 if self.prev:
                     for i, x in enumerate(xs):
                         g = x.grad if x.grad is not None else torch.zeros_like(x)
@@ -194,6 +194,11 @@ class StageTrainer(Trainer):
         if not seen:
             return total, None
         return total, (float(sum(c for c, _ in seen)), seen[0][1])
+
+    def inputs(self, j: int) -> list[torch.Tensor]:
+        """Micro-batch ``j``'s activations from the previous stage, as leaves whose gradient B
+        sends back (none on the first stage)."""
+        return [x.requires_grad_() if x.is_floating_point() else x for x in self.receive_activations(j)]
 
     def tag(self, j: int, i: int, back: bool = False) -> int:
         return (2 * (j * 64 + i) + int(back)) % (1 << 30)
