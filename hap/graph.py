@@ -167,6 +167,9 @@ class Graph:
     # token-wise module calls (Node.token_wise) whose experts can be sharded: path -> what the
     # expert-parallel program needs to run them (hap.capture.expert_parallel_form)
     experts: dict = field(default_factory=dict)
+    # batch inputs that carry a gradient: a pipeline stage's activations from the stage before
+    # (hap.stages), whose gradient its backward sends back
+    differentiable_inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self._by_name = {n.name: n for n in self.nodes}
@@ -205,10 +208,11 @@ class Graph:
         return out
 
     def requires_grad(self) -> set[str]:
-        """Nodes whose value depends on a parameter through float ops (they have a backward)."""
+        """Nodes whose value depends on a parameter (or a ``differentiable_inputs`` input) through
+        float ops: they have a backward."""
         out: set[str] = set()
         for n in self.nodes:
-            if n.kind == "param":
+            if n.kind == "param" or n.name in self.differentiable_inputs:
                 out.add(n.name)
             elif n.kind == "op" and any(i in out for i in n.inputs()):
                 m = n.meta if isinstance(n.meta, TensorMeta) else (n.meta[0] if n.meta else None)
@@ -265,13 +269,14 @@ class Graph:
     def to_json(self) -> dict:
         return {"model_name": self.model_name, "loss": self.loss, "num_inputs": self.num_inputs,
                 "precision": self.precision, "grad_reduce": self.grad_reduce, "batch_size": self.batch_size,
-                "experts": self.experts, "nodes": [n.to_json() for n in self.nodes]}
+                "experts": self.experts, "nodes": [n.to_json() for n in self.nodes],
+                **({"differentiable_inputs": list(self.differentiable_inputs)} if self.differentiable_inputs else {})}
 
     @classmethod
     def from_json(cls, d: dict) -> Graph:
         g = cls([Node.from_json(x) for x in d["nodes"]], d["loss"], d["num_inputs"], d.get("model_name", ""),
                 d.get("precision", "fp32"), d.get("grad_reduce", "fp32"), d.get("batch_size", 0),
-                dict(d.get("experts", {})))
+                dict(d.get("experts", {})), tuple(d.get("differentiable_inputs", ())))
         g.lint()
         return g
 

@@ -237,7 +237,7 @@ def _stage(graph: Graph, plan: _Cut, s: int, block_of: dict[str, str]) -> StageG
     experts = {path: copy.deepcopy(e) for path, e in graph.experts.items()
                if any(n.token_wise == path for n in ops)}
     g = Graph(nodes, loss, len(batch), f"{graph.model_name} stage {s}", graph.precision, graph.grad_reduce,
-              graph.batch_size, experts)
+              graph.batch_size, experts, tuple(receives))
     g.lint()
     labels = tuple(dict.fromkeys(block_of[n] for n in plan.own[s] if n in block_of))
     return StageGraph(g, s, tuple(k for k, _ in inputs), tuple(receives), tuple(sends), tuple(grads), labels)

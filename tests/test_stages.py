@@ -2,6 +2,8 @@
 whole graph's loss and parameter gradients."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -193,6 +195,21 @@ def test_no_cut_is_the_whole_graph(gpt4):
     (st,) = split(graph, [])
     assert st.graph.to_json() == graph.to_json()
     assert st.inputs == (0, 1) and not st.sends and not st.receives and st.blocks == tuple(graph.blocks())
+
+
+def test_a_stage_prices_backward_through_what_it_receives(llama3):
+    # the received residual carries a gradient back: the RMSNorm ops that read only it (pow,
+    # mean, rsqrt) have a backward too, which a graph seeded by its weights alone misses
+    _, _, graph = llama3
+    second = split(graph, [cut_candidates(graph)[0]])[1]
+    g = second.graph
+    (received,) = second.receives
+    assert g.differentiable_inputs == (received,)
+    grad = g.requires_grad()
+    from_weights = dataclasses.replace(g, differentiable_inputs=()).requires_grad()
+    missed = {n.name for n in g.ops() if n.name in grad and n.name not in from_weights}
+    assert any(received in g[x].inputs() for x in missed), missed
+    assert Graph.from_json(g.to_json()).requires_grad() == grad
 
 
 def test_gpt_stages_are_exact(gpt4):
