@@ -26,10 +26,12 @@ import math
 from collections.abc import Callable, Sequence
 
 from hap.cluster import Cluster, RankInfo
+from hap.cost import CostSetup
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph
 from hap.plan import Plan, Prediction, Schedule, Stage
 from hap.runtime.pipeline import one_f_one_b
+from hap.solve import evaluate
 from hap.stages import StageGraph, cut_candidates, shared_params, shared_weights, split
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)  # pipeline depths the search tries, each at most the global batch
@@ -149,19 +151,20 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
           cluster: Cluster, tied_s: float, fixed_m: int | None = None) -> Priced:
     """The pipelined step: the schedule's span at the best micro-batch count, then the slowest
     stage's gradient all-reduce and optimizer step, then the tied weights' all-reduce across
-    stages. Per micro-batch, a stage's forward + backward is its plan's (less the gradient
-    all-reduce and optimizer step) over ``m``, except its kernels' floors, which every
-    micro-batch pays whole."""
+    stages. Per micro-batch, a stage's forward + backward is its plan's, priced again with every
+    rank running ``m`` micro-batches (each op timed at a micro-batch's shape, each launch and
+    per-micro-batch collective paid m times: ``CostModel``'s micro-batches), less the gradient
+    all-reduce and optimizer step, over ``m``. Small micro-batches run a core or a GPU below its
+    whole-batch rate, which a split of the whole-batch time would miss."""
     k = len(stage_plans)
     batch = stage_plans[0].global_batch
     best = None
     for m in ([fixed_m] if fixed_m else [m for m in MICRO_BATCHES if m <= batch]):
         fwd, back, cut = [], [], []
         for p, g in zip(stage_plans, groups):
-            pr = p.predicted
-            floors = 3 * len(p.graph.ops()) * max(cluster.kernel_floor(r) for r in g)  # forward + backward
-            whole = pr.step_s - pr.grad_sync_s - pr.optimizer_s
-            work = min(whole, floors) + max(0.0, whole - floors) / m
+            setup = dataclasses.replace(CostSetup.of_plan(p), micro_batches=(m,) * len(g))
+            ev = evaluate(p.graph, setup.cost_model(p.graph, p.cluster), p.choice())
+            work = (ev.step_s - ev.grad_sync_s - ev.optimizer_s) / m
             fwd.append(work * FORWARD_SHARE)
             back.append(work - fwd[-1])
         for s in range(k - 1):
