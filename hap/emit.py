@@ -614,6 +614,7 @@ STAGES = hr.Stages(
     cuts={cuts},  # per cut: the activations it hands on, (shape of one sample, dtype) each
     samples={samples},  # per batch tensor of the model: (shape of one sample, dtype)
     micro_batches={micro},  # the default of --micro-batches: every global batch runs through in this many
+    schedule={schedule!r},  # each stage's order of micro-batches: 1f1b or gpipe (hap.runtime.pipeline.stage_order)
     shared={shared},  # weights several stages hold: (state_dict keys, stages); gradients summed across them
     plan_digest={digest!r},
     places={places},  # per global rank: (node, local rank, processes on that node)
@@ -784,6 +785,7 @@ def pipelined_program(plan: Plan, spec_rel: str, script: str) -> str:
         ranks=tuple(st.ranks for st in plan.stages), stage_shares=tuple(tuple(st.plan.shares) for st in plan.stages),
         inputs=tuple(st.inputs for st in plan.stages),
         cuts=tuple(cuts), samples=samples, micro=plan.micro_batches[0] if plan.micro_batches else 1,
+        schedule=plan.schedule.name if plan.schedule else "1f1b",
         shared=shared, digest=plan.digest(), places=rank_places(plan),
         devices=tuple(r.device for r in plan.cluster.ranks), slowdown=tuple(r.slowdown for r in plan.cluster.ranks))
     return (head_text(plan, spec_rel, script, [st.plan.graph for st in plan.stages])

@@ -6,12 +6,13 @@ its own SPMD plan from the single-stage search (uneven shares of every micro-bat
 sharding, its own gradient all-reduce, inside its nodes). Between stages only each cut's
 activations travel forward and their gradients backward, per micro-batch.
 
-The schedule is 1F1B (``hap.runtime.pipeline.one_f_one_b``): a stage that sends runs the forward
-(``F``) of as many micro-batches as stages follow it, then alternates the next one's ``F`` with
-the oldest one's backward (``B``) as its gradient comes back; the last stage runs forward and
-backward at once. Stage s keeps at most (stages - s) micro-batches' activations, never more
-than the whole batch its plan was solved and checked for memory with. Stage s's ranks are the
-data of its plan's cost model; the schedule's timeline is priced by ``schedule_s``, event by event.
+The schedule is 1F1B or GPipe (``hap.runtime.pipeline.stage_order``), each forward run once
+and its activations kept for its backward: 1F1B keeps at most (stages - s) micro-batches on
+stage s, GPipe the whole batch but never waits on a round trip through the later stages while
+micro-batches are left to send. Both stay within the whole-batch memory each stage's plan was
+solved and checked with, so ``price`` takes the faster, 1F1B on a tie. Stage s's ranks are the
+data of its plan's cost model; the schedule's timeline is priced by ``schedule_s``, event by
+event.
 
 Where to cut: block ranges balance each stage's work against its ranks' summed speed (a DP
 over cuts, as Alpa and Metis do); which ranks: contiguous nodes (or ranks, where there are
@@ -30,7 +31,7 @@ from hap.cost import CostSetup
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph
 from hap.plan import Plan, Prediction, Schedule, Stage
-from hap.runtime.pipeline import one_f_one_b
+from hap.runtime.pipeline import SCHEDULES, stage_order
 from hap.solve import evaluate
 from hap.stages import StageGraph, cut_candidates, shared_params, shared_weights, split
 
@@ -101,15 +102,15 @@ def balanced_cuts(graph: Graph, speeds: Sequence[float]) -> list[int]:
 
 
 def schedule_s(forward_s: Sequence[float], backward_s: Sequence[float], cut_s: Sequence[float], m: int,
-               events: list[tuple[int, str, int, float, float]] | None = None) -> list[float]:
+               events: list[tuple[int, str, int, float, float]] | None = None, schedule: str = "1f1b") -> list[float]:
     """When the last micro-batch's backward ends on every stage, each stage running its
-    micro-batches in the program's 1F1B order (``hap.runtime.pipeline.one_f_one_b``): ``F`` of
+    micro-batches in the program's order (``hap.runtime.pipeline.stage_order``): ``F`` of
     micro-batch j (``forward_s[s]``) once its activations arrive, ``B`` (``backward_s[s]``; on
     the last stage forward and backward at once) once its gradients arrive. ``cut_s[s]``: one
     micro-batch's transfer over cut s (between stage s and s+1), each way. Returns each stage's
     end; each ``F`` and ``B`` is added to ``events`` as (stage, "F" or "B", micro-batch, start, end)."""
     k = len(backward_s)
-    order = [one_f_one_b(s, k, m) for s in range(k)]
+    order = [stage_order(schedule, s, k, m) for s in range(k)]
     end: dict[tuple[int, str, int], float] = {}
     free, at = [0.0] * k, [0] * k
     moved = True
@@ -148,7 +149,7 @@ class Priced:
 
 
 def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Sequence[Sequence[int]],
-          cluster: Cluster, tied_s: float, fixed_m: int | None = None) -> Priced:
+          cluster: Cluster, tied_s: float, fixed_m: int | None = None, memo: dict | None = None) -> Priced:
     """The pipelined step: the schedule's span at the best micro-batch count, then the slowest
     stage's gradient all-reduce and optimizer step, then the tied weights' all-reduce across
     stages. Per micro-batch, a stage's forward + backward is its plan's, priced again with every
@@ -158,27 +159,32 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
     whole-batch rate, which a split of the whole-batch time would miss."""
     k = len(stage_plans)
     batch = stage_plans[0].global_batch
+    memo = {} if memo is None else memo  # (id of a stage plan, m): its work per micro-batch
     best = None
     for m in ([fixed_m] if fixed_m else [m for m in MICRO_BATCHES if m <= batch]):
         fwd, back, cut = [], [], []
         for p, g in zip(stage_plans, groups):
-            setup = dataclasses.replace(CostSetup.of_plan(p), micro_batches=(m,) * len(g))
-            ev = evaluate(p.graph, setup.cost_model(p.graph, p.cluster), p.choice())
-            work = (ev.step_s - ev.grad_sync_s - ev.optimizer_s) / m
+            key = (id(p), m)
+            if key not in memo:
+                setup = dataclasses.replace(CostSetup.of_plan(p), micro_batches=(m,) * len(g))
+                ev = evaluate(p.graph, setup.cost_model(p.graph, p.cluster), p.choice())
+                memo[key] = (ev.step_s - ev.grad_sync_s - ev.optimizer_s) / m
+            work = memo[key]
             fwd.append(work * FORWARD_SHARE)
             back.append(work - fwd[-1])
         for s in range(k - 1):
             nbytes = sum(stage_plans[s].graph[x].out.nbytes for x in stages[s].sends) / m
             cut.append(cut_seconds(cluster, groups[s], groups[s + 1], nbytes))
         back[-1], fwd[-1] = back[-1] + fwd[-1], 0.0  # the last stage runs forward and backward at once (B)
-        ends = schedule_s(fwd, back, cut, m)
         after = [p.predicted.grad_sync_s + p.predicted.optimizer_s for p in stage_plans]
-        step = max(e + a for e, a in zip(ends, after)) + tied_s
         busy = sum((back[s] + fwd[s]) * m for s in range(k)) / k
-        cand = Priced(step, Schedule(m, tuple(fwd), tuple(back), tuple(cut), tuple(after), tied_s,
-                                     max(0.0, 1 - busy / max(ends))))
-        if best is None or cand.step_s < best.step_s:
-            best = cand
+        for name in SCHEDULES:  # 1F1B first: it keeps fewer activations, so it wins a tie
+            ends = schedule_s(fwd, back, cut, m, schedule=name)
+            step = max(e + a for e, a in zip(ends, after)) + tied_s
+            cand = Priced(step, Schedule(m, tuple(fwd), tuple(back), tuple(cut), tuple(after), tied_s,
+                                         max(0.0, 1 - busy / max(ends)), name))
+            if best is None or cand.step_s < best.step_s - 1e-12:
+                best = cand
     return best
 
 
@@ -213,6 +219,7 @@ def plan_pipeline(graph: Graph, cluster: Cluster, stages: int, solve: Callable[[
     """The fastest pipelined plan of ``stages`` stages (None where the cluster or model cannot
     have that many). ``solve(stage_graph, stage_cluster, pins)`` is the single-stage search."""
     cache: dict[tuple, Plan] = {}
+    memo: dict = {}  # price's work per micro-batch of each cached stage plan
     best: tuple[Priced, list[Plan], list[StageGraph], tuple] | None = None
     for groups in groupings(cluster, stages):
         speeds = [sum(cluster.speed(r, graph.precision) for r in g) for g in groups]
@@ -229,7 +236,7 @@ def plan_pipeline(graph: Graph, cluster: Cluster, stages: int, solve: Callable[[
                 say(f"solving stage {sg.index} ({_blocks_text(sg.blocks)}) on ranks {_ranks_text(g)}")
                 cache[key] = solve(sg.graph, sub_cluster(cluster, g, sg.index), stage_pins(sg, shared, len(g)))
             plans.append(cache[key])
-        priced = price(plans, parts, groups, cluster, tied_seconds(cluster, parts, groups), micro_batches)
+        priced = price(plans, parts, groups, cluster, tied_seconds(cluster, parts, groups), micro_batches, memo)
         if best is None or priced.step_s < best[0].step_s:
             best = (priced, plans, parts, groups)
     if best is None:
@@ -263,7 +270,8 @@ def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Pla
                 tuple(x for p in plans for x in p.grad_synced), predicted, {}, 0.0,
                 sum(p.solve_s for p in plans), first.solver_status, first.optimizer, "hap_pipeline", first.spec,
                 tuple(w for p in plans for w in p.warnings),
-                (f"pipeline: {len(plans)} stages, {priced.schedule.micro_batches} micro-batches, bubble "
+                (f"pipeline: {len(plans)} stages, {priced.schedule.name.upper()}, {priced.schedule.micro_batches} "
+                 f"micro-batches, bubble "
                  f"{priced.schedule.bubble:.0%}: " + "; ".join(
                      f"stage {i} on ranks {_ranks_text(g)} runs {_blocks_text(sg.blocks)}"
                      for i, (sg, g) in enumerate(zip(parts, groups))),),

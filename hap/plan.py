@@ -147,9 +147,10 @@ class Schedule:
     after_s: tuple[float, ...]
     tied_s: float
     bubble: float  # the share of the schedule's span a stage waits, on average
+    name: str = "1f1b"  # the order of each stage's micro-batches (hap.runtime.pipeline.stage_order)
 
     def to_json(self) -> dict[str, Any]:
-        return {"micro_batches": self.micro_batches, "forward_s": list(self.forward_s),
+        return {"name": self.name, "micro_batches": self.micro_batches, "forward_s": list(self.forward_s),
                 "backward_s": list(self.backward_s), "cut_s": list(self.cut_s), "after_s": list(self.after_s),
                 "tied_s": self.tied_s, "bubble": self.bubble}
 
@@ -157,7 +158,7 @@ class Schedule:
     def from_json(cls, d: dict[str, Any]) -> Schedule:
         return cls(int(d["micro_batches"]), *(tuple(float(x) for x in d[k])
                                               for k in ("forward_s", "backward_s", "cut_s", "after_s")),
-                   float(d["tied_s"]), float(d["bubble"]))
+                   float(d["tied_s"]), float(d["bubble"]), str(d.get("name", "1f1b")))
 
 
 @dataclass(frozen=True)

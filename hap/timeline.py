@@ -101,9 +101,10 @@ def draw(timelines: dict[str, Timeline], path: str | Path, title: str | None = N
 def draw_pipeline(plan: Plan, path: str | Path) -> Path:
     """A pipelined plan's step as the planner priced it (``Plan.schedule``): one row per stage,
     each micro-batch's ``F`` (forward) and ``B`` (backward; the last stage's forward and
-    backward) numbered, in 1F1B order, each cut's transfers below the bar of the stage that sends, then each
-    stage's gradient all-reduce and optimizer step and the tied weights' all-reduce; the grey
-    is the bubble. Dashed: the best single-stage plan's predicted step, for comparison."""
+    backward) numbered, in the plan's order (1F1B or GPipe), each cut's transfers below the
+    bar of the stage that sends, then each stage's gradient all-reduce and optimizer step and
+    the tied weights' all-reduce; the grey is the bubble. Dashed: the best single-stage plan's
+    predicted step, for comparison."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,7 +117,7 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
     if sch is None or not plan.pipelined:
         raise ValueError("draw_pipeline draws a pipelined plan (hap-plan --stages 2 or more)")
     events: list[tuple[int, str, int, float, float]] = []
-    ends = schedule_s(sch.forward_s, sch.backward_s, sch.cut_s, sch.micro_batches, events)
+    ends = schedule_s(sch.forward_s, sch.backward_s, sch.cut_s, sch.micro_batches, events, sch.name)
     k, ms = len(plan.stages), 1e3
     span = max(e + a for e, a in zip(ends, sch.after_s))
     step = span + sch.tied_s
@@ -155,7 +156,7 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
     ax.set_xlim(0, horizon * ms * 1.02)
     ax.set_xlabel("time in one training step (ms)")
     ax.set_title(f"predicted step {step * ms:.4g} ms: {k} stages, {sch.micro_batches} micro-batches, bubble "
-                 f"{sch.bubble:.0%} (1F1B)", fontsize=9)
+                 f"{sch.bubble:.0%} ({sch.name.upper()})", fontsize=9)
     height = 1.9 + 0.55 * k
     fig.legend(handles=[Patch(color=COLORS["compute"], label="F: forward"),
                         Patch(color=COLORS["backward"], label="B: backward (last stage: forward + backward)"),

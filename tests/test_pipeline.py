@@ -10,7 +10,7 @@ from hap.api import plan_spec
 from hap.cluster import load_cluster
 from hap.pipeline import balanced_cuts, groupings, schedule_s
 from hap.plan import Plan
-from hap.runtime.pipeline import one_f_one_b
+from hap.runtime.pipeline import stage_order
 from hap.spec import capture_spec, load_spec
 from hap.stages import cut_candidates
 from hap.timeline import draw_pipeline
@@ -32,16 +32,30 @@ def test_micro_batches_overlap_the_stages_in_1f1b_order():
     ends = schedule_s([1.0, 0.0], [3.0, 3.0], [0.0], 4, events)
     assert ends == pytest.approx([18.0, 15.0])
     assert max(ends) < 4 * (1.0 + 3.0 + 3.0)  # less than running the stages one after another
-    assert [(kind, j) for s, kind, j, _, _ in sorted(events, key=lambda e: e[3]) if s == 0] == one_f_one_b(0, 2, 4)
+    first = [(kind, j) for s, kind, j, _, _ in sorted(events, key=lambda e: e[3]) if s == 0]
+    assert first == stage_order("1f1b", 0, 2, 4)
 
 
-def test_1f1b_keeps_at_most_as_many_micro_batches_as_stages_follow_plus_one():
-    assert one_f_one_b(0, 3, 4) == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("F", 3), ("B", 1), ("B", 2), ("B", 3)]
-    assert one_f_one_b(1, 3, 4) == [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("F", 3), ("B", 2), ("B", 3)]
-    assert one_f_one_b(2, 3, 4) == [("B", j) for j in range(4)]
+def test_gpipe_does_not_wait_on_round_trips_a_slow_cut_makes():
+    # a cut of 5 each way: 1F1B's stage 0 sends F1, then waits for B0's gradient before F2 (a
+    # round trip of 5 + 3 + 5); GPipe's sends every F first, and the last stage runs its four B
+    # back to back from F0's arrival: stage 0's last B ends 1 + 5 + 4 x 3 + 5 + 2 in
+    one = schedule_s([1.0, 0.0], [2.0, 3.0], [5.0], 4, schedule="1f1b")
+    gpipe = schedule_s([1.0, 0.0], [2.0, 3.0], [5.0], 4, schedule="gpipe")
+    assert max(gpipe) < max(one)
+    assert max(gpipe) == pytest.approx(1.0 + 5.0 + 4 * 3.0 + 5.0 + 2.0)
+
+
+def test_1f1b_keeps_at_most_as_many_micro_batches_as_stages_follow_plus_one_and_gpipe_all():
+    one = stage_order("1f1b", 0, 3, 4)
+    assert one == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("F", 3), ("B", 1), ("B", 2), ("B", 3)]
+    one = stage_order("1f1b", 1, 3, 4)
+    assert one == [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("F", 3), ("B", 2), ("B", 3)]
+    assert stage_order("1f1b", 2, 3, 4) == stage_order("gpipe", 2, 3, 4) == [("B", j) for j in range(4)]
+    assert stage_order("gpipe", 0, 3, 4) == [*[("F", j) for j in range(4)], *[("B", j) for j in range(4)]]
     for stages, m in ((2, 1), (3, 2), (4, 8), (4, 32)):
         for s in range(stages):
-            order, live, most = one_f_one_b(s, stages, m), 0, 0
+            order, live, most = stage_order("1f1b", s, stages, m), 0, 0
             for kind, _ in order:
                 live += 1 if kind == "F" else (-1 if s < stages - 1 else 0)
                 most = max(most, live)
@@ -89,7 +103,7 @@ def test_the_timeline_draws_the_schedule_the_step_was_priced_by(tmp_path):
     plan = plan_spec(str(ROOT / "examples/gpt.py"), str(CLUSTERS / "cpu-slow-net.toml"))
     sch, k = plan.schedule, len(plan.stages)
     events = []
-    ends = schedule_s(sch.forward_s, sch.backward_s, sch.cut_s, sch.micro_batches, events)
+    ends = schedule_s(sch.forward_s, sch.backward_s, sch.cut_s, sch.micro_batches, events, sch.name)
     assert max(e + a for e, a in zip(ends, sch.after_s)) + sch.tied_s == pytest.approx(plan.predicted_step_s)
     m = sch.micro_batches
     assert sorted((s, kind, j) for s, kind, j, _, _ in events) == sorted(

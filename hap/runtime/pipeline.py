@@ -22,17 +22,30 @@ from . import emulate
 from .micro import pieces
 from .shares import offset
 
+SCHEDULES = ("1f1b", "gpipe")
 
-def one_f_one_b(stage: int, stages: int, m: int) -> list[tuple[str, int]]:
-    """The order stage ``stage`` of ``stages`` runs a step's ``m`` micro-batches in, 1F1B: a stage
-    that sends runs ``F`` (forward, its activations kept for backward) of the first
-    ``stages - 1 - stage`` micro-batches, then alternates ``F`` of the next with ``B`` (backward)
-    of the oldest, then the remaining ``B``; the last stage runs ``B`` (forward and backward at
-    once) of each micro-batch as it arrives. Stage ``s`` so keeps at most ``stages - s``
-    micro-batches' activations, and no stage waits on a receive whose sender waits on it (the
-    sends do not block). The planner prices this order (``hap.pipeline.schedule_s``)."""
+
+def stage_order(schedule: str, stage: int, stages: int, m: int) -> list[tuple[str, int]]:
+    """The order stage ``stage`` of ``stages`` runs a step's ``m`` micro-batches in: ``F`` is a
+    forward whose activations are kept for its backward ``B``; the last stage runs ``B``
+    (forward and backward at once) of each micro-batch as it arrives.
+
+    - ``1f1b``: a stage that sends runs ``F`` of the first ``stages - 1 - stage`` micro-batches,
+      then alternates ``F`` of the next with ``B`` of the oldest, then the remaining ``B``; stage
+      ``s`` keeps at most ``stages - s`` micro-batches' activations.
+    - ``gpipe``: every ``F``, then every ``B``: the whole batch's activations kept, and no wait on
+      a round trip through the later stages while micro-batches are left to send, which 1F1B's
+      short warm-up cannot cover where a cut's transfer outlasts a micro-batch's compute.
+
+    Neither deadlocks: the sends do not block, and every receive waits on a step its sender
+    runs before any receive of its own that could wait on this stage. The planner prices the
+    same orders (``hap.pipeline.schedule_s``)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"stage_order: schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
     if stage == stages - 1:
         return [("B", j) for j in range(m)]
+    if schedule == "gpipe":
+        return [("F", j) for j in range(m)] + [("B", j) for j in range(m)]
     warm = min(stages - 1 - stage, m)
     order = [("F", j) for j in range(warm)]
     for j in range(m):

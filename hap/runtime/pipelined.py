@@ -5,7 +5,8 @@ table. A rank joins its stage (``dist.enter_stage``): from there on its stage's 
 within the stage's ranks, exactly as a single-stage program's run within the job, and what
 spans stages is point-to-point (``hap.runtime.pipeline``) or an all-reduce over the job.
 
-One step, 1F1B (``pipeline.one_f_one_b``). Every stage splits each micro-batch among its ranks
+One step runs each stage's micro-batches in the plan's order, 1F1B or GPipe
+(``pipeline.stage_order``). Every stage splits each micro-batch among its ranks
 (``pipeline.micro_rows``) and reads its samples in the stage's order (``stage_positions``),
 so micro-batch ``j`` holds the same samples on every stage.
 
@@ -13,7 +14,7 @@ so micro-batch ``j`` holds the same samples on every stage.
   the next stage its rows of the activations and keeping the graph; ``B``, as the gradients
   come back, is the backward of its outputs with them: exactly the vector-Jacobian product,
   which is what the surrogate loss ``sum(y * grad_y)`` (``hap.stages``) the plan was solved
-  with differentiates to. A stage keeps at most as many micro-batches as stages after it, plus one.
+  with differentiates to.
 - The last stage runs forward and backward as each micro-batch's activations arrive.
 - A stage that receives sends its inputs' gradients back after each backward.
 
@@ -55,7 +56,7 @@ from .emulate import end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .layout import Layout
 from .logger import RunLog
-from .pipeline import micro_rows, one_f_one_b, receive_cut, send_cut, stage_positions, wait_all
+from .pipeline import micro_rows, receive_cut, send_cut, stage_order, stage_positions, wait_all
 from .precision import Precision
 from .pretrained import PretrainedError
 from .program import (
@@ -94,6 +95,7 @@ class Stages:
     cuts           per cut: the activations it hands on, each (shape of one sample, dtype)
     samples        per batch tensor of the model: (shape of one sample, dtype)
     micro_batches  the default of --micro-batches
+    schedule       "1f1b" or "gpipe" (``pipeline.stage_order``)
     shared         weights several stages hold: (state_dict keys, stages)
     plan_digest, places, devices, slowdown: the whole job's, per global rank
     """
@@ -108,6 +110,7 @@ class Stages:
     places: tuple[tuple[int, int, int], ...]
     devices: tuple[str, ...]
     slowdown: tuple[float, ...]
+    schedule: str = "1f1b"  # the order of each stage's micro-batches (``pipeline.stage_order``)
     index: int = 0  # this rank's stage (``placed``)
     tied_groups: tuple[Any, ...] = field(default=())  # per entry of ``shared`` this rank holds: its group
 
@@ -147,7 +150,7 @@ class StageTrainer(Trainer):
         kept: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # j: (inputs, outputs) of F
         total = None
         with count_deferred() if st.last else contextlib.nullcontext([]) as seen:
-            for kind, j in one_f_one_b(st.index, len(st.ranks), self.m):
+            for kind, j in stage_order(st.schedule, st.index, len(st.ranks), self.m):
                 xs = kept[j][0] if kind == "B" and not st.last else self.inputs(j)
                 if kind == "F":  # activations handed on; the graph kept for B
                     zeros = [torch.zeros((rows[j][rank], *shape), dtype=DTYPES[dtype], device=layout.device)

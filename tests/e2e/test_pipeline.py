@@ -4,6 +4,7 @@ and summed across them, micro-batches split differently by each stage, and clipp
 whole model's norm."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -18,17 +19,23 @@ from tests.e2e.harness import GLOO_TEARDOWN, ROOT, plan_for, run_exact, torchrun
 CLUSTERS = ROOT / "profiles" / "clusters"
 
 
-@pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("bf16", 2e-2), ("fp16", 2e-2)])
-def test_two_stages_of_different_widths_train_exactly(precision, tol, tmp_path):
+@pytest.mark.parametrize("precision,tol,schedule", [("fp32", 1e-4, "1f1b"), ("fp32", 1e-4, "gpipe"),
+                                                     ("bf16", 2e-2, "gpipe"), ("fp16", 2e-2, "1f1b")])
+def test_two_stages_of_different_widths_train_exactly(precision, tol, schedule, tmp_path):
+    def ordered(plan):  # both schedules the planner chooses from, whichever it chose here
+        return dataclasses.replace(plan, schedule=dataclasses.replace(plan.schedule, name=schedule))
+
     plan, loss_err, param_err = run_exact(str(ROOT / "examples/gpt.py"), str(CLUSTERS / "cpu-1-2-4.toml"), tmp_path,
                                           steps=3, stages=2, precision=precision, train={"clip": 0.05},
-                                          train_args=["--clip-grad-norm", "0.05", "--micro-batches", "4"])
+                                          train_args=["--clip-grad-norm", "0.05", "--micro-batches", "4"],
+                                          edit=ordered)
     assert [len(st.ranks) for st in plan.stages] in ([1, 2], [2, 1])
     assert [st.blocks for st in plan.stages] == [("blocks.0",), ("blocks.1",)]
     two = next(st for st in plan.stages if len(st.ranks) == 2)
     assert len(set(two.plan.shares)) == 2  # uneven shares inside a stage
     text = (tmp_path / "out" / "train.py").read_text()
     assert "shared=((('tok.weight', 'head.weight'), (0, 1)),)" in text  # the tied weight, in both stages
+    assert f"schedule={schedule!r}" in text
     log = json.loads((tmp_path / "log.json").read_text())
     assert log["stages"] == [list(st.ranks) for st in plan.stages] and log["micro_batches"] == 4
     assert min(log["grad_norm"]) > 0.05  # the clipping was active every step
