@@ -35,6 +35,7 @@ from hap.runtime.pipeline import SCHEDULES, stage_order
 from hap.solve import evaluate
 from hap.stages import StageGraph, cut_candidates, shared_params, shared_weights, split
 
+SHOWN = {"1f1b": "1F1B", "gpipe": "GPipe"}  # the schedules' names in tables, notes and pictures
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)  # pipeline depths the search tries, each at most the global batch
 FORWARD_SHARE = 1 / 3  # a forward's share of forward + backward (backward ~ 2x forward for matmuls)
 MAX_GROUPINGS = 4  # rank groupings priced per stage count (the most balanced by speed first)
@@ -160,31 +161,43 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
     k = len(stage_plans)
     batch = stage_plans[0].global_batch
     memo = {} if memo is None else memo  # (id of a stage plan, m): its work per micro-batch
+    after = [p.predicted.grad_sync_s + p.predicted.optimizer_s for p in stage_plans]
+    whole = [p.predicted.step_s - p.predicted.grad_sync_s - p.predicted.optimizer_s for p in stage_plans]
+
+    def best_of(m: int, work: Sequence[float]) -> Priced:
+        fwd = [w * FORWARD_SHARE for w in work[:-1]] + [0.0]  # the last stage: forward and backward at once (B)
+        back = [w - f for w, f in zip(work, fwd)]
+        cut = [cut_seconds(cluster, groups[s], groups[s + 1],
+                           sum(stage_plans[s].graph[x].out.nbytes for x in stages[s].sends) / m) for s in range(k - 1)]
+        busy = sum(work) * m / k
+        out = None
+        for name in SCHEDULES:  # 1F1B first: it keeps fewer activations, so it wins a tie
+            ends = schedule_s(fwd, back, cut, m, schedule=name)
+            step = max(e + a for e, a in zip(ends, after)) + tied_s
+            if out is None or step < out.step_s - 1e-12:
+                out = Priced(step, Schedule(m, tuple(fwd), tuple(back), tuple(cut), tuple(after), tied_s,
+                                            max(0.0, 1 - busy / max(ends)), name))
+        return out
+
+    # the whole batch's work split m ways is a lower bound (micro-batches only add to it):
+    # counts are priced in the order of that bound, and one that cannot win is not timed
+    counts = [fixed_m] if fixed_m else [m for m in MICRO_BATCHES if m <= batch]
+    bounds = {m: best_of(m, [w / m for w in whole]).step_s for m in counts}
     best = None
-    for m in ([fixed_m] if fixed_m else [m for m in MICRO_BATCHES if m <= batch]):
-        fwd, back, cut = [], [], []
+    for m in sorted(counts, key=lambda m: bounds[m]):
+        if best is not None and bounds[m] >= best.step_s:
+            continue
+        work = []
         for p, g in zip(stage_plans, groups):
             key = (id(p), m)
             if key not in memo:
                 setup = dataclasses.replace(CostSetup.of_plan(p), micro_batches=(m,) * len(g))
                 ev = evaluate(p.graph, setup.cost_model(p.graph, p.cluster), p.choice())
                 memo[key] = (ev.step_s - ev.grad_sync_s - ev.optimizer_s) / m
-            work = memo[key]
-            fwd.append(work * FORWARD_SHARE)
-            back.append(work - fwd[-1])
-        for s in range(k - 1):
-            nbytes = sum(stage_plans[s].graph[x].out.nbytes for x in stages[s].sends) / m
-            cut.append(cut_seconds(cluster, groups[s], groups[s + 1], nbytes))
-        back[-1], fwd[-1] = back[-1] + fwd[-1], 0.0  # the last stage runs forward and backward at once (B)
-        after = [p.predicted.grad_sync_s + p.predicted.optimizer_s for p in stage_plans]
-        busy = sum((back[s] + fwd[s]) * m for s in range(k)) / k
-        for name in SCHEDULES:  # 1F1B first: it keeps fewer activations, so it wins a tie
-            ends = schedule_s(fwd, back, cut, m, schedule=name)
-            step = max(e + a for e, a in zip(ends, after)) + tied_s
-            cand = Priced(step, Schedule(m, tuple(fwd), tuple(back), tuple(cut), tuple(after), tied_s,
-                                         max(0.0, 1 - busy / max(ends)), name))
-            if best is None or cand.step_s < best.step_s - 1e-12:
-                best = cand
+            work.append(memo[key])
+        cand = best_of(m, work)
+        if best is None or cand.step_s < best.step_s - 1e-12:
+            best = cand
     return best
 
 
@@ -270,7 +283,7 @@ def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Pla
                 tuple(x for p in plans for x in p.grad_synced), predicted, {}, 0.0,
                 sum(p.solve_s for p in plans), first.solver_status, first.optimizer, "hap_pipeline", first.spec,
                 tuple(w for p in plans for w in p.warnings),
-                (f"pipeline: {len(plans)} stages, {priced.schedule.name.upper()}, {priced.schedule.micro_batches} "
+                (f"pipeline: {len(plans)} stages, {SHOWN[priced.schedule.name]}, {priced.schedule.micro_batches} "
                  f"micro-batches, bubble "
                  f"{priced.schedule.bubble:.0%}: " + "; ".join(
                      f"stage {i} on ranks {_ranks_text(g)} runs {_blocks_text(sg.blocks)}"
