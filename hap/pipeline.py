@@ -35,7 +35,6 @@ from hap.runtime.pipeline import SCHEDULES, stage_order
 from hap.solve import evaluate
 from hap.stages import StageGraph, cut_candidates, shared_params, shared_weights, split
 
-SHOWN = {"1f1b": "1F1B", "gpipe": "GPipe"}  # the schedules' names in tables, notes and pictures
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)  # pipeline depths the search tries, each at most the global batch
 FORWARD_SHARE = 1 / 3  # a forward's share of forward + backward (backward ~ 2x forward for matmuls)
 MAX_GROUPINGS = 4  # rank groupings priced per stage count (the most balanced by speed first)
@@ -283,7 +282,7 @@ def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Pla
                 tuple(x for p in plans for x in p.grad_synced), predicted, {}, 0.0,
                 sum(p.solve_s for p in plans), first.solver_status, first.optimizer, "hap_pipeline", first.spec,
                 tuple(w for p in plans for w in p.warnings),
-                (f"pipeline: {len(plans)} stages, {SHOWN[priced.schedule.name]}, {priced.schedule.micro_batches} "
+                (f"pipeline: {len(plans)} stages, {priced.schedule.shown}, {priced.schedule.micro_batches} "
                  f"micro-batches, bubble "
                  f"{priced.schedule.bubble:.0%}: " + "; ".join(
                      f"stage {i} on ranks {_ranks_text(g)} runs {_blocks_text(sg.blocks)}"

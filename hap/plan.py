@@ -149,6 +149,11 @@ class Schedule:
     bubble: float  # the share of the schedule's span a stage waits, on average
     name: str = "1f1b"  # the order of each stage's micro-batches (hap.runtime.pipeline.stage_order)
 
+    @property
+    def shown(self) -> str:
+        """The schedule's name as people write it, for tables, notes and pictures."""
+        return {"1f1b": "1F1B", "gpipe": "GPipe"}.get(self.name, self.name)
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "micro_batches": self.micro_batches, "forward_s": list(self.forward_s),
                 "backward_s": list(self.backward_s), "cut_s": list(self.cut_s), "after_s": list(self.after_s),

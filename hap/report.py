@@ -81,9 +81,7 @@ def stages_table(plan: Plan) -> Table:
     what each hands the next stage."""
     m = plan.micro_batches[0] if plan.micro_batches else 1
     bubble = f", bubble {plan.schedule.bubble:.0%}" if plan.schedule else ""
-    from hap.pipeline import SHOWN
-
-    name = SHOWN[plan.schedule.name] if plan.schedule else SHOWN["1f1b"]
+    name = plan.schedule.shown if plan.schedule else "1F1B"
     t = Table(title=f"pipeline stages: {name}, {m} micro-batches per step{bubble}")
     for col in ("stage", "ranks", "blocks", "shares", "stage plan ms", "sends per sample"):
         t.add_column(col, justify="left" if col in ("ranks", "blocks") else "right")

@@ -111,7 +111,7 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from hap.pipeline import SHOWN, schedule_s
+    from hap.pipeline import schedule_s
 
     sch = plan.schedule
     if sch is None or not plan.pipelined:
@@ -156,7 +156,7 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
     ax.set_xlim(0, horizon * ms * 1.02)
     ax.set_xlabel("time in one training step (ms)")
     ax.set_title(f"predicted step {step * ms:.4g} ms: {k} stages, {sch.micro_batches} micro-batches, bubble "
-                 f"{sch.bubble:.0%} ({SHOWN[sch.name]})", fontsize=9)
+                 f"{sch.bubble:.0%} ({sch.shown})", fontsize=9)
     height = 1.9 + 0.55 * k
     fig.legend(handles=[Patch(color=COLORS["compute"], label="F: forward"),
                         Patch(color=COLORS["backward"], label="B: backward (last stage: forward + backward)"),
