@@ -163,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     extra = ["--emulate"] if is_emitted(program[0]) and "--emulate" not in program else []
     # gloo and NCCL advertise the address of the interface they are given: the node's veth, whose
     # own address the kernel routes over loopback, so a node's ranks still talk unshaped
-    env = {**os.environ, "MASTER_ADDR": f"{SUBNET}.1", "MASTER_PORT": str(args.port),
+    # every emulated node runs on this machine's cores: each rank gets its share of them unless the
+    # caller says otherwise (torchrun sets one thread a rank only for a node of several ranks, so a
+    # one-rank node would take every core and its threads would fight the other nodes' ranks)
+    threads = str(max(1, (os.cpu_count() or 1) // cluster.num_ranks))
+    env = {"OMP_NUM_THREADS": threads, **os.environ, "MASTER_ADDR": f"{SUBNET}.1", "MASTER_PORT": str(args.port),
            "HAP_EMULATE_SLOWDOWN": slowdowns, "GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "eth0"}
     procs: list[subprocess.Popen] = []
 
