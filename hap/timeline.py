@@ -40,7 +40,6 @@ def draw(timelines: dict[str, Timeline], path: str | Path, title: str | None = N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     if not timelines:
         raise ValueError("draw() needs at least one timeline")
@@ -83,14 +82,19 @@ def draw(timelines: dict[str, Timeline], path: str | Path, title: str | None = N
     ax.set_title(title or f"predicted step: {steps}  ({first.mode} timeline)", fontsize=9)
     height = 1.6 + 0.32 * total_rows
     fig.set_size_inches(12, height)
-    fig.legend(handles=[Patch(color=COLORS["compute"], label="forward compute"),
-                       Patch(color=COLORS["backward"], label="backward compute"),
-                       Patch(color=COLORS["comm"], label="collective (resharding)"),
-                       Patch(color=COLORS["sync"], label="gradient all-reduce"),
-                       Patch(color=COLORS["step"], label="optimizer step"),
-                       Patch(color=COLORS["idle"], label="idle (waiting for the slowest rank)")],
-               loc="lower center", ncol=6, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.3 / height, 1, 1))
+    return _finish(fig, path, height, 0.3, [
+        ("compute", "forward compute"), ("backward", "backward compute"), ("comm", "collective (resharding)"),
+        ("sync", "gradient all-reduce"), ("step", "optimizer step"), ("idle", "idle (waiting for the slowest rank)")])
+
+
+def _finish(fig, path: str | Path, height: float, legend_in: float, legend: list[tuple[str, str]]) -> Path:
+    """A plan's picture: the legend (colour name, label) along the bottom, saved to ``path``."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color=COLORS[c], label=label) for c, label in legend],
+               loc="lower center", ncol=len(legend), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, legend_in / height, 1, 1))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -109,7 +113,6 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     from hap.pipeline import schedule_s
 
@@ -157,20 +160,10 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
     ax.set_xlabel("time in one training step (ms)")
     ax.set_title(f"predicted step {step * ms:.4g} ms: {k} stages, {sch.micro_batches} micro-batches, bubble "
                  f"{sch.bubble:.0%} ({sch.shown})", fontsize=9)
-    height = 1.9 + 0.55 * k
-    fig.legend(handles=[Patch(color=COLORS["compute"], label="F: forward"),
-                        Patch(color=COLORS["backward"], label="B: backward (last stage: forward + backward)"),
-                        Patch(color=COLORS["comm"], label="cut: activations / gradients"),
-                        Patch(color=COLORS["sync"], label="gradient all-reduce + optimizer"),
-                        Patch(color=COLORS["step"], label="tied weights' all-reduce"),
-                        Patch(color=COLORS["idle"], label="idle (bubble)")],
-               loc="lower center", ncol=6, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.35 / height, 1, 1))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _finish(fig, path, 1.9 + 0.55 * k, 0.35, [
+        ("compute", "F: forward"), ("backward", "B: backward (last stage: forward + backward)"),
+        ("comm", "cut: activations / gradients"), ("sync", "gradient all-reduce + optimizer"),
+        ("step", "tied weights' all-reduce"), ("idle", "idle (bubble)")])
 
 
 def draw_run(log: dict, path: str | Path) -> Path:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ import torch.distributed as tdist
 
 from . import checkpoint as ckpt
 from . import dist as _d
-from . import initial, micro, optim
+from . import micro, optim
 from .checks import device_mismatch, placement_mismatch
 from .collectives import deferred_grads
 from .data import BadBatch, RankData
@@ -58,20 +57,17 @@ from .layout import Layout
 from .logger import RunLog
 from .pipeline import micro_rows, receive_cut, send_cut, stage_order, stage_positions, wait_all
 from .precision import Precision
-from .pretrained import PretrainedError
 from .program import (
     Checkpointer,
     Program,
     Trainer,
     agree_or_stop,
     full_state_dict,
-    initial_state,
     join_job,
-    local_state,
-    open_pretrained,
     open_save,
     parse_args,
     prepare,
+    rank_state,
     resume,
     resume_point,
     stop,
@@ -356,20 +352,7 @@ def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable]
     spec, model, board = prepare(job, args)
     run_id = open_save(job, args, restarts)
     ck = resume_point(job, args, run_id, restarts)
-    made, pretrained = None, None
-    try:
-        pretrained = open_pretrained(spec) if ck is None else None
-        start_state, made = initial_state(job, args, model) if ck is None else (None, None)
-        params, buffers = local_state(layout, model, start_state, pretrained)
-        wrong = None
-    except (PretrainedError, initial.InitError) as e:
-        wrong = str(e)
-    agree_or_stop(job, wrong)
-    start_state = None  # its memory map closed
-    if made is not None:
-        _d.barrier()  # every rank of the node has read its slices (the job's group: no stage yet)
-        if _d.local_rank() == 0:
-            shutil.rmtree(made, ignore_errors=True)
+    params, buffers, _ = rank_state(job, layout, args, spec, model, ck)  # the job's barrier: no stage yet
     opt = optim.build(args, params, {name: len(layout.shapes[p.keys[0]]) for name, p in layout.params.items()})
     start_step = resume(layout, ck, args, params, buffers, opt, job.layout.rank == 0) if ck is not None else 0
     stages = join_stage(stages)

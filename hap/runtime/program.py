@@ -246,6 +246,30 @@ def initial_state(program: Program, args: argparse.Namespace, model: torch.nn.Mo
     return Pretrained(directory), directory
 
 
+def rank_state(program: Program, layout: Layout, args: argparse.Namespace, spec: ModuleType,
+               model: torch.nn.Module, ck: dict[str, Any] | None) -> tuple[dict, dict, Pretrained | None]:
+    """This rank's parameters and buffers (``layout``'s) at the start, and the PRETRAINED weights
+    read: its slices of the initial state (``--init``, or the one its node's first process writes
+    now, removed once every rank of the node has read it) or of the spec's PRETRAINED weights;
+    empty tensors where the run resumes from ``ck``, which ``resume`` reads. Every rank of
+    ``program`` (the job) agrees first, and waits at the node's removal."""
+    made = None
+    try:
+        pretrained = open_pretrained(spec) if ck is None else None  # a resumed run reads its checkpoint
+        start_state, made = initial_state(program, args, model) if ck is None else (None, None)
+        params, buffers = local_state(layout, model, start_state, pretrained)
+        wrong = None
+    except (PretrainedError, initial.InitError) as e:
+        wrong = str(e)
+    agree_or_stop(program, wrong)
+    start_state = None  # its memory map closed: the pages it read leave this rank's memory
+    if made is not None:
+        barrier()  # every rank of the node has read its slices
+        if local_rank() == 0:
+            shutil.rmtree(made, ignore_errors=True)
+    return params, buffers, pretrained
+
+
 def write_init(program: Program, args: argparse.Namespace) -> None:
     """``train.py --write-init DIR``: the model's initial state for ``--seed``, for ``--init DIR``."""
     try:
@@ -802,20 +826,7 @@ def main(layout: Layout | ModuleType, forward: Callable | None = None, file: str
     run_id = open_save(program, args, restarts)
     ck = resume_point(program, args, run_id, restarts)
     layout = resumed_layout(program.layout, ck)
-    made = None
-    try:
-        pretrained = open_pretrained(spec) if ck is None else None  # a resumed run reads its checkpoint
-        start_state, made = initial_state(program, args, model) if ck is None else (None, None)
-        params, buffers = local_state(layout, model, start_state, pretrained)
-        wrong = None
-    except (PretrainedError, initial.InitError) as e:
-        wrong = str(e)
-    agree_or_stop(program, wrong)
-    start_state = None  # its memory map closed: the pages it read leave this rank's memory
-    if made is not None:
-        barrier()  # every rank of the node has read its slices
-        if local_rank() == 0:
-            shutil.rmtree(made, ignore_errors=True)
+    params, buffers, pretrained = rank_state(program, layout, args, spec, model, ck)
     if pretrained is not None and pretrained.casts and layout.rank == 0:
         print(f"train.py: PRETRAINED {pretrained.dir}: cast " + ", ".join(f"{a} -> {b}" for a, b in
                                                                           sorted(pretrained.casts)) +
