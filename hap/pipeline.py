@@ -163,19 +163,20 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
     after = [p.predicted.grad_sync_s + p.predicted.optimizer_s for p in stage_plans]
     whole = [p.predicted.step_s - p.predicted.grad_sync_s - p.predicted.optimizer_s for p in stage_plans]
 
+    sent = [sum(stage_plans[s].graph[x].out.nbytes for x in stages[s].sends) for s in range(k - 1)]  # a step's
+
     def best_of(m: int, work: Sequence[float]) -> Priced:
         fwd = [w * FORWARD_SHARE for w in work[:-1]] + [0.0]  # the last stage: forward and backward at once (B)
         back = [w - f for w, f in zip(work, fwd)]
-        cut = [cut_seconds(cluster, groups[s], groups[s + 1],
-                           sum(stage_plans[s].graph[x].out.nbytes for x in stages[s].sends) / m) for s in range(k - 1)]
+        cut = [cut_seconds(cluster, groups[s], groups[s + 1], sent[s] / m) for s in range(k - 1)]
         busy = sum(work) * m / k
         out = None
         for name in SCHEDULES:  # 1F1B first: it keeps fewer activations, so it wins a tie
             ends = schedule_s(fwd, back, cut, m, schedule=name)
-            step = max(e + a for e, a in zip(ends, after)) + tied_s
-            if out is None or step < out.step_s - 1e-12:
-                out = Priced(step, Schedule(m, tuple(fwd), tuple(back), tuple(cut), tuple(after), tied_s,
-                                            max(0.0, 1 - busy / max(ends)), name))
+            sch = Schedule(m, tuple(fwd), tuple(back), tuple(cut), tuple(after), tied_s,
+                           max(0.0, 1 - busy / max(ends)), name)
+            if out is None or sch.step_s(ends) < out.step_s - 1e-12:
+                out = Priced(sch.step_s(ends), sch)
         return out
 
     # the whole batch's work split m ways is a lower bound (micro-batches only add to it):
@@ -245,7 +246,7 @@ def plan_pipeline(graph: Graph, cluster: Cluster, stages: int, solve: Callable[[
         for sg, g in zip(parts, groups):
             key = (sg.blocks, tuple(g))
             if key not in cache:
-                say(f"solving stage {sg.index} ({_blocks_text(sg.blocks)}) on ranks {_ranks_text(g)}")
+                say(f"solving stage {sg.index} ({blocks_text(sg.blocks)}) on ranks {ranks_text(g)}")
                 cache[key] = solve(sg.graph, sub_cluster(cluster, g, sg.index), stage_pins(sg, shared, len(g)))
             plans.append(cache[key])
         priced = price(plans, parts, groups, cluster, tied_seconds(cluster, parts, groups), micro_batches, memo)
@@ -285,17 +286,19 @@ def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Pla
                 (f"pipeline: {len(plans)} stages, {priced.schedule.shown}, {priced.schedule.micro_batches} "
                  f"micro-batches, bubble "
                  f"{priced.schedule.bubble:.0%}: " + "; ".join(
-                     f"stage {i} on ranks {_ranks_text(g)} runs {_blocks_text(sg.blocks)}"
+                     f"stage {i} on ranks {ranks_text(g)} runs {blocks_text(sg.blocks)}"
                      for i, (sg, g) in enumerate(zip(parts, groups))),),
                 (priced.schedule.micro_batches,) * n, (), (), stages, priced.schedule)
 
 
-def _ranks_text(ranks: Sequence[int]) -> str:
+def ranks_text(ranks: Sequence[int]) -> str:
+    """``0-7`` for contiguous ranks, else ``0,3,5``."""
     return f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 and list(ranks) == list(range(ranks[0], ranks[-1] + 1)) \
         else ",".join(str(r) for r in ranks)
 
 
-def _blocks_text(blocks: Sequence[str]) -> str:
+def blocks_text(blocks: Sequence[str]) -> str:
+    """A stage's blocks: the first and the last."""
     if not blocks:
         return "no block"
     return blocks[0] if len(blocks) == 1 else f"{blocks[0]}..{blocks[-1]}"

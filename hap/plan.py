@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -148,6 +149,11 @@ class Schedule:
     tied_s: float
     bubble: float  # the share of the schedule's span a stage waits, on average
     name: str = "1f1b"  # the order of each stage's micro-batches (hap.runtime.pipeline.stage_order)
+
+    def step_s(self, ends: Sequence[float]) -> float:
+        """The step, from each stage's end of schedule (``hap.pipeline.schedule_s``): then each
+        stage's gradient all-reduce and optimizer step, then the shared weights' all-reduce."""
+        return max(e + a for e, a in zip(ends, self.after_s)) + self.tied_s
 
     @property
     def shown(self) -> str:

@@ -114,7 +114,7 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hap.pipeline import schedule_s
+    from hap.pipeline import blocks_text, ranks_text, schedule_s
 
     sch = plan.schedule
     if sch is None or not plan.pipelined:
@@ -122,8 +122,8 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
     events: list[tuple[int, str, int, float, float]] = []
     ends = schedule_s(sch.forward_s, sch.backward_s, sch.cut_s, sch.micro_batches, events, sch.name)
     k, ms = len(plan.stages), 1e3
-    span = max(e + a for e, a in zip(ends, sch.after_s))
-    step = span + sch.tied_s
+    step = sch.step_s(ends)
+    span = step - sch.tied_s  # the shared weights' all-reduce starts
     single = plan.baselines.get("hap_1_stage")
     horizon = max(step, single.predicted_step_s if single and single.feasible else 0.0)
     fig, ax = plt.subplots(figsize=(12, 1.9 + 0.55 * k))
@@ -150,9 +150,7 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
     labels = []
     for i, st in enumerate(plan.stages):
         kinds = sorted({plan.cluster.ranks[r].device for r in st.ranks})
-        ranks = f"{st.ranks[0]}-{st.ranks[-1]}" if len(st.ranks) > 1 else str(st.ranks[0])
-        blocks = st.blocks[0] if len(st.blocks) == 1 else (f"{st.blocks[0]}..{st.blocks[-1]}" if st.blocks else "-")
-        labels.append(f"stage {i}: ranks {ranks} ({'/'.join(kinds)})\n{blocks}")
+        labels.append(f"stage {i}: ranks {ranks_text(st.ranks)} ({'/'.join(kinds)})\n{blocks_text(st.blocks)}")
     ax.set_yticks(range(k))
     ax.set_yticklabels(labels, fontsize=7)
     ax.set_ylim(k - 0.5, -0.8)

@@ -48,7 +48,6 @@ import torch.distributed as tdist
 from . import checkpoint as ckpt
 from . import dist as _d
 from . import micro, optim
-from .checks import device_mismatch, placement_mismatch
 from .collectives import deferred_grads
 from .data import BadBatch, RankData
 from .emulate import end_segment, set_emulation, undilated
@@ -61,13 +60,14 @@ from .program import (
     Checkpointer,
     Program,
     Trainer,
-    agree_or_stop,
+    agree_on_place,
     full_state_dict,
     join_job,
     open_save,
     parse_args,
     prepare,
     rank_state,
+    restart_count,
     resume,
     resume_point,
     stop,
@@ -292,9 +292,7 @@ def start(stages: Stages, layouts: Sequence[Layout], forwards: Sequence[Callable
     index = next(i for i, ranks in enumerate(stages.ranks) if rank in ranks)
     layout = layouts[index].placed(stages.ranks[index].index(rank), _d.device())
     job = Program(job_view(stages, layouts, rank, layout.device), forwards[index], os.path.abspath(file))
-    wrong = device_mismatch(stages.devices[rank], layout.device) or placement_mismatch(*stages.places[rank])
-    agree_or_stop(job, f"rank {rank}: {wrong}; start the ranks in the plan's order (see the docstring) or re-plan "
-                  "for this cluster" if wrong else None)
+    agree_on_place(job)
     return job, layout, forwards[index]
 
 
@@ -344,7 +342,7 @@ def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable]
         write_init(Program(job_view(stages, layouts, 0, torch.device("cpu")), forwards[0], os.path.abspath(file)),
                    args)
         return
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    restarts = restart_count()
     # the start-up spans the job, as a single-stage program's does: every rank checks the plan
     # and train.py, builds the model on the meta device, takes the --save lock and agrees where
     # to resume; each rank then reads only its stage's slices of the initial state or checkpoint

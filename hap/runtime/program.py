@@ -738,11 +738,23 @@ def start(program: Program) -> tuple[Program, int]:
     layout = program.layout
     rank = join_job(layout.devices, layout.places)
     program = replace(program, layout=layout.placed(rank, device()))
+    agree_on_place(program)
+    return program, restart_count()
+
+
+def agree_on_place(program: Program) -> None:
+    """Every rank checks it runs on the device and node the plan puts it on (``program``'s
+    layout placed on this rank); if one does not, all stop together."""
     layout = program.layout
+    rank = layout.rank
     wrong = device_mismatch(layout.devices[rank], layout.device) or placement_mismatch(*layout.places[rank])
     agree_or_stop(program, f"rank {rank}: {wrong}; start the ranks in the plan's order (see the docstring) "
                   "or re-plan for this cluster" if wrong else None)
-    return program, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def restart_count() -> int:
+    """Which attempt of its torchrun job this is (0: the first)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def hap_version() -> str:
