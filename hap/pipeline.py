@@ -32,7 +32,7 @@ from hap.errors import InfeasiblePlan
 from hap.graph import Graph
 from hap.plan import Plan, Prediction, Schedule, Stage
 from hap.runtime.pipeline import SCHEDULES, stage_order
-from hap.solve import evaluate
+from hap.solve import evaluate, grad_sync_schedule
 from hap.stages import StageGraph, cut_candidates, shared_params, shared_weights, split
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)  # pipeline depths the search tries, each at most the global batch
@@ -149,18 +149,22 @@ class Priced:
 
 
 def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Sequence[Sequence[int]],
-          cluster: Cluster, tied_s: float, fixed_m: int | None = None, memo: dict | None = None) -> Priced:
-    """The pipelined step: the schedule's span at the best micro-batch count, then the slowest
-    stage's gradient all-reduce and optimizer step, then the tied weights' all-reduce across
-    stages. Per micro-batch, a stage's forward + backward is its plan's, priced again with every
+          cluster: Cluster, fixed_m: int | None = None, memo: dict | None = None) -> Priced:
+    """The pipelined step: the schedule's span at the best micro-batch count, then each stage's
+    gradient all-reduce (less the weights several stages hold: ``stage_sync_s``) and optimizer
+    step, and on the stages holding shared weights their all-reduce over all of them
+    (``tied_seconds``). Per micro-batch, a stage's forward + backward is its plan's, priced again with every
     rank running ``m`` micro-batches (each op timed at a micro-batch's shape, each launch and
     per-micro-batch collective paid m times: ``CostModel``'s micro-batches), less the gradient
     all-reduce and optimizer step, over ``m``. Small micro-batches run a core or a GPU below its
     whole-batch rate, which a split of the whole-batch time would miss."""
     k = len(stage_plans)
     batch = stage_plans[0].global_batch
-    memo = {} if memo is None else memo  # (id of a stage plan, m): its work per micro-batch
-    after = [p.predicted.grad_sync_s + p.predicted.optimizer_s for p in stage_plans]
+    memo = {} if memo is None else memo  # (id of a stage plan, m): its work per micro-batch; its own sync
+    shared = set(shared_params(stages))
+    after = [stage_sync_s(p, shared, memo) + p.predicted.optimizer_s for p in stage_plans]
+    tied_s = tied_seconds(cluster, stages, groups)
+    tied_stages = tuple(sorted({s for where in shared_weights([st.graph for st in stages]).values() for s in where}))
     whole = [p.predicted.step_s - p.predicted.grad_sync_s - p.predicted.optimizer_s for p in stage_plans]
 
     sent = [sum(stage_plans[s].graph[x].out.nbytes for x in stages[s].sends) for s in range(k - 1)]  # a step's
@@ -174,7 +178,7 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
         for name in SCHEDULES:  # 1F1B first: it keeps fewer activations, so it wins a tie
             ends = schedule_s(fwd, back, cut, m, schedule=name)
             sch = Schedule(m, tuple(fwd), tuple(back), tuple(cut), tuple(after), tied_s,
-                           max(0.0, 1 - busy / max(ends)), name)
+                           max(0.0, 1 - busy / max(ends)), name, tied_stages)
             if out is None or sch.step_s(ends) < out.step_s - 1e-12:
                 out = Priced(sch.step_s(ends), sch)
         return out
@@ -201,9 +205,24 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
     return best
 
 
+def stage_sync_s(plan: Plan, shared: set[str], memo: dict) -> float:
+    """A stage's own gradient all-reduce: its plan's buckets without the weights other stages
+    hold too (state-dict keys ``shared``), which the program sums over all their holders at once
+    (``hap.runtime.pipelined.StageTrainer.sum_shared``)."""
+    tied = {n.name for n in plan.graph.params() if set(n.aliases or [n.target]) & shared}
+    if not tied & set(plan.grad_synced):
+        return plan.predicted.grad_sync_s
+    key = (id(plan), "sync")
+    if key not in memo:
+        cm = CostSetup.of_plan(plan).cost_model(plan.graph, plan.cluster)
+        memo[key] = grad_sync_schedule(plan.graph, cm, plan.choice(), [n for n in plan.grad_synced if n not in tied],
+                                       plan.predicted.grad_overlap)[1]
+    return memo[key]
+
+
 def tied_seconds(cluster: Cluster, stages: Sequence[StageGraph], groups: Sequence[Sequence[int]]) -> float:
     """The all-reduce that sums a weight's gradients over the stages that hold it (a tied
-    embedding and LM head): over the ranks of those stages."""
+    embedding and LM head): one over all the ranks of those stages, each adding its own part."""
     total = 0.0
     for keys, where in shared_weights([st.graph for st in stages]).items():
         node = next(n for n in stages[where[0]].graph.params() if tuple(n.aliases or [n.target]) == keys)
@@ -249,7 +268,7 @@ def plan_pipeline(graph: Graph, cluster: Cluster, stages: int, solve: Callable[[
                 say(f"solving stage {sg.index} ({blocks_text(sg.blocks)}) on ranks {ranks_text(g)}")
                 cache[key] = solve(sg.graph, sub_cluster(cluster, g, sg.index), stage_pins(sg, shared, len(g)))
             plans.append(cache[key])
-        priced = price(plans, parts, groups, cluster, tied_seconds(cluster, parts, groups), micro_batches, memo)
+        priced = price(plans, parts, groups, cluster, micro_batches, memo)
         if best is None or priced.step_s < best[0].step_s:
             best = (priced, plans, parts, groups)
     if best is None:
@@ -275,8 +294,11 @@ def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Pla
     stages = tuple(Stage(tuple(g), sg.blocks, p, sg.inputs, sg.receives, sg.sends)
                    for p, sg, g in zip(plans, parts, groups))
     first = plans[0]
-    grad_sync = max(p.predicted.grad_sync_s for p in plans)
+    sch = priced.schedule
     optimizer = max(p.predicted.optimizer_s for p in plans)
+    # the slowest stage's own all-reduce, and the shared weights' one where a stage holds any
+    grad_sync = max(a - p.predicted.optimizer_s for a, p in zip(sch.after_s, plans)) + \
+        (sch.tied_s if sch.tied_stages else 0.0)
     predicted = Prediction(priced.step_s, tuple(compute), priced.step_s - grad_sync, 0.0, grad_sync, tuple(memory),
                            (), False, optimizer, 0.0)
     return Plan(graph, cluster, tuple(shares), nodes, tuple(m for p in plans for m in p.moves),

@@ -139,7 +139,8 @@ class Schedule:
     """A pipelined plan's step as ``hap.pipeline.price`` priced it, for its timeline: per
     micro-batch, each stage's ``F`` (its forward; 0 on the last stage) and ``B`` (its backward;
     forward and backward on the last stage), each cut's transfer each way; then per stage its
-    gradient all-reduce and optimizer step, and the all-reduce of weights several stages hold."""
+    gradient all-reduce (the weights several stages hold left out) and optimizer step, and on the
+    stages that hold such weights (``tied_stages``) their all-reduce over all of them."""
 
     micro_batches: int
     forward_s: tuple[float, ...]
@@ -149,11 +150,19 @@ class Schedule:
     tied_s: float
     bubble: float  # the share of the schedule's span a stage waits, on average
     name: str = "1f1b"  # the order of each stage's micro-batches (hap.runtime.pipeline.stage_order)
+    tied_stages: tuple[int, ...] = ()  # the stages holding weights others hold too
+
+    def tied_start_s(self, ends: Sequence[float]) -> float:
+        """When the shared weights' all-reduce starts: once every stage that holds them is done
+        with its own all-reduce and optimizer step (0 where no stage shares a weight)."""
+        return max((ends[s] + self.after_s[s] for s in self.tied_stages), default=0.0)
 
     def step_s(self, ends: Sequence[float]) -> float:
         """The step, from each stage's end of schedule (``hap.pipeline.schedule_s``): then each
-        stage's gradient all-reduce and optimizer step, then the shared weights' all-reduce."""
-        return max(e + a for e, a in zip(ends, self.after_s)) + self.tied_s
+        stage's gradient all-reduce and optimizer step; the stages that share weights then sum
+        their gradients, while the others are done."""
+        own = max(e + a for e, a in zip(ends, self.after_s))
+        return max(own, self.tied_start_s(ends) + self.tied_s) if self.tied_stages else own
 
     @property
     def shown(self) -> str:
@@ -163,13 +172,15 @@ class Schedule:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "micro_batches": self.micro_batches, "forward_s": list(self.forward_s),
                 "backward_s": list(self.backward_s), "cut_s": list(self.cut_s), "after_s": list(self.after_s),
-                "tied_s": self.tied_s, "bubble": self.bubble}
+                "tied_s": self.tied_s, "tied_stages": list(self.tied_stages), "bubble": self.bubble}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Schedule:
         return cls(int(d["micro_batches"]), *(tuple(float(x) for x in d[k])
                                               for k in ("forward_s", "backward_s", "cut_s", "after_s")),
-                   float(d["tied_s"]), float(d["bubble"]), str(d.get("name", "1f1b")))
+                   float(d["tied_s"]), float(d["bubble"]), str(d.get("name", "1f1b")),
+                   # absent: the shared weights' all-reduce follows every stage's own
+                   tuple(int(s) for s in d.get("tied_stages", range(len(d["after_s"])) if d["tied_s"] else ())))
 
 
 @dataclass(frozen=True)

@@ -106,9 +106,9 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
     """A pipelined plan's step as the planner priced it (``Plan.schedule``): one row per stage,
     each micro-batch's ``F`` (forward) and ``B`` (backward; the last stage's forward and
     backward) numbered, in the plan's order (1F1B or GPipe), each cut's transfers below the
-    bar of the stage that sends, then each stage's gradient all-reduce and optimizer step and
-    the tied weights' all-reduce; the grey is the bubble. Dashed: the best single-stage plan's
-    predicted step, for comparison."""
+    bar of the stage that sends, then each stage's gradient all-reduce and optimizer step and,
+    on the stages that hold tied weights, those weights' all-reduce; the grey is the bubble.
+    Dashed: the best single-stage plan's predicted step, for comparison."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,7 +123,7 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
     ends = schedule_s(sch.forward_s, sch.backward_s, sch.cut_s, sch.micro_batches, events, sch.name)
     k, ms = len(plan.stages), 1e3
     step = sch.step_s(ends)
-    span = step - sch.tied_s  # the shared weights' all-reduce starts
+    tied_at = sch.tied_start_s(ends)  # the shared weights' all-reduce starts
     single = plan.baselines.get("hap_1_stage")
     horizon = max(step, single.predicted_step_s if single and single.feasible else 0.0)
     fig, ax = plt.subplots(figsize=(12, 1.9 + 0.55 * k))
@@ -140,8 +140,8 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
             ax.barh(s + 0.3, sch.cut_s[s - 1] * ms, left=t1 * ms, color=COLORS["comm"], height=0.2, linewidth=0)
     for s, (e, a) in enumerate(zip(ends, sch.after_s)):
         ax.barh(s, a * ms, left=e * ms, color=COLORS["sync"], height=0.8, linewidth=0)
-        if sch.tied_s > 0:
-            ax.barh(s, sch.tied_s * ms, left=span * ms, color=COLORS["step"], height=0.8, linewidth=0)
+        if sch.tied_s > 0 and s in sch.tied_stages:
+            ax.barh(s, sch.tied_s * ms, left=tied_at * ms, color=COLORS["step"], height=0.8, linewidth=0)
     ax.axvline(step * ms, color="black", linewidth=0.6, linestyle=":")
     if single and single.feasible:
         ax.axvline(single.predicted_step_s * ms, color="black", linewidth=0.8, linestyle="--")

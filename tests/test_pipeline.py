@@ -2,6 +2,7 @@
 1F1B schedule is priced, and the plan's record of its stages."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from hap.api import plan_spec
 from hap.cluster import load_cluster
 from hap.pipeline import balanced_cuts, groupings, schedule_s
-from hap.plan import Plan
+from hap.plan import Plan, Schedule
 from hap.runtime.pipeline import stage_order
 from hap.spec import capture_spec, load_spec
 from hap.stages import cut_candidates
@@ -105,6 +106,8 @@ def test_the_timeline_draws_the_schedule_the_step_was_priced_by(tmp_path):
     events = []
     ends = schedule_s(sch.forward_s, sch.backward_s, sch.cut_s, sch.micro_batches, events, sch.name)
     assert sch.step_s(ends) == pytest.approx(plan.predicted_step_s)
+    # gpt's tied embedding and head: stages 0 and 1 hold it, and sum it after their own syncs
+    assert sch.tied_stages == (0, k - 1) and sch.tied_s > 0
     assert sch.step_s(ends) == pytest.approx(max(e + a for e, a in zip(ends, sch.after_s)) + sch.tied_s)
     m = sch.micro_batches
     assert sorted((s, kind, j) for s, kind, j, _, _ in events) == sorted(
@@ -128,3 +131,18 @@ def test_a_tied_weight_is_summed_across_its_stages_once():
     link = cluster.group_link([0, 1])
     nbytes = graph["p_tok_weight"].out.nbytes
     assert tied_seconds(cluster, parts, [(0,), (1,)]) == pytest.approx(2 * link.alpha_s + 2 * nbytes / link.bytes_per_s)
+
+
+def test_only_the_stages_that_share_a_weight_wait_for_its_all_reduce():
+    # stages 0 and 2 hold the tied weight; stage 1 ends last, after both have summed it
+    sch = Schedule(1, (0.1, 0.1, 0.0), (0.2, 0.2, 0.3), (0.0, 0.0), (0.1, 0.5, 0.1), 0.2, 0.0, "1f1b", (0, 2))
+    ends = [1.0, 1.1, 1.2]
+    assert sch.tied_start_s(ends) == pytest.approx(1.3)
+    assert sch.step_s(ends) == pytest.approx(1.6)  # stage 1's own sync, not 1.3 + 0.2
+    longer = dataclasses.replace(sch, tied_s=0.4)
+    assert longer.step_s(ends) == pytest.approx(1.7)
+    # a plan written without the field: the tied all-reduce follows every stage's own
+    d = sch.to_json()
+    del d["tied_stages"]
+    assert Schedule.from_json(d).step_s(ends) == pytest.approx(1.8)
+    assert Schedule.from_json(sch.to_json()) == sch

@@ -20,7 +20,8 @@ so micro-batch ``j`` holds the same samples on every stage.
 
 Exact: gradients accumulate over the micro-batches, normalised by the global batch's count
 (the last stage's deferred class-loss count scales every stage's gradients alike); a weight
-several stages hold (a tied embedding and head) has its gradients summed across them; the
+several stages hold (a tied embedding and head) has its gradients summed in one all-reduce over
+all their ranks, outside each stage's own gradient sync (``sum_shared``); the
 clipping norm is the whole model's; under fp16 every stage unscales by the same scale and skips
 a step together (the scaler's inf check spans the job). The loss rank 0 logs is the last
 stage's, sent to every rank.
@@ -225,24 +226,29 @@ class StageTrainer(Trainer):
         total = self.grad_sync.finish(loss.float(), torch.tensor(riders, dtype=torch.float64) if riders else None)
         fix = counted[1] / float(self.grad_sync.riders[-1]) if counted is not None else 1.0
         first = self.stages.last and _d.rank() == 0
+        self.sum_shared()  # the holders' ranks only; the stages that hold none go on to the loss
         both = torch.tensor([total if first else 0.0, fix if first else 0.0], dtype=torch.float64)
         _d._all_reduce(both, everywhere=True)
         total, fix = (float(x) for x in both)
         if fix != 1.0:
             optim.scale_grads(self.params, fix)
-        self.sum_shared()
         return total * fix
 
     def sum_shared(self) -> None:
-        """A weight several stages hold: its gradient summed over them (each stage's first rank
-        adds its stage's, the others zeros), so that every holder steps alike."""
+        """A weight several stages hold: its gradient summed in one all-reduce over every holder
+        stage's ranks, so that every holder steps alike. The stages' own syncs leave it out
+        (``stage_buckets``): a rank whose stage all-reduces it (a replicated weight whose rows are
+        split) adds its own partial gradient; where the stage's ranks each hold its whole
+        gradient, or the stage is one rank, the stage's first rank adds it and the others zeros.
+        One all-reduce over the slow link instead of one per stage and then one across them."""
         st = self.stages
+        synced = {n for b in self.layout.grad_buckets for n in b}
         for (keys, _), group in zip(held(st), st.tied_groups):
-            name = next(n for n, p in self.layout.params.items() if tuple(p.keys) == tuple(keys))
+            name = shared_name(self.layout, keys)
             p = self.params[name]
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            if _d.rank() != 0:
+            if name not in synced and _d.rank() != 0:
                 p.grad.zero_()
             _d._all_reduce(p.grad, group=group)
 
@@ -266,6 +272,18 @@ class StageTrainer(Trainer):
 def held(stages: Stages) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
     """The entries of ``stages.shared`` this rank's stage holds."""
     return [(keys, where) for keys, where in stages.shared if stages.index in where]
+
+
+def shared_name(layout: Layout, keys: Sequence[str]) -> str:
+    """The stage's parameter known by the state-dict keys ``keys``."""
+    return next(n for n, p in layout.params.items() if tuple(p.keys) == tuple(keys))
+
+
+def stage_buckets(layout: Layout, stages: Stages) -> list[list[str]]:
+    """The stage's gradient buckets without the weights several stages hold (``sum_shared``
+    reduces those over all their holders at once)."""
+    shared = {shared_name(layout, keys) for keys, _ in held(stages)}
+    return [kept for b in layout.grad_buckets if (kept := [n for n in b if n not in shared])]
 
 
 def refuse_unsupported(args) -> None:
@@ -361,8 +379,8 @@ def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable]
         stop(f"--micro-batches {m}: this plan's forward only runs whole global batches "
              f"({'; '.join(layout.fixed_batch)}); run with --micro-batches 1")
     reduce_dtype = {"fp32": None, "bf16": torch.bfloat16}[layout.grad_reduce]
-    grad_sync = GradSync([[params[n] for n in b] for b in layout.grad_buckets], overlap=layout.grad_overlap,
-                         reduce_dtype=reduce_dtype)
+    grad_sync = GradSync([[params[n] for n in b] for b in stage_buckets(layout, stages)],
+                         overlap=layout.grad_overlap, reduce_dtype=reduce_dtype)
     amp = Precision(layout.precision, layout.device)
     if ck is not None:
         amp.load_state_dict(ck.get("scaler"))
