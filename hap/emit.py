@@ -30,7 +30,7 @@ from hap.graph import Graph, Node, TensorMeta
 from hap.moves import COLLECTIVES, move
 from hap.placement import Placement, Splitter
 from hap.runtime.layout import FORMAT as LAYOUT_FORMAT
-from hap.stages import shared_weights
+from hap.stages import shared_in, shared_weights
 
 if TYPE_CHECKING:
     from hap.plan import Plan
@@ -616,6 +616,7 @@ STAGES = hr.Stages(
     micro_batches={micro},  # the default of --micro-batches: every global batch runs through in this many
     schedule={schedule!r},  # each stage's order of micro-batches: 1f1b or gpipe (hap.runtime.pipeline.stage_order)
     shared={shared},  # weights several stages hold: (state_dict keys, stages); gradients summed across them
+    partial={partial},  # per stage: its shared weights whose gradient each of its ranks holds a part of
     plan_digest={digest!r},
     places={places},  # per global rank: (node, local rank, processes on that node)
     devices={devices},
@@ -781,12 +782,14 @@ def pipelined_program(plan: Plan, spec_rel: str, script: str) -> str:
         cuts.append(tuple((tuple(m.shape[1:]), m.dtype) for m in metas))
     samples = tuple((tuple(n.meta.shape[1:]), n.meta.dtype) for n in plan.graph if n.kind == "input")
     shared = tuple(shared_weights([st.plan.graph for st in plan.stages]).items())  # a tied embedding and head
+    keys = {k for ks, _ in shared for k in ks}
+    partial = tuple(tuple(sorted(shared_in(st.plan.graph, keys) & set(st.plan.grad_synced))) for st in plan.stages)
     stages = PIPELINE_TEMPLATE.format(
         ranks=tuple(st.ranks for st in plan.stages), stage_shares=tuple(tuple(st.plan.shares) for st in plan.stages),
         inputs=tuple(st.inputs for st in plan.stages),
         cuts=tuple(cuts), samples=samples, micro=plan.micro_batches[0] if plan.micro_batches else 1,
         schedule=plan.schedule.name if plan.schedule else "1f1b",
-        shared=shared, digest=plan.digest(), places=rank_places(plan),
+        shared=shared, partial=partial, digest=plan.digest(), places=rank_places(plan),
         devices=tuple(r.device for r in plan.cluster.ranks), slowdown=tuple(r.slowdown for r in plan.cluster.ranks))
     return (head_text(plan, spec_rel, script, [st.plan.graph for st in plan.stages])
             + "LAYOUTS = (  # per pipeline stage: its plan, over its ranks (numbered from 0 within the stage)\n"

@@ -32,8 +32,9 @@ from hap.errors import InfeasiblePlan
 from hap.graph import Graph
 from hap.plan import Plan, Prediction, Schedule, Stage
 from hap.runtime.pipeline import SCHEDULES, stage_order
+from hap.search import grad_sync_notes
 from hap.solve import evaluate, grad_sync_schedule
-from hap.stages import StageGraph, cut_candidates, shared_params, shared_weights, split
+from hap.stages import StageGraph, cut_candidates, shared_in, shared_params, shared_weights, split
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)  # pipeline depths the search tries, each at most the global batch
 FORWARD_SHARE = 1 / 3  # a forward's share of forward + backward (backward ~ 2x forward for matmuls)
@@ -151,7 +152,7 @@ class Priced:
 def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Sequence[Sequence[int]],
           cluster: Cluster, fixed_m: int | None = None, memo: dict | None = None) -> Priced:
     """The pipelined step: the schedule's span at the best micro-batch count, then each stage's
-    gradient all-reduce (less the weights several stages hold: ``stage_sync_s``) and optimizer
+    gradient all-reduce (less the weights several stages hold: ``stage_sync``) and optimizer
     step, and on the stages holding shared weights their all-reduce over all of them
     (``tied_seconds``). Per micro-batch, a stage's forward + backward is its plan's, priced again with every
     rank running ``m`` micro-batches (each op timed at a micro-batch's shape, each launch and
@@ -162,7 +163,7 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
     batch = stage_plans[0].global_batch
     memo = {} if memo is None else memo  # (id of a stage plan, m): its work per micro-batch; its own sync
     shared = set(shared_params(stages))
-    after = [stage_sync_s(p, shared, memo) + p.predicted.optimizer_s for p in stage_plans]
+    after = [stage_sync(p, shared, memo)[1] + p.predicted.optimizer_s for p in stage_plans]
     tied_s = tied_seconds(cluster, stages, groups)
     tied_stages = tuple(sorted({s for where in shared_weights([st.graph for st in stages]).values() for s in where}))
     whole = [p.predicted.step_s - p.predicted.grad_sync_s - p.predicted.optimizer_s for p in stage_plans]
@@ -205,19 +206,42 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
     return best
 
 
-def stage_sync_s(plan: Plan, shared: set[str], memo: dict) -> float:
-    """A stage's own gradient all-reduce: its plan's buckets without the weights other stages
-    hold too (state-dict keys ``shared``), which the program sums over all their holders at once
-    (``hap.runtime.pipelined.StageTrainer.sum_shared``)."""
-    tied = {n.name for n in plan.graph.params() if set(n.aliases or [n.target]) & shared}
+def stage_sync(plan: Plan, shared: set[str], memo: dict) -> tuple[list[list[str]], float]:
+    """A stage's own gradient all-reduce, its buckets and exposed time: its plan's without the
+    weights other stages hold too (state-dict keys ``shared``), which the program sums over all
+    their holders at once (``hap.runtime.pipelined.StageTrainer.sum_shared``)."""
+    tied = shared_in(plan.graph, shared)
     if not tied & set(plan.grad_synced):
-        return plan.predicted.grad_sync_s
+        return [list(b) for b in plan.predicted.grad_buckets], plan.predicted.grad_sync_s
     key = (id(plan), "sync")
     if key not in memo:
         cm = CostSetup.of_plan(plan).cost_model(plan.graph, plan.cluster)
         memo[key] = grad_sync_schedule(plan.graph, cm, plan.choice(), [n for n in plan.grad_synced if n not in tied],
-                                       plan.predicted.grad_overlap)[1]
+                                       plan.predicted.grad_overlap)
     return memo[key]
+
+
+def untied(plan: Plan, shared: set[str], memo: dict) -> Plan:
+    """A stage's plan as its stage runs it: its gradient buckets, all-reduce time and notes
+    without the weights other stages hold too (``stage_sync``). Its ``grad_synced`` keeps them:
+    their gradients are still partial sums on its ranks, summed over the holders."""
+    pr = plan.predicted
+    buckets, sync_s = stage_sync(plan, shared, memo)
+    if sync_s == pr.grad_sync_s and [list(b) for b in pr.grad_buckets] == buckets:
+        return plan
+    kinds = [m.kind for m in plan.moves]
+    was = grad_sync_notes(plan.graph, plan.cluster, plan.num_ranks, pr.grad_buckets, pr.grad_overlap,
+                          pr.grad_sync_s, kinds)
+    now = grad_sync_notes(plan.graph, plan.cluster, plan.num_ranks, buckets, pr.grad_overlap, sync_s, kinds)
+    notes = [x for n in plan.notes for x in (now if n in was[:1] else [] if n in was else [n])]
+    predicted = dataclasses.replace(pr, step_s=pr.step_s - pr.grad_sync_s + sync_s, grad_sync_s=sync_s,
+                                    grad_buckets=tuple(tuple(b) for b in buckets))
+    return dataclasses.replace(plan, predicted=predicted, notes=tuple(notes))
+
+
+def node_bytes(stage: StageGraph, keys: Sequence[str]) -> int:
+    """The bytes of the stage's parameter known by the state-dict keys ``keys``."""
+    return next(n for n in stage.graph.params() if tuple(n.aliases or [n.target]) == tuple(keys)).out.nbytes
 
 
 def tied_seconds(cluster: Cluster, stages: Sequence[StageGraph], groups: Sequence[Sequence[int]]) -> float:
@@ -225,10 +249,8 @@ def tied_seconds(cluster: Cluster, stages: Sequence[StageGraph], groups: Sequenc
     embedding and LM head): one over all the ranks of those stages, each adding its own part."""
     total = 0.0
     for keys, where in shared_weights([st.graph for st in stages]).items():
-        node = next(n for n in stages[where[0]].graph.params() if tuple(n.aliases or [n.target]) == keys)
-        ranks = [r for s in where for r in groups[s]]
-        link = cluster.group_link(ranks)
-        total += 2 * link.alpha_s + 2 * node.out.nbytes / link.bytes_per_s
+        link = cluster.group_link([r for s in where for r in groups[s]])
+        total += 2 * link.alpha_s + 2 * node_bytes(stages[where[0]], keys) / link.bytes_per_s
     return total
 
 
@@ -240,10 +262,7 @@ def stage_pins(sg: StageGraph, shared: set[str], width: int) -> dict[str, str]:
     if width == 1:
         return {}
     pins = {x: "S(0)" for x in (*sg.receives, *sg.sends, *sg.grads)}
-    for n in sg.graph.params():
-        if set(n.aliases or [n.target]) & shared:
-            pins[n.name] = "R"
-    return pins
+    return {**pins, **{name: "R" for name in shared_in(sg.graph, shared)}}
 
 
 def plan_pipeline(graph: Graph, cluster: Cluster, stages: int, solve: Callable[[Graph, Cluster, dict], Plan],
@@ -274,14 +293,16 @@ def plan_pipeline(graph: Graph, cluster: Cluster, stages: int, solve: Callable[[
     if best is None:
         return None
     priced, plans, parts, groups = best
-    return assemble(graph, cluster, priced, plans, parts, groups)
+    return assemble(graph, cluster, priced, plans, parts, groups, memo)
 
 
 def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Plan], parts: Sequence[StageGraph],
-             groups: Sequence[Sequence[int]]) -> Plan:
+             groups: Sequence[Sequence[int]], memo: dict) -> Plan:
     """The pipelined Plan: every rank's share in its stage, every node's choice from the stage
-    that runs it, and the schedule's prediction."""
+    that runs it, each stage's plan as it runs (``untied``), and the schedule's prediction."""
     n = cluster.num_ranks
+    shared = shared_weights([st.graph for st in parts])
+    plans = [untied(p, {k for keys in shared for k in keys}, memo) for p in plans]
     shares, compute, memory = [0] * n, [0.0] * n, [0] * n
     for p, g in zip(plans, groups):
         for i, r in enumerate(g):
@@ -309,7 +330,11 @@ def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Pla
                  f"micro-batches, bubble "
                  f"{priced.schedule.bubble:.0%}: " + "; ".join(
                      f"stage {i} on ranks {ranks_text(g)} runs {blocks_text(sg.blocks)}"
-                     for i, (sg, g) in enumerate(zip(parts, groups))),),
+                     for i, (sg, g) in enumerate(zip(parts, groups))),
+                 *(f"{' / '.join(keys)} ({node_bytes(parts[where[0]], keys) / 2**20:.1f} MiB), which stages "
+                   f"{' and '.join(map(str, where))} hold, is left out of their own gradient all-reduces and summed "
+                   f"over all their ranks in one all-reduce once those are done ({sch.tied_s * 1e3:.1f} ms for all "
+                   "such weights)" for keys, where in shared.items())),
                 (priced.schedule.micro_batches,) * n, (), (), stages, priced.schedule)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hap.calibrate import resolve
@@ -514,7 +514,9 @@ def result_notes(graph: Graph, cluster: Cluster, won: Result, recompute: str) ->
     if graph.grad_reduce != "fp32":
         notes.append(f"gradients are all-reduced in {graph.grad_reduce}: half the bytes of fp32, each rank's "
                      "gradient rounded to 8 mantissa bits before the sum")
-    notes += grad_sync_notes(graph, cluster, won)
+    ev = won.evaluation
+    notes += grad_sync_notes(graph, cluster, len(won.attempt.shares), ev.grad_buckets, ev.grad_overlap,
+                             ev.grad_sync_s, [m.priced.kind for m in ev.moves])
     if graph.precision == "fp32":
         notes += faster_precision(graph, cluster, won)
     blocks, counts = won.setup.recompute, won.setup.recompute_counts
@@ -568,22 +570,23 @@ def couples_samples(node: Node) -> bool:
         bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False))
 
 
-def grad_sync_notes(graph: Graph, cluster: Cluster, won: Result) -> list[str]:
-    """How the replicated parameters' gradients are all-reduced: in buckets overlapped with
-    backward (their sizes and what stays exposed), or after backward and why."""
-    ev, n = won.evaluation, len(won.attempt.shares)
-    if n <= 1 or not ev.grad_buckets:
+def grad_sync_notes(graph: Graph, cluster: Cluster, n: int, buckets: Sequence[Sequence[str]], overlap: bool,
+                    sync_s: float, move_kinds: Sequence[str]) -> list[str]:
+    """How the replicated parameters' gradients are all-reduced over ``n`` ranks: in
+    ``buckets`` overlapped with backward (their sizes and the ``sync_s`` that stays exposed),
+    or after backward and why."""
+    if n <= 1 or not buckets:
         return []
-    if ev.grad_overlap:
-        sizes = [sum(graph[p].meta.nbytes for p in b) / 2**20 for b in ev.grad_buckets]
+    if overlap:
+        sizes = [sum(graph[p].meta.nbytes for p in b) / 2**20 for b in buckets]
         if len(sizes) == 1:
             return [f"gradients are all-reduced in one bucket ({sizes[0]:.1f} MiB) after backward "
-                    f"({ev.grad_sync_s * 1e3:.1f} ms): smaller buckets started during backward would leave no less"]
+                    f"({sync_s * 1e3:.1f} ms): smaller buckets started during backward would leave no less"]
         return [f"gradients are all-reduced in {len(sizes)} buckets ({', '.join(f'{x:.1f}' for x in sizes)} MiB), "
                 f"each but the last while backward runs, launched as its last gradient is ready; "
-                f"{ev.grad_sync_s * 1e3:.2f} ms is left after backward"]
-    why = overlap_blocker(cluster, n, ev.moves)
-    return [f"gradients are all-reduced after backward ({ev.grad_sync_s * 1e3:.1f} ms), not while it runs: {why}"]
+                f"{sync_s * 1e3:.2f} ms is left after backward"]
+    why = overlap_blocker(cluster, n, move_kinds)
+    return [f"gradients are all-reduced after backward ({sync_s * 1e3:.1f} ms), not while it runs: {why}"]
 
 
 def micro_batch_notes(cluster: Cluster, shares: tuple[int, ...], micro: tuple[int, ...]) -> list[str]:

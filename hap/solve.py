@@ -31,7 +31,7 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -255,7 +255,7 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
         moves, comm = prefetched(graph, cm, choice, moves)
     synced = [p.name for p in graph.params()
               if choice[p.name].output.kind == "R" and isinstance(p.meta, TensorMeta) and p.name in cm.requires_grad]
-    overlap = cm.n > 1 and overlap_blocker(cm.cluster, cm.n, moves) is None
+    overlap = cm.n > 1 and overlap_blocker(cm.cluster, cm.n, [m.priced.kind for m in moves]) is None
     buckets, gs = grad_sync_schedule(graph, cm, choice, synced, overlap)
     # the collectives' buffers, and the weights gathered and saved whole
     temporary = collective_temporary(graph, cm, choice, moves)
@@ -264,7 +264,7 @@ def evaluate(graph: Graph, cm: CostModel, choice: dict[str, Candidate]) -> Evalu
                       [p for b in buckets for p in b], buckets, overlap, by_kind["param"], by_kind["input"])
 
 
-def overlap_blocker(cluster: Cluster, n: int, moves: list[ChosenMove]) -> str | None:
+def overlap_blocker(cluster: Cluster, n: int, move_kinds: Sequence[str]) -> str | None:
     """Why the gradient buckets cannot be all-reduced while backward runs, or None if they can:
     a device that cannot compute while it communicates (its profile's ``overlap_comm``: CPU
     ranks share the cores gloo needs), or a backward that runs collectives of its own (they
@@ -273,7 +273,7 @@ def overlap_blocker(cluster: Cluster, n: int, moves: list[ChosenMove]) -> str | 
     if slow:
         return (f"{', '.join(slow)} cannot compute while it communicates (its profile's overlap_comm is false: "
                 "the collectives' threads take the cores the compute runs on)")
-    own = sorted({m.priced.kind for m in moves if m.priced.kind in COLLECTIVES})
+    own = sorted({kind for kind in move_kinds if kind in COLLECTIVES})
     if own:
         return f"backward runs collectives of its own ({', '.join(own)}), which would queue behind the buckets"
     return None

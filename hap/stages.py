@@ -269,6 +269,12 @@ def shared_weights(graphs: Sequence[Graph]) -> dict[tuple[str, ...], tuple[int, 
     return {k: tuple(v) for k, v in where.items() if len(v) > 1}
 
 
+def shared_in(graph: Graph, keys: set[str]) -> set[str]:
+    """The names of ``graph``'s parameters known by any of the state-dict keys ``keys`` (the
+    shared weights of ``shared_params``, in one stage's graph)."""
+    return {n.name for n in graph.params() if set(n.aliases or [n.target]) & keys}
+
+
 def shared_params(stages: Sequence[StageGraph]) -> dict[str, tuple[int, ...]]:
     """``shared_weights`` by state-dict key: each key of a parameter held by more than one stage
     -> those stages."""

@@ -94,6 +94,8 @@ class Stages:
     micro_batches  the default of --micro-batches
     schedule       "1f1b" or "gpipe" (``pipeline.stage_order``)
     shared         weights several stages hold: (state_dict keys, stages)
+    partial        per stage: its shared weights (parameter names) whose gradient each of its ranks
+                   holds a part of (a replicated weight whose rows are split), the others' whole
     plan_digest, places, devices, slowdown: the whole job's, per global rank
     """
     ranks: tuple[tuple[int, ...], ...]
@@ -103,6 +105,7 @@ class Stages:
     samples: tuple[tuple[tuple[int, ...], str], ...]
     micro_batches: int
     shared: tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]
+    partial: tuple[tuple[str, ...], ...]
     plan_digest: str
     places: tuple[tuple[int, int, int], ...]
     devices: tuple[str, ...]
@@ -237,18 +240,17 @@ class StageTrainer(Trainer):
     def sum_shared(self) -> None:
         """A weight several stages hold: its gradient summed in one all-reduce over every holder
         stage's ranks, so that every holder steps alike. The stages' own syncs leave it out
-        (``stage_buckets``): a rank whose stage all-reduces it (a replicated weight whose rows are
-        split) adds its own partial gradient; where the stage's ranks each hold its whole
-        gradient, or the stage is one rank, the stage's first rank adds it and the others zeros.
-        One all-reduce over the slow link instead of one per stage and then one across them."""
+        (``stage_buckets``): where each rank of the stage holds a part of its gradient
+        (``Stages.partial``) every rank adds its own; where each holds the whole, the stage's
+        first rank adds it and the others zeros. One all-reduce over the slow link instead of
+        one per stage and then one across them."""
         st = self.stages
-        synced = {n for b in self.layout.grad_buckets for n in b}
         for (keys, _), group in zip(held(st), st.tied_groups):
             name = shared_name(self.layout, keys)
             p = self.params[name]
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            if name not in synced and _d.rank() != 0:
+            if name not in st.partial[st.index] and _d.rank() != 0:
                 p.grad.zero_()
             _d._all_reduce(p.grad, group=group)
 
