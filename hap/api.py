@@ -77,7 +77,7 @@ def plan_graph(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict
         def solve(g: Graph, cl: Cluster, stage_pins: dict) -> Plan:
             return search(g, cl, optimizer=optimizer, strict=strict, time_limit_s=time_limit_s, spec=spec,
                           pins=stage_pins, precision=precise, grad_reduce=grad_reduce, recompute=recompute,
-                          experts=experts, progress=progress)
+                          experts=experts, progress=progress, precision_advice=False)
 
         plan = pipelined(plan, count, solve, progress or (lambda msg: None))
     plan = dataclasses.replace(plan, notes=plan.notes + tuple(table_notes(plan)))

@@ -417,10 +417,11 @@ class Search:
 def search(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bool = False,
            time_limit_s: float = 20.0, spec: str | None = None, pins: dict[str, str] | None = None,
            precision: str = "fp32", grad_reduce: str = "fp32", recompute: str = "auto", experts: str = "auto",
-           progress: Callable[[str], None] | None = None) -> Plan:
+           progress: Callable[[str], None] | None = None, precision_advice: bool = True) -> Plan:
     """Solve every attempt for ``graph`` on ``cluster`` in ``precision`` (``hap.precision.CHOICES``),
     gradients all-reduced in ``grad_reduce``, and return the preferred one as a Plan; ``experts``
-    as ``hap.api.plan_graph`` says."""
+    as ``hap.api.plan_graph`` says. ``precision_advice``: note what ``--precision auto`` would
+    gain (a pipeline's stage plans leave it out: it would price a stage as if it were the step)."""
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
     cluster = resolve(cluster, say)  # device "cpu": this machine's profile
@@ -444,7 +445,8 @@ def search(graph: Graph, cluster: Cluster, *, optimizer: str = "sgd", strict: bo
     won = s.run(total, say)
     strategy = "hap" if won.attempt.name.startswith("hap") else won.attempt.name
     expert_notes = experts_notes(graph, s, won)
-    notes = [f"precision {precision}: {why}"] + result_notes(graph, cluster, won, recompute) + expert_notes
+    notes = [f"precision {precision}: {why}"] + result_notes(graph, cluster, won, recompute, precision_advice) \
+        + expert_notes
     return assemble_plan(graph, cluster, won, strategy=strategy, spec=spec, solve_s=time.perf_counter() - t0,
                          baselines=s.baselines(), warnings=list(dict.fromkeys(warnings + result_warnings(graph, won))),
                          notes=notes)
@@ -507,7 +509,8 @@ def result_warnings(graph: Graph, won: Result) -> list[str]:
     return out
 
 
-def result_notes(graph: Graph, cluster: Cluster, won: Result, recompute: str) -> list[str]:
+def result_notes(graph: Graph, cluster: Cluster, won: Result, recompute: str, precision_advice: bool = True) \
+        -> list[str]:
     """Why the chosen result trains as it does: the gradient dtype, a faster precision, the
     recomputed blocks, the micro-batches."""
     notes = []
@@ -518,7 +521,7 @@ def result_notes(graph: Graph, cluster: Cluster, won: Result, recompute: str) ->
     notes += grad_sync_notes(graph, cluster, len(won.attempt.shares), ev.grad_buckets, ev.grad_overlap,
                              ev.grad_sync_s, [m.priced.kind for m in ev.moves])
     if graph.precision == "fp32":
-        notes += faster_precision(graph, cluster, won)
+        notes += faster_precision(graph, cluster, won) if precision_advice else []
     blocks, counts = won.setup.recompute, won.setup.recompute_counts
     if blocks:
         notes.append(f"activation checkpointing: {len(blocks)} of {len(graph.blocks())} blocks ("
