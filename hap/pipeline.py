@@ -206,36 +206,41 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
     return best
 
 
+AFTER_LAST = "a stage's gradients are complete only once its last micro-batch's backward has run"
+
+
 def stage_sync(plan: Plan, shared: set[str], memo: dict) -> tuple[list[list[str]], float]:
-    """A stage's own gradient all-reduce, its buckets and exposed time: its plan's without the
-    weights other stages hold too (state-dict keys ``shared``), which the program sums over all
-    their holders at once (``hap.runtime.pipelined.StageTrainer.sum_shared``)."""
-    tied = shared_in(plan.graph, shared)
-    if not tied & set(plan.grad_synced):
-        return [list(b) for b in plan.predicted.grad_buckets], plan.predicted.grad_sync_s
+    """A stage's own gradient all-reduce, its buckets and time: its plan's, after backward
+    (``AFTER_LAST``: overlapping the last micro-batch's backward alone would gain little), and
+    without the weights other stages hold too (state-dict keys ``shared``), which the program
+    sums over all their holders at once (``hap.runtime.pipelined.StageTrainer.sum_shared``)."""
     key = (id(plan), "sync")
     if key not in memo:
-        cm = CostSetup.of_plan(plan).cost_model(plan.graph, plan.cluster)
-        memo[key] = grad_sync_schedule(plan.graph, cm, plan.choice(), [n for n in plan.grad_synced if n not in tied],
-                                       plan.predicted.grad_overlap)
+        tied = shared_in(plan.graph, shared)
+        synced = [n for n in plan.grad_synced if n not in tied]
+        if len(synced) == len(plan.grad_synced) and not plan.predicted.grad_overlap:
+            memo[key] = [list(b) for b in plan.predicted.grad_buckets], plan.predicted.grad_sync_s
+        else:
+            cm = CostSetup.of_plan(plan).cost_model(plan.graph, plan.cluster)
+            memo[key] = grad_sync_schedule(plan.graph, cm, plan.choice(), synced, overlap=False)
     return memo[key]
 
 
-def untied(plan: Plan, shared: set[str], memo: dict) -> Plan:
-    """A stage's plan as its stage runs it: its gradient buckets, all-reduce time and notes
-    without the weights other stages hold too (``stage_sync``). Its ``grad_synced`` keeps them:
-    their gradients are still partial sums on its ranks, summed over the holders."""
+def staged(plan: Plan, shared: set[str], memo: dict) -> Plan:
+    """A stage's plan as its stage runs it: its gradient buckets, all-reduce time and notes as
+    ``stage_sync`` has them. Its ``grad_synced`` keeps the shared weights: their gradients are
+    still partial sums on its ranks, summed over the holders."""
     pr = plan.predicted
     buckets, sync_s = stage_sync(plan, shared, memo)
-    if sync_s == pr.grad_sync_s and [list(b) for b in pr.grad_buckets] == buckets:
+    if not pr.grad_overlap and sync_s == pr.grad_sync_s and [list(b) for b in pr.grad_buckets] == buckets:
         return plan
     kinds = [m.kind for m in plan.moves]
     was = grad_sync_notes(plan.graph, plan.cluster, plan.num_ranks, pr.grad_buckets, pr.grad_overlap,
                           pr.grad_sync_s, kinds)
-    now = grad_sync_notes(plan.graph, plan.cluster, plan.num_ranks, buckets, pr.grad_overlap, sync_s, kinds)
+    now = grad_sync_notes(plan.graph, plan.cluster, plan.num_ranks, buckets, False, sync_s, kinds, AFTER_LAST)
     notes = [x for n in plan.notes for x in (now if n in was[:1] else [] if n in was else [n])]
     predicted = dataclasses.replace(pr, step_s=pr.step_s - pr.grad_sync_s + sync_s, grad_sync_s=sync_s,
-                                    grad_buckets=tuple(tuple(b) for b in buckets))
+                                    grad_buckets=tuple(tuple(b) for b in buckets), grad_overlap=False)
     return dataclasses.replace(plan, predicted=predicted, notes=tuple(notes))
 
 
@@ -299,10 +304,10 @@ def plan_pipeline(graph: Graph, cluster: Cluster, stages: int, solve: Callable[[
 def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Plan], parts: Sequence[StageGraph],
              groups: Sequence[Sequence[int]], memo: dict) -> Plan:
     """The pipelined Plan: every rank's share in its stage, every node's choice from the stage
-    that runs it, each stage's plan as it runs (``untied``), and the schedule's prediction."""
+    that runs it, each stage's plan as it runs (``staged``), and the schedule's prediction."""
     n = cluster.num_ranks
     shared = shared_weights([st.graph for st in parts])
-    plans = [untied(p, {k for keys in shared for k in keys}, memo) for p in plans]
+    plans = [staged(p, {k for keys in shared for k in keys}, memo) for p in plans]
     shares, compute, memory = [0] * n, [0.0] * n, [0] * n
     for p, g in zip(plans, groups):
         for i, r in enumerate(g):

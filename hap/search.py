@@ -574,10 +574,10 @@ def couples_samples(node: Node) -> bool:
 
 
 def grad_sync_notes(graph: Graph, cluster: Cluster, n: int, buckets: Sequence[Sequence[str]], overlap: bool,
-                    sync_s: float, move_kinds: Sequence[str]) -> list[str]:
+                    sync_s: float, move_kinds: Sequence[str], why: str | None = None) -> list[str]:
     """How the replicated parameters' gradients are all-reduced over ``n`` ranks: in
     ``buckets`` overlapped with backward (their sizes and the ``sync_s`` that stays exposed),
-    or after backward and why."""
+    or after backward and why (``why``, else ``overlap_blocker``'s reason)."""
     if n <= 1 or not buckets:
         return []
     if overlap:
@@ -588,7 +588,7 @@ def grad_sync_notes(graph: Graph, cluster: Cluster, n: int, buckets: Sequence[Se
         return [f"gradients are all-reduced in {len(sizes)} buckets ({', '.join(f'{x:.1f}' for x in sizes)} MiB), "
                 f"each but the last while backward runs, launched as its last gradient is ready; "
                 f"{sync_s * 1e3:.2f} ms is left after backward"]
-    why = overlap_blocker(cluster, n, move_kinds)
+    why = why or overlap_blocker(cluster, n, move_kinds)
     return [f"gradients are all-reduced after backward ({sync_s * 1e3:.1f} ms), not while it runs: {why}"]
 
 
