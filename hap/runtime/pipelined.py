@@ -30,7 +30,8 @@ The start-up and the checkpoints are a single-stage program's, over the whole jo
 builds the model on the meta device and reads only its stage's slices of the initial state
 (``--init``, or the one its node writes), of ``PRETRAINED`` weights or of a checkpoint; every
 stage writes its own parameters into one checkpoint (``StageCheckpointer``), which resumes under
-any plan. Not yet: re-balancing, ``--eval-every`` and ``--slowdown-at`` are refused with a message.
+any plan. ``--eval-every`` runs each validation batch through the stages whole
+(``StageTrainer.validate``). Not yet: re-balancing and ``--slowdown-at`` (refused with a message).
 """
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ import torch.distributed as tdist
 from . import checkpoint as ckpt
 from . import dist as _d
 from . import micro, optim
-from .collectives import deferred_grads
-from .data import BadBatch, RankData
+from .collectives import deferred_grads, sum_scalar
+from .data import BadBatch, RankData, val_batches
 from .emulate import end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .layout import Layout
@@ -79,6 +80,7 @@ from .program import (
 from .rng import seed_step
 from .sharded_ops import count_deferred
 
+VAL_TAGS = 1 << 29  # validation's point-to-point tags start here, above any training step's
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -221,6 +223,47 @@ class StageTrainer(Trainer):
                             DTYPES[dtype], _d.device(), tag=self.tag(j, i, back))
                 for i, (shape, dtype) in enumerate(metas)]
 
+    def validate(self, layout: Layout, spec, dims: Sequence[int | None], max_batches: int) -> float:
+        """Mean loss over the first ``max_batches`` global batches of ``dataset("val")``, as a
+        single-stage program validates (``program.validate``: the training graph's forward, the
+        buffers restored afterwards): each global batch goes through the stages whole, as one
+        micro-batch, each rank its share's rows in the stage's order; the last stage's loss,
+        summed over its ranks, is sent to every rank."""
+        st = self.stages
+        mine_rows, sends = tuple(layout.shares), st.cuts[st.index] if not st.last else ()
+        prev_rows = tuple(st.shares[st.index - 1]) if self.prev else ()
+        next_rows = tuple(st.shares[st.index + 1]) if self.next else ()
+        saved = {k: v.clone() for k, v in self.buffers.items()}
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for b, batch in enumerate(val_batches(spec, layout.rank, layout.shares, dims, st.samples, layout.device,
+                                                  max_batches)):
+                tag = VAL_TAGS + 2 * b * 64
+                xs = [receive_cut(self.me, self.prev, prev_rows, st.ranks[st.index], mine_rows, tuple(shape),
+                                  DTYPES[dtype], _d.device(), tag=tag + 2 * i)
+                      for i, (shape, dtype) in enumerate(st.cuts[st.index - 1] if self.prev else ())]
+                inputs = [*(batch[k] for k in st.inputs[st.index]), *xs]
+                with self.amp.autocast():
+                    if st.last:
+                        total += sum_scalar(self.forward(layout.with_rows(mine_rows), self.params, self.buffers,
+                                                         inputs).float())
+                    else:
+                        zeros = [torch.zeros((layout.shares[layout.rank], *shape), dtype=DTYPES[dtype],
+                                             device=layout.device) for shape, dtype in sends]
+                        _, ys = self.forward(layout.with_rows(mine_rows), self.params, self.buffers,
+                                             [*inputs, *zeros])
+                if not st.last:
+                    wait_all([w for i, (y, (_, dtype)) in enumerate(zip(ys, sends))
+                              for w in send_cut(y.to(DTYPES[dtype]).contiguous(), self.me, st.ranks[st.index],
+                                                mine_rows, self.next, next_rows, tag=tag + 2 * i)])
+                n += 1
+        for k, v in saved.items():
+            self.buffers[k].copy_(v)
+        first = st.last and _d.rank() == 0
+        mean = torch.tensor([total / max(n, 1) if first else 0.0], dtype=torch.float64)
+        _d._all_reduce(mean, everywhere=True)
+        return float(mean[0])
+
     def global_loss(self, loss: torch.Tensor, counted, riders: list[float]) -> float:
         """The step's loss, from the last stage to every rank, and the global batch's true class
         count applied to every stage's gradients (the last stage's gradients, and so every
@@ -289,9 +332,8 @@ def stage_buckets(layout: Layout, stages: Stages) -> list[list[str]]:
 
 
 def refuse_unsupported(args) -> None:
-    for flag, on in (("--eval-every", args.eval_every), ("--slowdown-at", args.slowdown_at)):
-        if on:
-            stop(f"{flag}: a pipelined program does not support it yet; plan with --stages 1 to use it")
+    if args.slowdown_at:
+        stop("--slowdown-at: a pipelined program does not support it yet; plan with --stages 1 to use it")
 
 
 def job_view(stages: Stages, layouts: Sequence[Layout], rank: int, device: torch.device) -> SimpleNamespace:
@@ -426,9 +468,13 @@ def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable]
                 stop_non_finite(job.layout, args, run_id, f"the gradient norm is {norm}", step, saver.last)
             trainer.apply(lr)
         log.step(step, global_loss, lr, norm, time.perf_counter() - t0, data.waits[-1] if data.waits else 0.0)
-        if saver.due(step + 1):
+        done = step + 1
+        if args.eval_every and hasattr(spec, "dataset") and (done % args.eval_every == 0 or done == args.steps):
             with undilated():
-                saver.save(step + 1, layout, trainer.params, trainer.buffers, trainer.opt, data, amp)
+                log.validated(step, done, trainer.validate(layout, spec, dims, args.eval_batches))
+        if saver.due(done):
+            with undilated():
+                saver.save(done, layout, trainer.params, trainer.buffers, trainer.opt, data, amp)
     if args.dump_params:
         dump(args.dump_params, layout, model, params, buffers)
     data.close()

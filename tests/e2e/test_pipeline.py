@@ -84,3 +84,44 @@ def test_a_pipelined_checkpoint_resumes_under_one_stage_and_back_and_exports(tmp
                                           want_losses[5:], want)
     assert problem is None, problem
     assert len(log["losses"]) == 2 and loss_err < 1e-4 and param_err < 1e-4, (loss_err, param_err)
+
+
+def test_a_pipelined_program_validates_what_one_device_would_and_trains_the_same(tmp_path):
+    """--eval-every in a pipelined program (stages of 1 and 2 ranks): the val loss it reports is
+    the trained model's single-device loss on those val batches, and validating changes nothing
+    training computes."""
+    spec, cluster = str(ROOT / "examples/chargpt.py"), str(CLUSTERS / "cpu-1-2-4.toml")
+    plan = plan_for(spec, cluster, stages=2)
+    assert [len(st.ranks) for st in plan.stages] in ([1, 2], [2, 1])
+    emit_program(plan, tmp_path / "out", spec=spec)
+    common = ["--lr", "0.05", "--steps", "3", "--micro-batches", "2"]
+
+    def run(args: list[str]) -> str:
+        p = torchrun(3, tmp_path / "out" / "train.py", common + args)
+        assert p.returncode == 0 and GLOO_TEARDOWN not in p.stderr, f"{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+        return p.stdout
+
+    run(["--dump-params", str(tmp_path / "plain.pt")])
+    said = run(["--eval-every", "2", "--eval-batches", "2", "--log-json", str(tmp_path / "log.json"),
+                "--dump-params", str(tmp_path / "eval.pt")])
+    a, b = torch.load(tmp_path / "plain.pt", weights_only=True), torch.load(tmp_path / "eval.pt", weights_only=True)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    val = json.loads((tmp_path / "log.json").read_text())["val_losses"]
+    assert [v["step"] for v in val] == [2, 3] and said.count("val loss") == 2
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(ROOT / "examples"))  # chargpt imports gpt beside it
+    try:
+        loader = importlib.util.spec_from_file_location("chargpt", spec)
+        chargpt = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(chargpt)
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    net = chargpt.model()
+    net.load_state_dict(b)
+    ds, n = chargpt.dataset("val"), plan.global_batch
+    with torch.no_grad():
+        want = sum(float(net(*torch.utils.data.default_collate([ds[i] for i in range(n * j, n * j + n)])))
+                   for j in range(2)) / 2
+    assert abs(val[-1]["loss"] - want) < 1e-5 * max(1.0, abs(want)), (val[-1]["loss"], want)
