@@ -31,7 +31,8 @@ builds the model on the meta device and reads only its stage's slices of the ini
 (``--init``, or the one its node writes), of ``PRETRAINED`` weights or of a checkpoint; every
 stage writes its own parameters into one checkpoint (``StageCheckpointer``), which resumes under
 any plan. ``--eval-every`` runs each validation batch through the stages whole
-(``StageTrainer.validate``). Not yet: re-balancing and ``--slowdown-at`` (refused with a message).
+(``StageTrainer.validate``); ``--slowdown-at`` slows a rank under ``--emulate``. Not yet:
+re-balancing (a pipelined plan's layouts do not allow it).
 """
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ from .program import (
     restart_count,
     resume,
     resume_point,
+    slowdown_schedule,
     stop,
     stop_non_finite,
     tokens_per_sample,
@@ -331,11 +333,6 @@ def stage_buckets(layout: Layout, stages: Stages) -> list[list[str]]:
     return [kept for b in layout.grad_buckets if (kept := [n for n in b if n not in shared])]
 
 
-def refuse_unsupported(args) -> None:
-    if args.slowdown_at:
-        stop("--slowdown-at: a pipelined program does not support it yet; plan with --stages 1 to use it")
-
-
 def job_view(stages: Stages, layouts: Sequence[Layout], rank: int, device: torch.device) -> SimpleNamespace:
     """The whole job as the start-up steps that span stages read it (the same ones a single-stage
     program runs on its layout: ``agree_or_stop``, ``prepare``, ``open_save``, ``resume_point``,
@@ -399,7 +396,6 @@ def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable]
          argv: list[str] | None = None) -> None:
     """Train the program's model, each rank its stage's part of every global batch."""
     args = parse_args(argv, layouts[0].optimizer)
-    refuse_unsupported(args)
     if args.write_init:  # one process, before any process group
         write_init(Program(job_view(stages, layouts, 0, torch.device("cpu")), forwards[0], os.path.abspath(file)),
                    args)
@@ -445,10 +441,16 @@ def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable]
     log = RunLog(_d.global_rank(), args.steps, board, layout.global_batch,
                  layout.global_batch * tokens_per_sample(stages.samples))
     saver = StageCheckpointer(stages, args, run_id, set(model.state_dict()), ck["path"] if ck else None)
+    slowdowns = slowdown_schedule(args.slowdown_at, _d.global_rank()) if args.emulate else {}
     if args.emulate:
         set_emulation(layout.slowdown[layout.rank])
+    if args.emulate and args.slowdown_at and _d.global_rank() == 0:
+        print("train.py: a pipelined program does not re-balance yet: a slowed rank's stage runs at its pace",
+              flush=True)
     for step in range(start_step, args.steps):
         t0 = time.perf_counter()
+        if step in slowdowns:
+            set_emulation(slowdowns[step])
         with undilated():
             try:
                 batch = data.next(step)

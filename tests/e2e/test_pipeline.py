@@ -88,8 +88,8 @@ def test_a_pipelined_checkpoint_resumes_under_one_stage_and_back_and_exports(tmp
 
 def test_a_pipelined_program_validates_what_one_device_would_and_trains_the_same(tmp_path):
     """--eval-every in a pipelined program (stages of 1 and 2 ranks): the val loss it reports is
-    the trained model's single-device loss on those val batches, and validating changes nothing
-    training computes."""
+    the trained model's single-device loss on those val batches; validating, and slowing a rank
+    under --emulate from step 2, change nothing training computes."""
     spec, cluster = str(ROOT / "examples/chargpt.py"), str(CLUSTERS / "cpu-1-2-4.toml")
     plan = plan_for(spec, cluster, stages=2)
     assert [len(st.ranks) for st in plan.stages] in ([1, 2], [2, 1])
@@ -103,7 +103,8 @@ def test_a_pipelined_program_validates_what_one_device_would_and_trains_the_same
 
     run(["--dump-params", str(tmp_path / "plain.pt")])
     said = run(["--eval-every", "2", "--eval-batches", "2", "--log-json", str(tmp_path / "log.json"),
-                "--dump-params", str(tmp_path / "eval.pt")])
+                "--dump-params", str(tmp_path / "eval.pt"), "--emulate", "--slowdown-at", "2:0:3"])
+    assert "does not re-balance yet" in said
     a, b = torch.load(tmp_path / "plain.pt", weights_only=True), torch.load(tmp_path / "eval.pt", weights_only=True)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     val = json.loads((tmp_path / "log.json").read_text())["val_losses"]
