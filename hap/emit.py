@@ -737,7 +737,7 @@ def stage_code(plan: Plan, spec_rel: str, name: str = "forward", sends: tuple[st
         lengths=_table(lengths),
         grad_buckets=tuple(tuple(b) for b in plan.predicted.grad_buckets) or (tuple(plan.grad_synced),),
         grad_overlap=plan.predicted.grad_overlap, precision=plan.precision, optimizer=plan.optimizer,
-        grad_reduce=plan.graph.grad_reduce, rebalance=rebalanceable(plan) and not sends,
+        grad_reduce=plan.graph.grad_reduce, rebalance=rebalanceable(plan),
         micro=tuple(plan.micro_batches) or (1,) * plan.num_ranks, lockstep=lockstep(plan) or bool(sends),
         fixed_batch=tuple(dict.fromkeys(em.fixed_batch)),
         random_on_cpu=len({r.device for r in plan.cluster.ranks if r.device != "cpu"}) > 1,

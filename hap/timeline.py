@@ -176,7 +176,7 @@ def draw_run(log: dict, path: str | Path) -> Path:
     compute, step_s = log.get("compute_s") or [], log["step_s"]
     if not compute:
         raise ValueError("this log has no per-rank compute (compute_s): it comes from a run that re-balances "
-                         "(a data-parallel plan without --no-rebalance)")
+                         "(a plan of several ranks without --no-rebalance) or a pipelined one")
     first = int(log.get("first_step", 0))
     steps = list(range(first, first + len(compute)))
     n = len(compute[0])
@@ -190,7 +190,8 @@ def draw_run(log: dict, path: str | Path) -> Path:
         for e in log.get("rebalance", []):
             ax.axvline(e["step"] - 0.5, color=COLORS["sync"], linewidth=1)
             if r == 0:
-                ax.annotate(f" shares {e['shares']}", (e["step"] - 0.5, ax.get_ylim()[1] * 0.95), fontsize=7,
+                said = f" stage {e['stage']}: shares {e['shares']}" if "stage" in e else f" shares {e['shares']}"
+                ax.annotate(said, (e["step"] - 0.5, ax.get_ylim()[1] * 0.95), fontsize=7,
                             color=COLORS["sync"], va="top", ha="left",
                             bbox={"facecolor": "white", "alpha": 0.85, "linewidth": 0})
     axes[0, 0].legend(loc="upper left", fontsize=7)

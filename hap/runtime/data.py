@@ -60,11 +60,12 @@ class GlobalOrder:
 class RankBatches(Sampler[list[int]]):
     """Batch sampler: this rank's positions of the global batches of steps ``start..stop-1``.
     ``shares_at(step)`` gives every rank's share at a step (shares may change between steps);
-    ``positions`` (a pipeline stage's order of the batch, ``hap.runtime.pipeline.stage_positions``)
-    reorders every global batch before the ranks take their ranges."""
+    ``positions(shares)`` (a pipeline stage's order of the batch under those shares,
+    ``hap.runtime.pipeline.stage_positions``) reorders every global batch before the ranks take
+    their ranges."""
 
     def __init__(self, order: GlobalOrder, rank: int, shares_at: Callable[[int], Sequence[int]], start: int,
-                 stop: int, positions: torch.Tensor | None = None) -> None:
+                 stop: int, positions: Callable[[tuple[int, ...]], torch.Tensor] | None = None) -> None:
         self.order, self.rank, self.shares_at, self.start, self.stop = order, rank, shares_at, start, stop
         self.positions = positions
 
@@ -77,7 +78,7 @@ class RankBatches(Sampler[list[int]]):
             lo = offset(shares, self.rank)
             indices = self.order.indices(step)
             if self.positions is not None:
-                indices = indices[self.positions]
+                indices = indices[self.positions(tuple(shares))]
             yield indices[lo:lo + shares[self.rank]].tolist()
 
 
@@ -214,10 +215,11 @@ class RankData:
 
     def __init__(self, spec: Any, rank: int, shares: Sequence[int], inputs: Sequence[int | None],
                  samples: Sequence[tuple[tuple[int, ...], str]], seed: int, start: int, stop: int, prefetch: int,
-                 device: torch.device, positions: Sequence[int] | None = None) -> None:
+                 device: torch.device, positions: Callable[[tuple[int, ...]], Sequence[int]] | None = None) -> None:
         self.spec, self.rank, self.inputs, self.device = spec, rank, inputs, device
-        # a pipeline stage's order of each global batch (RankBatches); None: the batch's own
-        self.positions = None if positions is None else torch.tensor(list(positions), dtype=torch.long)
+        # a pipeline stage's order of each global batch under given shares (RankBatches); None: the batch's own
+        self._order_of = positions
+        self._orders: dict[tuple[int, ...], torch.Tensor] = {}
         self.schedule: list[tuple[int, tuple[int, ...]]] = [(start, tuple(shares))]  # (from step, shares)
         self.empty = [(tuple(shape), getattr(torch, dt)) for shape, dt in samples]
         self.order: GlobalOrder | None = None
@@ -235,11 +237,18 @@ class RankData:
         if hasattr(spec, "dataset"):
             ds = spec.dataset("train")
             self.order = GlobalOrder(len(ds), sum(shares), seed)
-            batches = RankBatches(self.order, rank, self.shares_at, start, stop, self.positions)
+            batches = RankBatches(self.order, rank, self.shares_at, start, stop,
+                                  self.positions if positions is not None else None)
             self.lookahead = WORKERS * prefetch + prefetch + 2 if prefetch > 0 else 1
             it = iter(loader(ds, batches, getattr(spec, "collate", None), self.empty, prefetch,
                              pin=device.type == "cuda"))
             self._timed = Timed(Ahead(it, prefetch) if prefetch > 0 else it)
+
+    def positions(self, shares: tuple[int, ...]) -> torch.Tensor:
+        """The stage's order of a global batch under ``shares`` (computed once per shares)."""
+        if shares not in self._orders:
+            self._orders[shares] = torch.tensor(list(self._order_of(shares)), dtype=torch.long)
+        return self._orders[shares]
 
     def shares_at(self, step: int) -> tuple[int, ...]:
         return next(sh for s, sh in reversed(self.schedule) if s <= step)
@@ -295,15 +304,16 @@ class RankData:
         shares = self.shares_at(step)
         total, lo, share = sum(shares), offset(shares, self.rank), shares[self.rank]
         if self._by_rows is None:
-            self._by_rows = self.positions is None and self._rows_agree(step, total, lo, share)
+            self._by_rows = self._order_of is None and self._rows_agree(step, total, lo, share)
         if self._by_rows:
             out = as_tuple(self.spec.batch(step, total, rows=(lo, lo + share)))
             check_batch(out, self.empty, share, f"batch({step}, {total}, rows=({lo}, {lo + share}))")
         else:
             full = self._whole_batch(step, total)
-            if self.positions is not None:
-                mine = self.positions[lo:lo + share]
-                out = tuple(x.index_select(0, mine) if d == 0 else x.index_select(0, self.positions)
+            if self._order_of is not None:
+                order = self.positions(shares)
+                mine = order[lo:lo + share]
+                out = tuple(x.index_select(0, mine) if d == 0 else x.index_select(0, order)
                             for x, d in zip(full, self.inputs))
             else:  # a copy of the rows, so that the global batch is freed while they wait in the queue
                 out = tuple(x.narrow(0, lo, share).clone() if d == 0 and share < total else x

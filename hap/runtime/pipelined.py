@@ -31,8 +31,10 @@ builds the model on the meta device and reads only its stage's slices of the ini
 (``--init``, or the one its node writes), of ``PRETRAINED`` weights or of a checkpoint; every
 stage writes its own parameters into one checkpoint (``StageCheckpointer``), which resumes under
 any plan. ``--eval-every`` runs each validation batch through the stages whole
-(``StageTrainer.validate``); ``--slowdown-at`` slows a rank under ``--emulate``. Not yet:
-re-balancing (a pipelined plan's layouts do not allow it).
+(``StageTrainer.validate``). A stage of several ranks re-balances its shares of each
+micro-batch as a single-stage program does (measured compute, less the time waiting on other
+ranks); every stage learns every stage's new shares with the step's loss, so the cuts' rows
+follow from the same step on (``plan_reshare``, ``reshare``).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -53,7 +55,7 @@ from . import dist as _d
 from . import micro, optim
 from .collectives import deferred_grads, sum_scalar
 from .data import BadBatch, RankData, val_batches
-from .emulate import end_segment, set_emulation, undilated
+from .emulate import comm_seconds, end_segment, set_emulation, undilated
 from .grad_sync import GradSync
 from .layout import Layout
 from .logger import RunLog
@@ -62,10 +64,12 @@ from .precision import Precision
 from .program import (
     Checkpointer,
     Program,
+    Rebalancing,
     Trainer,
     agree_on_place,
     full_state_dict,
     join_job,
+    move_shards,
     open_save,
     parse_args,
     prepare,
@@ -73,6 +77,7 @@ from .program import (
     restart_count,
     resume,
     resume_point,
+    shares_allowed,
     slowdown_schedule,
     stop,
     stop_non_finite,
@@ -81,6 +86,7 @@ from .program import (
 )
 from .rng import seed_step
 from .sharded_ops import count_deferred
+from .shares import Rebalancer
 
 VAL_TAGS = 1 << 29  # validation's point-to-point tags start here, above any training step's
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -138,10 +144,27 @@ class StageTrainer(Trainer):
         self.prev = stages.ranks[s - 1] if s > 0 else ()
         self.next = stages.ranks[s + 1] if not stages.last else ()
         self.layout = layout
-        self.rows = micro_rows(layout.shares, self.m)
-        self.rows_prev = micro_rows(stages.shares[s - 1], self.m) if s > 0 else []
-        self.rows_next = micro_rows(stages.shares[s + 1], self.m) if not stages.last else []
         self.sent: list = []
+        self.balancer: Rebalancer | None = None  # this stage's, where it re-balances (``rebalance_within``)
+        self.decided: dict[int, tuple[int, ...]] = {}  # the last step's new shares, by stage
+        self.compute_log: list[list[float]] = []  # per step: every rank's compute seconds
+        self.compute_s = 0.0  # this rank's compute in the step (measured by the loop)
+        self.reason = ""  # why this stage last re-balanced
+        self.schedule = [(0, stages.shares)]  # (from step, every stage's shares)
+        self.set_shares(stages.shares)
+
+    def set_shares(self, shares: Sequence[Sequence[int]]) -> None:
+        """Every stage's shares from now on: each micro-batch's rows of this stage and of its
+        neighbours, which the cuts exchange."""
+        st = self.stages = replace(self.stages, shares=tuple(tuple(x) for x in shares))
+        s = st.index
+        self.rows = micro_rows(st.shares[s], self.m)
+        self.rows_prev = micro_rows(st.shares[s - 1], self.m) if s > 0 else []
+        self.rows_next = micro_rows(st.shares[s + 1], self.m) if not st.last else []
+
+    def shares_at(self, step: int) -> tuple[tuple[int, ...], ...]:
+        """Every stage's shares at ``step``, with the re-balancings decided before it."""
+        return next(sh for at, sh in reversed(self.schedule) if at <= step)
 
     def backward(self, layout: Layout, batch, step: int) -> tuple[torch.Tensor, tuple[float, float] | None]:
         st, rows, rank = self.stages, self.rows, layout.rank
@@ -270,14 +293,28 @@ class StageTrainer(Trainer):
         """The step's loss, from the last stage to every rank, and the global batch's true class
         count applied to every stage's gradients (the last stage's gradients, and so every
         stage's, were computed with the stand-in denominator)."""
+        width = len(riders)  # this rank's compute in its slot of the stage, where the stage re-balances
+        compute = [0.0] * self.stages.world_size  # every rank's compute, for the log
+        compute[self.me] = self.compute_s
         riders = [*riders, float(counted[0])] if counted is not None else riders
         total = self.grad_sync.finish(loss.float(), torch.tensor(riders, dtype=torch.float64) if riders else None)
         fix = counted[1] / float(self.grad_sync.riders[-1]) if counted is not None else 1.0
         first = self.stages.last and _d.rank() == 0
         self.sum_shared()  # the holders' ranks only; the stages that hold none go on to the loss
-        both = torch.tensor([total if first else 0.0, fix if first else 0.0], dtype=torch.float64)
+        # every stage's re-balancing (each rank its new share + 1 in its global slot) rides with the loss
+        st, own = self.stages, None
+        if self.balancer is not None:
+            own = self.balancer.observe([float(x) for x in self.grad_sync.riders[:width]])
+        slots = [0.0] * st.world_size
+        if own is not None:
+            slots[self.me] = own[0][_d.rank()] + 1.0
+            self.reason = own[1]
+        both = torch.tensor([total if first else 0.0, fix if first else 0.0, *slots, *compute], dtype=torch.float64)
         _d._all_reduce(both, everywhere=True)
-        total, fix = (float(x) for x in both)
+        total, fix = float(both[0]), float(both[1])
+        self.compute_log.append([float(x) for x in both[2 + st.world_size:]])
+        got = [int(round(float(x))) for x in both[2:2 + st.world_size]]
+        self.decided = {s: tuple(got[r] - 1 for r in ranks) for s, ranks in enumerate(st.ranks) if got[ranks[0]]}
         if fix != 1.0:
             optim.scale_grads(self.params, fix)
         return total * fix
@@ -426,14 +463,12 @@ def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable]
         amp.load_state_dict(ck.get("scaler"))
     if amp.scaler is not None and not stages.last:
         amp.scaler.scale(torch.zeros((), device=layout.device))  # its scale exists before the first unscale
-    rows = micro_rows(layout.shares, m)
-    positions = stage_positions(layout.shares, rows)
     dims = [0] * len(stages.samples)
     for k, i in enumerate(stages.inputs[stages.index]):
         dims[i] = layout.inputs[k]
     try:
         data = RankData(spec, layout.rank, layout.shares, dims, stages.samples, args.seed, start_step, args.steps,
-                        args.prefetch, layout.device, positions)
+                        args.prefetch, layout.device, lambda shares: stage_positions(shares, micro_rows(shares, m)))
     except ValueError as e:
         stop(str(e))
     trainer = StageTrainer(stages, layout, forward, params, buffers, opt, amp, grad_sync, args,
@@ -441,16 +476,19 @@ def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable]
     log = RunLog(_d.global_rank(), args.steps, board, layout.global_batch,
                  layout.global_batch * tokens_per_sample(stages.samples))
     saver = StageCheckpointer(stages, args, run_id, set(model.state_dict()), ck["path"] if ck else None)
+    if Rebalancing.wanted(layout, args):  # within the stage: its ranks' shares of each micro-batch
+        trainer.balancer = Rebalancer(layout.shares, lambda shares: shares_allowed(trainer.layout, shares))
+    events: list[dict[str, Any]] = []
     slowdowns = slowdown_schedule(args.slowdown_at, _d.global_rank()) if args.emulate else {}
     if args.emulate:
         set_emulation(layout.slowdown[layout.rank])
-    if args.emulate and args.slowdown_at and _d.global_rank() == 0:
-        print("train.py: a pipelined program does not re-balance yet: a slowed rank's stage runs at its pace",
-              flush=True)
     for step in range(start_step, args.steps):
         t0 = time.perf_counter()
         if step in slowdowns:
             set_emulation(slowdowns[step])
+        if trainer.shares_at(step) != trainer.stages.shares:  # a re-balancing decided earlier starts here
+            layout = reshare(trainer, layout, trainer.shares_at(step))
+            saver.stages = trainer.stages
         with undilated():
             try:
                 batch = data.next(step)
@@ -458,10 +496,18 @@ def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable]
                 stop(str(e))
         mine = [batch[i] for i in stages.inputs[stages.index]]
         trainer.opt.zero_grad(set_to_none=True)
+        c0, comm0 = time.perf_counter(), comm_seconds()
         loss, counted = trainer.backward(layout, mine, step)
-        end_segment()
+        end_segment()  # the emulated slowdown of this step's compute, spent now so it is measured
+        if layout.device.type == "cuda":
+            torch.cuda.synchronize(layout.device)
+        compute_s = time.perf_counter() - c0 - (comm_seconds() - comm0)  # not the time waiting on other ranks
         data.make_next()  # the batch thread may make the next step's rows while this one's gradients sync
-        global_loss = trainer.global_loss(loss, counted, [])
+        riders = [compute_s if r == layout.rank else 0.0 for r in range(layout.world_size)] if trainer.balancer else []
+        trainer.compute_s = compute_s
+        global_loss = trainer.global_loss(loss, counted, riders)
+        if trainer.decided:
+            events += plan_reshare(trainer, data, step + data.lookahead)
         if not math.isfinite(global_loss):
             stop_non_finite(job.layout, args, run_id, f"loss is {global_loss}", step, saver.last)
         with undilated():
@@ -481,10 +527,42 @@ def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable]
         dump(args.dump_params, layout, model, params, buffers)
     data.close()
     log.close(args.log_json, world_size=stages.world_size, first_step=start_step, precision=amp.name,
-              skipped_steps=amp.skipped, stages=[list(r) for r in stages.ranks], micro_batches=m)
+              skipped_steps=amp.skipped, stages=[list(r) for r in stages.ranks], micro_batches=m,
+              rebalance=events, compute_s=trainer.compute_log)
     if args.save and job.layout.rank == 0:
         ckpt.unlock(args.save, run_id)
     _d.leave(0)
+
+
+def plan_reshare(trainer: StageTrainer, data: RankData, at: int) -> list[dict[str, Any]]:
+    """The stages' new shares the last step decided (``StageTrainer.decided``, every rank alike),
+    from step ``at`` on: this stage's data loader reads its new share from then; returns the
+    events, one per stage."""
+    st = trainer.stages
+    new = list(trainer.shares_at(at))
+    for s, shares in trainer.decided.items():
+        new[s] = shares
+    trainer.schedule.append((at, tuple(new)))
+    if st.index in trainer.decided:
+        data.reshare(trainer.decided[st.index], at)
+        if _d.rank() == 0:
+            print(f"re-balancing stage {st.index} from step {at}: shares {list(trainer.decided[st.index])} "
+                  f"({trainer.reason})", flush=True)
+    return [{"step": at, "stage": s, "shares": list(shares)} for s, shares in sorted(trainer.decided.items())]
+
+
+def reshare(trainer: StageTrainer, layout: Layout, shares: Sequence[Sequence[int]]) -> Layout:
+    """Every stage's ``shares`` from this step on: this stage's sharded weights and their
+    optimizer state cut again where its own changed, every micro-batch's rows of it and of its
+    neighbours recomputed; returns this rank's layout."""
+    mine = tuple(shares[trainer.stages.index])
+    if mine != layout.shares:
+        before, layout = layout, layout.with_shares(mine)
+        with undilated():  # moving shards is not the emulated device's compute
+            move_shards(before, layout, trainer.params, trainer.opt)
+        trainer.layout = layout
+    trainer.set_shares(shares)
+    return layout
 
 
 def dump(path: str, layout: Layout, model: torch.nn.Module, params, buffers) -> None:

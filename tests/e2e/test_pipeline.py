@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from hap.bench.reference import errors, reference
 from hap.emit import emit_program
 from hap.export import main as export_main
+from hap.timeline import draw_run
 from tests.e2e.harness import GLOO_TEARDOWN, ROOT, plan_for, run_exact, torchrun
 
 CLUSTERS = ROOT / "profiles" / "clusters"
@@ -94,7 +95,7 @@ def test_a_pipelined_program_validates_what_one_device_would_and_trains_the_same
     plan = plan_for(spec, cluster, stages=2)
     assert [len(st.ranks) for st in plan.stages] in ([1, 2], [2, 1])
     emit_program(plan, tmp_path / "out", spec=spec)
-    common = ["--lr", "0.05", "--steps", "3", "--micro-batches", "2"]
+    common = ["--lr", "0.05", "--steps", "3", "--micro-batches", "2", "--no-rebalance"]  # bitwise: the same shares
 
     def run(args: list[str]) -> str:
         p = torchrun(3, tmp_path / "out" / "train.py", common + args)
@@ -104,7 +105,6 @@ def test_a_pipelined_program_validates_what_one_device_would_and_trains_the_same
     run(["--dump-params", str(tmp_path / "plain.pt")])
     said = run(["--eval-every", "2", "--eval-batches", "2", "--log-json", str(tmp_path / "log.json"),
                 "--dump-params", str(tmp_path / "eval.pt"), "--emulate", "--slowdown-at", "2:0:3"])
-    assert "does not re-balance yet" in said
     a, b = torch.load(tmp_path / "plain.pt", weights_only=True), torch.load(tmp_path / "eval.pt", weights_only=True)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     val = json.loads((tmp_path / "log.json").read_text())["val_losses"]
@@ -126,3 +126,24 @@ def test_a_pipelined_program_validates_what_one_device_would_and_trains_the_same
         want = sum(float(net(*torch.utils.data.default_collate([ds[i] for i in range(n * j, n * j + n)])))
                    for j in range(2)) / 2
     assert abs(val[-1]["loss"] - want) < 1e-5 * max(1.0, abs(want)), (val[-1]["loss"], want)
+
+
+def test_a_slowed_rank_of_a_stage_is_rebalanced_within_it_and_training_stays_exact(tmp_path):
+    """A rank of the 2-rank stage slowed 8x from step 2 (emulated): its stage moves samples of
+    every micro-batch away from it, the other stage's cuts follow from the same step, and
+    training stays exactly what one device trains."""
+    gpt, cluster = str(ROOT / "examples/gpt.py"), str(CLUSTERS / "cpu-1-2-4.toml")
+    plan = plan_for(gpt, cluster, stages=2)
+    index, two = next((i, st) for i, st in enumerate(plan.stages) if len(st.ranks) == 2)
+    slowed = max(range(2), key=lambda r: two.plan.shares[r])  # the rank with more samples
+    plan, loss_err, param_err = run_exact(gpt, cluster, tmp_path, steps=12, stages=2,
+                                          train_args=["--micro-batches", "2", "--emulate", "--slowdown-at",
+                                                      f"2:{two.ranks[slowed]}:8"])
+    log = json.loads((tmp_path / "log.json").read_text())
+    events = log["rebalance"]
+    assert events and all(e["stage"] == index and sum(e["shares"]) == plan.global_batch for e in events), events
+    assert events[0]["step"] <= 11 and events[0]["shares"][slowed] < two.plan.shares[slowed], (two.plan.shares, events)
+    assert loss_err < 1e-4 and param_err < 1e-4, (loss_err, param_err)
+    # every rank's compute reaches the log, and the run's picture marks the stage's re-balancing
+    assert len(log["compute_s"]) == 12 and all(len(row) == 3 for row in log["compute_s"])
+    assert draw_run(log, tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
