@@ -145,7 +145,7 @@ class StageTrainer(Trainer):
         self.next = stages.ranks[s + 1] if not stages.last else ()
         self.layout = layout
         self.sent: list = []
-        self.balancer: Rebalancer | None = None  # this stage's, where it re-balances (``rebalance_within``)
+        self.balancer: Rebalancer | None = None  # this stage's, set by main where the stage re-balances
         self.decided: dict[int, tuple[int, ...]] = {}  # the last step's new shares, by stage
         self.compute_log: list[list[float]] = []  # per step: every rank's compute seconds
         self.compute_s = 0.0  # this rank's compute in the step (measured by the loop)
