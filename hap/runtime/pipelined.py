@@ -74,6 +74,7 @@ from .program import (
     parse_args,
     prepare,
     rank_state,
+    replan_advice,
     restart_count,
     resume,
     resume_point,
@@ -150,6 +151,7 @@ class StageTrainer(Trainer):
         self.compute_log: list[list[float]] = []  # per step: every rank's compute seconds
         self.compute_s = 0.0  # this rank's compute in the step (measured by the loop)
         self.reason = ""  # why this stage last re-balanced
+        self.advice: list[str] = []  # this stage's advice to re-plan (``plan_reshare``)
         self.schedule = [(0, stages.shares)]  # (from step, every stage's shares)
         self.set_shares(stages.shares)
 
@@ -526,9 +528,11 @@ def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable]
     if args.dump_params:
         dump(args.dump_params, layout, model, params, buffers)
     data.close()
+    advice: list[Any] | None = [None] * _d._S.every_world if _d.global_rank() == 0 else None
+    tdist.gather_object(trainer.advice if _d.rank() == 0 else [], advice, dst=0)  # each stage's, once
     log.close(args.log_json, world_size=stages.world_size, first_step=start_step, precision=amp.name,
               skipped_steps=amp.skipped, stages=[list(r) for r in stages.ranks], micro_batches=m,
-              rebalance=events, compute_s=trainer.compute_log)
+              rebalance=events, compute_s=trainer.compute_log, advice=[a for part in advice or [] for a in part])
     if args.save and job.layout.rank == 0:
         ckpt.unlock(args.save, run_id)
     _d.leave(0)
@@ -537,7 +541,8 @@ def main(layouts: Sequence[Layout], stages: Stages, forwards: Sequence[Callable]
 def plan_reshare(trainer: StageTrainer, data: RankData, at: int) -> list[dict[str, Any]]:
     """The stages' new shares the last step decided (``StageTrainer.decided``, every rank alike),
     from step ``at`` on: this stage's data loader reads its new share from then; returns the
-    events, one per stage."""
+    events, one per stage. Where this stage's ranks' speeds have drifted apart, its first rank
+    also says that a new plan may win (it may move layers between the stages too)."""
     st = trainer.stages
     new = list(trainer.shares_at(at))
     for s, shares in trainer.decided.items():
@@ -548,6 +553,12 @@ def plan_reshare(trainer: StageTrainer, data: RankData, at: int) -> list[dict[st
         if _d.rank() == 0:
             print(f"re-balancing stage {st.index} from step {at}: shares {list(trainer.decided[st.index])} "
                   f"({trainer.reason})", flush=True)
+        hint = trainer.balancer.replan_hint(st.ranks[st.index]) if trainer.balancer else None
+        if hint and not trainer.advice:
+            trainer.advice.append(replan_advice(trainer.layout, f"stage {st.index}: {hint}", trainer.args.save)
+                                  + "; a new plan may also move layers between the stages")
+            if _d.rank() == 0:
+                print(f"train.py: {trainer.advice[-1]}", flush=True)
     return [{"step": at, "stage": s, "shares": list(shares)} for s, shares in sorted(trainer.decided.items())]
 
 

@@ -74,15 +74,17 @@ class Rebalancer:
     def per_sample(steps: Sequence[Sequence[float]], shares: Sequence[int]) -> list[float]:
         return [statistics.median(step[r] for step in steps) / s if s else 0.0 for r, s in enumerate(shares)]
 
-    def replan_hint(self) -> str | None:
+    def replan_hint(self, ranks: Sequence[int] | None = None) -> str | None:
         """When the ranks' speeds have moved apart by ``REPLAN_DRIFT`` or more since the run began,
         moving samples may not be the best answer any more: another strategy (sharding
-        differently, fewer ranks) might win. Say which rank and how much."""
+        differently, fewer ranks) might win. Say which rank (``ranks[r]`` where given: a pipeline
+        stage's global ranks) and how much."""
         known = [d for d in self.drift if d > 0]
         if not known or max(known) / min(known) < REPLAN_DRIFT:
             return None
         r = max(range(len(self.drift)), key=lambda i: self.drift[i])
-        return (f"rank {r} computes {self.drift[r] / min(known):.1f}x slower per sample, relative to the fastest "
+        who = ranks[r] if ranks else r
+        return (f"rank {who} computes {self.drift[r] / min(known):.1f}x slower per sample, relative to the fastest "
                 f"rank, than when this run began")
 
     def observe(self, compute_s: Sequence[float]) -> tuple[tuple[int, ...], str] | None:

@@ -144,6 +144,9 @@ def test_a_slowed_rank_of_a_stage_is_rebalanced_within_it_and_training_stays_exa
     assert events and all(e["stage"] == index and sum(e["shares"]) == plan.global_batch for e in events), events
     assert events[0]["step"] <= 11 and events[0]["shares"][slowed] < two.plan.shares[slowed], (two.plan.shares, events)
     assert loss_err < 1e-4 and param_err < 1e-4, (loss_err, param_err)
+    # 4x or more slower than at the start: beyond moving samples, the program suggests a new plan
+    assert len(log["advice"]) == 1 and f"stage {index}: rank {two.ranks[slowed]}" in log["advice"][0]
+    assert "re-plan" in log["advice"][0] and "layers between the stages" in log["advice"][0]
     # every rank's compute reaches the log, and the run's picture marks the stage's re-balancing
     assert len(log["compute_s"]) == 12 and all(len(row) == 3 for row in log["compute_s"])
     assert draw_run(log, tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
