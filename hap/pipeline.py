@@ -21,7 +21,9 @@ kept. A stage solve is cached by (blocks, ranks).
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import heapq
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -31,7 +33,7 @@ from hap.cost import CostSetup
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph
 from hap.plan import Plan, Prediction, Schedule, Stage
-from hap.runtime.pipeline import SCHEDULES, stage_order
+from hap.runtime.pipeline import SCHEDULES, overlaps, stage_order
 from hap.search import grad_sync_notes
 from hap.solve import evaluate, grad_sync_schedule
 from hap.stages import StageGraph, cut_candidates, shared_in, shared_params, shared_weights, split
@@ -39,6 +41,7 @@ from hap.stages import StageGraph, cut_candidates, shared_in, shared_params, sha
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)  # pipeline depths the search tries, each at most the global batch
 FORWARD_SHARE = 1 / 3  # a forward's share of forward + backward (backward ~ 2x forward for matmuls)
 MAX_GROUPINGS = 4  # rank groupings priced per stage count (the most balanced by speed first)
+EVERY_SPLIT = 100_000  # up to this many ways to split the nodes into stages, every one is scored
 
 
 def sub_cluster(cluster: Cluster, ranks: Sequence[int], index: int) -> Cluster:
@@ -53,19 +56,30 @@ def sub_cluster(cluster: Cluster, ranks: Sequence[int], index: int) -> Cluster:
 
 def groupings(cluster: Cluster, stages: int) -> list[tuple[tuple[int, ...], ...]]:
     """Ways to give ``stages`` stages contiguous groups of ranks: whole nodes where the cluster
-    has at least as many nodes, else single ranks; the most even by speed first."""
+    has at least as many nodes, else single ranks; the ``MAX_GROUPINGS`` most even by speed
+    (the fastest group's summed speed over the slowest's), most even first. Every split is
+    scored where there are at most ``EVERY_SPLIT`` of them; beyond that (64 nodes into 6
+    stages is 7 million splits), only those that put each boundary within a unit of where the
+    summed speed reaches its even share."""
     units = cluster.nodes() if cluster.num_nodes >= stages else [[r] for r in range(cluster.num_ranks)]
     if stages > len(units):
         return []
     speed = [sum(cluster.speed(r) for r in u) for u in units]
-    out = []
-    for cuts in itertools.combinations(range(1, len(units)), stages - 1):
-        bounds = (0, *cuts, len(units))
-        groups = tuple(tuple(r for u in units[a:b] for r in u) for a, b in zip(bounds, bounds[1:]))
-        sums = [sum(speed[a:b]) for a, b in zip(bounds, bounds[1:])]
-        out.append((max(sums) / min(sums), groups))
-    out.sort(key=lambda x: x[0])
-    return [g for _, g in out[:MAX_GROUPINGS]]
+    prefix = [0.0, *itertools.accumulate(speed)]
+    n = len(units)
+    if math.comb(n - 1, stages - 1) <= EVERY_SPLIT:
+        splits = itertools.combinations(range(1, n), stages - 1)
+    else:
+        even = [bisect.bisect_left(prefix, prefix[-1] * i / stages) for i in range(1, stages)]
+        near = [sorted({max(1, min(n - 1, e + d)) for d in (-1, 0, 1)}) for e in even]
+        splits = (c for c in itertools.product(*near) if all(a < b for a, b in zip(c, c[1:])))
+
+    def unevenness(cuts: tuple[int, ...]) -> float:
+        sums = [prefix[b] - prefix[a] for a, b in zip((0, *cuts), (*cuts, n))]
+        return max(sums) / min(sums)
+
+    best = heapq.nsmallest(MAX_GROUPINGS, splits, key=unevenness)
+    return [tuple(tuple(r for u in units[a:b] for r in u) for a, b in zip((0, *cuts), (*cuts, n))) for cuts in best]
 
 
 def block_work(graph: Graph, cuts: Sequence[int]) -> list[float]:
@@ -103,44 +117,87 @@ def balanced_cuts(graph: Graph, speeds: Sequence[float]) -> list[int]:
 
 
 def schedule_s(forward_s: Sequence[float], backward_s: Sequence[float], cut_s: Sequence[float], m: int,
-               events: list[tuple[int, str, int, float, float]] | None = None, schedule: str = "1f1b") -> list[float]:
+               events: list[tuple[int, str, int, float, float]] | None = None, schedule: str = "1f1b",
+               transfers: list[tuple[int, str, int, float, float]] | None = None) -> list[float]:
     """When the last micro-batch's backward ends on every stage, each stage running its
     micro-batches in the program's order (``hap.runtime.pipeline.stage_order``): ``F`` of
     micro-batch j (``forward_s[s]``) once its activations arrive, ``B`` (``backward_s[s]``; on
-    the last stage forward and backward at once) once its gradients arrive. ``cut_s[s]``: one
-    micro-batch's transfer over cut s (between stage s and s+1), each way. Returns each stage's
-    end; each ``F`` and ``B`` is added to ``events`` as (stage, "F" or "B", micro-batch, start, end)."""
+    the last stage forward and backward at once) once its gradients arrive. ``cut_s[s]``: how
+    long one micro-batch's transfer over cut s (between stage s and s+1) keeps the sending
+    stage's links busy, each way. A stage's sends start once what they carry is computed and its
+    links are done with its earlier sends (both directions leave through the same node links;
+    a stage sends in its own order, so this queue is exact for the sender, and receivers are
+    taken to keep up). Returns each stage's end; each ``F`` and ``B`` is added to ``events`` as
+    (stage, "F" or "B", micro-batch, start, end), each send to ``transfers`` as (sending stage,
+    "F" forward or "B" backward, micro-batch, start, end)."""
     k = len(backward_s)
     order = [stage_order(schedule, s, k, m) for s in range(k)]
     end: dict[tuple[int, str, int], float] = {}
-    free, at = [0.0] * k, [0] * k
+    arrive: dict[tuple[int, str, int], float] = {}  # (receiving stage, kind, micro-batch): when it has its input
+    free, at, links = [0.0] * k, [0] * k, [0.0] * k
+
+    def send(s: int, to: int, kind: str, j: int, ready: float, seconds: float) -> None:
+        start = max(ready, links[s])
+        links[s] = arrive[(to, kind, j)] = start + seconds
+        if transfers is not None and seconds > 0:
+            transfers.append((s, kind, j, start, start + seconds))
+
     moved = True
-    while moved:  # each stage runs its next step once what it waits for has ended
+    while moved:  # each stage runs its next step once what it waits for has arrived
         moved = False
         for s in range(k):
             while at[s] < len(order[s]):
                 kind, j = order[s][at[s]]
-                if kind == "F" or s == k - 1:  # waits for the activations
-                    wait = (s - 1, "F", j) if s > 0 else None
-                    lag = cut_s[s - 1] if s > 0 else 0.0
-                else:  # waits for the gradients
-                    wait, lag = (s + 1, "B", j), cut_s[s]
-                if wait is not None and wait not in end:
+                need = (s, "F" if kind == "F" or s == k - 1 else "B", j)
+                if s == 0 and need[1] == "F":
+                    ready = 0.0
+                elif need in arrive:
+                    ready = arrive[need]
+                else:
                     break
-                start = max(free[s], end[wait] + lag if wait is not None else 0.0)
+                start = max(free[s], ready)
                 free[s] = end[(s, kind, j)] = start + (forward_s[s] if kind == "F" else backward_s[s])
                 if events is not None:
                     events.append((s, kind, j, start, free[s]))
+                if s < k - 1 and kind == "F":  # the activations on to the next stage
+                    send(s, s + 1, "F", j, free[s], cut_s[s])
+                if s > 0 and kind == "B":  # the inputs' gradients back
+                    send(s, s - 1, "B", j, free[s], cut_s[s - 1])
                 at[s] += 1
                 moved = True
     return free
 
 
-def cut_seconds(cluster: Cluster, a: Sequence[int], b: Sequence[int], nbytes: float) -> float:
-    """One micro-batch's activations (``nbytes``) from stage ranks ``a`` to ``b``: each sender
-    sends each receiver their common rows at once; across nodes they share the node links."""
-    link = cluster.group_link([*a, *b])
-    return link.alpha_s + nbytes / link.bytes_per_s if nbytes else 0.0
+def cut_seconds(cluster: Cluster, a: Sequence[int], b: Sequence[int], shares_a: Sequence[int],
+                shares_b: Sequence[int], nbytes: float) -> float:
+    """How long one micro-batch's activations (``nbytes``, all its rows) keep the links of a cut
+    from stage ranks ``a`` (holding rows by ``shares_a``) to ``b`` busy: each sender sends each
+    receiver their common rows at once (``hap.runtime.pipeline.overlaps``, as the program does);
+    between nodes every node's rows leave and arrive through its one network link, so the busiest
+    node link sets the time; within a node, each rank's own link."""
+    if not nbytes:
+        return 0.0
+    total = sum(shares_a)
+    node_out: dict[int, float] = {}
+    node_in: dict[int, float] = {}
+    rank_io: dict[int, float] = {}
+    for i, k, _, _, cnt in overlaps(shares_a, shares_b):
+        ra, rb, part = a[i], b[k], nbytes * cnt / total
+        na, nb = cluster.ranks[ra].node, cluster.ranks[rb].node
+        if na == nb:
+            rank_io[ra] = rank_io.get(ra, 0.0) + part
+            rank_io[rb] = rank_io.get(rb, 0.0) + part
+        else:
+            node_out[na] = node_out.get(na, 0.0) + part
+            node_in[nb] = node_in.get(nb, 0.0) + part
+    times = [0.0]
+    if node_out:
+        link = cluster.group_link([*a, *b])
+        times.append(link.alpha_s + max([*node_out.values(), *node_in.values()]) / link.bytes_per_s)
+    for r, part in rank_io.items():
+        link = cluster.intra_link(cluster.ranks[r].device)
+        times.append(link.alpha_s + part / link.bytes_per_s)
+    return max(times)
 
 
 @dataclasses.dataclass
@@ -173,7 +230,8 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
     def best_of(m: int, work: Sequence[float]) -> Priced:
         fwd = [w * FORWARD_SHARE for w in work[:-1]] + [0.0]  # the last stage: forward and backward at once (B)
         back = [w - f for w, f in zip(work, fwd)]
-        cut = [cut_seconds(cluster, groups[s], groups[s + 1], sent[s] / m) for s in range(k - 1)]
+        cut = [cut_seconds(cluster, groups[s], groups[s + 1], stage_plans[s].shares, stage_plans[s + 1].shares,
+                           sent[s] / m) for s in range(k - 1)]
         busy = sum(work) * m / k
         out = None
         for name in SCHEDULES:  # 1F1B first: it keeps fewer activations, so it wins a tie

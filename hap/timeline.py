@@ -120,7 +120,8 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
     if sch is None or not plan.pipelined:
         raise ValueError("draw_pipeline draws a pipelined plan (hap-plan --stages 2 or more)")
     events: list[tuple[int, str, int, float, float]] = []
-    ends = schedule_s(sch.forward_s, sch.backward_s, sch.cut_s, sch.micro_batches, events, sch.name)
+    sends: list[tuple[int, str, int, float, float]] = []
+    ends = schedule_s(sch.forward_s, sch.backward_s, sch.cut_s, sch.micro_batches, events, sch.name, sends)
     k, ms = len(plan.stages), 1e3
     step = sch.step_s(ends)
     tied_at = sch.tied_start_s(ends)  # the shared weights' all-reduce starts
@@ -134,10 +135,8 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
                 edgecolor="white", linewidth=0.4)
         if (t1 - t0) / horizon > 0.012 * (len(str(j)) + 1):
             ax.text((t0 + t1) / 2 * ms, s, f"{kind}{j}", ha="center", va="center", fontsize=6, color="white")
-        if kind == "F" and s < k - 1 and sch.cut_s[s] > 0:  # the activations to the next stage
-            ax.barh(s + 0.3, sch.cut_s[s] * ms, left=t1 * ms, color=COLORS["comm"], height=0.2, linewidth=0)
-        if kind == "B" and s > 0 and sch.cut_s[s - 1] > 0:  # the inputs' gradients back
-            ax.barh(s + 0.3, sch.cut_s[s - 1] * ms, left=t1 * ms, color=COLORS["comm"], height=0.2, linewidth=0)
+    for s, _, _, t0, t1 in sends:  # activations on and their gradients back, as the sender's links carry them
+        ax.barh(s + 0.3, (t1 - t0) * ms, left=t0 * ms, color=COLORS["comm"], height=0.2, linewidth=0)
     for s, (e, a) in enumerate(zip(ends, sch.after_s)):
         ax.barh(s, a * ms, left=e * ms, color=COLORS["sync"], height=0.8, linewidth=0)
         if sch.tied_s > 0 and s in sch.tied_stages:

@@ -9,7 +9,7 @@ import pytest
 
 from hap.api import plan_spec
 from hap.cluster import load_cluster
-from hap.pipeline import balanced_cuts, groupings, schedule_s
+from hap.pipeline import balanced_cuts, cut_seconds, groupings, schedule_s
 from hap.plan import Plan, Schedule
 from hap.runtime.pipeline import stage_order
 from hap.spec import capture_spec, load_spec
@@ -39,12 +39,35 @@ def test_micro_batches_overlap_the_stages_in_1f1b_order():
 
 def test_gpipe_does_not_wait_on_round_trips_a_slow_cut_makes():
     # a cut of 5 each way: 1F1B's stage 0 sends F1, then waits for B0's gradient before F2 (a
-    # round trip of 5 + 3 + 5); GPipe's sends every F first, and the last stage runs its four B
-    # back to back from F0's arrival: stage 0's last B ends 1 + 5 + 4 x 3 + 5 + 2 in
+    # round trip of 5 + 3 + 5); GPipe's sends every F first. The cut carries one micro-batch at
+    # a time, so F0..F3's activations arrive at 6, 11, 16, 21; the last stage's B3 ends at 24,
+    # its gradient arrives at 29, and stage 0's last B ends at 31
     one = schedule_s([1.0, 0.0], [2.0, 3.0], [5.0], 4, schedule="1f1b")
-    gpipe = schedule_s([1.0, 0.0], [2.0, 3.0], [5.0], 4, schedule="gpipe")
+    sends = []
+    gpipe = schedule_s([1.0, 0.0], [2.0, 3.0], [5.0], 4, schedule="gpipe", transfers=sends)
     assert max(gpipe) < max(one)
-    assert max(gpipe) == pytest.approx(1.0 + 5.0 + 4 * 3.0 + 5.0 + 2.0)
+    assert max(gpipe) == pytest.approx(1.0 + 4 * 5.0 + 3.0 + 5.0 + 2.0)
+    assert sorted((s, kind, j) for s, kind, j, _, _ in sends) == sorted(
+        [(0, "F", j) for j in range(4)] + [(1, "B", j) for j in range(4)])
+    for s in range(2):  # a stage's links carry one send at a time, each for the cut's time
+        mine = sorted((t0, t1) for st, _, _, t0, t1 in sends if st == s)
+        assert all(t1 - t0 == pytest.approx(5.0) for t0, t1 in mine)
+        assert all(a[1] <= b[0] + 1e-12 for a, b in zip(mine, mine[1:]))
+
+
+def test_a_cut_between_stages_of_several_nodes_spreads_over_their_node_links():
+    # hap-paper: nodes of 8 ranks; every sender sends each receiver the rows they share, and
+    # each node's rows leave through its own link, so two nodes to two nodes take half as long
+    paper = load_cluster(CLUSTERS / "hap-paper.toml")
+    nodes = paper.nodes()
+    link = paper.group_link([*nodes[2], *nodes[3], *nodes[4], *nodes[5]])
+    one = cut_seconds(paper, nodes[2], nodes[3], [4] * 8, [4] * 8, 64e6)
+    two = cut_seconds(paper, nodes[2] + nodes[3], nodes[4] + nodes[5], [2] * 16, [2] * 16, 64e6)
+    assert one - link.alpha_s == pytest.approx(64e6 / link.bytes_per_s)
+    assert two - link.alpha_s == pytest.approx(32e6 / link.bytes_per_s)
+    # uneven shares: the node holding more of the rows sets the time
+    skew = cut_seconds(paper, nodes[2] + nodes[3], nodes[4] + nodes[5], [3] * 8 + [1] * 8, [2] * 16, 64e6)
+    assert skew - link.alpha_s == pytest.approx(48e6 / link.bytes_per_s)
 
 
 def test_1f1b_keeps_at_most_as_many_micro_batches_as_stages_follow_plus_one_and_gpipe_all():
@@ -83,6 +106,16 @@ def test_stages_take_whole_nodes_or_contiguous_ranks():
         nodes = [{paper.ranks[r].node for r in g} for g in groups]
         assert not nodes[0] & nodes[1]  # no node is split between stages
         assert sorted(r for g in groups for r in g) == list(range(paper.num_ranks))
+    # 64 nodes into 6 stages are 7 million splits: only those near an even split are scored
+    big = load_cluster(CLUSTERS / "a100-v100-32x32.toml")
+    found = groupings(big, 6)
+    assert len(found) == 4
+    for groups in found:
+        assert [r for g in groups for r in g] == list(range(big.num_ranks))
+        assert all(len(g) % 8 == 0 for g in groups)  # whole nodes of 8
+    sums = [[sum(big.speed(r) for r in g) for g in groups] for groups in found]
+    assert max(sums[0]) / min(sums[0]) <= 1.25
+    assert [max(s) / min(s) for s in sums] == sorted(max(s) / min(s) for s in sums)
 
 
 def test_a_pipelined_plan_records_its_stages_and_round_trips():
