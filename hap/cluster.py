@@ -234,6 +234,17 @@ class Cluster:
         need(self.inter_node.bytes_per_s > 0 and self.inter_node.alpha_s >= 0, "inter-node bandwidth must be > 0")
 
 
+def ranks_text(ranks: Sequence[int]) -> str:
+    """``0..7, 16`` for ranks 0 to 7 and 16: how notes, tables and pictures name a set of ranks."""
+    ranks = list(ranks)
+    runs, start = [], ranks[0]
+    for a, b in zip(ranks, [*ranks[1:], None]):
+        if b != a + 1:
+            runs.append(str(start) if start == a else f"{start}..{a}")
+            start = b
+    return ", ".join(runs)
+
+
 def load_cluster(path: str | Path | None = None, measured: bool = True) -> Cluster:
     """Load a cluster TOML file; None means profiles/clusters/default.toml.
 

@@ -28,7 +28,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 
-from hap.cluster import Cluster, RankInfo
+from hap.cluster import Cluster, RankInfo, ranks_text
 from hap.cost import CostSetup
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph
@@ -365,7 +365,7 @@ def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Pla
     that runs it, each stage's plan as it runs (``staged``), and the schedule's prediction."""
     n = cluster.num_ranks
     shared = shared_weights([st.graph for st in parts])
-    plans = [staged(p, {k for keys in shared for k in keys}, memo) for p in plans]
+    plans = [staged(p, set(shared_params(parts)), memo) for p in plans]
     shares, compute, memory = [0] * n, [0.0] * n, [0] * n
     for p, g in zip(plans, groups):
         for i, r in enumerate(g):
@@ -399,12 +399,6 @@ def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Pla
                    f"over all their ranks in one all-reduce once those are done ({sch.tied_s * 1e3:.1f} ms for all "
                    "such weights)" for keys, where in shared.items())),
                 (priced.schedule.micro_batches,) * n, (), (), stages, priced.schedule)
-
-
-def ranks_text(ranks: Sequence[int]) -> str:
-    """``0-7`` for contiguous ranks, else ``0,3,5``."""
-    return f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 and list(ranks) == list(range(ranks[0], ranks[-1] + 1)) \
-        else ",".join(str(r) for r in ranks)
 
 
 def blocks_text(blocks: Sequence[str]) -> str:

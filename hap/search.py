@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hap.calibrate import resolve
-from hap.cluster import Cluster
+from hap.cluster import Cluster, ranks_text
 from hap.cost import CostModel, CostSetup, weight_gather
 from hap.errors import HapError, InfeasiblePlan, PinError
 from hap.graph import Graph, Node
@@ -534,7 +534,7 @@ def result_notes(graph: Graph, cluster: Cluster, won: Result, recompute: str, pr
         kept = {x for b in blocks[min(counts):] for x in all_blocks[b]}
         gathered = any(weight_gather(graph[m.producer], m.src, m.dst) and users[m.producer][0] in kept
                        for m in won.evaluation.moves)
-        per = "; ".join(f"ranks {_ranks_text([r for r, x in enumerate(counts) if x == k])}: {k}"
+        per = "; ".join(f"ranks {ranks_text([r for r, x in enumerate(counts) if x == k])}: {k}"
                         for k in sorted(set(counts), reverse=True))
         notes.append(f"blocks recomputed per rank, by its free memory ({per}): a rank keeps the activations of "
                      "the blocks past its count" + (" and joins only their weight gathers again in backward"
@@ -603,21 +603,11 @@ def micro_batch_notes(cluster: Cluster, shares: tuple[int, ...], micro: tuple[in
     out = []
     for (device, share, k), ranks in alike.items():
         r = ranks[0]
-        who = f"rank {r}" if len(ranks) == 1 else f"ranks {_ranks_text(ranks)}"
+        who = f"rank {r}" if len(ranks) == 1 else f"ranks {ranks_text(ranks)}"
         out.append(f"{who} ({device}) {'runs its' if len(ranks) == 1 else 'run their'} {share} samples in {k} "
                    f"micro-batches of at most {-(-share // k)} to fit {cluster.memory_bytes(r) / gb:.3g} GB: a "
                    "share follows its rank's speed, its micro-batches its memory")
     return out
-
-
-def _ranks_text(ranks: list[int]) -> str:
-    """``0..7, 16`` for ranks 0 to 7 and 16."""
-    runs, start = [], ranks[0]
-    for a, b in zip(ranks, ranks[1:] + [None]):
-        if b != a + 1:
-            runs.append(str(start) if start == a else f"{start}..{a}")
-            start = b
-    return ", ".join(runs)
 
 
 def faster_precision(graph: Graph, cluster: Cluster, won: Result) -> list[str]:

@@ -114,7 +114,8 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hap.pipeline import blocks_text, ranks_text, schedule_s
+    from hap.cluster import ranks_text
+    from hap.pipeline import blocks_text, schedule_s
 
     sch = plan.schedule
     if sch is None or not plan.pipelined:
