@@ -394,11 +394,31 @@ def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Pla
                  f"{priced.schedule.bubble:.0%}: " + "; ".join(
                      f"stage {i} on ranks {ranks_text(g)} runs {blocks_text(sg.blocks)}"
                      for i, (sg, g) in enumerate(zip(parts, groups))),
+                 *cut_notes(plans, parts, sch),
                  *(f"{' / '.join(keys)} ({node_bytes(parts[where[0]], keys) / 2**20:.1f} MiB), which stages "
                    f"{' and '.join(map(str, where))} hold, is left out of their own gradient all-reduces and summed "
                    f"over all their ranks in one all-reduce once those are done ({sch.tied_s * 1e3:.1f} ms for all "
                    "such weights)" for keys, where in shared.items())),
                 (priced.schedule.micro_batches,) * n, (), (), stages, priced.schedule)
+
+
+def cut_notes(plans: Sequence[Plan], parts: Sequence[StageGraph], sch: Schedule) -> list[str]:
+    """Per cut, what it moves a step and how long that keeps the sending stage's busiest node
+    link busy, each way, against the less busy of the two stages' compute: where the link time
+    is the larger, the cut binds the schedule."""
+    notes = []
+    m = sch.micro_batches
+    for s in range(len(parts) - 1):
+        nbytes = sum(plans[s].graph[x].out.nbytes for x in parts[s].sends)
+        link_s = m * sch.cut_s[s]
+        busy_s = m * min(sch.forward_s[s] + sch.backward_s[s], sch.forward_s[s + 1] + sch.backward_s[s + 1])
+        verdict = ("the cut binds: stages of more nodes would spread it over more links" if link_s > busy_s
+                   else "hidden under that compute")
+        notes.append(f"the cut between stages {s} and {s + 1} moves {nbytes / 1e6:.1f} MB of activations a step "
+                     f"forward and their gradients back, keeping the busiest node link of the stage that sends "
+                     f"{link_s * 1e3:.1f} ms a step each way, against {busy_s * 1e3:.1f} ms of compute on the less "
+                     f"busy of the two stages: {verdict}")
+    return notes
 
 
 def blocks_text(blocks: Sequence[str]) -> str:

@@ -131,6 +131,9 @@ def test_a_pipelined_plan_records_its_stages_and_round_trips():
     assert again.digest() == plan.digest() and len(again.stages) == 2
     assert again.stages[0].sends == again.stages[1].receives
     assert again.schedule == plan.schedule and 0 <= plan.schedule.bubble < 1
+    # each cut says what it moves and whether its node links keep up with the stages' compute
+    cuts = [n for n in plan.notes if n.startswith("the cut between stages")]
+    assert len(cuts) == len(plan.stages) - 1 and "ms a step each way" in cuts[0]
 
 
 def test_the_timeline_draws_the_schedule_the_step_was_priced_by(tmp_path):
