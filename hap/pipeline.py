@@ -123,48 +123,54 @@ def schedule_s(forward_s: Sequence[float], backward_s: Sequence[float], cut_s: S
     micro-batches in the program's order (``hap.runtime.pipeline.stage_order``): ``F`` of
     micro-batch j (``forward_s[s]``) once its activations arrive, ``B`` (``backward_s[s]``; on
     the last stage forward and backward at once) once its gradients arrive. ``cut_s[s]``: how
-    long one micro-batch's transfer over cut s (between stage s and s+1) keeps the sending
-    stage's links busy, each way. A stage's sends start once what they carry is computed and its
-    links are done with its earlier sends (both directions leave through the same node links;
-    a stage sends in its own order, so this queue is exact for the sender, and receivers are
-    taken to keep up). Returns each stage's end; each ``F`` and ``B`` is added to ``events`` as
-    (stage, "F" or "B", micro-batch, start, end), each send to ``transfers`` as (sending stage,
-    "F" forward or "B" backward, micro-batch, start, end)."""
+    long one micro-batch's transfer over cut s (between stage s and s+1) keeps the links busy,
+    each way. A transfer starts once what it carries is computed and both the sending stage's
+    links and the receiving stage's are free: a stage's sends forward and back leave through the
+    same node links, and what it receives from both sides arrives through them. Transfers take
+    the links in the order they become ready, so events are played in time order. Returns each
+    stage's end; each ``F`` and ``B`` is added to ``events`` as (stage, "F" or "B", micro-batch,
+    start, end), each transfer to ``transfers`` as (sending stage, "F" forward or "B" backward,
+    micro-batch, start, end)."""
     k = len(backward_s)
     order = [stage_order(schedule, s, k, m) for s in range(k)]
-    end: dict[tuple[int, str, int], float] = {}
     arrive: dict[tuple[int, str, int], float] = {}  # (receiving stage, kind, micro-batch): when it has its input
-    free, at, links = [0.0] * k, [0] * k, [0.0] * k
+    free, at = [0.0] * k, [0] * k
+    out_free, in_free = [0.0] * k, [0.0] * k  # when each stage's links are done sending, receiving
+    ready: list[tuple[float, int, int, str, int]] = []  # transfers computed, not yet sent: (ready, from, to, kind, j)
 
-    def send(s: int, to: int, kind: str, j: int, ready: float, seconds: float) -> None:
-        start = max(ready, links[s])
-        links[s] = arrive[(to, kind, j)] = start + seconds
-        if transfers is not None and seconds > 0:
-            transfers.append((s, kind, j, start, start + seconds))
+    def next_start(s: int) -> float:
+        """When stage s can start its next step (inf: done, or its input has not arrived)."""
+        if at[s] == len(order[s]):
+            return math.inf
+        kind, j = order[s][at[s]]
+        need = "F" if kind == "F" or s == k - 1 else "B"
+        if s == 0 and need == "F":
+            return free[s]
+        return max(free[s], arrive[(s, need, j)]) if (s, need, j) in arrive else math.inf
 
-    moved = True
-    while moved:  # each stage runs its next step once what it waits for has arrived
-        moved = False
-        for s in range(k):
-            while at[s] < len(order[s]):
-                kind, j = order[s][at[s]]
-                need = (s, "F" if kind == "F" or s == k - 1 else "B", j)
-                if s == 0 and need[1] == "F":
-                    ready = 0.0
-                elif need in arrive:
-                    ready = arrive[need]
-                else:
-                    break
-                start = max(free[s], ready)
-                free[s] = end[(s, kind, j)] = start + (forward_s[s] if kind == "F" else backward_s[s])
-                if events is not None:
-                    events.append((s, kind, j, start, free[s]))
-                if s < k - 1 and kind == "F":  # the activations on to the next stage
-                    send(s, s + 1, "F", j, free[s], cut_s[s])
-                if s > 0 and kind == "B":  # the inputs' gradients back
-                    send(s, s - 1, "B", j, free[s], cut_s[s - 1])
-                at[s] += 1
-                moved = True
+    while True:
+        starts = [next_start(s) for s in range(k)]
+        s = min(range(k), key=starts.__getitem__)
+        if ready and ready[0][0] <= starts[s]:  # a transfer ready before any step can start goes first
+            t, a, b, kind, j = heapq.heappop(ready)
+            seconds = cut_s[min(a, b)]
+            start = max(t, out_free[a], in_free[b])
+            out_free[a] = in_free[b] = arrive[(b, kind, j)] = start + seconds
+            if transfers is not None and seconds > 0:
+                transfers.append((a, kind, j, start, start + seconds))
+            continue
+        if starts[s] == math.inf:
+            break
+        kind, j = order[s][at[s]]
+        start = starts[s]
+        free[s] = start + (forward_s[s] if kind == "F" else backward_s[s])
+        if events is not None:
+            events.append((s, kind, j, start, free[s]))
+        if s < k - 1 and kind == "F":  # the activations on to the next stage
+            heapq.heappush(ready, (free[s], s, s + 1, "F", j))
+        if s > 0 and kind == "B":  # the inputs' gradients back
+            heapq.heappush(ready, (free[s], s, s - 1, "B", j))
+        at[s] += 1
     return free
 
 

@@ -55,6 +55,27 @@ def test_gpipe_does_not_wait_on_round_trips_a_slow_cut_makes():
         assert all(a[1] <= b[0] + 1e-12 for a, b in zip(mine, mine[1:]))
 
 
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_a_middle_stage_receives_one_transfer_at_a_time_from_both_sides(schedule):
+    # three stages, cuts as long as a step: stage 1 receives activations from stage 0 and
+    # gradients from stage 2 through the same links, so those never overlap, nor do its sends;
+    # every step starts after its input has arrived
+    events, sends = [], []
+    schedule_s([1.0, 1.0, 0.0], [2.0, 2.0, 3.0], [2.5, 2.5], 6, events, schedule, sends)
+    to = {(s, kind, j): (s + 1 if kind == "F" else s - 1, t0, t1) for s, kind, j, t0, t1 in sends}
+    for stage in range(3):
+        for side in ([(t0, t1) for (s, _, _), (_, t0, t1) in to.items() if s == stage],
+                     [(t0, t1) for _, (b, t0, t1) in to.items() if b == stage]):
+            side.sort()
+            assert all(a[1] <= b[0] + 1e-12 for a, b in zip(side, side[1:]))
+    got = {(b, kind, j): t1 for (_, kind, j), (b, _, t1) in to.items()}
+    for s, kind, j, t0, _ in events:
+        need = "F" if kind == "F" or s == 2 else "B"
+        if (s, need) != (0, "F"):
+            assert t0 >= got[(s, need, j)] - 1e-12
+    assert len(sends) == 2 * 2 * 6
+
+
 def test_a_cut_between_stages_of_several_nodes_spreads_over_their_node_links():
     # hap-paper: nodes of 8 ranks; every sender sends each receiver the rows they share, and
     # each node's rows leave through its own link, so two nodes to two nodes take half as long
