@@ -158,7 +158,7 @@ def test_a_pipelined_plan_records_its_stages_and_round_trips():
 
 
 def test_the_timeline_draws_the_schedule_the_step_was_priced_by(tmp_path):
-    plan = plan_spec(str(ROOT / "examples/gpt.py"), str(CLUSTERS / "cpu-slow-net.toml"))
+    plan = plan_spec(str(ROOT / "examples/gpt.py"), str(CLUSTERS / "cpu-slow-net.toml"), stages=2)
     sch, k = plan.schedule, len(plan.stages)
     events = []
     ends = schedule_s(sch.forward_s, sch.backward_s, sch.cut_s, sch.micro_batches, events, sch.name)
