@@ -231,7 +231,7 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
     tied_stages = tuple(sorted({s for where in shared_weights([st.graph for st in stages]).values() for s in where}))
     whole = [p.predicted.step_s - p.predicted.grad_sync_s - p.predicted.optimizer_s for p in stage_plans]
 
-    sent = [sum(stage_plans[s].graph[x].out.nbytes for x in stages[s].sends) for s in range(k - 1)]  # a step's
+    sent = cut_bytes(stage_plans, stages)
 
     def best_of(m: int, work: Sequence[float]) -> Priced:
         fwd = [w * FORWARD_SHARE for w in work[:-1]] + [0.0]  # the last stage: forward and backward at once (B)
@@ -408,20 +408,24 @@ def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Pla
                 (priced.schedule.micro_batches,) * n, (), (), stages, priced.schedule)
 
 
+def cut_bytes(plans: Sequence[Plan], parts: Sequence[StageGraph]) -> list[int]:
+    """The bytes of activations each cut hands on a step (the whole batch), as many again back."""
+    return [sum(plans[s].graph[x].out.nbytes for x in parts[s].sends) for s in range(len(parts) - 1)]
+
+
 def cut_notes(plans: Sequence[Plan], parts: Sequence[StageGraph], sch: Schedule) -> list[str]:
-    """Per cut, what it moves a step and how long that keeps the sending stage's busiest node
-    link busy, each way, against the less busy of the two stages' compute: where the link time
-    is the larger, the cut binds the schedule."""
+    """Per cut, what it moves a step and how long that keeps the busiest link it crosses (a node's
+    network link, or within a node a rank's) busy, each way, against the less busy of the two
+    stages' compute: where the link time is the larger, the cut binds the schedule."""
     notes = []
     m = sch.micro_batches
-    for s in range(len(parts) - 1):
-        nbytes = sum(plans[s].graph[x].out.nbytes for x in parts[s].sends)
+    for s, nbytes in enumerate(cut_bytes(plans, parts)):
         link_s = m * sch.cut_s[s]
         busy_s = m * min(sch.forward_s[s] + sch.backward_s[s], sch.forward_s[s + 1] + sch.backward_s[s + 1])
         verdict = ("the cut binds: stages of more nodes would spread it over more links" if link_s > busy_s
                    else "hidden under that compute")
         notes.append(f"the cut between stages {s} and {s + 1} moves {nbytes / 1e6:.1f} MB of activations a step "
-                     f"forward and their gradients back, keeping the busiest node link of the stage that sends "
+                     f"forward and their gradients back, keeping the busiest link that carries it "
                      f"{link_s * 1e3:.1f} ms a step each way, against {busy_s * 1e3:.1f} ms of compute on the less "
                      f"busy of the two stages: {verdict}")
     return notes
