@@ -118,7 +118,12 @@ def pipelined(single: Plan, count: int | None, solve, say) -> Plan:
     counts = [count] if count is not None else list(range(2, min(cluster.num_nodes, MAX_AUTO_STAGES) + 1))
     best = None
     for k in counts:
-        p = plan_pipeline(typed, cluster, k, solve, say)
+        try:
+            p = plan_pipeline(typed, cluster, k, solve, say)
+        except InfeasiblePlan:  # a stage, or its schedule, does not fit: "auto" tries the other counts
+            if count is not None:
+                raise
+            continue
         if p is None and count is not None:
             raise InfeasiblePlan(f"--stages {count}: the model has fewer blocks ({len(typed.blocks())}) or the "
                                  f"cluster fewer ranks ({cluster.num_ranks}) than stages; plan fewer stages")

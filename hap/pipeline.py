@@ -9,8 +9,10 @@ activations travel forward and their gradients backward, per micro-batch.
 The schedule is 1F1B or GPipe (``hap.runtime.pipeline.stage_order``), each forward run once
 and its activations kept for its backward: 1F1B keeps at most (stages - s) micro-batches on
 stage s, GPipe the whole batch but never waits on a round trip through the later stages while
-micro-batches are left to send. Both stay within the whole-batch memory each stage's plan was
-solved and checked with, so ``price`` takes the faster, 1F1B on a tie. Stage s's ranks are the
+micro-batches are left to send. Each stage's plan is solved at the whole batch (its search may
+split it into micro-batches, or recompute blocks, to fit); ``price`` then keeps the counts and
+schedules under which every rank holds the micro-batches its stage keeps in flight
+(``hap.runtime.pipeline.in_flight``), the faster, 1F1B on a tie. Stage s's ranks are the
 data of its plan's cost model; the schedule's timeline is priced by ``schedule_s``, event by
 event.
 
@@ -33,8 +35,8 @@ from hap.cost import CostSetup
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph
 from hap.plan import Plan, Prediction, Schedule, Stage
-from hap.runtime.pipeline import SCHEDULES, overlaps, stage_order
-from hap.search import grad_sync_notes
+from hap.runtime.pipeline import SCHEDULES, in_flight, micro_rows, overlaps, stage_order
+from hap.search import grad_sync_notes, micro_batch_notes
 from hap.solve import evaluate, grad_sync_schedule
 from hap.stages import StageGraph, cut_candidates, shared_in, shared_params, shared_weights, split
 
@@ -213,7 +215,7 @@ class Priced:
 
 
 def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Sequence[Sequence[int]],
-          cluster: Cluster, fixed_m: int | None = None, memo: dict | None = None) -> Priced:
+          cluster: Cluster, fixed_m: int | None = None, memo: dict | None = None) -> Priced | None:
     """The pipelined step: the schedule's span at the best micro-batch count, then each stage's
     gradient all-reduce (less the weights several stages hold: ``stage_sync``) and optimizer
     step, and on the stages holding shared weights their all-reduce over all of them
@@ -221,7 +223,9 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
     rank running ``m`` micro-batches (each op timed at a micro-batch's shape, each launch and
     per-micro-batch collective paid m times: ``CostModel``'s micro-batches), less the gradient
     all-reduce and optimizer step, over ``m``. Small micro-batches run a core or a GPU below its
-    whole-batch rate, which a split of the whole-batch time would miss."""
+    whole-batch rate, which a split of the whole-batch time would miss. A schedule is priced only
+    where every rank holds the activations it keeps in flight (``scheduled_memory``); None where
+    no count and schedule fits."""
     k = len(stage_plans)
     batch = stage_plans[0].global_batch
     memo = {} if memo is None else memo  # (id of a stage plan, m): its work per micro-batch; its own sync
@@ -233,7 +237,7 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
 
     sent = cut_bytes(stage_plans, stages)
 
-    def best_of(m: int, work: Sequence[float]) -> Priced:
+    def best_of(m: int, work: Sequence[float], check_memory: bool = True) -> Priced | None:
         fwd = [w * FORWARD_SHARE for w in work[:-1]] + [0.0]  # the last stage: forward and backward at once (B)
         back = [w - f for w, f in zip(work, fwd)]
         cut = [cut_seconds(cluster, groups[s], groups[s + 1], stage_plans[s].shares, stage_plans[s + 1].shares,
@@ -241,6 +245,9 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
         busy = sum(work) * m / k
         out = None
         for name in SCHEDULES:  # 1F1B first: it keeps fewer activations, so it wins a tie
+            if check_memory and not all(fits(p, scheduled_memory(p, m, in_flight(name, s, k, m), memo))
+                                        for s, p in enumerate(stage_plans)):
+                continue
             ends = schedule_s(fwd, back, cut, m, schedule=name)
             sch = Schedule(m, tuple(fwd), tuple(back), tuple(cut), tuple(after), tied_s,
                            max(0.0, 1 - busy / max(ends)), name, tied_stages)
@@ -251,23 +258,60 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
     # the whole batch's work split m ways is a lower bound (micro-batches only add to it):
     # counts are priced in the order of that bound, and one that cannot win is not timed
     counts = [fixed_m] if fixed_m else [m for m in MICRO_BATCHES if m <= batch]
-    bounds = {m: best_of(m, [w / m for w in whole]).step_s for m in counts}
+    bounds = {m: best_of(m, [w / m for w in whole], check_memory=False).step_s for m in counts}
     best = None
     for m in sorted(counts, key=lambda m: bounds[m]):
         if best is not None and bounds[m] >= best.step_s:
             continue
-        work = []
-        for p, g in zip(stage_plans, groups):
-            key = (id(p), m)
-            if key not in memo:
-                setup = dataclasses.replace(CostSetup.of_plan(p), micro_batches=(m,) * len(g))
-                ev = evaluate(p.graph, setup.cost_model(p.graph, p.cluster), p.choice())
-                memo[key] = (ev.step_s - ev.grad_sync_s - ev.optimizer_s) / m
-            work.append(memo[key])
-        cand = best_of(m, work)
-        if best is None or cand.step_s < best.step_s - 1e-12:
+        cand = best_of(m, [micro_batch_run(p, m, memo).work_s for p in stage_plans])
+        if cand is not None and (best is None or cand.step_s < best.step_s - 1e-12):
             best = cand
     return best
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatchRun:
+    """A stage plan run as ``m`` micro-batches: its forward + backward per micro-batch (less its
+    gradient all-reduce and optimizer step), and per rank its memory with one micro-batch's
+    activations kept and the bytes of those activations (what each further one in flight adds)."""
+    work_s: float
+    memory_bytes: tuple[float, ...]
+    activation_bytes: tuple[float, ...]
+
+
+def micro_batch_run(plan: Plan, m: int, memo: dict) -> MicroBatchRun:
+    key = (id(plan), m)
+    if key not in memo:
+        setup = dataclasses.replace(CostSetup.of_plan(plan), micro_batches=(m,) * plan.num_ranks)
+        cm, choice = setup.cost_model(plan.graph, plan.cluster), plan.choice()
+        ev = evaluate(plan.graph, cm, choice)
+        act = [sum(x) for x in zip(*(cm.batch_activations(node, choice[node.name]) for node in plan.graph))]
+        memo[key] = MicroBatchRun((ev.step_s - ev.grad_sync_s - ev.optimizer_s) / m, tuple(ev.memory_bytes),
+                                  tuple(act) or (0.0,) * plan.num_ranks)
+    return memo[key]
+
+
+def scheduled_memory(plan: Plan, m: int, kept: int, memo: dict) -> tuple[float, ...]:
+    """Per rank, a stage plan's memory where its schedule keeps ``kept`` consecutive micro-batches'
+    activations of ``m`` at once (``hap.runtime.pipeline.in_flight``): the rows of the fullest
+    such window (``micro_rows``), at the bytes a row keeps where the cost model keeps a largest
+    micro-batch of ceil(share / m) rows."""
+    run = micro_batch_run(plan, m, memo)
+    rows = micro_rows(plan.shares, m)
+    out = []
+    for r, (b, a) in enumerate(zip(run.memory_bytes, run.activation_bytes)):
+        share = plan.shares[r]
+        if not share:
+            out.append(b)
+            continue
+        mine = [row[r] for row in rows]
+        window = max(sum(mine[i:i + kept]) for i in range(m - kept + 1))
+        out.append(b + (window / -(-share // m) - 1) * a)
+    return tuple(out)
+
+
+def fits(plan: Plan, memory: Sequence[float]) -> bool:
+    return all(b <= plan.cluster.memory_bytes(r) for r, b in enumerate(memory))
 
 
 AFTER_LAST = "a stage's gradients are complete only once its last micro-batch's backward has run"
@@ -308,6 +352,28 @@ def staged(plan: Plan, shared: set[str], memo: dict) -> Plan:
     return dataclasses.replace(plan, predicted=predicted, notes=tuple(notes))
 
 
+def in_schedule(plan: Plan, sch: Schedule, s: int, memory: Sequence[float]) -> Plan:
+    """Stage ``s``'s plan as the schedule runs it: every rank's share in the pipeline's
+    micro-batches, and the memory of the activations its schedule keeps in flight, in place of
+    the micro-batches its own search chose to fit the whole batch (and their notes)."""
+    m, k = sch.micro_batches, len(sch.backward_s)
+    kept = in_flight(sch.name, s, k, m)
+    own = micro_batch_notes(plan.cluster, plan.shares, plan.micro_batches) if plan.micro_batches else []
+    fullest = max(range(plan.num_ranks), key=lambda r: memory[r] / plan.cluster.memory_bytes(r))
+    if s == k - 1:
+        held = "the last stage keeps one micro-batch's activations at a time, running its forward and backward together"
+    elif kept == m:
+        held = f"{sch.shown} keeps all {m} micro-batches' activations until their backward"
+    else:
+        held = f"{sch.shown} keeps at most {kept} of the {m} micro-batches' activations at once"
+    cap = plan.cluster.memory_bytes(fullest)
+    note = (f"{held}: {memory[fullest] / 1e9:.3g} of {cap / 1e9:.3g} GB ({memory[fullest] / cap:.0%}) on its "
+            f"fullest rank ({plan.cluster.ranks[fullest].device})")
+    predicted = dataclasses.replace(plan.predicted, memory_bytes=tuple(int(b) for b in memory))
+    return dataclasses.replace(plan, micro_batches=(m,) * plan.num_ranks if m > 1 else (), predicted=predicted,
+                               notes=tuple(x for x in plan.notes if x not in own) + (note,))
+
+
 def node_bytes(stage: StageGraph, keys: Sequence[str]) -> int:
     """The bytes of the stage's parameter known by the state-dict keys ``keys``."""
     return next(n for n in stage.graph.params() if tuple(n.aliases or [n.target]) == tuple(keys)).out.nbytes
@@ -341,6 +407,7 @@ def plan_pipeline(graph: Graph, cluster: Cluster, stages: int, solve: Callable[[
     cache: dict[tuple, Plan] = {}
     memo: dict = {}  # price's work per micro-batch of each cached stage plan
     best: tuple[Priced, list[Plan], list[StageGraph], tuple] | None = None
+    tried = False
     for groups in groupings(cluster, stages):
         speeds = [sum(cluster.speed(r, graph.precision) for r in g) for g in groups]
         try:
@@ -357,8 +424,15 @@ def plan_pipeline(graph: Graph, cluster: Cluster, stages: int, solve: Callable[[
                 cache[key] = solve(sg.graph, sub_cluster(cluster, g, sg.index), stage_pins(sg, shared, len(g)))
             plans.append(cache[key])
         priced = price(plans, parts, groups, cluster, micro_batches, memo)
-        if best is None or priced.step_s < best[0].step_s:
+        tried = True
+        if priced is not None and (best is None or priced.step_s < best[0].step_s):
             best = (priced, plans, parts, groups)
+    if best is None and tried:
+        counts = f"{micro_batches}" if micro_batches else f"up to {max(MICRO_BATCHES)}"
+        raise InfeasiblePlan(
+            f"--stages {stages}: under no schedule (1F1B, GPipe) and micro-batch count ({counts}) does every "
+            "rank hold the activations its stage keeps in flight; plan fewer stages (--stages 1 keeps one), "
+            "a smaller global batch (--batch-size), or --recompute all")
     if best is None:
         return None
     priced, plans, parts, groups = best
@@ -371,7 +445,10 @@ def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Pla
     that runs it, each stage's plan as it runs (``staged``), and the schedule's prediction."""
     n = cluster.num_ranks
     shared = shared_weights([st.graph for st in parts])
-    plans = [staged(p, set(shared_params(parts)), memo) for p in plans]
+    sch = priced.schedule
+    plans = [in_schedule(staged(p, set(shared_params(parts)), memo), sch, s, scheduled_memory(
+        p, sch.micro_batches, in_flight(sch.name, s, len(plans), sch.micro_batches), memo))
+        for s, p in enumerate(plans)]
     shares, compute, memory = [0] * n, [0.0] * n, [0] * n
     for p, g in zip(plans, groups):
         for i, r in enumerate(g):
@@ -384,7 +461,6 @@ def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Pla
     stages = tuple(Stage(tuple(g), sg.blocks, p, sg.inputs, sg.receives, sg.sends)
                    for p, sg, g in zip(plans, parts, groups))
     first = plans[0]
-    sch = priced.schedule
     optimizer = max(p.predicted.optimizer_s for p in plans)
     # the slowest stage's own all-reduce, and the shared weights' one where a stage holds any
     grad_sync = max(a - p.predicted.optimizer_s for a, p in zip(sch.after_s, plans)) + \

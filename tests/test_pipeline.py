@@ -7,11 +7,13 @@ import json
 
 import pytest
 
+import hap.pipeline
 from hap.api import plan_spec
 from hap.cluster import load_cluster
-from hap.pipeline import balanced_cuts, cut_seconds, groupings, schedule_s
+from hap.errors import InfeasiblePlan
+from hap.pipeline import balanced_cuts, cut_seconds, groupings, schedule_s, scheduled_memory
 from hap.plan import Plan, Schedule
-from hap.runtime.pipeline import stage_order
+from hap.runtime.pipeline import in_flight, stage_order
 from hap.spec import capture_spec, load_spec
 from hap.stages import cut_candidates
 from hap.timeline import draw_pipeline
@@ -105,7 +107,35 @@ def test_1f1b_keeps_at_most_as_many_micro_batches_as_stages_follow_plus_one_and_
                 live += 1 if kind == "F" else (-1 if s < stages - 1 else 0)
                 most = max(most, live)
             assert most <= min(stages - s, m)
+            assert in_flight("1f1b", s, stages, m) == (most if s < stages - 1 else 1)
+            assert in_flight("gpipe", s, stages, m) == (m if s < stages - 1 else 1)
             assert sorted(j for kind, j in order if kind == "B") == list(range(m))
+
+
+def test_a_schedule_is_priced_only_where_every_rank_holds_the_activations_it_keeps_in_flight(tmp_path, monkeypatch):
+    # devices of 2.5 MiB: the small GPT's first stage keeps its whole batch's activations under
+    # GPipe (3.2 MB), more than it has; 1F1B keeps two micro-batches' at a time
+    cpu = json.loads((ROOT / "profiles/devices/cpu.json").read_text())
+    (tmp_path / "small.json").write_text(json.dumps({**cpu, "name": "small", "memory_bytes": 5 * 2**19}))
+    (tmp_path / "small.toml").write_text(f'[network]\ninter_node_gbps = 0.1\n[[nodes]]\ndevice = '
+                                         f'"{tmp_path / "small.json"}"\ncount = 1\nrepeat = 2\n')
+    plan = plan_spec(str(ROOT / "examples/gpt.py"), str(tmp_path / "small.toml"), stages=2)
+    sch, k, memo = plan.schedule, len(plan.stages), {}
+    m, first = sch.micro_batches, plan.stages[0].plan
+    assert sch.name == "1f1b" and m > 1
+    assert max(scheduled_memory(first, m, in_flight("gpipe", 0, k, m), memo)) > 5 * 2**19
+    for s, st in enumerate(plan.stages):
+        kept = scheduled_memory(st.plan, m, in_flight(sch.name, s, k, m), memo)
+        assert st.plan.predicted.memory_bytes == tuple(int(b) for b in kept)  # what its schedule keeps
+        assert all(b <= 5 * 2**19 for b in kept)
+        assert st.plan.micro_batches == (m,) * len(st.ranks)  # the pipeline's, not its own search's
+        assert [plan.predicted.memory_bytes[r] for r in st.ranks] == list(st.plan.predicted.memory_bytes)
+    assert any(n.startswith("stage 0: 1F1B keeps at most 2 of the") for n in plan.notes)
+    # one micro-batch is the whole batch on every schedule: forced, a clear error; "auto", one stage
+    monkeypatch.setattr(hap.pipeline, "MICRO_BATCHES", (1,))
+    with pytest.raises(InfeasiblePlan, match="activations its stage keeps in flight"):
+        plan_spec(str(ROOT / "examples/gpt.py"), str(tmp_path / "small.toml"), stages=2)
+    assert not plan_spec(str(ROOT / "examples/gpt.py"), str(tmp_path / "small.toml")).pipelined
 
 
 def test_cuts_balance_work_against_each_stage_speed(monkeypatch):

@@ -55,6 +55,19 @@ def stage_order(schedule: str, stage: int, stages: int, m: int) -> list[tuple[st
     return order
 
 
+def in_flight(schedule: str, stage: int, stages: int, m: int) -> int:
+    """The most micro-batches whose activations stage ``stage`` keeps at once under
+    ``stage_order``: a ``F`` keeps them until its ``B``; the last stage keeps one, its ``B``
+    running forward and backward together."""
+    if stage == stages - 1:
+        return 1
+    live = most = 0
+    for kind, _ in stage_order(schedule, stage, stages, m):
+        live += 1 if kind == "F" else -1
+        most = max(most, live)
+    return most
+
+
 def micro_rows(shares: Sequence[int], m: int) -> list[tuple[int, ...]]:
     """Per micro-batch, every rank's rows: ``u[j][r]``, with ``sum(u[j]) == pieces(B, m)[j]``
     (the canonical chunk) and ``sum_j u[j][r] == shares[r]`` (the rank's share).
