@@ -615,6 +615,7 @@ STAGES = hr.Stages(
     samples={samples},  # per batch tensor of the model: (shape of one sample, dtype)
     micro_batches={micro},  # the default of --micro-batches: every global batch runs through in this many
     schedule={schedule!r},  # each stage's order of micro-batches: 1f1b or gpipe (hap.runtime.pipeline.stage_order)
+    warmup={warmup},  # 1f1b: forwards each stage runs ahead beyond its own warm-up
     shared={shared},  # weights several stages hold: (state_dict keys, stages); gradients summed across them
     partial={partial},  # per stage: its shared weights whose gradient each of its ranks holds a part of
     plan_digest={digest!r},
@@ -788,7 +789,7 @@ def pipelined_program(plan: Plan, spec_rel: str, script: str) -> str:
         ranks=tuple(st.ranks for st in plan.stages), stage_shares=tuple(tuple(st.plan.shares) for st in plan.stages),
         inputs=tuple(st.inputs for st in plan.stages),
         cuts=tuple(cuts), samples=samples, micro=plan.micro_batches[0] if plan.micro_batches else 1,
-        schedule=plan.schedule.name if plan.schedule else "1f1b",
+        schedule=plan.schedule.name if plan.schedule else "1f1b", warmup=plan.schedule.warmup if plan.schedule else 0,
         shared=shared, partial=partial, digest=plan.digest(), places=rank_places(plan),
         devices=tuple(r.device for r in plan.cluster.ranks), slowdown=tuple(r.slowdown for r in plan.cluster.ranks))
     return (head_text(plan, spec_rel, script, [st.plan.graph for st in plan.stages])

@@ -6,15 +6,15 @@ its own SPMD plan from the single-stage search (uneven shares of every micro-bat
 sharding, its own gradient all-reduce, inside its nodes). Between stages only each cut's
 activations travel forward and their gradients backward, per micro-batch.
 
-The schedule is 1F1B or GPipe (``hap.runtime.pipeline.stage_order``), each forward run once
-and its activations kept for its backward: 1F1B keeps at most (stages - s) micro-batches on
-stage s, GPipe the whole batch but never waits on a round trip through the later stages while
-micro-batches are left to send. Each stage's plan is solved at the whole batch (its search may
-split it into micro-batches, or recompute blocks, to fit); ``price`` then keeps the counts and
-schedules under which every rank holds the micro-batches its stage keeps in flight
-(``hap.runtime.pipeline.in_flight``), the faster, 1F1B on a tie. Stage s's ranks are the
-data of its plan's cost model; the schedule's timeline is priced by ``schedule_s``, event by
-event.
+The schedule is 1F1B, 1F1B with a longer warm-up, or GPipe (``hap.runtime.pipeline.stage_order``),
+each forward run once and its activations kept for its backward: 1F1B keeps at most (stages - s)
+micro-batches on stage s, a warm-up longer by w that many more, GPipe the whole batch but never
+waits on a round trip through the later stages while micro-batches are left to send. Each
+stage's plan is solved at the whole batch (its search may split it into micro-batches, or
+recompute blocks, to fit); ``price`` then keeps the counts and schedules under which every rank
+holds the micro-batches its stage keeps in flight (``scheduled_memory``), the faster, the one
+that keeps fewer on a tie. Stage s's ranks are the data of its plan's cost model; the
+schedule's timeline is priced by ``schedule_s``, event by event.
 
 Where to cut: block ranges balance each stage's work against its ranks' summed speed (a DP
 over cuts, as Alpa and Metis do); which ranks: contiguous nodes (or ranks, where there are
@@ -35,12 +35,15 @@ from hap.cost import CostSetup
 from hap.errors import InfeasiblePlan
 from hap.graph import Graph
 from hap.plan import Plan, Prediction, Schedule, Stage
-from hap.runtime.pipeline import SCHEDULES, in_flight, micro_rows, overlaps, stage_order
+from hap.runtime.pipeline import in_flight, micro_rows, overlaps, stage_order
 from hap.search import grad_sync_notes, micro_batch_notes
 from hap.solve import evaluate, grad_sync_schedule
 from hap.stages import StageGraph, cut_candidates, shared_in, shared_params, shared_weights, split
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)  # pipeline depths the search tries, each at most the global batch
+# 1F1B's extra warm-ups the search tries (stage_order): each keeps that many more micro-batches in
+# flight, so a slow cut's round trip can run under later forwards; fewer than GPipe's m
+WARMUPS = (0, 1, 2, 4, 8, 16)
 FORWARD_SHARE = 1 / 3  # a forward's share of forward + backward (backward ~ 2x forward for matmuls)
 MAX_GROUPINGS = 4  # rank groupings priced per stage count (the most balanced by speed first)
 EVERY_SPLIT = 100_000  # up to this many ways to split the nodes into stages, every one is scored
@@ -120,7 +123,7 @@ def balanced_cuts(graph: Graph, speeds: Sequence[float]) -> list[int]:
 
 def schedule_s(forward_s: Sequence[float], backward_s: Sequence[float], cut_s: Sequence[float], m: int,
                events: list[tuple[int, str, int, float, float]] | None = None, schedule: str = "1f1b",
-               transfers: list[tuple[int, str, int, float, float]] | None = None) -> list[float]:
+               transfers: list[tuple[int, str, int, float, float]] | None = None, warmup: int = 0) -> list[float]:
     """When the last micro-batch's backward ends on every stage, each stage running its
     micro-batches in the program's order (``hap.runtime.pipeline.stage_order``): ``F`` of
     micro-batch j (``forward_s[s]``) once its activations arrive, ``B`` (``backward_s[s]``; on
@@ -134,7 +137,7 @@ def schedule_s(forward_s: Sequence[float], backward_s: Sequence[float], cut_s: S
     start, end), each transfer to ``transfers`` as (sending stage, "F" forward or "B" backward,
     micro-batch, start, end)."""
     k = len(backward_s)
-    order = [stage_order(schedule, s, k, m) for s in range(k)]
+    order = [stage_order(schedule, s, k, m, warmup) for s in range(k)]
     arrive: dict[tuple[int, str, int], float] = {}  # (receiving stage, kind, micro-batch): when it has its input
     free, at = [0.0] * k, [0] * k
     out_free, in_free = [0.0] * k, [0.0] * k  # when each stage's links are done sending, receiving
@@ -244,13 +247,14 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
                            sent[s] / m) for s in range(k - 1)]
         busy = sum(work) * m / k
         out = None
-        for name in SCHEDULES:  # 1F1B first: it keeps fewer activations, so it wins a tie
-            if check_memory and not all(fits(p, scheduled_memory(p, m, in_flight(name, s, k, m), memo))
+        # in the order of the activations they keep, so the one that keeps fewer wins a tie
+        for name, warmup in [("1f1b", w) for w in WARMUPS if w == 0 or k - 1 + w < m] + [("gpipe", 0)]:
+            if check_memory and not all(fits(p, scheduled_memory(p, m, in_flight(name, s, k, m, warmup), memo))
                                         for s, p in enumerate(stage_plans)):
                 continue
-            ends = schedule_s(fwd, back, cut, m, schedule=name)
+            ends = schedule_s(fwd, back, cut, m, schedule=name, warmup=warmup)
             sch = Schedule(m, tuple(fwd), tuple(back), tuple(cut), tuple(after), tied_s,
-                           max(0.0, 1 - busy / max(ends)), name, tied_stages)
+                           max(0.0, 1 - busy / max(ends)), name, tied_stages, warmup)
             if out is None or sch.step_s(ends) < out.step_s - 1e-12:
                 out = Priced(sch.step_s(ends), sch)
         return out
@@ -357,7 +361,7 @@ def in_schedule(plan: Plan, sch: Schedule, s: int, memory: Sequence[float]) -> P
     micro-batches, and the memory of the activations its schedule keeps in flight, in place of
     the micro-batches its own search chose to fit the whole batch (and their notes)."""
     m, k = sch.micro_batches, len(sch.backward_s)
-    kept = in_flight(sch.name, s, k, m)
+    kept = in_flight(sch.name, s, k, m, sch.warmup)
     own = micro_batch_notes(plan.cluster, plan.shares, plan.micro_batches) if plan.micro_batches else []
     fullest = max(range(plan.num_ranks), key=lambda r: memory[r] / plan.cluster.memory_bytes(r))
     if s == k - 1:
@@ -447,7 +451,7 @@ def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Pla
     shared = shared_weights([st.graph for st in parts])
     sch = priced.schedule
     plans = [in_schedule(staged(p, set(shared_params(parts)), memo), sch, s, scheduled_memory(
-        p, sch.micro_batches, in_flight(sch.name, s, len(plans), sch.micro_batches), memo))
+        p, sch.micro_batches, in_flight(sch.name, s, len(plans), sch.micro_batches, sch.warmup), memo))
         for s, p in enumerate(plans)]
     shares, compute, memory = [0] * n, [0.0] * n, [0] * n
     for p, g in zip(plans, groups):

@@ -151,6 +151,7 @@ class Schedule:
     bubble: float  # the share of the schedule's span a stage waits, on average
     name: str = "1f1b"  # the order of each stage's micro-batches (hap.runtime.pipeline.stage_order)
     tied_stages: tuple[int, ...] = ()  # the stages holding weights others hold too
+    warmup: int = 0  # 1F1B: forwards each stage runs ahead beyond its own warm-up (stage_order)
 
     def tied_start_s(self, ends: Sequence[float]) -> float:
         """When the shared weights' all-reduce starts: once every stage that holds them is done
@@ -167,12 +168,14 @@ class Schedule:
     @property
     def shown(self) -> str:
         """The schedule's name as people write it, for tables, notes and pictures."""
-        return {"1f1b": "1F1B", "gpipe": "GPipe"}.get(self.name, self.name)
+        shown = {"1f1b": "1F1B", "gpipe": "GPipe"}.get(self.name, self.name)
+        return f"{shown} (warm-up +{self.warmup})" if self.warmup else shown
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "micro_batches": self.micro_batches, "forward_s": list(self.forward_s),
                 "backward_s": list(self.backward_s), "cut_s": list(self.cut_s), "after_s": list(self.after_s),
-                "tied_s": self.tied_s, "tied_stages": list(self.tied_stages), "bubble": self.bubble}
+                "tied_s": self.tied_s, "tied_stages": list(self.tied_stages), "bubble": self.bubble,
+                "warmup": self.warmup}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Schedule:
@@ -180,7 +183,8 @@ class Schedule:
                                               for k in ("forward_s", "backward_s", "cut_s", "after_s")),
                    float(d["tied_s"]), float(d["bubble"]), str(d.get("name", "1f1b")),
                    # absent: the shared weights' all-reduce follows every stage's own
-                   tuple(int(s) for s in d.get("tied_stages", range(len(d["after_s"])) if d["tied_s"] else ())))
+                   tuple(int(s) for s in d.get("tied_stages", range(len(d["after_s"])) if d["tied_s"] else ())),
+                   int(d.get("warmup", 0)))
 
 
 @dataclass(frozen=True)

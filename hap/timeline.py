@@ -122,7 +122,7 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
         raise ValueError("draw_pipeline draws a pipelined plan (hap-plan --stages 2 or more)")
     events: list[tuple[int, str, int, float, float]] = []
     sends: list[tuple[int, str, int, float, float]] = []
-    ends = schedule_s(sch.forward_s, sch.backward_s, sch.cut_s, sch.micro_batches, events, sch.name, sends)
+    ends = schedule_s(sch.forward_s, sch.backward_s, sch.cut_s, sch.micro_batches, events, sch.name, sends, sch.warmup)
     k, ms = len(plan.stages), 1e3
     step = sch.step_s(ends)
     tied_at = sch.tied_start_s(ends)  # the shared weights' all-reduce starts

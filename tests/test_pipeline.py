@@ -110,11 +110,20 @@ def test_1f1b_keeps_at_most_as_many_micro_batches_as_stages_follow_plus_one_and_
             assert in_flight("1f1b", s, stages, m) == (most if s < stages - 1 else 1)
             assert in_flight("gpipe", s, stages, m) == (m if s < stages - 1 else 1)
             assert sorted(j for kind, j in order if kind == "B") == list(range(m))
+            for warmup in (1, 3):  # a longer warm-up keeps that many more, up to the whole batch
+                assert in_flight("1f1b", s, stages, m, warmup) == (min(stages - s + warmup, m)
+                                                                   if s < stages - 1 else 1)
+        for warmup in (0, 1, 3):  # every stage runs every step: no receive waits forever
+            events = []
+            schedule_s([1.0] * (stages - 1) + [0.0], [2.0] * stages, [0.5] * (stages - 1), m, events,
+                       warmup=warmup)
+            assert len(events) == (2 * stages - 1) * m
 
 
 def test_a_schedule_is_priced_only_where_every_rank_holds_the_activations_it_keeps_in_flight(tmp_path, monkeypatch):
     # devices of 2.5 MiB: the small GPT's first stage keeps its whole batch's activations under
-    # GPipe (3.2 MB), more than it has; 1F1B keeps two micro-batches' at a time
+    # GPipe (3.2 MB), more than it has; 1F1B keeps two micro-batches' at a time, and more with
+    # a longer warm-up
     cpu = json.loads((ROOT / "profiles/devices/cpu.json").read_text())
     (tmp_path / "small.json").write_text(json.dumps({**cpu, "name": "small", "memory_bytes": 5 * 2**19}))
     (tmp_path / "small.toml").write_text(f'[network]\ninter_node_gbps = 0.1\n[[nodes]]\ndevice = '
@@ -125,12 +134,12 @@ def test_a_schedule_is_priced_only_where_every_rank_holds_the_activations_it_kee
     assert sch.name == "1f1b" and m > 1
     assert max(scheduled_memory(first, m, in_flight("gpipe", 0, k, m), memo)) > 5 * 2**19
     for s, st in enumerate(plan.stages):
-        kept = scheduled_memory(st.plan, m, in_flight(sch.name, s, k, m), memo)
+        kept = scheduled_memory(st.plan, m, in_flight(sch.name, s, k, m, sch.warmup), memo)
         assert st.plan.predicted.memory_bytes == tuple(int(b) for b in kept)  # what its schedule keeps
         assert all(b <= 5 * 2**19 for b in kept)
         assert st.plan.micro_batches == (m,) * len(st.ranks)  # the pipeline's, not its own search's
         assert [plan.predicted.memory_bytes[r] for r in st.ranks] == list(st.plan.predicted.memory_bytes)
-    assert any(n.startswith("stage 0: 1F1B keeps at most 2 of the") for n in plan.notes)
+    assert any(n.startswith(f"stage 0: {sch.shown} keeps at most {2 + sch.warmup} of the") for n in plan.notes)
     # one micro-batch is the whole batch on every schedule: forced, a clear error; "auto", one stage
     monkeypatch.setattr(hap.pipeline, "MICRO_BATCHES", (1,))
     with pytest.raises(InfeasiblePlan, match="activations its stage keeps in flight"):
@@ -191,7 +200,8 @@ def test_the_timeline_draws_the_schedule_the_step_was_priced_by(tmp_path):
     plan = plan_spec(str(ROOT / "examples/gpt.py"), str(CLUSTERS / "cpu-slow-net.toml"), stages=2)
     sch, k = plan.schedule, len(plan.stages)
     events = []
-    ends = schedule_s(sch.forward_s, sch.backward_s, sch.cut_s, sch.micro_batches, events, sch.name)
+    ends = schedule_s(sch.forward_s, sch.backward_s, sch.cut_s, sch.micro_batches, events, sch.name,
+                      warmup=sch.warmup)
     assert sch.step_s(ends) == pytest.approx(plan.predicted_step_s)
     # gpt's tied embedding and head: stages 0 and 1 hold it, and sum it after their own syncs
     assert sch.tied_stages == (0, k - 1) and sch.tied_s > 0

@@ -25,28 +25,30 @@ from .shares import offset
 SCHEDULES = ("1f1b", "gpipe")
 
 
-def stage_order(schedule: str, stage: int, stages: int, m: int) -> list[tuple[str, int]]:
+def stage_order(schedule: str, stage: int, stages: int, m: int, warmup: int = 0) -> list[tuple[str, int]]:
     """The order stage ``stage`` of ``stages`` runs a step's ``m`` micro-batches in: ``F`` is a
     forward whose activations are kept for its backward ``B``; the last stage runs ``B``
     (forward and backward at once) of each micro-batch as it arrives.
 
-    - ``1f1b``: a stage that sends runs ``F`` of the first ``stages - 1 - stage`` micro-batches,
-      then alternates ``F`` of the next with ``B`` of the oldest, then the remaining ``B``; stage
-      ``s`` keeps at most ``stages - s`` micro-batches' activations.
+    - ``1f1b``: a stage that sends runs ``F`` of the first ``stages - 1 - stage + warmup``
+      micro-batches (at most ``m``), then alternates ``F`` of the next with ``B`` of the oldest,
+      then the remaining ``B``; stage ``s`` keeps at most ``stages - s + warmup`` micro-batches'
+      activations. ``warmup`` > 0 runs further ahead than 1F1B needs, so that a micro-batch's
+      gradients can take a slow cut's round trip while later forwards run.
     - ``gpipe``: every ``F``, then every ``B``: the whole batch's activations kept, and no wait on
       a round trip through the later stages while micro-batches are left to send, which 1F1B's
       short warm-up cannot cover where a cut's transfer outlasts a micro-batch's compute.
 
-    Neither deadlocks: the sends do not block, and every receive waits on a step its sender
-    runs before any receive of its own that could wait on this stage. The planner prices the
-    same orders (``hap.pipeline.schedule_s``)."""
+    Neither deadlocks: the sends do not block, every stage runs at least as far ahead as the
+    next, and every receive waits on a step its sender runs before any receive of its own that
+    could wait on this stage. The planner prices the same orders (``hap.pipeline.schedule_s``)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"stage_order: schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
     if stage == stages - 1:
         return [("B", j) for j in range(m)]
     if schedule == "gpipe":
         return [("F", j) for j in range(m)] + [("B", j) for j in range(m)]
-    warm = min(stages - 1 - stage, m)
+    warm = min(stages - 1 - stage + warmup, m)
     order = [("F", j) for j in range(warm)]
     for j in range(m):
         if j + warm < m:
@@ -55,14 +57,14 @@ def stage_order(schedule: str, stage: int, stages: int, m: int) -> list[tuple[st
     return order
 
 
-def in_flight(schedule: str, stage: int, stages: int, m: int) -> int:
+def in_flight(schedule: str, stage: int, stages: int, m: int, warmup: int = 0) -> int:
     """The most micro-batches whose activations stage ``stage`` keeps at once under
     ``stage_order``: a ``F`` keeps them until its ``B``; the last stage keeps one, its ``B``
     running forward and backward together."""
     if stage == stages - 1:
         return 1
     live = most = 0
-    for kind, _ in stage_order(schedule, stage, stages, m):
+    for kind, _ in stage_order(schedule, stage, stages, m, warmup):
         live += 1 if kind == "F" else -1
         most = max(most, live)
     return most

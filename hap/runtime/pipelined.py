@@ -104,6 +104,7 @@ class Stages:
     samples        per batch tensor of the model: (shape of one sample, dtype)
     micro_batches  the default of --micro-batches
     schedule       "1f1b" or "gpipe" (``pipeline.stage_order``)
+    warmup         1f1b: forwards each stage runs ahead beyond its own warm-up
     shared         weights several stages hold: (state_dict keys, stages)
     partial        per stage: its shared weights (parameter names) whose gradient each of its ranks
                    holds a part of (a replicated weight whose rows are split), the others' whole
@@ -122,6 +123,7 @@ class Stages:
     devices: tuple[str, ...]
     slowdown: tuple[float, ...]
     schedule: str = "1f1b"  # the order of each stage's micro-batches (``pipeline.stage_order``)
+    warmup: int = 0
     index: int = 0  # this rank's stage (``placed``)
     tied_groups: tuple[Any, ...] = field(default=())  # per entry of ``shared`` this rank holds: its group
 
@@ -179,7 +181,7 @@ class StageTrainer(Trainer):
         kept: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # j: (inputs, outputs) of F
         total = None
         with count_deferred() if st.last else contextlib.nullcontext([]) as seen:
-            for kind, j in stage_order(st.schedule, st.index, len(st.ranks), self.m):
+            for kind, j in stage_order(st.schedule, st.index, len(st.ranks), self.m, st.warmup):
                 xs = kept[j][0] if kind == "B" and not st.last else self.inputs(j)
                 if kind == "F":  # activations handed on; the graph kept for B
                     zeros = [torch.zeros((rows[j][rank], *shape), dtype=DTYPES[dtype], device=layout.device)

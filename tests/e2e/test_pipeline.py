@@ -20,11 +20,12 @@ from tests.e2e.harness import GLOO_TEARDOWN, ROOT, plan_for, run_exact, torchrun
 CLUSTERS = ROOT / "profiles" / "clusters"
 
 
-@pytest.mark.parametrize("precision,tol,schedule", [("fp32", 1e-4, "1f1b"), ("fp32", 1e-4, "gpipe"),
-                                                     ("bf16", 2e-2, "gpipe"), ("fp16", 2e-2, "1f1b")])
-def test_two_stages_of_different_widths_train_exactly(precision, tol, schedule, tmp_path):
-    def ordered(plan):  # both schedules the planner chooses from, whichever it chose here
-        return dataclasses.replace(plan, schedule=dataclasses.replace(plan.schedule, name=schedule))
+@pytest.mark.parametrize("precision,tol,schedule,warmup", [
+    ("fp32", 1e-4, "1f1b", 0), ("fp32", 1e-4, "1f1b", 2), ("fp32", 1e-4, "gpipe", 0), ("bf16", 2e-2, "gpipe", 0),
+    ("fp16", 2e-2, "1f1b", 0)])
+def test_two_stages_of_different_widths_train_exactly(precision, tol, schedule, warmup, tmp_path):
+    def ordered(plan):  # every schedule the planner chooses from, whichever it chose here
+        return dataclasses.replace(plan, schedule=dataclasses.replace(plan.schedule, name=schedule, warmup=warmup))
 
     plan, loss_err, param_err = run_exact(str(ROOT / "examples/gpt.py"), str(CLUSTERS / "cpu-1-2-4.toml"), tmp_path,
                                           steps=3, stages=2, precision=precision, train={"clip": 0.05},
@@ -36,7 +37,7 @@ def test_two_stages_of_different_widths_train_exactly(precision, tol, schedule, 
     assert len(set(two.plan.shares)) == 2  # uneven shares inside a stage
     text = (tmp_path / "out" / "train.py").read_text()
     assert "shared=((('tok.weight', 'head.weight'), (0, 1)),)" in text  # the tied weight, in both stages
-    assert f"schedule={schedule!r}" in text
+    assert f"schedule={schedule!r}" in text and f"warmup={warmup}," in text
     log = json.loads((tmp_path / "log.json").read_text())
     assert log["stages"] == [list(st.ranks) for st in plan.stages] and log["micro_batches"] == 4
     assert min(log["grad_norm"]) > 0.05  # the clipping was active every step
