@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -85,3 +86,19 @@ def test_the_torch_baselines_train_what_one_device_trains(tmp_path, strategy, sh
     want, _ = reference("examples/mlp.py", 3, 0.05, 64)
     got = json.loads(log.read_text())["losses"]
     assert got == pytest.approx(want, rel=1e-5), (got, want)
+
+
+def test_a_pipelined_strategy_records_which_pipeline_it_ran(tmp_path):
+    from hap.bench.prepare import main as prepare
+    from tests.helpers import ROOT
+
+    # two one-rank nodes joined at 0.02 Gbit/s: "auto" cuts the GPT into two stages
+    cluster = tmp_path / "slower-net.toml"
+    cluster.write_text((ROOT / "profiles/clusters/cpu-slow-net.toml").read_text()
+                       .replace("inter_node_gbps = 0.1", "inter_node_gbps = 0.02"))
+    assert prepare(["--spec", str(ROOT / "examples/gpt.py"), "--cluster", str(cluster), "--strategies",
+                    "hap,hap:1_stage", "--out", str(tmp_path / "out"), "--exact-steps", "1"]) == 0
+    done = json.loads((tmp_path / "out" / "prepared.json").read_text())["hap"]
+    assert done["hap"]["plan"] == "hap_pipeline"
+    assert re.fullmatch(r"2 stages, (1F1B|1F1B \(warm-up \+\d+\)|GPipe), \d+ micro-batches", done["hap"]["pipeline"])
+    assert "pipeline" not in done["hap:1_stage"]

@@ -229,7 +229,8 @@ def run_cell(cell: Cell, run: dict[str, Any], progress, logs: Path) -> dict[str,
         else:
             h = prepared["hap"][s]
             entry.update(shares=h["shares"], plan=h["plan"], predicted_ms=h["predicted_s"] * 1e3,
-                         pred_err=abs(h["predicted_s"] * 1e3 - entry["median_ms"]) / entry["median_ms"])
+                         pred_err=abs(h["predicted_s"] * 1e3 - entry["median_ms"]) / entry["median_ms"],
+                         **({"pipeline": h["pipeline"]} if "pipeline" in h else {}))
             if phases.get(s):
                 entry["phases_ms"] = {p: {"measured": statistics.median(row[p] for row in phases[s]) * 1e3,
                                           "predicted": h["phases_s"][p] * 1e3} for p in h["phases_s"]}
