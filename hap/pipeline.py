@@ -276,11 +276,11 @@ def price(stage_plans: Sequence[Plan], stages: Sequence[StageGraph], groups: Seq
 @dataclasses.dataclass(frozen=True)
 class MicroBatchRun:
     """A stage plan run as ``m`` micro-batches: its forward + backward per micro-batch (less its
-    gradient all-reduce and optimizer step), and per rank its memory with one micro-batch's
-    activations kept and the bytes of those activations (what each further one in flight adds)."""
+    gradient all-reduce and optimizer step), and per rank its memory without the activations
+    that follow the batch and the bytes of those activations per sample (row) it keeps."""
     work_s: float
-    memory_bytes: tuple[float, ...]
-    activation_bytes: tuple[float, ...]
+    fixed_bytes: tuple[float, ...]
+    row_bytes: tuple[float, ...]
 
 
 def micro_batch_run(plan: Plan, m: int, memo: dict) -> MicroBatchRun:
@@ -289,28 +289,26 @@ def micro_batch_run(plan: Plan, m: int, memo: dict) -> MicroBatchRun:
         setup = dataclasses.replace(CostSetup.of_plan(plan), micro_batches=(m,) * plan.num_ranks)
         cm, choice = setup.cost_model(plan.graph, plan.cluster), plan.choice()
         ev = evaluate(plan.graph, cm, choice)
-        act = [sum(x) for x in zip(*(cm.batch_activations(node, choice[node.name]) for node in plan.graph))]
-        memo[key] = MicroBatchRun((ev.step_s - ev.grad_sync_s - ev.optimizer_s) / m, tuple(ev.memory_bytes),
-                                  tuple(act) or (0.0,) * plan.num_ranks)
+        # the cost model keeps a rank's largest micro-batch of these: micro_scale of its share
+        kept = [sum(x) for x in zip(*(cm.batch_activations(node, choice[node.name]) for node in plan.graph))]
+        kept = kept or [0.0] * plan.num_ranks
+        rows = [cm.micro_scale[r] * share for r, share in enumerate(plan.shares)]
+        memo[key] = MicroBatchRun((ev.step_s - ev.grad_sync_s - ev.optimizer_s) / m,
+                                  tuple(b - a for b, a in zip(ev.memory_bytes, kept)),
+                                  tuple(a / n if n else 0.0 for a, n in zip(kept, rows)))
     return memo[key]
 
 
 def scheduled_memory(plan: Plan, m: int, kept: int, memo: dict) -> tuple[float, ...]:
     """Per rank, a stage plan's memory where its schedule keeps ``kept`` consecutive micro-batches'
-    activations of ``m`` at once (``hap.runtime.pipeline.in_flight``): the rows of the fullest
-    such window (``micro_rows``), at the bytes a row keeps where the cost model keeps a largest
-    micro-batch of ceil(share / m) rows."""
+    activations of ``m`` at once (``hap.runtime.pipeline.in_flight``): those of the fullest such
+    window of its rows (``micro_rows``)."""
     run = micro_batch_run(plan, m, memo)
     rows = micro_rows(plan.shares, m)
     out = []
-    for r, (b, a) in enumerate(zip(run.memory_bytes, run.activation_bytes)):
-        share = plan.shares[r]
-        if not share:
-            out.append(b)
-            continue
+    for r, (fixed, per_row) in enumerate(zip(run.fixed_bytes, run.row_bytes)):
         mine = [row[r] for row in rows]
-        window = max(sum(mine[i:i + kept]) for i in range(m - kept + 1))
-        out.append(b + (window / -(-share // m) - 1) * a)
+        out.append(fixed + per_row * max(sum(mine[i:i + kept]) for i in range(m - kept + 1)))
     return tuple(out)
 
 
@@ -356,12 +354,11 @@ def staged(plan: Plan, shared: set[str], memo: dict) -> Plan:
     return dataclasses.replace(plan, predicted=predicted, notes=tuple(notes))
 
 
-def in_schedule(plan: Plan, sch: Schedule, s: int, memory: Sequence[float]) -> Plan:
+def in_schedule(plan: Plan, sch: Schedule, s: int, kept: int, memory: Sequence[float]) -> Plan:
     """Stage ``s``'s plan as the schedule runs it: every rank's share in the pipeline's
-    micro-batches, and the memory of the activations its schedule keeps in flight, in place of
-    the micro-batches its own search chose to fit the whole batch (and their notes)."""
+    micro-batches, and the memory with the ``kept`` micro-batches its schedule keeps in flight,
+    in place of the micro-batches its own search chose to fit the whole batch (and their notes)."""
     m, k = sch.micro_batches, len(sch.backward_s)
-    kept = in_flight(sch.name, s, k, m, sch.warmup)
     own = micro_batch_notes(plan.cluster, plan.shares, plan.micro_batches) if plan.micro_batches else []
     fullest = max(range(plan.num_ranks), key=lambda r: memory[r] / plan.cluster.memory_bytes(r))
     if s == k - 1:
@@ -434,7 +431,8 @@ def plan_pipeline(graph: Graph, cluster: Cluster, stages: int, solve: Callable[[
     if best is None and tried:
         counts = f"{micro_batches}" if micro_batches else f"up to {max(MICRO_BATCHES)}"
         raise InfeasiblePlan(
-            f"--stages {stages}: under no schedule (1F1B, GPipe) and micro-batch count ({counts}) does every "
+            f"--stages {stages}: under no schedule (1F1B, with warm-ups up to +{max(WARMUPS)}, or GPipe) and "
+            f"micro-batch count ({counts}) does every "
             "rank hold the activations its stage keeps in flight; plan fewer stages (--stages 1 keeps one), "
             "a smaller global batch (--batch-size), or --recompute all")
     if best is None:
@@ -449,10 +447,10 @@ def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Pla
     that runs it, each stage's plan as it runs (``staged``), and the schedule's prediction."""
     n = cluster.num_ranks
     shared = shared_weights([st.graph for st in parts])
-    sch = priced.schedule
-    plans = [in_schedule(staged(p, set(shared_params(parts)), memo), sch, s, scheduled_memory(
-        p, sch.micro_batches, in_flight(sch.name, s, len(plans), sch.micro_batches, sch.warmup), memo))
-        for s, p in enumerate(plans)]
+    sch, keys = priced.schedule, set(shared_params(parts))
+    kept = [in_flight(sch.name, s, len(plans), sch.micro_batches, sch.warmup) for s in range(len(plans))]
+    plans = [in_schedule(staged(p, keys, memo), sch, s, kept[s], scheduled_memory(p, sch.micro_batches, kept[s], memo))
+             for s, p in enumerate(plans)]
     shares, compute, memory = [0] * n, [0.0] * n, [0] * n
     for p, g in zip(plans, groups):
         for i, r in enumerate(g):
