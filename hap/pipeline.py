@@ -473,9 +473,7 @@ def assemble(graph: Graph, cluster: Cluster, priced: Priced, plans: Sequence[Pla
                 tuple(x for p in plans for x in p.grad_synced), predicted, {}, 0.0,
                 sum(p.solve_s for p in plans), first.solver_status, first.optimizer, "hap_pipeline", first.spec,
                 tuple(w for p in plans for w in p.warnings),
-                (f"pipeline: {len(plans)} stages, {priced.schedule.shown}, {priced.schedule.micro_batches} "
-                 f"micro-batches, bubble "
-                 f"{priced.schedule.bubble:.0%}: " + "; ".join(
+                (f"pipeline: {sch.summary(len(plans))}: " + "; ".join(
                      f"stage {i} on ranks {ranks_text(g)} runs {blocks_text(sg.blocks)}"
                      for i, (sg, g) in enumerate(zip(parts, groups))),
                  *cut_notes(plans, parts, sch),

@@ -171,6 +171,12 @@ class Schedule:
         shown = {"1f1b": "1F1B", "gpipe": "GPipe"}.get(self.name, self.name)
         return f"{shown} (warm-up +{self.warmup})" if self.warmup else shown
 
+    def summary(self, stages: int) -> str:
+        """The pipeline in a phrase, as the plan's note, its stage table, its timeline and hap-bench
+        say it: "2 stages, 1F1B (warm-up +1), 8 micro-batches, bubble 22%"."""
+        m = self.micro_batches
+        return f"{stages} stages, {self.shown}, {m} micro-batch{'es' if m != 1 else ''}, bubble {self.bubble:.0%}"
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "micro_batches": self.micro_batches, "forward_s": list(self.forward_s),
                 "backward_s": list(self.backward_s), "cut_s": list(self.cut_s), "after_s": list(self.after_s),

@@ -79,10 +79,7 @@ def strategy_table(plan: Plan, max_rows: int = 40) -> Table:
 def stages_table(plan: Plan) -> Table:
     """A pipelined plan's stages: which ranks run which blocks, in how many micro-batches, and
     what each hands the next stage."""
-    m = plan.micro_batches[0] if plan.micro_batches else 1
-    bubble = f", bubble {plan.schedule.bubble:.0%}" if plan.schedule else ""
-    name = plan.schedule.shown if plan.schedule else "1F1B"
-    t = Table(title=f"pipeline stages: {name}, {m} micro-batch{'es' if m != 1 else ''} per step{bubble}")
+    t = Table(title=f"pipeline stages: {plan.schedule.summary(len(plan.stages))}")
     for col in ("stage", "ranks", "blocks", "shares", "stage plan ms", "sends per sample"):
         t.add_column(col, justify="left" if col in ("ranks", "blocks") else "right")
     for i, st in enumerate(plan.stages):

@@ -156,8 +156,7 @@ def draw_pipeline(plan: Plan, path: str | Path) -> Path:
     ax.set_ylim(k - 0.5, -0.8)
     ax.set_xlim(0, horizon * ms * 1.02)
     ax.set_xlabel("time in one training step (ms)")
-    ax.set_title(f"predicted step {step * ms:.4g} ms: {k} stages, {sch.micro_batches} micro-batches, bubble "
-                 f"{sch.bubble:.0%} ({sch.shown})", fontsize=9)
+    ax.set_title(f"predicted step {step * ms:.4g} ms: {sch.summary(k)}", fontsize=9)
     return _finish(fig, path, 1.9 + 0.55 * k, 0.35, [
         ("compute", "F: forward"), ("backward", "B: backward (last stage: forward + backward)"),
         ("comm", "cut: activations / gradients"), ("sync", "gradient all-reduce + optimizer"),

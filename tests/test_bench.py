@@ -100,5 +100,6 @@ def test_a_pipelined_strategy_records_which_pipeline_it_ran(tmp_path):
                     "hap,hap:1_stage", "--out", str(tmp_path / "out"), "--exact-steps", "1"]) == 0
     done = json.loads((tmp_path / "out" / "prepared.json").read_text())["hap"]
     assert done["hap"]["plan"] == "hap_pipeline"
-    assert re.fullmatch(r"2 stages, (1F1B|1F1B \(warm-up \+\d+\)|GPipe), \d+ micro-batches", done["hap"]["pipeline"])
+    assert re.fullmatch(r"2 stages, (1F1B|1F1B \(warm-up \+\d+\)|GPipe), \d+ micro-batch(es)?, bubble \d+%",
+                        done["hap"]["pipeline"])
     assert "pipeline" not in done["hap:1_stage"]

@@ -64,10 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         emit_program(chosen, out / strategy.replace(":", "-"), spec=args.spec, force=True)
         done["hap"][strategy] = {"plan": chosen.strategy, "shares": list(chosen.shares),
                                  "predicted_s": chosen.predicted_step_s, "phases_s": chosen.predicted.phases()}
-        if chosen.pipelined:  # which pipeline ran: its stages, schedule and micro-batches
-            sch = chosen.schedule
-            done["hap"][strategy]["pipeline"] = (f"{len(chosen.stages)} stages, {sch.shown}, "
-                                                 f"{sch.micro_batches} micro-batches")
+        if chosen.pipelined:  # which pipeline ran: its stages, schedule, micro-batches and predicted bubble
+            done["hap"][strategy]["pipeline"] = chosen.schedule.summary(len(chosen.stages))
     losses, state = reference(args.spec, args.exact_steps, args.lr, gb, args.precision)
     torch.save({"losses": losses, "state": state}, out / "reference.pt")
     (out / "prepared.json").write_text(json.dumps(done, indent=1) + "\n")
