@@ -8,8 +8,10 @@ Where a device profile says ``"measure_ops": true`` (the on-first-use calibratio
 the cost model asks this module for the forward + backward seconds of each op node (views
 and creations aside) at the shapes rank ``r`` will run, and scales them by the rank's
 ``slowdown`` as the emulation does; for a small op that time is mostly its dispatch and
-autograd overhead, which a per-kernel floor underestimated 2-3x. Timings are memoised per (op, shapes), so a plan
-measures each distinct shape once (a few ms each), single-threaded as torchrun runs ranks.
+autograd overhead, which a per-kernel floor underestimated 2-3x. Timings are memoised per (op,
+arguments, shapes), the op's inputs known by their place rather than their names, so a plan
+measures each distinct call once however many blocks repeat it (a few ms each), single-threaded
+as torchrun runs ranks.
 """
 from __future__ import annotations
 
@@ -80,11 +82,16 @@ def _median_s(step, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def _key_of(x: Any) -> Any:
+def _key_of(x: Any, place: dict[str, int] | None = None) -> Any:
+    """``x`` as a hashable key; with ``place``, a reference to an input node (``{"node": n}``) as
+    its place among the op's inputs, so the same op on the same shapes in another block is the
+    same key."""
+    if place is not None and isinstance(x, dict) and len(x) == 1 and "node" in x:
+        return ("input", place[x["node"]])
     if isinstance(x, dict):
-        return tuple(sorted((k, _key_of(v)) for k, v in x.items()))
+        return tuple(sorted((k, _key_of(v, place)) for k, v in x.items()))
     if isinstance(x, (list, tuple)):
-        return tuple(_key_of(v) for v in x)
+        return tuple(_key_of(v, place) for v in x)
     return x
 
 
@@ -98,8 +105,10 @@ def time_node(graph: Graph, node: Node, shapes: dict[str, tuple[int, ...]], grad
         if not isinstance(m, TensorMeta):
             return None
         metas[name] = m
-    key = (node.target, _key_of(node.args), _key_of(node.kwargs), backward, graph.precision,
-           tuple(sorted((n, shapes[n], metas[n].dtype, n in grad_inputs) for n in metas)))
+    # an input by its place, not its name: the repeated blocks' ops are timed once
+    place = {n: i for i, n in enumerate(metas)}
+    key = (node.target, _key_of(node.args, place), _key_of(node.kwargs, place), backward, graph.precision,
+           tuple((shapes[n], metas[n].dtype, n in grad_inputs) for n in metas))
     if key in _memo:
         return _memo[key]
     _memo[key] = None
