@@ -79,7 +79,9 @@ def strategy_table(plan: Plan, max_rows: int = 40) -> Table:
 def stages_table(plan: Plan) -> Table:
     """A pipelined plan's stages: which ranks run which blocks, in how many micro-batches, and
     what each hands the next stage."""
-    t = Table(title=f"pipeline stages: {plan.schedule.summary(len(plan.stages))}")
+    # a plan file may leave its schedule out (Plan.from_json): the stages are still shown
+    shown = plan.schedule.summary(len(plan.stages)) if plan.schedule else f"{len(plan.stages)} stages"
+    t = Table(title=f"pipeline stages: {shown}")
     for col in ("stage", "ranks", "blocks", "shares", "stage plan ms", "sends per sample"):
         t.add_column(col, justify="left" if col in ("ranks", "blocks") else "right")
     for i, st in enumerate(plan.stages):
